@@ -1,0 +1,31 @@
+# Everything a fresh machine needs: `make demo` and `make test` each build the virtualenv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# DeepSpeed compiles its ops at first use; keep the builds with the venv so they happen once.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
+export DS_ACCELERATOR ?= cpu
+
+.PHONY: install demo test clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# CPU wheel where no torch is present (a bare `torch` would pull a multi-GB CUDA build).
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	# deepspeed is a source package whose setup imports torch: build it against the torch above.
+	$(PY) -m pip install -q setuptools wheel
+	$(PY) -m pip install -q --no-build-isolation "deepspeed>=0.19.3,<0.20"
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m dpo_ds.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) demo_runs

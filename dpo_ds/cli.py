@@ -1,0 +1,30 @@
+"""`dpo-ds` command line: one sub-command per module, imported only when it runs."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# sub-command -> module exposing `HELP`, `add_arguments(parser)` and `run(args) -> int`
+COMMANDS = {
+    "train": "dpo_ds.trainer",
+    "eval": "dpo_ds.evaluate",
+    "plan": "dpo_ds.plan",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="dpo-ds", description="Direct Preference Optimization on DeepSpeed ZeRO-3.")
+    parser.add_argument("command", choices=sorted(COMMANDS), help="what to do; `dpo-ds COMMAND --help` for its options")
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        parser.parse_args(argv[:1] or ["--help"])
+    module = importlib.import_module(COMMANDS[argv[0]])
+    sub = argparse.ArgumentParser(prog=f"dpo-ds {argv[0]}", description=module.HELP,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(sub)
+    return int(module.run(sub.parse_args(argv[1:])) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""The run configuration: one typed dataclass, loaded from YAML with `--field value` overrides.
+
+Every field's YAML key is also its command-line flag. Values are checked here, before any model or data
+is touched, and a bad value is reported with the file, line and field it came from.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, already phrased for the user (where it came from, which field, why)."""
+
+
+def _field(default: Any, help: str, group: str) -> Any:
+    return field(default=default, metadata={"help": help, "group": group})
+
+
+LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "simpo", "sft")
+
+
+@dataclass
+class TrainConfig:
+    # --- model
+    model_name_or_path: Optional[str] = _field(None, "Policy: a Hugging Face model directory (or hub id already in the local cache).", "model")
+    ref_model_name_or_path: Optional[str] = _field(None, "Frozen reference model; default: the policy's starting weights.", "model")
+    trust_remote_code: bool = _field(False, "Allow model/tokenizer code shipped with the checkpoint to run. Off: only code in transformers runs.", "model")
+    # --- data
+    train_file: Optional[str] = _field(None, "Preference pairs: JSONL, Parquet, or a `datasets.save_to_disk` directory.", "data")
+    eval_file: Optional[str] = _field(None, "Held-out pairs in the same formats, scored every `eval_steps` and at the end.", "data")
+    max_length: int = _field(1024, "Maximum tokens of prompt + completion; longer completions are cut at the end.", "data")
+    max_prompt_length: Optional[int] = _field(None, "Keep only the last N prompt tokens (default: prompts are not cut; a pair whose prompt leaves no room for a completion token is dropped and counted).", "data")
+    skip_bad_rows: bool = _field(False, "Skip and count invalid rows instead of stopping with an error that names file, line and field.", "data")
+    shuffle: bool = _field(True, "Shuffle pairs each epoch (seeded). Off + group_by_length off: step k uses pairs [k*G, (k+1)*G) in file order.", "data")
+    group_by_length: bool = _field(False, "Put pairs of similar length in the same micro-batch (less padding); micro-batches are shuffled.", "data")
+    # --- loss
+    loss_type: str = _field("sigmoid", f"Preference loss: {', '.join(LOSS_TYPES)}.", "loss")
+    beta: float = _field(0.1, "Inverse temperature of the implicit reward r = beta * (log pi - log pi_ref).", "loss")
+    label_smoothing: float = _field(0.0, "epsilon: assumed label-flip rate for `sigmoid` (conservative DPO) and `robust`; must be < 0.5.", "loss")
+    simpo_gamma: float = _field(0.5, "Target reward margin gamma of `simpo`.", "loss")
+    rpo_alpha: float = _field(0.0, "Weight of the mean per-token NLL of the chosen completion added to the loss (RPO); 0 = off.", "loss")
+    reference_free: bool = _field(False, "Treat log pi_ref as 0 (no reference model is built).", "loss")
+    length_normalize: bool = _field(False, "Use per-token mean log-probs instead of sums for the sigmoid family.", "loss")
+    # --- optimisation
+    learning_rate: float = _field(1e-6, "Peak learning rate (AdamW).", "optim")
+    lr_scheduler: str = _field("linear", "Learning-rate schedule after warm-up: constant, linear (to 0) or cosine (to 0).", "optim")
+    warmup_steps: int = _field(0, "Optimizer steps of linear warm-up from 0 to learning_rate.", "optim")
+    weight_decay: float = _field(0.0, "AdamW weight decay (not applied to 1-D parameters: norms and biases).", "optim")
+    adam_beta1: float = _field(0.9, "AdamW beta1.", "optim")
+    adam_beta2: float = _field(0.999, "AdamW beta2.", "optim")
+    adam_epsilon: float = _field(1e-8, "AdamW epsilon.", "optim")
+    max_grad_norm: float = _field(1.0, "Clip the global gradient norm to this (0 = no clipping).", "optim")
+    micro_batch_size: int = _field(1, "Pairs per rank per micro-step (the forward batch is 2x this: chosen ; rejected).", "optim")
+    gradient_accumulation_steps: int = _field(1, "Micro-steps per optimizer step.", "optim")
+    max_steps: int = _field(0, "Optimizer steps to run; 0 = num_epochs passes over the data.", "optim")
+    num_epochs: int = _field(1, "Passes over the training pairs when max_steps is 0.", "optim")
+    seed: int = _field(42, "Seed for data order and any randomness in the step.", "optim")
+    # --- engine
+    precision: str = _field("bf16", "bf16 (mixed precision, GPU default) or fp32.", "engine")
+    gradient_checkpointing: bool = _field(True, "Recompute activations in the backward pass (non-reentrant).", "engine")
+    ref_offload: bool = _field(True, "Keep the reference model's ZeRO-3 parameters on CPU (`offload_param: cpu`).", "engine")
+    deepspeed_config: Optional[str] = _field(None, "Policy DeepSpeed JSON (see ds_configs/). Values it leaves out or sets to \"auto\" are filled from this config; default: ds_configs/zero3.json on GPU, ds_configs/zero3_cpu.json on CPU.", "engine")
+    ref_deepspeed_config: Optional[str] = _field(None, "Reference DeepSpeed JSON; default ds_configs/reference_zero3.json.", "engine")
+    logprob_chunk_size: int = _field(256, "Sequence positions per chunk when turning logits into token log-probs (bounds fp32 memory).", "engine")
+    dist_timeout_s: float = _field(600.0, "Seconds a rank waits for the others to join before failing with a message.", "engine")
+    # --- outputs and monitoring
+    output_dir: str = _field("runs/dpo", "Run folder: metrics.jsonl, tensorboard/, caches/, final/.", "output")
+    logging_steps: int = _field(10, "Log metrics every N optimizer steps.", "output")
+    eval_steps: int = _field(0, "Evaluate on eval_file every N optimizer steps (0 = only at the end).", "output")
+    save_steps: int = _field(0, "Save a resumable checkpoint every N optimizer steps (0 = only the final export).", "output")
+
+    def global_batch_pairs(self, world_size: int) -> int:
+        return self.micro_batch_size * self.gradient_accumulation_steps * world_size
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_CHOICES = {"loss_type": LOSS_TYPES, "lr_scheduler": ("constant", "linear", "cosine"), "precision": ("bf16", "fp32")}
+
+
+def _base_type(annotation: Any) -> tuple[type, bool]:
+    """(python type, optional?) of a field annotation such as `Optional[int]`."""
+    hint = eval(annotation, vars(typing)) if isinstance(annotation, str) else annotation
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return next(a for a in args if a is not type(None)), True
+    return hint, False
+
+
+def coerce(name: str, value: Any) -> Any:
+    """Convert a YAML/CLI value to the field's type, or raise ConfigError('...') without location."""
+    kind, optional = _base_type(FIELDS[name].type)
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
+        if optional:
+            return None
+        raise ConfigError(f"field '{name}': a value is required")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"field '{name}': expected true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"field '{name}': expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"field '{name}': expected an integer, got {value!r}") from None
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"field '{name}': expected a number, got {value!r}")
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"field '{name}': expected a number, got {value!r}") from None
+    if not isinstance(value, str):
+        raise ConfigError(f"field '{name}': expected a string, got {value!r}")
+    if name in _CHOICES and value not in _CHOICES[name]:
+        raise ConfigError(f"field '{name}': {value!r} is not one of {', '.join(_CHOICES[name])}")
+    return value
+
+
+def _yaml_fields(path: Path) -> dict[str, tuple[Any, int]]:
+    """Top-level mapping of a YAML file as {key: (value, line number)}."""
+    text = path.read_text()
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {getattr(err, 'problem', err)}") from None
+    if root is None:
+        return {}
+    if not isinstance(root, yaml.MappingNode):
+        raise ConfigError(f"{path}:{root.start_mark.line + 1}: expected a mapping of field: value")
+    out = {}
+    for key_node, value_node in root.value:
+        line = key_node.start_mark.line + 1
+        value = yaml.safe_load(yaml.serialize(value_node))
+        out[key_node.value] = (value, line)
+    return out
+
+
+def load_config(path: str | None, overrides: dict[str, str] | None = None) -> TrainConfig:
+    """YAML file (optional) + command-line overrides -> validated TrainConfig."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        for key, (value, line) in _yaml_fields(p).items():
+            if key not in FIELDS:
+                raise ConfigError(f"{path}:{line}: unknown field '{key}'{_suggest(key)}")
+            try:
+                values[key] = coerce(key, value)
+            except ConfigError as err:
+                raise ConfigError(f"{path}:{line}: {err}") from None
+    for key, value in (overrides or {}).items():
+        try:
+            values[key] = coerce(key, value)
+        except ConfigError as err:
+            raise ConfigError(f"command line --{key}: {err}") from None
+    cfg = TrainConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def _suggest(key: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, FIELDS, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Cross-field checks that must fail before any model is loaded."""
+    def bad(field_name: str, why: str) -> None:
+        raise ConfigError(f"field '{field_name}': {why}")
+
+    if cfg.model_name_or_path is None:
+        bad("model_name_or_path", "required")
+    if cfg.train_file is None:
+        bad("train_file", "required")
+    for name in ("max_length", "micro_batch_size", "gradient_accumulation_steps", "num_epochs", "logprob_chunk_size"):
+        if getattr(cfg, name) < 1:
+            bad(name, f"must be >= 1, got {getattr(cfg, name)}")
+    for name in ("max_steps", "warmup_steps", "logging_steps", "eval_steps", "save_steps"):
+        if getattr(cfg, name) < 0:
+            bad(name, f"must be >= 0, got {getattr(cfg, name)}")
+    if cfg.logging_steps == 0:
+        bad("logging_steps", "must be >= 1")
+    if cfg.max_prompt_length is not None and not 1 <= cfg.max_prompt_length < cfg.max_length:
+        bad("max_prompt_length", f"must be in [1, max_length={cfg.max_length}), got {cfg.max_prompt_length}")
+    if cfg.beta <= 0:
+        bad("beta", f"must be > 0, got {cfg.beta}")
+    if cfg.learning_rate < 0 or cfg.weight_decay < 0 or cfg.max_grad_norm < 0:
+        bad("learning_rate" if cfg.learning_rate < 0 else "weight_decay" if cfg.weight_decay < 0 else "max_grad_norm", "must be >= 0")
+    if not 0 <= cfg.label_smoothing < 0.5:
+        bad("label_smoothing", f"must be in [0, 0.5): at 0.5 the labels carry no preference, got {cfg.label_smoothing}")
+    if cfg.label_smoothing > 0 and cfg.loss_type not in ("sigmoid", "robust"):
+        bad("label_smoothing", f"only applies to loss_type sigmoid or robust, not {cfg.loss_type}")
+    if cfg.rpo_alpha < 0:
+        bad("rpo_alpha", f"must be >= 0, got {cfg.rpo_alpha}")
+    if cfg.loss_type in ("simpo", "sft") and cfg.ref_model_name_or_path is not None:
+        bad("ref_model_name_or_path", f"loss_type {cfg.loss_type} uses no reference model; remove the path")
+    if cfg.length_normalize and cfg.loss_type in ("ipo", "simpo", "sft"):
+        bad("length_normalize", f"loss_type {cfg.loss_type} is always length-normalised; the flag only applies to sigmoid, robust, hinge")
+
+
+def uses_reference(cfg: TrainConfig) -> bool:
+    return not (cfg.reference_free or cfg.loss_type in ("simpo", "sft"))
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--config` plus one `--field` flag per config field, grouped, with the field's help text."""
+    parser.add_argument("--config", help="YAML file of config fields (flags below override it).")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(TrainConfig):
+        group_name = f.metadata["group"]
+        group = groups.setdefault(group_name, parser.add_argument_group(f"{group_name} fields"))
+        kind, _ = _base_type(f.type)
+        metavar = {bool: "BOOL", int: "INT", float: "FLOAT"}.get(kind, "STR")
+        choices = _CHOICES.get(f.name)
+        if choices:
+            metavar = "{" + ",".join(choices) + "}"
+        group.add_argument(f"--{f.name}", metavar=metavar, default=argparse.SUPPRESS,
+                           help=f"{f.metadata['help']} (default: {f.default})")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    overrides = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
+    return load_config(args.config, overrides)
+
+
+def to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

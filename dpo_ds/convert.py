@@ -1,0 +1,166 @@
+"""Hugging Face safetensors export: sharded, streamed, validated before it is reported as done.
+
+`export_engine` writes a live ZeRO-3 engine's weights (the run's `final/`): one module's parameters are
+gathered at a time, so no rank ever holds more than one layer plus one output shard. The directory is
+written under a temporary name and renamed only after validation, so a crash never leaves a `final/`
+that looks complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+HELP = "Convert a dpo-ds checkpoint to a Hugging Face safetensors directory."
+INDEX_NAME = "model.safetensors.index.json"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '2GiB' or a byte count -> bytes."""
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+    lowered = text.strip().lower()
+    for suffix, factor in units.items():
+        if lowered.endswith(suffix):
+            return int(float(lowered[: -len(suffix)]) * factor)
+    return int(lowered)
+
+
+class ShardWriter:
+    """Accumulates tensors and writes a safetensors shard whenever `max_shard_bytes` would be exceeded."""
+
+    def __init__(self, out_dir: Path, max_shard_bytes: int):
+        self.out_dir = out_dir
+        self.max_shard_bytes = max_shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[list[str]] = []  # tensor names per written shard
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_shard_bytes:
+            self._flush()
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += size
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        save_file(self.pending, str(self.out_dir / f"shard-{len(self.shards):05d}.tmp"), metadata={"format": "pt"})
+        self.shards.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> dict[str, str]:
+        """Rename shards to model-0000i-of-0000n.safetensors and write the index; returns weight_map."""
+        if self.pending:
+            self._flush()
+        n = len(self.shards)
+        weight_map = {}
+        for i, names in enumerate(self.shards):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.out_dir / f"shard-{i:05d}.tmp", self.out_dir / final)
+            weight_map.update({name: final for name in names})
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
+        return weight_map
+
+
+def validate_hf_dir(out_dir: Path, expected_shapes: dict[str, tuple[int, ...]]) -> None:
+    """Every expected tensor present once, with its shape, non-empty and finite; every shard listed exists."""
+    index_path = out_dir / INDEX_NAME
+    if not index_path.is_file():
+        raise ExportError(f"{index_path}: missing")
+    weight_map = json.loads(index_path.read_text())["weight_map"]
+    missing = sorted(set(expected_shapes) - set(weight_map))
+    extra = sorted(set(weight_map) - set(expected_shapes))
+    if missing or extra:
+        raise ExportError(f"{index_path}: missing tensors {missing[:5]} / unexpected tensors {extra[:5]}")
+    for shard in sorted(set(weight_map.values())):
+        path = out_dir / shard
+        if not path.is_file():
+            raise ExportError(f"{path}: listed in {INDEX_NAME} but missing")
+        try:
+            with safe_open(str(path), "pt") as fh:
+                for name in fh.keys():
+                    if weight_map.get(name) != shard:
+                        raise ExportError(f"{path}: tensor {name} is not indexed to this shard")
+                    tensor = fh.get_tensor(name)
+                    if tuple(tensor.shape) != tuple(expected_shapes[name]) or tensor.numel() == 0:
+                        raise ExportError(f"{path}: {name} has shape {tuple(tensor.shape)}, "
+                                          f"expected {tuple(expected_shapes[name])}")
+                    if not torch.isfinite(tensor).all():
+                        raise ExportError(f"{path}: {name} contains NaN or Inf")
+        except ExportError:
+            raise
+        except Exception as err:  # truncated or corrupt file
+            raise ExportError(f"{path}: unreadable safetensors file ({err})") from None
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    """Replace out_dir by the validated tmp dir; the old one is removed only after the new one is in place."""
+    old = out_dir.with_name(out_dir.name + ".old")
+    if out_dir.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export_engine(engine, out_dir: str, tokenizer=None, dtype: torch.dtype | None = None,
+                  max_shard_size: str = "5GB") -> None:
+    """Write `engine.module` as a Hugging Face directory on rank 0; every rank must call this."""
+    import deepspeed
+
+    model = engine.module
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    writer = ShardWriter(tmp, parse_size(max_shard_size)) if rank == 0 else None
+    expected: dict[str, tuple[int, ...]] = {}
+    for module_name, module in model.named_modules():
+        params = list(module.named_parameters(recurse=False))
+        if not params:
+            continue
+        zero_params = [p for _, p in params if hasattr(p, "ds_id")]
+        with deepspeed.zero.GatheredParameters(zero_params, modifier_rank=None, enabled=bool(zero_params)):
+            for name, p in params:
+                full_name = f"{module_name}.{name}" if module_name else name
+                if full_name in expected:
+                    continue
+                expected[full_name] = tuple(getattr(p, "ds_shape", p.shape))
+                if writer is not None:
+                    writer.add(full_name, p.detach().to(dtype or p.dtype).cpu().clone())
+    persistent = set(model.state_dict().keys())
+    for name, buf in model.named_buffers():
+        if name in persistent and name not in expected:
+            expected[name] = tuple(buf.shape)
+            if writer is not None:
+                writer.add(name, buf.detach().cpu().clone())
+    if rank == 0:
+        writer.finish()
+        config = model.config
+        if dtype is not None:
+            config.dtype = dtype
+        config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        validate_hf_dir(tmp, expected)
+        _publish(tmp, out)
+    if dist.is_initialized():
+        dist.barrier()
+

@@ -1,0 +1,210 @@
+"""DeepSpeed engines: the ZeRO-3 policy (trained) and the reference source (frozen).
+
+Both models are built sharded (`HfDeepSpeedConfig` alive during `from_pretrained`, so transformers loads
+under `zero.Init`) and always in the same order on every rank: policy first, then reference. ZeRO-3 hangs
+when ranks build or run modules in different orders or counts.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+from deepspeed.accelerator import get_accelerator
+
+from dpo_ds.config import ConfigError, TrainConfig
+from dpo_ds.logprobs import sequence_logps
+
+logger = logging.getLogger("dpo_ds")
+
+DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+
+
+def on_cpu() -> bool:
+    return get_accelerator().device_name() == "cpu"
+
+
+def default_config_path(kind: str) -> Path:
+    name = {"policy": "zero3_cpu.json" if on_cpu() else "zero3.json", "reference": "reference_zero3.json"}[kind]
+    path = DS_CONFIG_DIR / name
+    if not path.is_file():
+        raise ConfigError(f"default DeepSpeed preset {path} not found; pass deepspeed_config / ref_deepspeed_config")
+    return path
+
+
+def _load_json(path: str | Path, field_name: str) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"field '{field_name}': {path} not found") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}:{err.lineno}: invalid JSON: {err.msg} (field '{field_name}')") from None
+
+
+def _fill(section: dict, key: str, value: Any) -> None:
+    """Set `key` when it is missing or "auto"; an explicit value in the JSON wins."""
+    if section.get(key, "auto") == "auto":
+        section[key] = value
+
+
+def _check_no_auto(node: Any, path: str, source: str) -> None:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _check_no_auto(v, f"{path}.{k}" if path else k, source)
+    elif node == "auto":
+        raise ConfigError(f"{source}: '{path}' is \"auto\" but dpo-ds has no value for it; set it explicitly")
+
+
+def resolve_policy_config(cfg: TrainConfig, world_size: int, hidden_size: int) -> dict[str, Any]:
+    """The policy's DeepSpeed config with every "auto" (or missing) value filled from the run config."""
+    source = cfg.deepspeed_config or default_config_path("policy")
+    ds = copy.deepcopy(_load_json(source, "deepspeed_config"))
+    _fill(ds, "train_micro_batch_size_per_gpu", cfg.micro_batch_size)
+    _fill(ds, "gradient_accumulation_steps", cfg.gradient_accumulation_steps)
+    _fill(ds, "train_batch_size", cfg.global_batch_pairs(world_size))
+    _fill(ds, "gradient_clipping", cfg.max_grad_norm)
+    ds.setdefault("bf16", {})
+    _fill(ds["bf16"], "enabled", cfg.precision == "bf16")
+    optimizer = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    params = optimizer.setdefault("params", {})
+    _fill(params, "lr", cfg.learning_rate)
+    _fill(params, "betas", [cfg.adam_beta1, cfg.adam_beta2])
+    _fill(params, "eps", cfg.adam_epsilon)
+    _fill(params, "weight_decay", cfg.weight_decay)
+    _fill_zero(ds, hidden_size, "deepspeed_config")
+    if ds["zero_optimization"].get("stage") != 3:
+        raise ConfigError(f"{source}: zero_optimization.stage must be 3 for the policy")
+    _check_no_auto(ds, "", str(source))
+    return ds
+
+
+def resolve_reference_config(cfg: TrainConfig, hidden_size: int) -> dict[str, Any]:
+    """The reference engine's config: ZeRO-3 inference, no optimizer, parameters on CPU when ref_offload."""
+    source = cfg.ref_deepspeed_config or default_config_path("reference")
+    ds = copy.deepcopy(_load_json(source, "ref_deepspeed_config"))
+    if "optimizer" in ds:
+        raise ConfigError(f"{source}: the reference engine must have no 'optimizer' block (it is never trained)")
+    _fill(ds, "train_micro_batch_size_per_gpu", cfg.micro_batch_size)
+    _fill(ds, "gradient_accumulation_steps", 1)
+    if ds.get("train_batch_size") == "auto":
+        del ds["train_batch_size"]  # DeepSpeed derives it from the two above and the world size
+    ds.setdefault("bf16", {})
+    _fill(ds["bf16"], "enabled", cfg.precision == "bf16")
+    zero = ds.setdefault("zero_optimization", {"stage": 3})
+    offload = zero.setdefault("offload_param", {"device": "auto"})
+    _fill(offload, "device", "cpu" if cfg.ref_offload else "none")
+    if on_cpu():
+        offload["pin_memory"] = False  # no pinned memory without a GPU
+    _fill_zero(ds, hidden_size, "ref_deepspeed_config")
+    _check_no_auto(ds, "", str(source))
+    return ds
+
+
+def _fill_zero(ds: dict, hidden_size: int, field_name: str) -> None:
+    # Bucket sizes follow the model's width (the HF Trainer convention): one hidden x hidden matrix per bucket,
+    # and parameters under 10 x hidden elements (norms, biases) stay unpartitioned.
+    zero = ds.setdefault("zero_optimization", {"stage": 3})
+    _fill(zero, "reduce_bucket_size", hidden_size * hidden_size)
+    _fill(zero, "stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size))
+    _fill(zero, "stage3_param_persistence_threshold", 10 * hidden_size)
+
+
+def model_dtype(cfg: TrainConfig) -> torch.dtype:
+    return torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+
+
+def load_model_config(path: str, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def load_sharded_model(path: str, ds_config: dict[str, Any], dtype: torch.dtype, trust_remote_code: bool):
+    """`from_pretrained` with ZeRO-3 partitioning at construction: no rank ever holds the whole model."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    hf_ds_config = HfDeepSpeedConfig(ds_config)  # must stay alive while from_pretrained runs
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    finally:
+        del hf_ds_config
+        unset_hf_deepspeed_config()
+    model.config.use_cache = False
+    return model
+
+
+def _optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only; norms and biases (1-D) are not decayed."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            shape = getattr(p, "ds_shape", p.shape)  # ZeRO-3 parameters are flat partitions; ds_shape is the real one
+            (decay if len(shape) >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
+    """Multiplier of learning_rate after `step` optimizer steps: linear warm-up, then constant/linear/cosine to 0."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        progress = min(1.0, progress)
+        return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return factor
+
+
+def build_policy_engine(cfg: TrainConfig, ds_config: dict[str, Any], total_steps: int):
+    model = load_sharded_model(cfg.model_name_or_path, ds_config, model_dtype(cfg), cfg.trust_remote_code)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    schedule = lr_lambda(cfg.lr_scheduler, cfg.warmup_steps, total_steps)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=_optimizer_groups(model, cfg.weight_decay), config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+    return engine
+
+
+def build_inference_engine(path: str, ds_config: dict[str, Any], dtype: torch.dtype, trust_remote_code: bool):
+    """A frozen ZeRO-3 engine without optimizer, in eval mode."""
+    model = load_sharded_model(path, ds_config, dtype, trust_remote_code)
+    model.requires_grad_(False)
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config)
+    engine.eval()
+    return engine
+
+
+def forward_logps(engine, batch: dict[str, torch.Tensor], chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs and token counts of every row of a collated batch (one forward)."""
+    device = engine.device
+    input_ids = batch["input_ids"].to(device)
+    logits = engine(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device), use_cache=False).logits
+    return sequence_logps(logits, input_ids, batch["loss_mask"].to(device), chunk_size)
+
+
+class LiveReference:
+    """Reference log-probs from a ZeRO-3 inference engine, recomputed for every micro-batch."""
+
+    def __init__(self, engine, chunk_size: int):
+        self.engine = engine
+        self.chunk_size = chunk_size
+
+    @torch.no_grad()
+    def logps(self, batch: dict[str, torch.Tensor], indices: list[int]) -> torch.Tensor:
+        return forward_logps(self.engine, batch, self.chunk_size)[0]
+
+
+class NoReference:
+    """log pi_ref = 0: reference-free losses (SimPO, SFT, `reference_free: true`) build no reference engine."""
+
+    def logps(self, batch: dict[str, torch.Tensor], indices: list[int]) -> torch.Tensor:
+        return torch.zeros(batch["input_ids"].shape[0])

@@ -1,0 +1,120 @@
+"""Step metrics: per-pair sums accumulated on each rank, reduced over all ranks, written to
+metrics.jsonl and TensorBoard by rank 0."""
+from __future__ import annotations
+
+import json
+import resource
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from dpo_ds.losses import LossOutput, PairLogps
+
+# Quantities summed over pairs (or tokens) between two log lines; the names of the means derive from them.
+_SUMS = ("pairs", "loss", "reward_chosen", "reward_rejected", "correct", "logp_chosen", "logp_rejected",
+         "kl_chosen", "kl_rejected", "tokens_chosen", "tokens_rejected", "real_tokens", "padded_tokens",
+         "step_time", "steps")
+
+
+def peak_memory_gib() -> float:
+    """Peak GPU allocation on an accelerator, peak resident memory (RSS) of this process on CPU."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if acc.device_name() != "cpu":
+        return acc.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
+
+
+class PairStats:
+    """Running sums of one logging window on this rank."""
+
+    def __init__(self):
+        self.sums = torch.zeros(len(_SUMS), dtype=torch.float64)
+
+    def _add(self, name: str, value) -> None:
+        self.sums[_SUMS.index(name)] += float(value)
+
+    def add_pairs(self, lp: PairLogps, out: LossOutput, real_tokens: int, padded_tokens: int) -> None:
+        self._add("pairs", len(out.losses))
+        self._add("loss", out.losses.detach().sum())
+        self._add("reward_chosen", out.chosen_rewards.sum())
+        self._add("reward_rejected", out.rejected_rewards.sum())
+        self._add("correct", (out.chosen_rewards > out.rejected_rewards).sum())
+        self._add("logp_chosen", lp.policy_chosen.detach().sum())
+        self._add("logp_rejected", lp.policy_rejected.detach().sum())
+        self._add("kl_chosen", (lp.policy_chosen - lp.ref_chosen).detach().sum())
+        self._add("kl_rejected", (lp.policy_rejected - lp.ref_rejected).detach().sum())
+        self._add("tokens_chosen", lp.chosen_tokens.sum())
+        self._add("tokens_rejected", lp.rejected_tokens.sum())
+        self._add("real_tokens", real_tokens)
+        self._add("padded_tokens", padded_tokens)
+
+    def add_step_time(self, seconds: float) -> None:
+        self._add("step_time", seconds)
+        self._add("steps", 1)
+
+    def reduce(self) -> dict[str, float]:
+        """Means over every pair of every rank in the window; token rates use the slowest rank's time."""
+        sums = self.sums.clone()
+        times = sums[_SUMS.index("step_time")].clone()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(sums)
+            dist.all_reduce(times, op=dist.ReduceOp.MAX)
+        s = dict(zip(_SUMS, sums.tolist()))
+        pairs, steps = max(s["pairs"], 1.0), max(s["steps"], 1.0)
+        window_time = float(times)
+        return {
+            "loss": s["loss"] / pairs,
+            "rewards/chosen": s["reward_chosen"] / pairs,
+            "rewards/rejected": s["reward_rejected"] / pairs,
+            "rewards/margins": (s["reward_chosen"] - s["reward_rejected"]) / pairs,
+            "rewards/accuracies": s["correct"] / pairs,
+            "logps/chosen": s["logp_chosen"] / pairs,
+            "logps/rejected": s["logp_rejected"] / pairs,
+            # mean per-token log pi - log pi_ref over completions: the seed's drift monitor
+            "kl/chosen": s["kl_chosen"] / max(s["tokens_chosen"], 1.0),
+            "kl/rejected": s["kl_rejected"] / max(s["tokens_rejected"], 1.0),
+            "num_tokens": s["real_tokens"],
+            "token_occupancy": s["real_tokens"] / max(s["padded_tokens"], 1.0),
+            "tokens_per_s": s["real_tokens"] / window_time if window_time > 0 else 0.0,
+            "step_time_s": window_time / steps,
+        }
+
+
+def max_over_ranks(value: float) -> float:
+    t = torch.tensor([value], dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+class MetricsWriter:
+    """metrics.jsonl (one object per logged step, flushed at once) and tensorboard/ under the run folder."""
+
+    def __init__(self, output_dir: str, enabled: bool):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.jsonl = (out / "metrics.jsonl").open("a")
+        self.tensorboard = SummaryWriter(str(out / "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+        for name, value in metrics.items():
+            if isinstance(value, (int, float)):
+                self.tensorboard.add_scalar(name, value, step)
+        self.tensorboard.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tensorboard.close()

@@ -1,0 +1,60 @@
+"""`python -m launcher <dpo-ds args>`: what sbatch, srun, mpirun and torchrun start.
+
+Resolves the distributed environment (cheap: no torch import, no rendezvous),
+exports the torchrun-style variables (RANK, LOCAL_RANK, WORLD_SIZE,
+LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) so everything downstream sees one
+uniform environment, then runs `dpo_ds.cli.main(argv)` in this process and exits
+with its status.  The trainer joins the process group via
+`launcher.dist.init_distributed()`.
+
+Exit status: the trainer's; 2 when the environment is unusable (LauncherError).
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+from launcher.env import LauncherError, resolve
+
+
+def strip_local_rank(argv: list[str]) -> tuple[list[str], str | None]:
+    """The `deepspeed` launcher appends --local_rank=N; LOCAL_RANK in the env says the same."""
+    out, local_rank, skip = [], None, False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        m = re.fullmatch(r"--local[_-]rank(?:=(\d+))?", arg)
+        if m and (m.group(1) is not None or i + 1 < len(argv)):
+            local_rank = m.group(1) if m.group(1) is not None else argv[i + 1]
+            skip = m.group(1) is None
+            continue
+        out.append(arg)
+    return out, local_rank
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv, local_rank = strip_local_rank(list(sys.argv[1:] if argv is None else argv))
+    if local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", local_rank)
+    try:
+        env = resolve(os.environ)
+    except LauncherError as e:
+        print(f"launcher: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    os.environ.update(env.as_environ())
+    if env.rank == 0 or os.environ.get("LAUNCHER_VERBOSE"):
+        print(f"launcher: {env.describe()}", file=sys.stderr, flush=True)
+
+    from dpo_ds.cli import main as cli_main
+
+    try:
+        return int(cli_main(argv) or 0)
+    except LauncherError as e:  # e.g. the rendezvous timed out inside init_distributed
+        print(f"launcher: error: {e}", file=sys.stderr, flush=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
