@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: install demo test clean
+.PHONY: install test-deps demo test clean
 
 install: $(STAMP)
 
@@ -24,7 +24,11 @@ $(STAMP): setup.cfg pyproject.toml
 demo: $(STAMP)
 	$(PY) -m dpo_ds.demo
 
-test: $(STAMP)
+# The Slurm tests run a real slurmctld + 2 slurmd on 127.0.0.1: Debian's slurm-wlm and munge (as root).
+test-deps:
+	bash .ci/install_slurm.sh
+
+test: $(STAMP) test-deps
 	$(PY) -m pytest -q tests
 
 clean:

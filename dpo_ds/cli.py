@@ -9,6 +9,7 @@ import sys
 COMMANDS = {
     "train": "dpo_ds.trainer",
     "eval": "dpo_ds.evaluate",
+    "convert": "dpo_ds.convert",
     "plan": "dpo_ds.plan",
 }
 

@@ -75,7 +75,10 @@ class TrainConfig:
     output_dir: str = _field("runs/dpo", "Run folder: metrics.jsonl, tensorboard/, caches/, final/.", "output")
     logging_steps: int = _field(10, "Log metrics every N optimizer steps.", "output")
     eval_steps: int = _field(0, "Evaluate on eval_file every N optimizer steps (0 = only at the end).", "output")
-    save_steps: int = _field(0, "Save a resumable checkpoint every N optimizer steps (0 = only the final export).", "output")
+    save_steps: int = _field(0, "Save a resumable checkpoint every N optimizer steps (0 = only the final export; SIGTERM/SIGUSR1 always checkpoint).", "output")
+    save_total_limit: int = _field(0, "Keep only the newest N checkpoints (0 = keep all).", "output")
+    resume_from: Optional[str] = _field(None, "`auto` (the latest checkpoint in output_dir; start fresh when there is none) or a checkpoint directory.", "output")
+    resume_ignore_mismatch: bool = _field(False, "Resume even when the model, data fingerprint or a run-defining field differs from the checkpoint's.", "output")
 
     def global_batch_pairs(self, world_size: int) -> int:
         return self.micro_batch_size * self.gradient_accumulation_steps * world_size
@@ -192,7 +195,7 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("max_length", "micro_batch_size", "gradient_accumulation_steps", "num_epochs", "logprob_chunk_size"):
         if getattr(cfg, name) < 1:
             bad(name, f"must be >= 1, got {getattr(cfg, name)}")
-    for name in ("max_steps", "warmup_steps", "logging_steps", "eval_steps", "save_steps"):
+    for name in ("max_steps", "warmup_steps", "logging_steps", "eval_steps", "save_steps", "save_total_limit"):
         if getattr(cfg, name) < 0:
             bad(name, f"must be >= 0, got {getattr(cfg, name)}")
     if cfg.logging_steps == 0:

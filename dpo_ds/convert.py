@@ -1,9 +1,13 @@
 """Hugging Face safetensors export: sharded, streamed, validated before it is reported as done.
 
-`export_engine` writes a live ZeRO-3 engine's weights (the run's `final/`): one module's parameters are
-gathered at a time, so no rank ever holds more than one layer plus one output shard. The directory is
-written under a temporary name and renamed only after validation, so a crash never leaves a `final/`
-that looks complete.
+Two sources share one writer and one validator:
+- `export_engine`: a live ZeRO-3 engine (the run's `final/`). One module's parameters are gathered at a
+  time, so no rank holds more than one layer plus one output shard.
+- `convert_checkpoint` (`dpo-ds convert`): a dpo-ds checkpoint saved by any world size. DeepSpeed's
+  fp32 partitions are memory-mapped and merged one tensor at a time (zero_to_fp32 lazy mode), so peak
+  memory is a few shards, not the model.
+Both write under a temporary name and rename only after validation (every tensor present, with the shape
+the model config implies, non-empty, finite), so a crash never leaves a directory that looks complete.
 """
 from __future__ import annotations
 
@@ -17,7 +21,9 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-HELP = "Convert a dpo-ds checkpoint to a Hugging Face safetensors directory."
+HELP = """Convert a dpo-ds checkpoint (checkpoints/step-N) to a Hugging Face safetensors directory for serving
+(vLLM, transformers): shards + model.safetensors.index.json, config.json, generation_config.json and the
+run's tokenizer files. Streams tensors (bounded memory) and validates the result before reporting success."""
 INDEX_NAME = "model.safetensors.index.json"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -151,16 +157,87 @@ def export_engine(engine, out_dir: str, tokenizer=None, dtype: torch.dtype | Non
                 writer.add(name, buf.detach().cpu().clone())
     if rank == 0:
         writer.finish()
-        config = model.config
-        if dtype is not None:
-            config.dtype = dtype
-        config.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        _write_metadata(tmp, model.config, getattr(model, "generation_config", None), tokenizer, dtype)
         validate_hf_dir(tmp, expected)
         _publish(tmp, out)
     if dist.is_initialized():
         dist.barrier()
 
+
+
+def _write_metadata(tmp: Path, config, generation_config, tokenizer, dtype: torch.dtype | None) -> None:
+    if dtype is not None:
+        config.dtype = dtype
+    config.save_pretrained(tmp)
+    if generation_config is not None:
+        generation_config.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+
+
+def expected_shapes(config) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes a model of `config` saves, from a weightless (meta-device) instance."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    persistent = set(model.state_dict().keys())
+    shapes.update({name: tuple(b.shape) for name, b in model.named_buffers() if name in persistent})
+    return shapes
+
+
+def convert_checkpoint(checkpoint_dir: str, out_dir: str, dtype: str = "bf16", max_shard_size: str = "5GB") -> Path:
+    """A dpo-ds checkpoint -> a validated Hugging Face directory (single process, any saved world size)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    from dpo_ds.checkpoint import DS_TAG, HF_METADATA, verify_checkpoint
+
+    ckpt = Path(checkpoint_dir)
+    verify_checkpoint(ckpt)
+    meta = ckpt / HF_METADATA
+    config = AutoConfig.from_pretrained(meta)
+    generation_config = GenerationConfig.from_pretrained(meta) if (meta / "generation_config.json").is_file() else None
+    tokenizer = AutoTokenizer.from_pretrained(meta)
+    shapes = expected_shapes(config)
+    lazy = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DS_TAG, lazy_mode=True)
+    missing = [name for name in shapes if name not in lazy]
+    if missing:
+        raise ExportError(f"{ckpt / DS_TAG}: checkpoint lacks tensors the model config needs: {missing[:5]}")
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    writer = ShardWriter(tmp, parse_size(max_shard_size))
+    target = DTYPES[dtype]
+    for name in shapes:  # names the model saves; tied aliases in the checkpoint are left out, as HF does
+        tensor = lazy[name].contiguous()
+        writer.add(name, tensor.to(target) if tensor.is_floating_point() else tensor)
+        del tensor
+    writer.finish()
+    _write_metadata(tmp, config, generation_config, tokenizer, target)
+    validate_hf_dir(tmp, shapes)
+    _publish(tmp, out)
+    return out
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("checkpoint_dir", help="A checkpoint directory, e.g. OUTPUT_DIR/checkpoints/step-00001000.")
+    parser.add_argument("out_dir", help="Hugging Face directory to write (replaced only once the new one is valid).")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="Weight dtype (default bf16).")
+    parser.add_argument("--max_shard_size", default="5GB", help="Largest safetensors shard, e.g. 5GB, 500MB (default 5GB).")
+
+
+def run(args) -> int:
+    import sys
+
+    from dpo_ds.checkpoint import CheckpointError
+
+    try:
+        out = convert_checkpoint(args.checkpoint_dir, args.out_dir, args.dtype, args.max_shard_size)
+    except (CheckpointError, ExportError) as err:
+        print(f"dpo-ds convert: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0

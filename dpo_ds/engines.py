@@ -10,6 +10,7 @@ import copy
 import json
 import logging
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,12 @@ import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
 
-from dpo_ds.config import ConfigError, TrainConfig
+from dpo_ds.config import ConfigError, TrainConfig, uses_reference
 from dpo_ds.logprobs import sequence_logps
 
 logger = logging.getLogger("dpo_ds")
+# DeepSpeed 0.19 calls a torch collective that torch 2.13 renamed; the warning is theirs, repeated every step.
+warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*is deprecated")
 
 DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 
@@ -208,3 +211,13 @@ class NoReference:
 
     def logps(self, batch: dict[str, torch.Tensor], indices: list[int]) -> torch.Tensor:
         return torch.zeros(batch["input_ids"].shape[0])
+
+
+def build_reference(cfg: TrainConfig, hidden_size: int):
+    """The reference source the loss needs: a live ZeRO-3 engine, or none at all."""
+    if not uses_reference(cfg):
+        return NoReference()
+    path = cfg.ref_model_name_or_path or cfg.model_name_or_path
+    engine = build_inference_engine(path, resolve_reference_config(cfg, hidden_size), model_dtype(cfg),
+                                    cfg.trust_remote_code)
+    return LiveReference(engine, cfg.logprob_chunk_size)

@@ -93,7 +93,9 @@ def max_over_ranks(value: float) -> float:
 class MetricsWriter:
     """metrics.jsonl (one object per logged step, flushed at once) and tensorboard/ under the run folder."""
 
-    def __init__(self, output_dir: str, enabled: bool):
+    def __init__(self, output_dir: str, enabled: bool, after_step: int = 0):
+        """`after_step` > 0 when resuming: lines logged after that step by the interrupted run are dropped, so
+        every step appears once."""
         self.enabled = enabled
         if not enabled:
             return
@@ -101,7 +103,13 @@ class MetricsWriter:
 
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.jsonl = (out / "metrics.jsonl").open("a")
+        path = out / "metrics.jsonl"
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= after_step]
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(path)
+        self.jsonl = path.open("a")
         self.tensorboard = SummaryWriter(str(out / "tensorboard"))
 
     def write(self, step: int, metrics: dict[str, float]) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import warnings
 import sys
 import time
 from dataclasses import dataclass
@@ -22,7 +21,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dpo_ds.config import ConfigError, TrainConfig, add_config_arguments, config_from_args, to_dict, uses_reference
+from dpo_ds import checkpoint as ckpt
+from dpo_ds.config import ConfigError, TrainConfig, add_config_arguments, config_from_args, to_dict
 from dpo_ds.data import DataError, PairSampler, TokenizedPairs, collate, load_pairs
 from dpo_ds.losses import LossParams, PairLogps, compute_loss
 from dpo_ds.metrics import MetricsWriter, PairStats, max_over_ranks, peak_memory_gib
@@ -36,8 +36,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def setup_logging(rank: int) -> None:
-    # DeepSpeed 0.19 calls a torch collective that torch 2.13 renamed; the warning is theirs, once per call.
-    warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*is deprecated")
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", stream=sys.stderr, force=True)
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
@@ -90,50 +88,76 @@ def pair_step(run: Run, pairs: TokenizedPairs, indices: list[int], stats: PairSt
 
 
 @torch.no_grad()
-def evaluate(run: Run, pairs: TokenizedPairs) -> dict[str, float]:
-    """Preference metrics over every pair of `pairs`, split over ranks.
+def evaluate(run: Run, pairs: TokenizedPairs) -> tuple[dict[str, float], list[dict]]:
+    """Preference metrics over every pair of `pairs`, split over ranks, and per-pair records (rank 0).
 
     Every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively); a rank with no
     pairs left repeats pair 0 and does not count it.
     """
-    run.policy.eval()
     stats = PairStats()
+    records = []
     b, w = run.cfg.micro_batch_size, run.world_size
     for start in range(0, len(pairs), b * w):
         mine = list(range(start + run.rank * b, min(start + (run.rank + 1) * b, len(pairs))))
         lp, out = pair_step(run, pairs, mine or [0], None, train=False)
         if mine:
             stats.add_pairs(lp, out, 0, 0)
-    run.policy.train()
+            records += _pair_records(pairs, mine, lp, out)
     metrics = stats.reduce()
     keys = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
             "logps/chosen", "logps/rejected", "kl/chosen", "kl/rejected")
-    return {f"eval/{k}": metrics[k] for k in keys}
+    if dist.is_initialized():
+        gathered = [None] * run.world_size
+        dist.all_gather_object(gathered, records)
+        records = [r for part in gathered for r in part]
+    records.sort(key=lambda r: r["index"])
+    return {f"eval/{k}": metrics[k] for k in keys}, records
 
 
-def build_run(cfg: TrainConfig, rank: int, world_size: int, total_steps: int, tokenizer) -> Run:
-    from dpo_ds.engines import (LiveReference, NoReference, build_inference_engine, build_policy_engine,
-                                load_model_config, model_dtype, resolve_policy_config, resolve_reference_config)
+def _pair_records(pairs: TokenizedPairs, indices: list[int], lp: PairLogps, out) -> list[dict]:
+    rows = []
+    for j, i in enumerate(indices):
+        rows.append({"index": i, "pair_id": pairs.pair_ids[i],
+                     "policy_chosen_logp": float(lp.policy_chosen[j]), "policy_rejected_logp": float(lp.policy_rejected[j]),
+                     "ref_chosen_logp": float(lp.ref_chosen[j]), "ref_rejected_logp": float(lp.ref_rejected[j]),
+                     "chosen_tokens": int(lp.chosen_tokens[j]), "rejected_tokens": int(lp.rejected_tokens[j]),
+                     "chosen_reward": float(out.chosen_rewards[j]), "rejected_reward": float(out.rejected_rewards[j]),
+                     "margin": float(out.chosen_rewards[j] - out.rejected_rewards[j]),
+                     "correct": bool(out.chosen_rewards[j] > out.rejected_rewards[j]), "loss": float(out.losses[j])})
+    return rows
+
+
+def loss_params(cfg: TrainConfig) -> LossParams:
+    return LossParams(beta=cfg.beta, label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
+                      rpo_alpha=cfg.rpo_alpha, length_normalize=cfg.length_normalize)
+
+
+def pad_id_of(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def build_run(cfg: TrainConfig, rank: int, world_size: int, total_steps: int, tokenizer,
+              load_universal: bool = False) -> Run:
+    """Policy engine first, then the reference source: the same order on every rank."""
+    from dpo_ds.engines import build_policy_engine, build_reference, load_model_config, resolve_policy_config
 
     hidden = load_model_config(cfg.model_name_or_path, cfg.trust_remote_code).hidden_size
-    policy = build_policy_engine(cfg, resolve_policy_config(cfg, world_size, hidden), total_steps)
-    if uses_reference(cfg):
-        ref_path = cfg.ref_model_name_or_path or cfg.model_name_or_path
-        ref_engine = build_inference_engine(ref_path, resolve_reference_config(cfg, hidden), model_dtype(cfg),
-                                            cfg.trust_remote_code)
-        reference = LiveReference(ref_engine, cfg.logprob_chunk_size)
-    else:
-        reference = NoReference()
-    params = LossParams(beta=cfg.beta, label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
-                        rpo_alpha=cfg.rpo_alpha, length_normalize=cfg.length_normalize)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return Run(cfg, rank, world_size, tokenizer, policy, reference, params, pad_id)
+    ds_config = resolve_policy_config(cfg, world_size, hidden)
+    if load_universal:  # resuming a checkpoint saved by another world size
+        ds_config.setdefault("checkpoint", {})["load_universal"] = True
+    policy = build_policy_engine(cfg, ds_config, total_steps)
+    reference = build_reference(cfg, hidden)
+    return Run(cfg, rank, world_size, tokenizer, policy, reference, loss_params(cfg), pad_id_of(tokenizer))
 
 
 @dataclass
 class TrainResult:
     run: Run
     metrics: dict[str, float]  # the last logged values (with eval/ keys when eval_file is set)
+
+
+class Preempted(Exception):
+    """A stop signal arrived; the checkpoint is written and the process should exit with EXIT_PREEMPTED."""
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -143,6 +167,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     env = init_distributed(timeout_s=cfg.dist_timeout_s)
     rank, world_size = env.rank, env.world_size
     setup_logging(rank)
+    stop_signal = ckpt.StopSignal()
     torch.manual_seed(cfg.seed)
     out_dir = Path(cfg.output_dir)
     if rank == 0:
@@ -152,7 +177,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
     data_args = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                      skip_bad_rows=cfg.skip_bad_rows, cache_dir=str(out_dir / "caches"), rank=rank, barrier=_barrier)
-    train_pairs, _ = load_pairs(cfg.train_file, tokenizer, **data_args)
+    train_pairs, data_fingerprint = load_pairs(cfg.train_file, tokenizer, **data_args)
     eval_pairs = load_pairs(cfg.eval_file, tokenizer, **data_args)[0] if cfg.eval_file else None
 
     sampler = PairSampler([train_pairs.length(i) for i in range(len(train_pairs))], cfg.micro_batch_size,
@@ -165,12 +190,37 @@ def train(cfg: TrainConfig) -> TrainResult:
         logger.info("%d pairs, %d per step on %d ranks, %d steps", len(train_pairs), sampler.pairs_per_step,
                     world_size, total_steps)
 
-    run = build_run(cfg, rank, world_size, total_steps, tokenizer)
-    writer = MetricsWriter(cfg.output_dir, enabled=rank == 0)
-    progress = _progress(total_steps, rank)
+    def trainer_state(step: int) -> ckpt.TrainerState:
+        return ckpt.TrainerState(step=step, sampler=sampler.state(step), world_size=world_size,
+                                 pairs_per_step=sampler.pairs_per_step, data_fingerprint=data_fingerprint,
+                                 model_fingerprint=ckpt.model_fingerprint(cfg.model_name_or_path), config=to_dict(cfg))
+
+    resume_dir = ckpt.find_checkpoint(cfg.output_dir, cfg.resume_from)
+    if cfg.resume_from is None and (out_dir / ckpt.CHECKPOINTS_DIR / ckpt.LATEST).exists():
+        raise ConfigError(f"{out_dir} already holds checkpoints of a run: pass --resume_from auto to continue it, "
+                          f"or choose another output_dir")
+    saved = ckpt.verify_checkpoint(resume_dir) if resume_dir else None
+    if saved is not None:
+        problems = ckpt.check_compatible(saved, trainer_state(0))
+        if problems and not cfg.resume_ignore_mismatch:
+            raise ckpt.CheckpointError(f"cannot resume from {resume_dir}: " + "; ".join(problems)
+                                       + " (pass --resume_ignore_mismatch true to resume anyway)")
+        if saved.world_size != world_size:
+            ckpt.prepare_universal(resume_dir)
+
+    run = build_run(cfg, rank, world_size, total_steps, tokenizer,
+                    load_universal=saved is not None and saved.world_size != world_size)
+    start_step = 0
+    if saved is not None:
+        ckpt.load_checkpoint(run.policy, resume_dir, saved, world_size)
+        start_step = saved.step
+        if rank == 0:
+            logger.info("resumed from step %d (%s)", start_step, resume_dir)
+    writer = MetricsWriter(cfg.output_dir, enabled=rank == 0, after_step=start_step)
+    progress = _progress(total_steps, start_step, rank)
     stats = PairStats()
     last: dict[str, float] = {}
-    for step in range(total_steps):
+    for step in range(start_step, total_steps):
         started = time.perf_counter()
         lr = run.policy.get_lr()[0]  # the rate this step uses (the scheduler advances inside the step)
         for indices in sampler.micro_batches(step, rank):
@@ -180,16 +230,24 @@ def train(cfg: TrainConfig) -> TrainResult:
         if done % cfg.logging_steps == 0 or done == total_steps:
             last = stats.reduce()
             last.update({"grad_norm": _grad_norm(run.policy), "lr": lr,
-                         "memory/peak_gib": max_over_ranks(peak_memory_gib()), "epoch": step / sampler.steps_per_epoch})
+                         "memory/peak_gib": max_over_ranks(peak_memory_gib()), "epoch": done / sampler.steps_per_epoch})
             writer.write(done, last)
             stats = PairStats()
         if eval_pairs is not None and (done == total_steps or (cfg.eval_steps and done % cfg.eval_steps == 0)):
-            eval_metrics = evaluate(run, eval_pairs)
+            run.policy.eval()
+            eval_metrics, _ = evaluate(run, eval_pairs)
+            run.policy.train()
             writer.write(done, eval_metrics)
             last.update(eval_metrics)
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{last.get('loss', float('nan')):.4f}")
+        stop = ckpt.any_rank(stop_signal.received is not None)
+        if stop or (cfg.save_steps and done % cfg.save_steps == 0):
+            ckpt.save_checkpoint(run.policy, cfg.output_dir, trainer_state(done), cfg.save_total_limit, tokenizer)
+        if stop and done < total_steps:
+            writer.close()
+            raise Preempted(f"stopped by a signal after step {done}; resume with --resume_from auto")
     if progress is not None:
         progress.close()
 
@@ -206,21 +264,24 @@ def _grad_norm(engine) -> float:
     return float(norm) if norm is not None else float("nan")
 
 
-def _progress(total: int, rank: int):
+def _progress(total: int, start: int, rank: int):
     if rank != 0:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="dpo", dynamic_ncols=True, file=sys.stderr)
+    return tqdm(total=total, initial=start, desc="dpo", dynamic_ncols=True, file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
         train(cfg)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, ckpt.CheckpointError) as err:
         print(f"dpo-ds train: error: {err}", file=sys.stderr)
         return 2
+    except Preempted as stop:
+        logger.warning("%s", stop)
+        return ckpt.EXIT_PREEMPTED
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -1,0 +1,291 @@
+"""Resumable checkpoints that never lie.
+
+Layout under `<output_dir>/checkpoints/`:
+
+    step-00000120/                 one checkpoint, complete or absent
+        ds/                        DeepSpeed ZeRO-3 state of every rank (engine.save_checkpoint)
+        hf/                        model config, generation config, tokenizer: `dpo-ds convert` needs nothing else
+        rng/rank-00000.safetensors RNG states of each rank (tensors, no pickle)
+        trainer_state.json         step, sampler position, world size, fingerprints, the run config
+        manifest.json              every file above with its size, written last
+    latest                         name of the newest complete checkpoint, replaced atomically
+
+A checkpoint is written as `step-N.tmp/` and renamed to `step-N/` only after every rank has finished
+writing and the manifest is on disk; `latest` is updated after the rename and old checkpoints are pruned
+after that. A kill at any moment therefore leaves the previous good checkpoint or the new one. Loading
+checks the manifest first, so a truncated or missing file is reported by name instead of half-loading.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger("dpo_ds")
+
+CHECKPOINTS_DIR = "checkpoints"
+LATEST = "latest"
+DS_TAG = "ds"
+UNIVERSAL_TAG = "ds_universal"
+HF_METADATA = "hf"
+MANIFEST = "manifest.json"
+STATE = "trainer_state.json"
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written after SIGTERM/SIGUSR1; the scheduler should requeue
+
+# Config fields whose change makes a resumed run a different run (data order, objective, numerics).
+RESUME_SENSITIVE_FIELDS = ("model_name_or_path", "ref_model_name_or_path", "loss_type", "beta", "label_smoothing",
+                           "simpo_gamma", "rpo_alpha", "reference_free", "length_normalize", "max_length",
+                           "max_prompt_length", "shuffle", "group_by_length", "seed", "precision", "lr_scheduler",
+                           "warmup_steps", "learning_rate", "weight_decay")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainerState:
+    step: int                    # optimizer steps completed
+    sampler: dict[str, int]      # epoch, step_in_epoch, consumed_pairs
+    world_size: int
+    pairs_per_step: int
+    data_fingerprint: str
+    model_fingerprint: str
+    config: dict[str, Any]
+
+
+def model_fingerprint(path: str) -> str:
+    """Digest of a model directory's config and weight files (names and sizes): cheap, and it changes when
+    the model does."""
+    p = Path(path)
+    h = hashlib.sha256()
+    if (p / "config.json").is_file():
+        h.update((p / "config.json").read_bytes())
+    for f in sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()[:24]
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on at least one (a collective: all ranks must call it)."""
+    t = torch.tensor([1.0 if flag else 0.0])
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with path.open("rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomic(path: Path, payload: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as fh:
+        json.dump(payload, fh, indent=2)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    state = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["torch_cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _restore_rng(path: Path) -> None:
+    state = load_file(str(path))
+    torch.set_rng_state(state["torch_cpu"])
+    if "torch_cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["torch_cuda"])
+
+
+def save_checkpoint(engine, output_dir: str, state: TrainerState, save_total_limit: int = 0, tokenizer=None) -> Path:
+    """Write checkpoint `step-N` atomically (every rank calls this). Raises CheckpointError on any rank's
+    write failure, after removing the partial directory; earlier checkpoints are never touched then."""
+    root = Path(output_dir) / CHECKPOINTS_DIR
+    final = root / f"step-{state.step:08d}"
+    tmp = root / f"step-{state.step:08d}.tmp"
+    rank = _rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        (tmp / "rng").mkdir()
+    _barrier()
+    error: BaseException | None = None
+    try:
+        engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
+        save_file(_rng_state(), str(tmp / "rng" / f"rank-{rank:05d}.safetensors"))
+    except (OSError, RuntimeError) as err:
+        error = err
+    if any_rank(error is not None):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"writing checkpoint {final} failed ({error or 'on another rank'}); "
+                              f"the previous checkpoint is kept") from error
+    if rank == 0:
+        try:
+            model = engine.module
+            model.config.save_pretrained(tmp / HF_METADATA)
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(tmp / HF_METADATA)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp / HF_METADATA)
+            _write_json_atomic(tmp / STATE, asdict(state))
+            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+            _fsync_tree(tmp)
+            _write_json_atomic(tmp / MANIFEST, {"files": files})
+            if final.exists():  # a checkpoint of the same step from an earlier attempt
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _write_text_atomic(root / LATEST, final.name)
+            _prune(root, save_total_limit, keep=final.name)
+        except OSError as err:
+            error = err
+    if any_rank(error is not None):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"publishing checkpoint {final} failed ({error or 'on rank 0'}); "
+                              f"the previous checkpoint is kept") from error
+    if rank == 0:
+        logger.info("checkpoint written: %s", final)
+    return final
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as fh:
+        fh.write(text + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _prune(root: Path, save_total_limit: int, keep: str) -> None:
+    """Keep the newest `save_total_limit` complete checkpoints (0 = keep all); remove stale .tmp dirs."""
+    for stale in root.glob("step-*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if save_total_limit <= 0:
+        return
+    complete = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for old in complete[:-save_total_limit]:
+        if old.name != keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def verify_checkpoint(ckpt: Path) -> TrainerState:
+    """Check every file the manifest lists is present with its size; return the trainer state."""
+    manifest = ckpt / MANIFEST
+    if not manifest.is_file():
+        raise CheckpointError(f"{ckpt}: not a complete checkpoint ({MANIFEST} missing)")
+    for rel, size in json.loads(manifest.read_text())["files"].items():
+        path = ckpt / rel
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing from checkpoint {ckpt}")
+        if path.stat().st_size != size:
+            raise CheckpointError(f"{path}: truncated or altered ({path.stat().st_size} bytes, expected {size})")
+    return TrainerState(**json.loads((ckpt / STATE).read_text()))
+
+
+def find_checkpoint(output_dir: str, resume_from: str | None) -> Path | None:
+    """The checkpoint to resume from: `auto` = the one `latest` names (None when the run has none yet)."""
+    if not resume_from:
+        return None
+    if resume_from != "auto":
+        path = Path(resume_from)
+        if not path.is_dir():
+            raise CheckpointError(f"resume_from: {path} is not a directory")
+        return path
+    latest = Path(output_dir) / CHECKPOINTS_DIR / LATEST
+    if not latest.is_file():
+        return None
+    return latest.parent / latest.read_text().strip()
+
+
+def check_compatible(saved: TrainerState, current: TrainerState) -> list[str]:
+    """Human-readable differences that make resuming `saved` as `current` a different run."""
+    problems = []
+    if saved.data_fingerprint != current.data_fingerprint:
+        problems.append(f"the training data changed (fingerprint {saved.data_fingerprint} at save, "
+                        f"{current.data_fingerprint} now: different file contents, tokenizer or tokenization settings)")
+    if saved.model_fingerprint != current.model_fingerprint:
+        problems.append(f"the model changed (fingerprint {saved.model_fingerprint} at save, {current.model_fingerprint} now)")
+    if saved.pairs_per_step != current.pairs_per_step:
+        problems.append(f"pairs per optimizer step changed ({saved.pairs_per_step} at save, {current.pairs_per_step} now; "
+                        f"keep micro_batch_size x gradient_accumulation_steps x ranks equal)")
+    for name in RESUME_SENSITIVE_FIELDS:
+        if saved.config.get(name) != current.config.get(name):
+            problems.append(f"field '{name}' changed ({saved.config.get(name)!r} at save, {current.config.get(name)!r} now)")
+    return problems
+
+
+def prepare_universal(ckpt: Path) -> None:
+    """Convert the ZeRO checkpoint to DeepSpeed's universal format (rank 0, once) for another world size."""
+    target = ckpt / UNIVERSAL_TAG
+    if _rank() == 0 and not target.is_dir():
+        tmp = ckpt / (UNIVERSAL_TAG + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt / DS_TAG),
+               "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+        logger.info("converting %s to a universal checkpoint for a new world size", ckpt)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise CheckpointError(f"{ckpt}: universal conversion failed:\n{proc.stderr[-3000:]}")
+        os.replace(tmp, target)
+    _barrier()
+
+
+def load_checkpoint(engine, ckpt: Path, saved: TrainerState, world_size: int) -> None:
+    """Restore DeepSpeed state (universal when the world size changed) and this rank's RNG."""
+    tag = DS_TAG if saved.world_size == world_size else UNIVERSAL_TAG
+    load_path, _ = engine.load_checkpoint(str(ckpt), tag=tag, load_module_strict=True, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+    if load_path is None:
+        raise CheckpointError(f"{ckpt / tag}: DeepSpeed could not load this checkpoint")
+    rng = ckpt / "rng" / f"rank-{_rank():05d}.safetensors"
+    if rng.is_file():
+        _restore_rng(rng)
+
+
+class StopSignal:
+    """Remembers SIGTERM/SIGUSR1 so the trainer can checkpoint at the next step boundary and exit."""
+
+    def __init__(self):
+        self.received: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+        logger.warning("received %s: checkpointing at the end of this step", signal.Signals(signum).name)
