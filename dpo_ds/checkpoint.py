@@ -47,7 +47,7 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written after SIGTERM/SIGUSR1; th
 # Config fields whose change makes a resumed run a different run (data order, objective, numerics).
 RESUME_SENSITIVE_FIELDS = ("model_name_or_path", "ref_model_name_or_path", "loss_type", "beta", "label_smoothing",
                            "simpo_gamma", "rpo_alpha", "reference_free", "length_normalize", "max_length",
-                           "max_prompt_length", "shuffle", "group_by_length", "seed", "precision", "lr_scheduler",
+                           "max_prompt_length", "max_tokens_per_micro_batch", "shuffle", "group_by_length", "seed", "precision", "lr_scheduler",
                            "warmup_steps", "learning_rate", "weight_decay")
 
 

@@ -11,6 +11,7 @@ COMMANDS = {
     "eval": "dpo_ds.evaluate",
     "convert": "dpo_ds.convert",
     "plan": "dpo_ds.plan",
+    "bench": "dpo_ds.bench",
 }
 
 

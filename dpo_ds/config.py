@@ -7,17 +7,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import yaml
 
 
 class ConfigError(ValueError):
     """A configuration problem, already phrased for the user (where it came from, which field, why)."""
+
+    def __init__(self, message: str, field_name: str | None = None):
+        super().__init__(message)
+        self.field_name = field_name
 
 
 def _field(default: Any, help: str, group: str) -> Any:
@@ -41,6 +46,8 @@ class TrainConfig:
     skip_bad_rows: bool = _field(False, "Skip and count invalid rows instead of stopping with an error that names file, line and field.", "data")
     shuffle: bool = _field(True, "Shuffle pairs each epoch (seeded). Off + group_by_length off: step k uses pairs [k*G, (k+1)*G) in file order.", "data")
     group_by_length: bool = _field(False, "Put pairs of similar length in the same micro-batch (less padding); micro-batches are shuffled.", "data")
+    max_tokens_per_micro_batch: Optional[int] = _field(None, "Token budget per micro-batch: pairs of similar length are packed while 2 x pairs x longest sequence fits (at least one pair), so micro-batches carry similar token counts; micro_batch_size is then only the grouping window unit. Every pair keeps equal weight in the loss.", "data")
+    padding_free: bool = _field(False, "Pack each micro-batch's 2B sequences into one row without padding (position ids restart per sequence; transformers masks attention per sequence: flash-attention varlen where installed, else a block-diagonal causal mask).", "data")
     # --- loss
     loss_type: str = _field("sigmoid", f"Preference loss: {', '.join(LOSS_TYPES)}.", "loss")
     beta: float = _field(0.1, "Inverse temperature of the implicit reward r = beta * (log pi - log pi_ref).", "loss")
@@ -49,6 +56,10 @@ class TrainConfig:
     rpo_alpha: float = _field(0.0, "Weight of the mean per-token NLL of the chosen completion added to the loss (RPO); 0 = off.", "loss")
     reference_free: bool = _field(False, "Treat log pi_ref as 0 (no reference model is built).", "loss")
     length_normalize: bool = _field(False, "Use per-token mean log-probs instead of sums for the sigmoid family.", "loss")
+    # --- drift and stability guards
+    max_kl: Optional[float] = _field(None, "Warn when the mean per-token log pi - log pi_ref over completions (a logging window) exceeds this.", "guards")
+    stop_on_max_kl: bool = _field(False, "Stop (after saving a checkpoint) instead of only warning when max_kl is exceeded.", "guards")
+    max_bad_steps: int = _field(3, "Stop after this many consecutive optimizer steps skipped for NaN/Inf loss or gradients.", "guards")
     # --- optimisation
     learning_rate: float = _field(1e-6, "Peak learning rate (AdamW).", "optim")
     lr_scheduler: str = _field("linear", "Learning-rate schedule after warm-up: constant, linear (to 0) or cosine (to 0).", "optim")
@@ -69,10 +80,12 @@ class TrainConfig:
     ref_offload: bool = _field(True, "Keep the reference model's ZeRO-3 parameters on CPU (`offload_param: cpu`).", "engine")
     deepspeed_config: Optional[str] = _field(None, "Policy DeepSpeed JSON (see ds_configs/). Values it leaves out or sets to \"auto\" are filled from this config; default: ds_configs/zero3.json on GPU, ds_configs/zero3_cpu.json on CPU.", "engine")
     ref_deepspeed_config: Optional[str] = _field(None, "Reference DeepSpeed JSON; default ds_configs/reference_zero3.json.", "engine")
+    precompute_ref: bool = _field(False, "Compute the reference log-probs of the train and eval pairs once before training (cached on disk under caches/, reused by later runs); training then runs no reference model.", "engine")
     logprob_chunk_size: int = _field(256, "Sequence positions per chunk when turning logits into token log-probs (bounds fp32 memory).", "engine")
     dist_timeout_s: float = _field(600.0, "Seconds a rank waits for the others to join before failing with a message.", "engine")
     # --- outputs and monitoring
-    output_dir: str = _field("runs/dpo", "Run folder: metrics.jsonl, tensorboard/, caches/, final/.", "output")
+    output_dir: str = _field("runs/dpo", "Run folder: metrics.jsonl, tensorboard/, caches/, checkpoints/, final/.", "output")
+    cache_dir: Optional[str] = _field(None, "Where tokenized pairs and precomputed reference log-probs are cached, by fingerprint (default <output_dir>/caches); point runs at one directory to share them.", "output")
     logging_steps: int = _field(10, "Log metrics every N optimizer steps.", "output")
     eval_steps: int = _field(0, "Evaluate on eval_file every N optimizer steps (0 = only at the end).", "output")
     save_steps: int = _field(0, "Save a resumable checkpoint every N optimizer steps (0 = only the final export; SIGTERM/SIGUSR1 always checkpoint).", "output")
@@ -121,9 +134,12 @@ def coerce(name: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ConfigError(f"field '{name}': expected a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             raise ConfigError(f"field '{name}': expected a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"field '{name}': expected a finite number, got {value!r}")
+        return number
     if not isinstance(value, str):
         raise ConfigError(f"field '{name}': expected a string, got {value!r}")
     if name in _CHOICES and value not in _CHOICES[name]:
@@ -144,17 +160,20 @@ def _yaml_fields(path: Path) -> dict[str, tuple[Any, int]]:
         return {}
     if not isinstance(root, yaml.MappingNode):
         raise ConfigError(f"{path}:{root.start_mark.line + 1}: expected a mapping of field: value")
-    out = {}
+    out: dict[str, tuple[Any, int]] = {}
+    constructor = yaml.SafeLoader("")
     for key_node, value_node in root.value:
         line = key_node.start_mark.line + 1
-        value = yaml.safe_load(yaml.serialize(value_node))
-        out[key_node.value] = (value, line)
+        if key_node.value in out:
+            raise ConfigError(f"{path}:{line}: field '{key_node.value}' is set twice (first at line {out[key_node.value][1]})")
+        out[key_node.value] = (constructor.construct_object(value_node, deep=True), line)
     return out
 
 
 def load_config(path: str | None, overrides: dict[str, str] | None = None) -> TrainConfig:
     """YAML file (optional) + command-line overrides -> validated TrainConfig."""
     values: dict[str, Any] = {}
+    origin: dict[str, str] = {}  # field -> where its value was set, for errors found by validate()
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -166,13 +185,20 @@ def load_config(path: str | None, overrides: dict[str, str] | None = None) -> Tr
                 values[key] = coerce(key, value)
             except ConfigError as err:
                 raise ConfigError(f"{path}:{line}: {err}") from None
+            origin[key] = f"{path}:{line}"
     for key, value in (overrides or {}).items():
         try:
             values[key] = coerce(key, value)
         except ConfigError as err:
             raise ConfigError(f"command line --{key}: {err}") from None
+        origin[key] = f"command line --{key}"
     cfg = TrainConfig(**values)
-    validate(cfg)
+    try:
+        validate(cfg)
+    except ConfigError as err:
+        if err.field_name in origin:
+            raise ConfigError(f"{origin[err.field_name]}: {err}", err.field_name) from None
+        raise
     return cfg
 
 
@@ -186,13 +212,14 @@ def _suggest(key: str) -> str:
 def validate(cfg: TrainConfig) -> None:
     """Cross-field checks that must fail before any model is loaded."""
     def bad(field_name: str, why: str) -> None:
-        raise ConfigError(f"field '{field_name}': {why}")
+        raise ConfigError(f"field '{field_name}': {why}", field_name)
 
     if cfg.model_name_or_path is None:
         bad("model_name_or_path", "required")
     if cfg.train_file is None:
         bad("train_file", "required")
-    for name in ("max_length", "micro_batch_size", "gradient_accumulation_steps", "num_epochs", "logprob_chunk_size"):
+    for name in ("max_length", "micro_batch_size", "gradient_accumulation_steps", "num_epochs", "logprob_chunk_size",
+                 "max_bad_steps"):
         if getattr(cfg, name) < 1:
             bad(name, f"must be >= 1, got {getattr(cfg, name)}")
     for name in ("max_steps", "warmup_steps", "logging_steps", "eval_steps", "save_steps", "save_total_limit"):
@@ -200,8 +227,14 @@ def validate(cfg: TrainConfig) -> None:
             bad(name, f"must be >= 0, got {getattr(cfg, name)}")
     if cfg.logging_steps == 0:
         bad("logging_steps", "must be >= 1")
+    if cfg.max_tokens_per_micro_batch is not None and cfg.max_tokens_per_micro_batch < 2:
+        bad("max_tokens_per_micro_batch", f"must be >= 2, got {cfg.max_tokens_per_micro_batch}")
     if cfg.max_prompt_length is not None and not 1 <= cfg.max_prompt_length < cfg.max_length:
         bad("max_prompt_length", f"must be in [1, max_length={cfg.max_length}), got {cfg.max_prompt_length}")
+    if cfg.max_kl is not None and cfg.max_kl <= 0:
+        bad("max_kl", f"must be > 0, got {cfg.max_kl}")
+    if cfg.stop_on_max_kl and cfg.max_kl is None:
+        bad("stop_on_max_kl", "needs max_kl")
     if cfg.beta <= 0:
         bad("beta", f"must be > 0, got {cfg.beta}")
     if cfg.learning_rate < 0 or cfg.weight_decay < 0 or cfg.max_grad_norm < 0:
@@ -212,6 +245,15 @@ def validate(cfg: TrainConfig) -> None:
         bad("label_smoothing", f"only applies to loss_type sigmoid or robust, not {cfg.loss_type}")
     if cfg.rpo_alpha < 0:
         bad("rpo_alpha", f"must be >= 0, got {cfg.rpo_alpha}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(cfg, name) < 1:
+            bad(name, f"must be in [0, 1), got {getattr(cfg, name)}")
+    if cfg.dist_timeout_s <= 0:
+        bad("dist_timeout_s", f"must be > 0, got {cfg.dist_timeout_s}")
+    if cfg.precompute_ref and not uses_reference(cfg):
+        bad("precompute_ref", f"loss_type {cfg.loss_type}{' with reference_free' if cfg.reference_free else ''} uses no reference model")
+    if cfg.reference_free and cfg.ref_model_name_or_path is not None:
+        bad("ref_model_name_or_path", "reference_free uses no reference model; remove the path")
     if cfg.loss_type in ("simpo", "sft") and cfg.ref_model_name_or_path is not None:
         bad("ref_model_name_or_path", f"loss_type {cfg.loss_type} uses no reference model; remove the path")
     if cfg.length_normalize and cfg.loss_type in ("ipo", "simpo", "sft"):

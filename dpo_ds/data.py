@@ -76,6 +76,11 @@ def _common_prefix_text(a: str, b: str) -> int:
     if n < min(len(a), len(b)):
         while n > 0 and not a[n - 1].isspace():
             n -= 1
+        # Leave the whitespace to the completions (as TRL's extract_prompt does): a prompt ending in a space is
+        # not a token prefix of prompt + completion for sentencepiece/BPE tokenizers ("about " -> '▁about','▁'
+        # but "about hammer" -> '▁about','▁hammer'), and the completion would lose its first word.
+        while n > 0 and a[n - 1].isspace():
+            n -= 1
     return n
 
 
@@ -134,6 +139,7 @@ def validate_row(where: str, row: Any) -> PreferenceRow:
 @dataclass
 class TokenizedPairs:
     """Token ids of all pairs of one file, in file order; `pair_ids` are the rows' locations."""
+    fingerprint: str = ""  # of the file, tokenizer and tokenization settings (set by load_pairs)
     prompt: list[list[int]] = field(default_factory=list)
     chosen: list[list[int]] = field(default_factory=list)
     rejected: list[list[int]] = field(default_factory=list)
@@ -254,6 +260,11 @@ def tokenizer_digest(tokenizer) -> str:
     h.update(json.dumps([type(tokenizer).__name__, tokenizer.all_special_tokens,
                          getattr(tokenizer, "chat_template", None), tokenizer.bos_token_id,
                          tokenizer.eos_token_id]).encode())
+    # The vocab and special tokens miss how text becomes ids (e.g. add_bos_token=False in the post-processor,
+    # another normalizer): hash the whole pipeline when there is one.
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
     return h.hexdigest()
 
 
@@ -301,7 +312,9 @@ def load_pairs(path: str, tokenizer, *, max_length: int, max_prompt_length: int 
     fingerprint = data_fingerprint(path, tokenizer, max_length, max_prompt_length, skip_bad_rows)
     pair_tokenizer = PairTokenizer(tokenizer, max_length, max_prompt_length)
     if cache_dir is None:
-        return tokenize_file(path, pair_tokenizer, skip_bad_rows), fingerprint
+        pairs = tokenize_file(path, pair_tokenizer, skip_bad_rows)
+        pairs.fingerprint = fingerprint
+        return pairs, fingerprint
     cache = Path(cache_dir) / f"pairs-{fingerprint}.safetensors"
     error_file = Path(cache_dir) / f"pairs-{fingerprint}.error"
     if rank == 0:
@@ -310,14 +323,16 @@ def load_pairs(path: str, tokenizer, *, max_length: int, max_prompt_length: int 
         if not cache.exists():
             try:
                 _save_tokenized(tokenize_file(path, pair_tokenizer, skip_bad_rows), cache)
-            except DataError as err:
-                error_file.write_text(str(err))
+            except Exception as err:  # any failure: tell the other ranks instead of leaving them at the barrier
+                error_file.write_text(str(err) if isinstance(err, DataError) else f"{path}: tokenizing failed: {err!r}")
                 barrier()
                 raise
     barrier()
     if error_file.exists():
         raise DataError(error_file.read_text())
-    return _load_tokenized(cache), fingerprint
+    pairs = _load_tokenized(cache)
+    pairs.fingerprint = fingerprint
+    return pairs, fingerprint
 
 
 # ------------------------------------------------------------------------------------------ sampler
@@ -325,9 +340,15 @@ def load_pairs(path: str, tokenizer, *, max_length: int, max_prompt_length: int 
 class PairSampler:
     """Which pairs each rank uses at each optimizer step; the one place that knows where a run is.
 
-    Epoch e is a sequence of pair indices; optimizer step k of the epoch uses positions [k*G, (k+1)*G),
-    G = micro_batch_size * grad_accum * world_size. Within that block, micro-step m on rank r takes the B
-    positions starting at (m * world_size + r) * B. Pairs after the last full block of an epoch are not used.
+    Each epoch is cut into micro-batches; optimizer step k of the epoch uses micro-batches
+    [k*M, (k+1)*M), M = grad_accum * world_size, micro-step m on rank r taking number k*M + m*world_size + r.
+    With fixed-size micro-batches of B pairs cut from the epoch order, step k therefore uses positions
+    [k*G, (k+1)*G) of that order (G = B * M), and micro-step m on rank r the B positions from (m*world_size + r)*B.
+    Micro-batches after the last full step of an epoch are not used.
+
+    With `max_tokens` (a token budget), pairs of similar length are packed into each micro-batch until
+    2 x pairs x longest sequence would exceed the budget, so micro-batches carry similar token counts and
+    pair counts vary; `loss_scale` then keeps every pair's weight in the step equal.
     """
     lengths: Sequence[int]
     micro_batch_size: int
@@ -336,57 +357,120 @@ class PairSampler:
     shuffle: bool
     group_by_length: bool
     seed: int
+    max_tokens: int | None = None
+
+    @classmethod
+    def for_config(cls, cfg, pairs: "TokenizedPairs", world_size: int) -> "PairSampler":
+        return cls([pairs.length(i) for i in range(len(pairs))], cfg.micro_batch_size, cfg.gradient_accumulation_steps,
+                   world_size, cfg.shuffle, cfg.group_by_length, cfg.seed, cfg.max_tokens_per_micro_batch)
+
+    @property
+    def micro_batches_per_step(self) -> int:
+        return self.grad_accum * self.world_size
 
     @property
     def pairs_per_step(self) -> int:
-        return self.micro_batch_size * self.grad_accum * self.world_size
+        """Pairs of one step with fixed-size micro-batches (the nominal count under a token budget)."""
+        return self.micro_batch_size * self.micro_batches_per_step
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        return len(self._micro_batches(epoch)) // self.micro_batches_per_step
 
     @property
     def steps_per_epoch(self) -> int:
-        return len(self.lengths) // self.pairs_per_step
+        return self.steps_in_epoch(0)
+
+    def total_steps(self, num_epochs: int) -> int:
+        return sum(self.steps_in_epoch(e) for e in range(num_epochs))
+
+    def _locate(self, step: int) -> tuple[int, int]:
+        """(epoch, step within the epoch) of global step `step`."""
+        epoch = 0
+        while step >= self.steps_in_epoch(epoch):
+            step -= self.steps_in_epoch(epoch)
+            epoch += 1
+        return epoch, step
+
+    def _generator(self, epoch: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)  # distinct for every (seed, epoch)
 
     def epoch_order(self, epoch: int) -> list[int]:
+        """All pairs of the epoch in the order their micro-batches are used (unused ones last)."""
+        batches = self._micro_batches(epoch)
+        used = [i for batch in batches for i in batch]
+        rest = sorted(set(range(len(self.lengths))) - set(used), key=self._shuffled(epoch).index)
+        return used + rest
+
+    def _shuffled(self, epoch: int) -> list[int]:
         n = len(self.lengths)
-        g = torch.Generator().manual_seed(self.seed + epoch)
-        order = torch.randperm(n, generator=g).tolist() if self.shuffle else list(range(n))
-        if not self.group_by_length:
-            return order
+        return torch.randperm(n, generator=self._generator(epoch)).tolist() if self.shuffle else list(range(n))
+
+    def _micro_batches(self, epoch: int) -> list[list[int]]:
+        if getattr(self, "_cached_epoch", None) != epoch:
+            self._cached_epoch, self._cached_batches = epoch, self._build_micro_batches(epoch)
+        return self._cached_batches
+
+    def _build_micro_batches(self, epoch: int) -> list[list[int]]:
+        order = self._shuffled(epoch)
+        b = self.micro_batch_size
+        if not (self.group_by_length or self.max_tokens):
+            return [order[i:i + b] for i in range(0, len(order) - b + 1, b)]
         # Sort within windows of 64 micro-batches, cut into micro-batches of similar length, then shuffle the
         # micro-batches (seeded, also when shuffle is off) so steps do not run from long to short.
-        b = self.micro_batch_size
+        batches = []
         window = 64 * b
-        blocks = []
-        for start in range(0, n, window):
+        for start in range(0, len(order), window):
             chunk = sorted(order[start:start + window], key=lambda i: self.lengths[i], reverse=True)
-            blocks += [chunk[i:i + b] for i in range(0, len(chunk), b)]
-        full = [blk for blk in blocks if len(blk) == b]
-        rest = [i for blk in blocks if len(blk) < b for i in blk]
-        perm = torch.randperm(len(full), generator=g).tolist()
-        return [i for j in perm for i in full[j]] + rest
+            batches += self._pack(chunk) if self.max_tokens else [chunk[i:i + b] for i in range(0, len(chunk) - b + 1, b)]
+        g = self._generator(epoch)
+        g.manual_seed(g.initial_seed() + 1)  # the block shuffle must not repeat the pair permutation
+        return [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
+
+    def _pack(self, by_length_desc: list[int]) -> list[list[int]]:
+        """Greedy token-budget packing of pairs sorted longest first: a micro-batch holds n pairs while
+        2 * n * (its longest pair) <= max_tokens, and always at least one pair."""
+        batches, current = [], []
+        for i in by_length_desc:
+            longest = self.lengths[current[0]] if current else self.lengths[i]
+            if current and 2 * (len(current) + 1) * longest > self.max_tokens:
+                batches.append(current)
+                current = []
+            current.append(i)
+        return batches + ([current] if current else [])
 
     def micro_batches(self, step: int, rank: int) -> list[list[int]]:
         """The grad_accum micro-batches (lists of pair indices) of global optimizer step `step` on `rank`."""
-        epoch, k = divmod(step, self.steps_per_epoch)
-        order = self._order(epoch)
-        base = k * self.pairs_per_step
-        b = self.micro_batch_size
-        return [order[base + (m * self.world_size + rank) * b: base + (m * self.world_size + rank + 1) * b]
-                for m in range(self.grad_accum)]
+        epoch, k = self._locate(step)
+        batches = self._micro_batches(epoch)
+        base = k * self.micro_batches_per_step
+        return [batches[base + m * self.world_size + rank] for m in range(self.grad_accum)]
 
-    def _order(self, epoch: int) -> list[int]:
-        if getattr(self, "_cached_epoch", None) != epoch:
-            self._cached_epoch, self._cached_order = epoch, self.epoch_order(epoch)
-        return self._cached_order
+    def pairs_in_step(self, step: int) -> int:
+        epoch, k = self._locate(step)
+        base = k * self.micro_batches_per_step
+        return sum(len(b) for b in self._micro_batches(epoch)[base:base + self.micro_batches_per_step])
+
+    def loss_scale(self, step: int) -> float:
+        """Factor on a micro-batch's summed pair losses so the step's gradient is the mean over all of its pairs:
+        DeepSpeed averages micro-batch losses over accumulation and ranks, which equals the pair mean only when
+        every micro-batch holds the same number of pairs."""
+        return self.micro_batches_per_step / self.pairs_in_step(step)
 
     def state(self, step: int) -> dict[str, int]:
-        epoch, k = divmod(step, self.steps_per_epoch)
-        return {"epoch": epoch, "step_in_epoch": k, "consumed_pairs": step * self.pairs_per_step}
+        epoch, k = self._locate(step)
+        consumed = (step * self.pairs_per_step if not self.max_tokens
+                    else sum(self.pairs_in_step(s) for s in range(step)))
+        return {"epoch": epoch, "step_in_epoch": k, "consumed_pairs": consumed}
 
 
 # ---------------------------------------------------------------------------------------- collation
-def collate(pairs: TokenizedPairs, indices: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded 2B batch: rows [0, B) are prompt+chosen, rows [B, 2B) prompt+rejected.
+def collate(pairs: TokenizedPairs, indices: Sequence[int], pad_id: int, packed: bool = False) -> dict[str, torch.Tensor]:
+    """The 2B sequences of B pairs: prompt+chosen of each pair, then prompt+rejected of each pair.
 
+    Right-padded (default): one sequence per row, rows [0, B) chosen and [B, 2B) rejected, with an attention
+    mask. Packed (`padding_free`): all 2B sequences in one row with no padding, position ids restarting at
+    each sequence and `sequence_ids` naming each position's sequence; transformers then masks attention to
+    each sequence (flash-attention varlen where available, a block-diagonal causal mask otherwise).
     `loss_mask` is 1 exactly on completion tokens (never on prompt or padding).
     """
     seqs, masks = [], []
@@ -395,6 +479,12 @@ def collate(pairs: TokenizedPairs, indices: Sequence[int], pad_id: int) -> dict[
             prompt, completion = pairs.prompt[i], completions[i]
             seqs.append(prompt + completion)
             masks.append([0] * len(prompt) + [1] * len(completion))
+    if packed:
+        # A sequence's first token is never scored (nothing precedes it), as in a padded row.
+        return {"input_ids": torch.tensor([[t for s in seqs for t in s]]),
+                "position_ids": torch.tensor([[p for s in seqs for p in range(len(s))]]),
+                "loss_mask": torch.tensor([[bool(m) and p > 0 for ms in masks for p, m in enumerate(ms)]]),
+                "sequence_ids": torch.tensor([[j for j, s in enumerate(seqs) for _ in s]])}
     width = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)

@@ -1,11 +1,11 @@
 """Demo assets built from code alone: a preference dataset, a tokenizer trained on it and a tiny Llama.
 
-The task is "name a member of the requested category". Every prompt asks for one category
-(fruit, animal, colour, ...), e.g.
+The task is "name a member of the requested category". Every prompt asks for one of six categories
+(fruit, animal, colour, tool, vehicle, sport), e.g.
 
     prompt:   "Question: Mia needs a tool for a story. Which one? Answer:"
     chosen:   " How about hammer?"
-    rejected: " How about violin?"
+    rejected: " How about tennis?"
 
 The rule (`is_preferred`): a response is preferred when every category member it names belongs to the
 requested category, and it names at least one. Chosen and rejected share the prompt and the response
@@ -13,8 +13,15 @@ template and differ in one word, like real preference pairs; which word is right
 so a model must read the prompt to learn it. Each item is as often chosen (for its own category) as
 rejected (for the others), so an untrained model prefers chosen about half the time.
 
-The held-out split is a fixed 25% of all distinct prompts (names x phrasings x categories), so no
-held-out prompt occurs in training, whatever the seed.
+The held-out split is a fixed 25% of all distinct prompts (16 names x 6 phrasings x 6 categories: 432
+train and 144 held-out prompts), so no held-out prompt occurs in training, whatever the seed.
+
+Learnability, checked with plain single-process PyTorch DPO from the default (random) model: 2 layers,
+hidden 128, 0.66M parameters; beta 0.5, AdamW lr 1e-3, batch 16, seeds 0-4. Held-out accuracy (policy
+prefers chosen, by implicit reward and by raw likelihood alike) goes from ~50% to 88-100% at step 100 and
+98-100% at step 200; with 10 warmup steps and gradient clipping at 1.0, 95-99% at step 100 and 99-100%
+at step 200. Two choices make it that quick: six categories (eight left some seeds near 93% at step 200)
+and every word a single token (multi-token answers let likelihood lag far behind reward accuracy).
 
 Everything is deterministic: the same arguments give byte-identical data, tokenizer and weights.
 Run `python -m dpo_ds.demo_data OUT_DIR` to build the assets and print their paths.
@@ -27,6 +34,7 @@ import os
 import random
 import re
 import sys
+import tempfile
 from dataclasses import dataclass
 
 # Category -> members. Every word is unique across categories and absent from the phrasings and names,
@@ -37,9 +45,7 @@ CATEGORIES: dict[str, tuple[str, ...]] = {
     "colour": ("red", "blue", "green", "yellow", "purple", "pink", "brown", "black"),
     "tool": ("hammer", "saw", "wrench", "drill", "shovel", "axe", "chisel", "pliers"),
     "vehicle": ("bus", "car", "truck", "train", "bicycle", "boat", "tram", "van"),
-    "instrument": ("piano", "guitar", "violin", "drum", "flute", "trumpet", "harp", "cello"),
     "sport": ("tennis", "soccer", "golf", "hockey", "rugby", "baseball", "volleyball", "swimming"),
-    "vegetable": ("carrot", "potato", "onion", "cabbage", "spinach", "celery", "lettuce", "broccoli"),
 }
 NAMES = ("Alice", "Bob", "Carol", "Dave", "Emma", "Frank", "Grace", "Henry",
          "Iris", "Jack", "Kate", "Leo", "Mia", "Noah", "Olivia", "Paul")
@@ -56,8 +62,10 @@ ANSWERS = (" I would say {item}.", " How about {item}?", " My answer is {item}."
 
 PROMPT_FORMAT = "Question: {question} Answer:"
 # Renders conversations exactly like the plain prompts, so both data formats give the same token ids.
+# The space after BOS is the word-start marker that plain encoding adds itself but that the tokenizer
+# does not add to text following a special token (without it "Question" splits into other pieces).
 CHAT_TEMPLATE = (
-    "{{ bos_token }}"
+    "{{ bos_token + ' ' }}"
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{ message['content'] + ' ' }}"
     "{% elif message['role'] == 'user' %}{{ 'Question: ' + message['content'] }}"
@@ -68,8 +76,9 @@ CHAT_TEMPLATE = (
 )
 
 HELDOUT_FRACTION = 0.25
+N_HELDOUT_PROMPTS = round(len(QUESTIONS) * len(NAMES) * len(CATEGORIES) * HELDOUT_FRACTION)
 SPLIT_SEED = "dpo-ds-demo-split"  # fixed, so train and held-out stay disjoint for every `seed`
-VOCAB_SIZE = 512  # smallest power of two at which every word of the task is a single piece
+VOCAB_SIZE = 512  # smallest power of two at which every word of the task is a single piece (tests check)
 
 _ITEM_CATEGORY = {item: category for category, items in CATEGORIES.items() for item in items}
 _WORD = re.compile(r"[a-z]+")
@@ -99,15 +108,14 @@ def _split_prompts(split: str) -> list[tuple[str, str]]:
         raise ValueError(f"split must be 'train' or 'heldout', not {split!r}")
     prompts = _all_prompts()
     random.Random(SPLIT_SEED).shuffle(prompts)
-    n_heldout = round(len(prompts) * HELDOUT_FRACTION)
-    return prompts[:n_heldout] if split == "heldout" else prompts[n_heldout:]
+    return prompts[:N_HELDOUT_PROMPTS] if split == "heldout" else prompts[N_HELDOUT_PROMPTS:]
 
 
 def make_pairs(n: int, seed: int, split: str) -> list[dict]:
     """`n` preference pairs {"prompt", "chosen", "rejected"} drawn from the prompts of `split`.
 
-    Prompts are visited in a shuffled order without repeats until the split's pool (576 train, 192
-    held-out prompts) is used up, then again in a fresh order.
+    Prompts are visited in a shuffled order without repeats until the split's pool is used up, then
+    again in a fresh order.
     """
     pool = _split_prompts(split)
     rng = random.Random(f"{seed}-{split}")  # str seeds hash with SHA-512: stable across runs and platforms
@@ -168,13 +176,15 @@ def _build_tokenizer(model_dir: str):
         unk_id=0, bos_id=1, eos_id=2, pad_id=3, unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
         pad_piece="<pad>", minloglevel=2,
     )
-    with open(os.path.join(model_dir, "tokenizer.model"), "wb") as fh:
-        fh.write(proto.getvalue())
     # transformers 5 only converts a sentencepiece model inside from_pretrained (the constructor ignores
-    # vocab_file), and adds BOS only when add_bos_token is passed explicitly.
-    tokenizer = LlamaTokenizer.from_pretrained(
-        model_dir, pad_token="<pad>", add_bos_token=True, add_eos_token=False, chat_template=CHAT_TEMPLATE,
-    )
+    # vocab_file), and adds BOS only when add_bos_token is passed explicitly. Convert in a scratch dir:
+    # in `model_dir`, a tokenizer.json from an earlier build would win over the new model.
+    with tempfile.TemporaryDirectory() as scratch:
+        with open(os.path.join(scratch, "tokenizer.model"), "wb") as fh:
+            fh.write(proto.getvalue())
+        tokenizer = LlamaTokenizer.from_pretrained(
+            scratch, pad_token="<pad>", add_bos_token=True, add_eos_token=False, chat_template=CHAT_TEMPLATE,
+        )
     tokenizer.save_pretrained(model_dir)
     return tokenizer
 
@@ -193,9 +203,12 @@ def _build_model(model_dir: str, vocab_size: int, hidden_size: int, num_layers: 
     LlamaForCausalLM(config).save_pretrained(model_dir, safe_serialization=True)
 
 
-def build_demo_assets(out_dir: str, n_train: int = 4096, n_heldout: int = 192, seed: int = 0,
+def build_demo_assets(out_dir: str, n_train: int = 3200, n_heldout: int = N_HELDOUT_PROMPTS, seed: int = 0,
                       hidden_size: int = 128, num_layers: int = 2) -> DemoAssets:
-    """Write the demo model dir (tiny random Llama + tokenizer) and the train/held-out JSONL under `out_dir`."""
+    """Write the demo model dir (tiny random Llama + tokenizer) and the train/held-out JSONL under `out_dir`.
+
+    The defaults give 200 steps of batch 16 and every held-out prompt once.
+    """
     model_dir = os.path.join(out_dir, "model")
     os.makedirs(model_dir, exist_ok=True)
     assets = DemoAssets(model_dir=model_dir, train_file=os.path.join(out_dir, "train.jsonl"),

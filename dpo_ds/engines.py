@@ -7,6 +7,7 @@ when ranks build or run modules in different orders or counts.
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import logging
 import math
@@ -18,7 +19,7 @@ import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
 
-from dpo_ds.config import ConfigError, TrainConfig, uses_reference
+from dpo_ds.config import ConfigError, TrainConfig
 from dpo_ds.logprobs import sequence_logps
 
 logger = logging.getLogger("dpo_ds")
@@ -174,7 +175,25 @@ def build_policy_engine(cfg: TrainConfig, ds_config: dict[str, Any], total_steps
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=_optimizer_groups(model, cfg.weight_decay), config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+    skip_non_finite_steps(engine)
     return engine
+
+
+def skip_non_finite_steps(engine) -> None:
+    """Make ZeRO-3 skip any optimizer step whose gradients hold NaN/Inf, in every precision.
+
+    DeepSpeed checks gradients only under fp16 loss scaling; in bf16/fp32 a NaN would be clipped and applied.
+    With this, such a step is skipped on all ranks (the check is all-reduced), its gradients are cleared,
+    the lr schedule does not advance, and `engine.was_step_applied()` is False.
+    """
+    opt = engine.optimizer
+
+    def check_overflow_then_update(update_scale: bool = True) -> bool:
+        opt.overflow = False
+        opt.check_overflow()
+        return opt._loss_scale_update_and_overflow_cleanup() if update_scale else opt.overflow
+
+    opt._overflow_check_and_loss_scale_update = check_overflow_then_update
 
 
 def build_inference_engine(path: str, ds_config: dict[str, Any], dtype: torch.dtype, trust_remote_code: bool):
@@ -186,38 +205,32 @@ def build_inference_engine(path: str, ds_config: dict[str, Any], dtype: torch.dt
     return engine
 
 
+def release_engine(engine) -> None:
+    """Free an engine that is no longer needed (the reference after precomputing its log-probs)."""
+    from deepspeed.runtime.zero import parameter_offload
+
+    engine.destroy()
+    # DeepSpeed 0.19 appends every ZeRO-3 model's root module to this module-level stack and never removes it,
+    # which keeps the model, its hooks and so the whole engine alive.
+    parameter_offload.FWD_MODULE_STACK[:] = [m for m in parameter_offload.FWD_MODULE_STACK if m is not engine.module]
+    # Something else in DeepSpeed can still hold the engine object; its weights must go regardless.
+    for param in engine.module.parameters():
+        if hasattr(param, "ds_tensor"):
+            param.ds_tensor.data = torch.empty(0, dtype=param.ds_tensor.dtype, device=param.ds_tensor.device)
+        param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+    del engine
+    gc.collect()
+    get_accelerator().empty_cache()
+
+
 def forward_logps(engine, batch: dict[str, torch.Tensor], chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed completion log-probs and token counts of every row of a collated batch (one forward)."""
+    """Summed completion log-probs and token counts of every sequence of a collated batch (one forward)."""
     device = engine.device
     input_ids = batch["input_ids"].to(device)
+    loss_mask = batch["loss_mask"].to(device)
+    if "sequence_ids" in batch:  # packed: no attention mask, position ids mark where each sequence starts
+        logits = engine(input_ids=input_ids, position_ids=batch["position_ids"].to(device), use_cache=False).logits
+        sequence_ids = batch["sequence_ids"].to(device)
+        return sequence_logps(logits, input_ids, loss_mask, chunk_size, sequence_ids, int(sequence_ids.max()) + 1)
     logits = engine(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device), use_cache=False).logits
-    return sequence_logps(logits, input_ids, batch["loss_mask"].to(device), chunk_size)
-
-
-class LiveReference:
-    """Reference log-probs from a ZeRO-3 inference engine, recomputed for every micro-batch."""
-
-    def __init__(self, engine, chunk_size: int):
-        self.engine = engine
-        self.chunk_size = chunk_size
-
-    @torch.no_grad()
-    def logps(self, batch: dict[str, torch.Tensor], indices: list[int]) -> torch.Tensor:
-        return forward_logps(self.engine, batch, self.chunk_size)[0]
-
-
-class NoReference:
-    """log pi_ref = 0: reference-free losses (SimPO, SFT, `reference_free: true`) build no reference engine."""
-
-    def logps(self, batch: dict[str, torch.Tensor], indices: list[int]) -> torch.Tensor:
-        return torch.zeros(batch["input_ids"].shape[0])
-
-
-def build_reference(cfg: TrainConfig, hidden_size: int):
-    """The reference source the loss needs: a live ZeRO-3 engine, or none at all."""
-    if not uses_reference(cfg):
-        return NoReference()
-    path = cfg.ref_model_name_or_path or cfg.model_name_or_path
-    engine = build_inference_engine(path, resolve_reference_config(cfg, hidden_size), model_dtype(cfg),
-                                    cfg.trust_remote_code)
-    return LiveReference(engine, cfg.logprob_chunk_size)
+    return sequence_logps(logits, input_ids, loss_mask, chunk_size)

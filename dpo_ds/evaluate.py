@@ -39,8 +39,8 @@ def run(args: argparse.Namespace) -> int:
     from launcher.dist import init_distributed
     from transformers import AutoTokenizer
 
-    from dpo_ds.engines import build_inference_engine, build_reference, load_model_config, model_dtype, on_cpu
-    from dpo_ds.engines import resolve_reference_config
+    from dpo_ds.engines import build_inference_engine, load_model_config, model_dtype, on_cpu, resolve_reference_config
+    from dpo_ds.reference import build_reference
     from dpo_ds.trainer import Run, evaluate, loss_params, pad_id_of, setup_logging
 
     try:
@@ -59,8 +59,8 @@ def run(args: argparse.Namespace) -> int:
         model = build_inference_engine(args.model, resolve_reference_config(cfg, hidden), model_dtype(cfg),
                                        args.trust_remote_code)
         reference = build_reference(cfg, hidden)
-        metrics, records = evaluate(Run(cfg, env.rank, env.world_size, tokenizer, model, reference,
-                                        loss_params(cfg), pad_id_of(tokenizer)), pairs)
+        metrics, records = evaluate(Run(cfg, env.rank, env.world_size, model, reference, loss_params(cfg),
+                                        pad_id_of(tokenizer)), pairs)
     except (ConfigError, DataError) as err:
         print(f"dpo-ds eval: error: {err}", file=sys.stderr)
         return 2

@@ -2,8 +2,10 @@
 metrics.jsonl and TensorBoard by rank 0."""
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
+import time
 from pathlib import Path
 
 import torch
@@ -15,6 +17,29 @@ from dpo_ds.losses import LossOutput, PairLogps
 _SUMS = ("pairs", "loss", "reward_chosen", "reward_rejected", "correct", "logp_chosen", "logp_rejected",
          "kl_chosen", "kl_rejected", "tokens_chosen", "tokens_rejected", "real_tokens", "padded_tokens",
          "step_time", "steps")
+
+
+class SectionTimer:
+    """Wall time per named section of the step (used by `dpo-ds bench`); synchronises the accelerator around
+    each section so asynchronous GPU work is charged to the section that launched it."""
+
+    def __init__(self):
+        self.totals: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        from deepspeed.accelerator import get_accelerator
+
+        get_accelerator().synchronize()
+        started = time.perf_counter()
+        yield
+        get_accelerator().synchronize()
+        self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - started
+
+
+@contextlib.contextmanager
+def untimed(name: str):
+    yield
 
 
 def peak_memory_gib() -> float:
@@ -54,6 +79,12 @@ class PairStats:
     def add_step_time(self, seconds: float) -> None:
         self._add("step_time", seconds)
         self._add("steps", 1)
+
+    def total(self, name: str) -> float:
+        return float(self.sums[_SUMS.index(name)])
+
+    def merge(self, other: "PairStats") -> None:
+        self.sums += other.sums
 
     def reduce(self) -> dict[str, float]:
         """Means over every pair of every rank in the window; token rates use the slowest rank's time."""

@@ -16,6 +16,8 @@ import json
 import os
 from dataclasses import dataclass
 
+from dpo_ds.config import FIELDS
+
 HELP = """Estimate per-GPU and per-node memory and the FLOPs of one DPO micro-step on DeepSpeed ZeRO-3,
 from a model's config alone (a preset name, a config.json, or a model directory; nothing is downloaded).
 Counts the policy's ZeRO-3 model states (bf16 params and grads, fp32 master weights and Adam moments,
@@ -35,7 +37,7 @@ PREFETCH_BUCKET = 50_000_000  # stage3_prefetch_bucket_size: params gathered ahe
 REDUCE_BUCKET = 500_000_000  # reduce_bucket_size: the contiguous gradient bucket, allocated once
 SUB_GROUP = 1_000_000_000  # sub_group_size: the optimizer steps the local shard this many elements at a time
 # Tokens per chunk of the fp32 log-softmax over the vocabulary (the log-probs are computed chunk by chunk).
-LOGPROB_CHUNK = 1024
+LOGPROB_CHUNK = FIELDS["logprob_chunk_size"].default  # the trainer's default chunk (sequence positions)
 DEFAULT_CPU_MEMORY_GB = 2048  # DGX H100 / DGX A100-80GB hosts: 2 TB per node of 8 GPUs
 NODE_COUNTS_CAP = 64
 REFERENCE_MODES = ("gpu", "offload", "precomputed", "none")
@@ -57,6 +59,9 @@ def _mixtral_8x7b():
 
 # Published shapes: the Hugging Face configs of Llama-2 7B/13B/70B, Llama-3 8B and Mixtral-8x7B.
 PRESETS = {
+    # small shapes for benchmarks: ~60M parameters (CPU) and a TinyLlama-1.1B shape (one GPU)
+    "llama-60m": lambda: _llama(32000, 512, 1408, 8, 8, 8, 8192),
+    "llama-1b": lambda: _llama(32000, 2048, 5632, 22, 32, 4, 8192),
     "llama-7b": lambda: _llama(32000, 4096, 11008, 32, 32, 32, 4096),
     "llama-13b": lambda: _llama(32000, 5120, 13824, 40, 40, 40, 4096),
     "llama-70b": lambda: _llama(32000, 8192, 28672, 80, 64, 8, 4096),
@@ -182,20 +187,25 @@ def shape_from_config(config, name: str) -> ModelShape:
     )
 
 
-def load_shape(model: str) -> ModelShape:
-    """The shape of a preset, or of the model whose config.json (or directory holding one) is given."""
+def load_model_config(model: str):
+    """(transformers config, name) of a preset, or of the model whose config.json (or directory) is given."""
     if not os.path.exists(model):
         if model not in PRESETS:
-            raise SystemExit(f"dpo-ds plan: unknown model {model!r}: not a config.json or model directory, "
+            raise SystemExit(f"dpo-ds: unknown model {model!r}: not a config.json or model directory, "
                              f"nor a preset ({', '.join(PRESETS)})")
-        return shape_from_config(PRESETS[model](), model)
+        return PRESETS[model](), model
     from transformers import AutoConfig
     try:
         config = AutoConfig.from_pretrained(model)
     except (OSError, ValueError) as err:
-        raise SystemExit(f"dpo-ds plan: cannot read a model config from {model!r}: {err}") from err
+        raise SystemExit(f"dpo-ds: cannot read a model config from {model!r}: {err}") from err
     directory = os.path.dirname(model) if os.path.isfile(model) else model
-    return shape_from_config(config, os.path.basename(os.path.abspath(directory)))
+    return config, os.path.basename(os.path.abspath(directory))
+
+
+def load_shape(model: str) -> ModelShape:
+    """The shape of a preset, or of the model whose config.json (or directory holding one) is given."""
+    return shape_from_config(*load_model_config(model))
 
 
 # -------------------------------------------------------------------------------------------- memory
@@ -374,9 +384,10 @@ def plan(model: ModelShape, setup: Setup) -> Plan:
         Item("activation checkpoints", model.num_layers * tokens * model.hidden_size * p, 0.0),
         Item("layer recompute + its grads", 2 * tokens * model.layer_activation_bytes_per_token(p), 0.0),
         # The p-byte logits and, in backward, their gradient (T * V * p each); the log-softmax runs in fp32 on
-        # LOGPROB_CHUNK tokens at a time: the fp32 upcast and its log-softmax, chunk * V * 4 each.
+        # LOGPROB_CHUNK sequence positions of all 2*mb rows at a time: the fp32 upcast and its log-softmax.
         Item("logits + chunked fp32 log-softmax",
-             2 * tokens * model.vocab_size * p + 2 * min(LOGPROB_CHUNK, tokens) * model.vocab_size * 4, 0.0),
+             2 * tokens * model.vocab_size * p
+             + 2 * 2 * setup.micro_batch_size * min(LOGPROB_CHUNK, setup.seq_len) * model.vocab_size * 4, 0.0),
     ]
     return Plan(model, setup, tuple(items), flops(model, setup))
 

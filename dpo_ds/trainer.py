@@ -22,10 +22,11 @@ import torch
 import torch.distributed as dist
 
 from dpo_ds import checkpoint as ckpt
-from dpo_ds.config import ConfigError, TrainConfig, add_config_arguments, config_from_args, to_dict
+from dpo_ds.config import ConfigError, TrainConfig, add_config_arguments, config_from_args, to_dict, uses_reference
 from dpo_ds.data import DataError, PairSampler, TokenizedPairs, collate, load_pairs
 from dpo_ds.losses import LossParams, PairLogps, compute_loss
-from dpo_ds.metrics import MetricsWriter, PairStats, max_over_ranks, peak_memory_gib
+from dpo_ds.metrics import MetricsWriter, PairStats, max_over_ranks, peak_memory_gib, untimed
+from dpo_ds.reference_check import check_reference_compatible
 
 HELP = __doc__
 logger = logging.getLogger("dpo_ds")
@@ -53,11 +54,11 @@ class Run:
     cfg: TrainConfig
     rank: int
     world_size: int
-    tokenizer: object
-    policy: object
-    reference: object
+    policy: object           # the DeepSpeed engine being trained (or scored, in `dpo-ds eval`)
+    reference: object        # a reference source (dpo_ds.reference)
     loss_params: LossParams
     pad_id: int
+    timer: object = untimed  # SectionTimer in `dpo-ds bench`
 
 
 def split_pairs(logps: torch.Tensor, tokens: torch.Tensor, ref_logps: torch.Tensor) -> PairLogps:
@@ -67,23 +68,31 @@ def split_pairs(logps: torch.Tensor, tokens: torch.Tensor, ref_logps: torch.Tens
     return PairLogps(logps[:b], logps[b:], ref_logps[:b], ref_logps[b:], tokens[:b], tokens[b:])
 
 
-def pair_step(run: Run, pairs: TokenizedPairs, indices: list[int], stats: PairStats | None, train: bool):
-    """Loss of one micro-batch of pairs (backward + step when training); adds its numbers to `stats`."""
+def pair_step(run: Run, pairs: TokenizedPairs, indices: list[int], stats: PairStats | None, train: bool,
+              loss_scale: float | None = None):
+    """Loss of one micro-batch of pairs (backward + step when training); adds its numbers to `stats`.
+
+    The loss is the pairs' mean, or their sum x `loss_scale` (PairSampler.loss_scale) when micro-batches hold
+    different numbers of pairs."""
     from dpo_ds.engines import forward_logps
 
-    batch = collate(pairs, indices, run.pad_id)
-    ref_logps = run.reference.logps(batch, indices)
-    with torch.set_grad_enabled(train):
+    batch = collate(pairs, indices, run.pad_id, packed=run.cfg.padding_free)
+    with run.timer("reference_forward"):
+        ref_logps = run.reference.logps(batch, pairs, indices)
+    with run.timer("policy_forward"), torch.set_grad_enabled(train):
         logps, tokens = forward_logps(run.policy, batch, run.cfg.logprob_chunk_size)
         lp = split_pairs(logps, tokens, ref_logps)
         out = compute_loss(run.cfg.loss_type, lp, run.loss_params)
-        loss = out.losses.mean()
+        loss = out.losses.mean() if loss_scale is None else out.losses.sum() * loss_scale
     if train:
-        run.policy.backward(loss)
-        run.policy.step()
+        with run.timer("backward"):
+            run.policy.backward(loss)
+        with run.timer("optimizer"):
+            run.policy.step()
     if stats is not None:
-        stats.add_pairs(lp, out, real_tokens=int(batch["attention_mask"].sum()),
-                        padded_tokens=batch["input_ids"].numel())
+        processed = batch["input_ids"].numel()
+        real = int(batch["attention_mask"].sum()) if "attention_mask" in batch else processed
+        stats.add_pairs(lp, out, real_tokens=real, padded_tokens=processed)
     return lp, out
 
 
@@ -127,6 +136,10 @@ def _pair_records(pairs: TokenizedPairs, indices: list[int], lp: PairLogps, out)
     return rows
 
 
+def cache_dir_of(cfg: TrainConfig) -> str:
+    return cfg.cache_dir or str(Path(cfg.output_dir) / "caches")
+
+
 def loss_params(cfg: TrainConfig) -> LossParams:
     return LossParams(beta=cfg.beta, label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
                       rpo_alpha=cfg.rpo_alpha, length_normalize=cfg.length_normalize)
@@ -136,24 +149,30 @@ def pad_id_of(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def build_run(cfg: TrainConfig, rank: int, world_size: int, total_steps: int, tokenizer,
-              load_universal: bool = False) -> Run:
-    """Policy engine first, then the reference source: the same order on every rank."""
-    from dpo_ds.engines import build_policy_engine, build_reference, load_model_config, resolve_policy_config
+def build_run(cfg: TrainConfig, rank: int, world_size: int, total_steps: int, pad_id: int,
+              datasets: list[TokenizedPairs], load_universal: bool = False) -> Run:
+    """The reference source first (with precompute_ref its engine is gone before the policy exists), then the
+    policy engine: the same order on every rank, as ZeRO-3 requires."""
+    from dpo_ds.engines import build_policy_engine, load_model_config, resolve_policy_config
+    from dpo_ds.reference import build_reference
 
     hidden = load_model_config(cfg.model_name_or_path, cfg.trust_remote_code).hidden_size
+    reference = build_reference(cfg, hidden, datasets, cache_dir_of(cfg), pad_id, rank, world_size)
     ds_config = resolve_policy_config(cfg, world_size, hidden)
     if load_universal:  # resuming a checkpoint saved by another world size
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
     policy = build_policy_engine(cfg, ds_config, total_steps)
-    reference = build_reference(cfg, hidden)
-    return Run(cfg, rank, world_size, tokenizer, policy, reference, loss_params(cfg), pad_id_of(tokenizer))
+    return Run(cfg, rank, world_size, policy, reference, loss_params(cfg), pad_id)
 
 
 @dataclass
 class TrainResult:
     run: Run
     metrics: dict[str, float]  # the last logged values (with eval/ keys when eval_file is set)
+
+
+class TrainingStopped(RuntimeError):
+    """A guard stopped the run (NaN/Inf steps, max_kl); the message says which and where."""
 
 
 class Preempted(Exception):
@@ -174,18 +193,19 @@ def train(cfg: TrainConfig) -> TrainResult:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "run_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
+    if cfg.ref_model_name_or_path and uses_reference(cfg):  # the seed's rule: one tokenization for both models
+        check_reference_compatible(cfg.model_name_or_path, cfg.ref_model_name_or_path, cfg.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
     data_args = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-                     skip_bad_rows=cfg.skip_bad_rows, cache_dir=str(out_dir / "caches"), rank=rank, barrier=_barrier)
+                     skip_bad_rows=cfg.skip_bad_rows, cache_dir=cache_dir_of(cfg), rank=rank, barrier=_barrier)
     train_pairs, data_fingerprint = load_pairs(cfg.train_file, tokenizer, **data_args)
     eval_pairs = load_pairs(cfg.eval_file, tokenizer, **data_args)[0] if cfg.eval_file else None
 
-    sampler = PairSampler([train_pairs.length(i) for i in range(len(train_pairs))], cfg.micro_batch_size,
-                          cfg.gradient_accumulation_steps, world_size, cfg.shuffle, cfg.group_by_length, cfg.seed)
+    sampler = PairSampler.for_config(cfg, train_pairs, world_size)
     if sampler.steps_per_epoch == 0:
         raise DataError(f"{cfg.train_file}: {len(train_pairs)} usable pairs, fewer than one optimizer step's "
                         f"{sampler.pairs_per_step} (micro_batch_size x gradient_accumulation_steps x {world_size} ranks)")
-    total_steps = cfg.max_steps or sampler.steps_per_epoch * cfg.num_epochs
+    total_steps = cfg.max_steps or sampler.total_steps(cfg.num_epochs)
     if rank == 0:
         logger.info("%d pairs, %d per step on %d ranks, %d steps", len(train_pairs), sampler.pairs_per_step,
                     world_size, total_steps)
@@ -208,7 +228,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         if saved.world_size != world_size:
             ckpt.prepare_universal(resume_dir)
 
-    run = build_run(cfg, rank, world_size, total_steps, tokenizer,
+    run = build_run(cfg, rank, world_size, total_steps, pad_id_of(tokenizer),
+                    [p for p in (train_pairs, eval_pairs) if p is not None],
                     load_universal=saved is not None and saved.world_size != world_size)
     start_step = 0
     if saved is not None:
@@ -218,21 +239,34 @@ def train(cfg: TrainConfig) -> TrainResult:
             logger.info("resumed from step %d (%s)", start_step, resume_dir)
     writer = MetricsWriter(cfg.output_dir, enabled=rank == 0, after_step=start_step)
     progress = _progress(total_steps, start_step, rank)
-    stats = PairStats()
+    window, skipped, bad_in_a_row = PairStats(), 0, 0
     last: dict[str, float] = {}
     for step in range(start_step, total_steps):
         started = time.perf_counter()
         lr = run.policy.get_lr()[0]  # the rate this step uses (the scheduler advances inside the step)
-        for indices in sampler.micro_batches(step, rank):
-            pair_step(run, train_pairs, indices, stats, train=True)
-        stats.add_step_time(time.perf_counter() - started)
+        step_stats = PairStats()
+        micro_batches = sampler.micro_batches(step, rank)
+        scale = sampler.loss_scale(step) if cfg.max_tokens_per_micro_batch else None
+        for indices in micro_batches:
+            pair_step(run, train_pairs, indices, step_stats, train=True, loss_scale=scale)
+        step_stats.add_step_time(time.perf_counter() - started)
         done = step + 1
+        if run.policy.was_step_applied():
+            window.merge(step_stats)
+            bad_in_a_row = 0
+        else:  # NaN/Inf gradients: DeepSpeed skipped the update on every rank (engines.skip_non_finite_steps)
+            skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
+            _report_bad_step(done, micro_batches, train_pairs, bad_in_a_row, cfg.max_bad_steps, rank)
         if done % cfg.logging_steps == 0 or done == total_steps:
-            last = stats.reduce()
-            last.update({"grad_norm": _grad_norm(run.policy), "lr": lr,
+            last = window.reduce()
+            last.update({"grad_norm": _grad_norm(run.policy), "lr": lr, "skipped_steps": skipped,
                          "memory/peak_gib": max_over_ranks(peak_memory_gib()), "epoch": done / sampler.steps_per_epoch})
             writer.write(done, last)
-            stats = PairStats()
+            window = PairStats()
+            if _kl_exceeded(cfg, last, done, rank):
+                ckpt.save_checkpoint(run.policy, cfg.output_dir, trainer_state(done), cfg.save_total_limit, tokenizer)
+                raise TrainingStopped(f"stopped at step {done}: mean KL to the reference exceeded max_kl={cfg.max_kl} "
+                                      f"(stop_on_max_kl); checkpoint saved")
         if eval_pairs is not None and (done == total_steps or (cfg.eval_steps and done % cfg.eval_steps == 0)):
             run.policy.eval()
             eval_metrics, _ = evaluate(run, eval_pairs)
@@ -241,7 +275,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             last.update(eval_metrics)
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(loss=f"{last.get('loss', float('nan')):.4f}")
+            if "loss" in last:
+                progress.set_postfix(loss=f"{last['loss']:.4f}")
         stop = ckpt.any_rank(stop_signal.received is not None)
         if stop or (cfg.save_steps and done % cfg.save_steps == 0):
             ckpt.save_checkpoint(run.policy, cfg.output_dir, trainer_state(done), cfg.save_total_limit, tokenizer)
@@ -257,6 +292,29 @@ def train(cfg: TrainConfig) -> TrainResult:
     if rank == 0:
         logger.info("final model written to %s", out_dir / "final")
     return TrainResult(run, last)
+
+
+def _report_bad_step(step: int, micro_batches: list[list[int]], pairs: TokenizedPairs, in_a_row: int,
+                     limit: int, rank: int) -> None:
+    ids = [pairs.pair_ids[i] for batch in micro_batches for i in batch]
+    if rank == 0:
+        logger.warning("step %d skipped: NaN/Inf in the loss or gradients (%d in a row); pairs on rank 0: %s",
+                       step, in_a_row, ", ".join(ids))
+    if in_a_row >= limit:
+        raise TrainingStopped(f"stopped at step {step}: {in_a_row} consecutive optimizer steps had NaN/Inf loss or "
+                              f"gradients (max_bad_steps={limit}); pairs of the last one on rank {rank}: {', '.join(ids)}")
+
+
+def _kl_exceeded(cfg: TrainConfig, metrics: dict[str, float], step: int, rank: int) -> bool:
+    """The max_kl guard on this window's mean per-token KL estimate; True when the run must stop."""
+    if cfg.max_kl is None:
+        return False
+    kl = max(metrics["kl/chosen"], metrics["kl/rejected"])
+    if kl <= cfg.max_kl:
+        return False
+    if rank == 0:
+        logger.warning("step %d: mean per-token log pi - log pi_ref = %.4f exceeds max_kl = %g", step, kl, cfg.max_kl)
+    return cfg.stop_on_max_kl
 
 
 def _grad_norm(engine) -> float:
@@ -276,7 +334,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
         train(cfg)
-    except (ConfigError, DataError, ckpt.CheckpointError) as err:
+    except (ConfigError, DataError, ckpt.CheckpointError, TrainingStopped) as err:
         print(f"dpo-ds train: error: {err}", file=sys.stderr)
         return 2
     except Preempted as stop:

@@ -1,9 +1,12 @@
 """Run under torchrun by the tests: train, then report what only the live process can see.
 
-Writes (rank 0) a torch file with: the largest change of any reference parameter against the files it was
-loaded from, whether any reference parameter requires grad, whether the reference engine has an optimizer,
-and the trained policy engine's logits on a probe batch.
+Usage: dist_train_probe.py CONFIG OUT [field value ...] (config overrides).
+Writes (rank 0) a torch file with: how many DeepSpeed engines exist in the process, the reference source's
+type and, when there is a reference engine, the largest change of any reference parameter against the files
+it was loaded from, whether any reference parameter requires grad, the reference engine's optimizer type and
+offload device, and the trained policy engine's logits on a probe batch.
 """
+import gc
 import sys
 from pathlib import Path
 
@@ -15,10 +18,31 @@ from safetensors.torch import load_file
 from dpo_ds.config import load_config
 from dpo_ds.trainer import train
 
-cfg = load_config(sys.argv[1])
+cfg = load_config(sys.argv[1], dict(zip(sys.argv[3::2], sys.argv[4::2])))
 probe_out = sys.argv[2]
 result = train(cfg)
 run = result.run
+gc.collect()
+policy = run.policy
+report = {"deepspeed_engines": sum(isinstance(o, deepspeed.DeepSpeedEngine) for o in gc.get_objects()),
+          "reference": type(run.reference).__name__,
+          # what DeepSpeed itself resolved from our "auto" values
+          "policy_resolved": {"reduce_bucket_size": policy.zero_reduce_bucket_size(),
+                              "prefetch_bucket_size": policy.zero_prefetch_bucket_size(),
+                              "param_persistence_threshold": policy.zero_param_persistence_threshold(),
+                              "gradient_clipping": policy.gradient_clipping(),
+                              "micro_batch": policy.train_micro_batch_size_per_gpu(),
+                              "grad_accum": policy.gradient_accumulation_steps(),
+                              "train_batch": policy.train_batch_size(),
+                              "zero_stage": policy.zero_optimization_stage(),
+                              "bf16": policy.bfloat16_enabled(),
+                              "optimizer_groups": [(g["lr"], g["weight_decay"]) for g in policy.optimizer.param_groups]}}
+if not hasattr(run.reference, "engine"):  # reference-free losses: nothing more to inspect
+    if dist.get_rank() == 0:
+        torch.save(report, probe_out)
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.exit(0)
 ref = run.reference.engine
 original = {}
 for shard in sorted(Path(cfg.ref_model_name_or_path or cfg.model_name_or_path).glob("*.safetensors")):
@@ -32,7 +56,7 @@ run.policy.eval()
 with torch.no_grad():
     logits = run.policy(input_ids=probe.to(run.policy.device)).logits.float().cpu()
 if dist.get_rank() == 0:
-    torch.save({"ref_max_change": ref_max_change,
+    torch.save({**report, "ref_max_change": ref_max_change,
                 "ref_requires_grad": any(p.requires_grad for p in ref.module.parameters()),
                 # DeepSpeed's ZeRO-3 parameter manager (DeepSpeedZeRoOffload) holds no optimizer state
                 "ref_optimizer": type(ref.optimizer).__name__ if ref.basic_optimizer is None else "optimizer",

@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
 import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -46,3 +49,54 @@ def run_cli(args: list[str], timeout: int = 600, check: bool = True):
     if check and proc.returncode != 0:
         raise AssertionError(f"dpo_ds {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-6000:]}")
     return proc
+
+
+def plain_dpo(model_dir: str, train_file: str, settings: dict, world: int, steps: list[list[int]] | None = None
+              ) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Per-step losses and final weights of textbook DPO (sigmoid loss, AdamW, warm-up + linear decay, global
+    norm clipping), pair by pair without padding or DeepSpeed. Step k uses the pair indices steps[k] (default:
+    pairs [k*G, (k+1)*G) of the file); its loss is the mean over them."""
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    rows = [json.loads(line) for line in open(train_file)]
+
+    def logp(model, prompt: str, completion: str) -> torch.Tensor:
+        prompt_ids = tok(prompt)["input_ids"]
+        full = tok(prompt + completion)["input_ids"]
+        completion_ids = full[len(prompt_ids):]
+        if completion_ids[-1] != tok.eos_token_id:
+            completion_ids = completion_ids + [tok.eos_token_id]
+        ids = torch.tensor([prompt_ids + completion_ids])
+        token_logps = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1).gather(
+            -1, ids[0, 1:, None])[:, 0]
+        return token_logps[len(prompt_ids) - 1:].sum()
+
+    decay = [p for p in policy.parameters() if p.dim() >= 2]
+    no_decay = [p for p in policy.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": settings["weight_decay"]},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=settings["learning_rate"])
+    total_steps, warmup = settings["max_steps"], settings["warmup_steps"]
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: s / warmup if s < warmup else max(0.0, (total_steps - s) / (total_steps - warmup)))
+    g = settings["micro_batch_size"] * settings["gradient_accumulation_steps"] * world
+    steps = steps or [list(range(k * g, (k + 1) * g)) for k in range(total_steps)]
+    beta = settings["beta"]
+    losses = []
+    for indices in steps:
+        opt.zero_grad()
+        total = 0.0
+        g = len(indices)
+        for row in (rows[i] for i in indices):
+            with torch.no_grad():
+                ref_c, ref_r = logp(reference, row["prompt"], row["chosen"]), logp(reference, row["prompt"], row["rejected"])
+            pol_c, pol_r = logp(policy, row["prompt"], row["chosen"]), logp(policy, row["prompt"], row["rejected"])
+            loss = -F.logsigmoid(beta * ((pol_c - ref_c) - (pol_r - ref_r))) / g
+            loss.backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), settings["max_grad_norm"])
+        opt.step()
+        sched.step()
+        losses.append(total)
+    return losses, {n: p.detach().clone() for n, p in policy.named_parameters()}

@@ -1,0 +1,434 @@
+"""ZeRO-3 loading of a Hugging Face causal LM with memory bounded by one tensor, on every rank.
+
+`load_sharded_pretrained` is a drop-in replacement for `engines.load_sharded_model`. transformers'
+own ZeRO-3 path (`from_pretrained` under `HfDeepSpeedConfig`) partitions the model at construction but
+then has rank 0 open every safetensors file and keep all of its tensors referenced until loading ends:
+rank 0 holds the whole checkpoint (as memory-mapped file pages, counted in its RSS) on top of its
+partition. Here instead:
+
+1. the model is built with `from_config` inside `deepspeed.zero.Init` (partitioned as each module is
+   constructed; weight init skipped since every weight is overwritten); no weight is read;
+2. every rank reads only the safetensors headers, and all ranks agree on a plan: checkpoint key ->
+   parameter (tied aliases resolved), with missing / unexpected keys and shape mismatches reported by
+   name before any collective runs;
+3. parameters are filled one at a time, straight into their ZeRO partitions: rank 0 reads the byte
+   range of each rank's partition from the file (plain reads, no mmap: page-cache pages are not part
+   of a process's RSS) in chunks of at most 16 MiB, keeps its own and sends the others with
+   point-to-point sends. No rank ever materialises a whole parameter. Parameters whose partitions are
+   not plain tensors (NVMe offload, a partition group smaller than the world) fall back to
+   `GatheredParameters([p], modifier_rank=0)` with rank 0 reading into the gathered tensor. Persistent
+   buffers (never partitioned) are read by rank 0 and broadcast.
+
+Peak per rank: its partition + one 16 MiB chunk (rank 0: two). zero.Init's broadcast of each freshly
+constructed (uninitialised) parameter from rank 0 is skipped, as every parameter is overwritten and the
+broadcast would make every rank touch the full tensor. On glibc, freed heap memory is handed back to
+the OS (`malloc_trim`) after each module is partitioned and each tensor is loaded, so a fragmented heap
+does not keep RSS above the live data.
+
+Only .safetensors checkpoints are supported (a single file or an index); anything else raises LoadError.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import json
+import re
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+_MAX_LISTED = 8
+
+
+class LoadError(RuntimeError):
+    pass
+
+
+def checkpoint_files(path: str | Path) -> dict[str, Path]:
+    """Checkpoint key -> the .safetensors file holding it (model.safetensors or the sharded index)."""
+    root = Path(path)
+    if (root / SAFE_INDEX).is_file():
+        weight_map = json.loads((root / SAFE_INDEX).read_text())["weight_map"]
+        return {key: root / name for key, name in weight_map.items()}
+    if (root / SAFE_SINGLE).is_file():
+        return {key: root / SAFE_SINGLE for key in read_header(root / SAFE_SINGLE)}
+    present = sorted(p.name for p in root.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".safetensors"))
+    raise LoadError(f"{root}: no {SAFE_SINGLE} or {SAFE_INDEX} (found {present or 'no weight files'}); "
+                    f"the streamed loader reads safetensors only")
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+_STAGING_BYTES = 16 * 2**20  # largest read buffer when a tensor cannot be read in place
+
+
+class TensorEntry:
+    """Where one tensor's bytes lie in a safetensors file (from its header)."""
+
+    def __init__(self, file: Path, key: str, dtype: str, shape: tuple[int, ...], begin: int, end: int):
+        self.file, self.key, self.dtype, self.shape, self.begin, self.end = file, key, dtype, shape, begin, end
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype not in _ST_DTYPES:
+            raise LoadError(f"{self.file}: {self.key} has dtype {self.dtype}, which this loader does not read")
+        return _ST_DTYPES[self.dtype]
+
+
+def read_header(file: Path) -> dict[str, TensorEntry]:
+    """A safetensors header: u64 little-endian length, then JSON {key: {dtype, shape, data_offsets}}."""
+    try:
+        with open(file, "rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(length))
+        size = file.stat().st_size
+    except (OSError, struct.error, ValueError) as err:
+        raise LoadError(f"{file}: unreadable safetensors header ({err})") from None
+    data_start = 8 + length
+    out = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        begin, end = (data_start + int(x) for x in info["data_offsets"])
+        if end > size:
+            raise LoadError(f"{file}: {key} ends at byte {end} but the file has {size} (truncated?)")
+        out[key] = TensorEntry(file, key, info["dtype"], tuple(info["shape"]), begin, end)
+    return out
+
+
+def read_headers(files: dict[str, Path]) -> dict[str, TensorEntry]:
+    """Checkpoint key -> TensorEntry for every key of `files` (headers only, no tensor data read)."""
+    out: dict[str, TensorEntry] = {}
+    for file in sorted(set(files.values())):
+        if not file.is_file():
+            raise LoadError(f"{file}: listed in {SAFE_INDEX} but missing")
+        header = read_header(file)
+        for key, target_file in files.items():
+            if target_file == file:
+                if key not in header:
+                    raise LoadError(f"{file}: {SAFE_INDEX} maps {key} to this file but it does not hold it")
+                out[key] = header[key]
+    return out
+
+
+def _readinto(fh, buf: torch.Tensor, offset: int, entry: TensorEntry) -> None:
+    view = memoryview(buf.numpy()).cast("B")
+    fh.seek(offset)
+    got = 0
+    while got < len(view):
+        n = fh.readinto(view[got:])
+        if not n:
+            raise LoadError(f"{entry.file}: unexpected end of file reading {entry.key}")
+        got += n
+
+
+def read_into(entry: TensorEntry, target: torch.Tensor) -> None:
+    """Copy the tensor `entry` into `target` (same number of elements): straight into target's memory when
+    it is a contiguous CPU tensor of the file's dtype, else through a bounded staging buffer."""
+    dtype = entry.torch_dtype
+    nbytes = entry.end - entry.begin
+    numel = target.numel()
+    if numel * torch.empty((), dtype=dtype).element_size() != nbytes:
+        raise LoadError(f"{entry.file}: {entry.key} holds {nbytes} bytes, not {numel} x {dtype}")
+    flat = target.view(-1) if target.is_contiguous() else None
+    with open(entry.file, "rb", buffering=0) as fh:
+        if flat is not None and flat.device.type == "cpu" and flat.dtype == dtype and numel:
+            _readinto(fh, flat.view(torch.uint8), entry.begin, entry)
+            return
+        item = nbytes // max(numel, 1)
+        step = max(1, _STAGING_BYTES // max(item, 1))
+        staging = torch.empty(min(step, numel), dtype=dtype)
+        dest = flat if flat is not None else torch.empty(numel, dtype=target.dtype, device=target.device)
+        for start in range(0, numel, step):
+            n = min(step, numel - start)
+            chunk = staging[:n]
+            _readinto(fh, chunk.view(torch.uint8), entry.begin + start * item, entry)
+            dest[start:start + n].copy_(chunk)
+        if flat is None:
+            target.copy_(dest.view(target.shape))
+
+
+def read_range(entry: TensorEntry, start: int, out: torch.Tensor) -> None:
+    """Flat elements [start, start + out.numel()) of `entry` into the contiguous CPU tensor `out` (file dtype)."""
+    dtype = entry.torch_dtype
+    item = torch.empty((), dtype=dtype).element_size()
+    if out.dtype != dtype or not out.is_contiguous() or out.device.type != "cpu":
+        raise ValueError("read_range needs a contiguous CPU tensor of the file's dtype")
+    if entry.begin + (start + out.numel()) * item > entry.end:
+        raise LoadError(f"{entry.file}: {entry.key}: elements [{start}, {start + out.numel()}) out of range")
+    if out.numel():
+        with open(entry.file, "rb", buffering=0) as fh:
+            _readinto(fh, out.view(-1).view(torch.uint8), entry.begin + start * item, entry)
+
+
+def read_tensor(entry: TensorEntry) -> torch.Tensor:
+    out = torch.empty(entry.shape, dtype=entry.torch_dtype)
+    read_into(entry, out)
+    return out
+
+
+_LIBC = None
+
+
+def release_free_memory() -> None:
+    """Return free heap pages to the OS (glibc malloc_trim); a no-op elsewhere."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _transformers_contexts() -> list:
+    """What transformers itself enters around zero.Init: skip weight init (every weight is overwritten) and
+    keep RoPE `arange` buffers in their own dtype; `set_zero3_state` stops a nested zero.Init should an
+    HfDeepSpeedConfig happen to be alive."""
+    from transformers.initialization import no_init_weights
+
+    contexts = [no_init_weights()]
+    try:
+        from transformers.integrations.deepspeed import prevent_arange_dtype_change
+
+        contexts.append(prevent_arange_dtype_change())
+    except ImportError:  # older transformers: zero.Init does not touch arange there
+        pass
+    return contexts
+
+
+def _no_nested_zero_init():
+    try:
+        from transformers.modeling_utils import set_zero3_state
+    except ImportError:
+        return contextlib.nullcontext()
+    return set_zero3_state()
+
+
+def _trimming_zero_init(ds_config: dict[str, Any]):
+    """deepspeed.zero.Init that hands freed memory back after partitioning each module's parameters."""
+    import deepspeed
+
+    class TrimmingInit(deepspeed.zero.Init):
+        def _post_init_method(self, module):
+            super()._post_init_method(module)
+            if any(True for _ in module.parameters(recurse=False)):
+                release_free_memory()
+
+        if hasattr(deepspeed.zero.Init, "_zero_init_param") and hasattr(deepspeed.zero.Init,
+                                                                         "_convert_to_deepspeed_param"):
+            def _zero_init_param(self, param):
+                # DeepSpeed broadcasts rank 0's initial values here; every value is overwritten by the loader.
+                self._convert_to_deepspeed_param(param)
+                param.partition()
+
+    return TrimmingInit(config_dict_or_path=ds_config)
+
+
+def build_zero3_model(config, ds_config: dict[str, Any], dtype: torch.dtype, trust_remote_code: bool):
+    """An uninitialised causal LM of `config`, partitioned by zero.Init as it is constructed."""
+    from transformers import AutoModelForCausalLM
+
+    with contextlib.ExitStack() as stack:
+        for ctx in _transformers_contexts():
+            stack.enter_context(ctx)
+        stack.enter_context(_trimming_zero_init(ds_config))
+        stack.enter_context(_no_nested_zero_init())
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    if getattr(config.get_text_config(), "tie_word_embeddings", False):
+        model.tie_weights()
+    return model
+
+
+def _ignored(patterns, key: str) -> bool:
+    return any(re.search(p, key) for p in (patterns or ()))
+
+
+def _listed(keys) -> str:
+    keys = sorted(keys)
+    more = f" and {len(keys) - _MAX_LISTED} more" if len(keys) > _MAX_LISTED else ""
+    return ", ".join(keys[:_MAX_LISTED]) + more
+
+
+def plan_loading(model, checkpoint: dict[str, TensorEntry], source: str):
+    """[(checkpoint key, target tensor, kind)] with kind "param" or "buffer"; raises LoadError on any
+    missing or unexpected key or shape mismatch (the same outcome on every rank: headers only)."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    aliases: dict[int, tuple[torch.Tensor, list[str]]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):  # tied weights: one tensor, several names
+        aliases.setdefault(id(p), (p, []))[1].append(name)
+    persistent = set(model.state_dict().keys())
+    buffers = {name: b for name, b in model.named_buffers() if name in persistent}
+    known = {name for _, names in aliases.values() for name in names} | set(buffers)
+
+    def model_name(key: str) -> str | None:  # checkpoints saved from the base model lack its prefix
+        if key in known:
+            return key
+        if prefix and f"{prefix}.{key}" in known:
+            return f"{prefix}.{key}"
+        return None
+
+    by_name = {model_name(k): k for k in checkpoint if model_name(k) is not None}
+    unexpected = [k for k in checkpoint if model_name(k) is None
+                  and not _ignored(getattr(model, "_keys_to_ignore_on_load_unexpected", None), k)]
+    plan, missing, mismatched = [], [], []
+    for p, names in aliases.values():
+        key = next((by_name[n] for n in names if n in by_name), None)
+        if key is None:
+            if not all(_ignored(getattr(model, "_keys_to_ignore_on_load_missing", None), n) for n in names):
+                missing.append(names[0])
+            continue
+        plan.append((key, p, "param"))
+    for name, b in buffers.items():
+        if name in by_name:
+            plan.append((by_name[name], b, "buffer"))
+        elif not _ignored(getattr(model, "_keys_to_ignore_on_load_missing", None), name):
+            missing.append(name)
+    for key, target, _ in plan:
+        want = tuple(getattr(target, "ds_shape", target.shape))
+        if tuple(checkpoint[key].shape) != want:
+            mismatched.append(f"{key} {tuple(checkpoint[key].shape)} vs model {want}")
+    problems = []
+    if missing:
+        problems.append(f"missing from the checkpoint: {_listed(missing)}")
+    if unexpected:
+        problems.append(f"unexpected in the checkpoint: {_listed(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatch: {_listed(mismatched)}")
+    if problems:
+        raise LoadError(f"{source}: checkpoint does not match the model built from its config.json ("
+                        + "; ".join(problems) + ")")
+    return plan
+
+
+@torch.no_grad()
+def _broadcast_into(target: torch.Tensor, entry: TensorEntry) -> None:
+    """Rank 0 reads `entry`, every rank receives it and copies it into its (unpartitioned) `target`."""
+    value = read_tensor(entry) if _rank() == 0 else torch.empty(entry.shape, dtype=entry.torch_dtype)
+    value = value.to(target.device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast(value, src=0)
+    target.copy_(value)
+
+
+def _comm_device(like: torch.Tensor) -> torch.device:
+    """Where tensors must live for point-to-point ops of the default process group's backend."""
+    if dist.get_backend() == "gloo":
+        return torch.device("cpu")
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
+def _direct_partition_ok(param) -> bool:
+    """True when `param`'s ZeRO-3 partition is a plain tensor we can fill in place: rank r of the world holds
+    flat elements [r * s, (r + 1) * s) of the parameter in `ds_tensor` (s = ds_tensor.ds_numel)."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    ds_tensor = getattr(param, "ds_tensor", None)
+    if ds_tensor is None or getattr(param, "ds_status", None) is not ZeroParamStatus.NOT_AVAILABLE:
+        return False
+    if str(getattr(ds_tensor, "final_location", None)).lower().endswith("nvme"):
+        return False
+    group = getattr(param, "ds_process_group", None)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    group_size = dist.get_world_size(group=group) if dist.is_initialized() else 1
+    return group_size == world and ds_tensor.numel() == ds_tensor.ds_numel and ds_tensor.is_contiguous() \
+        and ds_tensor.ds_numel * world >= param.ds_numel
+
+
+@torch.no_grad()
+def _load_into_partitions(param, entry: TensorEntry) -> None:
+    """Rank 0 reads each rank's slice of `entry` and sends it; each rank writes its own ds_tensor."""
+    rank = _rank()
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    part = param.ds_tensor
+    size, numel = part.ds_numel, param.ds_numel
+    file_dtype = entry.torch_dtype
+    step = max(1, _STAGING_BYTES // torch.empty((), dtype=file_dtype).element_size())
+    comm = _comm_device(part) if world > 1 else torch.device("cpu")
+    for r in range(world):
+        if rank not in (0, r):
+            continue
+        count = max(0, min(size, numel - r * size))  # the last partition may be padded (padding is left as is)
+        for c in range(0, count, step):
+            n = min(step, count - c)
+            dst = part.narrow(0, c, n)
+            if rank == 0:
+                if r == 0 and dst.device.type == "cpu" and dst.dtype == file_dtype:
+                    read_range(entry, r * size + c, dst)
+                    continue
+                buf = torch.empty(n, dtype=file_dtype)
+                read_range(entry, r * size + c, buf)
+                buf = buf.to(device=dst.device if r == 0 else comm, dtype=part.dtype)
+                if r == 0:
+                    dst.copy_(buf)
+                else:
+                    dist.send(buf, dst=r)
+                del buf
+            else:
+                if dst.device == comm:
+                    dist.recv(dst, src=0)
+                else:
+                    tmp = torch.empty(n, dtype=part.dtype, device=comm)
+                    dist.recv(tmp, src=0)
+                    dst.copy_(tmp)
+
+
+@torch.no_grad()
+def load_weights(plan, checkpoint: dict[str, TensorEntry]) -> None:
+    """Fill every planned tensor from the checkpoint, one tensor at a time (every rank must call this)."""
+    import deepspeed
+
+    rank = _rank()
+    for key, target, kind in plan:
+        entry = checkpoint[key]
+        entry.torch_dtype  # unsupported dtypes fail here, on every rank, before any collective
+        if kind == "param" and hasattr(target, "ds_id"):
+            direct = _direct_partition_ok(target)
+            if dist.is_initialized() and dist.get_world_size() > 1:  # every rank must take the same path
+                flag = torch.tensor([0 if direct else 1], device=_comm_device(target))
+                dist.all_reduce(flag)
+                direct = int(flag.item()) == 0
+            if direct:
+                _load_into_partitions(target, entry)
+            else:
+                with deepspeed.zero.GatheredParameters([target], modifier_rank=0):
+                    if rank == 0:
+                        read_into(entry, target.data)
+        else:  # buffers (never partitioned) and parameters ZeRO does not manage
+            _broadcast_into(target.data, entry)
+        if kind == "param":
+            target._is_hf_initialized = True
+        release_free_memory()
+
+
+def load_sharded_pretrained(path: str, ds_config: dict[str, Any], dtype: torch.dtype, trust_remote_code: bool):
+    """Drop-in for `engines.load_sharded_model`: the model at `path`, ZeRO-3 partitioned, with no rank ever
+    holding more than its partition plus one tensor. Every rank must call it, in the same order."""
+    from transformers import AutoConfig, GenerationConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    files = checkpoint_files(path)
+    checkpoint = read_headers(files)
+    model = build_zero3_model(config, ds_config, dtype, trust_remote_code)
+    plan = plan_loading(model, checkpoint, str(path))
+    load_weights(plan, checkpoint)
+    if (Path(path) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    model.eval()  # as from_pretrained leaves it
+    model.config.use_cache = False
+    return model

@@ -1,0 +1,318 @@
+"""Config loading: errors name file, line and field; cross-field checks fail before any model is loaded;
+`dpo-ds train --help` documents every field."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dpo_ds.config import (FIELDS, LOSS_TYPES, ConfigError, TrainConfig, add_config_arguments, config_from_args,
+                           load_config, to_dict, validate)
+
+REPO = Path(__file__).resolve().parent.parent
+REQUIRED = {"model_name_or_path": "m", "train_file": "t.jsonl"}
+
+
+def write(tmp_path: Path, text: str, name: str = "cfg.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def cfg_of(**fields) -> TrainConfig:
+    return TrainConfig(**{**REQUIRED, **fields})
+
+
+def config_error(fn, *args, **kwargs) -> str:
+    with pytest.raises(ConfigError) as info:
+        fn(*args, **kwargs)
+    return str(info.value)
+
+
+# ---------------------------------------------------------------------------- YAML: file, line, field
+def test_minimal_yaml_loads_with_defaults(tmp_path):
+    cfg = load_config(write(tmp_path, "model_name_or_path: m\ntrain_file: t.jsonl\n"))
+    assert cfg == TrainConfig(model_name_or_path="m", train_file="t.jsonl")
+
+
+def test_unknown_key_names_file_line_and_suggests(tmp_path):
+    path = write(tmp_path, "model_name_or_path: m\ntrain_file: t.jsonl\n# a comment\n\nbetta: 0.2\n")
+    msg = config_error(load_config, path)
+    assert f"{path}:5" in msg
+    assert "'betta'" in msg
+    assert "did you mean 'beta'" in msg
+
+
+def test_unknown_key_without_near_miss_has_no_bogus_suggestion(tmp_path):
+    path = write(tmp_path, "model_name_or_path: m\nzzzzqqq: 1\ntrain_file: t.jsonl\n")
+    msg = config_error(load_config, path)
+    assert f"{path}:2" in msg and "'zzzzqqq'" in msg
+    assert "did you mean" not in msg
+
+
+def test_wrong_type_names_file_line_and_field(tmp_path):
+    path = write(tmp_path, "model_name_or_path: m\ntrain_file: t.jsonl\n\nbeta: abc\n")
+    msg = config_error(load_config, path)
+    assert f"{path}:4: field 'beta'" in msg
+    assert "abc" in msg
+
+
+@pytest.mark.parametrize("line,field", [
+    ("max_length: 1.5", "max_length"),        # float for an int
+    ("max_length: true", "max_length"),       # bool is not an int
+    ("max_length: many", "max_length"),
+    ("micro_batch_size: [1, 2]", "micro_batch_size"),
+    ("shuffle: maybe", "shuffle"),
+    ("learning_rate: fast", "learning_rate"),
+    ("learning_rate: false", "learning_rate"),  # bool is not a number
+    ("loss_type: dpo", "loss_type"),           # not one of the choices
+    ("precision: fp16", "precision"),
+    ("lr_scheduler: step", "lr_scheduler"),
+    ("output_dir: {a: 1}", "output_dir"),
+    ("beta: null", "beta"),                   # a non-Optional field needs a value
+])
+def test_bad_values_name_line_and_field(tmp_path, line, field):
+    path = write(tmp_path, f"model_name_or_path: m\ntrain_file: t.jsonl\n{line}\n")
+    msg = config_error(load_config, path)
+    assert f"{path}:3: field '{field}'" in msg
+
+
+def test_choice_error_lists_the_choices(tmp_path):
+    msg = config_error(load_config, write(tmp_path, "model_name_or_path: m\ntrain_file: t.jsonl\nloss_type: dpo\n"))
+    for choice in LOSS_TYPES:
+        assert choice in msg
+
+
+def test_invalid_yaml_names_file_and_line(tmp_path):
+    path = write(tmp_path, "model_name_or_path: m\ntrain_file: t.jsonl\nbeta: [0.1\nseed: 3\n")
+    msg = config_error(load_config, path)
+    assert re.search(re.escape(path) + r":\d+: invalid YAML", msg), msg
+
+
+def test_non_mapping_yaml(tmp_path):
+    path = write(tmp_path, "- model_name_or_path: m\n")
+    msg = config_error(load_config, path)
+    assert f"{path}:1" in msg and "mapping" in msg
+
+
+def test_missing_config_file(tmp_path):
+    msg = config_error(load_config, str(tmp_path / "nope.yaml"))
+    assert "nope.yaml" in msg and "not found" in msg
+
+
+def test_multi_line_values_report_the_key_line(tmp_path):
+    path = write(tmp_path, "model_name_or_path: m\ntrain_file: t.jsonl\noutput_dir: >\n  runs/x\nmax_length:\n  lots\n")
+    msg = config_error(load_config, path)
+    assert f"{path}:5: field 'max_length'" in msg
+
+
+# ---------------------------------------------------------------------------- type coercion
+@pytest.mark.parametrize("text,expected", [
+    ("true", True), ("false", False), ("True", True), ("FALSE", False), ("yes", True), ("no", False),
+    ('"true"', True), ('"false"', False), ("'False'", False),
+])
+def test_bools_from_yaml_and_strings(tmp_path, text, expected):
+    cfg = load_config(write(tmp_path, f"model_name_or_path: m\ntrain_file: t.jsonl\nshuffle: {text}\n"))
+    assert cfg.shuffle is expected
+
+
+@pytest.mark.parametrize("text,expected", [("true", True), ("false", False), ("True", True), ("0", False), ("1", True)])
+def test_bools_from_command_line_strings(text, expected):
+    cfg = load_config(None, {**REQUIRED, "gradient_checkpointing": text, "ref_offload": text})
+    assert cfg.gradient_checkpointing is expected and cfg.ref_offload is expected
+
+
+def test_numbers_from_yaml_including_exponent_without_dot(tmp_path):
+    # YAML 1.1 reads `1e-6` as a string: it must still become a float
+    cfg = load_config(write(tmp_path, "model_name_or_path: m\ntrain_file: t.jsonl\nlearning_rate: 1e-6\n"
+                                      "beta: 1\nmax_length: 64\nadam_epsilon: 1.0e-7\n"))
+    assert cfg.learning_rate == 1e-6 and isinstance(cfg.learning_rate, float)
+    assert cfg.beta == 1.0 and isinstance(cfg.beta, float)
+    assert cfg.max_length == 64 and isinstance(cfg.max_length, int)
+    assert cfg.adam_epsilon == 1e-7
+
+
+@pytest.mark.parametrize("null", [
+    "null", "~", "None", "",
+])
+def test_optional_fields_accept_null(tmp_path, null):
+    cfg = load_config(write(tmp_path, "model_name_or_path: m\ntrain_file: t.jsonl\n"
+                                      f"max_prompt_length: {null}\nref_model_name_or_path: {null}\n"
+                                      f"eval_file: {null}\ndeepspeed_config: {null}\n"))
+    assert cfg.max_prompt_length is None and cfg.ref_model_name_or_path is None
+    assert cfg.eval_file is None and cfg.deepspeed_config is None
+
+
+def test_empty_value_for_non_optional_field_is_a_config_error(tmp_path):
+    path = write(tmp_path, "model_name_or_path: m\ntrain_file: t.jsonl\nbeta:\n")
+    msg = config_error(load_config, path)
+    assert f"{path}:3: field 'beta'" in msg
+
+
+def test_optional_fields_accept_null_on_command_line():
+    cfg = load_config(None, {**REQUIRED, "max_prompt_length": "null", "eval_file": "none"})
+    assert cfg.max_prompt_length is None and cfg.eval_file is None
+
+
+def test_optional_int_takes_a_value():
+    assert load_config(None, {**REQUIRED, "max_prompt_length": "128"}).max_prompt_length == 128
+
+
+# ---------------------------------------------------------------------------- command-line overrides
+def test_cli_override_wrong_type_mentions_flag():
+    msg = config_error(load_config, None, {**REQUIRED, "beta": "abc"})
+    assert "--beta" in msg and "abc" in msg
+
+
+def test_cli_override_beats_yaml(tmp_path):
+    path = write(tmp_path, "model_name_or_path: m\ntrain_file: t.jsonl\nbeta: 0.3\nseed: 1\n")
+    cfg = load_config(path, {"beta": "0.05"})
+    assert cfg.beta == 0.05 and cfg.seed == 1
+
+
+def test_argparse_flags_round_trip(tmp_path):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    path = write(tmp_path, "model_name_or_path: m\ntrain_file: t.jsonl\nloss_type: ipo\n")
+    args = parser.parse_args(["--config", path, "--beta", "0.25", "--shuffle", "false", "--max_prompt_length", "8"])
+    cfg = config_from_args(args)
+    assert (cfg.loss_type, cfg.beta, cfg.shuffle, cfg.max_prompt_length) == ("ipo", 0.25, False, 8)
+    assert to_dict(cfg)["beta"] == 0.25
+    # flags not given keep the YAML value / the default (SUPPRESS: nothing is overridden by accident)
+    assert cfg.seed == TrainConfig.seed
+
+
+def test_cli_wrong_type_exits_2_with_message():
+    proc = subprocess.run([sys.executable, "-m", "dpo_ds", "train", "--model_name_or_path", "/nonexistent/model",
+                           "--train_file", "/nonexistent/t.jsonl", "--beta", "abc"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "--beta" in proc.stderr and "abc" in proc.stderr
+
+
+def test_invalid_combination_fails_before_any_model_or_data_is_touched(tmp_path):
+    """The model and data paths do not exist: the error must be the config's, not a load failure."""
+    proc = subprocess.run([sys.executable, "-m", "dpo_ds", "train", "--model_name_or_path", str(tmp_path / "no_model"),
+                           "--train_file", str(tmp_path / "no_data.jsonl"), "--loss_type", "simpo",
+                           "--ref_model_name_or_path", str(tmp_path / "no_ref"), "--output_dir", str(tmp_path / "out")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "ref_model_name_or_path" in proc.stderr and "simpo" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------- cross-field validation
+@pytest.mark.parametrize("fields,field,words", [
+    (dict(loss_type="robust", label_smoothing=0.5), "label_smoothing", "0.5"),
+    (dict(loss_type="robust", label_smoothing=0.7), "label_smoothing", "0.7"),
+    (dict(loss_type="sigmoid", label_smoothing=0.5), "label_smoothing", "0.5"),
+    (dict(label_smoothing=-0.1), "label_smoothing", "-0.1"),
+    (dict(loss_type="simpo", ref_model_name_or_path="/r"), "ref_model_name_or_path", "simpo"),
+    (dict(loss_type="sft", ref_model_name_or_path="/r"), "ref_model_name_or_path", "sft"),
+    (dict(loss_type="ipo", label_smoothing=0.1), "label_smoothing", "ipo"),
+    (dict(loss_type="hinge", label_smoothing=0.1), "label_smoothing", "hinge"),
+    (dict(loss_type="simpo", label_smoothing=0.1), "label_smoothing", "simpo"),
+    (dict(loss_type="ipo", length_normalize=True), "length_normalize", "ipo"),
+    (dict(loss_type="simpo", length_normalize=True), "length_normalize", "simpo"),
+    (dict(loss_type="sft", length_normalize=True), "length_normalize", "sft"),
+    (dict(max_length=128, max_prompt_length=128), "max_prompt_length", "128"),
+    (dict(max_length=128, max_prompt_length=500), "max_prompt_length", "500"),
+    (dict(max_prompt_length=0), "max_prompt_length", "0"),
+    (dict(model_name_or_path=None), "model_name_or_path", "required"),
+    (dict(train_file=None), "train_file", "required"),
+    (dict(beta=0.0), "beta", "0"),
+    (dict(beta=-1.0), "beta", "-1"),
+    (dict(rpo_alpha=-0.5), "rpo_alpha", "-0.5"),
+    (dict(max_length=0), "max_length", "0"),
+    (dict(micro_batch_size=0), "micro_batch_size", "0"),
+    (dict(gradient_accumulation_steps=0), "gradient_accumulation_steps", "0"),
+    (dict(max_steps=-1), "max_steps", "-1"),
+    (dict(logging_steps=0), "logging_steps", ">= 1"),
+    (dict(learning_rate=-1e-5), "learning_rate", ">= 0"),
+])
+def test_validate_rejects(fields, field, words):
+    msg = config_error(validate, cfg_of(**fields))
+    assert f"field '{field}'" in msg
+    assert words in msg
+
+
+@pytest.mark.parametrize("fields", [
+    dict(loss_type="robust", label_smoothing=0.49),
+    dict(loss_type="sigmoid", label_smoothing=0.2, length_normalize=True),
+    dict(loss_type="hinge", length_normalize=True),
+    dict(loss_type="ipo", ref_model_name_or_path="/r"),
+    dict(loss_type="simpo", simpo_gamma=1.0, rpo_alpha=0.1),
+    dict(loss_type="sft"),
+    dict(max_length=128, max_prompt_length=127),
+    dict(max_prompt_length=1, max_length=2),
+    dict(reference_free=True),
+])
+def test_validate_accepts(fields):
+    validate(cfg_of(**fields))
+
+
+def test_missing_required_fields_from_yaml(tmp_path):
+    msg = config_error(load_config, write(tmp_path, "train_file: t.jsonl\n"))
+    assert "model_name_or_path" in msg
+    msg = config_error(load_config, write(tmp_path, "model_name_or_path: m\n"))
+    assert "train_file" in msg
+    msg = config_error(load_config, write(tmp_path, ""))  # empty file: nothing set
+    assert "model_name_or_path" in msg
+
+
+def test_validation_runs_in_load_config(tmp_path):
+    path = write(tmp_path, "model_name_or_path: m\ntrain_file: t.jsonl\nloss_type: ipo\nlength_normalize: true\n")
+    assert "length_normalize" in config_error(load_config, path)
+
+
+def test_every_loss_type_is_configurable():
+    for loss_type in LOSS_TYPES:
+        assert load_config(None, {**REQUIRED, "loss_type": loss_type}).loss_type == loss_type
+
+
+@pytest.mark.parametrize("value", ["nan", ".nan", "inf"])
+def test_non_finite_beta_is_rejected(tmp_path, value):
+    path = write(tmp_path, f"model_name_or_path: m\ntrain_file: t.jsonl\nbeta: {value}\n")
+    msg = config_error(load_config, path)
+    assert f"{path}:3: field 'beta': expected a finite number" in msg
+
+
+def test_duplicate_key_names_both_lines(tmp_path):
+    path = write(tmp_path, "model_name_or_path: m\ntrain_file: t.jsonl\nbeta: 0.1\nbeta: 0.2\n")
+    assert f"{path}:4: field 'beta' is set twice (first at line 3)" in config_error(load_config, path)
+
+
+def test_validate_errors_name_where_the_value_was_set(tmp_path):
+    path = write(tmp_path, "model_name_or_path: m\ntrain_file: t.jsonl\nloss_type: robust\nlabel_smoothing: 0.5\n")
+    assert f"{path}:4: field 'label_smoothing'" in config_error(load_config, path)
+    msg = config_error(load_config, None, {**REQUIRED, "reference_free": "true", "ref_model_name_or_path": "r"})
+    assert "command line --ref_model_name_or_path: field 'ref_model_name_or_path'" in msg
+
+
+# ---------------------------------------------------------------------------- --help
+def test_train_help_lists_every_field_with_its_help():
+    env = {**os.environ, "COLUMNS": "2000"}
+    proc = subprocess.run([sys.executable, "-m", "dpo_ds", "train", "--help"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    squashed = re.sub(r"\s+", "", out)
+    assert "--config" in out
+    missing_flags = [f.name for f in dataclasses.fields(TrainConfig) if not re.search(rf"--{f.name}\b", out)]
+    assert not missing_flags, f"--help lacks flags for {missing_flags}"
+    missing_help = [f.name for f in dataclasses.fields(TrainConfig)
+                    if re.sub(r"\s+", "", f.metadata["help"]) not in squashed]
+    assert not missing_help, f"--help lacks the help text of {missing_help}"
+    assert set(FIELDS) == {f.name for f in dataclasses.fields(TrainConfig)}
+    for f in dataclasses.fields(TrainConfig):  # every field documents itself
+        assert f.metadata.get("help"), f.name
+        assert not (isinstance(f.default, float) and math.isnan(f.default))

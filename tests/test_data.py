@@ -1,0 +1,581 @@
+"""Preference data: formats, TRL-style tokenization, truncation, bad rows, the fingerprint cache, order, collation.
+
+Expected token ids are computed here by calling the tokenizer directly (the TRL recipe written out), never
+through PairTokenizer.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+
+from dpo_ds import data as D
+from dpo_ds.data import DataError, PairSampler, PairTokenizer, TokenizedPairs, collate, load_pairs, tokenize_file
+
+BOS, EOS, PAD = 1, 2, 3  # the demo tokenizer's special ids (Llama layout, pad of its own)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+@pytest.fixture(scope="module")
+def tok(demo_assets):
+    from transformers import AutoTokenizer
+
+    t = AutoTokenizer.from_pretrained(demo_assets.model_dir)
+    assert (t.bos_token_id, t.eos_token_id, t.pad_token_id) == (BOS, EOS, PAD)
+    return t
+
+
+@pytest.fixture(scope="module")
+def demo_rows(demo_assets) -> list[dict]:
+    return [json.loads(line) for line in Path(demo_assets.train_file).read_text().splitlines()]
+
+
+def write_jsonl(path: Path, rows: list) -> str:
+    """Rows may be dicts (dumped) or raw strings (written as they are, for invalid JSON / blank lines)."""
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+def write_parquet(path: Path, rows: list[dict]) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return str(path)
+
+
+def write_dataset_dir(path: Path, rows: list[dict]) -> str:
+    import datasets
+
+    datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    return str(path)
+
+
+def trl_ids(tok, prompt: str, completion: str, templated: bool = False) -> tuple[list[int], list[int], bool]:
+    """TRL's recipe, spelled out: ids(prompt), ids(prompt + completion) on whole strings, completion = tail after
+    len(ids(prompt)), EOS appended when missing. Returns (prompt ids, completion ids, prompt-was-a-prefix)."""
+    p = tok(prompt, add_special_tokens=not templated)["input_ids"]
+    full = tok(prompt + completion, add_special_tokens=not templated)["input_ids"]
+    tail = full[len(p):]
+    if not tail or tail[-1] != tok.eos_token_id:
+        tail = tail + [tok.eos_token_id]
+    return p, tail, full[: len(p)] == p
+
+
+def tokenize(path: str, tok, max_length: int = 512, max_prompt_length=None, skip_bad_rows=False) -> TokenizedPairs:
+    return tokenize_file(path, PairTokenizer(tok, max_length, max_prompt_length), skip_bad_rows)
+
+
+def assert_same_pairs(a: TokenizedPairs, b: TokenizedPairs) -> None:
+    assert (a.prompt, a.chosen, a.rejected) == (b.prompt, b.chosen, b.rejected)
+
+
+# ----------------------------------------------------------------------------------- tokenization
+def test_string_rows_tokenize_like_trl(tmp_path, tok, demo_rows):
+    rows = demo_rows[:24]
+    pairs = tokenize(write_jsonl(tmp_path / "train.jsonl", rows), tok)
+    assert len(pairs) == len(rows) and pairs.stats["rows"] == len(rows)
+    assert pairs.pair_ids == [f"{tmp_path / 'train.jsonl'}:{i + 1}" for i in range(len(rows))]
+    for i, row in enumerate(rows):
+        p, c, _ = trl_ids(tok, row["prompt"], row["chosen"])
+        _, r, _ = trl_ids(tok, row["prompt"], row["rejected"])
+        assert (pairs.prompt[i], pairs.chosen[i], pairs.rejected[i]) == (p, c, r)
+        # and independently of the recipe: one BOS in front, one EOS at the end, the text round-trips
+        assert pairs.prompt[i][0] == BOS and BOS not in pairs.prompt[i][1:]
+        for comp, text in ((pairs.chosen[i], row["chosen"]), (pairs.rejected[i], row["rejected"])):
+            assert comp[-1] == EOS and EOS not in comp[:-1]
+            assert tok.decode(pairs.prompt[i] + comp, skip_special_tokens=True) == row["prompt"] + text
+    assert pairs.stats == {"rows": 24, "skipped_bad_rows": 0, "dropped_truncated": 0, "prompt_not_prefix": 0}
+
+
+def test_eos_not_doubled_when_the_completion_already_ends_with_it(tmp_path, tok):
+    path = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "Question: hi Answer:", "chosen": " Try apple." + tok.eos_token,
+                                               "rejected": " Try cat."}])
+    pairs = tokenize(path, tok)
+    assert pairs.chosen[0][-1] == EOS and pairs.chosen[0][-2] != EOS
+    assert pairs.chosen[0] == trl_ids(tok, "Question: hi Answer:", " Try apple." + tok.eos_token)[1]
+    assert pairs.rejected[0] == trl_ids(tok, "Question: hi Answer:", " Try cat.")[1]
+
+
+def test_conversational_rows_use_the_chat_template(tmp_path, tok):
+    user = {"role": "user", "content": "Bob asks: can you name a fruit?"}
+    sys_msg = {"role": "system", "content": "Be brief."}
+    rows = [
+        # explicit prompt messages
+        {"prompt": [sys_msg, user], "chosen": [{"role": "assistant", "content": "Try apple."}],
+         "rejected": [{"role": "assistant", "content": "Try cat."}]},
+        # explicit string prompt with message completions: the string is the user turn
+        {"prompt": user["content"], "chosen": [{"role": "assistant", "content": "Try plum."}],
+         "rejected": [{"role": "assistant", "content": "Try dog."}]},
+        # implicit prompt: the shared leading messages
+        {"chosen": [user, {"role": "assistant", "content": "Try lemon."}],
+         "rejected": [user, {"role": "assistant", "content": "Try wolf."}]},
+    ]
+    pairs = tokenize(write_jsonl(tmp_path / "chat.jsonl", rows), tok)
+    prompts = [[sys_msg, user], [user], [user]]
+    answers = [("Try apple.", "Try cat."), ("Try plum.", "Try dog."), ("Try lemon.", "Try wolf.")]
+    for i, (prompt_msgs, (good, bad)) in enumerate(zip(prompts, answers)):
+        prompt_text = tok.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
+        expected = []
+        for answer in (good, bad):
+            full = tok.apply_chat_template(prompt_msgs + [{"role": "assistant", "content": answer}], tokenize=False)
+            assert full.startswith(prompt_text)
+            expected.append(trl_ids(tok, prompt_text, full[len(prompt_text):], templated=True))
+        assert pairs.prompt[i] == expected[0][0]
+        assert (pairs.chosen[i], pairs.rejected[i]) == (expected[0][1], expected[1][1])
+    # written out by hand from the demo template: generation prompt on the prompt, EOS closing the answer
+    # the prompt carries the generation prompt; the completion is the assistant turn closed by EOS
+    prompt_text = tok.decode(pairs.prompt[1])
+    assert prompt_text == tok.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
+    assert user["content"] in prompt_text and not prompt_text.rstrip().endswith("?")
+    assert tok.decode(pairs.chosen[2]).strip() == "Try lemon." + tok.eos_token
+    assert pairs.prompt[1][0] == BOS and BOS not in pairs.prompt[1][1:]  # no second BOS from add_special_tokens
+    assert pairs.chosen[2][-1] == EOS and EOS not in pairs.chosen[2][:-1]  # the template's EOS, not doubled
+    assert pairs.stats["prompt_not_prefix"] == 0
+
+
+@pytest.mark.parametrize("writer", [write_jsonl, write_parquet, write_dataset_dir], ids=["jsonl", "parquet", "dir"])
+def test_formats_give_identical_ids(tmp_path, tok, demo_rows, writer):
+    rows = demo_rows[:16]
+    ref = tokenize(write_jsonl(tmp_path / "ref.jsonl", rows), tok)
+    name = {"write_jsonl": "t.jsonl", "write_parquet": "t.parquet", "write_dataset_dir": "t_dir"}[writer.__name__]
+    path = writer(tmp_path / name, rows)
+    pairs = tokenize(path, tok)
+    assert_same_pairs(pairs, ref)
+    assert len(pairs) == 16
+    if writer is not write_jsonl:
+        assert pairs.pair_ids[2] == f"{path}:row 3"
+
+
+@pytest.mark.parametrize("writer", [write_parquet, write_dataset_dir], ids=["parquet", "dir"])
+def test_conversational_columnar_formats(tmp_path, tok, writer):
+    user = {"role": "user", "content": "Name a tool."}
+    rows = [{"chosen": [user, {"role": "assistant", "content": f"Try {good}."}],
+             "rejected": [user, {"role": "assistant", "content": f"Try {bad}."}]}
+            for good, bad in (("saw", "cat"), ("axe", "red"))]
+    ref = tokenize(write_jsonl(tmp_path / "ref.jsonl", rows), tok)
+    pairs = tokenize(writer(tmp_path / "chat.parquet" if writer is write_parquet else tmp_path / "chat_dir", rows), tok)
+    assert_same_pairs(pairs, ref)
+    assert tok.decode(pairs.chosen[0]).strip() == "Try saw.</s>"
+
+
+def test_implicit_prompt_strings(tmp_path, tok, demo_rows):
+    # whitespace boundary: the prompt never ends inside a word, and the completions keep their leading space
+    row = D.validate_row("x:1", {"chosen": "The answer is yes", "rejected": "The answer is yet"})
+    assert (row.prompt, row.chosen, row.rejected) == ("The answer is", " yes", " yet")
+    row = D.validate_row("x:1", {"chosen": "Pick:\n apple", "rejected": "Pick:\n apricot"})
+    assert (row.prompt, row.chosen, row.rejected) == ("Pick:", "\n apple", "\n apricot")
+    row = D.validate_row("x:1", {"chosen": "apple pie", "rejected": "apricot pie"})
+    assert (row.prompt, row.chosen, row.rejected) == ("", "apple pie", "apricot pie")
+
+    # on the demo data, an implicit prompt gives the same full sequences as the explicit one, and its ids
+    # stay a prefix (no completion word is lost to a token merged across the boundary)
+    rows = demo_rows[:16]
+    implicit = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]} for r in rows]
+    pairs = tokenize(write_jsonl(tmp_path / "implicit.jsonl", implicit), tok)
+    assert pairs.stats["prompt_not_prefix"] == 0
+    for i, r in enumerate(implicit):
+        for comp, text in ((pairs.chosen[i], r["chosen"]), (pairs.rejected[i], r["rejected"])):
+            assert pairs.prompt[i] + comp == tok(text)["input_ids"] + [EOS]
+        assert pairs.chosen[i] != pairs.rejected[i]
+        # the prompt stops before the first differing word
+        differing = {w for w in rows[i]["chosen"].split()} ^ {w for w in rows[i]["rejected"].split()}
+        assert not differing & set(tok.decode(pairs.prompt[i], skip_special_tokens=True).split())
+
+
+def test_implicit_prompt_messages():
+    sys_msg, user = {"role": "system", "content": "s"}, {"role": "user", "content": "u"}
+    a1, a2 = {"role": "assistant", "content": "x"}, {"role": "assistant", "content": "y"}
+    row = D.validate_row("x:1", {"chosen": [sys_msg, user, a1], "rejected": [sys_msg, user, a2]})
+    assert (row.prompt, row.chosen, row.rejected) == ([sys_msg, user], [a1], [a2])
+    # multi-turn: everything shared is prompt, even a shared assistant turn
+    row = D.validate_row("x:1", {"chosen": [user, a1, user, a1], "rejected": [user, a1, user, a2]})
+    assert (row.prompt, row.chosen, row.rejected) == ([user, a1, user], [a1], [a2])
+
+
+def merged_words(tok, count: int) -> list[str]:
+    """Words that are one token of the vocab: split inside, their halves merge across the prompt boundary."""
+    words = sorted(p[1:] for p in tok.get_vocab() if p.startswith("\u2581") and p[1:].isalpha() and len(p) >= 6)
+    return words[:count]
+
+
+def test_prompt_not_prefix_is_counted_and_warned_once(tmp_path, tok):
+    # "... hamm" + "er now" becomes "... hammer now": ids(prompt) is not a prefix of ids(prompt + completion)
+    merged = [{"prompt": f"Question: x Answer: {w[:3]}", "chosen": f"{w[3:]} now", "rejected": f"{w[3:]} then"}
+              for w in merged_words(tok, 2)]
+    clean = {"prompt": "Question: x Answer:", "chosen": " Try saw.", "rejected": " Try cat."}
+    rows = [merged[0], clean, merged[1], clean]
+    for r in merged:
+        assert not trl_ids(tok, r["prompt"], r["chosen"])[2]  # the premise of this test
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("dpo_ds")
+    logger.addHandler(handler)
+    try:
+        path = write_jsonl(tmp_path / "merge.jsonl", rows)
+        pairs = tokenize(path, tok)
+    finally:
+        logger.removeHandler(handler)
+    assert pairs.stats["prompt_not_prefix"] == 2 and len(pairs) == 4
+    for i, r in enumerate(rows):  # still the TRL tail after len(ids(prompt)), never empty
+        p, c, _ = trl_ids(tok, r["prompt"], r["chosen"])
+        assert (pairs.prompt[i], pairs.chosen[i]) == (p, c) and len(c) >= 1
+    warnings = [r for r in records if r.levelno == logging.WARNING and "prefix" in r.getMessage()]
+    assert len(warnings) == 1
+    assert re.search(r"\b2\b", warnings[0].getMessage().replace(path, ""))
+
+
+# ------------------------------------------------------------------------------------- truncation
+def test_truncation_never_leaves_a_pair_without_completion(tmp_path, tok, demo_rows):
+    rows = demo_rows[:32]
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    full = tokenize(path, tok)
+    prompt_lens = [len(p) for p in full.prompt]
+    cut = sorted(prompt_lens)[len(prompt_lens) // 2]  # drops the longer half, keeps the rest
+    for max_length in (cut, cut + 1, cut + 3, max(prompt_lens) + 2):
+        pairs = tokenize(path, tok, max_length=max_length)
+        dropped = [i for i, n in enumerate(prompt_lens) if n >= max_length]  # prompt fills max_length
+        assert pairs.stats["dropped_truncated"] == len(dropped)
+        kept = [i for i in range(len(rows)) if i not in dropped]
+        assert pairs.pair_ids == [full.pair_ids[i] for i in kept]
+        for j, i in enumerate(kept):
+            room = max_length - prompt_lens[i]
+            assert pairs.prompt[j] == full.prompt[i]
+            assert pairs.chosen[j] == full.chosen[i][:room] and pairs.rejected[j] == full.rejected[i][:room]
+            assert 1 <= len(pairs.chosen[j]) and 1 <= len(pairs.rejected[j])
+            assert pairs.length(j) <= max_length
+    assert tokenize(path, tok, max_length=cut).stats["dropped_truncated"] > 0  # the loop above did drop some
+
+
+def test_truncation_boundary_and_all_dropped(tmp_path, tok):
+    row = {"prompt": "Question: Bob asks: can you name a fruit? Answer:", "chosen": " Try apple.", "rejected": " Try cat."}
+    p, c, _ = trl_ids(tok, row["prompt"], row["chosen"])
+    path = write_jsonl(tmp_path / "one.jsonl", [row, row | {"chosen": " Try plum."}])
+    pairs = tokenize(path, tok, max_length=len(p) + 1)  # room for exactly one completion token
+    assert pairs.prompt[0] == p and pairs.chosen[0] == c[:1] and len(pairs.rejected[0]) == 1
+    with pytest.raises(DataError, match="no usable"):  # prompt fills max_length: both dropped, nothing left
+        tokenize(path, tok, max_length=len(p))
+
+
+def test_max_prompt_length_keeps_the_last_tokens(tmp_path, tok, demo_rows):
+    rows = demo_rows[:16]
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    full = tokenize(path, tok)
+    n = min(len(x) for x in full.prompt) - 3
+    assert n >= 2
+    pairs = tokenize(path, tok, max_length=n + 4, max_prompt_length=n)
+    assert pairs.stats["dropped_truncated"] == 0 and len(pairs) == len(rows)
+    for i in range(len(rows)):
+        assert pairs.prompt[i] == full.prompt[i][-n:]
+        assert pairs.chosen[i] == full.chosen[i][:4] and pairs.rejected[i] == full.rejected[i][:4]
+    # a max_prompt_length that fills max_length drops the pairs instead of emitting no completion
+    with pytest.raises(DataError, match="no usable"):
+        tokenize(path, tok, max_length=n, max_prompt_length=n)
+
+
+# --------------------------------------------------------------------------------------- bad rows
+GOOD = {"prompt": "Question: x Answer:", "chosen": " Try saw.", "rejected": " Try cat."}
+BAD_CASES = [  # (raw row, field named in the message or None, words the message must contain)
+    ('{"prompt": "q", "chosen": "a", ', None, "JSON"),
+    ({"prompt": "q", "rejected": " b"}, "chosen", "missing"),
+    ({"prompt": "q", "chosen": " a"}, "rejected", "missing"),
+    ({"prompt": "q", "chosen": 5, "rejected": " b"}, "chosen", None),
+    ({"prompt": "q", "chosen": " a", "rejected": ["x"]}, "rejected", None),
+    ({"prompt": 7, "chosen": " a", "rejected": " b"}, "prompt", None),
+    ({"prompt": "q", "chosen": "   ", "rejected": " b"}, "chosen", "empty"),
+    ({"prompt": "q", "chosen": " a", "rejected": ""}, "rejected", "empty"),
+    ({"prompt": "q", "chosen": " same", "rejected": " same"}, "rejected", None),
+    ({"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "a"}],
+      "rejected": [{"role": "assistant"}]}, "rejected", None),
+]
+
+
+@pytest.mark.parametrize("bad,field_name,words", BAD_CASES, ids=[
+    "invalid_json", "missing_chosen", "missing_rejected", "int_chosen", "list_rejected", "int_prompt",
+    "blank_chosen", "empty_rejected", "identical", "message_without_content"])
+def test_bad_row_error_names_file_line_and_field(tmp_path, tok, bad, field_name, words):
+    path = write_jsonl(tmp_path / "train.jsonl", [GOOD, "", bad, GOOD])  # line 2 is blank: the bad row is line 3
+    with pytest.raises(DataError) as info:
+        tokenize(path, tok)
+    msg = str(info.value)
+    assert f"{path}:3:" in msg
+    if field_name:
+        assert f"field '{field_name}'" in msg
+    if words:
+        assert words in msg
+    pairs = tokenize(path, tok, skip_bad_rows=True)
+    assert pairs.stats["skipped_bad_rows"] == 1 and pairs.stats["rows"] == 3
+    assert pairs.pair_ids == [f"{path}:1", f"{path}:4"]
+
+
+@pytest.mark.parametrize("writer", [write_parquet, write_dataset_dir], ids=["parquet", "dir"])
+def test_bad_row_in_columnar_formats(tmp_path, tok, writer):
+    rows = [GOOD, GOOD, {"prompt": "q", "chosen": None, "rejected": " b"}, GOOD]
+    path = writer(tmp_path / ("t.parquet" if writer is write_parquet else "t_dir"), rows)
+    with pytest.raises(DataError) as info:
+        tokenize(path, tok)
+    assert f"{path}:row 3: field 'chosen': missing" in str(info.value)
+    pairs = tokenize(path, tok, skip_bad_rows=True)
+    assert pairs.stats["skipped_bad_rows"] == 1 and len(pairs) == 3
+
+
+def test_skip_bad_rows_counts_every_case(tmp_path, tok):
+    path = write_jsonl(tmp_path / "mixed.jsonl", [GOOD] + [b for b, _, _ in BAD_CASES] + [GOOD])
+    pairs = tokenize(path, tok, skip_bad_rows=True)
+    assert pairs.stats["skipped_bad_rows"] == len(BAD_CASES)
+    assert pairs.stats["rows"] == len(BAD_CASES) + 2
+    assert pairs.pair_ids == [f"{path}:1", f"{path}:{len(BAD_CASES) + 2}"]
+    with pytest.raises(DataError, match="no usable"):
+        tokenize(write_jsonl(tmp_path / "all_bad.jsonl", [b for b, _, _ in BAD_CASES]), tok, skip_bad_rows=True)
+
+
+def test_missing_data_file(tmp_path, tok):
+    with pytest.raises(DataError, match=re.escape(str(tmp_path / "nope.jsonl"))):
+        tokenize(str(tmp_path / "nope.jsonl"), tok)
+
+
+# ------------------------------------------------------------------------------------------- cache
+def _load(path, tok, cache_dir, **kw):
+    args = dict(max_length=512, max_prompt_length=None, skip_bad_rows=False, cache_dir=str(cache_dir))
+    return load_pairs(path, tok, **{**args, **kw})
+
+
+def test_cache_is_written_once_and_reused(tmp_path, tok, demo_rows, monkeypatch):
+    path = write_jsonl(tmp_path / "train.jsonl", demo_rows[:24])
+    caches = tmp_path / "caches"
+    first, fp = _load(path, tok, caches)
+    assert (caches / f"pairs-{fp}.safetensors").is_file()
+    assert_same_pairs(first, tokenize(path, tok))
+
+    def boom(*a, **k):
+        raise AssertionError("tokenize_file called although the cache exists")
+
+    monkeypatch.setattr(D, "tokenize_file", boom)
+    again, fp2 = _load(path, tok, caches)
+    assert fp2 == fp
+    assert_same_pairs(again, first)
+    assert again.pair_ids == first.pair_ids and again.stats == first.stats
+    # another rank reads the same cache without tokenizing
+    other, _ = _load(path, tok, caches, rank=1)
+    assert_same_pairs(other, first)
+    # without a cache dir it does tokenize (so the monkeypatch above is what stopped it)
+    with pytest.raises(AssertionError, match="tokenize_file called"):
+        load_pairs(path, tok, max_length=512, max_prompt_length=None, skip_bad_rows=False, cache_dir=None)
+
+
+def test_cache_keeps_stats_and_truncation(tmp_path, tok, demo_rows):
+    path = write_jsonl(tmp_path / "train.jsonl", demo_rows[:24] + ['{"oops'])
+    caches = tmp_path / "caches"
+    fresh, _ = _load(path, tok, caches, max_length=20, max_prompt_length=17, skip_bad_rows=True)
+    cached, _ = _load(path, tok, caches, max_length=20, max_prompt_length=17, skip_bad_rows=True)
+    assert_same_pairs(cached, fresh)
+    assert cached.stats == fresh.stats and cached.stats["skipped_bad_rows"] == 1
+
+
+def test_fingerprint_changes_with_inputs(tmp_path, tok, demo_rows, demo_assets):
+    from transformers import AutoTokenizer
+
+    path = tmp_path / "train.jsonl"
+    write_jsonl(path, demo_rows[:8])
+    caches = tmp_path / "caches"
+    base, fp = _load(str(path), tok, caches)
+    assert D.data_fingerprint(str(path), AutoTokenizer.from_pretrained(demo_assets.model_dir), 512, None, False) == fp
+
+    fps = {fp}
+    for kw in ({"max_length": 511}, {"max_prompt_length": 64}, {"skip_bad_rows": True}):
+        fps.add(_load(str(path), tok, caches, **kw)[1])
+    tokenizers = []
+    t = AutoTokenizer.from_pretrained(demo_assets.model_dir)
+    t.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    tokenizers.append(t)
+    t = AutoTokenizer.from_pretrained(demo_assets.model_dir)
+    t.add_tokens(["zzzq"])
+    tokenizers.append(t)
+    tokenizers.append(AutoTokenizer.from_pretrained(demo_assets.model_dir, add_bos_token=False))  # same vocab
+    for t in tokenizers:
+        pairs, fp_t = _load(str(path), t, caches)
+        fps.add(fp_t)
+    assert pairs.prompt[0][0] != BOS  # the add_bos_token=False tokenizer got its own ids, not the stale cache
+    assert len(fps) == 7
+
+    # changing the data file: a new fingerprint, and the new content is what loads
+    write_jsonl(path, demo_rows[1:9])
+    changed, fp_changed = _load(str(path), tok, caches)
+    assert fp_changed not in fps
+    assert changed.prompt[0] == base.prompt[1]
+    assert len(list(caches.glob("pairs-*.safetensors"))) == 8
+
+
+def test_data_error_on_rank0_reaches_other_ranks(tmp_path, tok, monkeypatch):
+    path = write_jsonl(tmp_path / "train.jsonl", [GOOD, {"prompt": "q", "rejected": " b"}])
+    caches = tmp_path / "caches"
+    barriers = []
+    with pytest.raises(DataError) as rank0:
+        _load(path, tok, caches, rank=0, barrier=lambda: barriers.append(0))
+    assert barriers == [0]  # rank 0 still meets the others at the barrier before raising
+    assert f"{path}:2: field 'chosen': missing" in str(rank0.value)
+    assert len(list(caches.glob("pairs-*.error"))) == 1
+
+    monkeypatch.setattr(D, "tokenize_file", lambda *a, **k: pytest.fail("rank 1 must not tokenize"))
+    with pytest.raises(DataError) as rank1:
+        _load(path, tok, caches, rank=1, barrier=lambda: barriers.append(1))
+    assert barriers == [0, 1]
+    assert str(rank1.value) == str(rank0.value)
+    assert not list(caches.glob("pairs-*.safetensors"))
+
+
+def test_success_clears_a_stale_error_file(tmp_path, tok, demo_rows):
+    path = write_jsonl(tmp_path / "train.jsonl", demo_rows[:8])
+    caches = tmp_path / "caches"
+    fp = D.data_fingerprint(path, tok, 512, None, False)
+    caches.mkdir()
+    (caches / f"pairs-{fp}.error").write_text("old failure")
+    pairs, _ = _load(path, tok, caches)  # rank 0 removes it before the barrier
+    assert len(pairs) == 8
+    assert len(_load(path, tok, caches, rank=1)[0]) == 8
+
+
+# ----------------------------------------------------------------------------------------- sampler
+def sampler(n, b, ga, ws, shuffle=False, group=False, seed=0, lengths=None) -> PairSampler:
+    return PairSampler(lengths if lengths is not None else [10] * n, b, ga, ws, shuffle, group, seed)
+
+
+def step_pairs(s: PairSampler, step: int) -> list[int]:
+    """Pairs of one optimizer step, in (micro-step, rank) order, checking every micro-batch has B pairs."""
+    out = []
+    for m in range(s.grad_accum):
+        for r in range(s.world_size):
+            mb = s.micro_batches(step, r)[m]
+            assert len(mb) == s.micro_batch_size
+            out += mb
+    return out
+
+
+@pytest.mark.parametrize("ws", [1, 2, 4])
+@pytest.mark.parametrize("b,ga", [(1, 1), (2, 3), (3, 2), (4, 1), (1, 4)])
+def test_in_order_steps_consume_consecutive_blocks(ws, b, ga):
+    g = b * ga * ws
+    n = 6 * g - 1  # a partial block at the end (when G > 1): never used
+    s = sampler(n, b, ga, ws)
+    assert s.pairs_per_step == g and s.steps_per_epoch == 5
+    for k in range(5):
+        assert sorted(step_pairs(s, k)) == list(range(k * g, (k + 1) * g))
+        # the documented layout: micro-step m on rank r takes B consecutive positions at (m*W + r)*B
+        for r in range(ws):
+            for m, mb in enumerate(s.micro_batches(k, r)):
+                start = k * g + (m * ws + r) * b
+                assert mb == list(range(start, start + b))
+    # the next epoch starts over from the beginning
+    assert sorted(step_pairs(s, 5)) == list(range(g))
+    assert s.state(7) == {"epoch": 1, "step_in_epoch": 2, "consumed_pairs": 7 * g}
+
+
+def test_shuffle_is_a_seeded_permutation_per_epoch():
+    b, ga, ws = 2, 2, 2
+    g, n = 8, 64
+    s = sampler(n, b, ga, ws, shuffle=True, seed=3)
+    epochs = [[i for k in range(e * 8, (e + 1) * 8) for i in step_pairs(s, k)] for e in range(3)]
+    for e, order in enumerate(epochs):
+        assert sorted(order) == list(range(n))  # a permutation: every pair exactly once
+        assert order == s.epoch_order(e)  # step k takes positions [k*G, (k+1)*G) of the epoch order
+    assert epochs[0] != epochs[1] and epochs[1] != epochs[2] and epochs[0] != list(range(n))
+    again = sampler(n, b, ga, ws, shuffle=True, seed=3)
+    assert [step_pairs(again, k) for k in range(24)] == [step_pairs(s, k) for k in range(24)]
+    other = sampler(n, b, ga, ws, shuffle=True, seed=4)
+    assert [step_pairs(other, k) for k in range(8)] != [step_pairs(s, k) for k in range(8)]
+    # the micro-batches of a step are disjoint across ranks
+    for k in range(8):
+        per_rank = [set(i for mb in s.micro_batches(k, r) for i in mb) for r in range(ws)]
+        assert not per_rank[0] & per_rank[1]
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_group_by_length(shuffle):
+    gen = torch.Generator().manual_seed(0)
+    n, b, ga, ws = 1000, 4, 2, 2
+    lengths = torch.randint(1, 400, (n,), generator=gen).tolist()
+
+    def spread_and_used(s: PairSampler, epoch: int):
+        spreads, used = [], []
+        for k in range(epoch * s.steps_per_epoch, (epoch + 1) * s.steps_per_epoch):
+            for r in range(ws):
+                for mb in s.micro_batches(k, r):
+                    spreads.append(max(lengths[i] for i in mb) - min(lengths[i] for i in mb))
+                    used += mb
+        return statistics.mean(spreads), used
+
+    grouped = sampler(n, b, ga, ws, shuffle=shuffle, group=True, seed=1, lengths=lengths)
+    plain = sampler(n, b, ga, ws, shuffle=True, group=False, seed=1, lengths=lengths)
+    random_spread, _ = spread_and_used(plain, 0)
+    for epoch in range(2):
+        spread, used = spread_and_used(grouped, epoch)
+        assert spread < random_spread / 10, (spread, random_spread)
+        assert len(used) == len(set(used)) == grouped.steps_per_epoch * grouped.pairs_per_step  # each at most once
+        assert sorted(grouped.epoch_order(epoch)) == list(range(n))
+    # not a long-to-short (or sorted) run through the epoch: micro-batches are shuffled
+    firsts = [grouped.micro_batches(k, 0)[0][0] for k in range(grouped.steps_per_epoch)]
+    step_lengths = [lengths[i] for i in firsts]
+    assert step_lengths != sorted(step_lengths) and step_lengths != sorted(step_lengths, reverse=True)
+    # deterministic for a seed, different for another seed, different across epochs
+    same = sampler(n, b, ga, ws, shuffle=shuffle, group=True, seed=1, lengths=lengths)
+    assert [same.micro_batches(k, r) for k in range(10) for r in range(ws)] == \
+        [grouped.micro_batches(k, r) for k in range(10) for r in range(ws)]
+    other = sampler(n, b, ga, ws, shuffle=shuffle, group=True, seed=2, lengths=lengths)
+    assert other.epoch_order(0) != grouped.epoch_order(0)
+    assert grouped.epoch_order(0) != grouped.epoch_order(1)
+
+
+# --------------------------------------------------------------------------------------- collation
+def test_collate_layout_and_masks():
+    pairs = TokenizedPairs(
+        prompt=[[1, 10, 11], [1, 12], [1, 13, 14, 15]],
+        chosen=[[20, 2], [21, 22, 23, 2], [24, 2]],
+        rejected=[[30, 31, 33, 2], [32, 2], [3, 2]],  # 3 == pad id inside a completion: masks go by length
+        pair_ids=["f:1", "f:2", "f:3"],
+    )
+    batch = collate(pairs, [2, 0], pad_id=3)
+    P = 3
+    assert batch["input_ids"].tolist() == [
+        [1, 13, 14, 15, 24, 2, P],   # pair 2, prompt + chosen
+        [1, 10, 11, 20, 2, P, P],    # pair 0, prompt + chosen
+        [1, 13, 14, 15, 3, 2, P],    # pair 2, prompt + rejected
+        [1, 10, 11, 30, 31, 33, 2],  # pair 0, prompt + rejected
+    ]
+    assert batch["attention_mask"].tolist() == [
+        [1, 1, 1, 1, 1, 1, 0],
+        [1, 1, 1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 1, 1, 0],
+        [1, 1, 1, 1, 1, 1, 1],
+    ]
+    assert batch["loss_mask"].long().tolist() == [
+        [0, 0, 0, 0, 1, 1, 0],
+        [0, 0, 0, 1, 1, 0, 0],
+        [0, 0, 0, 0, 1, 1, 0],
+        [0, 0, 0, 1, 1, 1, 1],
+    ]
+    # width is the longest sequence of the batch: here prompt+chosen of pair 1
+    batch = collate(pairs, [1], pad_id=0)
+    assert batch["input_ids"].tolist() == [[1, 12, 21, 22, 23, 2], [1, 12, 32, 2, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1] * 6, [1, 1, 1, 1, 0, 0]]
+    assert batch["loss_mask"].long().tolist() == [[0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 0, 0]]
+    assert batch["input_ids"].dtype == torch.long
+
+
+def test_collate_tokenized_file(tmp_path, tok, demo_rows):
+    pairs = tokenize(write_jsonl(tmp_path / "t.jsonl", demo_rows[:8]), tok)
+    idx = [5, 1, 6]
+    batch = collate(pairs, idx, pad_id=PAD)
+    ids, attn, loss = batch["input_ids"], batch["attention_mask"], batch["loss_mask"].bool()
+    assert ids.shape == (6, max(pairs.length(i) for i in idx))
+    for row, (i, comp) in enumerate([(i, pairs.chosen[i]) for i in idx] + [(i, pairs.rejected[i]) for i in idx]):
+        seq = pairs.prompt[i] + comp
+        assert ids[row, : len(seq)].tolist() == seq and (ids[row, len(seq):] == PAD).all()
+        assert ids[row][loss[row]].tolist() == comp
+        assert int(attn[row].sum()) == len(seq) and attn[row, : len(seq)].all()
+    assert int(attn.sum()) == sum(pairs.real_tokens(i) for i in idx)

@@ -1,0 +1,95 @@
+"""The efficiency features compute the same DPO: padding-free packing, token-budget micro-batches (equal
+weight per pair however many pairs a micro-batch holds) and precomputed reference log-probs, each checked
+against the plain single-process PyTorch DPO of tests/helpers.py."""
+from __future__ import annotations
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from dpo_ds.config import load_config
+from dpo_ds.data import PairSampler, collate, load_pairs
+from dpo_ds.logprobs import sequence_logps
+from helpers import launch, plain_dpo, read_metrics, write_config
+
+SETTINGS = dict(precision="fp32", micro_batch_size=2, gradient_accumulation_steps=2, max_steps=3, shuffle=False,
+                learning_rate=2e-3, warmup_steps=1, lr_scheduler="linear", weight_decay=0.01, max_grad_norm=0.5,
+                beta=0.1, logging_steps=1, seed=0)
+WORLD = 2
+
+
+def run_two_ranks(demo_assets, tmp_path, name, **fields):
+    out = tmp_path / name
+    cfg = write_config(tmp_path / f"{name}.yaml", model_name_or_path=demo_assets.model_dir,
+                       train_file=demo_assets.train_file, output_dir=str(out), **{**SETTINGS, **fields})
+    probe = launch(["tests/dist_train_probe.py", str(cfg), str(tmp_path / f"{name}.pt")])
+    return out, torch.load(tmp_path / f"{name}.pt", weights_only=True), probe
+
+
+def assert_matches_plain(out, expected, weight_tol=1e-5, loss_tol=1e-6):
+    expected_losses, expected_weights = expected
+    got = [m["loss"] for m in read_metrics(out) if "loss" in m]
+    assert len(got) == len(expected_losses)
+    assert max(abs(a - b) for a, b in zip(got, expected_losses)) < loss_tol, (got, expected_losses)
+    final = {}
+    for shard in (out / "final").glob("*.safetensors"):
+        final.update(load_file(str(shard)))
+    assert max(float((final[n] - w).abs().max()) for n, w in expected_weights.items()) < weight_tol
+
+
+def test_packed_batch_gives_the_padded_log_probs(demo_assets):
+    tok = AutoTokenizer.from_pretrained(demo_assets.model_dir)
+    pairs, _ = load_pairs(demo_assets.train_file, tok, max_length=64, max_prompt_length=None, skip_bad_rows=False,
+                          cache_dir=None)
+    model = AutoModelForCausalLM.from_pretrained(demo_assets.model_dir, dtype=torch.float32)
+    indices = [0, 3, 5, 7]
+    padded, packed = collate(pairs, indices, tok.pad_token_id), collate(pairs, indices, tok.pad_token_id, packed=True)
+    assert "attention_mask" not in packed and packed["input_ids"].shape[0] == 1
+    assert packed["input_ids"].numel() == int(padded["attention_mask"].sum())  # no padding at all
+    with torch.no_grad():
+        want = sequence_logps(model(**{k: padded[k] for k in ("input_ids", "attention_mask")}, use_cache=False).logits,
+                              padded["input_ids"], padded["loss_mask"], 7)
+        got = sequence_logps(model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
+                                   use_cache=False).logits,
+                             packed["input_ids"], packed["loss_mask"], 7, packed["sequence_ids"], 2 * len(indices))
+    assert torch.equal(got[1], want[1])
+    assert torch.allclose(got[0], want[0], atol=1e-4, rtol=0)
+
+
+def test_padding_free_run_matches_plain_dpo(demo_assets, tmp_path):
+    out, _, _ = run_two_ranks(demo_assets, tmp_path, "packed", padding_free=True)
+    first = read_metrics(out)[0]
+    assert first["token_occupancy"] == 1.0
+    assert_matches_plain(out, plain_dpo(demo_assets.model_dir, demo_assets.train_file, SETTINGS, WORLD),
+                         loss_tol=1e-5)
+
+
+def test_token_budget_weights_every_pair_equally(demo_assets, tmp_path):
+    budget = 160  # a few demo pairs per micro-batch, so micro-batches hold different numbers of pairs
+    out, _, _ = run_two_ranks(demo_assets, tmp_path, "budget", max_tokens_per_micro_batch=budget)
+    cfg = load_config(str(tmp_path / "budget.yaml"))
+    pairs, _ = load_pairs(demo_assets.train_file, AutoTokenizer.from_pretrained(demo_assets.model_dir), max_length=cfg.max_length,
+                          max_prompt_length=None, skip_bad_rows=False, cache_dir=None)
+    sampler = PairSampler.for_config(cfg, pairs, WORLD)
+    steps = [[i for r in range(WORLD) for mb in sampler.micro_batches(k, r) for i in mb] for k in range(3)]
+    sizes = {len(mb) for k in range(3) for r in range(WORLD) for mb in sampler.micro_batches(k, r)}
+    assert len(sizes) > 1  # the weighting is really exercised
+    for mb in (mb for k in range(3) for r in range(WORLD) for mb in sampler.micro_batches(k, r)):
+        assert 2 * len(mb) * max(pairs.length(i) for i in mb) <= budget or len(mb) == 1
+    assert_matches_plain(out, plain_dpo(demo_assets.model_dir, demo_assets.train_file, SETTINGS, WORLD, steps))
+
+
+def test_precomputed_reference_matches_live_and_is_reused(demo_assets, tmp_path):
+    cache = tmp_path / "shared_cache"
+    out, probe, proc = run_two_ranks(demo_assets, tmp_path, "cached", precompute_ref=True, cache_dir=str(cache))
+    assert probe["reference"] == "CachedReference"
+    assert "reference log-probs of 96 pairs written" in proc.stderr
+    shards = sorted(p.name for p in next(cache.glob("ref-*")).glob("rank-*.safetensors"))
+    assert shards == ["rank-00000-of-00002.safetensors", "rank-00001-of-00002.safetensors"]
+    assert_matches_plain(out, plain_dpo(demo_assets.model_dir, demo_assets.train_file, SETTINGS, WORLD),
+                         loss_tol=1e-5)
+    again, probe, proc = run_two_ranks(demo_assets, tmp_path, "cached_again", precompute_ref=True,
+                                       cache_dir=str(cache))
+    assert "reference log-probs of" not in proc.stderr and "reference log-probs read from" in proc.stderr
+    assert probe["deepspeed_engines"] == 1  # a run with the cache builds no reference engine at all
+    assert [m["loss"] for m in read_metrics(again)] == [m["loss"] for m in read_metrics(out)]

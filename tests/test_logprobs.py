@@ -1,0 +1,183 @@
+"""Chunked sequence log-probs against a plain per-sequence computation written out here."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dpo_ds.data import TokenizedPairs, collate
+from dpo_ds.logprobs import sequence_logps
+
+N, T, V = 4, 11, 13
+# prompt length, completion length per row; T - prompt - completion is right padding
+LAYOUT = [(3, 5), (1, 10), (4, 2), (6, 5)]  # row 1: completion from position 1; row 3: no padding
+
+
+def make_batch(seed: int = 0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(N, T, V, generator=g) * 3).to(dtype)
+    input_ids = torch.randint(0, V, (N, T), generator=g)
+    loss_mask = torch.zeros(N, T, dtype=torch.bool)
+    for n, (p, c) in enumerate(LAYOUT):
+        loss_mask[n, p:p + c] = True
+        input_ids[n, p + c:] = 0  # padding id
+    return logits, input_ids, loss_mask
+
+
+def reference(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor):
+    """Per sequence: sum over completion positions t of log_softmax(logits[t - 1])[input_ids[t]]."""
+    sums, counts = [], []
+    for n in range(logits.shape[0]):
+        total = torch.zeros((), dtype=torch.float32)
+        count = 0
+        for t in range(1, logits.shape[1]):
+            if loss_mask[n, t]:
+                total = total + torch.log_softmax(logits[n, t - 1].float(), dim=-1)[input_ids[n, t]]
+                count += 1
+        sums.append(total)
+        counts.append(float(count))
+    return torch.stack(sums), torch.tensor(counts)
+
+
+def unused_positions(loss_mask: torch.Tensor) -> torch.Tensor:
+    """Logit positions whose prediction is not a completion token: targets in the prompt or padding, and the
+    last position (it predicts nothing)."""
+    unused = torch.ones_like(loss_mask)
+    unused[:, :-1] = ~loss_mask[:, 1:]
+    return unused
+
+
+def test_matches_plain_computation():
+    logits, ids, mask = make_batch()
+    sums, counts = sequence_logps(logits, ids, mask, chunk_size=4)
+    ref_sums, ref_counts = reference(logits, ids, mask)
+    torch.testing.assert_close(sums, ref_sums, rtol=1e-6, atol=1e-5)
+    assert counts.tolist() == ref_counts.tolist() == [5.0, 10.0, 2.0, 5.0]
+    assert sums.dtype == torch.float32 and sums.shape == (N,)
+    assert (sums < 0).all()
+
+
+def test_off_by_one_would_be_caught():
+    """The reference is sensitive to the shift: an unshifted computation gives other values."""
+    logits, ids, mask = make_batch()
+    sums, _ = sequence_logps(logits, ids, mask)
+    unshifted = torch.stack([
+        (torch.log_softmax(logits[n], -1).gather(-1, ids[n].unsqueeze(-1)).squeeze(-1) * mask[n]).sum()
+        for n in range(N)])
+    assert not torch.allclose(sums, unshifted, atol=1e-3)
+
+
+def test_prompt_and_padding_contribute_nothing():
+    logits, ids, mask = make_batch()
+    base, _ = sequence_logps(logits, ids, mask, chunk_size=3)
+    unused = unused_positions(mask)
+    noise = torch.randn(N, T, V, generator=torch.Generator().manual_seed(9)) * 1e3
+    perturbed = torch.where(unused.unsqueeze(-1), logits + noise, logits)
+    ids2 = torch.where(mask, ids, (ids + 5) % V)  # other prompt/padding ids too
+    ids2[:, 0] = (ids[:, 0] + 1) % V
+    changed, _ = sequence_logps(perturbed, ids2, mask, chunk_size=3)
+    torch.testing.assert_close(changed, base, rtol=0, atol=0)
+    # control: a used position does change its row (and only its row)
+    used = perturbed.clone()
+    used[0, 3] += noise[0, 3]  # row 0: position 3 predicts the 2nd completion token
+    moved, _ = sequence_logps(used, ids2, mask, chunk_size=3)
+    assert moved[0] != base[0] and torch.equal(moved[1:], base[1:])
+
+
+def test_gradient_is_zero_on_prompt_and_padding_positions():
+    logits, ids, mask = make_batch()
+    logits.requires_grad_(True)
+    sums, _ = sequence_logps(logits, ids, mask, chunk_size=3)
+    sums.sum().backward()
+    unused = unused_positions(mask)
+    assert (logits.grad[unused] == 0).all()
+    assert (logits.grad[~unused].abs().sum(-1) > 0).all()
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, T - 1, T, 4 * T])
+def test_chunk_sizes_agree_in_values_and_gradients(chunk_size):
+    logits, ids, mask = make_batch(seed=1)
+    weights = torch.tensor([0.5, -1.0, 2.0, 1.5])  # a loss that weights rows differently
+
+    leaf = logits.clone().requires_grad_(True)
+    ref_sums, _ = reference(leaf, ids, mask)
+    (ref_sums * weights).sum().backward()
+
+    x = logits.clone().requires_grad_(True)
+    sums, counts = sequence_logps(x, ids, mask, chunk_size=chunk_size)
+    (sums * weights).sum().backward()
+    torch.testing.assert_close(sums, ref_sums, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(x.grad, leaf.grad, rtol=1e-5, atol=1e-6)
+    assert counts.tolist() == [5.0, 10.0, 2.0, 5.0]
+    # and without autograd (the reference-model path)
+    with torch.no_grad():
+        torch.testing.assert_close(sequence_logps(logits, ids, mask, chunk_size=chunk_size)[0], ref_sums,
+                                   rtol=1e-6, atol=1e-5)
+
+
+def test_bf16_logits_chunked_with_gradients():
+    logits32, ids, mask = make_batch(seed=2)
+    x = logits32.to(torch.bfloat16).requires_grad_(True)
+    sums, _ = sequence_logps(x, ids, mask, chunk_size=3)  # chunk smaller than T
+    assert sums.dtype == torch.float32
+    sums.sum().backward()
+    assert x.grad.dtype == torch.bfloat16
+
+    # the same bf16 values, upcast and computed in one piece: same result and gradient
+    y = logits32.to(torch.bfloat16).requires_grad_(True)
+    ref_sums, _ = reference(y, ids, mask)
+    ref_sums.sum().backward()
+    torch.testing.assert_close(sums, ref_sums, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(x.grad.float(), y.grad.float(), rtol=1e-2, atol=1e-3)
+    # and close to the fp32 logits the bf16 ones were rounded from
+    torch.testing.assert_close(sums, reference(logits32, ids, mask)[0], rtol=2e-2, atol=0.1)
+
+
+def test_no_fp32_logits_of_the_whole_batch_are_kept_for_backward():
+    """Between forward and backward, only bf16 chunks (views of the input) are held, never fp32 [N, T, V]."""
+    n, t, v, chunk = 2, 40, 600, 8
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(n, t, v, generator=g).to(torch.bfloat16).requires_grad_(True)
+    ids = torch.randint(0, v, (n, t), generator=g)
+    mask = torch.ones(n, t, dtype=torch.bool)
+    mask[:, :10] = False
+
+    def saved_fp32_elements(fn) -> int:
+        """Largest float32 tensor autograd saves for backward while fn runs."""
+        saved = []
+
+        def pack(x):
+            if x.dtype == torch.float32:
+                saved.append(x.numel())
+            return x
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            out = fn()
+        return max(saved, default=0), out
+
+    biggest, (sums, _) = saved_fp32_elements(lambda: sequence_logps(logits, ids, mask, chunk_size=chunk))
+    assert biggest < n * chunk * v  # at most per-position values, never a chunk of fp32 logits
+    # control: the plain computation does keep fp32 logits of the whole batch, which the check would catch
+    naive, _ = saved_fp32_elements(lambda: reference(logits, ids, mask))
+    full, _ = saved_fp32_elements(lambda: logits.float().log_softmax(-1))
+    assert full >= n * (t - 1) * v and naive >= v
+
+    sums.sum().backward()
+    grad = logits.grad.clone()
+    logits.grad = None
+    reference(logits, ids, mask)[0].sum().backward()
+    torch.testing.assert_close(grad.float(), logits.grad.float(), rtol=1e-2, atol=1e-3)
+
+
+def test_on_a_collated_batch():
+    """collate + sequence_logps: rows [0, B) score prompt+chosen's chosen tokens, [B, 2B) the rejected ones."""
+    pairs = TokenizedPairs(prompt=[[1, 5, 6], [1, 7]], chosen=[[8, 9, 2], [10, 2]], rejected=[[11, 2], [12, 4, 5, 2]],
+                           pair_ids=["a", "b"])
+    batch = collate(pairs, [0, 1], pad_id=3)
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(4, batch["input_ids"].shape[1], V, generator=g)
+    sums, counts = sequence_logps(logits, batch["input_ids"], batch["loss_mask"], chunk_size=2)
+    assert counts.tolist() == [3.0, 2.0, 2.0, 4.0]
+    for row, (prompt, completion) in enumerate([(pairs.prompt[0], pairs.chosen[0]), (pairs.prompt[1], pairs.chosen[1]),
+                                                (pairs.prompt[0], pairs.rejected[0]), (pairs.prompt[1], pairs.rejected[1])]):
+        expected = sum(torch.log_softmax(logits[row, len(prompt) + j - 1], -1)[tok] for j, tok in enumerate(completion))
+        torch.testing.assert_close(sums[row], expected, rtol=1e-6, atol=1e-5)
