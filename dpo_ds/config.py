@@ -80,6 +80,7 @@ class TrainConfig:
     ref_offload: bool = _field(True, "Keep the reference model's ZeRO-3 parameters on CPU (`offload_param: cpu`).", "engine")
     deepspeed_config: Optional[str] = _field(None, "Policy DeepSpeed JSON (see ds_configs/). Values it leaves out or sets to \"auto\" are filled from this config; default: ds_configs/zero3.json on GPU, ds_configs/zero3_cpu.json on CPU.", "engine")
     ref_deepspeed_config: Optional[str] = _field(None, "Reference DeepSpeed JSON; default ds_configs/reference_zero3.json.", "engine")
+    weights_loader: str = _field("streamed", "How ZeRO-3 ranks read a local safetensors model: streamed (rank 0 reads each rank's slice of each tensor and sends it: no rank holds more than its partition plus a chunk) or transformers (from_pretrained under HfDeepSpeedConfig: rank 0 maps the whole checkpoint). Other formats always use transformers.", "engine")
     precompute_ref: bool = _field(False, "Compute the reference log-probs of the train and eval pairs once before training (cached on disk under caches/, reused by later runs); training then runs no reference model.", "engine")
     logprob_chunk_size: int = _field(256, "Sequence positions per chunk when turning logits into token log-probs (bounds fp32 memory).", "engine")
     dist_timeout_s: float = _field(600.0, "Seconds a rank waits for the others to join before failing with a message.", "engine")
@@ -98,7 +99,8 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-_CHOICES = {"loss_type": LOSS_TYPES, "lr_scheduler": ("constant", "linear", "cosine"), "precision": ("bf16", "fp32")}
+_CHOICES = {"loss_type": LOSS_TYPES, "lr_scheduler": ("constant", "linear", "cosine"), "precision": ("bf16", "fp32"),
+            "weights_loader": ("streamed", "transformers")}
 
 
 def _base_type(annotation: Any) -> tuple[type, bool]:

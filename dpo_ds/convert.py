@@ -11,6 +11,7 @@ the model config implies, non-empty, finite), so a crash never leaves a director
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -201,7 +202,11 @@ def convert_checkpoint(checkpoint_dir: str, out_dir: str, dtype: str = "bf16", m
     generation_config = GenerationConfig.from_pretrained(meta) if (meta / "generation_config.json").is_file() else None
     tokenizer = AutoTokenizer.from_pretrained(meta)
     shapes = expected_shapes(config)
-    lazy = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DS_TAG, lazy_mode=True)
+
+    def open_partitions():
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DS_TAG, lazy_mode=True)
+
+    lazy = open_partitions()
     missing = [name for name in shapes if name not in lazy]
     if missing:
         raise ExportError(f"{ckpt / DS_TAG}: checkpoint lacks tensors the model config needs: {missing[:5]}")
@@ -209,12 +214,23 @@ def convert_checkpoint(checkpoint_dir: str, out_dir: str, dtype: str = "bf16", m
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    writer = ShardWriter(tmp, parse_size(max_shard_size))
+    shard_bytes = parse_size(max_shard_size)
+    writer = ShardWriter(tmp, shard_bytes)
     target = DTYPES[dtype]
+    merged = 0
     for name in shapes:  # names the model saves; tied aliases in the checkpoint are left out, as HF does
         tensor = lazy[name].contiguous()
         writer.add(name, tensor.to(target) if tensor.is_floating_point() else tensor)
+        merged += tensor.numel() * tensor.element_size()
         del tensor
+        if merged >= shard_bytes:
+            # The partitions are memory-mapped and every page read stays mapped (and in RSS) while they are
+            # open: reopen them once a shard's worth has been merged, so the mapping never covers the model.
+            lazy, merged = None, 0
+            gc.collect()
+            lazy = open_partitions()
+    del lazy
+    gc.collect()
     writer.finish()
     _write_metadata(tmp, config, generation_config, tokenizer, target)
     validate_hf_dir(tmp, shapes)

@@ -1,8 +1,8 @@
 """DeepSpeed engines: the ZeRO-3 policy (trained) and the reference source (frozen).
 
-Both models are built sharded (`HfDeepSpeedConfig` alive during `from_pretrained`, so transformers loads
-under `zero.Init`) and always in the same order on every rank: policy first, then reference. ZeRO-3 hangs
-when ranks build or run modules in different orders or counts.
+Both models are built sharded (partitioned by `zero.Init` as they are constructed, weights streamed into
+the partitions: see `load_sharded_model`) and always in the same order on every rank. ZeRO-3 hangs when
+ranks build or run modules in different orders or counts.
 """
 from __future__ import annotations
 
@@ -128,8 +128,22 @@ def load_model_config(path: str, trust_remote_code: bool):
     return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
-def load_sharded_model(path: str, ds_config: dict[str, Any], dtype: torch.dtype, trust_remote_code: bool):
-    """`from_pretrained` with ZeRO-3 partitioning at construction: no rank ever holds the whole model."""
+def load_sharded_model(path: str, ds_config: dict[str, Any], dtype: torch.dtype, trust_remote_code: bool,
+                       weights_loader: str = "streamed"):
+    """The model at `path`, ZeRO-3 partitioned as it is built, so no rank ever holds the whole model.
+
+    `streamed` (local safetensors directories): dpo_ds.loading reads each rank's slice of each tensor on
+    rank 0 and sends it, so a rank holds its partition plus one chunk. Otherwise (`transformers`, hub ids,
+    .bin files): `from_pretrained` under HfDeepSpeedConfig, where rank 0 maps the whole checkpoint.
+    """
+    from dpo_ds.loading import has_safetensors, load_sharded_pretrained
+
+    if weights_loader == "streamed" and has_safetensors(path):
+        return load_sharded_pretrained(path, ds_config, dtype, trust_remote_code)
+    return _load_with_transformers(path, ds_config, dtype, trust_remote_code)
+
+
+def _load_with_transformers(path: str, ds_config: dict[str, Any], dtype: torch.dtype, trust_remote_code: bool):
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
@@ -168,7 +182,9 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
 
 
 def build_policy_engine(cfg: TrainConfig, ds_config: dict[str, Any], total_steps: int):
-    model = load_sharded_model(cfg.model_name_or_path, ds_config, model_dtype(cfg), cfg.trust_remote_code)
+    model = load_sharded_model(cfg.model_name_or_path, ds_config, model_dtype(cfg), cfg.trust_remote_code,
+                               cfg.weights_loader)
+    model.train()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     schedule = lr_lambda(cfg.lr_scheduler, cfg.warmup_steps, total_steps)
@@ -196,9 +212,10 @@ def skip_non_finite_steps(engine) -> None:
     opt._overflow_check_and_loss_scale_update = check_overflow_then_update
 
 
-def build_inference_engine(path: str, ds_config: dict[str, Any], dtype: torch.dtype, trust_remote_code: bool):
+def build_inference_engine(path: str, ds_config: dict[str, Any], dtype: torch.dtype, trust_remote_code: bool,
+                           weights_loader: str = "streamed"):
     """A frozen ZeRO-3 engine without optimizer, in eval mode."""
-    model = load_sharded_model(path, ds_config, dtype, trust_remote_code)
+    model = load_sharded_model(path, ds_config, dtype, trust_remote_code, weights_loader)
     model.requires_grad_(False)
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config)
     engine.eval()

@@ -50,6 +50,11 @@ class LoadError(RuntimeError):
     pass
 
 
+def has_safetensors(path: str | Path) -> bool:
+    root = Path(path)
+    return (root / SAFE_INDEX).is_file() or (root / SAFE_SINGLE).is_file()
+
+
 def checkpoint_files(path: str | Path) -> dict[str, Path]:
     """Checkpoint key -> the .safetensors file holding it (model.safetensors or the sharded index)."""
     root = Path(path)

@@ -70,13 +70,13 @@ def build_reference(cfg: TrainConfig, hidden_size: int, datasets: list[Tokenized
         return NoReference()
     if not cfg.precompute_ref:
         engine = build_inference_engine(reference_path(cfg), resolve_reference_config(cfg, hidden_size),
-                                        model_dtype(cfg), cfg.trust_remote_code)
+                                        model_dtype(cfg), cfg.trust_remote_code, cfg.weights_loader)
         return LiveReference(engine, cfg.logprob_chunk_size)
     caches = {pairs.fingerprint: Path(cache_dir) / f"ref-{_cache_key(cfg, pairs)}" for pairs in datasets}
     missing = [pairs for pairs in datasets if not (caches[pairs.fingerprint] / "complete.json").is_file()]
     if missing:
         engine = build_inference_engine(reference_path(cfg), resolve_reference_config(cfg, hidden_size),
-                                        model_dtype(cfg), cfg.trust_remote_code)
+                                        model_dtype(cfg), cfg.trust_remote_code, cfg.weights_loader)
         for pairs in missing:
             _precompute(engine, cfg, pairs, caches[pairs.fingerprint], pad_id, rank, world_size)
         release_engine(engine)

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from dpo_ds import checkpoint as ckpt
 from dpo_ds.config import ConfigError, TrainConfig, add_config_arguments, config_from_args, to_dict, uses_reference
 from dpo_ds.data import DataError, PairSampler, TokenizedPairs, collate, load_pairs
+from dpo_ds.loading import LoadError
 from dpo_ds.losses import LossParams, PairLogps, compute_loss
 from dpo_ds.metrics import MetricsWriter, PairStats, max_over_ranks, peak_memory_gib, untimed
 from dpo_ds.reference_check import check_reference_compatible
@@ -334,7 +335,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
         train(cfg)
-    except (ConfigError, DataError, ckpt.CheckpointError, TrainingStopped) as err:
+    except (ConfigError, DataError, ckpt.CheckpointError, TrainingStopped, LoadError) as err:
         print(f"dpo-ds train: error: {err}", file=sys.stderr)
         return 2
     except Preempted as stop:

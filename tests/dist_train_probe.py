@@ -26,6 +26,8 @@ gc.collect()
 policy = run.policy
 report = {"deepspeed_engines": sum(isinstance(o, deepspeed.DeepSpeedEngine) for o in gc.get_objects()),
           "reference": type(run.reference).__name__,
+          # HF checkpoints activations only in train mode
+          "policy_checkpointing": policy.module.is_gradient_checkpointing and policy.module.training,
           # what DeepSpeed itself resolved from our "auto" values
           "policy_resolved": {"reduce_bucket_size": policy.zero_reduce_bucket_size(),
                               "prefetch_bucket_size": policy.zero_prefetch_bucket_size(),

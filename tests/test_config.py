@@ -316,3 +316,12 @@ def test_train_help_lists_every_field_with_its_help():
     for f in dataclasses.fields(TrainConfig):  # every field documents itself
         assert f.metadata.get("help"), f.name
         assert not (isinstance(f.default, float) and math.isnan(f.default))
+
+
+def test_readme_documents_every_field_with_its_default():
+    readme = (REPO / "README.md").read_text()
+    for f in dataclasses.fields(TrainConfig):
+        default = "—" if f.default is None else (str(f.default).lower() if isinstance(f.default, bool) else str(f.default))
+        assert f"| `{f.name}` | " in readme, f.name
+        row = next(line for line in readme.splitlines() if line.startswith(f"| `{f.name}` | "))
+        assert default in row, (f.name, row)
