@@ -107,15 +107,6 @@ def _fsync_tree(root: Path) -> None:
         os.close(fd)
 
 
-def _write_json_atomic(path: Path, payload: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as fh:
-        json.dump(payload, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def _rng_state() -> dict[str, torch.Tensor]:
     state = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -149,23 +140,17 @@ def save_checkpoint(engine, output_dir: str, state: TrainerState, save_total_lim
         save_file(_rng_state(), str(tmp / "rng" / f"rank-{rank:05d}.safetensors"))
     except (OSError, RuntimeError) as err:
         error = err
-    if any_rank(error is not None):
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"writing checkpoint {final} failed ({error or 'on another rank'}); "
-                              f"the previous checkpoint is kept") from error
+    _fail_together(error, tmp, f"writing checkpoint {final}")
     if rank == 0:
         try:
+            from dpo_ds.convert import write_hf_metadata
+
             model = engine.module
-            model.config.save_pretrained(tmp / HF_METADATA)
-            if getattr(model, "generation_config", None) is not None:
-                model.generation_config.save_pretrained(tmp / HF_METADATA)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp / HF_METADATA)
-            _write_json_atomic(tmp / STATE, asdict(state))
+            write_hf_metadata(tmp / HF_METADATA, model.config, getattr(model, "generation_config", None), tokenizer)
+            _write_text_atomic(tmp / STATE, json.dumps(asdict(state), indent=2))
             files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
             _fsync_tree(tmp)
-            _write_json_atomic(tmp / MANIFEST, {"files": files})
+            _write_text_atomic(tmp / MANIFEST, json.dumps({"files": files}, indent=2))
             if final.exists():  # a checkpoint of the same step from an earlier attempt
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -173,11 +158,7 @@ def save_checkpoint(engine, output_dir: str, state: TrainerState, save_total_lim
             _prune(root, save_total_limit, keep=final.name)
         except OSError as err:
             error = err
-    if any_rank(error is not None):
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"publishing checkpoint {final} failed ({error or 'on rank 0'}); "
-                              f"the previous checkpoint is kept") from error
+    _fail_together(error, tmp, f"publishing checkpoint {final}")
     if rank == 0:
         logger.info("checkpoint written: %s", final)
     return final
@@ -190,6 +171,15 @@ def _write_text_atomic(path: Path, text: str) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def _fail_together(error: BaseException | None, tmp: Path, what: str) -> None:
+    """Collective: if any rank failed, every rank raises (none waits at a later barrier) and the partial
+    directory goes; the previous checkpoint and `latest` are untouched."""
+    if any_rank(error is not None):
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"{what} failed ({error or 'on another rank'}); the previous checkpoint is kept") from error
 
 
 def _prune(root: Path, save_total_limit: int, keep: str) -> None:

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+from launcher.env import strip_local_rank
 
 # sub-command -> module exposing `HELP`, `add_arguments(parser)` and `run(args) -> int`
 COMMANDS = {
@@ -17,6 +20,9 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    argv, local_rank = strip_local_rank(argv)  # `deepspeed --module dpo_ds ...` appends --local_rank=N
+    if local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", local_rank)
     parser = argparse.ArgumentParser(prog="dpo-ds", description="Direct Preference Optimization on DeepSpeed ZeRO-3.")
     parser.add_argument("command", choices=sorted(COMMANDS), help="what to do; `dpo-ds COMMAND --help` for its options")
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:

@@ -158,7 +158,7 @@ def export_engine(engine, out_dir: str, tokenizer=None, dtype: torch.dtype | Non
                 writer.add(name, buf.detach().cpu().clone())
     if rank == 0:
         writer.finish()
-        _write_metadata(tmp, model.config, getattr(model, "generation_config", None), tokenizer, dtype)
+        write_hf_metadata(tmp, model.config, getattr(model, "generation_config", None), tokenizer, dtype)
         validate_hf_dir(tmp, expected)
         _publish(tmp, out)
     if dist.is_initialized():
@@ -166,7 +166,8 @@ def export_engine(engine, out_dir: str, tokenizer=None, dtype: torch.dtype | Non
 
 
 
-def _write_metadata(tmp: Path, config, generation_config, tokenizer, dtype: torch.dtype | None) -> None:
+def write_hf_metadata(tmp: Path, config, generation_config, tokenizer, dtype: torch.dtype | None = None) -> None:
+    """config.json (with the weights' dtype), generation_config.json and the tokenizer files."""
     if dtype is not None:
         config.dtype = dtype
     config.save_pretrained(tmp)
@@ -232,7 +233,7 @@ def convert_checkpoint(checkpoint_dir: str, out_dir: str, dtype: str = "bf16", m
     del lazy
     gc.collect()
     writer.finish()
-    _write_metadata(tmp, config, generation_config, tokenizer, target)
+    write_hf_metadata(tmp, config, generation_config, tokenizer, target)
     validate_hf_dir(tmp, shapes)
     _publish(tmp, out)
     return out

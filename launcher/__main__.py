@@ -12,26 +12,9 @@ Exit status: the trainer's; 2 when the environment is unusable (LauncherError).
 from __future__ import annotations
 
 import os
-import re
 import sys
 
-from launcher.env import LauncherError, resolve
-
-
-def strip_local_rank(argv: list[str]) -> tuple[list[str], str | None]:
-    """The `deepspeed` launcher appends --local_rank=N; LOCAL_RANK in the env says the same."""
-    out, local_rank, skip = [], None, False
-    for i, arg in enumerate(argv):
-        if skip:
-            skip = False
-            continue
-        m = re.fullmatch(r"--local[_-]rank(?:=(\d+))?", arg)
-        if m and (m.group(1) is not None or i + 1 < len(argv)):
-            local_rank = m.group(1) if m.group(1) is not None else argv[i + 1]
-            skip = m.group(1) is None
-            continue
-        out.append(arg)
-    return out, local_rank
+from launcher.env import LauncherError, resolve, strip_local_rank
 
 
 def main(argv: list[str] | None = None) -> int:

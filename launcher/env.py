@@ -312,3 +312,19 @@ def _validate(env: DistEnv) -> None:
         problems.append("empty master address")
     if problems:
         raise LauncherError(f"inconsistent {env.source} environment: " + "; ".join(problems))
+
+
+def strip_local_rank(argv: list[str]) -> tuple[list[str], str | None]:
+    """The `deepspeed` launcher appends --local_rank=N; LOCAL_RANK in the env says the same."""
+    out, local_rank, skip = [], None, False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        m = re.fullmatch(r"--local[_-]rank(?:=(\d+))?", arg)
+        if m and (m.group(1) is not None or i + 1 < len(argv)):
+            local_rank = m.group(1) if m.group(1) is not None else argv[i + 1]
+            skip = m.group(1) is None
+            continue
+        out.append(arg)
+    return out, local_rank

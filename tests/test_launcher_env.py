@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.__main__ import strip_local_rank
+from launcher.env import strip_local_rank
 from launcher.env import (SOURCE_VAR, DistEnv, LauncherError, detect, expand_hostlist, resolve,
                           slurm_port)
 

@@ -59,3 +59,13 @@ def test_consecutive_bad_steps_stop_the_run_naming_step_and_pairs(config, tmp_pa
     assert proc.returncode != 0
     assert "stopped at step 3: 2 consecutive optimizer steps had NaN/Inf" in proc.stderr
     assert "train.jsonl:9" in proc.stderr  # step 3 (pairs 8..15 in file order) on rank 0 starts at line 9
+
+
+def test_max_kl_guard_stops_after_saving_a_checkpoint(config, tmp_path):
+    proc = launch(["-m", "dpo_ds", "train", "--config", str(config(max_kl=1e-6, stop_on_max_kl=True))], check=False)
+    assert proc.returncode == 2
+    # step 1 has KL 0 (policy == reference); after one update the per-token KL exceeds 1e-6
+    assert "stopped at step 2: mean KL to the reference exceeded max_kl=1e-06" in proc.stderr
+    assert "exceeds max_kl" in proc.stderr
+    assert (tmp_path / "out" / "checkpoints" / "latest").read_text().strip() == "step-00000002"
+    assert not (tmp_path / "out" / "final").exists()
