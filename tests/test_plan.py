@@ -51,9 +51,12 @@ def test_param_count_and_largest_module_match_the_built_model(config):
 
 
 def test_preset_sizes_are_the_published_ones():
-    params = {name: P.load_shape(name).params for name in P.PRESETS}
-    assert params == {"llama-7b": 6_738_415_616, "llama-13b": 13_015_864_320, "llama-70b": 68_976_648_192,
-                      "llama3-8b": 8_030_261_248, "mixtral-8x7b": 46_702_792_704}
+    published = {"llama-7b": 6_738_415_616, "llama-13b": 13_015_864_320, "llama-70b": 68_976_648_192,
+                 "llama3-8b": 8_030_261_248, "mixtral-8x7b": 46_702_792_704,
+                 "llama-1b": 1_100_048_384}  # TinyLlama-1.1B's shape
+    assert {name: P.load_shape(name).params for name in published} == published
+    # llama-60m is our own small benchmark shape: its count is checked against the meta-device model above
+    assert set(P.PRESETS) == set(published) | {"llama-60m"}
     mixtral = P.load_shape("mixtral-8x7b")
     assert 12.8e9 < mixtral.active_params < 13.0e9  # "12.9B active parameters" (Mixtral of Experts, 2024)
 
