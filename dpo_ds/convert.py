@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 HELP = """Convert a dpo-ds checkpoint (checkpoints/step-N) to a Hugging Face safetensors directory for serving
 (vLLM, transformers): shards + model.safetensors.index.json, config.json, generation_config.json and the
 run's tokenizer files. Streams tensors (bounded memory) and validates the result before reporting success."""
 INDEX_NAME = "model.safetensors.index.json"
+REOPEN_BYTES = 64 << 20
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -43,34 +43,58 @@ def parse_size(text: str) -> int:
     return int(lowered)
 
 
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+
+
 class ShardWriter:
-    """Accumulates tensors and writes a safetensors shard whenever `max_shard_bytes` would be exceeded."""
+    """Writes safetensors shards of at most `max_shard_bytes`, holding one tensor in memory at a time.
+
+    safetensors' own writer needs a whole shard in memory, so each tensor's bytes go straight to the shard's
+    data file as it arrives; when the shard is full, its header (8-byte length, JSON, padded to 8 bytes) is
+    written and the data streamed behind it. The result is read back by `validate_hf_dir`.
+    """
 
     def __init__(self, out_dir: Path, max_shard_bytes: int):
         self.out_dir = out_dir
         self.max_shard_bytes = max_shard_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.shards: list[list[str]] = []  # tensor names per written shard
+        self.entries: dict[str, dict] = {}  # the open shard's header entries
+        self.data = None                     # the open shard's data file
+        self.offset = 0
+        self.shards: list[list[str]] = []    # tensor names per written shard
         self.total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach().cpu().contiguous()
         size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_shard_bytes:
-            self._flush()
-        self.pending[name] = tensor.contiguous()
-        self.pending_bytes += size
+        if self.entries and self.offset + size > self.max_shard_bytes:
+            self._close_shard()
+        if self.data is None:
+            self.data = (self.out_dir / f"shard-{len(self.shards):05d}.data").open("wb")
+        self.data.write(memoryview(tensor.view(-1).view(torch.uint8).numpy()))
+        self.entries[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                              "data_offsets": [self.offset, self.offset + size]}
+        self.offset += size
         self.total_bytes += size
 
-    def _flush(self) -> None:
-        save_file(self.pending, str(self.out_dir / f"shard-{len(self.shards):05d}.tmp"), metadata={"format": "pt"})
-        self.shards.append(list(self.pending))
-        self.pending, self.pending_bytes = {}, 0
+    def _close_shard(self) -> None:
+        data_path = Path(self.data.name)
+        self.data.close()
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)
+        with (self.out_dir / f"shard-{len(self.shards):05d}.tmp").open("wb") as out, data_path.open("rb") as data:
+            out.write(len(header).to_bytes(8, "little"))
+            out.write(header)
+            shutil.copyfileobj(data, out, 16 << 20)
+        data_path.unlink()
+        self.shards.append(list(self.entries))
+        self.entries, self.data, self.offset = {}, None, 0
 
     def finish(self) -> dict[str, str]:
         """Rename shards to model-0000i-of-0000n.safetensors and write the index; returns weight_map."""
-        if self.pending:
-            self._flush()
+        if self.entries:
+            self._close_shard()
         n = len(self.shards)
         weight_map = {}
         for i, names in enumerate(self.shards):
@@ -98,15 +122,19 @@ def validate_hf_dir(out_dir: Path, expected_shapes: dict[str, tuple[int, ...]]) 
             raise ExportError(f"{path}: listed in {INDEX_NAME} but missing")
         try:
             with safe_open(str(path), "pt") as fh:
-                for name in fh.keys():
-                    if weight_map.get(name) != shard:
-                        raise ExportError(f"{path}: tensor {name} is not indexed to this shard")
+                names = list(fh.keys())
+            for name in names:
+                if weight_map.get(name) != shard:
+                    raise ExportError(f"{path}: tensor {name} is not indexed to this shard")
+                # one tensor per opening: a shard's pages stay mapped (and in RSS) while it is open
+                with safe_open(str(path), "pt") as fh:
                     tensor = fh.get_tensor(name)
-                    if tuple(tensor.shape) != tuple(expected_shapes[name]) or tensor.numel() == 0:
-                        raise ExportError(f"{path}: {name} has shape {tuple(tensor.shape)}, "
-                                          f"expected {tuple(expected_shapes[name])}")
-                    if not torch.isfinite(tensor).all():
-                        raise ExportError(f"{path}: {name} contains NaN or Inf")
+                if tuple(tensor.shape) != tuple(expected_shapes[name]) or tensor.numel() == 0:
+                    raise ExportError(f"{path}: {name} has shape {tuple(tensor.shape)}, "
+                                      f"expected {tuple(expected_shapes[name])}")
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    raise ExportError(f"{path}: {name} contains NaN or Inf")
+                del tensor
         except ExportError:
             raise
         except Exception as err:  # truncated or corrupt file
@@ -149,13 +177,13 @@ def export_engine(engine, out_dir: str, tokenizer=None, dtype: torch.dtype | Non
                     continue
                 expected[full_name] = tuple(getattr(p, "ds_shape", p.shape))
                 if writer is not None:
-                    writer.add(full_name, p.detach().to(dtype or p.dtype).cpu().clone())
+                    writer.add(full_name, p.detach().to(dtype or p.dtype))
     persistent = set(model.state_dict().keys())
     for name, buf in model.named_buffers():
         if name in persistent and name not in expected:
             expected[name] = tuple(buf.shape)
             if writer is not None:
-                writer.add(name, buf.detach().cpu().clone())
+                writer.add(name, buf)
     if rank == 0:
         writer.finish()
         write_hf_metadata(tmp, model.config, getattr(model, "generation_config", None), tokenizer, dtype)
@@ -215,8 +243,7 @@ def convert_checkpoint(checkpoint_dir: str, out_dir: str, dtype: str = "bf16", m
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    shard_bytes = parse_size(max_shard_size)
-    writer = ShardWriter(tmp, shard_bytes)
+    writer = ShardWriter(tmp, parse_size(max_shard_size))
     target = DTYPES[dtype]
     merged = 0
     for name in shapes:  # names the model saves; tied aliases in the checkpoint are left out, as HF does
@@ -224,9 +251,9 @@ def convert_checkpoint(checkpoint_dir: str, out_dir: str, dtype: str = "bf16", m
         writer.add(name, tensor.to(target) if tensor.is_floating_point() else tensor)
         merged += tensor.numel() * tensor.element_size()
         del tensor
-        if merged >= shard_bytes:
+        if merged >= REOPEN_BYTES:
             # The partitions are memory-mapped and every page read stays mapped (and in RSS) while they are
-            # open: reopen them once a shard's worth has been merged, so the mapping never covers the model.
+            # open: reopen them every REOPEN_BYTES merged, so the mapping never covers the model.
             lazy, merged = None, 0
             gc.collect()
             lazy = open_partitions()
