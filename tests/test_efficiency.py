@@ -76,7 +76,11 @@ def test_token_budget_weights_every_pair_equally(demo_assets, tmp_path):
     assert len(sizes) > 1  # the weighting is really exercised
     for mb in (mb for k in range(3) for r in range(WORLD) for mb in sampler.micro_batches(k, r)):
         assert 2 * len(mb) * max(pairs.length(i) for i in mb) <= budget or len(mb) == 1
-    assert_matches_plain(out, plain_dpo(demo_assets.model_dir, demo_assets.train_file, SETTINGS, WORLD, steps))
+    # Micro-batches of 1-4 pairs sum gradients in another grouping than the pair-by-pair reference; Adam's
+    # m/sqrt(v) magnifies that rounding for near-zero gradients, so weights get 5e-5 (2.5% of one step's lr).
+    # A wrong per-pair weighting would already show in the step losses, held to 1e-6.
+    assert_matches_plain(out, plain_dpo(demo_assets.model_dir, demo_assets.train_file, SETTINGS, WORLD, steps),
+                         weight_tol=5e-5)
 
 
 def test_precomputed_reference_matches_live_and_is_reused(demo_assets, tmp_path):

@@ -181,3 +181,14 @@ def test_on_a_collated_batch():
                                                 (pairs.prompt[0], pairs.rejected[0]), (pairs.prompt[1], pairs.rejected[1])]):
         expected = sum(torch.log_softmax(logits[row, len(prompt) + j - 1], -1)[tok] for j, tok in enumerate(completion))
         torch.testing.assert_close(sums[row], expected, rtol=1e-6, atol=1e-5)
+
+
+def test_chunked_token_logps_gradcheck_float64():
+    from dpo_ds.logprobs import token_logps
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 7, (2, 5))
+    assert torch.autograd.gradcheck(lambda x: token_logps(x, targets, 2), (logits,))
+    want = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
+    assert torch.allclose(token_logps(logits, targets, 3), want, atol=1e-12)
