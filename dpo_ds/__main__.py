@@ -1,5 +1,3 @@
-import sys
+from dpo_ds.cli import entry
 
-from dpo_ds.cli import main
-
-sys.exit(main())
+entry()

@@ -223,6 +223,26 @@ def find_checkpoint(output_dir: str, resume_from: str | None) -> Path | None:
     return latest.parent / latest.read_text().strip()
 
 
+def resume_point(output_dir: str, resume_from: str | None, current: TrainerState,
+                 ignore_mismatch: bool) -> tuple[Path | None, TrainerState | None]:
+    """(checkpoint dir, its trainer state) to resume from, or (None, None) to start fresh; verified, checked
+    against the current run, and converted to the universal format when the world size changed."""
+    if resume_from is None and (Path(output_dir) / CHECKPOINTS_DIR / LATEST).exists():
+        raise CheckpointError(f"{output_dir} already holds checkpoints of a run: pass --resume_from auto to "
+                              f"continue it, or choose another output_dir")
+    ckpt = find_checkpoint(output_dir, resume_from)
+    if ckpt is None:
+        return None, None
+    saved = verify_checkpoint(ckpt)
+    problems = check_compatible(saved, current)
+    if problems and not ignore_mismatch:
+        raise CheckpointError(f"cannot resume from {ckpt}: " + "; ".join(problems)
+                              + " (pass --resume_ignore_mismatch true to resume anyway)")
+    if saved.world_size != current.world_size:
+        prepare_universal(ckpt)
+    return ckpt, saved
+
+
 def check_compatible(saved: TrainerState, current: TrainerState) -> list[str]:
     """Human-readable differences that make resuming `saved` as `current` a different run."""
     problems = []

@@ -34,5 +34,22 @@ def main(argv: list[str] | None = None) -> int:
     return int(module.run(sub.parse_args(argv[1:])) or 0)
 
 
+def exit_process(code: int) -> None:
+    """Flush and leave without interpreter teardown. After a gloo process group, finalization can abort in
+    C++ ("terminate called without an active exception") even after destroy_process_group, which would turn
+    a finished run into a failed one."""
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def entry() -> None:
+    """The `dpo-ds` console script and `python -m dpo_ds`."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -216,19 +216,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                                  pairs_per_step=sampler.pairs_per_step, data_fingerprint=data_fingerprint,
                                  model_fingerprint=ckpt.model_fingerprint(cfg.model_name_or_path), config=to_dict(cfg))
 
-    resume_dir = ckpt.find_checkpoint(cfg.output_dir, cfg.resume_from)
-    if cfg.resume_from is None and (out_dir / ckpt.CHECKPOINTS_DIR / ckpt.LATEST).exists():
-        raise ConfigError(f"{out_dir} already holds checkpoints of a run: pass --resume_from auto to continue it, "
-                          f"or choose another output_dir")
-    saved = ckpt.verify_checkpoint(resume_dir) if resume_dir else None
-    if saved is not None:
-        problems = ckpt.check_compatible(saved, trainer_state(0))
-        if problems and not cfg.resume_ignore_mismatch:
-            raise ckpt.CheckpointError(f"cannot resume from {resume_dir}: " + "; ".join(problems)
-                                       + " (pass --resume_ignore_mismatch true to resume anyway)")
-        if saved.world_size != world_size:
-            ckpt.prepare_universal(resume_dir)
-
+    resume_dir, saved = ckpt.resume_point(cfg.output_dir, cfg.resume_from, trainer_state(0),
+                                          cfg.resume_ignore_mismatch)
     run = build_run(cfg, rank, world_size, total_steps, pad_id_of(tokenizer),
                     [p for p in (train_pairs, eval_pairs) if p is not None],
                     load_universal=saved is not None and saved.world_size != world_size)

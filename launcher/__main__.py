@@ -40,4 +40,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dpo_ds.cli import exit_process
+
+    exit_process(main())
