@@ -6,6 +6,7 @@ import importlib
 import os
 import sys
 
+from launcher.dist import exit_process
 from launcher.env import strip_local_rank
 
 # sub-command -> module exposing `HELP`, `add_arguments(parser)` and `run(args) -> int`
@@ -32,18 +33,6 @@ def main(argv: list[str] | None = None) -> int:
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(sub)
     return int(module.run(sub.parse_args(argv[1:])) or 0)
-
-
-def exit_process(code: int) -> None:
-    """Flush and leave without interpreter teardown. After a gloo process group, finalization can abort in
-    C++ ("terminate called without an active exception") even after destroy_process_group, which would turn
-    a finished run into a failed one."""
-    import logging
-
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 def entry() -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import sys
 
+from launcher.dist import exit_process
 from launcher.env import LauncherError, resolve, strip_local_rank
 
 
@@ -40,6 +41,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from dpo_ds.cli import exit_process
-
     exit_process(main())

@@ -42,6 +42,21 @@ def pick_backend() -> tuple[str, str]:
     return device, backend
 
 
+def exit_process(code: int) -> None:
+    """Flush, finalize MPI if it was started, and leave without interpreter teardown: after a gloo process
+    group, finalization can abort in C++ ("terminate called without an active exception") even after
+    destroy_process_group, which would turn a finished run into a failed one."""
+    import logging
+
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def init_distributed(timeout_s: float = 600) -> DistEnv:
     """Resolve the environment, export it, select the device and join the process group.
 

@@ -322,13 +322,21 @@ PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=U
              states: Sequence[str] = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL",
                                       "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"),
              release_requeued: bool = True) -> dict[str, str]:
-        """Wait for one of `states`.  A requeued job is made eligible at once instead of
-        after Slurm's requeue delay (BeginTime ~2 min) when release_requeued is set."""
+        """Wait for one of `states`, held for 3 s: while a job is being requeued Slurm can briefly show
+        the run's end state (FAILED) before the job turns PENDING again.  A requeued job is made eligible
+        at once instead of after Slurm's requeue delay (BeginTime ~2 min) when release_requeued is set."""
         deadline = time.monotonic() + timeout_s
+        seen: tuple[str, float] | None = None
         while True:
             info = self.job(job_id)
-            if info.get("JobState") in states:
-                return info
+            state = info.get("JobState")
+            if state in states:
+                if seen is None or seen[0] != state:
+                    seen = (state, time.monotonic())
+                elif time.monotonic() - seen[1] >= 3:
+                    return info
+            else:
+                seen = None
             if release_requeued and info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
                 self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=False)
             if time.monotonic() > deadline:
