@@ -59,28 +59,38 @@ def seq_logps(model, ids, att, lm):
 
 
 times, real, padded = [], 0, 0
+split = dict.fromkeys(("reference_forward", "policy_forward", "backward", "optimizer"), 0.0)
 for step, micro_batches in enumerate(data["steps"]):
     t0 = time.perf_counter()
     tok_real = tok_pad = 0
     for mb in micro_batches:
         ids, att, lm = collate(mb)
         b = len(mb)
+        t = time.perf_counter()
         with torch.no_grad():
             ref = seq_logps(reference, ids, att, lm)
+        split["reference_forward"] += time.perf_counter() - t; t = time.perf_counter()
         pol = seq_logps(policy, ids, att, lm)
         logits = a.beta * ((pol[:b] - ref[:b]) - (pol[b:] - ref[b:]))
         loss = -F.logsigmoid(logits).mean() / len(micro_batches)
+        split["policy_forward"] += time.perf_counter() - t; t = time.perf_counter()
         loss.backward()
+        split["backward"] += time.perf_counter() - t
         tok_real += int(att.sum())
         tok_pad += ids.numel()
+    t = time.perf_counter()
     torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
+    split["optimizer"] += time.perf_counter() - t
     dt = time.perf_counter() - t0
-    if step >= data["warmup"]:
+    if step < data["warmup"]:
+        split = dict.fromkeys(split, 0.0)  # timed steps only
+    else:
         times.append(dt)
         real += tok_real
         padded += tok_pad
 print(json.dumps({"system": "plain-pytorch", "step_times_s": times, "step_time_median_s": statistics.median(times),
                   "tokens_per_s": real / sum(times), "token_occupancy": real / padded,
+                  "split_s_per_step": {k: v / len(times) for k, v in split.items()},
                   "ru_maxrss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))

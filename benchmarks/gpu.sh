@@ -1,0 +1,58 @@
+#!/bin/bash
+# GPU benchmark (prepared, not yet run: it awaits a session that is lent a GPU). One H100, < 8 minutes.
+# llama-1b preset (1.1B params, 32k vocab), 2k tokens per sequence, bf16, ZeRO-3, micro batch 4 pairs:
+#   dpo-ds: live reference (ZeRO-3, offloaded to CPU) | --precompute_ref true | --padding_free true | both
+#   TRL DPOTrainer on the same random-init model and the same pairs (bf16 autocast, gradient checkpointing)
+# JSON lines -> $OUT/results.jsonl, everything else -> $OUT/log.txt.
+#
+# Before calling the device tool, on the CPU machine, in the repo root:
+#   grep -qx '/.whl/' .git/info/exclude || echo '/.whl/' >> .git/info/exclude
+#   ../shared/device-wheels.sh --with-trl          # deepspeed + small deps + trl/datasets for Python 3.12
+# then: run(command="bash benchmarks/gpu.sh", carry=[".whl"], timeout_s=540)
+set -u
+OUT=${OUT:-/tmp/dpo-ds-gpu-bench}; mkdir -p "$OUT"
+RES=$OUT/results.jsonl; LOG=$OUT/log.txt; : > "$RES"; : > "$LOG"
+T0=$(date +%s); DEADLINE=${DEADLINE_S:-450}   # stop starting new runs after this many seconds
+left() { echo $(( DEADLINE - ($(date +%s) - T0) )); }
+
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >> "$LOG" 2>&1 || echo "wheel install failed" | tee -a "$LOG"
+export PYTHONPATH=/tmp/site:$PWD TORCH_EXTENSIONS_DIR=/tmp/torch_extensions TOKENIZERS_PARALLELISM=false
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$LOG" 2>&1
+python3 -c "import torch, transformers, deepspeed; print('torch', torch.__version__, 'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__)" >> "$LOG" 2>&1
+# DeepSpeed's FusedAdam is compiled at first use and needs nvcc; without it use torch's AdamW (same math).
+DSCFG=(); command -v nvcc >/dev/null || DSCFG=(--deepspeed_config benchmarks/configs/zero3_torch_adam.json)
+echo "nvcc: $(command -v nvcc || echo none) -> ${DSCFG[*]:-project default ds config}" >> "$LOG"
+
+GB=/tmp/gb; MODEL=llama-1b; LEN=2048; MBS=4; WARMUP=2; STEPS=4
+bench() {  # name, extra args
+  local name=$1; shift
+  local budget; budget=$(left)
+  if (( budget < 45 )); then echo "{\"run\": \"$name\", \"skipped\": \"time budget\"}" >> "$RES"; return; fi
+  local cmd=(python3 -m dpo_ds bench --model $MODEL --lengths fixed:$LEN --max_length $LEN --precision bf16
+             --micro_batch_size $MBS --warmup $WARMUP --steps $STEPS --json --output_dir $GB "${DSCFG[@]}" "$@")
+  echo "== $name: ${cmd[*]}" >> "$LOG"
+  local line
+  line=$(timeout $(( budget < 150 ? budget : 150 )) "${cmd[@]}" 2>> "$LOG" | tail -n 1)
+  if [[ $line == \{* ]]; then echo "{\"run\": \"$name\", \"command\": \"${cmd[*]}\", \"result\": $line}" >> "$RES"
+  else echo "{\"run\": \"$name\", \"failed\": true}" >> "$RES"; fi
+  tail -n 1 "$RES"
+}
+bench dpo-ds_live_ref_offload --ref_offload true
+bench dpo-ds_precompute_ref --precompute_ref true
+bench dpo-ds_padding_free --padding_free true
+bench dpo-ds_padding_free+precompute_ref --padding_free true --precompute_ref true
+
+# TRL on the same model directory and the same pairs (step order of dpo-ds bench).
+budget=$(left)
+if (( budget >= 60 )) && [[ -d $GB/bench_model/$MODEL ]]; then
+  python3 benchmarks/make_pairs.py --lengths fixed:$LEN --max_length $LEN --micro_batch_size $MBS --warmup $WARMUP \
+      --steps $STEPS --out /tmp/pairs_gpu.json >> "$LOG" 2>&1
+  echo "== trl: python3 benchmarks/trl_dpo.py --model_dir $GB/bench_model/$MODEL --pairs /tmp/pairs_gpu.json --precision bf16 --max_length $LEN" >> "$LOG"
+  line=$(timeout $(( budget < 180 ? budget : 180 )) python3 benchmarks/trl_dpo.py --model_dir $GB/bench_model/$MODEL \
+      --pairs /tmp/pairs_gpu.json --precision bf16 --max_length $LEN 2>> "$LOG" | tail -n 1)
+  if [[ $line == \{* ]]; then echo "{\"run\": \"trl\", \"result\": $line}" >> "$RES"; else echo '{"run": "trl", "failed": true}' >> "$RES"; fi
+  tail -n 1 "$RES"
+else
+  echo '{"run": "trl", "skipped": "time budget or no model dir"}' >> "$RES"
+fi
+echo "total $(( $(date +%s) - T0 )) s" | tee -a "$LOG"
