@@ -11,7 +11,6 @@ Step time from a TrainerCallback (on_step_begin -> on_step_end).
 """
 import argparse
 import json
-import os
 import resource
 import statistics
 import tempfile

@@ -478,7 +478,7 @@ def test_in_order_steps_consume_consecutive_blocks(ws, b, ga):
 
 def test_shuffle_is_a_seeded_permutation_per_epoch():
     b, ga, ws = 2, 2, 2
-    g, n = 8, 64
+    n = 64
     s = sampler(n, b, ga, ws, shuffle=True, seed=3)
     epochs = [[i for k in range(e * 8, (e + 1) * 8) for i in step_pairs(s, k)] for e in range(3)]
     for e, order in enumerate(epochs):
