@@ -19,6 +19,7 @@ import deepspeed
 import dpo_ds.checkpoint as ckpt
 import dpo_ds.engines as engines
 from dpo_ds.cli import main
+from launcher.dist import exit_process
 from dpo_ds.data import PairSampler
 
 
@@ -97,4 +98,4 @@ if disk_full_step:
 
     Engine.save_checkpoint = save_checkpoint
 
-sys.exit(main(["train", *sys.argv[1:]]))
+exit_process(main(["train", *sys.argv[1:]]))  # as the dpo-ds entry point does

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from dpo_ds.config import load_config
 from dpo_ds.trainer import train
+from launcher.dist import exit_process
 
 cfg = load_config(sys.argv[1], dict(zip(sys.argv[3::2], sys.argv[4::2])))
 probe_out = sys.argv[2]
@@ -44,7 +45,7 @@ if not hasattr(run.reference, "engine"):  # reference-free losses: nothing more 
         torch.save(report, probe_out)
     dist.barrier()
     dist.destroy_process_group()
-    sys.exit(0)
+    exit_process(0)
 ref = run.reference.engine
 original = {}
 for shard in sorted(Path(cfg.ref_model_name_or_path or cfg.model_name_or_path).glob("*.safetensors")):
@@ -66,3 +67,4 @@ if dist.get_rank() == 0:
                 "probe": probe, "logits": logits}, probe_out)
 dist.barrier()
 dist.destroy_process_group()
+exit_process(0)  # as the dpo-ds entry point does: no interpreter teardown after gloo
