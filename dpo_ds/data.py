@@ -463,6 +463,15 @@ class PairSampler:
         return {"epoch": epoch, "step_in_epoch": k, "consumed_pairs": consumed}
 
 
+def rank_shares(num_pairs: int, micro_batch_size: int, rank: int, world_size: int) -> Iterator[list[int]]:
+    """One pass over all pairs split over ranks, for scoring (eval, reference precompute): this rank's pair
+    indices per forward. Every rank gets the same number of forwards, as ZeRO-3's collective parameter
+    gathers require; a rank with no pairs left gets [] (run pair 0 and discard it)."""
+    b = micro_batch_size
+    for start in range(0, num_pairs, b * world_size):
+        yield list(range(start + rank * b, min(start + (rank + 1) * b, num_pairs)))
+
+
 # ---------------------------------------------------------------------------------------- collation
 def collate(pairs: TokenizedPairs, indices: Sequence[int], pad_id: int, packed: bool = False) -> dict[str, torch.Tensor]:
     """The 2B sequences of B pairs: prompt+chosen of each pair, then prompt+rejected of each pair.

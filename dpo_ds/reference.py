@@ -21,7 +21,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from dpo_ds.config import TrainConfig, uses_reference
-from dpo_ds.data import TokenizedPairs, collate
+from dpo_ds.data import TokenizedPairs, collate, rank_shares
 from dpo_ds.engines import build_inference_engine, forward_logps, model_dtype, release_engine, resolve_reference_config
 
 logger = logging.getLogger("dpo_ds")
@@ -95,17 +95,15 @@ def _cache_key(cfg: TrainConfig, pairs: TokenizedPairs) -> str:
 @torch.no_grad()
 def _precompute(engine, cfg: TrainConfig, pairs: TokenizedPairs, target: Path, pad_id: int, rank: int,
                 world_size: int) -> None:
-    """One pass over `pairs`, split over ranks (every rank runs the same number of forwards); each rank writes
-    its rows, rank 0 publishes the directory once all are written."""
+    """One pass over `pairs`, split over ranks (data.rank_shares); each rank writes its rows, rank 0 publishes
+    the directory once all are written."""
     tmp = target.with_name(target.name + ".tmp")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    b = cfg.micro_batch_size
     rows, chosen, rejected = [], [], []
-    for start in range(0, len(pairs), b * world_size):
-        mine = list(range(start + rank * b, min(start + (rank + 1) * b, len(pairs))))
+    for mine in rank_shares(len(pairs), cfg.micro_batch_size, rank, world_size):
         logps = forward_logps(engine, collate(pairs, mine or [0], pad_id, packed=cfg.padding_free), cfg.logprob_chunk_size)[0].float().cpu()
         if mine:
             rows += mine

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from dpo_ds import checkpoint as ckpt
 from dpo_ds.config import ConfigError, TrainConfig, add_config_arguments, config_from_args, to_dict, uses_reference
-from dpo_ds.data import DataError, PairSampler, TokenizedPairs, collate, load_pairs
+from dpo_ds.data import DataError, PairSampler, TokenizedPairs, collate, load_pairs, rank_shares
 from dpo_ds.loading import LoadError
 from dpo_ds.losses import LossParams, PairLogps, compute_loss
 from dpo_ds.metrics import MetricsWriter, PairStats, max_over_ranks, peak_memory_gib, untimed
@@ -99,16 +99,11 @@ def pair_step(run: Run, pairs: TokenizedPairs, indices: list[int], stats: PairSt
 
 @torch.no_grad()
 def evaluate(run: Run, pairs: TokenizedPairs) -> tuple[dict[str, float], list[dict]]:
-    """Preference metrics over every pair of `pairs`, split over ranks, and per-pair records (rank 0).
-
-    Every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively); a rank with no
-    pairs left repeats pair 0 and does not count it.
-    """
+    """Preference metrics over every pair of `pairs`, split over ranks (data.rank_shares), and per-pair
+    records (rank 0)."""
     stats = PairStats()
     records = []
-    b, w = run.cfg.micro_batch_size, run.world_size
-    for start in range(0, len(pairs), b * w):
-        mine = list(range(start + run.rank * b, min(start + (run.rank + 1) * b, len(pairs))))
+    for mine in rank_shares(len(pairs), run.cfg.micro_batch_size, run.rank, run.world_size):
         lp, out = pair_step(run, pairs, mine or [0], None, train=False)
         if mine:
             stats.add_pairs(lp, out, 0, 0)
