@@ -374,7 +374,13 @@ class PairSampler:
         return self.micro_batch_size * self.micro_batches_per_step
 
     def steps_in_epoch(self, epoch: int) -> int:
-        return len(self._micro_batches(epoch)) // self.micro_batches_per_step
+        if not self.max_tokens:  # fixed-size micro-batches: n // B full ones, whatever the order
+            return len(self.lengths) // self.pairs_per_step
+        # Under a token budget the count depends on the epoch's order: build it once per epoch, not per step.
+        counts = self.__dict__.setdefault("_steps_by_epoch", {})
+        if epoch not in counts:
+            counts[epoch] = len(self._build_micro_batches(epoch)) // self.micro_batches_per_step
+        return counts[epoch]
 
     @property
     def steps_per_epoch(self) -> int:
