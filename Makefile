@@ -17,7 +17,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	# deepspeed is a source package whose setup imports torch: build it against the torch above.
 	$(PY) -m pip install -q setuptools wheel
-	$(PY) -m pip install -q --no-build-isolation "deepspeed>=0.19.3,<0.20"
+	$(PY) -m pip install -q --no-build-isolation "deepspeed>=0.19.8,<0.20"
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 

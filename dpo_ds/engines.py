@@ -191,25 +191,9 @@ def build_policy_engine(cfg: TrainConfig, ds_config: dict[str, Any], total_steps
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=_optimizer_groups(model, cfg.weight_decay), config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
-    skip_non_finite_steps(engine)
+    # NaN/Inf gradients on any rank make the all-reduced gradient norm non-finite; DeepSpeed (>= 0.19.8) then
+    # skips the update on every rank in every precision and `was_step_applied()` is False.
     return engine
-
-
-def skip_non_finite_steps(engine) -> None:
-    """Make ZeRO-3 skip any optimizer step whose gradients hold NaN/Inf, in every precision.
-
-    DeepSpeed checks gradients only under fp16 loss scaling; in bf16/fp32 a NaN would be clipped and applied.
-    With this, such a step is skipped on all ranks (the check is all-reduced), its gradients are cleared,
-    the lr schedule does not advance, and `engine.was_step_applied()` is False.
-    """
-    opt = engine.optimizer
-
-    def check_overflow_then_update(update_scale: bool = True) -> bool:
-        opt.overflow = False
-        opt.check_overflow()
-        return opt._loss_scale_update_and_overflow_cleanup() if update_scale else opt.overflow
-
-    opt._overflow_check_and_loss_scale_update = check_overflow_then_update
 
 
 def build_inference_engine(path: str, ds_config: dict[str, Any], dtype: torch.dtype, trust_remote_code: bool,

@@ -239,7 +239,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         if run.policy.was_step_applied():
             window.merge(step_stats)
             bad_in_a_row = 0
-        else:  # NaN/Inf gradients: DeepSpeed skipped the update on every rank (engines.skip_non_finite_steps)
+        else:  # NaN/Inf gradients: DeepSpeed skipped the update on every rank (non-finite grad norm)
             skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
             _report_bad_step(done, micro_batches, train_pairs, bad_in_a_row, cfg.max_bad_steps, rank)
         if done % cfg.logging_steps == 0 or done == total_steps:

@@ -39,7 +39,9 @@ report = {"deepspeed_engines": sum(isinstance(o, deepspeed.DeepSpeedEngine) for 
                               "train_batch": policy.train_batch_size(),
                               "zero_stage": policy.zero_optimization_stage(),
                               "bf16": policy.bfloat16_enabled(),
-                              "optimizer_groups": [(g["lr"], g["weight_decay"]) for g in policy.optimizer.param_groups]}}
+                              "optimizer_groups": [(g["lr"], g["weight_decay"]) for g in policy.optimizer.param_groups],
+                              "optimizer": type(policy.basic_optimizer).__name__,
+                              "optimizer_fused": policy.basic_optimizer.defaults.get("fused")}}
 if not hasattr(run.reference, "engine"):  # reference-free losses: nothing more to inspect
     if dist.get_rank() == 0:
         torch.save(report, probe_out)

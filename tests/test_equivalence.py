@@ -76,6 +76,8 @@ def test_auto_values_reach_the_engines(two_rank_run, demo_assets):
     assert probe["policy_checkpointing"] is True
     # after the run: lr is the schedule's value at the end; decay only on the matrices' group
     assert [wd for _, wd in got["optimizer_groups"]] == [SETTINGS["weight_decay"], 0.0]
+    # the CPU preset's PyTorch AdamW runs fused (one kernel for the whole partition, not a per-element loop)
+    assert (got["optimizer"], got["optimizer_fused"]) == ("AdamW", True)
 
 
 def test_exported_model_gives_the_engines_logits(two_rank_run):
