@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import math
 import types
 import typing
@@ -47,7 +48,7 @@ class TrainConfig:
     shuffle: bool = _field(True, "Shuffle pairs each epoch (seeded). Off + group_by_length off: step k uses pairs [k*G, (k+1)*G) in file order.", "data")
     group_by_length: bool = _field(False, "Put pairs of similar length in the same micro-batch (less padding); micro-batches are shuffled.", "data")
     max_tokens_per_micro_batch: Optional[int] = _field(None, "Token budget per micro-batch: pairs of similar length are packed while 2 x pairs x longest sequence fits (at least one pair), so micro-batches carry similar token counts; micro_batch_size is then only the grouping window unit. Every pair keeps equal weight in the loss.", "data")
-    padding_free: bool = _field(False, "Pack each micro-batch's 2B sequences into one row without padding (position ids restart per sequence; transformers masks attention per sequence: flash-attention varlen where installed, else a block-diagonal causal mask).", "data")
+    padding_free: bool = _field(False, "Pack each micro-batch's 2B sequences into one row without padding (position ids restart per sequence; transformers keeps attention within each sequence: varlen flash attention where attn_implementation selects it, else a block-diagonal causal mask).", "data")
     # --- loss
     loss_type: str = _field("sigmoid", f"Preference loss: {', '.join(LOSS_TYPES)}.", "loss")
     beta: float = _field(0.1, "Inverse temperature of the implicit reward r = beta * (log pi - log pi_ref).", "loss")
@@ -81,6 +82,7 @@ class TrainConfig:
     deepspeed_config: Optional[str] = _field(None, "Policy DeepSpeed JSON (see ds_configs/). Values it leaves out or sets to \"auto\" are filled from this config; default: ds_configs/zero3.json on GPU, ds_configs/zero3_cpu.json on CPU.", "engine")
     ref_deepspeed_config: Optional[str] = _field(None, "Reference DeepSpeed JSON; default ds_configs/reference_zero3.json.", "engine")
     weights_loader: str = _field("streamed", "How ZeRO-3 ranks read a local safetensors model: streamed (rank 0 reads each rank's slice of each tensor and sends it: no rank holds more than its partition plus a chunk) or transformers (from_pretrained under HfDeepSpeedConfig: rank 0 maps the whole checkpoint). Other formats always use transformers.", "engine")
+    attn_implementation: str = _field("auto", "Attention kernel transformers builds the models with: eager, sdpa, flash_attention_2, flash_attention_3 or flex_attention. auto: flash_attention_2 when padding_free is on with bf16 on a GPU and the flash_attn package is installed (varlen: each packed sequence costs what it would alone); otherwise the model's own default (sdpa for most; under padding_free it attends over the packed row through a block-diagonal mask, quadratic in the micro-batch's total tokens).", "engine")
     precompute_ref: bool = _field(False, "Compute the reference log-probs of the train and eval pairs once before training (cached on disk under caches/, reused by later runs); training then runs no reference model.", "engine")
     logprob_chunk_size: int = _field(256, "Sequence positions per chunk when turning logits into token log-probs (bounds fp32 memory).", "engine")
     dist_timeout_s: float = _field(600.0, "Seconds a rank waits for the others to join before failing with a message.", "engine")
@@ -100,7 +102,8 @@ class TrainConfig:
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _CHOICES = {"loss_type": LOSS_TYPES, "lr_scheduler": ("constant", "linear", "cosine"), "precision": ("bf16", "fp32"),
-            "weights_loader": ("streamed", "transformers")}
+            "weights_loader": ("streamed", "transformers"),
+            "attn_implementation": ("auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")}
 
 
 def _base_type(annotation: Any) -> tuple[type, bool]:
@@ -258,6 +261,9 @@ def validate(cfg: TrainConfig) -> None:
         bad("ref_model_name_or_path", "reference_free uses no reference model; remove the path")
     if cfg.loss_type in ("simpo", "sft") and cfg.ref_model_name_or_path is not None:
         bad("ref_model_name_or_path", f"loss_type {cfg.loss_type} uses no reference model; remove the path")
+    flash_package = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}.get(cfg.attn_implementation)
+    if flash_package and importlib.util.find_spec(flash_package) is None:
+        bad("attn_implementation", f"{cfg.attn_implementation} needs the {flash_package} package, which is not installed")
     if cfg.length_normalize and cfg.loss_type in ("ipo", "simpo", "sft"):
         bad("length_normalize", f"loss_type {cfg.loss_type} is always length-normalised; the flag only applies to sigmoid, robust, hinge")
 

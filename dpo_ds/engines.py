@@ -122,6 +122,17 @@ def model_dtype(cfg: TrainConfig) -> torch.dtype:
     return torch.bfloat16 if cfg.precision == "bf16" else torch.float32
 
 
+def attention_kernel(cfg: TrainConfig) -> str | None:
+    """The `attn_implementation` to build models with; None leaves the model's default (see the field's help)."""
+    if cfg.attn_implementation != "auto":
+        return cfg.attn_implementation
+    from transformers.utils import is_flash_attn_2_available
+
+    if cfg.padding_free and cfg.precision == "bf16" and torch.cuda.is_available() and is_flash_attn_2_available():
+        return "flash_attention_2"
+    return None
+
+
 def load_model_config(path: str, trust_remote_code: bool):
     from transformers import AutoConfig
 
@@ -129,7 +140,7 @@ def load_model_config(path: str, trust_remote_code: bool):
 
 
 def load_sharded_model(path: str, ds_config: dict[str, Any], dtype: torch.dtype, trust_remote_code: bool,
-                       weights_loader: str = "streamed"):
+                       weights_loader: str = "streamed", attn_implementation: str | None = None):
     """The model at `path`, ZeRO-3 partitioned as it is built, so no rank ever holds the whole model.
 
     `streamed` (local safetensors directories): dpo_ds.loading reads each rank's slice of each tensor on
@@ -139,18 +150,20 @@ def load_sharded_model(path: str, ds_config: dict[str, Any], dtype: torch.dtype,
     from dpo_ds.loading import has_safetensors, load_sharded_pretrained
 
     if weights_loader == "streamed" and has_safetensors(path):
-        return load_sharded_pretrained(path, ds_config, dtype, trust_remote_code)
-    return _load_with_transformers(path, ds_config, dtype, trust_remote_code)
+        return load_sharded_pretrained(path, ds_config, dtype, trust_remote_code, attn_implementation)
+    return _load_with_transformers(path, ds_config, dtype, trust_remote_code, attn_implementation)
 
 
-def _load_with_transformers(path: str, ds_config: dict[str, Any], dtype: torch.dtype, trust_remote_code: bool):
+def _load_with_transformers(path: str, ds_config: dict[str, Any], dtype: torch.dtype, trust_remote_code: bool,
+                            attn_implementation: str | None):
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     hf_ds_config = HfDeepSpeedConfig(ds_config)  # must stay alive while from_pretrained runs
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     attn_implementation=attn_implementation)
     finally:
         del hf_ds_config
         unset_hf_deepspeed_config()
@@ -183,7 +196,7 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
 
 def build_policy_engine(cfg: TrainConfig, ds_config: dict[str, Any], total_steps: int):
     model = load_sharded_model(cfg.model_name_or_path, ds_config, model_dtype(cfg), cfg.trust_remote_code,
-                               cfg.weights_loader)
+                               cfg.weights_loader, attention_kernel(cfg))
     model.train()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -197,9 +210,9 @@ def build_policy_engine(cfg: TrainConfig, ds_config: dict[str, Any], total_steps
 
 
 def build_inference_engine(path: str, ds_config: dict[str, Any], dtype: torch.dtype, trust_remote_code: bool,
-                           weights_loader: str = "streamed"):
+                           weights_loader: str = "streamed", attn_implementation: str | None = None):
     """A frozen ZeRO-3 engine without optimizer, in eval mode."""
-    model = load_sharded_model(path, ds_config, dtype, trust_remote_code, weights_loader)
+    model = load_sharded_model(path, ds_config, dtype, trust_remote_code, weights_loader, attn_implementation)
     model.requires_grad_(False)
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config)
     engine.eval()

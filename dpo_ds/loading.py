@@ -243,7 +243,8 @@ def _trimming_zero_init(ds_config: dict[str, Any]):
     return TrimmingInit(config_dict_or_path=ds_config)
 
 
-def build_zero3_model(config, ds_config: dict[str, Any], dtype: torch.dtype, trust_remote_code: bool):
+def build_zero3_model(config, ds_config: dict[str, Any], dtype: torch.dtype, trust_remote_code: bool,
+                      attn_implementation: str | None = None):
     """An uninitialised causal LM of `config`, partitioned by zero.Init as it is constructed."""
     from transformers import AutoModelForCausalLM
 
@@ -252,7 +253,8 @@ def build_zero3_model(config, ds_config: dict[str, Any], dtype: torch.dtype, tru
             stack.enter_context(ctx)
         stack.enter_context(_trimming_zero_init(ds_config))
         stack.enter_context(_no_nested_zero_init())
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                 attn_implementation=attn_implementation)
     if getattr(config.get_text_config(), "tie_word_embeddings", False):
         model.tie_weights()
     return model
@@ -421,7 +423,8 @@ def load_weights(plan, checkpoint: dict[str, TensorEntry]) -> None:
         release_free_memory()
 
 
-def load_sharded_pretrained(path: str, ds_config: dict[str, Any], dtype: torch.dtype, trust_remote_code: bool):
+def load_sharded_pretrained(path: str, ds_config: dict[str, Any], dtype: torch.dtype, trust_remote_code: bool,
+                            attn_implementation: str | None = None):
     """Drop-in for `engines.load_sharded_model`: the model at `path`, ZeRO-3 partitioned, with no rank ever
     holding more than its partition plus one tensor. Every rank must call it, in the same order."""
     from transformers import AutoConfig, GenerationConfig
@@ -429,7 +432,7 @@ def load_sharded_pretrained(path: str, ds_config: dict[str, Any], dtype: torch.d
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     files = checkpoint_files(path)
     checkpoint = read_headers(files)
-    model = build_zero3_model(config, ds_config, dtype, trust_remote_code)
+    model = build_zero3_model(config, ds_config, dtype, trust_remote_code, attn_implementation)
     plan = plan_loading(model, checkpoint, str(path))
     load_weights(plan, checkpoint)
     if (Path(path) / "generation_config.json").is_file():

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from dpo_ds.config import TrainConfig, uses_reference
 from dpo_ds.data import TokenizedPairs, collate, rank_shares
-from dpo_ds.engines import build_inference_engine, forward_logps, model_dtype, release_engine, resolve_reference_config
+from dpo_ds.engines import attention_kernel, build_inference_engine, forward_logps, model_dtype, release_engine, resolve_reference_config
 
 logger = logging.getLogger("dpo_ds")
 
@@ -70,13 +70,13 @@ def build_reference(cfg: TrainConfig, hidden_size: int, datasets: list[Tokenized
         return NoReference()
     if not cfg.precompute_ref:
         engine = build_inference_engine(reference_path(cfg), resolve_reference_config(cfg, hidden_size),
-                                        model_dtype(cfg), cfg.trust_remote_code, cfg.weights_loader)
+                                        model_dtype(cfg), cfg.trust_remote_code, cfg.weights_loader, attention_kernel(cfg))
         return LiveReference(engine, cfg.logprob_chunk_size)
     caches = {pairs.fingerprint: Path(cache_dir) / f"ref-{_cache_key(cfg, pairs)}" for pairs in datasets}
     missing = [pairs for pairs in datasets if not (caches[pairs.fingerprint] / "complete.json").is_file()]
     if missing:
         engine = build_inference_engine(reference_path(cfg), resolve_reference_config(cfg, hidden_size),
-                                        model_dtype(cfg), cfg.trust_remote_code, cfg.weights_loader)
+                                        model_dtype(cfg), cfg.trust_remote_code, cfg.weights_loader, attention_kernel(cfg))
         for pairs in missing:
             _precompute(engine, cfg, pairs, caches[pairs.fingerprint], pad_id, rank, world_size)
         release_engine(engine)

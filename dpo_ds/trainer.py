@@ -149,10 +149,15 @@ def build_run(cfg: TrainConfig, rank: int, world_size: int, total_steps: int, pa
               datasets: list[TokenizedPairs], load_universal: bool = False) -> Run:
     """The reference source first (with precompute_ref its engine is gone before the policy exists), then the
     policy engine: the same order on every rank, as ZeRO-3 requires."""
-    from dpo_ds.engines import build_policy_engine, load_model_config, resolve_policy_config
+    from dpo_ds.engines import attention_kernel, build_policy_engine, load_model_config, resolve_policy_config
     from dpo_ds.reference import build_reference
 
     hidden = load_model_config(cfg.model_name_or_path, cfg.trust_remote_code).hidden_size
+    kernel = attention_kernel(cfg)
+    if cfg.padding_free and torch.cuda.is_available() and not (kernel or "").startswith("flash_attention"):
+        logger.warning("padding_free with attention %s: a packed micro-batch is attended through a block-diagonal "
+                       "mask, quadratic in its total tokens; install flash-attn (attn_implementation auto) for "
+                       "varlen attention", kernel or "(model default)")
     reference = build_reference(cfg, hidden, datasets, cache_dir_of(cfg), pad_id, rank, world_size)
     ds_config = resolve_policy_config(cfg, world_size, hidden)
     if load_universal:  # resuming a checkpoint saved by another world size

@@ -27,6 +27,7 @@ gc.collect()
 policy = run.policy
 report = {"deepspeed_engines": sum(isinstance(o, deepspeed.DeepSpeedEngine) for o in gc.get_objects()),
           "reference": type(run.reference).__name__,
+          "attention": [e.module.config._attn_implementation for e in (policy, getattr(run.reference, "engine", None)) if e],
           # HF checkpoints activations only in train mode
           "policy_checkpointing": policy.module.is_gradient_checkpointing and policy.module.training,
           # what DeepSpeed itself resolved from our "auto" values

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import re
@@ -74,6 +75,7 @@ def test_wrong_type_names_file_line_and_field(tmp_path):
     ("loss_type: dpo", "loss_type"),           # not one of the choices
     ("precision: fp16", "precision"),
     ("lr_scheduler: step", "lr_scheduler"),
+    ("attn_implementation: flash", "attn_implementation"),
     ("output_dir: {a: 1}", "output_dir"),
     ("beta: null", "beta"),                   # a non-Optional field needs a value
 ])
@@ -243,6 +245,12 @@ def test_validate_rejects(fields, field, words):
     msg = config_error(validate, cfg_of(**fields))
     assert f"field '{field}'" in msg
     assert words in msg
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed here")
+def test_flash_attention_without_its_package_is_refused_before_loading():
+    msg = config_error(validate, cfg_of(attn_implementation="flash_attention_2"))
+    assert "field 'attn_implementation'" in msg and "flash_attn package" in msg
 
 
 @pytest.mark.parametrize("fields", [

@@ -3,6 +3,7 @@ weight per pair however many pairs a micro-batch holds) and precomputed referenc
 against the plain single-process PyTorch DPO of tests/helpers.py."""
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -56,8 +57,11 @@ def test_packed_batch_gives_the_padded_log_probs(demo_assets):
     assert torch.allclose(got[0], want[0], atol=1e-4, rtol=0)
 
 
-def test_padding_free_run_matches_plain_dpo(demo_assets, tmp_path):
-    out, _, _ = run_two_ranks(demo_assets, tmp_path, "packed", padding_free=True)
+@pytest.mark.parametrize("attention", ["auto", "eager"])
+def test_padding_free_run_matches_plain_dpo(demo_assets, tmp_path, attention):
+    out, probe, _ = run_two_ranks(demo_assets, tmp_path, "packed", padding_free=True, attn_implementation=attention)
+    # auto on CPU: the model's default kernel; both policy and reference engines are built with it
+    assert probe["attention"] == ["sdpa" if attention == "auto" else attention] * 2
     first = read_metrics(out)[0]
     assert first["token_occupancy"] == 1.0
     assert_matches_plain(out, plain_dpo(demo_assets.model_dir, demo_assets.train_file, SETTINGS, WORLD),
