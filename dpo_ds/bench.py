@@ -103,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
     from deepspeed.accelerator import get_accelerator
     from launcher.dist import init_distributed
 
+    from dpo_ds.engines import fused_head
     from dpo_ds.metrics import PairStats, SectionTimer, max_over_ranks, peak_memory_gib
     from dpo_ds.plan import shape_from_config
     from dpo_ds.trainer import build_run, pair_step, setup_logging
@@ -169,6 +170,8 @@ def run(args: argparse.Namespace) -> int:
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "micro_batch_size": cfg.micro_batch_size, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "max_tokens_per_micro_batch": cfg.max_tokens_per_micro_batch, "group_by_length": cfg.group_by_length,
+        "padding_free": cfg.padding_free, "attention": run.policy.module.config._attn_implementation,
+        "fused_lm_head": fused_head(run.policy.module) is not None if cfg.fused_lm_head else False,
         "lengths": args.lengths, "reference": "live" if live_reference else "cached" if cfg.precompute_ref else "none",
         "gradient_checkpointing": cfg.gradient_checkpointing, "warmup_steps": args.warmup, "timed_steps": len(times),
         "step_time_s": {"median": statistics.median(step_times.tolist()), "min": float(step_times.min()),
@@ -195,6 +198,7 @@ def _table(r: dict) -> str:
         f"{r['device']}, reference {r['reference']}",
         f"batch        {r['micro_batch_size']} pairs x {r['gradient_accumulation_steps']} accumulation per rank, "
         f"lengths {r['lengths']}, token budget {r['max_tokens_per_micro_batch']}, grouped {r['group_by_length']}",
+        f"scoring      padding-free {r['padding_free']}, attention {r['attention']}, fused lm_head {r['fused_lm_head']}",
         f"step time    median {t['median']:.3f} s (min {t['min']:.3f}, max {t['max']:.3f}) over {r['timed_steps']} steps",
         f"throughput   {r['tokens_per_s']:.0f} real tokens/s, occupancy {r['token_occupancy']:.1%}, "
         f"{r['tflops_per_s']:.3f} TFLOP/s" + (f", MFU {r['mfu']:.1%}" if r["mfu"] is not None else ""),

@@ -6,11 +6,15 @@ ranks build or run modules in different orders or counts.
 """
 from __future__ import annotations
 
+import ast
+import contextlib
 import copy
 import gc
+import inspect
 import json
 import logging
 import math
+import textwrap
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,7 +24,7 @@ import torch
 from deepspeed.accelerator import get_accelerator
 
 from dpo_ds.config import ConfigError, TrainConfig
-from dpo_ds.logprobs import sequence_logps
+from dpo_ds.logprobs import head_sequence_logps, sequence_logps
 
 logger = logging.getLogger("dpo_ds")
 # DeepSpeed 0.19 calls a torch collective that torch 2.13 renamed; the warning is theirs, repeated every step.
@@ -237,14 +241,81 @@ def release_engine(engine) -> None:
     get_accelerator().empty_cache()
 
 
-def forward_logps(engine, batch: dict[str, torch.Tensor], chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed completion log-probs and token counts of every sequence of a collated batch (one forward)."""
+def _returns_head_output_unchanged(model_class: type) -> bool:
+    """Whether `model_class.forward` binds `logits` exactly once, to `self.lm_head(...)`, and never updates it
+    (augmented assignment or an in-place method): then the model returns lm_head's output as it is."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(model_class.forward)))
+    except (OSError, TypeError, SyntaxError):
+        return False
+    writes = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(isinstance(n, ast.Name) and n.id == "logits" for t in targets for n in ast.walk(t)):
+                writes.append(node)
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr.endswith("_")
+              and isinstance(node.func.value, ast.Name) and node.func.value.id == "logits"):
+            return False
+    return (len(writes) == 1 and isinstance(writes[0], ast.Assign) and isinstance(writes[0].value, ast.Call)
+            and ast.unparse(writes[0].value.func) == "self.lm_head")
+
+
+def fused_head(model: torch.nn.Module) -> torch.nn.Linear | None:
+    """The output projection to score inside, or None where the logits path must be used.
+
+    Fusing replaces lm_head's output, so it is only done where the model returns `lm_head(hidden_states)`
+    unchanged (Llama, Mistral, Mixtral, Qwen2/3 and their MoE variants, Phi-3, Gemma, OLMo-2, DeepSeek-V3, ...;
+    not Gemma-2's soft-capping, Cohere's or Granite's scaling) and lm_head is a bias-free Linear.
+    """
+    cached = model.__dict__.get("_dpo_ds_fused_head", False)
+    if cached is not False:
+        return cached
+    head = model.get_output_embeddings()
+    ok = (isinstance(head, torch.nn.Linear) and head.bias is None and _returns_head_output_unchanged(type(model)))
+    if not ok:
+        logger.info("fused_lm_head: %s does not return lm_head(hidden) unchanged; scoring from full logits",
+                    type(model).__name__)
+    model.__dict__["_dpo_ds_fused_head"] = head if ok else None
+    return model.__dict__["_dpo_ds_fused_head"]
+
+
+@contextlib.contextmanager
+def _scoring_head(head: torch.nn.Linear, score):
+    """Within the block, calling `head` returns score(hidden) instead of logits. It is still called through the
+    module, so ZeRO-3's hooks gather its weight for the forward and again for the backward."""
+    head.forward = score
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+def forward_logps(engine, batch: dict[str, torch.Tensor], chunk_size: int,
+                  fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs and token counts of every sequence of a collated batch (one forward).
+
+    `fused` (fused_lm_head): scored inside the output projection where the model allows it (see `fused_head`)."""
     device = engine.device
     input_ids = batch["input_ids"].to(device)
     loss_mask = batch["loss_mask"].to(device)
     if "sequence_ids" in batch:  # packed: no attention mask, position ids mark where each sequence starts
-        logits = engine(input_ids=input_ids, position_ids=batch["position_ids"].to(device), use_cache=False).logits
         sequence_ids = batch["sequence_ids"].to(device)
-        return sequence_logps(logits, input_ids, loss_mask, chunk_size, sequence_ids, int(sequence_ids.max()) + 1)
-    logits = engine(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device), use_cache=False).logits
-    return sequence_logps(logits, input_ids, loss_mask, chunk_size)
+        inputs = {"position_ids": batch["position_ids"].to(device)}
+        scoring = (sequence_ids, int(sequence_ids.max()) + 1)
+    else:
+        inputs, scoring = {"attention_mask": batch["attention_mask"].to(device)}, (None, None)
+    head = fused_head(engine.module) if fused else None
+    if head is None:
+        logits = engine(input_ids=input_ids, use_cache=False, **inputs).logits
+        return sequence_logps(logits, input_ids, loss_mask, chunk_size, *scoring)
+    counts = []
+
+    def score(hidden: torch.Tensor) -> torch.Tensor:
+        sums, tokens = head_sequence_logps(hidden, head.weight, input_ids, loss_mask, chunk_size, *scoring)
+        counts.append(tokens)
+        return sums
+
+    with _scoring_head(head, score):
+        sums = engine(input_ids=input_ids, use_cache=False, **inputs).logits
+    return sums, counts[0]

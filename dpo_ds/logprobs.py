@@ -1,9 +1,14 @@
 """Sequence log-probabilities of completions, without a full fp32 log-softmax over the vocabulary.
 
-Token log-prob = logit[target] - logsumexp(logits), computed over chunks of sequence positions by an
-autograd function whose backward also works chunk by chunk: (onehot(target) - softmax) * grad, written
-straight into the logits' gradient. Beyond the logits and their gradient (in the model's dtype), at most
-one chunk of fp32 values exists at a time, in the forward and in the backward pass.
+Token log-prob = logit[target] - logsumexp(logits). Two paths compute it:
+
+- From logits (`sequence_logps`): an autograd function over chunks of sequence positions whose backward also
+  works chunk by chunk: (onehot(target) - softmax) * grad, written straight into the logits' gradient. Beyond
+  the logits and their gradient (in the model's dtype), at most one chunk of fp32 values exists at a time.
+- Inside the output projection (`head_sequence_logps`, used in place of the model's lm_head): only the
+  completion positions are projected, chunk by chunk, so the [tokens, vocab] logits and their gradient never
+  exist whole. The forward keeps each position's logsumexp; the backward recomputes the logits one vocabulary
+  chunk at a time, each chunk's weight gradient being one matmul over all scored positions.
 """
 from __future__ import annotations
 
@@ -36,9 +41,67 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         return grad, None, None
 
 
+class _HeadTokenLogps(torch.autograd.Function):
+    """log softmax(hidden @ weight.T)[target] at K positions: hidden [K, d], weight [V, d], targets [K]."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int):
+        dtype = torch.promote_types(hidden.dtype, torch.float32)
+        out = torch.empty(targets.shape, dtype=dtype, device=hidden.device)
+        lse = torch.empty(targets.shape, dtype=dtype, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            part = slice(start, start + chunk_size)
+            logits = (hidden[part] @ weight.T).to(dtype)
+            lse[part] = logits.logsumexp(-1)
+            out[part] = logits.gather(-1, targets[part, None]).squeeze(-1) - lse[part]
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        # the backward's [K, vocab chunk] blocks hold as many elements as the forward's [chunk, V] ones
+        ctx.vocab_chunk = max(1, chunk_size * weight.shape[0] // max(1, hidden.shape[0]))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        want_hidden, want_weight = ctx.needs_input_grad[:2]
+        grad_hidden = torch.zeros(hidden.shape, dtype=lse.dtype, device=hidden.device) if want_hidden else None
+        grad_weight = torch.empty_like(weight) if want_weight else None
+        g_out = grad_out.to(lse.dtype)
+        for start in range(0, weight.shape[0], ctx.vocab_chunk):
+            w = weight[start:start + ctx.vocab_chunk]
+            # d out / d logits = onehot(target) - softmax, times the incoming gradient
+            g = torch.exp((hidden @ w.T).to(lse.dtype) - lse[:, None]).mul_(-g_out[:, None])
+            rows = ((targets >= start) & (targets < start + w.shape[0])).nonzero().squeeze(-1)
+            g.index_put_((rows, targets[rows] - start), g_out[rows], accumulate=True)
+            g = g.to(hidden.dtype)
+            if want_weight:
+                grad_weight[start:start + w.shape[0]] = g.T @ hidden
+            if want_hidden:
+                grad_hidden += (g @ w).to(lse.dtype)
+        return (grad_hidden.to(hidden.dtype) if want_hidden else None), grad_weight, None, None
+
+
 def token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int = 256) -> torch.Tensor:
     """log softmax(logits)[target] at every position [N, T] (fp32, or fp64 for fp64 logits)."""
     return _ChunkedTokenLogps.apply(logits, targets, chunk_size)
+
+
+def _scoring(input_ids: torch.Tensor, loss_mask: torch.Tensor, sequence_ids: torch.Tensor | None,
+             num_sequences: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(next-token targets, scored-position mask, sequence of each position, number of sequences), all [N, T].
+
+    The logits at position t predict input_ids[:, t + 1]; the position is scored when that token is a
+    completion token. A score belongs to the sequence of the token it predicts."""
+    next_ids = torch.cat([input_ids[:, 1:], torch.zeros_like(input_ids[:, :1])], dim=1)
+    mask = torch.cat([loss_mask[:, 1:], torch.zeros_like(loss_mask[:, :1])], dim=1)
+    if sequence_ids is None:  # right-padded: one sequence per row
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        return next_ids, mask, rows[:, None].expand_as(input_ids), input_ids.shape[0]
+    segments = torch.cat([sequence_ids[:, 1:], sequence_ids[:, -1:]], dim=1)
+    return next_ids, mask, segments, num_sequences
+
+
+def _counts(mask: torch.Tensor, segments: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.zeros(n, device=mask.device).index_add_(0, segments.reshape(-1), mask.reshape(-1).float())
 
 
 def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor, chunk_size: int = 256,
@@ -50,16 +113,23 @@ def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: tor
     Right-padded batches: one sequence per row, results [N]. Packed batches (`sequence_ids` [N, T] gives each
     position's sequence): results [num_sequences].
     """
-    # Score every position against the next token (the last against a dummy, never counted) so the logits are
-    # used whole: a slice would make autograd build a full-size zero gradient for them.
-    next_ids = torch.cat([input_ids[:, 1:], torch.zeros_like(input_ids[:, :1])], dim=1)
-    mask = torch.cat([loss_mask[:, 1:], torch.zeros_like(loss_mask[:, :1])], dim=1)
-    # where, not multiply: a NaN/Inf at a padding position must not reach the sum (0 * NaN = NaN)
+    next_ids, mask, segments, n = _scoring(input_ids, loss_mask, sequence_ids, num_sequences)
+    # Score every position (the last against a dummy, never counted) so the logits are used whole: a slice
+    # would make autograd build a full-size zero gradient for them. `where`, not multiply: a NaN/Inf at a
+    # padding position must not reach the sum (0 * NaN = NaN).
     scored = torch.where(mask, token_logps(logits, next_ids, chunk_size), 0.0)
-    if sequence_ids is None:
-        return scored.sum(-1), mask.sum(-1).float()
-    # a score belongs to the sequence of the token it predicts
-    segments = torch.cat([sequence_ids[:, 1:], sequence_ids[:, -1:]], dim=1).reshape(-1)
-    sums = scored.new_zeros(num_sequences).index_add(0, segments, scored.reshape(-1))
-    counts = torch.zeros(num_sequences, device=mask.device).index_add_(0, segments, mask.reshape(-1).float())
-    return sums, counts
+    sums = scored.new_zeros(n).index_add(0, segments.reshape(-1), scored.reshape(-1))
+    return sums, _counts(mask, segments, n)
+
+
+def head_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor,
+                        chunk_size: int = 256, sequence_ids: torch.Tensor | None = None,
+                        num_sequences: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """As `sequence_logps`, from the last hidden states [N, T, d] and the output projection's weight [V, d]
+    (logits = hidden @ weight.T), projecting only the scored positions."""
+    next_ids, mask, segments, n = _scoring(input_ids, loss_mask, sequence_ids, num_sequences)
+    scored = mask.reshape(-1).nonzero().squeeze(-1)
+    tokens = _HeadTokenLogps.apply(hidden.reshape(-1, hidden.shape[-1]).index_select(0, scored), weight,
+                                   next_ids.reshape(-1)[scored], chunk_size)
+    sums = tokens.new_zeros(n).index_add(0, segments.reshape(-1)[scored], tokens)
+    return sums, _counts(mask, segments, n)

@@ -30,13 +30,14 @@ logger = logging.getLogger("dpo_ds")
 class LiveReference:
     """Reference log-probs from a ZeRO-3 inference engine, recomputed for every micro-batch."""
 
-    def __init__(self, engine, chunk_size: int):
+    def __init__(self, engine, chunk_size: int, fused: bool):
         self.engine = engine
         self.chunk_size = chunk_size
+        self.fused = fused
 
     @torch.no_grad()
     def logps(self, batch: dict[str, torch.Tensor], pairs: TokenizedPairs, indices: list[int]) -> torch.Tensor:
-        return forward_logps(self.engine, batch, self.chunk_size)[0]
+        return forward_logps(self.engine, batch, self.chunk_size, self.fused)[0]
 
 
 class NoReference:
@@ -71,7 +72,7 @@ def build_reference(cfg: TrainConfig, hidden_size: int, datasets: list[Tokenized
     if not cfg.precompute_ref:
         engine = build_inference_engine(reference_path(cfg), resolve_reference_config(cfg, hidden_size),
                                         model_dtype(cfg), cfg.trust_remote_code, cfg.weights_loader, attention_kernel(cfg))
-        return LiveReference(engine, cfg.logprob_chunk_size)
+        return LiveReference(engine, cfg.logprob_chunk_size, cfg.fused_lm_head)
     caches = {pairs.fingerprint: Path(cache_dir) / f"ref-{_cache_key(cfg, pairs)}" for pairs in datasets}
     missing = [pairs for pairs in datasets if not (caches[pairs.fingerprint] / "complete.json").is_file()]
     if missing:
@@ -104,7 +105,8 @@ def _precompute(engine, cfg: TrainConfig, pairs: TokenizedPairs, target: Path, p
     _barrier()
     rows, chosen, rejected = [], [], []
     for mine in rank_shares(len(pairs), cfg.micro_batch_size, rank, world_size):
-        logps = forward_logps(engine, collate(pairs, mine or [0], pad_id, packed=cfg.padding_free), cfg.logprob_chunk_size)[0].float().cpu()
+        batch = collate(pairs, mine or [0], pad_id, packed=cfg.padding_free)
+        logps = forward_logps(engine, batch, cfg.logprob_chunk_size, cfg.fused_lm_head)[0].float().cpu()
         if mine:
             rows += mine
             chosen.append(logps[: len(mine)])

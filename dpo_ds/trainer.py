@@ -81,7 +81,7 @@ def pair_step(run: Run, pairs: TokenizedPairs, indices: list[int], stats: PairSt
     with run.timer("reference_forward"):
         ref_logps = run.reference.logps(batch, pairs, indices)
     with run.timer("policy_forward"), torch.set_grad_enabled(train):
-        logps, tokens = forward_logps(run.policy, batch, run.cfg.logprob_chunk_size)
+        logps, tokens = forward_logps(run.policy, batch, run.cfg.logprob_chunk_size, run.cfg.fused_lm_head)
         lp = split_pairs(logps, tokens, ref_logps)
         out = compute_loss(run.cfg.loss_type, lp, run.loss_params)
         loss = out.losses.mean() if loss_scale is None else out.losses.sum() * loss_scale

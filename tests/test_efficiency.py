@@ -21,8 +21,8 @@ WORLD = 2
 
 def run_two_ranks(demo_assets, tmp_path, name, **fields):
     out = tmp_path / name
-    cfg = write_config(tmp_path / f"{name}.yaml", model_name_or_path=demo_assets.model_dir,
-                       train_file=demo_assets.train_file, output_dir=str(out), **{**SETTINGS, **fields})
+    cfg = write_config(tmp_path / f"{name}.yaml", **{"model_name_or_path": demo_assets.model_dir,
+                       "train_file": demo_assets.train_file, "output_dir": str(out), **SETTINGS, **fields})
     probe = launch(["tests/dist_train_probe.py", str(cfg), str(tmp_path / f"{name}.pt")])
     return out, torch.load(tmp_path / f"{name}.pt", weights_only=True), probe
 
@@ -55,6 +55,30 @@ def test_packed_batch_gives_the_padded_log_probs(demo_assets):
                              packed["input_ids"], packed["loss_mask"], 7, packed["sequence_ids"], 2 * len(indices))
     assert torch.equal(got[1], want[1])
     assert torch.allclose(got[0], want[0], atol=1e-4, rtol=0)
+
+
+def test_logits_path_run_matches_plain_dpo(demo_assets, tmp_path):
+    """fused_lm_head off: the model returns its full logits and sequence_logps scores them."""
+    out, probe, _ = run_two_ranks(demo_assets, tmp_path, "logits", fused_lm_head=False)
+    assert probe["fused_head"] is False
+    assert_matches_plain(out, plain_dpo(demo_assets.model_dir, demo_assets.train_file, SETTINGS, WORLD))
+
+
+def test_fused_head_with_tied_embeddings_matches_plain_dpo(demo_assets, tmp_path):
+    """lm_head sharing the input embedding's ZeRO-3 parameter: both uses' gradients reach the one weight."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(demo_assets.model_dir)
+    config.tie_word_embeddings = True
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(config)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    tied = tmp_path / "tied_model"
+    model.save_pretrained(tied)
+    AutoTokenizer.from_pretrained(demo_assets.model_dir).save_pretrained(tied)
+    out, probe, _ = run_two_ranks(demo_assets, tmp_path, "tied", model_name_or_path=str(tied))
+    assert probe["fused_head"] is True
+    assert_matches_plain(out, plain_dpo(str(tied), demo_assets.train_file, SETTINGS, WORLD))
 
 
 @pytest.mark.parametrize("attention", ["auto", "eager"])

@@ -74,6 +74,7 @@ def test_auto_values_reach_the_engines(two_rank_run, demo_assets):
     assert got["train_batch"] == SETTINGS["micro_batch_size"] * SETTINGS["gradient_accumulation_steps"] * WORLD
     assert got["zero_stage"] == 3 and got["bf16"] is False
     assert probe["policy_checkpointing"] is True
+    assert probe["fused_head"] is True  # the default: log-probs scored inside lm_head (Llama)
     # after the run: lr is the schedule's value at the end; decay only on the matrices' group
     assert [wd for _, wd in got["optimizer_groups"]] == [SETTINGS["weight_decay"], 0.0]
     # the CPU preset's PyTorch AdamW runs fused (one kernel for the whole partition, not a per-element loop)

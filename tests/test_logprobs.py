@@ -192,3 +192,96 @@ def test_chunked_token_logps_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda x: token_logps(x, targets, 2), (logits,))
     want = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
     assert torch.allclose(token_logps(logits, targets, 3), want, atol=1e-12)
+
+
+# ------------------------------------------------------------------ scoring inside the output projection
+D = 6
+
+
+def make_hidden(seed: int, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    _, ids, mask = make_batch(seed)
+    return torch.randn(N, T, D, generator=g).to(dtype), (torch.randn(V, D, generator=g) * 2).to(dtype), ids, mask
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 3 * T, 1000])  # 1: vocab chunks of a few rows; 1000: one chunk
+def test_head_logps_match_the_plain_projection_in_values_and_gradients(chunk_size):
+    from dpo_ds.logprobs import head_sequence_logps
+
+    hidden, weight, ids, mask = make_hidden(5)
+    row_weights = torch.tensor([0.5, -1.0, 2.0, 1.5])
+    h_ref, w_ref = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    ref_sums, ref_counts = reference(h_ref @ w_ref.T, ids, mask)  # the logits, whole, then log_softmax per token
+    (ref_sums * row_weights).sum().backward()
+
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    sums, counts = head_sequence_logps(h, w, ids, mask, chunk_size=chunk_size)
+    (sums * row_weights).sum().backward()
+    torch.testing.assert_close(sums, ref_sums, rtol=1e-6, atol=1e-5)
+    assert counts.tolist() == ref_counts.tolist()
+    # fp32, other summation order (vocab chunks): gradients of size ~10 agree to ~1e-6 relative
+    torch.testing.assert_close(h.grad, h_ref.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_head_logps_of_a_packed_row_match_the_padded_rows():
+    """One packed row [seq0 seq1 ...] scores each sequence as its own right-padded row does."""
+    from dpo_ds.logprobs import head_sequence_logps
+
+    pairs = TokenizedPairs(prompt=[[1, 5, 6], [1, 7]], chosen=[[8, 9, 2], [10, 2]], rejected=[[11, 2], [12, 4, 5, 2]],
+                           pair_ids=["a", "b"])
+    padded, packed = collate(pairs, [0, 1], pad_id=3), collate(pairs, [0, 1], pad_id=3, packed=True)
+    g = torch.Generator().manual_seed(6)
+    table, weight = torch.randn(V, D, generator=g), torch.randn(V, D, generator=g)
+    want, want_counts = head_sequence_logps(table[padded["input_ids"]], weight, padded["input_ids"], padded["loss_mask"], 2)
+    got, got_counts = head_sequence_logps(table[packed["input_ids"]], weight, packed["input_ids"], packed["loss_mask"], 2,
+                                          packed["sequence_ids"], 4)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert got_counts.tolist() == want_counts.tolist() == [3.0, 2.0, 2.0, 4.0]
+
+
+def test_head_token_logps_gradcheck_float64():
+    from dpo_ds.logprobs import _HeadTokenLogps
+
+    torch.manual_seed(0)
+    hidden = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([0, 8, 3, 3, 5, 1, 8])
+    for chunk in (2, 7):  # vocab chunks of 2 rows (targets in several chunks) and of all 9
+        assert torch.autograd.gradcheck(lambda h, w: _HeadTokenLogps.apply(h, w, targets, chunk), (hidden, weight))
+
+
+def test_head_logps_never_hold_logits_of_all_positions():
+    """Neither autograd's saved tensors nor any tensor made in the forward or backward reaches K x V elements."""
+    from dpo_ds.logprobs import head_sequence_logps
+
+    k_rows, t, v, d, chunk = 2, 64, 500, 8, 8
+    g = torch.Generator().manual_seed(7)
+    hidden = torch.randn(k_rows, t, d, generator=g).to(torch.bfloat16).requires_grad_(True)
+    weight = torch.randn(v, d, generator=g).to(torch.bfloat16).requires_grad_(True)
+    ids = torch.randint(0, v, (k_rows, t), generator=g)
+    mask = torch.ones(k_rows, t, dtype=torch.bool)
+    scored = k_rows * (t - 1)
+
+    class Biggest(torch.utils._python_dispatch.TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in (out if isinstance(out, (tuple, list)) else [out]):
+                if isinstance(o, torch.Tensor):
+                    Biggest.largest = max(Biggest.largest, o.numel())
+            return out
+
+    with Biggest():
+        sums, _ = head_sequence_logps(hidden, weight, ids, mask, chunk_size=chunk)
+        sums.sum().backward()
+    assert Biggest.largest <= max(chunk * v, weight.numel(), hidden.numel()) < scored * v
+    # control: the same watcher sees K x V elements when the logits are formed whole
+    Biggest.largest = 0
+    with Biggest():
+        (hidden @ weight.T).float().log_softmax(-1)
+    assert Biggest.largest >= k_rows * t * v
+    # and the result is the plain projection's
+    ref, _ = reference((hidden @ weight.T).float(), ids, mask)
+    torch.testing.assert_close(sums, ref, rtol=1e-3, atol=1e-2)
