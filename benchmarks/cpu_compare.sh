@@ -55,6 +55,7 @@ for lengths in $LIST; do
   run "plain_${tag}" $PY benchmarks/plain_dpo.py --model_dir "$MODEL_DIR" --pairs "$R/pairs_$tag.json"
   run "trl_${tag}" "$TRL_PY" benchmarks/trl_dpo.py --model_dir "$MODEL_DIR" --pairs "$R/pairs_$tag.json" --max_length "$MAXLEN"
   if [[ $tag == lognormal ]]; then
+    dpods "dpo-ds_${tag}_logits_path" "$lengths" --fused_lm_head false
     dpods "dpo-ds_${tag}_group_by_length" "$lengths" --group_by_length true
     dpods "dpo-ds_${tag}_token_budget${BUDGET}" "$lengths" --group_by_length true --max_tokens_per_micro_batch "$BUDGET"
     dpods "dpo-ds_${tag}_padding_free" "$lengths" --padding_free true

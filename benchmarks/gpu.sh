@@ -1,7 +1,8 @@
 #!/bin/bash
 # GPU benchmark (prepared, not yet run: it awaits a session that is lent a GPU). One H100, < 8 minutes.
 # llama-1b preset (1.1B params, 32k vocab), 2k tokens per sequence, bf16, ZeRO-3, micro batch 4 pairs:
-#   dpo-ds: live reference (ZeRO-3, offloaded to CPU) | --precompute_ref true | --padding_free true | both
+#   dpo-ds: live reference (ZeRO-3, offloaded to CPU) | --precompute_ref true | the same with --fused_lm_head false
+#   (full logits) | log-normal lengths with --padding_free true --precompute_ref true
 #   TRL DPOTrainer on the same random-init model and the same pairs (bf16 autocast, gradient checkpointing)
 # JSON lines -> $OUT/results.jsonl, everything else -> $OUT/log.txt.
 #
@@ -39,8 +40,10 @@ bench() {  # name, extra args
 }
 bench dpo-ds_live_ref_offload --ref_offload true
 bench dpo-ds_precompute_ref --precompute_ref true
-bench dpo-ds_padding_free --padding_free true
-bench dpo-ds_padding_free+precompute_ref --padding_free true --precompute_ref true
+bench dpo-ds_logits_path+precompute_ref --precompute_ref true --fused_lm_head false
+# log-normal lengths (mean ~1k): padding-free packing (sdpa's block-diagonal mask unless flash-attn is installed)
+bench dpo-ds_lognormal_padding_free+precompute_ref --lengths lognormal:1024,0.6 --max_length 4096 \
+    --padding_free true --precompute_ref true
 
 # TRL on the same model directory and the same pairs (step order of dpo-ds bench).
 budget=$(left)
