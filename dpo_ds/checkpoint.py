@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from launcher.dist import barrier
+
 logger = logging.getLogger("dpo_ds")
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -82,11 +84,6 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def any_rank(flag: bool) -> bool:
     """True on every rank when `flag` is true on at least one (a collective: all ranks must call it)."""
     t = torch.tensor([1.0 if flag else 0.0])
@@ -133,7 +130,7 @@ def save_checkpoint(engine, output_dir: str, state: TrainerState, save_total_lim
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         (tmp / "rng").mkdir()
-    _barrier()
+    barrier()
     error: BaseException | None = None
     try:
         engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
@@ -273,7 +270,7 @@ def prepare_universal(ckpt: Path) -> None:
         if proc.returncode != 0:
             raise CheckpointError(f"{ckpt}: universal conversion failed:\n{proc.stderr[-3000:]}")
         os.replace(tmp, target)
-    _barrier()
+    barrier()
 
 
 def load_checkpoint(engine, ckpt: Path, saved: TrainerState, world_size: int) -> None:

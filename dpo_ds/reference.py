@@ -17,12 +17,19 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from dpo_ds.config import TrainConfig, uses_reference
 from dpo_ds.data import TokenizedPairs, collate, rank_shares
-from dpo_ds.engines import attention_kernel, build_inference_engine, forward_logps, model_dtype, release_engine, resolve_reference_config
+from dpo_ds.engines import (
+    attention_kernel,
+    build_inference_engine,
+    forward_logps,
+    model_dtype,
+    release_engine,
+    resolve_reference_config,
+)
+from launcher.dist import barrier
 
 logger = logging.getLogger("dpo_ds")
 
@@ -102,7 +109,7 @@ def _precompute(engine, cfg: TrainConfig, pairs: TokenizedPairs, target: Path, p
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _barrier()
+    barrier()
     rows, chosen, rejected = [], [], []
     for mine in rank_shares(len(pairs), cfg.micro_batch_size, rank, world_size):
         batch = collate(pairs, mine or [0], pad_id, packed=cfg.padding_free)
@@ -115,13 +122,13 @@ def _precompute(engine, cfg: TrainConfig, pairs: TokenizedPairs, target: Path, p
                "chosen": torch.cat(chosen) if chosen else torch.zeros(0),
                "rejected": torch.cat(rejected) if rejected else torch.zeros(0)},
               str(tmp / f"rank-{rank:05d}-of-{world_size:05d}.safetensors"))
-    _barrier()
+    barrier()
     if rank == 0:
         (tmp / "complete.json").write_text(json.dumps({"pairs": len(pairs), "ranks": world_size}))
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
         logger.info("reference log-probs of %d pairs written to %s", len(pairs), target)
-    _barrier()
+    barrier()
 
 
 def _load_table(path: Path) -> torch.Tensor:
@@ -134,8 +141,3 @@ def _load_table(path: Path) -> torch.Tensor:
     if torch.isnan(table).any():
         raise RuntimeError(f"{path}: reference log-probs missing for some pairs; delete the directory to recompute")
     return table
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()

@@ -28,6 +28,7 @@ from dpo_ds.loading import LoadError
 from dpo_ds.losses import LossParams, PairLogps, compute_loss
 from dpo_ds.metrics import MetricsWriter, PairStats, max_over_ranks, peak_memory_gib, untimed
 from dpo_ds.reference_check import check_reference_compatible
+from launcher.dist import barrier
 
 HELP = __doc__
 logger = logging.getLogger("dpo_ds")
@@ -42,11 +43,6 @@ def setup_logging(rank: int) -> None:
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", stream=sys.stderr, force=True)
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 @dataclass
@@ -181,8 +177,9 @@ class Preempted(Exception):
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    from launcher.dist import init_distributed
     from transformers import AutoTokenizer
+
+    from launcher.dist import init_distributed
 
     env = init_distributed(timeout_s=cfg.dist_timeout_s)
     rank, world_size = env.rank, env.world_size
@@ -198,7 +195,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         check_reference_compatible(cfg.model_name_or_path, cfg.ref_model_name_or_path, cfg.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
     data_args = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-                     skip_bad_rows=cfg.skip_bad_rows, cache_dir=cache_dir_of(cfg), rank=rank, barrier=_barrier)
+                     skip_bad_rows=cfg.skip_bad_rows, cache_dir=cache_dir_of(cfg), rank=rank, barrier=barrier)
     train_pairs, data_fingerprint = load_pairs(cfg.train_file, tokenizer, **data_args)
     eval_pairs = load_pairs(cfg.eval_file, tokenizer, **data_args)[0] if cfg.eval_file else None
 

@@ -42,6 +42,14 @@ def pick_backend() -> tuple[str, str]:
     return device, backend
 
 
+def barrier() -> None:
+    """Wait for every rank; a no-op in a single process without a process group."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def exit_process(code: int) -> None:
     """Flush, finalize MPI if it was started, and leave without interpreter teardown: after a gloo process
     group, finalization can abort in C++ ("terminate called without an active exception") even after
