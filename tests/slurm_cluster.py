@@ -323,10 +323,13 @@ PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=U
                                       "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"),
              release_requeued: bool = True) -> dict[str, str]:
         """Wait for one of `states`, held for 3 s: while a job is being requeued Slurm can briefly show
-        the run's end state (FAILED) before the job turns PENDING again.  A requeued job is made eligible
-        at once instead of after Slurm's requeue delay (BeginTime ~2 min) when release_requeued is set."""
+        the run's end state (FAILED) before the job turns PENDING again.  With release_requeued a requeued
+        job is made eligible 2 s after it is seen pending instead of after Slurm's requeue delay (BeginTime
+        ~2 min). Not sooner: slurmd refuses a launch whose credential is from the same second as the previous
+        run's revocation ("Job credential revoked"), and the job then ends FAILED."""
         deadline = time.monotonic() + timeout_s
         seen: tuple[str, float] | None = None
+        pending_since: dict[str, float] = {}  # restart count -> when it was first seen held by BeginTime
         while True:
             info = self.job(job_id)
             state = info.get("JobState")
@@ -338,7 +341,9 @@ PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=U
             else:
                 seen = None
             if release_requeued and info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
-                self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=False)
+                since = pending_since.setdefault(info.get("Restarts", ""), time.monotonic())
+                if time.monotonic() - since >= 2:  # StartTime=now also makes the scheduler run at once
+                    self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=False)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {info.get('JobState')} after {timeout_s:.0f}s: {info}\n"
                                    f"{self.logs()}")

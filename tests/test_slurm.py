@@ -147,9 +147,7 @@ def main(argv):
 '''
 
 
-# torchrun mode is left out: on this emulated cluster its self-requeue is lost in about half the runs (the job
-# ends FAILED 1:0 right after `scontrol requeue`), a race that is still open; see the cluster issue's notes.
-@pytest.mark.parametrize("mode", ["srun"])
+@pytest.mark.parametrize("mode", ["srun", "torchrun"])
 def test_time_limit_signal_requeues_and_resumes_stub(slurm, tmp_path, mode):
     """USR1 to the batch shell (what --signal=B:USR1@300 sends) -> forwarded -> 75 -> self-requeue."""
     stub = tmp_path / "stub" / "dpo_ds"
