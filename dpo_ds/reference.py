@@ -70,6 +70,11 @@ def reference_path(cfg: TrainConfig) -> str:
     return cfg.ref_model_name_or_path or cfg.model_name_or_path
 
 
+def _reference_engine(cfg: TrainConfig, hidden_size: int):
+    return build_inference_engine(reference_path(cfg), resolve_reference_config(cfg, hidden_size), model_dtype(cfg),
+                                  cfg.trust_remote_code, cfg.weights_loader, attention_kernel(cfg))
+
+
 def build_reference(cfg: TrainConfig, hidden_size: int, datasets: list[TokenizedPairs] = (), cache_dir: str | None = None,
                     pad_id: int = 0, rank: int = 0, world_size: int = 1):
     """The reference source the loss needs. With precompute_ref, every dataset's table is computed (or read
@@ -77,14 +82,12 @@ def build_reference(cfg: TrainConfig, hidden_size: int, datasets: list[Tokenized
     if not uses_reference(cfg):
         return NoReference()
     if not cfg.precompute_ref:
-        engine = build_inference_engine(reference_path(cfg), resolve_reference_config(cfg, hidden_size),
-                                        model_dtype(cfg), cfg.trust_remote_code, cfg.weights_loader, attention_kernel(cfg))
+        engine = _reference_engine(cfg, hidden_size)
         return LiveReference(engine, cfg.logprob_chunk_size, cfg.fused_lm_head)
     caches = {pairs.fingerprint: Path(cache_dir) / f"ref-{_cache_key(cfg, pairs)}" for pairs in datasets}
     missing = [pairs for pairs in datasets if not (caches[pairs.fingerprint] / "complete.json").is_file()]
     if missing:
-        engine = build_inference_engine(reference_path(cfg), resolve_reference_config(cfg, hidden_size),
-                                        model_dtype(cfg), cfg.trust_remote_code, cfg.weights_loader, attention_kernel(cfg))
+        engine = _reference_engine(cfg, hidden_size)
         for pairs in missing:
             _precompute(engine, cfg, pairs, caches[pairs.fingerprint], pad_id, rank, world_size)
         release_engine(engine)

@@ -233,9 +233,10 @@ def test_head_logps_of_a_packed_row_match_the_padded_rows():
     padded, packed = collate(pairs, [0, 1], pad_id=3), collate(pairs, [0, 1], pad_id=3, packed=True)
     g = torch.Generator().manual_seed(6)
     table, weight = torch.randn(V, D, generator=g), torch.randn(V, D, generator=g)
-    want, want_counts = head_sequence_logps(table[padded["input_ids"]], weight, padded["input_ids"], padded["loss_mask"], 2)
-    got, got_counts = head_sequence_logps(table[packed["input_ids"]], weight, packed["input_ids"], packed["loss_mask"], 2,
-                                          packed["sequence_ids"], 4)
+    want, want_counts = head_sequence_logps(table[padded["input_ids"]], weight, padded["input_ids"],
+                                            padded["loss_mask"], 2)
+    got, got_counts = head_sequence_logps(table[packed["input_ids"]], weight, packed["input_ids"],
+                                          packed["loss_mask"], 2, packed["sequence_ids"], 4)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     assert got_counts.tolist() == want_counts.tolist() == [3.0, 2.0, 2.0, 4.0]
 
@@ -285,3 +286,21 @@ def test_head_logps_never_hold_logits_of_all_positions():
     # and the result is the plain projection's
     ref, _ = reference((hidden @ weight.T).float(), ids, mask)
     torch.testing.assert_close(sums, ref, rtol=1e-3, atol=1e-2)
+
+
+@pytest.mark.parametrize("model_type,fused", [("llama", True), ("qwen3", True), ("mixtral", True),
+                                              ("gemma2", False), ("cohere", False), ("granite", False)])
+def test_fused_head_only_where_the_model_returns_lm_head_output_unchanged(model_type, fused):
+    """Gemma-2 soft-caps, Cohere and Granite scale the logits after lm_head: scoring inside lm_head would skip
+    that, so those models keep the full-logits path."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from dpo_ds.engines import fused_head
+
+    config = AutoConfig.for_model(model_type, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=2, vocab_size=128, pad_token_id=0,
+                                  bos_token_id=1, eos_token_id=2)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    head = fused_head(model)
+    assert (head is model.get_output_embeddings()) if fused else head is None
