@@ -70,8 +70,11 @@ class _HeadTokenLogps(torch.autograd.Function):
             w = weight[start:start + ctx.vocab_chunk]
             # d out / d logits = onehot(target) - softmax, times the incoming gradient
             g = torch.exp((hidden @ w.T).to(lse.dtype) - lse[:, None]).mul_(-g_out[:, None])
-            rows = ((targets >= start) & (targets < start + w.shape[0])).nonzero().squeeze(-1)
-            g.index_put_((rows, targets[rows] - start), g_out[rows], accumulate=True)
+            # + incoming gradient at the target, for the positions whose target is in this block (no
+            # data-dependent indexing, so no device sync per block)
+            in_block = (targets >= start) & (targets < start + w.shape[0])
+            g.scatter_add_(1, (targets - start).clamp(0, w.shape[0] - 1)[:, None],
+                           torch.where(in_block, g_out, 0.0)[:, None])
             g = g.to(hidden.dtype)
             if want_weight:
                 grad_weight[start:start + w.shape[0]] = g.T @ hidden
