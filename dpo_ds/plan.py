@@ -22,10 +22,10 @@ HELP = """Estimate per-GPU and per-node memory and the FLOPs of one DPO micro-st
 from a model's config alone (a preset name, a config.json, or a model directory; nothing is downloaded).
 Counts the policy's ZeRO-3 model states (bf16 params and grads, fp32 master weights and Adam moments,
 sharded over all GPUs or offloaded to CPU), the ZeRO-3 gather/bucket buffers, the frozen reference model
-(on GPU, offloaded to CPU, or precomputed), gradient-checkpointed activations and the logits; says whether
-that fits in GPU memory and CPU memory per node, keeping 10% of each as headroom; and searches for the
-smallest setting that fits: node counts 1, 2, 4, ... up to --max_nodes first, then optimizer offload, then
-parameter offload, then halving the micro batch down to 1.
+(on GPU, offloaded to CPU, or precomputed), gradient-checkpointed activations and the log-probs (inside
+lm_head, or from full logits); says whether that fits in GPU memory and CPU memory per node, keeping 10%
+of each as headroom; and searches for the smallest setting that fits: node counts 1, 2, 4, ... up to
+--max_nodes first, then optimizer offload, then parameter offload, then halving the micro batch down to 1.
 Example: dpo-ds plan --model llama-70b --nodes 4 --gpus_per_node 8 --seq_len 4096 --reference offload"""
 
 GIB = 2**30
@@ -221,6 +221,7 @@ class Setup:
     reference: str = "gpu"
     offload_optimizer: bool = False
     offload_params: bool = False
+    fused_lm_head: bool = True  # the trainer's default; every supported model type returns lm_head's output as is
 
     @property
     def total_gpus(self) -> int:
@@ -383,12 +384,20 @@ def plan(model: ModelShape, setup: Setup) -> Plan:
     items += [
         Item("activation checkpoints", model.num_layers * tokens * model.hidden_size * p, 0.0),
         Item("layer recompute + its grads", 2 * tokens * model.layer_activation_bytes_per_token(p), 0.0),
+    ]
+    if setup.fused_lm_head:
+        # Log-probs inside lm_head (logprobs.head_sequence_logps): no [T, V] logits. At a time two fp32 blocks of
+        # LOGPROB_CHUNK x V elements (logits/softmax and their gradient) and a p-byte copy; plus the scored
+        # positions' hidden states (p bytes) and their fp32 gradient, budgeted for all T tokens.
+        items.append(Item("log-probs in lm_head (fused, chunked)",
+                          LOGPROB_CHUNK * model.vocab_size * (8 + p) + tokens * model.hidden_size * (p + 4), 0.0))
+    else:
         # The p-byte logits and, in backward, their gradient (T * V * p each); the log-softmax runs in fp32 on
         # LOGPROB_CHUNK sequence positions of all 2*mb rows at a time: the fp32 upcast and its log-softmax.
-        Item("logits + chunked fp32 log-softmax",
-             2 * tokens * model.vocab_size * p
-             + 2 * 2 * setup.micro_batch_size * min(LOGPROB_CHUNK, setup.seq_len) * model.vocab_size * 4, 0.0),
-    ]
+        items.append(Item("logits + chunked fp32 log-softmax",
+                          2 * tokens * model.vocab_size * p
+                          + 2 * 2 * setup.micro_batch_size * min(LOGPROB_CHUNK, setup.seq_len) * model.vocab_size * 4,
+                          0.0))
     return Plan(model, setup, tuple(items), flops(model, setup))
 
 
@@ -451,6 +460,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "precomputed log-probs, or none (reference-free)")
     parser.add_argument("--offload_optimizer", action="store_true", help="ZeRO-3 offload_optimizer to CPU")
     parser.add_argument("--offload_params", action="store_true", help="ZeRO-3 offload_param to CPU")
+    parser.add_argument("--fused_lm_head", choices=("true", "false"), default="true",
+                        help="as the train field: log-probs inside lm_head (true, default) or from full logits")
     parser.add_argument("--max_nodes", type=_positive_int, default=NODE_COUNTS_CAP,
                         help=f"largest node count the fit search tries (default {NODE_COUNTS_CAP})")
     parser.add_argument("--json", action="store_true", help="print a JSON object instead of the table")
@@ -499,7 +510,8 @@ def run(args: argparse.Namespace) -> int:
     setup = Setup(nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_memory_gb=args.gpu_memory_gb,
                   cpu_memory_gb=args.cpu_memory_gb, seq_len=args.seq_len, micro_batch_size=args.micro_batch_size,
                   precision=args.precision, reference=args.reference,
-                  offload_optimizer=args.offload_optimizer, offload_params=args.offload_params)
+                  offload_optimizer=args.offload_optimizer, offload_params=args.offload_params,
+                  fused_lm_head=args.fused_lm_head == "true")
     model = load_shape(args.model)
     result = plan(model, setup)
     fit = smallest_fit(model, setup, args.max_nodes)

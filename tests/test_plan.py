@@ -178,3 +178,21 @@ def test_cli_unknown_preset_lists_presets():
     with pytest.raises(SystemExit) as exit_info:
         main(["plan", "--model", "llama-999b"])
     assert "llama-999b" in str(exit_info.value) and all(name in str(exit_info.value) for name in P.PRESETS)
+
+
+@pytest.mark.parametrize("model_type", P.SUPPORTED_TYPES)
+def test_every_supported_model_type_scores_inside_lm_head(model_type):
+    """plan budgets the fused log-probs by default: the trainer uses them for all of plan's model types."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from dpo_ds.engines import _returns_head_output_unchanged
+
+    assert _returns_head_output_unchanged(getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]))
+
+
+def test_fused_log_probs_budget_less_than_full_logits():
+    model = P.load_shape("llama3-8b")
+    fused, full = (P.plan(model, setup(1, fused_lm_head=flag)) for flag in (True, False))
+    item = {i.name: i.gpu_bytes for i in fused.items}["log-probs in lm_head (fused, chunked)"]
+    assert item < {i.name: i.gpu_bytes for i in full.items}["logits + chunked fp32 log-softmax"] / 4
