@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import re
 import statistics
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -587,3 +590,174 @@ def test_collate_tokenized_file(tmp_path, tok, demo_rows):
         assert ids[row][loss[row]].tolist() == comp
         assert int(attn[row].sum()) == len(seq) and attn[row, : len(seq)].all()
     assert int(attn.sum()) == sum(pairs.real_tokens(i) for i in idx)
+
+
+# ------------------------------------------------------------------------ parallel preparation, the cache
+def mixed_rows(demo_rows: list[dict]) -> list[dict]:
+    """Standard, conversational (explicit, string and implicit prompts) and implicit-prompt string rows."""
+    user = {"role": "user", "content": "Bob asks: can you name a fruit?"}
+    chat = [{"prompt": [user], "chosen": [{"role": "assistant", "content": "Try apple."}],
+             "rejected": [{"role": "assistant", "content": "Try cat."}]},
+            {"prompt": user["content"], "chosen": [{"role": "assistant", "content": "Try plum."}],
+             "rejected": [{"role": "assistant", "content": "Try dog."}]},
+            {"chosen": [user, {"role": "assistant", "content": "Try lemon."}],
+             "rejected": [user, {"role": "assistant", "content": "Try wolf."}]}]
+    implicit = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]} for r in demo_rows[20:30]]
+    return demo_rows[:20] + chat + implicit
+
+
+def recipe_ids(tok, row: dict) -> tuple[list[int], list[int], list[int]]:
+    """The TRL convention written out for one row of mixed_rows (independent of PairTokenizer)."""
+    if isinstance(row["chosen"], str):
+        prompt = row.get("prompt")
+        if prompt is None:  # implicit: the shared text up to the last whitespace before the first difference
+            n = len(os.path.commonprefix([row["chosen"], row["rejected"]]))
+            n = row["chosen"][:n].rfind(" ")
+            prompt, chosen, rejected = row["chosen"][:n], row["chosen"][n:], row["rejected"][n:]
+        else:
+            chosen, rejected = row["chosen"], row["rejected"]
+        p, c, _ = trl_ids(tok, prompt, chosen)
+        return p, c, trl_ids(tok, prompt, rejected)[1]
+    prompt_msgs = row.get("prompt")
+    chosen_msgs, rejected_msgs = row["chosen"], row["rejected"]
+    if prompt_msgs is None:
+        prompt_msgs, chosen_msgs, rejected_msgs = chosen_msgs[:-1], chosen_msgs[-1:], rejected_msgs[-1:]
+    elif isinstance(prompt_msgs, str):
+        prompt_msgs = [{"role": "user", "content": prompt_msgs}]
+    prompt_text = tok.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
+    out = []
+    for msgs in (chosen_msgs, rejected_msgs):
+        full = tok.apply_chat_template(prompt_msgs + msgs, tokenize=False)
+        out.append(trl_ids(tok, prompt_text, full[len(prompt_text):], templated=True))
+    return out[0][0], out[0][1], out[1][1]
+
+
+def test_parallel_preparation_gives_the_recipe_ids_in_file_order(tmp_path, tok, demo_rows, monkeypatch):
+    """Token ids equal the TRL recipe on standard, conversational and implicit-prompt rows, with 1 or 2
+    tokenizer processes and chunks smaller than the file (results come back in file order)."""
+    rows = mixed_rows(demo_rows)
+    path = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    monkeypatch.setattr(D, "CHUNK_ROWS", 4)
+    expected = [recipe_ids(tok, r) for r in rows]
+    for workers in (1, 2):
+        pairs = tokenize_file(path, PairTokenizer(tok, 512), False, workers=workers)
+        assert as_lists(pairs) == expected
+        assert list(pairs.pair_ids) == [f"{path}:{i + 1}" for i in range(len(rows))]
+        assert pairs.stats["rows"] == len(rows) and pairs.stats["prompt_not_prefix"] == 0
+
+
+def test_first_bad_row_in_file_order_with_parallel_workers(tmp_path, tok, demo_rows, monkeypatch):
+    monkeypatch.setattr(D, "CHUNK_ROWS", 3)
+    rows = demo_rows[:12]
+    rows[10] = {"prompt": "q", "chosen": " a"}  # chunk 4
+    rows[4] = {"prompt": "q", "chosen": 5, "rejected": " b"}  # chunk 2: the first in file order
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    for workers in (1, 2):
+        with pytest.raises(DataError) as info:
+            tokenize_file(path, PairTokenizer(tok, 512), False, workers=workers)
+        assert str(info.value).startswith(f"{path}:5: field 'chosen':")
+        pairs = tokenize_file(path, PairTokenizer(tok, 512), True, workers=workers)
+        assert pairs.stats["skipped_bad_rows"] == 2 and len(pairs) == 10
+
+
+def test_cache_is_flat_memory_mapped_arrays(tmp_path, tok, demo_rows):
+    caches = tmp_path / "caches"
+    small, fp_small = _load(write_jsonl(tmp_path / "small.jsonl", demo_rows[:8]), tok, caches)
+    pairs, fp = _load(write_jsonl(tmp_path / "big.jsonl", demo_rows * 4), tok, caches)
+    cache = D.cache_path(caches, fp)
+    assert pairs.cache_path == str(cache)
+    for column in (pairs.prompt, pairs.chosen, pairs.rejected):
+        # one read-only mapping of the file per column: ids int32, offsets int64 (> 2**31 tokens fit)
+        assert isinstance(column.flat, np.memmap) and column.flat.dtype == np.int32 and not column.flat.flags.writeable
+        assert isinstance(column.offsets, np.memmap) and column.offsets.dtype == np.int64
+        assert len(column) == len(pairs) == 4 * len(demo_rows)
+    assert as_lists(pairs)[:8] == as_lists(small)
+    assert pairs.stored_tokens == sum(len(p) + len(c) + len(r) for p, c, r in as_lists(pairs))
+    # row locations live in the cache files, not in its metadata: meta.json does not grow with the rows
+    sizes = [(D.cache_path(caches, f) / "meta.json").stat().st_size for f in (fp_small, fp)]
+    assert sizes[1] < sizes[0] + 100
+    assert (cache / "rows.i64").stat().st_size == 8 * len(pairs)
+    assert pairs.pair_ids[len(pairs) - 1] == f"{tmp_path / 'big.jsonl'}:{len(pairs)}"
+    # the sampler works from the lengths array
+    from dpo_ds.config import TrainConfig
+
+    lengths = PairSampler.for_config(TrainConfig(micro_batch_size=2), pairs, 2).lengths
+    assert lengths.tolist() == [pairs.length(i) for i in range(len(pairs))]
+
+
+@pytest.mark.parametrize("damage", ["truncated_ids", "no_meta", "other_fingerprint", "bad_offsets"])
+def test_damaged_cache_is_named_and_rebuilt_never_used(tmp_path, tok, demo_rows, damage, caplog):
+    path = write_jsonl(tmp_path / "train.jsonl", demo_rows[:16])
+    caches = tmp_path / "caches"
+    good, fp = _load(path, tok, caches)
+    expected = as_lists(good)
+    cache = D.cache_path(caches, fp)
+    if damage == "truncated_ids":
+        with open(cache / "chosen.ids", "r+b") as fh:
+            fh.truncate(fh.seek(0, 2) - 4)
+    elif damage == "no_meta":
+        (cache / "meta.json").unlink()
+    elif damage == "other_fingerprint":
+        meta = json.loads((cache / "meta.json").read_text())
+        (cache / "meta.json").write_text(json.dumps(meta | {"fingerprint": "0" * 24}))
+    else:
+        offsets = np.fromfile(cache / "prompt.offsets", dtype="<i8")
+        offsets[3] = offsets[-1] + 5
+        offsets.tofile(cache / "prompt.offsets")
+    assert D.cache_problem(cache, fp) is not None
+    del good
+    # another rank never reads it: it waits until rank 0 has rebuilt the cache
+    import threading
+
+    waited = {}
+    waiter = threading.Thread(target=lambda: waited.update(pairs=_load(path, tok, caches, rank=1, poll_s=0.05)[0]))
+    waiter.start()
+    waiter.join(1.0)
+    assert waiter.is_alive()
+    with caplog.at_level(logging.WARNING, logger="dpo_ds"):
+        rebuilt, _ = _load(path, tok, caches)
+    assert any(str(cache) in r.getMessage() and "preparing it again" in r.getMessage() for r in caplog.records)
+    assert as_lists(rebuilt) == expected and D.cache_problem(cache, fp) is None
+    waiter.join(30)
+    assert as_lists(waited["pairs"]) == expected
+    assert [p.name for p in caches.iterdir()] == [cache.name]  # no temporary directory left behind
+
+
+def test_truncation_report_suggests_lengths(tmp_path, tok, demo_assets, caplog):
+    """Issue 13: a max_length as long as the longest prompt drops or cuts most demo pairs; the warning says how many, shows
+    the percentiles and the max_length / max_prompt_length that keep 99% whole; `prepare` prints them too."""
+    rows = [json.loads(line) for line in Path(demo_assets.train_file).read_text().splitlines()]
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    full = as_lists(tokenize(path, tok))
+    prompt_lens = sorted(len(p) for p, _, _ in full)
+    pair_lens = sorted(len(p) + max(len(c), len(r)) for p, c, r in full)
+    p99 = lambda v: v[math.ceil(0.99 * (len(v) - 1))]  # noqa: E731  ("higher" quantile)
+    max_length = prompt_lens[-1]
+    with caplog.at_level(logging.WARNING, logger="dpo_ds"):
+        pairs = tokenize(path, tok, max_length=max_length)
+    s = pairs.stats
+    dropped = sum(len(p) >= max_length for p, _, _ in full)
+    cut = sum(len(p) < max_length and len(p) + max(len(c), len(r)) > max_length for p, c, r in full)
+    assert s["dropped_truncated"] == dropped > 0 and s["truncated"] + s["identical_after_truncation"] == cut > 0
+    message = next(r.getMessage() for r in caplog.records if "truncation dropped" in r.getMessage())
+    assert f"dropped {dropped} and cut {s['truncated']} of {len(rows)} pairs" in message
+    assert f"max_length {p99(pair_lens)} with max_prompt_length {p99(prompt_lens)} would keep 99%" in message
+    assert re.search(rf"prompt\s+{prompt_lens[len(prompt_lens) // 2]}\s", message.replace("prompt +", "x"))
+    # nothing to report when truncation touches no pair
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dpo_ds"):
+        tokenize(path, tok, max_length=p99(pair_lens) + max(pair_lens))
+    assert not [r for r in caplog.records if "truncation" in r.getMessage()]
+
+
+def test_identical_completion_ids_are_counted_and_skipped(tmp_path, tok, caplog):
+    """Issue 13: digits this tokenizer maps to <unk> make ' Try 7.' and ' Try 8.' the same ids: zero signal."""
+    same = {"prompt": "Question: pick a number Answer:", "chosen": " Try 7.", "rejected": " Try 8."}
+    assert trl_ids(tok, same["prompt"], same["chosen"]) == trl_ids(tok, same["prompt"], same["rejected"])
+    path = write_jsonl(tmp_path / "t.jsonl", [GOOD, same, GOOD, same, same])
+    with caplog.at_level(logging.WARNING, logger="dpo_ds"):
+        pairs = tokenize(path, tok)
+    assert list(pairs.pair_ids) == [f"{path}:1", f"{path}:3"]
+    assert pairs.stats["identical_completions"] == 3 and pairs.stats["identical_after_truncation"] == 0
+    warning = next(r.getMessage() for r in caplog.records if "same token ids" in r.getMessage())
+    assert f"skipped 3 pairs" in warning and path in warning
