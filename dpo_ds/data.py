@@ -18,10 +18,10 @@ import hashlib
 import itertools
 import json
 import logging
-import math
 import multiprocessing
 import os
 import shutil
+import signal
 import time
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
@@ -386,6 +386,11 @@ _worker: ChunkTokenizer | None = None  # this tokenizer process's ChunkTokenizer
 
 def _init_worker(chunk_tokenizer: ChunkTokenizer) -> None:
     global _worker
+    # Stop signals are the parent's business (the trainer's handlers would make a forked worker ignore the
+    # pool's terminate); the parent ends the pool when it stops.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for sig in (signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already; no nested thread pools
     torch.set_num_threads(1)
     _worker = chunk_tokenizer
