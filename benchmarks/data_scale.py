@@ -3,13 +3,14 @@
 
     python benchmarks/data_scale.py assets DIR                       # tokenizer (32k BPE) + tiny Llama in DIR
     python benchmarks/data_scale.py pairs DIR N                      # DIR/pairs-N.jsonl, ~590 stored tokens per pair
-    python benchmarks/data_scale.py train DIR N [--dist_timeout_s 60] [--nproc 2]
+    python benchmarks/data_scale.py train DIR N [--dist_timeout_s 60] [--nproc 2] [--cache_dir CACHE]
     python benchmarks/data_scale.py prepare DIR N [--workers K]
 
 `train` starts a fresh 2-rank `torchrun -m dpo_ds train` (new cache_dir: it prepares the data first) with a tiny
 model, so the time is the data path's, samples the summed PSS of torchrun and all its descendants (ranks and
 tokenizer processes) every 0.25 s until the log says step 1 is done, and prints one JSON line. `prepare`
-runs `dpo-ds prepare` in a fresh cache_dir and prints its wall time and pairs/s as JSON.
+runs `dpo-ds prepare` in a fresh cache_dir and prints its wall time and pairs/s as JSON; `train --cache_dir`
+then starts from that cache.
 """
 import argparse
 import json
@@ -89,7 +90,7 @@ def tree_pss(root) -> int:
     return total
 
 
-def run_train(out: Path, n: int, dist_timeout_s: float, nproc: int) -> dict:
+def run_train(out: Path, n: int, dist_timeout_s: float, nproc: int, cache_dir: str | None) -> dict:
     import psutil
 
     data = write_pairs(out, n)
@@ -99,7 +100,7 @@ def run_train(out: Path, n: int, dist_timeout_s: float, nproc: int) -> dict:
            "--master_port=29731", "-m", "dpo_ds", "train", "--model_name_or_path", str(out / "model"),
            "--train_file", str(data), "--output_dir", str(run_dir), "--precision", "fp32", "--max_steps", "1",
            "--max_length", "1024", "--micro_batch_size", "1", "--logging_steps", "1",
-           "--dist_timeout_s", str(dist_timeout_s)]
+           "--dist_timeout_s", str(dist_timeout_s)] + (["--cache_dir", cache_dir] if cache_dir else [])
     started = time.perf_counter()
     with log_path.open("w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
@@ -113,6 +114,7 @@ def run_train(out: Path, n: int, dist_timeout_s: float, nproc: int) -> dict:
     text = log_path.read_text(errors="replace")
     prepared = re.search(r"prepared (\d+) pairs \((\d+) tokens\) in ([\d.]+) s \((\d+) pairs/s\)", text)
     return {"pairs": n, "ranks": nproc, "dist_timeout_s": dist_timeout_s, "exit": proc.returncode,
+            "cache": "reused " + cache_dir if cache_dir and not prepared else "prepared by the run",
             "time_to_step1_s": round(step1, 1) if step1 else None, "peak_pss_gib": round(peak / 2**30, 3),
             "stored_tokens": int(prepared[2]) if prepared else None,
             "prepare_s": float(prepared[3]) if prepared else None, "log": str(log_path)}
@@ -142,6 +144,7 @@ def main() -> None:
     ap.add_argument("--dist_timeout_s", type=float, default=60)
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--cache_dir", help="train: use this cache_dir (e.g. one `prepare` filled) instead of a fresh one")
     a = ap.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if a.what == "assets":
@@ -149,7 +152,7 @@ def main() -> None:
     elif a.what == "pairs":
         print(write_pairs(a.dir, a.n))
     elif a.what == "train":
-        print(json.dumps(run_train(a.dir, a.n, a.dist_timeout_s, a.nproc)), flush=True)
+        print(json.dumps(run_train(a.dir, a.n, a.dist_timeout_s, a.nproc, a.cache_dir)), flush=True)
     else:
         print(json.dumps(run_prepare(a.dir, a.n, a.workers)), flush=True)
 
