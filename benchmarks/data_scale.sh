@@ -4,7 +4,8 @@
 # tokenizer processes (scaling with cores); `dpo-ds prepare` of 1M pairs, then a 2-rank run on that cache to
 # step 1. Results: one JSON line each in OUT/results.jsonl.
 #
-#   benchmarks/data_scale.sh [OUT]     (default /tmp/dpo-ds-data-scale; ~3 GB of pairs for 1M)
+#   benchmarks/data_scale.sh [OUT] [WORDS_1M]   (default /tmp/dpo-ds-data-scale; WORDS_1M words per field of
+#                                               the 1M pairs: 190 = ~590 tokens per pair, 3 GB; default 19)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-/tmp/dpo-ds-data-scale}
@@ -18,6 +19,7 @@ done
 for workers in 1 2; do
     "$PY" benchmarks/data_scale.py prepare "$OUT" 100000 --workers "$workers" | tee -a "$OUT/results.jsonl"
 done
-"$PY" benchmarks/data_scale.py prepare "$OUT" 1000000 --workers 2 | tee -a "$OUT/results.jsonl"
+WORDS_1M=${2:-19}
+"$PY" benchmarks/data_scale.py prepare "$OUT" 1000000 --workers 2 --words "$WORDS_1M" | tee -a "$OUT/results.jsonl"
 cache=$(tail -1 "$OUT/results.jsonl" | "$PY" -c "import json,sys; print(json.load(sys.stdin)['cache'])")
-"$PY" benchmarks/data_scale.py train "$OUT" 1000000 --dist_timeout_s 60 --cache_dir "$cache" | tee -a "$OUT/results.jsonl"
+"$PY" benchmarks/data_scale.py train "$OUT" 1000000 --dist_timeout_s 60 --cache_dir "$cache" --words "$WORDS_1M" | tee -a "$OUT/results.jsonl"
