@@ -36,7 +36,7 @@ import re
 import shutil
 import socket
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Mapping, Protocol, Sequence
 
 # Exported next to RANK & co. by `DistEnv.as_environ()` so a second `resolve()` in a
@@ -312,6 +312,25 @@ def _validate(env: DistEnv) -> None:
         problems.append("empty master address")
     if problems:
         raise LauncherError(f"inconsistent {env.source} environment: " + "; ".join(problems))
+
+
+def bind_gpu(env: DistEnv, visible: int, environ: Mapping[str, str]) -> DistEnv:
+    """`env` with local_rank = the index of this rank's GPU among the `visible` ones this process sees.
+
+    DeepSpeed uses LOCAL_RANK as the CUDA device index (init_process_group's device_id, the engine,
+    zero.Init). A site that binds one GPU per task (srun --gpus-per-task=1, --gpu-bind, a per-task
+    CUDA_VISIBLE_DEVICES) shows each task a single device 0 while SLURM_LOCALID still counts the node's
+    tasks: then the local rank becomes 0. Otherwise every rank sees the node's GPUs and keeps its local rank.
+    """
+    where = f"CUDA_VISIBLE_DEVICES={environ.get('CUDA_VISIBLE_DEVICES')!r}"
+    if visible < 1:
+        raise LauncherError(f"rank {env.rank}: no GPU visible ({where}) although the accelerator is CUDA")
+    if visible == 1:
+        return replace(env, local_rank=0)
+    if env.local_rank >= visible:
+        raise LauncherError(f"local rank {env.local_rank} but only {visible} GPU(s) visible ({where}); "
+                            f"run one process per GPU")
+    return env
 
 
 def strip_local_rank(argv: list[str]) -> tuple[list[str], str | None]:
