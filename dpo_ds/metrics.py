@@ -94,8 +94,9 @@ class PairStats:
     def reduce(self) -> dict[str, float]:
         """Means over every pair of every rank in the window; token rates use the slowest rank's time."""
         s = dict(zip(_SUMS, all_reduce(self.sums).tolist()))
-        window_time = float(all_reduce(self.sums[_SUMS.index("step_time")], "max"))
-        pairs, steps = max(s["pairs"], 1.0), max(s["steps"], 1.0)
+        # every rank runs the same steps: time and step count of the slowest rank, not summed over ranks
+        window_time, steps = all_reduce(self.sums[[_SUMS.index("step_time"), _SUMS.index("steps")]], "max").tolist()
+        pairs, steps = max(s["pairs"], 1.0), max(steps, 1.0)
         return {
             "loss": s["loss"] / pairs,
             "rewards/chosen": s["reward_chosen"] / pairs,

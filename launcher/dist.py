@@ -60,10 +60,16 @@ def pick_backend() -> tuple[str, str]:
 _REDUCE_OPS = ("sum", "max")
 
 
+def _grouped() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
 def _world() -> int:
     import torch.distributed as dist
 
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return dist.get_world_size() if _grouped() else 1
 
 
 def comm_device():
@@ -72,7 +78,7 @@ def comm_device():
     import torch
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _grouped():
         return torch.device("cpu")
     types = [d.type for d in dist.group.WORLD._device_types]
     if "cpu" in types:
@@ -90,7 +96,7 @@ def all_reduce(tensor, op: str = "sum"):
 
     if op not in _REDUCE_OPS:
         raise ValueError(f"op must be one of {_REDUCE_OPS}, not {op!r}")
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _grouped():
         return tensor
     staged = tensor.to(comm_device(), copy=True)
     dist.all_reduce(staged, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
@@ -102,7 +108,7 @@ def broadcast_(tensor, src: int = 0) -> None:
     device when `tensor` lives elsewhere)."""
     import torch.distributed as dist
 
-    if _world() == 1:
+    if not _grouped():
         return
     device = comm_device()
     staged = tensor if tensor.device == device else tensor.to(device)
@@ -119,7 +125,7 @@ def scatter_(out, chunks=None, src: int = 0) -> None:
     import torch
     import torch.distributed as dist
 
-    if _world() == 1:
+    if not _grouped():
         out.copy_(chunks[0])
         return
     device = comm_device()
@@ -134,7 +140,7 @@ def gather_objects(obj) -> list:
     """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects); [obj] without a process group."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _grouped():
         return [obj]
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
