@@ -1,7 +1,11 @@
-"""Initialise torch.distributed / DeepSpeed comms from whatever launcher started us.
+"""Initialise torch.distributed / DeepSpeed comms from whatever launcher started us, and communicate.
 
     from launcher.dist import init_distributed
     dist_env = init_distributed(timeout_s=600)
+
+Every collective of dpo-ds goes through this module's helpers (all_reduce, broadcast_, scatter_,
+gather_objects, barrier), which put tensors on the device the process group has a backend for; phases that
+rank 0 does alone go through on_rank0, which keeps the other ranks out of any timed collective.
 
 `python -m launcher.dist [--timeout S]` runs the same rendezvous plus one all-reduce
 and prints one line per rank: a quick "can my ranks see each other" check for a
