@@ -29,7 +29,7 @@ from dpo_ds.losses import LossParams, PairLogps, compute_loss
 from dpo_ds.metrics import MetricsWriter, PairStats, max_over_ranks, peak_memory_gib, untimed
 from dpo_ds.prepare import cache_dir_of, load_config_data
 from dpo_ds.reference_check import check_reference_compatible
-from launcher.dist import barrier
+from launcher.dist import barrier, check_shared_dirs, gather_objects
 
 HELP = __doc__
 logger = logging.getLogger("dpo_ds")
@@ -108,10 +108,7 @@ def evaluate(run: Run, pairs: TokenizedPairs) -> tuple[dict[str, float], list[di
     metrics = stats.reduce()
     keys = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
             "logps/chosen", "logps/rejected", "kl/chosen", "kl/rejected")
-    if dist.is_initialized():
-        gathered = [None] * run.world_size
-        dist.all_gather_object(gathered, records)
-        records = [r for part in gathered for r in part]
+    records = [r for part in gather_objects(records) for r in part]
     records.sort(key=lambda r: r["index"])
     return {f"eval/{k}": metrics[k] for k in keys}, records
 
@@ -184,6 +181,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     stop_signal = ckpt.StopSignal()
     torch.manual_seed(cfg.seed)
     out_dir = Path(cfg.output_dir)
+    check_shared_dirs({"output_dir": str(out_dir), "cache_dir": cache_dir_of(cfg)})
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "run_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
