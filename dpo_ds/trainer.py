@@ -15,7 +15,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ import torch.distributed as dist
 from dpo_ds import checkpoint as ckpt
 from dpo_ds.config import ConfigError, TrainConfig, add_config_arguments, config_from_args, to_dict, uses_reference
 from dpo_ds.data import DataError, PairSampler, TokenizedPairs, collate, load_pairs, rank_shares
+from dpo_ds.families import check_model_family
 from dpo_ds.loading import LoadError
 from dpo_ds.losses import LossParams, PairLogps, compute_loss
 from dpo_ds.metrics import MetricsWriter, PairStats, max_over_ranks, peak_memory_gib, untimed
@@ -56,6 +57,7 @@ class Run:
     loss_params: LossParams
     pad_id: int
     timer: object = untimed  # SectionTimer in `dpo-ds bench`
+    aux_losses: list = field(default_factory=list)  # router load-balancing losses of training micro-batches since the last log
 
 
 def split_pairs(logps: torch.Tensor, tokens: torch.Tensor, ref_logps: torch.Tensor) -> PairLogps:
@@ -71,16 +73,24 @@ def pair_step(run: Run, pairs: TokenizedPairs, indices: list[int], stats: PairSt
 
     The loss is the pairs' mean, or their sum x `loss_scale` (PairSampler.loss_scale) when micro-batches hold
     different numbers of pairs."""
-    from dpo_ds.engines import forward_logps
+    from dpo_ds.engines import forward_logps, forward_logps_and_aux
 
     batch = collate(pairs, indices, run.pad_id, packed=run.cfg.padding_free)
     with run.timer("reference_forward"):
         ref_logps = run.reference.logps(batch, pairs, indices)
     with run.timer("policy_forward"), torch.set_grad_enabled(train):
-        logps, tokens = forward_logps(run.policy, batch, run.cfg.logprob_chunk_size, run.cfg.fused_lm_head)
+        aux_coef = run.cfg.router_aux_loss_coef if train else 0.0  # evaluation scores preferences only
+        if aux_coef > 0:
+            logps, tokens, aux = forward_logps_and_aux(run.policy, batch, run.cfg.logprob_chunk_size,
+                                                       run.cfg.fused_lm_head, router_aux=True)
+        else:
+            logps, tokens = forward_logps(run.policy, batch, run.cfg.logprob_chunk_size, run.cfg.fused_lm_head)
         lp = split_pairs(logps, tokens, ref_logps)
         out = compute_loss(run.cfg.loss_type, lp, run.loss_params)
         loss = out.losses.mean() if loss_scale is None else out.losses.sum() * loss_scale
+        if aux_coef > 0:  # as TRL: the micro-batch's load-balancing loss, weighted, on top of the preference loss
+            loss = loss + aux_coef * aux.to(loss.dtype)
+            run.aux_losses.append(float(aux.detach()))
     if train:
         with run.timer("backward"):
             run.policy.backward(loss)
@@ -191,6 +201,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "run_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
+    check_model_family(cfg)  # a model that cannot work is refused before anything is loaded
     if cfg.ref_model_name_or_path and uses_reference(cfg):  # the seed's rule: one tokenization for both models
         check_reference_compatible(cfg.model_name_or_path, cfg.ref_model_name_or_path, cfg.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
@@ -246,6 +257,9 @@ def train(cfg: TrainConfig) -> TrainResult:
             _report_bad_step(done, micro_batches, train_pairs, bad_in_a_row, cfg.max_bad_steps, rank)
         if done % cfg.logging_steps == 0 or done == total_steps:
             last = window.reduce()
+            if cfg.router_aux_loss_coef > 0:
+                last["aux_loss"] = _mean_over_ranks(run.aux_losses)
+                run.aux_losses.clear()
             last.update({"grad_norm": _grad_norm(run.policy), "lr": lr, "skipped_steps": skipped,
                          "memory/peak_gib": max_over_ranks(peak_memory_gib()), "epoch": done / sampler.steps_per_epoch})
             writer.write(done, last)
@@ -302,6 +316,13 @@ def _kl_exceeded(cfg: TrainConfig, metrics: dict[str, float], step: int, rank: i
     if rank == 0:
         logger.warning("step %d: mean per-token log pi - log pi_ref = %.4f exceeds max_kl = %g", step, kl, cfg.max_kl)
     return cfg.stop_on_max_kl
+
+
+def _mean_over_ranks(values: list[float]) -> float:
+    totals = torch.tensor([sum(values), len(values)], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    return float(totals[0] / max(float(totals[1]), 1.0))
 
 
 def _grad_norm(engine) -> float:
