@@ -9,15 +9,18 @@ reused here, never a table of families of our own:
 
 - loading (`map_checkpoint`): each checkpoint key is renamed as `from_pretrained` renames it; a parameter
   fed by a converter becomes a `ConvertedTensor`, which builds any flat range of the converted parameter
-  from the checkpoint tensors. When the converter starts by stacking per-expert tensors along dim 0
-  (MergeModulelist(dim=0)), it is built one expert slice at a time (peak: one expert's tensors and their
-  converted slice); otherwise all of the parameter's source tensors are read and converted at once.
+  from the checkpoint tensors. Stacked per-expert tensors concatenated along dim 1 (the MoE converters:
+  MergeModulelist(dim=0), Concatenate(dim=1)) lie in flat order one after the other, so any range is read
+  straight from the files; another converter that starts by stacking experts is built one expert slice at a
+  time (peak: one expert's tensors and their converted slice); any other reads and converts all of the
+  parameter's source tensors at once.
 - saving (`saved_layout`, `to_saved_layout`): the names, shapes and tensors `save_pretrained` writes:
   tied aliases dropped as it drops them, then the reverse conversion, applied one group of parameters at a
   time (the parameters one saved tensor is made from), so an exporter holds one group, not the model.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -70,13 +73,18 @@ class ConvertedTensor:
         self.shape = tuple(meta.shape)
         counts = {len(entries) for entries in sources.values()}
         ops = converter.operations
-        from transformers.core_model_loading import MergeModulelist
+        from transformers.core_model_loading import Concatenate, MergeModulelist
 
         self.sliced = False  # built one dim-0 slice (expert) at a time
         if ops and isinstance(ops[0], MergeModulelist) and ops[0].dim == 0 and len(counts) == 1:
             one = self._convert({p: [self._meta(entries[0])] for p, entries in sources.items()})
             self.sliced = tuple(one.shape) == (1, *self.shape[1:]) and self.shape[0] == counts.pop()
         self.slice_numel = meta[0].numel() if self.sliced else meta.numel()
+        # Stacking per-expert tensors, then concatenating along dim 1 (gate ; up), puts expert e's sources one
+        # after the other in flat order: any range is read straight from the files, nothing converted or kept.
+        self.concatenated = self.sliced and all(
+            isinstance(op, MergeModulelist) and op.dim == 0 or isinstance(op, Concatenate) and op.dim == 1
+            for op in ops)
         self._cached: tuple[int, torch.Tensor] | None = None
 
     def _meta(self, entry) -> torch.Tensor:
@@ -100,10 +108,29 @@ class ConvertedTensor:
         while done < n:
             index, offset = divmod(start + done, self.slice_numel)
             take = min(n - done, self.slice_numel - offset)
-            out[done:done + take].copy_(self._slice(index)[offset:offset + take])
+            if self.concatenated:
+                self._read_concatenated(index, offset, out[done:done + take])
+            else:
+                out[done:done + take].copy_(self._slice(index)[offset:offset + take])
             done += take
         if start + n >= self.slice_numel * (self.shape[0] if self.sliced else 1):
             self._cached = None  # read to the end: free the last slice
+
+    def _read_concatenated(self, index: int, offset: int, out: torch.Tensor) -> None:
+        from dpo_ds.loading import read_range
+
+        for pattern in self.converter.source_patterns:  # Concatenate's order
+            if pattern not in self.sources or not out.numel():
+                continue
+            entry = self.sources[pattern][index]
+            size = math.prod(entry.shape)
+            if offset < size:
+                take = min(out.numel(), size - offset)
+                read_range(entry, offset, out[:take])
+                out = out[take:]
+                offset = 0
+            else:
+                offset -= size
 
     def full(self) -> torch.Tensor:
         out = torch.empty(self.shape, dtype=self.torch_dtype)

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from dpo_ds.config import load_config
 from dpo_ds.engines import release_engine
 from dpo_ds.trainer import train
-from launcher.dist import exit_process
+from launcher.dist import barrier, exit_process, gather_objects
 
 PROBE = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29], [1, 30, 31, 32, 33, 34, 35, 36]])
 
@@ -61,9 +61,7 @@ def run_family(entry: dict) -> None:
             policy.step()
         for handle in handles:
             handle.remove()
-        per_rank = [None] * dist.get_world_size()
-        dist.all_gather_object(per_rank, sorted(reached))
-        report["experts_reached"] = per_rank
+        report["experts_reached"] = gather_objects(sorted(reached))
     if dist.get_rank() == 0:
         torch.save(report, entry["report"])
     reference = getattr(run.reference, "engine", None)
@@ -72,11 +70,11 @@ def run_family(entry: dict) -> None:
             release_engine(engine)
     del run, result, policy, reference
     gc.collect()
-    dist.barrier()
+    barrier()
 
 
 for entry in json.load(open(sys.argv[1])):
     run_family(entry)
-dist.barrier()
+barrier()
 dist.destroy_process_group()
 exit_process(0)  # as the dpo-ds entry point does: no interpreter teardown after gloo
