@@ -60,8 +60,10 @@ class Run:
 
 def split_pairs(logps: torch.Tensor, tokens: torch.Tensor, ref_logps: torch.Tensor) -> PairLogps:
     """Rows [0, B) of the 2B batch are chosen, rows [B, 2B) rejected."""
+    from dpo_ds.engines import to_device
+
     b = logps.shape[0] // 2
-    ref_logps = ref_logps.to(logps.device)
+    ref_logps = to_device(ref_logps, logps.device)
     return PairLogps(logps[:b], logps[b:], ref_logps[:b], ref_logps[b:], tokens[:b], tokens[b:])
 
 
