@@ -21,11 +21,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from dpo_ds.config import ConfigError, add_config_arguments, config_from_args, uses_reference
-from dpo_ds.data import PairSampler, TokenizedPairs
+from dpo_ds.data import PairLocations, PairSampler, TokenizedPairs
 from launcher.dist import all_reduce, on_rank0
 
 HELP = __doc__
@@ -58,7 +59,7 @@ def synthetic_pairs(n: int, spec: str, max_length: int, vocab_size: int, seed: i
     else:
         raise ConfigError(f"--lengths: expected fixed:T or lognormal:MEDIAN,SIGMA, got {spec!r}")
     totals = totals.round().clamp(16, max_length).long()
-    pairs = TokenizedPairs(fingerprint=f"synthetic-{spec}-{n}-{max_length}-{vocab_size}-{seed}")
+    columns: dict[str, list[list[int]]] = {"prompt": [], "chosen": [], "rejected": []}
     for i in range(n):
         shorter = int(totals[i].min())
         prompt_len = int(shorter * (0.25 + 0.25 * torch.rand(1, generator=g)))
@@ -66,11 +67,11 @@ def synthetic_pairs(n: int, spec: str, max_length: int, vocab_size: int, seed: i
         def ids(k: int) -> list[int]:
             return torch.randint(3, vocab_size, (k,), generator=g).tolist()
 
-        pairs.prompt.append(ids(prompt_len))
-        pairs.chosen.append(ids(int(totals[i, 0]) - prompt_len))
-        pairs.rejected.append(ids(int(totals[i, 1]) - prompt_len))
-        pairs.pair_ids.append(f"synthetic:{i}")
-    return pairs
+        columns["prompt"].append(ids(prompt_len))
+        columns["chosen"].append(ids(int(totals[i, 0]) - prompt_len))
+        columns["rejected"].append(ids(int(totals[i, 1]) - prompt_len))
+    return TokenizedPairs(fingerprint=f"synthetic-{spec}-{n}-{max_length}-{vocab_size}-{seed}",
+                          pair_ids=PairLocations("synthetic", "jsonl", np.arange(n)), **columns)
 
 
 def _model_dir(model: str, output_dir: Path) -> tuple[Path, object]:

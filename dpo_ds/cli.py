@@ -11,6 +11,7 @@ from launcher.env import LauncherError, strip_local_rank
 
 # sub-command -> module exposing `HELP`, `add_arguments(parser)` and `run(args) -> int`
 COMMANDS = {
+    "prepare": "dpo_ds.prepare",
     "train": "dpo_ds.trainer",
     "eval": "dpo_ds.evaluate",
     "convert": "dpo_ds.convert",

@@ -48,6 +48,7 @@ class TrainConfig:
     shuffle: bool = _field(True, "Shuffle pairs each epoch (seeded). Off + group_by_length off: step k uses pairs [k*G, (k+1)*G) in file order.", "data")
     group_by_length: bool = _field(False, "Put pairs of similar length in the same micro-batch (less padding); micro-batches are shuffled.", "data")
     max_tokens_per_micro_batch: Optional[int] = _field(None, "Token budget per micro-batch: pairs of similar length are packed while 2 x pairs x longest sequence fits (at least one pair), so micro-batches carry similar token counts; micro_batch_size is then only the grouping window unit. Every pair keeps equal weight in the loss.", "data")
+    prepare_workers: int = _field(0, "Processes that tokenize when the prepared-pairs cache is built (by `dpo-ds prepare`, or by rank 0 of `train` when the cache is missing); 0 = one per CPU core available. Does not change the token ids.", "data")
     padding_free: bool = _field(False, "Pack each micro-batch's 2B sequences into one row without padding (position ids restart per sequence; transformers keeps attention within each sequence: varlen flash attention where attn_implementation selects it, else a block-diagonal causal mask).", "data")
     # --- loss
     loss_type: str = _field("sigmoid", f"Preference loss: {', '.join(LOSS_TYPES)}.", "loss")
@@ -89,7 +90,7 @@ class TrainConfig:
     dist_timeout_s: float = _field(600.0, "Seconds a rank waits for the others at the rendezvous and in every collective before failing with a message; phases where rank 0 works alone (universal conversion, checkpoint publishing, the final export) wait without this limit.", "engine")
     # --- outputs and monitoring
     output_dir: str = _field("runs/dpo", "Run folder: metrics.jsonl, tensorboard/, caches/, checkpoints/, final/. Must be the same directory on every node (a shared file system); checked at start.", "output")
-    cache_dir: Optional[str] = _field(None, "Where tokenized pairs and precomputed reference log-probs are cached, by fingerprint (default <output_dir>/caches); point runs at one directory to share them. Must be the same directory on every node; checked at start.", "output")
+    cache_dir: Optional[str] = _field(None, "Where prepared (tokenized) pairs and precomputed reference log-probs are cached, by fingerprint (default <output_dir>/caches); `dpo-ds prepare` fills it ahead of training; point runs at one directory to share them. Must be the same directory on every node; checked at start.", "output")
     logging_steps: int = _field(10, "Log metrics every N optimizer steps.", "output")
     eval_steps: int = _field(0, "Evaluate on eval_file every N optimizer steps (0 = only at the end).", "output")
     save_steps: int = _field(0, "Save a resumable checkpoint every N optimizer steps (0 = only the final export; SIGTERM/SIGUSR1 always checkpoint).", "output")
@@ -231,6 +232,8 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("max_steps", "warmup_steps", "logging_steps", "eval_steps", "save_steps", "save_total_limit"):
         if getattr(cfg, name) < 0:
             bad(name, f"must be >= 0, got {getattr(cfg, name)}")
+    if cfg.prepare_workers < 0:
+        bad("prepare_workers", f"must be >= 0 (0: one per core), got {cfg.prepare_workers}")
     if cfg.logging_steps == 0:
         bad("logging_steps", "must be >= 1")
     if cfg.max_tokens_per_micro_batch is not None and cfg.max_tokens_per_micro_batch < 2:

@@ -23,10 +23,11 @@ import torch.distributed as dist
 
 from dpo_ds import checkpoint as ckpt
 from dpo_ds.config import ConfigError, TrainConfig, add_config_arguments, config_from_args, to_dict, uses_reference
-from dpo_ds.data import DataError, PairSampler, TokenizedPairs, collate, load_pairs, rank_shares
+from dpo_ds.data import DataError, PairSampler, TokenizedPairs, collate, rank_shares
 from dpo_ds.loading import LoadError
 from dpo_ds.losses import LossParams, PairLogps, compute_loss
 from dpo_ds.metrics import MetricsWriter, PairStats, max_over_ranks, peak_memory_gib, untimed
+from dpo_ds.prepare import cache_dir_of, load_config_data
 from dpo_ds.reference_check import check_reference_compatible
 from launcher.dist import barrier, check_shared_dirs, gather_objects
 
@@ -127,10 +128,6 @@ def _pair_records(pairs: TokenizedPairs, indices: list[int], lp: PairLogps, out)
     return rows
 
 
-def cache_dir_of(cfg: TrainConfig) -> str:
-    return cfg.cache_dir or str(Path(cfg.output_dir) / "caches")
-
-
 def loss_params(cfg: TrainConfig) -> LossParams:
     return LossParams(beta=cfg.beta, label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
                       rpo_alpha=cfg.rpo_alpha, length_normalize=cfg.length_normalize)
@@ -194,10 +191,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.ref_model_name_or_path and uses_reference(cfg):  # the seed's rule: one tokenization for both models
         check_reference_compatible(cfg.model_name_or_path, cfg.ref_model_name_or_path, cfg.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
-    data_args = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-                     skip_bad_rows=cfg.skip_bad_rows, cache_dir=cache_dir_of(cfg), rank=rank, barrier=barrier)
-    train_pairs, data_fingerprint = load_pairs(cfg.train_file, tokenizer, **data_args)
-    eval_pairs = load_pairs(cfg.eval_file, tokenizer, **data_args)[0] if cfg.eval_file else None
+    train_pairs, data_fingerprint, eval_pairs = load_config_data(cfg, tokenizer, rank, barrier)
 
     sampler = PairSampler.for_config(cfg, train_pairs, world_size)
     if sampler.steps_per_epoch == 0:
@@ -238,6 +232,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             pair_step(run, train_pairs, indices, step_stats, train=True, loss_scale=scale)
         step_stats.add_step_time(time.perf_counter() - started)
         done = step + 1
+        if step == start_step and rank == 0:
+            logger.info("step %d done %.1f s after the process started", done, _seconds_since_process_start())
         if run.policy.was_step_applied():
             window.merge(step_stats)
             bad_in_a_row = 0
@@ -302,6 +298,12 @@ def _kl_exceeded(cfg: TrainConfig, metrics: dict[str, float], step: int, rank: i
     if rank == 0:
         logger.warning("step %d: mean per-token log pi - log pi_ref = %.4f exceeds max_kl = %g", step, kl, cfg.max_kl)
     return cfg.stop_on_max_kl
+
+
+def _seconds_since_process_start() -> float:
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
 
 
 def _grad_norm(engine) -> float:
