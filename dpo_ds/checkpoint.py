@@ -224,13 +224,18 @@ def find_checkpoint(output_dir: str, resume_from: str | None) -> Path | None:
     return latest.parent / latest.read_text().strip()
 
 
+def refuse_to_overwrite(output_dir: str, resume_from: str | None) -> None:
+    """A fresh start (no resume_from) in a folder that holds a run's checkpoints is refused."""
+    if resume_from is None and (Path(output_dir) / CHECKPOINTS_DIR / LATEST).exists():
+        raise CheckpointError(f"{output_dir} already holds checkpoints of a run: pass --resume_from auto to "
+                              f"continue it, or choose another output_dir")
+
+
 def resume_point(output_dir: str, resume_from: str | None, current: TrainerState,
                  ignore_mismatch: bool) -> tuple[Path | None, TrainerState | None]:
     """(checkpoint dir, its trainer state) to resume from, or (None, None) to start fresh; verified, checked
     against the current run, and converted to the universal format when the world size changed."""
-    if resume_from is None and (Path(output_dir) / CHECKPOINTS_DIR / LATEST).exists():
-        raise CheckpointError(f"{output_dir} already holds checkpoints of a run: pass --resume_from auto to "
-                              f"continue it, or choose another output_dir")
+    refuse_to_overwrite(output_dir, resume_from)
     ckpt = find_checkpoint(output_dir, resume_from)
     if ckpt is None:
         return None, None

@@ -378,3 +378,16 @@ def test_missing_path_is_one_line_config_error_before_anything_loads(fake_run_in
     assert line.startswith("dpo-ds train: error: ") and f"field '{field}'" in line and value in line and words in line
     assert not (tmp_path / "out").exists()
 
+
+def test_refused_start_leaves_the_run_folder_untouched(fake_run_inputs, tmp_path):
+    """Issue 13 item 3: run_config.json was overwritten before the start was refused."""
+    model, pairs = fake_run_inputs
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "latest").write_text("step-00000004\n")
+    (out / "run_config.json").write_text('{"beta": 0.3}\n')
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    proc = train_cli(["--model_name_or_path", str(model), "--train_file", str(pairs), "--output_dir", str(out),
+                      "--beta", "0.5"])
+    assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr, proc.stderr[-3000:]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
