@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 
 from dpo_ds import checkpoint as ckpt
-from dpo_ds.config import ConfigError, TrainConfig, add_config_arguments, config_from_args, to_dict, uses_reference
+from dpo_ds.config import (ConfigError, TrainConfig, add_config_arguments, check_paths, config_from_args, to_dict,
+                           uses_reference)
 from dpo_ds.data import DataError, PairSampler, TokenizedPairs, collate, rank_shares
 from dpo_ds.loading import LoadError
 from dpo_ds.losses import LossParams, PairLogps, compute_loss
@@ -183,10 +184,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     stop_signal = ckpt.StopSignal()
     torch.manual_seed(cfg.seed)
     out_dir = Path(cfg.output_dir)
+    ckpt.refuse_to_overwrite(cfg.output_dir, cfg.resume_from)
     check_shared_dirs({"output_dir": str(out_dir), "cache_dir": cache_dir_of(cfg)})
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "run_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
     if cfg.ref_model_name_or_path and uses_reference(cfg):  # the seed's rule: one tokenization for both models
         check_reference_compatible(cfg.model_name_or_path, cfg.ref_model_name_or_path, cfg.trust_remote_code)
@@ -209,6 +208,9 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     resume_dir, saved = ckpt.resume_point(cfg.output_dir, cfg.resume_from, trainer_state(0),
                                           cfg.resume_ignore_mismatch)
+    if rank == 0:  # only once every check has passed: a refused start leaves the run folder as it was
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "run_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     run = build_run(cfg, rank, world_size, total_steps, pad_id_of(tokenizer),
                     [p for p in (train_pairs, eval_pairs) if p is not None],
                     load_universal=saved is not None and saved.world_size != world_size)
@@ -322,6 +324,7 @@ def _progress(total: int, start: int, rank: int):
 def run(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
+        check_paths(cfg)
         train(cfg)
     except (ConfigError, DataError, ckpt.CheckpointError, TrainingStopped, LoadError) as err:
         print(f"dpo-ds train: error: {err}", file=sys.stderr)
