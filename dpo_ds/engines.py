@@ -357,13 +357,21 @@ def _scoring_head(head: torch.nn.Linear, score):
         del head.forward
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A CPU tensor on `device` without making the host wait: a plain copy from pageable memory synchronises
+    the stream (the CPU would stop queueing work until the GPU caught up); from pinned memory it is async."""
+    if torch.device(device).type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _varlen_attention_kwargs(position_ids: torch.Tensor, device) -> dict:
     """flash-attention's cumulative sequence lengths of a packed row, from the CPU batch: given to the model,
     they spare every layer recomputing them from the position ids (a nonzero and a max, each a device sync)."""
     starts = (position_ids.reshape(-1) == 0).nonzero().squeeze(-1)
     cu = torch.cat([starts, torch.tensor([position_ids.numel()])]).to(torch.int32)
     longest = int(cu.diff().max())
-    cu = cu.to(device)
+    cu = to_device(cu, device)
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
@@ -381,23 +389,23 @@ def forward_logps_and_aux(engine, batch: dict[str, torch.Tensor], chunk_size: in
     """`forward_logps`, plus the model's router load-balancing loss of the same forward when `router_aux`
     (mixture-of-experts models: `output_router_logits=True` makes transformers return it as `aux_loss`)."""
     device = engine.device
-    input_ids = batch["input_ids"].to(device)
-    loss_mask = batch["loss_mask"].to(device)
+    input_ids = to_device(batch["input_ids"], device)
+    loss_mask = to_device(batch["loss_mask"], device)
     # Sequence metadata comes from the CPU batch: read back from the device, it would cost a sync per micro-step.
     if "sequence_ids" in batch:  # packed: no attention mask, position ids mark where each sequence starts
-        inputs = {"position_ids": batch["position_ids"].to(device)}
-        scoring = (batch["sequence_ids"].to(device), int(batch["sequence_ids"].max()) + 1)
+        inputs = {"position_ids": to_device(batch["position_ids"], device)}
+        scoring = (to_device(batch["sequence_ids"], device), int(batch["sequence_ids"].max()) + 1)
         if str(engine.module.config._attn_implementation).startswith("flash_attention"):
             inputs.update(_varlen_attention_kwargs(batch["position_ids"], device))
     else:
-        inputs, scoring = {"attention_mask": batch["attention_mask"].to(device)}, (None, None)
+        inputs, scoring = {"attention_mask": to_device(batch["attention_mask"], device)}, (None, None)
     if router_aux:
         inputs["output_router_logits"] = True
     head = fused_head(engine.module) if fused else None
     if head is None:
         out = engine(input_ids=input_ids, use_cache=False, **inputs)
         return (*sequence_logps(out.logits, input_ids, loss_mask, chunk_size, *scoring), _aux_loss(out, router_aux))
-    counts, scored = [], scored_positions(batch["loss_mask"]).to(device)
+    counts, scored = [], to_device(scored_positions(batch["loss_mask"]), device)
 
     def score(hidden: torch.Tensor) -> torch.Tensor:
         sums, tokens = head_sequence_logps(hidden, head.weight, input_ids, loss_mask, chunk_size, *scoring, scored=scored)

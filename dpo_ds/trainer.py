@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 
 from dpo_ds import checkpoint as ckpt
-from dpo_ds.config import ConfigError, TrainConfig, add_config_arguments, config_from_args, to_dict, uses_reference
+from dpo_ds.config import (ConfigError, TrainConfig, add_config_arguments, check_paths, config_from_args, to_dict,
+                           uses_reference)
 from dpo_ds.data import DataError, PairSampler, TokenizedPairs, collate, rank_shares
 from dpo_ds.families import check_model_family
 from dpo_ds.loading import LoadError
@@ -63,8 +64,10 @@ class Run:
 
 def split_pairs(logps: torch.Tensor, tokens: torch.Tensor, ref_logps: torch.Tensor) -> PairLogps:
     """Rows [0, B) of the 2B batch are chosen, rows [B, 2B) rejected."""
+    from dpo_ds.engines import to_device
+
     b = logps.shape[0] // 2
-    ref_logps = ref_logps.to(logps.device)
+    ref_logps = to_device(ref_logps, logps.device)
     return PairLogps(logps[:b], logps[b:], ref_logps[:b], ref_logps[b:], tokens[:b], tokens[b:])
 
 
@@ -191,10 +194,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     stop_signal = ckpt.StopSignal()
     torch.manual_seed(cfg.seed)
     out_dir = Path(cfg.output_dir)
+    ckpt.refuse_to_overwrite(cfg.output_dir, cfg.resume_from)
     check_shared_dirs({"output_dir": str(out_dir), "cache_dir": cache_dir_of(cfg)})
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "run_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
     check_model_family(cfg)  # a model that cannot work is refused before anything is loaded
     if cfg.ref_model_name_or_path and uses_reference(cfg):  # the seed's rule: one tokenization for both models
@@ -218,6 +219,9 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     resume_dir, saved = ckpt.resume_point(cfg.output_dir, cfg.resume_from, trainer_state(0),
                                           cfg.resume_ignore_mismatch)
+    if rank == 0:  # only once every check has passed: a refused start leaves the run folder as it was
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "run_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     run = build_run(cfg, rank, world_size, total_steps, pad_id_of(tokenizer),
                     [p for p in (train_pairs, eval_pairs) if p is not None],
                     load_universal=saved is not None and saved.world_size != world_size)
@@ -340,6 +344,7 @@ def _progress(total: int, start: int, rank: int):
 def run(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
+        check_paths(cfg)
         train(cfg)
     except (ConfigError, DataError, ckpt.CheckpointError, TrainingStopped, LoadError) as err:
         print(f"dpo-ds train: error: {err}", file=sys.stderr)
