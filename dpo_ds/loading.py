@@ -9,8 +9,9 @@ partition. Here instead:
 1. the model is built with `from_config` inside `deepspeed.zero.Init` (partitioned as each module is
    constructed; weight init skipped since every weight is overwritten); no weight is read;
 2. every rank reads only the safetensors headers, and all ranks agree on a plan: checkpoint key ->
-   parameter (tied aliases resolved), with missing / unexpected keys and shape mismatches reported by
-   name before any collective runs;
+   parameter (tied aliases resolved; keys renamed and per-expert tensors fused as from_pretrained does,
+   with transformers' own conversion mapping: dpo_ds.layout), with missing / unexpected keys and shape
+   mismatches reported by name before any collective runs;
 3. parameters are filled one at a time, straight into their ZeRO partitions: rank 0 reads the byte
    range of each rank's partition from the file (plain reads, no mmap: page-cache pages are not part
    of a process's RSS) in chunks of at most 16 MiB, keeps its own and sends the others with
