@@ -171,7 +171,8 @@ def run(args: argparse.Namespace) -> int:
     achieved = flops / elapsed / 1e12
     peak = _peak_tflops(args.peak_tflops)
     report = {
-        "model": args.model, "params": shape.params, "world_size": env.world_size, "precision": cfg.precision,
+        "model": args.model, "params": shape.params, "active_params": shape.active_params,
+        "world_size": env.world_size, "precision": cfg.precision,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "micro_batch_size": cfg.micro_batch_size, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "max_tokens_per_micro_batch": cfg.max_tokens_per_micro_batch, "group_by_length": cfg.group_by_length,

@@ -68,7 +68,7 @@ PRESETS = {
     "llama3-8b": lambda: _llama(128256, 4096, 14336, 32, 32, 8, 8192),
     "mixtral-8x7b": _mixtral_8x7b,
 }
-SUPPORTED_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3")
+SUPPORTED_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe")
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ class ModelShape:
     model_type: str
     vocab_size: int
     hidden_size: int
-    intermediate_size: int
+    intermediate_size: int  # of a dense MLP; an MoE model's experts have expert_intermediate_size
     num_layers: int
     num_heads: int
     num_kv_heads: int
@@ -91,6 +91,12 @@ class ModelShape:
     mlp_bias: bool
     qk_norm: bool  # Qwen3: an RMSNorm over head_dim on queries and on keys
     tied_embeddings: bool
+    expert_intermediate_size: int = 0  # MLP width of one expert (Mixtral: intermediate_size; Qwen3-MoE: its own)
+
+    @property
+    def mlp_width(self) -> int:
+        """Intermediate size of the MLP a token passes through: the dense MLP's, or one expert's."""
+        return self.expert_intermediate_size or self.intermediate_size if self.num_experts > 1 else self.intermediate_size
 
     @property
     def q_dim(self) -> int:
@@ -103,7 +109,7 @@ class ModelShape:
     @property
     def _module_sizes(self) -> dict[str, int]:
         """Parameters of each nn.Module that owns some directly (ZeRO-3 gathers one such module at a time)."""
-        h, i = self.hidden_size, self.intermediate_size
+        h, i = self.hidden_size, self.mlp_width
         sizes = {
             "embed_tokens": self.vocab_size * h,
             "q_proj": h * self.q_dim + self.qkv_bias * self.q_dim,
@@ -136,7 +142,7 @@ class ModelShape:
     def active_params(self) -> int:
         """Parameters one token passes through: an MoE token visits experts_per_token of the experts
         (a dense model has num_experts = experts_per_token = 1)."""
-        unused = (self.num_experts - self.experts_per_token) * 3 * self.hidden_size * self.intermediate_size
+        unused = (self.num_experts - self.experts_per_token) * 3 * self.hidden_size * self.mlp_width
         return self.params - self.num_layers * unused
 
     @property
@@ -156,7 +162,7 @@ class ModelShape:
         h, k = self.hidden_size, self.experts_per_token
         norms = 2 * (4 + dtype_bytes) * h
         attention = dtype_bytes * (3 * self.q_dim + 3 * self.kv_dim + h)
-        mlp = dtype_bytes * k * (4 * self.intermediate_size + (h if self.num_experts > 1 else 0))
+        mlp = dtype_bytes * k * (4 * self.mlp_width + (h if self.num_experts > 1 else 0))
         return norms + attention + mlp
 
 
@@ -166,7 +172,12 @@ def shape_from_config(config, name: str) -> ModelShape:
                          f"(supported: {', '.join(SUPPORTED_TYPES)})")
     heads = config.num_attention_heads
     attention_bias = bool(getattr(config, "attention_bias", False))
-    experts = getattr(config, "num_local_experts", 1)
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 1  # Mixtral / Qwen3-MoE
+    dense_layers = [i for i in range(config.num_hidden_layers) if experts > 1 and (
+        i in (getattr(config, "mlp_only_layers", None) or []) or (i + 1) % getattr(config, "decoder_sparse_step", 1))]
+    if dense_layers:
+        raise SystemExit(f"dpo-ds plan: {name!r} mixes dense MLP layers {dense_layers[:8]} with MoE layers, which "
+                         f"the plan does not model (every layer of the same kind)")
     return ModelShape(
         name=name,
         model_type=config.model_type,
@@ -182,8 +193,9 @@ def shape_from_config(config, name: str) -> ModelShape:
         qkv_bias=config.model_type == "qwen2" or attention_bias,  # Qwen2 always has q/k/v biases
         o_bias=attention_bias,
         mlp_bias=bool(getattr(config, "mlp_bias", False)),
-        qk_norm=config.model_type == "qwen3",
+        qk_norm=config.model_type in ("qwen3", "qwen3_moe"),
         tied_embeddings=bool(config.tie_word_embeddings),
+        expert_intermediate_size=getattr(config, "moe_intermediate_size", None) or config.intermediate_size,
     )
 
 

@@ -57,8 +57,9 @@ def runs(demo_assets, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("families")
     tokenizer = AutoTokenizer.from_pretrained(demo_assets.model_dir)
     spec, out = [], {}
-    for name, family, extra in [(f, f, {}) for f in SUPPORTED_FAMILIES] + [("mixtral_aux", "mixtral",
-                                                                           {"router_aux_loss_coef": AUX_COEF})]:
+    variants = [("mixtral_aux", "mixtral", {"router_aux_loss_coef": AUX_COEF}),
+                ("mixtral_hf", "mixtral", {"weights_loader": "transformers"})]
+    for name, family, extra in [(f, f, {}) for f in SUPPORTED_FAMILIES] + variants:
         model = tmp / "models" / family
         if not model.exists():
             tiny_model(family, tokenizer, model)
@@ -136,6 +137,15 @@ def test_router_aux_loss_is_logged_and_trained(runs):
     assert router and max(float((with_aux[n] - without[n]).abs().max()) for n in router) > 1e-6
 
 
+def test_transformers_loader_trains_and_exports_the_same(runs):
+    """weights_loader: transformers (from_pretrained converts the layout itself) gives the streamed loader's run."""
+    streamed, _, _ = runs["mixtral"]
+    loaded, _, _ = runs["mixtral_hf"]
+    losses = [[m["loss"] for m in read_metrics(d) if "loss" in m] for d in (streamed, loaded)]
+    assert max(abs(a - b) for a, b in zip(*losses)) < 1e-7, losses
+    _assert_same_tensors(_safetensors(loaded / "final"), _safetensors(streamed / "final"), "weights_loader transformers")
+
+
 def test_readme_lists_the_tested_families():
     readme = (REPO / "README.md").read_text()
     section = re.search(r"<!-- families -->\n(.*?)<!-- /families -->", readme, re.S)
@@ -152,3 +162,23 @@ def test_a_model_that_cannot_work_is_refused_before_loading(tmp_path, demo_asset
     cfg = TrainConfig(model_name_or_path=demo_assets.model_dir, train_file="unused.jsonl", router_aux_loss_coef=0.1)
     with pytest.raises(ConfigError, match=r"router_aux_loss_coef.*llama model, which has no router"):
         check_model_family(cfg)
+
+
+def test_blocks_with_per_expert_modules_become_zero3_leaves():
+    """Experts kept as separate modules (remote-code MoE models): their block is gathered and reduced as one
+    ZeRO-3 leaf, so ranks routing to different experts run the same modules."""
+    from deepspeed.utils import z3_leaf_module
+
+    from dpo_ds.engines import mark_expert_blocks
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate = torch.nn.Linear(4, 2)
+            self.experts = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(2))
+
+    model = torch.nn.Sequential(Block(), torch.nn.Linear(4, 4))
+    assert mark_expert_blocks(model) == 1
+    assert z3_leaf_module(model[0]) and not z3_leaf_module(model[1])
+    fused = AutoModelForCausalLM.from_config(AutoConfig.for_model("mixtral", num_local_experts=2, **SMALL))
+    assert mark_expert_blocks(fused) == 0  # transformers' fused experts always run: nothing to do

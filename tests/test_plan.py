@@ -39,6 +39,8 @@ SMALL = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=96, num_atte
     pytest.param(lambda: AutoConfig.for_model("qwen3", **SMALL), id="qwen3"),
     pytest.param(lambda: AutoConfig.for_model("mixtral", num_local_experts=4, num_experts_per_tok=2, **SMALL),
                  id="mixtral-small"),
+    pytest.param(lambda: AutoConfig.for_model("qwen3_moe", num_experts=8, num_experts_per_tok=2,
+                                              moe_intermediate_size=40, **SMALL), id="qwen3_moe-small"),
 ])
 def test_param_count_and_largest_module_match_the_built_model(config):
     config = config()
@@ -59,6 +61,22 @@ def test_preset_sizes_are_the_published_ones():
     assert set(P.PRESETS) == set(published) | {"llama-60m"}
     mixtral = P.load_shape("mixtral-8x7b")
     assert 12.8e9 < mixtral.active_params < 13.0e9  # "12.9B active parameters" (Mixtral of Experts, 2024)
+
+
+@pytest.mark.parametrize("model_type,experts", [("mixtral", {"num_local_experts": 8}),
+                                                ("qwen3_moe", {"num_experts": 8, "moe_intermediate_size": 40})])
+def test_moe_active_params_count_only_the_routed_experts(model_type, experts):
+    """FLOPs use the parameters a token passes through: of the built model's expert tensors, 2 of 8 experts."""
+    config = AutoConfig.for_model(model_type, num_experts_per_tok=2, **experts, **SMALL)
+    expert_params = sum(p.numel() for name, p in meta_model(config).named_parameters() if ".experts." in name)
+    shape = P.shape_from_config(config, "m")
+    assert shape.active_params == shape.params - expert_params * 6 // 8
+
+
+def test_moe_with_dense_layers_is_refused_by_name():
+    config = AutoConfig.for_model("qwen3_moe", num_experts=4, mlp_only_layers=[0], **SMALL)
+    with pytest.raises(SystemExit, match=r"'m' mixes dense MLP layers \[0\]"):
+        P.shape_from_config(config, "m")
 
 
 # ------------------------------------------------------------------ DeepSpeed's ZeRO-3 estimator
