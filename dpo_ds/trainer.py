@@ -330,6 +330,9 @@ def run(args: argparse.Namespace) -> int:
     except Preempted as stop:
         logger.warning("%s", stop)
         return ckpt.EXIT_PREEMPTED
+    except KeyboardInterrupt:  # Ctrl-C before training started: nothing to checkpoint yet
+        print("dpo-ds train: interrupted before training started (no checkpoint)", file=sys.stderr)
+        return 130
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
