@@ -51,7 +51,7 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written after SIGTERM/SIGUSR1; th
 RESUME_SENSITIVE_FIELDS = ("model_name_or_path", "ref_model_name_or_path", "loss_type", "beta", "label_smoothing",
                            "simpo_gamma", "rpo_alpha", "reference_free", "length_normalize", "max_length",
                            "max_prompt_length", "max_tokens_per_micro_batch", "shuffle", "group_by_length", "seed", "precision", "lr_scheduler",
-                           "warmup_steps", "learning_rate", "weight_decay")
+                           "warmup_steps", "learning_rate", "weight_decay", "disable_dropout", "router_aux_loss_coef")
 
 
 class CheckpointError(RuntimeError):
@@ -147,11 +147,11 @@ def _publish(engine, tmp: Path, final: Path, root: Path, state: TrainerState, sa
              tokenizer) -> None:
     """Rank 0, once every rank's files are in `tmp`: metadata, state, manifest, rename, `latest`, pruning.
     On failure the partial directory goes; the previous checkpoint and `latest` are untouched."""
-    from dpo_ds.convert import write_hf_metadata
+    from dpo_ds.convert import saved_config, write_hf_metadata
 
     try:
         model = engine.module
-        write_hf_metadata(tmp / HF_METADATA, model.config, getattr(model, "generation_config", None), tokenizer)
+        write_hf_metadata(tmp / HF_METADATA, saved_config(model), getattr(model, "generation_config", None), tokenizer)
         _write_text_atomic(tmp / STATE, json.dumps(asdict(state), indent=2))
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         _fsync_tree(tmp)

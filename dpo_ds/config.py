@@ -40,6 +40,7 @@ class TrainConfig:
     model_name_or_path: Optional[str] = _field(None, "Policy: a Hugging Face model directory (or hub id already in the local cache).", "model")
     ref_model_name_or_path: Optional[str] = _field(None, "Frozen reference model; default: the policy's starting weights.", "model")
     trust_remote_code: bool = _field(False, "Allow model/tokenizer code shipped with the checkpoint to run. Off: only code in transformers runs.", "model")
+    disable_dropout: bool = _field(True, "Turn dropout off in the policy and the reference (dropout modules and the config's dropout values the model reads while running; exports keep the config's values). With dropout on, the two models disagree before any update and the DPO signal is noise, so only turn it off for a reason.", "model")
     # --- data
     train_file: Optional[str] = _field(None, "Preference pairs: JSONL, Parquet, or a `datasets.save_to_disk` directory.", "data")
     eval_file: Optional[str] = _field(None, "Held-out pairs in the same formats, scored every `eval_steps` and at the end.", "data")
@@ -59,6 +60,7 @@ class TrainConfig:
     rpo_alpha: float = _field(0.0, "Weight of the mean per-token NLL of the chosen completion added to the loss (RPO); 0 = off.", "loss")
     reference_free: bool = _field(False, "Treat log pi_ref as 0 (no reference model is built).", "loss")
     length_normalize: bool = _field(False, "Use per-token mean log-probs instead of sums for the sigmoid family.", "loss")
+    router_aux_loss_coef: float = _field(0.0, "Mixture-of-experts models only: add this times the model's router load-balancing loss (transformers' output_router_logits) to the DPO loss, as TRL does; logged as aux_loss. 0 = off.", "loss")
     # --- drift and stability guards
     max_kl: Optional[float] = _field(None, "Warn when the mean per-token log pi - log pi_ref over completions (a logging window) exceeds this.", "guards")
     stop_on_max_kl: bool = _field(False, "Stop (after saving a checkpoint) instead of only warning when max_kl is exceeded.", "guards")
@@ -88,7 +90,7 @@ class TrainConfig:
     precompute_ref: bool = _field(False, "Compute the reference log-probs of the train and eval pairs once before training (cached on disk under caches/, reused by later runs); training then runs no reference model.", "engine")
     fused_lm_head: bool = _field(True, "Compute completion-token log-probs inside the output projection, chunk by chunk and only at completion positions, so the [tokens, vocab] logits and their gradient never exist whole. Used where the model returns lm_head(hidden) unchanged (Llama, Mistral, Mixtral, Qwen2/3, Phi-3, Gemma, ...); other models (logit soft-capping or scaling) score from the full logits.", "engine")
     logprob_chunk_size: int = _field(256, "Sequence positions per chunk when turning hidden states or logits into token log-probs (bounds the fp32 block to chunk x vocab).", "engine")
-    dist_timeout_s: float = _field(600.0, "Seconds a rank waits for the others at the rendezvous and in every collective before failing with a message; phases where rank 0 works alone (universal conversion, checkpoint publishing, the final export) wait without this limit.", "engine")
+    dist_timeout_s: float = _field(600.0, "Seconds a rank waits for the others at the rendezvous and in every collective before failing with a message; phases where rank 0 works alone (data preparation, universal conversion, checkpoint publishing, the final export) wait without this limit.", "engine")
     # --- outputs and monitoring
     output_dir: str = _field("runs/dpo", "Run folder: metrics.jsonl, tensorboard/, caches/, checkpoints/, final/. Must be the same directory on every node (a shared file system); checked at start.", "output")
     cache_dir: Optional[str] = _field(None, "Where prepared (tokenized) pairs and precomputed reference log-probs are cached, by fingerprint (default <output_dir>/caches); `dpo-ds prepare` fills it ahead of training; point runs at one directory to share them. Must be the same directory on every node; checked at start.", "output")
@@ -256,6 +258,8 @@ def validate(cfg: TrainConfig) -> None:
         bad("label_smoothing", f"only applies to loss_type sigmoid or robust, not {cfg.loss_type}")
     if cfg.rpo_alpha < 0:
         bad("rpo_alpha", f"must be >= 0, got {cfg.rpo_alpha}")
+    if cfg.router_aux_loss_coef < 0:
+        bad("router_aux_loss_coef", f"must be >= 0, got {cfg.router_aux_loss_coef}")
     for name in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(cfg, name) < 1:
             bad(name, f"must be in [0, 1), got {getattr(cfg, name)}")
