@@ -92,8 +92,13 @@ def test_disk_full_is_reported_and_keeps_previous_checkpoint(config, tmp_path):
 
 def uninterrupted(config, out, ranks):
     """A run that is never stopped, at `ranks` ranks with the pairs per step of the 2-rank baseline."""
-    launch(["-m", "dpo_ds", "train", "--config", str(config), "--output_dir", str(out), "--gradient_accumulation_steps",
-            str(SETTINGS["gradient_accumulation_steps"] * 2 // ranks)], nproc=ranks)
+    finished = launch(["-m", "dpo_ds", "train", "--config", str(config), "--output_dir", str(out),
+                       "--gradient_accumulation_steps", str(SETTINGS["gradient_accumulation_steps"] * 2 // ranks)],
+                      nproc=ranks)
+    # issue 13 item 10: train ends with what it produced and what to run next
+    assert f"done: {SETTINGS['max_steps']} steps; last logged loss" in finished.stderr
+    assert f"next: dpo-ds eval --model {out / 'final'}" in finished.stderr
+    assert f"dpo-ds convert {out / 'checkpoints' / 'step-00000006'} OUT_DIR" in finished.stderr
     return out
 
 
