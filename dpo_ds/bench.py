@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dpo_ds.cli import emit
 from dpo_ds.config import ConfigError, add_config_arguments, config_from_args, uses_reference
 from dpo_ds.data import PairLocations, PairSampler, TokenizedPairs
 from launcher.dist import all_reduce, on_rank0
@@ -191,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
                                      (v / max(len(times), 1) for v in split.tolist()))),
     }
     if env.rank == 0:
-        print(json.dumps(report) if args.json else _table(report))
+        emit(json.dumps(report) if args.json else _table(report))
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0

@@ -25,6 +25,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -330,13 +331,28 @@ def repair_universal_optimizer_state(zero_optimizer, groups_as_built: list[dict[
 
 
 class StopSignal:
-    """Remembers SIGTERM/SIGUSR1 so the trainer can checkpoint at the next step boundary and exit."""
+    """Remembers SIGTERM/SIGUSR1/SIGINT so the trainer can checkpoint at the next step boundary and exit.
+
+    Ctrl-C (SIGINT) does the same; a second one aborts at once, without a checkpoint. A SIGINT within
+    REPEAT_WINDOW_S of the first is the same Ctrl-C: the terminal sends it to torchrun's workers and torchrun
+    forwards its own copy to them."""
+    REPEAT_WINDOW_S = 2.0
 
     def __init__(self):
         self.received: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        self._interrupted_at: float | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self._interrupted_at is not None:
+                if now - self._interrupted_at > self.REPEAT_WINDOW_S:
+                    os.write(2, b"second interrupt: stopping now, without a checkpoint\n")
+                    os._exit(130)
+                return
+            self._interrupted_at = now
         self.received = signum
-        logger.warning("received %s: checkpointing at the end of this step", signal.Signals(signum).name)
+        logger.warning("received %s: checkpointing at the end of this step%s", signal.Signals(signum).name,
+                       " (Ctrl-C again to stop at once, without a checkpoint)" if signum == signal.SIGINT else "")

@@ -80,7 +80,7 @@ class TrainConfig:
     num_epochs: int = _field(1, "Passes over the training pairs when max_steps is 0.", "optim")
     seed: int = _field(42, "Seed for data order and any randomness in the step.", "optim")
     # --- engine
-    precision: str = _field("bf16", "bf16 (mixed precision, GPU default) or fp32.", "engine")
+    precision: str = _field("auto", "bf16 (mixed precision) or fp32; auto: bf16 where the device supports it (a CUDA GPU with bf16), fp32 on CPU. run_config.json records the resolved value.", "engine")
     gradient_checkpointing: bool = _field(True, "Recompute activations in the backward pass (non-reentrant).", "engine")
     ref_offload: bool = _field(True, "Keep the reference model's ZeRO-3 parameters on CPU (`offload_param: cpu`).", "engine")
     deepspeed_config: Optional[str] = _field(None, "Policy DeepSpeed JSON (see ds_configs/). Values it leaves out or sets to \"auto\" are filled from this config; default: ds_configs/zero3.json on GPU, ds_configs/zero3_cpu.json on CPU.", "engine")
@@ -106,7 +106,7 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-_CHOICES = {"loss_type": LOSS_TYPES, "lr_scheduler": ("constant", "linear", "cosine"), "precision": ("bf16", "fp32"),
+_CHOICES = {"loss_type": LOSS_TYPES, "lr_scheduler": ("constant", "linear", "cosine"), "precision": ("auto", "bf16", "fp32"),
             "weights_loader": ("streamed", "transformers"),
             "attn_implementation": ("auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")}
 
@@ -203,6 +203,7 @@ def load_config(path: str | None, overrides: dict[str, str] | None = None) -> Tr
             raise ConfigError(f"command line --{key}: {err}") from None
         origin[key] = f"command line --{key}"
     cfg = TrainConfig(**values)
+    cfg.precision = resolve_precision(cfg.precision)
     try:
         validate(cfg)
     except ConfigError as err:
@@ -275,6 +276,16 @@ def validate(cfg: TrainConfig) -> None:
         bad("attn_implementation", f"{cfg.attn_implementation} needs the {flash_package} package, which is not installed")
     if cfg.length_normalize and cfg.loss_type in ("ipo", "simpo", "sft"):
         bad("length_normalize", f"loss_type {cfg.loss_type} is always length-normalised; the flag only applies to sigmoid, robust, hinge")
+
+
+def resolve_precision(precision: str) -> str:
+    """`auto` -> bf16 on a CUDA device that supports it (and DeepSpeed is not forced onto the CPU), else fp32."""
+    if precision != "auto":
+        return precision
+    import torch
+
+    gpu = os.environ.get("DS_ACCELERATOR", "cuda") == "cuda" and torch.cuda.is_available()
+    return "bf16" if gpu and torch.cuda.is_bf16_supported() else "fp32"
 
 
 def uses_reference(cfg: TrainConfig) -> bool:

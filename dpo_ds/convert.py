@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 
+from dpo_ds.cli import emit
 from launcher.dist import on_rank0
 
 HELP = """Convert a dpo-ds checkpoint (checkpoints/step-N) to a Hugging Face safetensors directory for serving
@@ -288,5 +289,5 @@ def run(args) -> int:
     except (CheckpointError, ExportError) as err:
         print(f"dpo-ds convert: error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {out}")
+    emit(f"wrote {out}")
     return 0

@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import textwrap
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +26,6 @@ from dpo_ds.config import ConfigError, TrainConfig
 from dpo_ds.logprobs import head_sequence_logps, scored_positions, sequence_logps
 
 logger = logging.getLogger("dpo_ds")
-# DeepSpeed 0.19 calls a torch collective that torch 2.13 renamed; the warning is theirs, repeated every step.
-warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*is deprecated")
 
 DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 
@@ -255,7 +252,7 @@ def build_policy_engine(cfg: TrainConfig, ds_config: dict[str, Any], total_steps
     prepare_model(model, cfg)
     model.train()
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     schedule = lr_lambda(cfg.lr_scheduler, cfg.warmup_steps, total_steps)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=_optimizer_groups(model, cfg.weight_decay), config=ds_config,

@@ -16,6 +16,7 @@ import json
 import os
 from dataclasses import dataclass
 
+from dpo_ds.cli import emit
 from dpo_ds.config import FIELDS
 
 HELP = """Estimate per-GPU and per-node memory and the FLOPs of one DPO micro-step on DeepSpeed ZeRO-3,
@@ -528,11 +529,11 @@ def run(args: argparse.Namespace) -> int:
     result = plan(model, setup)
     fit = smallest_fit(model, setup, args.max_nodes)
     if not args.json:
-        print(render(result, fit, args.max_nodes))
+        emit(render(result, fit, args.max_nodes))
         return 0
     smallest = fit and {"nodes": fit.setup.nodes, "offload_optimizer": fit.setup.offload_optimizer,
                         "offload_params": fit.setup.offload_params, "micro_batch_size": fit.setup.micro_batch_size,
                         "gpu_gib_per_gpu": round(fit.gpu_bytes / GIB, 3),
                         "cpu_gib_per_node": round(fit.cpu_bytes_per_node / GIB, 3)}
-    print(json.dumps({**result.to_dict(), "smallest_fit": smallest}, indent=2))
+    emit(json.dumps({**result.to_dict(), "smallest_fit": smallest}, indent=2))
     return 0

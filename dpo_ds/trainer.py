@@ -290,7 +290,23 @@ def train(cfg: TrainConfig) -> TrainResult:
     writer.close()
     if rank == 0:
         logger.info("final model written to %s", out_dir / "final")
+        print(run_summary(cfg, total_steps, last), file=sys.stderr, flush=True)
     return TrainResult(run, last)
+
+
+def run_summary(cfg: TrainConfig, steps: int, last: dict[str, float]) -> str:
+    """What a finished run produced and what to run next (printed at the end of `dpo-ds train`)."""
+    final = Path(cfg.output_dir) / "final"
+    shown = [(key, last[key]) for key in ("loss", "rewards/accuracies", "rewards/margins", "eval/loss",
+                                          "eval/rewards/accuracies", "eval/rewards/margins") if key in last]
+    latest = Path(cfg.output_dir) / ckpt.CHECKPOINTS_DIR / ckpt.LATEST
+    lines = [f"done: {steps} steps; last logged " + ", ".join(f"{key} {value:.4g}" for key, value in shown),
+             f"model: {final} (Hugging Face safetensors); metrics: {Path(cfg.output_dir) / 'metrics.jsonl'}",
+             f"next: dpo-ds eval --model {final} --data {cfg.eval_file or 'HELD_OUT_PAIRS'}"]
+    if latest.is_file():
+        lines.append(f"      dpo-ds convert {latest.parent / latest.read_text().strip()} OUT_DIR --dtype bf16  "
+                     f"(another dtype or shard size from the last checkpoint)")
+    return "\n".join(lines)
 
 
 def _report_bad_step(step: int, micro_batches: list[list[int]], pairs: TokenizedPairs, in_a_row: int,
@@ -352,6 +368,9 @@ def run(args: argparse.Namespace) -> int:
     except Preempted as stop:
         logger.warning("%s", stop)
         return ckpt.EXIT_PREEMPTED
+    except KeyboardInterrupt:  # Ctrl-C before training started: nothing to checkpoint yet
+        print("dpo-ds train: interrupted before training started (no checkpoint)", file=sys.stderr)
+        return 130
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -181,7 +181,8 @@ def on_rank0(what: str, work: Callable[[], T], failure: type[Exception] = Runtim
     For the phases only rank 0 does (universal-checkpoint conversion, writing an export, building the bench
     model, publishing a checkpoint): the waiting ranks poll the rendezvous store instead of sitting in a
     collective, so neither dist_timeout_s nor NCCL's watchdog can kill them, and rank 0 logs every
-    PROGRESS_S seconds that it is still at it. If rank 0 dies, its store goes with it and the others fail."""
+    PROGRESS_S seconds that it is still at it; a short barrier, once all have the outcome, ends the phase.
+    If rank 0 dies, its store goes with it and the others fail."""
     store = _store()
     if store is None:
         return work()
@@ -199,18 +200,21 @@ def on_rank0(what: str, work: Callable[[], T], failure: type[Exception] = Runtim
         threading.Thread(target=progress, daemon=True).start()
         try:
             result = work()
-        except BaseException as err:
+        except Exception as err:
             store.set(key, json.dumps({"error": f"{type(err).__name__}: {err}"}))
+            barrier()  # rank 0 hosts the store under srun/MPI: it must not exit before every rank has read it
             raise
         finally:
             done.set()
         store.set(key, json.dumps({"result": result}))
+        barrier()
         return result
     pause = 0.01
     while not store.check([key]):
         time.sleep(pause)
         pause = min(2 * pause, 2.0)  # a short phase costs little latency, a long one few store requests
     outcome = json.loads(store.get(key))
+    barrier()
     if "error" in outcome:
         raise failure(f"rank 0 failed while {what}: {outcome['error']}")
     return outcome["result"]

@@ -3,7 +3,12 @@ and conversion to Hugging Face safetensors."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from helpers import launch, read_metrics, run_cli, write_config
+from helpers import REPO, free_port, launch, read_metrics, run_cli, write_config
 
 SETTINGS = dict(precision="fp32", micro_batch_size=2, gradient_accumulation_steps=2, max_steps=6, save_steps=2,
                 shuffle=True, learning_rate=2e-3, weight_decay=0.1, warmup_steps=1, lr_scheduler="cosine", logging_steps=1, seed=3)
@@ -87,8 +92,13 @@ def test_disk_full_is_reported_and_keeps_previous_checkpoint(config, tmp_path):
 
 def uninterrupted(config, out, ranks):
     """A run that is never stopped, at `ranks` ranks with the pairs per step of the 2-rank baseline."""
-    launch(["-m", "dpo_ds", "train", "--config", str(config), "--output_dir", str(out), "--gradient_accumulation_steps",
-            str(SETTINGS["gradient_accumulation_steps"] * 2 // ranks)], nproc=ranks)
+    finished = launch(["-m", "dpo_ds", "train", "--config", str(config), "--output_dir", str(out),
+                       "--gradient_accumulation_steps", str(SETTINGS["gradient_accumulation_steps"] * 2 // ranks)],
+                      nproc=ranks)
+    # issue 13 item 10: train ends with what it produced and what to run next
+    assert f"done: {SETTINGS['max_steps']} steps; last logged loss" in finished.stderr
+    assert f"next: dpo-ds eval --model {out / 'final'}" in finished.stderr
+    assert f"dpo-ds convert {out / 'checkpoints' / 'step-00000006'} OUT_DIR" in finished.stderr
     return out
 
 
@@ -160,3 +170,48 @@ def test_convert_round_trip_matches_final_export(baseline, tmp_path):
         assert torch.equal(a(input_ids=probe_ids).logits, b(input_ids=probe_ids).logits)
     for name in ("config.json", "generation_config.json", "tokenizer_config.json"):
         assert (hf / name).is_file()
+
+
+def test_ctrl_c_on_torchrun_checkpoints_quietly(demo_assets, tmp_path):
+    """Issue 13 items 4, 5 and 8. Ctrl-C on a torchrun run (SIGINT to its whole process group, as a terminal sends
+    it; torchrun forwards a copy to its workers) finishes the step, checkpoints and stops like SIGTERM, without
+    KeyboardInterrupt tracebacks (was ~180 lines and no checkpoint). The run prints no deprecation warning (was
+    hundreds), and a config without `precision` trains in fp32 on a CPU, recorded in run_config.json."""
+    config = write_config(tmp_path / "run.yaml", model_name_or_path=demo_assets.model_dir, logging_steps=1,
+                          train_file=demo_assets.train_file, micro_batch_size=2, max_steps=20)
+    out, log = tmp_path / "run", tmp_path / "stderr.txt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "-m", "dpo_ds", "train", "--config", str(config), "--output_dir", str(out)]
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+        metrics = out / "metrics.jsonl"
+        while proc.poll() is None and not (metrics.is_file() and metrics.read_text().strip()):
+            time.sleep(0.2)  # until the first step is logged
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=300)
+    text = log.read_text()
+    step = int(latest(out).split("-")[1])
+    assert 1 <= step < 20 and "received SIGINT" in text and f"stopped by a signal after step {step}" in text, text[-3000:]
+    assert "KeyboardInterrupt" not in text
+    assert not [line for line in text.splitlines() if "deprecat" in line.lower()]
+    assert json.loads((out / "run_config.json").read_text())["precision"] == "fp32"
+
+
+def test_second_ctrl_c_stops_at_once(tmp_path):
+    """Issue 13 item 5: the first Ctrl-C (and torchrun's copy of it) asks for a checkpoint; a second one exits now."""
+    script = "\n".join([
+        "import os, signal, time",
+        "from dpo_ds.checkpoint import StopSignal",
+        "stop = StopSignal()",
+        "os.kill(os.getpid(), signal.SIGINT)",
+        "os.kill(os.getpid(), signal.SIGINT)  # torchrun's forwarded copy of the same Ctrl-C",
+        "time.sleep(0.2)",
+        "print('first:', stop.received, flush=True)",
+        "time.sleep(StopSignal.REPEAT_WINDOW_S + 0.5)",
+        "os.kill(os.getpid(), signal.SIGINT)",
+        "time.sleep(60)",
+        "print('still running', flush=True)",
+    ])
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130 and proc.stdout == f"first: {int(signal.SIGINT)}\n", (proc.stdout, proc.stderr)
+    assert "stopping now, without a checkpoint" in proc.stderr

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from dpo_ds.config import (FIELDS, LOSS_TYPES, ConfigError, TrainConfig, add_config_arguments, config_from_args,
-                           load_config, to_dict, validate)
+                           load_config, resolve_precision, to_dict, validate)
 
 REPO = Path(__file__).resolve().parent.parent
 REQUIRED = {"model_name_or_path": "m", "train_file": "t.jsonl"}
@@ -39,7 +39,7 @@ def config_error(fn, *args, **kwargs) -> str:
 # ---------------------------------------------------------------------------- YAML: file, line, field
 def test_minimal_yaml_loads_with_defaults(tmp_path):
     cfg = load_config(write(tmp_path, "model_name_or_path: m\ntrain_file: t.jsonl\n"))
-    assert cfg == TrainConfig(model_name_or_path="m", train_file="t.jsonl")
+    assert cfg == TrainConfig(model_name_or_path="m", train_file="t.jsonl", precision=resolve_precision("auto"))
 
 
 def test_unknown_key_names_file_line_and_suggests(tmp_path):
@@ -391,3 +391,10 @@ def test_refused_start_leaves_the_run_folder_untouched(fake_run_inputs, tmp_path
                       "--beta", "0.5"])
     assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr, proc.stderr[-3000:]
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_precision_auto_resolves_to_fp32_on_cpu(tmp_path):
+    """Issue 13 item 8: a config without `precision` trained and exported bf16 on a CPU."""
+    assert FIELDS["precision"].default == "auto"
+    assert load_config(write(tmp_path, "model_name_or_path: m\ntrain_file: t.jsonl\n")).precision == "fp32"
+    assert load_config(None, {**REQUIRED, "precision": "bf16"}).precision == "bf16"
