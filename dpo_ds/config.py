@@ -37,7 +37,7 @@ LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "simpo", "sft")
 @dataclass
 class TrainConfig:
     # --- model
-    model_name_or_path: Optional[str] = _field(None, "Policy: a Hugging Face model directory (or hub id already in the local cache).", "model")
+    model_name_or_path: Optional[str] = _field(None, "Policy: a Hugging Face model directory, or a hub id (the local cache first; checked before anything loads).", "model")
     ref_model_name_or_path: Optional[str] = _field(None, "Frozen reference model; default: the policy's starting weights.", "model")
     trust_remote_code: bool = _field(False, "Allow model/tokenizer code shipped with the checkpoint to run. Off: only code in transformers runs.", "model")
     disable_dropout: bool = _field(True, "Turn dropout off in the policy and the reference (dropout modules and the config's dropout values the model reads while running; exports keep the config's values). With dropout on, the two models disagree before any update and the DPO signal is noise, so only turn it off for a reason.", "model")

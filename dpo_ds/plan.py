@@ -25,8 +25,10 @@ Counts the policy's ZeRO-3 model states (bf16 params and grads, fp32 master weig
 sharded over all GPUs or offloaded to CPU), the ZeRO-3 gather/bucket buffers, the frozen reference model
 (on GPU, offloaded to CPU, or precomputed), gradient-checkpointed activations and the log-probs (inside
 lm_head, or from full logits); says whether that fits in GPU memory and CPU memory per node, keeping 10%
-of each as headroom; and searches for the smallest setting that fits: node counts 1, 2, 4, ... up to
---max_nodes first, then optimizer offload, then parameter offload, then halving the micro batch down to 1.
+of each as headroom; and searches for a setting that fits, on the given machines first (optimizer offload,
+then parameter offload, then halving the micro batch down to 1), then on 2, 4, ... times the nodes up to
+--max_nodes, and prints the `dpo-ds train` flags and ds_configs preset of the answer. The reference
+defaults to train's: offloaded to CPU.
 Example: dpo-ds plan --model llama-70b --nodes 4 --gpus_per_node 8 --seq_len 4096 --reference offload"""
 
 GIB = 2**30
@@ -429,23 +431,39 @@ def flops(model: ModelShape, setup: Setup) -> Flops:
 
 
 def smallest_fit(model: ModelShape, setup: Setup, max_nodes: int = NODE_COUNTS_CAP) -> Plan | None:
-    """The first setting that fits, trying in this order (outermost loop last):
-    node counts 1, 2, 4, ... <= max_nodes; then the same with optimizer offload; then with optimizer and
-    param offload (starting from the offload flags given, never removing one); then each of those with
-    the micro batch halved, down to 1."""
-    node_counts = [2**k for k in range(max_nodes.bit_length())]
+    """The first setting that fits, on the machines given first: the given node count as is, then with
+    optimizer offload, then with optimizer and param offload (starting from the offload flags given, never
+    removing one), then each of those with the micro batch halved, down to 1; only then the same search on
+    more nodes: 2, 4, ... times up to max_nodes."""
+    node_counts = [setup.nodes] + [n for n in (2**k for k in range(max_nodes.bit_length())) if setup.nodes < n <= max_nodes]
     offloads = list(dict.fromkeys([(setup.offload_optimizer, setup.offload_params),
                                    (True, setup.offload_params), (True, True)]))
     micro_batches = [setup.micro_batch_size >> k for k in range(setup.micro_batch_size.bit_length())]
-    for micro_batch in micro_batches:
-        for offload_optimizer, offload_params in offloads:
-            for nodes in node_counts:
+    for nodes in node_counts:
+        for micro_batch in micro_batches:
+            for offload_optimizer, offload_params in offloads:
                 candidate = plan(model, dataclasses.replace(
                     setup, nodes=nodes, micro_batch_size=micro_batch,
                     offload_optimizer=offload_optimizer, offload_params=offload_params))
                 if candidate.fits:
                     return candidate
     return None
+
+
+# ds_configs preset of each (offload_optimizer, offload_params) setting; params alone have none.
+PRESETS_BY_OFFLOAD = {(False, False): "ds_configs/zero3.json", (True, False): "ds_configs/zero3_offload_optimizer.json",
+                      (True, True): "ds_configs/zero3_offload_all.json"}
+REFERENCE_FLAGS = {"gpu": ["--ref_offload", "false"], "offload": [], "precomputed": ["--precompute_ref", "true"],
+                   "none": ["--reference_free", "true"]}
+
+
+def train_flags(result: Plan) -> list[str]:
+    """The `dpo-ds train` flags of a plan's setting (run on its node and GPU counts)."""
+    s = result.setup
+    preset = PRESETS_BY_OFFLOAD.get((s.offload_optimizer, s.offload_params))
+    flags = ["--micro_batch_size", str(s.micro_batch_size), "--max_length", str(s.seq_len), "--precision", s.precision]
+    flags += ["--deepspeed_config", preset] if preset else []
+    return flags + REFERENCE_FLAGS[s.reference] + ([] if s.fused_lm_head else ["--fused_lm_head", "false"])
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -468,9 +486,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--micro_batch_size", type=_positive_int, default=1,
                         help="preference pairs per GPU per micro-step (each pair is 2 sequences)")
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
-    parser.add_argument("--reference", choices=REFERENCE_MODES, default="gpu",
-                        help="where the frozen reference model lives: sharded on GPU, offloaded to CPU, "
-                             "precomputed log-probs, or none (reference-free)")
+    parser.add_argument("--reference", choices=REFERENCE_MODES, default="offload",
+                        help="where the frozen reference model lives: sharded on GPU, offloaded to CPU (default, as "
+                             "train's ref_offload), precomputed log-probs, or none (reference-free)")
     parser.add_argument("--offload_optimizer", action="store_true", help="ZeRO-3 offload_optimizer to CPU")
     parser.add_argument("--offload_params", action="store_true", help="ZeRO-3 offload_param to CPU")
     parser.add_argument("--fused_lm_head", choices=("true", "false"), default="true",
@@ -494,8 +512,14 @@ def render(result: Plan, fit: Plan | None, max_nodes: int) -> str:
     def row(name: str, gpu: float, cpu: float) -> str:
         return f"{name:<40}{gpu / GIB:>10.2f}{gpu * gpn / GIB:>10.2f}{cpu / GIB:>10.2f}"
 
-    smallest = (f"{_setting(fit)}: GPU {fit.gpu_bytes / GIB:.1f} GiB, CPU {fit.cpu_bytes_per_node / GIB:.1f} GiB/node"
-                if fit else f"nothing fits on up to {max_nodes} nodes")
+    if fit is None:
+        smallest = f"nothing fits on up to {max_nodes} nodes"
+    else:
+        where = ("on these machines" if fit.setup.nodes == s.nodes
+                 else f"not on {s.nodes} node(s) with any offload or micro batch; needs more nodes")
+        smallest = (f"{_setting(fit)} ({where}): GPU {fit.gpu_bytes / GIB:.1f} GiB, CPU "
+                    f"{fit.cpu_bytes_per_node / GIB:.1f} GiB/node\n          dpo-ds train {' '.join(train_flags(fit))} "
+                    f"on {fit.setup.nodes} node(s) x {fit.setup.gpus_per_node} GPUs")
     return "\n".join([
         f"model     {m.name} ({m.model_type}): N = {m.params:,} params ({m.params / 1e9:.2f} B{active}), "
         f"largest module {m.largest_module_params / 1e6:.1f} M",
@@ -534,6 +558,6 @@ def run(args: argparse.Namespace) -> int:
     smallest = fit and {"nodes": fit.setup.nodes, "offload_optimizer": fit.setup.offload_optimizer,
                         "offload_params": fit.setup.offload_params, "micro_batch_size": fit.setup.micro_batch_size,
                         "gpu_gib_per_gpu": round(fit.gpu_bytes / GIB, 3),
-                        "cpu_gib_per_node": round(fit.cpu_bytes_per_node / GIB, 3)}
+                        "cpu_gib_per_node": round(fit.cpu_bytes_per_node / GIB, 3), "train_flags": train_flags(fit)}
     emit(json.dumps({**result.to_dict(), "smallest_fit": smallest}, indent=2))
     return 0

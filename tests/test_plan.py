@@ -125,7 +125,10 @@ def test_llama_70b_needs_four_nodes_without_offload():
     for seq_len in (2048, 4096):
         fits = {n: P.plan(shape, setup(n, seq_len, reference="offload")).fits for n in (1, 2, 4)}
         assert fits == {1: False, 2: False, 4: True}, seq_len
+        # the machines given first: one node with the optimizer offloaded, before four nodes without offload
         found = P.smallest_fit(shape, setup(1, seq_len, reference="offload"))
+        assert (found.setup.nodes, found.setup.offload_optimizer, found.setup.offload_params) == (1, True, False)
+        found = P.smallest_fit(shape, setup(1, seq_len, reference="offload", cpu_memory_gb=256))
         assert (found.setup.nodes, found.setup.offload_optimizer, found.setup.offload_params) == (4, False, False)
 
 
@@ -214,3 +217,20 @@ def test_fused_log_probs_budget_less_than_full_logits():
     fused, full = (P.plan(model, setup(1, fused_lm_head=flag)) for flag in (True, False))
     item = {i.name: i.gpu_bytes for i in fused.items}["log-probs in lm_head (fused, chunked)"]
     assert item < {i.name: i.gpu_bytes for i in full.items}["logits + chunked fp32 log-softmax"] / 4
+
+
+def test_plan_answers_for_the_machines_given_with_train_flags(capsys):
+    """Issue 13 item 11: for llama3-8b on one 24 GB GPU, plan defaulted to a GPU-resident reference (train offloads
+    it), answered `16 node(s) x 1 GPUs` before trying offload on the machine given, and printed no flags."""
+    args = ["plan", "--model", "llama3-8b", "--nodes", "1", "--gpus_per_node", "1", "--gpu_memory_gb", "24"]
+    assert main([*args, "--cpu_memory_gb", "256", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["setup"]["reference"] == "offload"
+    assert out["smallest_fit"]["nodes"] == 1 and out["smallest_fit"]["offload_params"]
+    assert out["smallest_fit"]["train_flags"] == ["--micro_batch_size", "1", "--max_length", "4096", "--precision",
+                                                  "bf16", "--deepspeed_config", "ds_configs/zero3_offload_all.json"]
+    assert main([*args, "--cpu_memory_gb", "64"]) == 0  # too little host memory for the offloaded optimizer
+    text = capsys.readouterr().out
+    assert "not on 1 node(s) with any offload or micro batch; needs more nodes" in text
+    assert "dpo-ds train --micro_batch_size 1 --max_length 4096 --precision bf16 --deepspeed_config" in text
+    assert "16 node(s)" not in text
