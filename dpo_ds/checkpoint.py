@@ -3,8 +3,10 @@
 Layout under `<output_dir>/checkpoints/`:
 
     step-00000120/                 one checkpoint, complete or absent
-        ds/                        DeepSpeed ZeRO-3 state of every rank (engine.save_checkpoint)
-        hf/                        model config, generation config, tokenizer: `dpo-ds convert` needs nothing else
+        ds/                        DeepSpeed ZeRO-3 state of every rank (engine.save_checkpoint); trainable
+                                   parameters only (a LoRA run's frozen base is not saved)
+        hf/                        model config, generation config, tokenizer (+ adapter_config.json for LoRA):
+                                   `dpo-ds convert` needs nothing else (LoRA: the base model's directory too)
         rng/rank-00000.safetensors RNG states of each rank (tensors, no pickle)
         trainer_state.json         step, sampler position, world size, fingerprints, the run config
         manifest.json              every file above with its size, written last
@@ -50,7 +52,8 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written after SIGTERM/SIGUSR1; th
 RESUME_SENSITIVE_FIELDS = ("model_name_or_path", "ref_model_name_or_path", "loss_type", "beta", "label_smoothing",
                            "simpo_gamma", "rpo_alpha", "reference_free", "length_normalize", "max_length",
                            "max_prompt_length", "max_tokens_per_micro_batch", "shuffle", "group_by_length", "seed", "precision", "lr_scheduler",
-                           "warmup_steps", "learning_rate", "weight_decay")
+                           "warmup_steps", "learning_rate", "weight_decay", "lora_r", "lora_alpha", "lora_dropout",
+                           "lora_target_modules", "lora_adapter")
 
 
 class CheckpointError(RuntimeError):
@@ -133,7 +136,8 @@ def save_checkpoint(engine, output_dir: str, state: TrainerState, save_total_lim
     barrier()
     error: BaseException | None = None
     try:
-        engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
+        # frozen parameters (a LoRA run's base) are rebuilt from their files on resume, never saved
+        engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False, exclude_frozen_parameters=True)
         save_file(_rng_state(), str(tmp / "rng" / f"rank-{rank:05d}.safetensors"))
     except (OSError, RuntimeError) as err:
         error = err
@@ -144,6 +148,9 @@ def save_checkpoint(engine, output_dir: str, state: TrainerState, save_total_lim
 
             model = engine.module
             write_hf_metadata(tmp / HF_METADATA, model.config, getattr(model, "generation_config", None), tokenizer)
+            from dpo_ds.lora import checkpoint_metadata
+
+            checkpoint_metadata(model, tmp / HF_METADATA)
             _write_text_atomic(tmp / STATE, json.dumps(asdict(state), indent=2))
             files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
             _fsync_tree(tmp)
@@ -276,7 +283,11 @@ def prepare_universal(ckpt: Path) -> None:
 def load_checkpoint(engine, ckpt: Path, saved: TrainerState, world_size: int) -> None:
     """Restore DeepSpeed state (universal when the world size changed) and this rank's RNG."""
     tag = DS_TAG if saved.world_size == world_size else UNIVERSAL_TAG
-    load_path, _ = engine.load_checkpoint(str(ckpt), tag=tag, load_module_strict=True, load_optimizer_states=True,
+    from dpo_ds.lora import is_lora_engine
+
+    # a LoRA checkpoint holds the adapter only: the frozen base is already loaded from its files
+    load_path, _ = engine.load_checkpoint(str(ckpt), tag=tag, load_module_strict=not is_lora_engine(engine),
+                                          load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
     if load_path is None:
         raise CheckpointError(f"{ckpt / tag}: DeepSpeed could not load this checkpoint")

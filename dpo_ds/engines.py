@@ -23,12 +23,12 @@ import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
 
-from dpo_ds.config import ConfigError, TrainConfig
+from dpo_ds.config import ConfigError, TrainConfig, uses_lora
 from dpo_ds.logprobs import head_sequence_logps, sequence_logps
 
 logger = logging.getLogger("dpo_ds")
 # DeepSpeed 0.19 calls a torch collective that torch 2.13 renamed; the warning is theirs, repeated every step.
-warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*is deprecated")
+warnings.filterwarnings("ignore", message=".*(reduce_scatter_tensor|all_gather_into_tensor).*is deprecated")
 
 DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 
@@ -204,6 +204,10 @@ def build_policy_engine(cfg: TrainConfig, ds_config: dict[str, Any], total_steps
     model.train()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if uses_lora(cfg):
+        from dpo_ds.lora import attach_adapters
+
+        model = attach_adapters(model, cfg)  # base frozen: only adapter parameters reach the optimizer
     schedule = lr_lambda(cfg.lr_scheduler, cfg.warmup_steps, total_steps)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=_optimizer_groups(model, cfg.weight_decay), config=ds_config,
