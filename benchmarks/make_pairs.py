@@ -29,7 +29,8 @@ pairs = synthetic_pairs(n, a.lengths, cfg.max_length, a.vocab_size, cfg.seed)
 sampler = PairSampler.for_config(cfg, pairs, 1)
 steps = []
 for step in range(total):
-    steps.append([[{"prompt_ids": pairs.prompt[i], "chosen_ids": pairs.chosen[i], "rejected_ids": pairs.rejected[i]}
+    steps.append([[{"prompt_ids": pairs.prompt[i].tolist(), "chosen_ids": pairs.chosen[i].tolist(),
+                    "rejected_ids": pairs.rejected[i].tolist()}
                    for i in mb] for mb in sampler.micro_batches(step, 0)])
 json.dump({"lengths": a.lengths, "warmup": a.warmup, "steps": steps}, open(a.out, "w"))
 real = [sum(len(x["prompt_ids"]) * 2 + len(x["chosen_ids"]) + len(x["rejected_ids"]) for mb in s for x in mb) for s in steps]

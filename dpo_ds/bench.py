@@ -22,11 +22,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from dpo_ds.config import ConfigError, add_config_arguments, config_from_args, uses_lora, uses_reference
-from dpo_ds.data import PairSampler, TokenizedPairs
+from dpo_ds.data import PairLocations, PairSampler, TokenizedPairs
+from launcher.dist import all_reduce, on_rank0
 
 HELP = __doc__
 # Dense bf16 peak TFLOP/s per device, for MFU when --peak_tflops is not given.
@@ -58,7 +60,7 @@ def synthetic_pairs(n: int, spec: str, max_length: int, vocab_size: int, seed: i
     else:
         raise ConfigError(f"--lengths: expected fixed:T or lognormal:MEDIAN,SIGMA, got {spec!r}")
     totals = totals.round().clamp(16, max_length).long()
-    pairs = TokenizedPairs(fingerprint=f"synthetic-{spec}-{n}-{max_length}-{vocab_size}-{seed}")
+    columns: dict[str, list[list[int]]] = {"prompt": [], "chosen": [], "rejected": []}
     for i in range(n):
         shorter = int(totals[i].min())
         prompt_len = int(shorter * (0.25 + 0.25 * torch.rand(1, generator=g)))
@@ -66,28 +68,31 @@ def synthetic_pairs(n: int, spec: str, max_length: int, vocab_size: int, seed: i
         def ids(k: int) -> list[int]:
             return torch.randint(3, vocab_size, (k,), generator=g).tolist()
 
-        pairs.prompt.append(ids(prompt_len))
-        pairs.chosen.append(ids(int(totals[i, 0]) - prompt_len))
-        pairs.rejected.append(ids(int(totals[i, 1]) - prompt_len))
-        pairs.pair_ids.append(f"synthetic:{i}")
-    return pairs
+        columns["prompt"].append(ids(prompt_len))
+        columns["chosen"].append(ids(int(totals[i, 0]) - prompt_len))
+        columns["rejected"].append(ids(int(totals[i, 1]) - prompt_len))
+    return TokenizedPairs(fingerprint=f"synthetic-{spec}-{n}-{max_length}-{vocab_size}-{seed}",
+                          pair_ids=PairLocations("synthetic", "jsonl", np.arange(n)), **columns)
 
 
-def _model_dir(model: str, output_dir: Path, rank: int) -> tuple[Path, object]:
+def _model_dir(model: str, output_dir: Path) -> tuple[Path, object]:
     """A random-init Hugging Face directory for `model` (rank 0 writes it once; the others wait)."""
     from dpo_ds.plan import load_model_config
 
     config, name = load_model_config(model)
     target = output_dir / "bench_model" / name
-    if rank == 0 and not (target / "config.json").is_file():
+
+    def build() -> None:
+        if (target / "config.json").is_file():
+            return
         from transformers import AutoModelForCausalLM
 
         torch.manual_seed(0)
         tmp = target.with_name(target.name + ".tmp")
         AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
         tmp.rename(target)
-    if dist.is_initialized():
-        dist.barrier()
+
+    on_rank0(f"writing the random-init {model} model to {target}", build)
     return target, config
 
 
@@ -102,12 +107,12 @@ def _peak_tflops(given: float | None) -> float | None:
 
 def run(args: argparse.Namespace) -> int:
     from deepspeed.accelerator import get_accelerator
-    from launcher.dist import init_distributed
+    from launcher.dist import check_shared_dirs, init_distributed
 
     from dpo_ds.engines import fused_head
     from dpo_ds.metrics import PairStats, SectionTimer, max_over_ranks, peak_memory_gib
     from dpo_ds.plan import shape_from_config
-    from dpo_ds.trainer import build_run, pair_step, setup_logging
+    from dpo_ds.trainer import build_run, cache_dir_of, pair_step, setup_logging
 
     args.model_name_or_path = args.model  # validated below, replaced by the written directory
     args.train_file = "synthetic"
@@ -118,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     env = init_distributed(timeout_s=cfg.dist_timeout_s)
     setup_logging(env.rank)
-    model_dir, config = _model_dir(args.model, Path(cfg.output_dir), env.rank)
+    check_shared_dirs({"output_dir": cfg.output_dir, "cache_dir": cache_dir_of(cfg)})
+    model_dir, config = _model_dir(args.model, Path(cfg.output_dir))
     cfg.model_name_or_path, cfg.ref_model_name_or_path = str(model_dir), None
     shape = shape_from_config(config, args.model)
     total_steps = args.warmup + args.steps
@@ -155,10 +161,9 @@ def run(args: argparse.Namespace) -> int:
     totals = torch.tensor([real_tokens, processed_tokens, attention_flops], dtype=torch.float64)
     split = torch.tensor([timer.totals.get(k, 0.0) for k in ("reference_forward", "policy_forward", "backward", "optimizer")],
                          dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(step_times, op=dist.ReduceOp.MAX)  # a step takes as long as its slowest rank
-        dist.all_reduce(totals)
-        dist.all_reduce(split, op=dist.ReduceOp.MAX)
+    step_times = all_reduce(step_times, "max")  # a step takes as long as its slowest rank
+    totals = all_reduce(totals)
+    split = all_reduce(split, "max")
     live_reference = uses_reference(cfg) and not cfg.precompute_ref
     # LoRA: the frozen base needs no weight gradients, so the policy's backward is 2N, not 4N (see dpo-ds plan)
     factor = (4 if uses_lora(cfg) else 6) + (2 if live_reference else 0)

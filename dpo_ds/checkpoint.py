@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from launcher.dist import barrier
+from launcher.dist import all_reduce, barrier, on_rank0
 
 logger = logging.getLogger("dpo_ds")
 
@@ -89,10 +89,7 @@ def _rank() -> int:
 
 def any_rank(flag: bool) -> bool:
     """True on every rank when `flag` is true on at least one (a collective: all ranks must call it)."""
-    t = torch.tensor([1.0 if flag else 0.0])
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return bool(all_reduce(torch.tensor([1.0 if flag else 0.0]), "max").item())
 
 
 def _fsync_tree(root: Path) -> None:
@@ -142,30 +139,36 @@ def save_checkpoint(engine, output_dir: str, state: TrainerState, save_total_lim
     except (OSError, RuntimeError) as err:
         error = err
     _fail_together(error, tmp, f"writing checkpoint {final}")
-    if rank == 0:
-        try:
-            from dpo_ds.convert import write_hf_metadata
-
-            model = engine.module
-            write_hf_metadata(tmp / HF_METADATA, model.config, getattr(model, "generation_config", None), tokenizer)
-            from dpo_ds.lora import checkpoint_metadata
-
-            checkpoint_metadata(model, tmp / HF_METADATA)
-            _write_text_atomic(tmp / STATE, json.dumps(asdict(state), indent=2))
-            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-            _fsync_tree(tmp)
-            _write_text_atomic(tmp / MANIFEST, json.dumps({"files": files}, indent=2))
-            if final.exists():  # a checkpoint of the same step from an earlier attempt
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _write_text_atomic(root / LATEST, final.name)
-            _prune(root, save_total_limit, keep=final.name)
-        except OSError as err:
-            error = err
-    _fail_together(error, tmp, f"publishing checkpoint {final}")
+    on_rank0(f"publishing checkpoint {final}", lambda: _publish(engine, tmp, final, root, state, save_total_limit,
+                                                                  tokenizer), CheckpointError)
     if rank == 0:
         logger.info("checkpoint written: %s", final)
     return final
+
+
+def _publish(engine, tmp: Path, final: Path, root: Path, state: TrainerState, save_total_limit: int,
+             tokenizer) -> None:
+    """Rank 0, once every rank's files are in `tmp`: metadata, state, manifest, rename, `latest`, pruning.
+    On failure the partial directory goes; the previous checkpoint and `latest` are untouched."""
+    from dpo_ds.convert import write_hf_metadata
+    from dpo_ds.lora import checkpoint_metadata
+
+    try:
+        model = engine.module
+        write_hf_metadata(tmp / HF_METADATA, model.config, getattr(model, "generation_config", None), tokenizer)
+        checkpoint_metadata(model, tmp / HF_METADATA)
+        _write_text_atomic(tmp / STATE, json.dumps(asdict(state), indent=2))
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        _fsync_tree(tmp)
+        _write_text_atomic(tmp / MANIFEST, json.dumps({"files": files}, indent=2))
+        if final.exists():  # a checkpoint of the same step from an earlier attempt
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_text_atomic(root / LATEST, final.name)
+        _prune(root, save_total_limit, keep=final.name)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"publishing checkpoint {final} failed ({err}); the previous checkpoint is kept") from err
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -267,7 +270,10 @@ def check_compatible(saved: TrainerState, current: TrainerState) -> list[str]:
 def prepare_universal(ckpt: Path) -> None:
     """Convert the ZeRO checkpoint to DeepSpeed's universal format (rank 0, once) for another world size."""
     target = ckpt / UNIVERSAL_TAG
-    if _rank() == 0 and not target.is_dir():
+
+    def convert() -> None:
+        if target.is_dir():
+            return
         tmp = ckpt / (UNIVERSAL_TAG + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt / DS_TAG),
@@ -277,7 +283,8 @@ def prepare_universal(ckpt: Path) -> None:
         if proc.returncode != 0:
             raise CheckpointError(f"{ckpt}: universal conversion failed:\n{proc.stderr[-3000:]}")
         os.replace(tmp, target)
-    barrier()
+
+    on_rank0(f"converting {ckpt} to a universal checkpoint", convert, CheckpointError)
 
 
 def load_checkpoint(engine, ckpt: Path, saved: TrainerState, world_size: int) -> None:

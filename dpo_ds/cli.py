@@ -7,10 +7,11 @@ import os
 import sys
 
 from launcher.dist import exit_process
-from launcher.env import strip_local_rank
+from launcher.env import LauncherError, strip_local_rank
 
 # sub-command -> module exposing `HELP`, `add_arguments(parser)` and `run(args) -> int`
 COMMANDS = {
+    "prepare": "dpo_ds.prepare",
     "train": "dpo_ds.trainer",
     "eval": "dpo_ds.evaluate",
     "convert": "dpo_ds.convert",
@@ -32,7 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = argparse.ArgumentParser(prog=f"dpo-ds {argv[0]}", description=module.HELP,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(sub)
-    return int(module.run(sub.parse_args(argv[1:])) or 0)
+    args = sub.parse_args(argv[1:])
+    try:
+        return int(module.run(args) or 0)
+    except LauncherError as err:  # the rendezvous, or output_dir/cache_dir not shared by every rank
+        print(f"dpo-ds {argv[0]}: error: {err}", file=sys.stderr, flush=True)
+        return 1
 
 
 def entry() -> None:

@@ -55,6 +55,7 @@ class TrainConfig:
     shuffle: bool = _field(True, "Shuffle pairs each epoch (seeded). Off + group_by_length off: step k uses pairs [k*G, (k+1)*G) in file order.", "data")
     group_by_length: bool = _field(False, "Put pairs of similar length in the same micro-batch (less padding); micro-batches are shuffled.", "data")
     max_tokens_per_micro_batch: Optional[int] = _field(None, "Token budget per micro-batch: pairs of similar length are packed while 2 x pairs x longest sequence fits (at least one pair), so micro-batches carry similar token counts; micro_batch_size is then only the grouping window unit. Every pair keeps equal weight in the loss.", "data")
+    prepare_workers: int = _field(0, "Processes that tokenize when the prepared-pairs cache is built (by `dpo-ds prepare`, or by rank 0 of `train` when the cache is missing); 0 = one per CPU core available. Does not change the token ids.", "data")
     padding_free: bool = _field(False, "Pack each micro-batch's 2B sequences into one row without padding (position ids restart per sequence; transformers keeps attention within each sequence: varlen flash attention where attn_implementation selects it, else a block-diagonal causal mask).", "data")
     # --- loss
     loss_type: str = _field("sigmoid", f"Preference loss: {', '.join(LOSS_TYPES)}.", "loss")
@@ -88,15 +89,15 @@ class TrainConfig:
     ref_offload: bool = _field(True, "Keep the reference model's ZeRO-3 parameters on CPU (`offload_param: cpu`).", "engine")
     deepspeed_config: Optional[str] = _field(None, "Policy DeepSpeed JSON (see ds_configs/). Values it leaves out or sets to \"auto\" are filled from this config; default: ds_configs/zero3.json on GPU, ds_configs/zero3_cpu.json on CPU.", "engine")
     ref_deepspeed_config: Optional[str] = _field(None, "Reference DeepSpeed JSON; default ds_configs/reference_zero3.json.", "engine")
-    weights_loader: str = _field("streamed", "How ZeRO-3 ranks read a local safetensors model: streamed (rank 0 reads each rank's slice of each tensor and sends it: no rank holds more than its partition plus a chunk) or transformers (from_pretrained under HfDeepSpeedConfig: rank 0 maps the whole checkpoint). Other formats always use transformers.", "engine")
+    weights_loader: str = _field("streamed", "How ZeRO-3 ranks read a local safetensors model: streamed (rank 0 reads each rank's slice of each tensor and scatters it chunk by chunk: no rank holds more than its partition plus a chunk) or transformers (from_pretrained under HfDeepSpeedConfig: rank 0 maps the whole checkpoint). Other formats always use transformers.", "engine")
     attn_implementation: str = _field("auto", "Attention kernel transformers builds the models with: eager, sdpa, flash_attention_2, flash_attention_3 or flex_attention. auto: flash_attention_2 when padding_free is on with bf16 on a GPU and the flash_attn package is installed (varlen: each packed sequence costs what it would alone); otherwise the model's own default (sdpa for most; under padding_free it attends over the packed row through a block-diagonal mask, quadratic in the micro-batch's total tokens).", "engine")
     precompute_ref: bool = _field(False, "Compute the reference log-probs of the train and eval pairs once before training (cached on disk under caches/, reused by later runs); training then runs no reference model.", "engine")
     fused_lm_head: bool = _field(True, "Compute completion-token log-probs inside the output projection, chunk by chunk and only at completion positions, so the [tokens, vocab] logits and their gradient never exist whole. Used where the model returns lm_head(hidden) unchanged (Llama, Mistral, Mixtral, Qwen2/3, Phi-3, Gemma, ...); other models (logit soft-capping or scaling) score from the full logits.", "engine")
     logprob_chunk_size: int = _field(256, "Sequence positions per chunk when turning hidden states or logits into token log-probs (bounds the fp32 block to chunk x vocab).", "engine")
-    dist_timeout_s: float = _field(600.0, "Seconds a rank waits for the others to join before failing with a message.", "engine")
+    dist_timeout_s: float = _field(600.0, "Seconds a rank waits for the others at the rendezvous and in every collective before failing with a message; phases where rank 0 works alone (universal conversion, checkpoint publishing, the final export) wait without this limit.", "engine")
     # --- outputs and monitoring
-    output_dir: str = _field("runs/dpo", "Run folder: metrics.jsonl, tensorboard/, caches/, checkpoints/, final/.", "output")
-    cache_dir: Optional[str] = _field(None, "Where tokenized pairs and precomputed reference log-probs are cached, by fingerprint (default <output_dir>/caches); point runs at one directory to share them.", "output")
+    output_dir: str = _field("runs/dpo", "Run folder: metrics.jsonl, tensorboard/, caches/, checkpoints/, final/. Must be the same directory on every node (a shared file system); checked at start.", "output")
+    cache_dir: Optional[str] = _field(None, "Where prepared (tokenized) pairs and precomputed reference log-probs are cached, by fingerprint (default <output_dir>/caches); `dpo-ds prepare` fills it ahead of training; point runs at one directory to share them. Must be the same directory on every node; checked at start.", "output")
     logging_steps: int = _field(10, "Log metrics every N optimizer steps.", "output")
     eval_steps: int = _field(0, "Evaluate on eval_file every N optimizer steps (0 = only at the end).", "output")
     save_steps: int = _field(0, "Save a resumable checkpoint every N optimizer steps (0 = only the final export; SIGTERM/SIGUSR1 always checkpoint).", "output")
@@ -240,6 +241,8 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("max_steps", "warmup_steps", "logging_steps", "eval_steps", "save_steps", "save_total_limit"):
         if getattr(cfg, name) < 0:
             bad(name, f"must be >= 0, got {getattr(cfg, name)}")
+    if cfg.prepare_workers < 0:
+        bad("prepare_workers", f"must be >= 0 (0: one per core), got {cfg.prepare_workers}")
     if cfg.logging_steps == 0:
         bad("logging_steps", "must be >= 1")
     if cfg.max_tokens_per_micro_batch is not None and cfg.max_tokens_per_micro_batch < 2:

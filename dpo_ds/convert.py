@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 
+from launcher.dist import on_rank0
+
 HELP = """Convert a dpo-ds checkpoint (checkpoints/step-N) to a Hugging Face safetensors directory for serving
 (vLLM, transformers): shards + model.safetensors.index.json, config.json, generation_config.json and the
 run's tokenizer files. Streams tensors (bounded memory) and validates the result before reporting success.
@@ -186,13 +188,13 @@ def export_engine(engine, out_dir: str, tokenizer=None, dtype: torch.dtype | Non
             expected[name] = tuple(buf.shape)
             if writer is not None:
                 writer.add(name, buf)
-    if rank == 0:
+    def publish() -> None:
         writer.finish()
         write_hf_metadata(tmp, model.config, getattr(model, "generation_config", None), tokenizer, dtype)
         validate_hf_dir(tmp, expected)
         _publish(tmp, out)
-    if dist.is_initialized():
-        dist.barrier()
+
+    on_rank0(f"writing the model to {out}", publish)
 
 
 

@@ -24,7 +24,7 @@ import torch
 from deepspeed.accelerator import get_accelerator
 
 from dpo_ds.config import ConfigError, TrainConfig, uses_lora
-from dpo_ds.logprobs import head_sequence_logps, sequence_logps
+from dpo_ds.logprobs import head_sequence_logps, scored_positions, sequence_logps
 
 logger = logging.getLogger("dpo_ds")
 # DeepSpeed 0.19 calls a torch collective that torch 2.13 renamed; the warning is theirs, repeated every step.
@@ -243,6 +243,15 @@ def release_engine(engine) -> None:
     del engine
     gc.collect()
     get_accelerator().empty_cache()
+    release_host_cache()
+
+
+def release_host_cache() -> None:
+    """Give torch's cached pinned host memory back to the system (empty_cache frees only device memory): after
+    the reference's precompute, its offloaded (pinned) weights would otherwise stay allocated all run."""
+    if torch.cuda.is_available():
+        empty = getattr(torch.accelerator, "empty_host_cache", None) or torch._C._host_emptyCache
+        empty()
 
 
 def _returns_head_output_unchanged(model_class: type) -> bool:
@@ -295,6 +304,16 @@ def _scoring_head(head: torch.nn.Linear, score):
         del head.forward
 
 
+def _varlen_attention_kwargs(position_ids: torch.Tensor, device) -> dict:
+    """flash-attention's cumulative sequence lengths of a packed row, from the CPU batch: given to the model,
+    they spare every layer recomputing them from the position ids (a nonzero and a max, each a device sync)."""
+    starts = (position_ids.reshape(-1) == 0).nonzero().squeeze(-1)
+    cu = torch.cat([starts, torch.tensor([position_ids.numel()])]).to(torch.int32)
+    longest = int(cu.diff().max())
+    cu = cu.to(device)
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+
+
 def forward_logps(engine, batch: dict[str, torch.Tensor], chunk_size: int,
                   fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-probs and token counts of every sequence of a collated batch (one forward).
@@ -303,20 +322,22 @@ def forward_logps(engine, batch: dict[str, torch.Tensor], chunk_size: int,
     device = engine.device
     input_ids = batch["input_ids"].to(device)
     loss_mask = batch["loss_mask"].to(device)
+    # Sequence metadata comes from the CPU batch: read back from the device, it would cost a sync per micro-step.
     if "sequence_ids" in batch:  # packed: no attention mask, position ids mark where each sequence starts
-        sequence_ids = batch["sequence_ids"].to(device)
         inputs = {"position_ids": batch["position_ids"].to(device)}
-        scoring = (sequence_ids, int(sequence_ids.max()) + 1)
+        scoring = (batch["sequence_ids"].to(device), int(batch["sequence_ids"].max()) + 1)
+        if str(engine.module.config._attn_implementation).startswith("flash_attention"):
+            inputs.update(_varlen_attention_kwargs(batch["position_ids"], device))
     else:
         inputs, scoring = {"attention_mask": batch["attention_mask"].to(device)}, (None, None)
     head = fused_head(engine.module) if fused else None
     if head is None:
         logits = engine(input_ids=input_ids, use_cache=False, **inputs).logits
         return sequence_logps(logits, input_ids, loss_mask, chunk_size, *scoring)
-    counts = []
+    counts, scored = [], scored_positions(batch["loss_mask"]).to(device)
 
     def score(hidden: torch.Tensor) -> torch.Tensor:
-        sums, tokens = head_sequence_logps(hidden, head.weight, input_ids, loss_mask, chunk_size, *scoring)
+        sums, tokens = head_sequence_logps(hidden, head.weight, input_ids, loss_mask, chunk_size, *scoring, scored=scored)
         counts.append(tokens)
         return sums
 

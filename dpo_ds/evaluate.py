@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -32,11 +33,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--micro_batch_size", type=int, default=8, help="Pairs per rank per forward.")
     parser.add_argument("--precision", choices=("bf16", "fp32"), help="Default: bf16 on GPU, fp32 on CPU.")
     parser.add_argument("--skip_bad_rows", action="store_true", help="Skip and count invalid rows.")
+    parser.add_argument("--cache_dir", help="Where the prepared (tokenized) pairs are cached, shared with `train` and "
+                        "`prepare` (same settings, same cache). Default: the run's cache when --model is inside a "
+                        "run folder (a run_config.json above it), else $XDG_CACHE_HOME/dpo-ds (~/.cache/dpo-ds).")
     parser.add_argument("--trust_remote_code", action="store_true", help="Allow code shipped with the model to run.")
 
 
+def default_cache_dir(model: str) -> str:
+    """The cache of the run `model` belongs to (<run>/final, <run>/checkpoints/...), else the user's cache."""
+    for folder in list(Path(model).resolve().parents)[:3]:
+        if (folder / "run_config.json").is_file():
+            saved = json.loads((folder / "run_config.json").read_text())
+            return saved.get("cache_dir") or str(folder / "caches")
+    return str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dpo-ds")
+
+
 def run(args: argparse.Namespace) -> int:
-    from launcher.dist import init_distributed
+    from launcher.dist import barrier, init_distributed
     from transformers import AutoTokenizer
 
     from dpo_ds.engines import build_inference_engine, load_model_config, model_dtype, on_cpu, resolve_reference_config
@@ -54,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
         setup_logging(env.rank)
         tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
         pairs, _ = load_pairs(args.data, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-                              skip_bad_rows=cfg.skip_bad_rows, cache_dir=None)
+                              skip_bad_rows=cfg.skip_bad_rows, cache_dir=args.cache_dir or default_cache_dir(args.model),
+                              rank=env.rank, barrier=barrier)
         hidden = load_model_config(args.model, args.trust_remote_code).hidden_size
         model = build_inference_engine(args.model, resolve_reference_config(cfg, hidden), model_dtype(cfg),
                                        args.trust_remote_code)

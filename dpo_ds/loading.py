@@ -41,6 +41,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from launcher.dist import all_reduce, broadcast_, scatter_
+
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 _MAX_LISTED = 8
@@ -326,18 +328,8 @@ def _broadcast_into(target: torch.Tensor, entry: TensorEntry) -> None:
     """Rank 0 reads `entry`, every rank receives it and copies it into its (unpartitioned) `target`."""
     value = read_tensor(entry) if _rank() == 0 else torch.empty(entry.shape, dtype=entry.torch_dtype)
     value = value.to(target.device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast(value, src=0)
+    broadcast_(value, src=0)
     target.copy_(value)
-
-
-def _comm_device(like: torch.Tensor) -> torch.device:
-    """Where tensors must live for point-to-point ops of the default process group's backend."""
-    if dist.get_backend() == "gloo":
-        return torch.device("cpu")
-    from deepspeed.accelerator import get_accelerator
-
-    return torch.device(get_accelerator().current_device_name())
 
 
 def _direct_partition_ok(param) -> bool:
@@ -359,40 +351,32 @@ def _direct_partition_ok(param) -> bool:
 
 @torch.no_grad()
 def _load_into_partitions(param, entry: TensorEntry) -> None:
-    """Rank 0 reads each rank's slice of `entry` and sends it; each rank writes its own ds_tensor."""
+    """Rank 0 reads every rank's slice of `entry` chunk by chunk and scatters it; each rank writes its own
+    ds_tensor. The last partition may be padded: its padding is left as it is."""
     rank = _rank()
     world = dist.get_world_size() if dist.is_initialized() else 1
     part = param.ds_tensor
     size, numel = part.ds_numel, param.ds_numel
     file_dtype = entry.torch_dtype
-    step = max(1, _STAGING_BYTES // torch.empty((), dtype=file_dtype).element_size())
-    comm = _comm_device(part) if world > 1 else torch.device("cpu")
-    for r in range(world):
-        if rank not in (0, r):
-            continue
-        count = max(0, min(size, numel - r * size))  # the last partition may be padded (padding is left as is)
-        for c in range(0, count, step):
-            n = min(step, count - c)
-            dst = part.narrow(0, c, n)
-            if rank == 0:
-                if r == 0 and dst.device.type == "cpu" and dst.dtype == file_dtype:
-                    read_range(entry, r * size + c, dst)
-                    continue
-                buf = torch.empty(n, dtype=file_dtype)
-                read_range(entry, r * size + c, buf)
-                buf = buf.to(device=dst.device if r == 0 else comm, dtype=part.dtype)
-                if r == 0:
-                    dst.copy_(buf)
-                else:
-                    dist.send(buf, dst=r)
-                del buf
-            else:
-                if dst.device == comm:
-                    dist.recv(dst, src=0)
-                else:
-                    tmp = torch.empty(n, dtype=part.dtype, device=comm)
-                    dist.recv(tmp, src=0)
-                    dst.copy_(tmp)
+    # rank 0 stages one chunk per rank
+    step = max(1, _STAGING_BYTES // (world * torch.empty((), dtype=file_dtype).element_size()))
+    if world == 1 and part.device.type == "cpu" and part.dtype == file_dtype:
+        read_range(entry, 0, part.narrow(0, 0, min(size, numel)))
+        return
+    for c in range(0, size, step):
+        n = min(step, size - c)
+        chunks = None
+        if rank == 0:
+            chunks = [torch.zeros(n, dtype=file_dtype) for _ in range(world)]
+            for r, chunk in enumerate(chunks):
+                valid = max(0, min(n, numel - r * size - c))
+                if valid:
+                    read_range(entry, r * size + c, chunk.narrow(0, 0, valid))
+        mine = max(0, min(n, numel - rank * size - c))
+        received = torch.empty(n, dtype=part.dtype, device=part.device)
+        scatter_(received, chunks, src=0)
+        if mine:
+            part.narrow(0, c, mine).copy_(received.narrow(0, 0, mine))
 
 
 @torch.no_grad()
@@ -406,10 +390,8 @@ def load_weights(plan, checkpoint: dict[str, TensorEntry]) -> None:
         entry.torch_dtype  # unsupported dtypes fail here, on every rank, before any collective
         if kind == "param" and hasattr(target, "ds_id"):
             direct = _direct_partition_ok(target)
-            if dist.is_initialized() and dist.get_world_size() > 1:  # every rank must take the same path
-                flag = torch.tensor([0 if direct else 1], device=_comm_device(target))
-                dist.all_reduce(flag)
-                direct = int(flag.item()) == 0
+            # every rank must take the same path
+            direct = int(all_reduce(torch.tensor([0 if direct else 1])).item()) == 0
             if direct:
                 _load_into_partitions(target, entry)
             else:

@@ -88,6 +88,17 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int = 2
     return _ChunkedTokenLogps.apply(logits, targets, chunk_size)
 
 
+def _scored_mask(loss_mask: torch.Tensor) -> torch.Tensor:
+    """[N, T]: the positions whose next token is a completion token."""
+    return torch.cat([loss_mask[:, 1:], torch.zeros_like(loss_mask[:, :1])], dim=1)
+
+
+def scored_positions(loss_mask: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the scored positions (`head_sequence_logps`'s `scored`); computed from the CPU batch, it
+    spares the device a data-dependent `nonzero` and its sync in every micro-step."""
+    return _scored_mask(loss_mask).reshape(-1).nonzero().squeeze(-1)
+
+
 def _scoring(input_ids: torch.Tensor, loss_mask: torch.Tensor, sequence_ids: torch.Tensor | None,
              num_sequences: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """(next-token targets, scored-position mask, sequence of each position, number of sequences), all [N, T].
@@ -95,7 +106,7 @@ def _scoring(input_ids: torch.Tensor, loss_mask: torch.Tensor, sequence_ids: tor
     The logits at position t predict input_ids[:, t + 1]; the position is scored when that token is a
     completion token. A score belongs to the sequence of the token it predicts."""
     next_ids = torch.cat([input_ids[:, 1:], torch.zeros_like(input_ids[:, :1])], dim=1)
-    mask = torch.cat([loss_mask[:, 1:], torch.zeros_like(loss_mask[:, :1])], dim=1)
+    mask = _scored_mask(loss_mask)
     if sequence_ids is None:  # right-padded: one sequence per row
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         return next_ids, mask, rows[:, None].expand_as(input_ids), input_ids.shape[0]
@@ -127,11 +138,14 @@ def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: tor
 
 def head_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor,
                         chunk_size: int = 256, sequence_ids: torch.Tensor | None = None,
-                        num_sequences: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        num_sequences: int | None = None, scored: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """As `sequence_logps`, from the last hidden states [N, T, d] and the output projection's weight [V, d]
-    (logits = hidden @ weight.T), projecting only the scored positions."""
+    (logits = hidden @ weight.T), projecting only the scored positions (`scored_positions(loss_mask)`, computed
+    here when not given)."""
     next_ids, mask, segments, n = _scoring(input_ids, loss_mask, sequence_ids, num_sequences)
-    scored = mask.reshape(-1).nonzero().squeeze(-1)
+    if scored is None:
+        scored = scored_positions(loss_mask)
     tokens = _HeadTokenLogps.apply(hidden.reshape(-1, hidden.shape[-1]).index_select(0, scored), weight,
                                    next_ids.reshape(-1)[scored], chunk_size)
     sums = tokens.new_zeros(n).index_add(0, segments.reshape(-1)[scored], tokens)

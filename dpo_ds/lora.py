@@ -16,7 +16,6 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from dpo_ds.config import ConfigError, TrainConfig, uses_reference
@@ -164,11 +163,12 @@ def save_adapter_config(config, out_dir: Path) -> None:
 
 def save_adapter(engine, out_dir: str) -> None:
     """`final_adapter/`: the trained adapter as a PEFT directory (rank 0 writes; every rank must call)."""
+    from dpo_ds.convert import ExportError
+    from launcher.dist import on_rank0
+
     tensors = gather_adapter(engine)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        write_adapter_dir(adapters_of(engine.module).config, tensors, Path(out_dir))
-    if dist.is_initialized():
-        dist.barrier()
+    on_rank0(f"writing {out_dir}", lambda: write_adapter_dir(adapters_of(engine.module).config, tensors, Path(out_dir)),
+             ExportError)
 
 
 def lora_delta(a: torch.Tensor, b: torch.Tensor, scaling: float, fan_in_fan_out: bool) -> torch.Tensor:

@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from dpo_ds.losses import LossOutput, PairLogps
+from launcher.dist import all_reduce, comm_device
 
 # Quantities summed over pairs (or tokens) between two log lines; the names of the means derive from them.
 _SUMS = ("pairs", "loss", "reward_chosen", "reward_rejected", "correct", "logp_chosen", "logp_rejected",
@@ -53,24 +53,29 @@ def peak_memory_gib() -> float:
 
 
 class PairStats:
-    """Running sums of one logging window on this rank."""
+    """Running sums of one logging window on this rank, kept on the communication device (the GPU under NCCL):
+    adding a micro-batch's device tensors never waits for the device; only `reduce` and `total` do."""
 
-    def __init__(self):
-        self.sums = torch.zeros(len(_SUMS), dtype=torch.float64)
+    def __init__(self, device: torch.device | None = None):
+        self.sums = torch.zeros(len(_SUMS), dtype=torch.float64, device=comm_device() if device is None else device)
 
     def _add(self, name: str, value) -> None:
-        self.sums[_SUMS.index(name)] += float(value)
+        i = _SUMS.index(name)
+        if isinstance(value, torch.Tensor):
+            self.sums[i:i + 1] += value.detach().to(self.sums.device, torch.float64, non_blocking=True).reshape(1)
+        else:
+            self.sums[i] += value
 
     def add_pairs(self, lp: PairLogps, out: LossOutput, real_tokens: int, padded_tokens: int) -> None:
         self._add("pairs", len(out.losses))
-        self._add("loss", out.losses.detach().sum())
+        self._add("loss", out.losses.sum())
         self._add("reward_chosen", out.chosen_rewards.sum())
         self._add("reward_rejected", out.rejected_rewards.sum())
         self._add("correct", (out.chosen_rewards > out.rejected_rewards).sum())
-        self._add("logp_chosen", lp.policy_chosen.detach().sum())
-        self._add("logp_rejected", lp.policy_rejected.detach().sum())
-        self._add("kl_chosen", (lp.policy_chosen - lp.ref_chosen).detach().sum())
-        self._add("kl_rejected", (lp.policy_rejected - lp.ref_rejected).detach().sum())
+        self._add("logp_chosen", lp.policy_chosen.sum())
+        self._add("logp_rejected", lp.policy_rejected.sum())
+        self._add("kl_chosen", (lp.policy_chosen.detach() - lp.ref_chosen).sum())
+        self._add("kl_rejected", (lp.policy_rejected.detach() - lp.ref_rejected).sum())
         self._add("tokens_chosen", lp.chosen_tokens.sum())
         self._add("tokens_rejected", lp.rejected_tokens.sum())
         self._add("real_tokens", real_tokens)
@@ -88,14 +93,10 @@ class PairStats:
 
     def reduce(self) -> dict[str, float]:
         """Means over every pair of every rank in the window; token rates use the slowest rank's time."""
-        sums = self.sums.clone()
-        times = sums[_SUMS.index("step_time")].clone()
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(sums)
-            dist.all_reduce(times, op=dist.ReduceOp.MAX)
-        s = dict(zip(_SUMS, sums.tolist()))
-        pairs, steps = max(s["pairs"], 1.0), max(s["steps"], 1.0)
-        window_time = float(times)
+        s = dict(zip(_SUMS, all_reduce(self.sums).tolist()))
+        # every rank runs the same steps: time and step count of the slowest rank, not summed over ranks
+        window_time, steps = all_reduce(self.sums[[_SUMS.index("step_time"), _SUMS.index("steps")]], "max").tolist()
+        pairs, steps = max(s["pairs"], 1.0), max(steps, 1.0)
         return {
             "loss": s["loss"] / pairs,
             "rewards/chosen": s["reward_chosen"] / pairs,
@@ -115,10 +116,7 @@ class PairStats:
 
 
 def max_over_ranks(value: float) -> float:
-    t = torch.tensor([value], dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t)
+    return float(all_reduce(torch.tensor([value], dtype=torch.float64), "max"))
 
 
 class MetricsWriter:

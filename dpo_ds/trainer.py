@@ -31,12 +31,13 @@ from dpo_ds.config import (
     uses_lora,
     uses_reference,
 )
-from dpo_ds.data import DataError, PairSampler, TokenizedPairs, collate, load_pairs, rank_shares
+from dpo_ds.data import DataError, PairSampler, TokenizedPairs, collate, rank_shares
 from dpo_ds.loading import LoadError
 from dpo_ds.losses import LossParams, PairLogps, compute_loss
 from dpo_ds.metrics import MetricsWriter, PairStats, max_over_ranks, peak_memory_gib, untimed
+from dpo_ds.prepare import cache_dir_of, load_config_data
 from dpo_ds.reference_check import check_reference_compatible
-from launcher.dist import barrier
+from launcher.dist import barrier, check_shared_dirs, gather_objects
 
 HELP = __doc__
 logger = logging.getLogger("dpo_ds")
@@ -115,10 +116,7 @@ def evaluate(run: Run, pairs: TokenizedPairs) -> tuple[dict[str, float], list[di
     metrics = stats.reduce()
     keys = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
             "logps/chosen", "logps/rejected", "kl/chosen", "kl/rejected")
-    if dist.is_initialized():
-        gathered = [None] * run.world_size
-        dist.all_gather_object(gathered, records)
-        records = [r for part in gathered for r in part]
+    records = [r for part in gather_objects(records) for r in part]
     records.sort(key=lambda r: r["index"])
     return {f"eval/{k}": metrics[k] for k in keys}, records
 
@@ -134,10 +132,6 @@ def _pair_records(pairs: TokenizedPairs, indices: list[int], lp: PairLogps, out)
                      "margin": float(out.chosen_rewards[j] - out.rejected_rewards[j]),
                      "correct": bool(out.chosen_rewards[j] > out.rejected_rewards[j]), "loss": float(out.losses[j])})
     return rows
-
-
-def cache_dir_of(cfg: TrainConfig) -> str:
-    return cfg.cache_dir or str(Path(cfg.output_dir) / "caches")
 
 
 def loss_params(cfg: TrainConfig) -> LossParams:
@@ -200,6 +194,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     stop_signal = ckpt.StopSignal()
     torch.manual_seed(cfg.seed)
     out_dir = Path(cfg.output_dir)
+    check_shared_dirs({"output_dir": str(out_dir), "cache_dir": cache_dir_of(cfg)})
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "run_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
@@ -207,10 +202,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.ref_model_name_or_path and uses_reference(cfg):  # the seed's rule: one tokenization for both models
         check_reference_compatible(cfg.model_name_or_path, cfg.ref_model_name_or_path, cfg.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
-    data_args = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-                     skip_bad_rows=cfg.skip_bad_rows, cache_dir=cache_dir_of(cfg), rank=rank, barrier=barrier)
-    train_pairs, data_fingerprint = load_pairs(cfg.train_file, tokenizer, **data_args)
-    eval_pairs = load_pairs(cfg.eval_file, tokenizer, **data_args)[0] if cfg.eval_file else None
+    train_pairs, data_fingerprint, eval_pairs = load_config_data(cfg, tokenizer, rank, barrier)
 
     sampler = PairSampler.for_config(cfg, train_pairs, world_size)
     if sampler.steps_per_epoch == 0:
@@ -251,6 +243,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             pair_step(run, train_pairs, indices, step_stats, train=True, loss_scale=scale)
         step_stats.add_step_time(time.perf_counter() - started)
         done = step + 1
+        if step == start_step and rank == 0:
+            logger.info("step %d done %.1f s after the process started", done, _seconds_since_process_start())
         if run.policy.was_step_applied():
             window.merge(step_stats)
             bad_in_a_row = 0
@@ -321,6 +315,12 @@ def _kl_exceeded(cfg: TrainConfig, metrics: dict[str, float], step: int, rank: i
     if rank == 0:
         logger.warning("step %d: mean per-token log pi - log pi_ref = %.4f exceeds max_kl = %g", step, kl, cfg.max_kl)
     return cfg.stop_on_max_kl
+
+
+def _seconds_since_process_start() -> float:
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
 
 
 def _grad_norm(engine) -> float:

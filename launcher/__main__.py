@@ -33,11 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from dpo_ds.cli import main as cli_main
 
-    try:
-        return int(cli_main(argv) or 0)
-    except LauncherError as e:  # e.g. the rendezvous timed out inside init_distributed
-        print(f"launcher: error: {e}", file=sys.stderr, flush=True)
-        return 1
+    return int(cli_main(argv) or 0)  # the rendezvous's LauncherError: reported by dpo-ds itself (exit 1)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,11 @@
-"""Initialise torch.distributed / DeepSpeed comms from whatever launcher started us.
+"""Initialise torch.distributed / DeepSpeed comms from whatever launcher started us, and communicate.
 
     from launcher.dist import init_distributed
     dist_env = init_distributed(timeout_s=600)
+
+Every collective of dpo-ds goes through this module's helpers (all_reduce, broadcast_, scatter_,
+gather_objects, barrier), which put tensors on the device the process group has a backend for; phases that
+rank 0 does alone go through on_rank0, which keeps the other ranks out of any timed collective.
 
 `python -m launcher.dist [--timeout S]` runs the same rendezvous plus one all-reduce
 and prints one line per rank: a quick "can my ranks see each other" check for a
@@ -11,12 +15,22 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
+import json
+import logging
 import os
 import socket
 import sys
+import threading
 import time
+import uuid
+from pathlib import Path
+from typing import Callable, TypeVar
 
-from launcher.env import DistEnv, LauncherError, resolve
+from launcher.env import DistEnv, LauncherError, bind_gpu, resolve
+
+logger = logging.getLogger("dpo_ds")
+T = TypeVar("T")
 
 
 def export(env: DistEnv) -> None:
@@ -42,12 +56,210 @@ def pick_backend() -> tuple[str, str]:
     return device, backend
 
 
-def barrier() -> None:
-    """Wait for every rank; a no-op in a single process without a process group."""
+# --------------------------------------------------------------------------- communication
+# Every collective and point-to-point op of dpo-ds goes through the helpers below (tests/test_comm.py checks
+# that no other module calls torch.distributed's communication functions). A process group only has a
+# backend for the device types it was created for: under NCCL a CPU tensor fails with "No backend type
+# associated with device type cpu", under gloo on CPU an accelerator tensor would.
+_REDUCE_OPS = ("sum", "max")
+
+
+def _grouped() -> bool:
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        dist.barrier()
+    return dist.is_available() and dist.is_initialized()
+
+
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if _grouped() else 1
+
+
+def comm_device():
+    """The device whose tensors the default process group communicates: CPU when the group has a CPU backend
+    (gloo, or no group at all), else this rank's accelerator (NCCL: the GPU init_distributed selected)."""
+    import torch
+    import torch.distributed as dist
+
+    if not _grouped():
+        return torch.device("cpu")
+    types = [d.type for d in dist.group.WORLD._device_types]
+    if "cpu" in types:
+        return torch.device("cpu")
+    kind = types[0]
+    module = getattr(torch, kind, None)
+    index = module.current_device() if module is not None and module.is_available() else 0
+    return torch.device(kind, index)
+
+
+def all_reduce(tensor, op: str = "sum"):
+    """The sum (or max) of `tensor` over every rank, as a new tensor on `tensor`'s device; `tensor` itself
+    without a process group. A collective: every rank must call it."""
+    import torch.distributed as dist
+
+    if op not in _REDUCE_OPS:
+        raise ValueError(f"op must be one of {_REDUCE_OPS}, not {op!r}")
+    if not _grouped():
+        return tensor
+    staged = tensor.to(comm_device(), copy=True)
+    dist.all_reduce(staged, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return staged.to(tensor.device)
+
+
+def broadcast_(tensor, src: int = 0) -> None:
+    """Overwrite `tensor` on every rank with rank `src`'s (in place, staged through the communication
+    device when `tensor` lives elsewhere)."""
+    import torch.distributed as dist
+
+    if not _grouped():
+        return
+    device = comm_device()
+    staged = tensor if tensor.device == device else tensor.to(device)
+    dist.broadcast(staged, src=src)
+    if staged is not tensor:
+        tensor.copy_(staged)
+
+
+def scatter_(out, chunks=None, src: int = 0) -> None:
+    """Rank `src` sends chunks[r] to rank r, which writes it into `out` (same shape on every rank).
+
+    One collective on the default group's communicator: point-to-point sends would make NCCL create and keep
+    a communicator per pair of ranks."""
+    import torch
+    import torch.distributed as dist
+
+    if not _grouped():
+        out.copy_(chunks[0])
+        return
+    device = comm_device()
+    staged = out if out.device == device else torch.empty(out.shape, dtype=out.dtype, device=device)
+    scatter_list = [c.to(device=device, dtype=out.dtype) for c in chunks] if dist.get_rank() == src else None
+    dist.scatter(staged, scatter_list, src=src)
+    if staged is not out:
+        out.copy_(staged)
+
+
+def gather_objects(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects); [obj] without a process group."""
+    import torch.distributed as dist
+
+    if not _grouped():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def barrier() -> None:
+    """Wait for every rank; a no-op in a single process without a process group. An all-reduce on the
+    communication device rather than dist.barrier(), which guesses a device under NCCL."""
+    import torch
+
+    all_reduce(torch.zeros(1, device=comm_device()))
+
+
+# --------------------------------------------------------------------------- phases of rank 0 alone
+_phase_ids = itertools.count()
+PROGRESS_S = 60.0  # rank 0 logs that it is still busy this often during a phase of its own
+
+
+def _store():
+    import torch.distributed as dist
+
+    if _world() == 1:
+        return None
+    return dist.distributed_c10d._get_default_store()
+
+
+def on_rank0(what: str, work: Callable[[], T], failure: type[Exception] = RuntimeError) -> T:
+    """Run `work()` on rank 0 alone while the other ranks wait for it, however long it takes, and return its
+    result (JSON-serialisable) on every rank; if it raises on rank 0, the other ranks raise `failure` with
+    rank 0's message. Every rank must call it, in the same order.
+
+    For the phases only rank 0 does (universal-checkpoint conversion, writing an export, building the bench
+    model, publishing a checkpoint): the waiting ranks poll the rendezvous store instead of sitting in a
+    collective, so neither dist_timeout_s nor NCCL's watchdog can kill them, and rank 0 logs every
+    PROGRESS_S seconds that it is still at it. If rank 0 dies, its store goes with it and the others fail."""
+    store = _store()
+    if store is None:
+        return work()
+    import torch.distributed as dist
+
+    key = f"dpo_ds/rank0/{next(_phase_ids)}"
+    if dist.get_rank() == 0:
+        started, done = time.monotonic(), threading.Event()
+
+        def progress() -> None:
+            while not done.wait(PROGRESS_S):
+                logger.info("rank 0 still %s (%.0f s); the other ranks wait for it without a time limit",
+                            what, time.monotonic() - started)
+
+        threading.Thread(target=progress, daemon=True).start()
+        try:
+            result = work()
+        except BaseException as err:
+            store.set(key, json.dumps({"error": f"{type(err).__name__}: {err}"}))
+            raise
+        finally:
+            done.set()
+        store.set(key, json.dumps({"result": result}))
+        return result
+    pause = 0.01
+    while not store.check([key]):
+        time.sleep(pause)
+        pause = min(2 * pause, 2.0)  # a short phase costs little latency, a long one few store requests
+    outcome = json.loads(store.get(key))
+    if "error" in outcome:
+        raise failure(f"rank 0 failed while {what}: {outcome['error']}")
+    return outcome["result"]
+
+
+SHARED_CHECK_FILE = ".dpo-ds-shared-check"
+
+
+def check_shared_dirs(dirs: dict[str, str]) -> None:
+    """Stop on every rank unless each directory of `dirs` (config field -> path) is the same directory on
+    every rank: rank 0 creates it and writes a fresh token into it, every other rank reads the token back.
+    Checkpoints, the token and reference caches and the final model are written by one rank and read by the
+    others, so a node-local path would make them crash or hang later. Every rank must call it."""
+    if _world() == 1:
+        return
+    import torch.distributed as dist
+
+    def write_tokens() -> dict[str, str]:
+        tokens = {}
+        for field, path in dirs.items():
+            Path(path).mkdir(parents=True, exist_ok=True)
+            tokens[field] = uuid.uuid4().hex
+            (Path(path) / SHARED_CHECK_FILE).write_text(tokens[field])
+        return tokens
+
+    tokens = on_rank0("writing the shared-storage check files", write_tokens)
+    problems = {}
+    for field, path in dirs.items():
+        try:
+            seen = (Path(path) / SHARED_CHECK_FILE).read_text()
+        except OSError as err:
+            problems[field] = f"cannot read it ({err.strerror or err})"
+            continue
+        if seen != tokens[field]:
+            problems[field] = "reads an older check file there (another directory under the same path)"
+    reports = gather_objects((socket.gethostname(), problems))
+    if dist.get_rank() == 0:
+        for path in dirs.values():
+            (Path(path) / SHARED_CHECK_FILE).unlink(missing_ok=True)
+    failed = {field: [(rank, host, seen[field]) for rank, (host, seen) in enumerate(reports) if field in seen]
+              for field in dirs}
+    lines = [f"{field} {dirs[field]!r} is not the same directory on every rank: rank 0 "
+             f"(host {reports[0][0]}) wrote a check file there and "
+             + "; ".join(f"rank {rank} (host {host}) {why}" for rank, host, why in bad[:8])
+             + (f"; and {len(bad) - 8} more rank(s)" if len(bad) > 8 else "")
+             for field, bad in failed.items() if bad]
+    if lines:
+        raise LauncherError(". ".join(lines) + ". Every rank must see output_dir and cache_dir on one shared "
+                            "file system: one rank writes checkpoints, caches and the final model that the "
+                            "others read.")
 
 
 def exit_process(code: int) -> None:
@@ -80,17 +292,13 @@ def init_distributed(timeout_s: float = 600) -> DistEnv:
     device, backend = pick_backend()
     if device == "cuda":
         # Before any CUDA work, so NCCL and every allocation land on this rank's GPU.
-        # A site that binds one GPU per task (srun --gpus-per-task=1) shows each rank
-        # a single device 0; otherwise every rank sees the node's GPUs.
-        visible = torch.cuda.device_count()
-        if visible == 1:
-            torch.cuda.set_device(0)
-        elif env.local_rank < visible:
-            torch.cuda.set_device(env.local_rank)
-        else:
-            raise LauncherError(f"local rank {env.local_rank} but only {visible} GPU(s) visible "
-                                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); "
-                                f"run one process per GPU")
+        bound = bind_gpu(env, torch.cuda.device_count(), os.environ)
+        if bound.local_rank != env.local_rank and "OMPI_COMM_WORLD_LOCAL_RANK" in os.environ:
+            # DeepSpeed asserts that Open MPI's local rank equals LOCAL_RANK, the device index it uses.
+            os.environ["OMPI_COMM_WORLD_LOCAL_RANK"] = str(bound.local_rank)
+        env = bound
+        export(env)
+        torch.cuda.set_device(env.local_rank)
 
     started = time.monotonic()
     try:
@@ -124,8 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.distributed as dist
 
-    total = torch.tensor([env.rank + 1.0])
-    dist.all_reduce(total)  # sum of 1..world_size proves every rank took part
+    total = all_reduce(torch.tensor([env.rank + 1.0]))  # sum of 1..world_size proves every rank took part
     print(f"launcher: {env.describe()} host={socket.gethostname()} "
           f"allreduce={int(total.item())} expected={env.world_size * (env.world_size + 1) // 2}", flush=True)
     dist.destroy_process_group()

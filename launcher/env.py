@@ -8,7 +8,9 @@ tested from a synthetic dict.  It understands, in this order of precedence:
    MASTER_ADDR, MASTER_PORT (+ LOCAL_WORLD_SIZE, or the deepspeed launcher's
    LOCAL_SIZE).  These win over everything else: under Slurm with one task per
    node that runs torchrun, the SLURM_* variables describe the torchrun agent,
-   not the trainer rank.
+   not the trainer rank.  In a Slurm task they count only with a mark of the
+   launcher that set them (TORCHELASTIC_RUN_ID, LOCAL_SIZE, DPO_DS_DIST_SOURCE):
+   without one they were inherited from the submitting shell and are ignored.
 2. **Open MPI's mpirun** - OMPI_COMM_WORLD_RANK.  It beats SLURM_* because an
    mpirun inside an allocation starts its daemons through srun, so SLURM_PROCID
    would be the daemon's id, not the rank.
@@ -36,7 +38,7 @@ import re
 import shutil
 import socket
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Mapping, Protocol, Sequence
 
 # Exported next to RANK & co. by `DistEnv.as_environ()` so a second `resolve()` in a
@@ -54,6 +56,9 @@ SLURM_PORT_SPAN = 10000
 
 TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 SLURM_VARS = ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS")
+# Set by a launcher that started this process inside a Slurm step: torchrun's agent, the deepspeed launcher,
+# `python -m launcher` (after resolving once).
+STEP_LAUNCHER_MARKERS = ("TORCHELASTIC_RUN_ID", "LOCAL_SIZE", SOURCE_VAR)
 
 
 class LauncherError(RuntimeError):
@@ -177,16 +182,20 @@ def resolve(environ: Mapping[str, str],
 
 def detect(environ: Mapping[str, str]) -> str:
     """Which launcher started us (see the module docstring for the precedence)."""
+    # The batch shell of an sbatch job has SLURM_PROCID=0 but no step id: only srun
+    # starts tasks, so a process there is alone whatever --ntasks the job asked for.
+    in_step = "SLURM_STEP_ID" in environ or "SLURM_STEPID" in environ
+    slurm_task = any(v in environ for v in SLURM_VARS) and (in_step or "SLURM_JOB_ID" not in environ)
     # MASTER_ADDR/MASTER_PORT alone do not count: users set them as overrides for Slurm/MPI.
-    if any(v in environ for v in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
+    # In a Slurm task, RANK & co count only when a launcher inside the step set them: sbatch passes on the
+    # submitting shell's environment, where they can be left over from an earlier torchrun.
+    if any(v in environ for v in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) and \
+            (not slurm_task or any(v in environ for v in STEP_LAUNCHER_MARKERS)):
         return "torchrun"
     if "OMPI_COMM_WORLD_RANK" in environ:
         return "mpi"
     pmi = "PMI_RANK" in environ or "PMIX_RANK" in environ
-    # The batch shell of an sbatch job has SLURM_PROCID=0 but no step id: only srun
-    # starts tasks, so a process there is alone whatever --ntasks the job asked for.
-    in_step = "SLURM_STEP_ID" in environ or "SLURM_STEPID" in environ
-    if any(v in environ for v in SLURM_VARS) and (in_step or "SLURM_JOB_ID" not in environ):
+    if slurm_task:
         if pmi and "PMI_SIZE" in environ and environ["PMI_SIZE"] != environ.get("SLURM_NTASKS"):
             return "mpi"  # Hydra-style mpirun that used srun only for its proxies
         return "slurm"
@@ -312,6 +321,25 @@ def _validate(env: DistEnv) -> None:
         problems.append("empty master address")
     if problems:
         raise LauncherError(f"inconsistent {env.source} environment: " + "; ".join(problems))
+
+
+def bind_gpu(env: DistEnv, visible: int, environ: Mapping[str, str]) -> DistEnv:
+    """`env` with local_rank = the index of this rank's GPU among the `visible` ones this process sees.
+
+    DeepSpeed uses LOCAL_RANK as the CUDA device index (init_process_group's device_id, the engine,
+    zero.Init). A site that binds one GPU per task (srun --gpus-per-task=1, --gpu-bind, a per-task
+    CUDA_VISIBLE_DEVICES) shows each task a single device 0 while SLURM_LOCALID still counts the node's
+    tasks: then the local rank becomes 0. Otherwise every rank sees the node's GPUs and keeps its local rank.
+    """
+    where = f"CUDA_VISIBLE_DEVICES={environ.get('CUDA_VISIBLE_DEVICES')!r}"
+    if visible < 1:
+        raise LauncherError(f"rank {env.rank}: no GPU visible ({where}) although the accelerator is CUDA")
+    if visible == 1:
+        return replace(env, local_rank=0)
+    if env.local_rank >= visible:
+        raise LauncherError(f"local rank {env.local_rank} but only {visible} GPU(s) visible ({where}); "
+                            f"run one process per GPU")
+    return env
 
 
 def strip_local_rank(argv: list[str]) -> tuple[list[str], str | None]:

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import re
 import statistics
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -71,8 +74,12 @@ def tokenize(path: str, tok, max_length: int = 512, max_prompt_length=None, skip
     return tokenize_file(path, PairTokenizer(tok, max_length, max_prompt_length), skip_bad_rows)
 
 
+def as_lists(pairs: TokenizedPairs) -> list[tuple[list[int], list[int], list[int]]]:
+    return [(pairs.prompt[i].tolist(), pairs.chosen[i].tolist(), pairs.rejected[i].tolist()) for i in range(len(pairs))]
+
+
 def assert_same_pairs(a: TokenizedPairs, b: TokenizedPairs) -> None:
-    assert (a.prompt, a.chosen, a.rejected) == (b.prompt, b.chosen, b.rejected)
+    assert as_lists(a) == as_lists(b)
 
 
 # ----------------------------------------------------------------------------------- tokenization
@@ -80,26 +87,26 @@ def test_string_rows_tokenize_like_trl(tmp_path, tok, demo_rows):
     rows = demo_rows[:24]
     pairs = tokenize(write_jsonl(tmp_path / "train.jsonl", rows), tok)
     assert len(pairs) == len(rows) and pairs.stats["rows"] == len(rows)
-    assert pairs.pair_ids == [f"{tmp_path / 'train.jsonl'}:{i + 1}" for i in range(len(rows))]
+    assert list(pairs.pair_ids) == [f"{tmp_path / 'train.jsonl'}:{i + 1}" for i in range(len(rows))]
     for i, row in enumerate(rows):
         p, c, _ = trl_ids(tok, row["prompt"], row["chosen"])
         _, r, _ = trl_ids(tok, row["prompt"], row["rejected"])
-        assert (pairs.prompt[i], pairs.chosen[i], pairs.rejected[i]) == (p, c, r)
+        assert (pairs.prompt[i].tolist(), pairs.chosen[i].tolist(), pairs.rejected[i].tolist()) == (p, c, r)
         # and independently of the recipe: one BOS in front, one EOS at the end, the text round-trips
-        assert pairs.prompt[i][0] == BOS and BOS not in pairs.prompt[i][1:]
-        for comp, text in ((pairs.chosen[i], row["chosen"]), (pairs.rejected[i], row["rejected"])):
+        assert pairs.prompt[i].tolist()[0] == BOS and BOS not in pairs.prompt[i].tolist()[1:]
+        for comp, text in ((pairs.chosen[i].tolist(), row["chosen"]), (pairs.rejected[i].tolist(), row["rejected"])):
             assert comp[-1] == EOS and EOS not in comp[:-1]
-            assert tok.decode(pairs.prompt[i] + comp, skip_special_tokens=True) == row["prompt"] + text
-    assert pairs.stats == {"rows": 24, "skipped_bad_rows": 0, "dropped_truncated": 0, "prompt_not_prefix": 0}
+            assert tok.decode(pairs.prompt[i].tolist() + comp, skip_special_tokens=True) == row["prompt"] + text
+    assert pairs.stats == dict.fromkeys(D.STAT_KEYS, 0) | {"rows": 24}
 
 
 def test_eos_not_doubled_when_the_completion_already_ends_with_it(tmp_path, tok):
     path = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "Question: hi Answer:", "chosen": " Try apple." + tok.eos_token,
                                                "rejected": " Try cat."}])
     pairs = tokenize(path, tok)
-    assert pairs.chosen[0][-1] == EOS and pairs.chosen[0][-2] != EOS
-    assert pairs.chosen[0] == trl_ids(tok, "Question: hi Answer:", " Try apple." + tok.eos_token)[1]
-    assert pairs.rejected[0] == trl_ids(tok, "Question: hi Answer:", " Try cat.")[1]
+    assert pairs.chosen[0].tolist()[-1] == EOS and pairs.chosen[0].tolist()[-2] != EOS
+    assert pairs.chosen[0].tolist() == trl_ids(tok, "Question: hi Answer:", " Try apple." + tok.eos_token)[1]
+    assert pairs.rejected[0].tolist() == trl_ids(tok, "Question: hi Answer:", " Try cat.")[1]
 
 
 def test_conversational_rows_use_the_chat_template(tmp_path, tok):
@@ -126,16 +133,16 @@ def test_conversational_rows_use_the_chat_template(tmp_path, tok):
             full = tok.apply_chat_template(prompt_msgs + [{"role": "assistant", "content": answer}], tokenize=False)
             assert full.startswith(prompt_text)
             expected.append(trl_ids(tok, prompt_text, full[len(prompt_text):], templated=True))
-        assert pairs.prompt[i] == expected[0][0]
-        assert (pairs.chosen[i], pairs.rejected[i]) == (expected[0][1], expected[1][1])
+        assert pairs.prompt[i].tolist() == expected[0][0]
+        assert (pairs.chosen[i].tolist(), pairs.rejected[i].tolist()) == (expected[0][1], expected[1][1])
     # written out by hand from the demo template: generation prompt on the prompt, EOS closing the answer
     # the prompt carries the generation prompt; the completion is the assistant turn closed by EOS
-    prompt_text = tok.decode(pairs.prompt[1])
+    prompt_text = tok.decode(pairs.prompt[1].tolist())
     assert prompt_text == tok.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
     assert user["content"] in prompt_text and not prompt_text.rstrip().endswith("?")
-    assert tok.decode(pairs.chosen[2]).strip() == "Try lemon." + tok.eos_token
-    assert pairs.prompt[1][0] == BOS and BOS not in pairs.prompt[1][1:]  # no second BOS from add_special_tokens
-    assert pairs.chosen[2][-1] == EOS and EOS not in pairs.chosen[2][:-1]  # the template's EOS, not doubled
+    assert tok.decode(pairs.chosen[2].tolist()).strip() == "Try lemon." + tok.eos_token
+    assert pairs.prompt[1].tolist()[0] == BOS and BOS not in pairs.prompt[1].tolist()[1:]  # no second BOS from add_special_tokens
+    assert pairs.chosen[2].tolist()[-1] == EOS and EOS not in pairs.chosen[2].tolist()[:-1]  # the template's EOS, not doubled
     assert pairs.stats["prompt_not_prefix"] == 0
 
 
@@ -161,7 +168,7 @@ def test_conversational_columnar_formats(tmp_path, tok, writer):
     ref = tokenize(write_jsonl(tmp_path / "ref.jsonl", rows), tok)
     pairs = tokenize(writer(tmp_path / "chat.parquet" if writer is write_parquet else tmp_path / "chat_dir", rows), tok)
     assert_same_pairs(pairs, ref)
-    assert tok.decode(pairs.chosen[0]).strip() == "Try saw.</s>"
+    assert tok.decode(pairs.chosen[0].tolist()).strip() == "Try saw.</s>"
 
 
 def test_implicit_prompt_strings(tmp_path, tok, demo_rows):
@@ -180,12 +187,12 @@ def test_implicit_prompt_strings(tmp_path, tok, demo_rows):
     pairs = tokenize(write_jsonl(tmp_path / "implicit.jsonl", implicit), tok)
     assert pairs.stats["prompt_not_prefix"] == 0
     for i, r in enumerate(implicit):
-        for comp, text in ((pairs.chosen[i], r["chosen"]), (pairs.rejected[i], r["rejected"])):
-            assert pairs.prompt[i] + comp == tok(text)["input_ids"] + [EOS]
-        assert pairs.chosen[i] != pairs.rejected[i]
+        for comp, text in ((pairs.chosen[i].tolist(), r["chosen"]), (pairs.rejected[i].tolist(), r["rejected"])):
+            assert pairs.prompt[i].tolist() + comp == tok(text)["input_ids"] + [EOS]
+        assert pairs.chosen[i].tolist() != pairs.rejected[i].tolist()
         # the prompt stops before the first differing word
         differing = {w for w in rows[i]["chosen"].split()} ^ {w for w in rows[i]["rejected"].split()}
-        assert not differing & set(tok.decode(pairs.prompt[i], skip_special_tokens=True).split())
+        assert not differing & set(tok.decode(pairs.prompt[i].tolist(), skip_special_tokens=True).split())
 
 
 def test_implicit_prompt_messages():
@@ -225,7 +232,7 @@ def test_prompt_not_prefix_is_counted_and_warned_once(tmp_path, tok):
     assert pairs.stats["prompt_not_prefix"] == 2 and len(pairs) == 4
     for i, r in enumerate(rows):  # still the TRL tail after len(ids(prompt)), never empty
         p, c, _ = trl_ids(tok, r["prompt"], r["chosen"])
-        assert (pairs.prompt[i], pairs.chosen[i]) == (p, c) and len(c) >= 1
+        assert (pairs.prompt[i].tolist(), pairs.chosen[i].tolist()) == (p, c) and len(c) >= 1
     warnings = [r for r in records if r.levelno == logging.WARNING and "prefix" in r.getMessage()]
     assert len(warnings) == 1
     assert re.search(r"\b2\b", warnings[0].getMessage().replace(path, ""))
@@ -242,23 +249,27 @@ def test_truncation_never_leaves_a_pair_without_completion(tmp_path, tok, demo_r
         pairs = tokenize(path, tok, max_length=max_length)
         dropped = [i for i, n in enumerate(prompt_lens) if n >= max_length]  # prompt fills max_length
         assert pairs.stats["dropped_truncated"] == len(dropped)
-        kept = [i for i in range(len(rows)) if i not in dropped]
-        assert pairs.pair_ids == [full.pair_ids[i] for i in kept]
+        # completions cut to the same ids carry no preference: skipped and counted (the demo's differ late)
+        same = [i for i in range(len(rows)) if i not in dropped and
+                full.chosen[i].tolist()[:max_length - prompt_lens[i]] == full.rejected[i].tolist()[:max_length - prompt_lens[i]]]
+        assert pairs.stats["identical_completions"] == pairs.stats["identical_after_truncation"] == len(same)
+        kept = [i for i in range(len(rows)) if i not in dropped and i not in same]
+        assert list(pairs.pair_ids) == [full.pair_ids[i] for i in kept]
         for j, i in enumerate(kept):
             room = max_length - prompt_lens[i]
-            assert pairs.prompt[j] == full.prompt[i]
-            assert pairs.chosen[j] == full.chosen[i][:room] and pairs.rejected[j] == full.rejected[i][:room]
-            assert 1 <= len(pairs.chosen[j]) and 1 <= len(pairs.rejected[j])
+            assert pairs.prompt[j].tolist() == full.prompt[i].tolist()
+            assert pairs.chosen[j].tolist() == full.chosen[i].tolist()[:room] and pairs.rejected[j].tolist() == full.rejected[i].tolist()[:room]
+            assert 1 <= len(pairs.chosen[j].tolist()) and 1 <= len(pairs.rejected[j].tolist())
             assert pairs.length(j) <= max_length
     assert tokenize(path, tok, max_length=cut).stats["dropped_truncated"] > 0  # the loop above did drop some
 
 
 def test_truncation_boundary_and_all_dropped(tmp_path, tok):
-    row = {"prompt": "Question: Bob asks: can you name a fruit? Answer:", "chosen": " Try apple.", "rejected": " Try cat."}
+    row = {"prompt": "Question: Bob asks: can you name a fruit? Answer:", "chosen": " Try apple.", "rejected": " No cat."}
     p, c, _ = trl_ids(tok, row["prompt"], row["chosen"])
     path = write_jsonl(tmp_path / "one.jsonl", [row, row | {"chosen": " Try plum."}])
     pairs = tokenize(path, tok, max_length=len(p) + 1)  # room for exactly one completion token
-    assert pairs.prompt[0] == p and pairs.chosen[0] == c[:1] and len(pairs.rejected[0]) == 1
+    assert pairs.prompt[0].tolist() == p and pairs.chosen[0].tolist() == c[:1] and len(pairs.rejected[0].tolist()) == 1
     with pytest.raises(DataError, match="no usable"):  # prompt fills max_length: both dropped, nothing left
         tokenize(path, tok, max_length=len(p))
 
@@ -272,8 +283,8 @@ def test_max_prompt_length_keeps_the_last_tokens(tmp_path, tok, demo_rows):
     pairs = tokenize(path, tok, max_length=n + 4, max_prompt_length=n)
     assert pairs.stats["dropped_truncated"] == 0 and len(pairs) == len(rows)
     for i in range(len(rows)):
-        assert pairs.prompt[i] == full.prompt[i][-n:]
-        assert pairs.chosen[i] == full.chosen[i][:4] and pairs.rejected[i] == full.rejected[i][:4]
+        assert pairs.prompt[i].tolist() == full.prompt[i].tolist()[-n:]
+        assert pairs.chosen[i].tolist() == full.chosen[i].tolist()[:4] and pairs.rejected[i].tolist() == full.rejected[i].tolist()[:4]
     # a max_prompt_length that fills max_length drops the pairs instead of emitting no completion
     with pytest.raises(DataError, match="no usable"):
         tokenize(path, tok, max_length=n, max_prompt_length=n)
@@ -311,7 +322,7 @@ def test_bad_row_error_names_file_line_and_field(tmp_path, tok, bad, field_name,
         assert words in msg
     pairs = tokenize(path, tok, skip_bad_rows=True)
     assert pairs.stats["skipped_bad_rows"] == 1 and pairs.stats["rows"] == 3
-    assert pairs.pair_ids == [f"{path}:1", f"{path}:4"]
+    assert list(pairs.pair_ids) == [f"{path}:1", f"{path}:4"]
 
 
 @pytest.mark.parametrize("writer", [write_parquet, write_dataset_dir], ids=["parquet", "dir"])
@@ -330,7 +341,7 @@ def test_skip_bad_rows_counts_every_case(tmp_path, tok):
     pairs = tokenize(path, tok, skip_bad_rows=True)
     assert pairs.stats["skipped_bad_rows"] == len(BAD_CASES)
     assert pairs.stats["rows"] == len(BAD_CASES) + 2
-    assert pairs.pair_ids == [f"{path}:1", f"{path}:{len(BAD_CASES) + 2}"]
+    assert list(pairs.pair_ids) == [f"{path}:1", f"{path}:{len(BAD_CASES) + 2}"]
     with pytest.raises(DataError, match="no usable"):
         tokenize(write_jsonl(tmp_path / "all_bad.jsonl", [b for b, _, _ in BAD_CASES]), tok, skip_bad_rows=True)
 
@@ -350,22 +361,22 @@ def test_cache_is_written_once_and_reused(tmp_path, tok, demo_rows, monkeypatch)
     path = write_jsonl(tmp_path / "train.jsonl", demo_rows[:24])
     caches = tmp_path / "caches"
     first, fp = _load(path, tok, caches)
-    assert (caches / f"pairs-{fp}.safetensors").is_file()
+    assert D.cache_problem(D.cache_path(caches, fp), fp) is None
     assert_same_pairs(first, tokenize(path, tok))
 
     def boom(*a, **k):
-        raise AssertionError("tokenize_file called although the cache exists")
+        raise AssertionError("tokenized_chunks called although the cache exists")
 
-    monkeypatch.setattr(D, "tokenize_file", boom)
+    monkeypatch.setattr(D, "tokenized_chunks", boom)
     again, fp2 = _load(path, tok, caches)
     assert fp2 == fp
     assert_same_pairs(again, first)
-    assert again.pair_ids == first.pair_ids and again.stats == first.stats
+    assert list(again.pair_ids) == list(first.pair_ids) and again.stats == first.stats
     # another rank reads the same cache without tokenizing
     other, _ = _load(path, tok, caches, rank=1)
     assert_same_pairs(other, first)
     # without a cache dir it does tokenize (so the monkeypatch above is what stopped it)
-    with pytest.raises(AssertionError, match="tokenize_file called"):
+    with pytest.raises(AssertionError, match="tokenized_chunks called"):
         load_pairs(path, tok, max_length=512, max_prompt_length=None, skip_bad_rows=False, cache_dir=None)
 
 
@@ -401,15 +412,15 @@ def test_fingerprint_changes_with_inputs(tmp_path, tok, demo_rows, demo_assets):
     for t in tokenizers:
         pairs, fp_t = _load(str(path), t, caches)
         fps.add(fp_t)
-    assert pairs.prompt[0][0] != BOS  # the add_bos_token=False tokenizer got its own ids, not the stale cache
+    assert pairs.prompt[0].tolist()[0] != BOS  # the add_bos_token=False tokenizer got its own ids, not the stale cache
     assert len(fps) == 7
 
     # changing the data file: a new fingerprint, and the new content is what loads
     write_jsonl(path, demo_rows[1:9])
     changed, fp_changed = _load(str(path), tok, caches)
     assert fp_changed not in fps
-    assert changed.prompt[0] == base.prompt[1]
-    assert len(list(caches.glob("pairs-*.safetensors"))) == 8
+    assert changed.prompt[0].tolist() == base.prompt[1].tolist()
+    assert len(list(caches.glob("pairs-*.v2"))) == 8
 
 
 def test_data_error_on_rank0_reaches_other_ranks(tmp_path, tok, monkeypatch):
@@ -422,12 +433,12 @@ def test_data_error_on_rank0_reaches_other_ranks(tmp_path, tok, monkeypatch):
     assert f"{path}:2: field 'chosen': missing" in str(rank0.value)
     assert len(list(caches.glob("pairs-*.error"))) == 1
 
-    monkeypatch.setattr(D, "tokenize_file", lambda *a, **k: pytest.fail("rank 1 must not tokenize"))
+    monkeypatch.setattr(D, "tokenized_chunks", lambda *a, **k: pytest.fail("rank 1 must not tokenize"))
     with pytest.raises(DataError) as rank1:
         _load(path, tok, caches, rank=1, barrier=lambda: barriers.append(1))
     assert barriers == [0, 1]
     assert str(rank1.value) == str(rank0.value)
-    assert not list(caches.glob("pairs-*.safetensors"))
+    assert not list(caches.glob("pairs-*.v2"))
 
 
 def test_success_clears_a_stale_error_file(tmp_path, tok, demo_rows):
@@ -573,9 +584,180 @@ def test_collate_tokenized_file(tmp_path, tok, demo_rows):
     batch = collate(pairs, idx, pad_id=PAD)
     ids, attn, loss = batch["input_ids"], batch["attention_mask"], batch["loss_mask"].bool()
     assert ids.shape == (6, max(pairs.length(i) for i in idx))
-    for row, (i, comp) in enumerate([(i, pairs.chosen[i]) for i in idx] + [(i, pairs.rejected[i]) for i in idx]):
-        seq = pairs.prompt[i] + comp
+    for row, (i, comp) in enumerate([(i, pairs.chosen[i].tolist()) for i in idx] + [(i, pairs.rejected[i].tolist()) for i in idx]):
+        seq = pairs.prompt[i].tolist() + comp
         assert ids[row, : len(seq)].tolist() == seq and (ids[row, len(seq):] == PAD).all()
         assert ids[row][loss[row]].tolist() == comp
         assert int(attn[row].sum()) == len(seq) and attn[row, : len(seq)].all()
     assert int(attn.sum()) == sum(pairs.real_tokens(i) for i in idx)
+
+
+# ------------------------------------------------------------------------ parallel preparation, the cache
+def mixed_rows(demo_rows: list[dict]) -> list[dict]:
+    """Standard, conversational (explicit, string and implicit prompts) and implicit-prompt string rows."""
+    user = {"role": "user", "content": "Bob asks: can you name a fruit?"}
+    chat = [{"prompt": [user], "chosen": [{"role": "assistant", "content": "Try apple."}],
+             "rejected": [{"role": "assistant", "content": "Try cat."}]},
+            {"prompt": user["content"], "chosen": [{"role": "assistant", "content": "Try plum."}],
+             "rejected": [{"role": "assistant", "content": "Try dog."}]},
+            {"chosen": [user, {"role": "assistant", "content": "Try lemon."}],
+             "rejected": [user, {"role": "assistant", "content": "Try wolf."}]}]
+    implicit = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]} for r in demo_rows[20:30]]
+    return demo_rows[:20] + chat + implicit
+
+
+def recipe_ids(tok, row: dict) -> tuple[list[int], list[int], list[int]]:
+    """The TRL convention written out for one row of mixed_rows (independent of PairTokenizer)."""
+    if isinstance(row["chosen"], str):
+        prompt = row.get("prompt")
+        if prompt is None:  # implicit: the shared text up to the last whitespace before the first difference
+            n = len(os.path.commonprefix([row["chosen"], row["rejected"]]))
+            n = row["chosen"][:n].rfind(" ")
+            prompt, chosen, rejected = row["chosen"][:n], row["chosen"][n:], row["rejected"][n:]
+        else:
+            chosen, rejected = row["chosen"], row["rejected"]
+        p, c, _ = trl_ids(tok, prompt, chosen)
+        return p, c, trl_ids(tok, prompt, rejected)[1]
+    prompt_msgs = row.get("prompt")
+    chosen_msgs, rejected_msgs = row["chosen"], row["rejected"]
+    if prompt_msgs is None:
+        prompt_msgs, chosen_msgs, rejected_msgs = chosen_msgs[:-1], chosen_msgs[-1:], rejected_msgs[-1:]
+    elif isinstance(prompt_msgs, str):
+        prompt_msgs = [{"role": "user", "content": prompt_msgs}]
+    prompt_text = tok.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
+    out = []
+    for msgs in (chosen_msgs, rejected_msgs):
+        full = tok.apply_chat_template(prompt_msgs + msgs, tokenize=False)
+        out.append(trl_ids(tok, prompt_text, full[len(prompt_text):], templated=True))
+    return out[0][0], out[0][1], out[1][1]
+
+
+def test_parallel_preparation_gives_the_recipe_ids_in_file_order(tmp_path, tok, demo_rows, monkeypatch):
+    """Token ids equal the TRL recipe on standard, conversational and implicit-prompt rows, with 1 or 2
+    tokenizer processes and chunks smaller than the file (results come back in file order)."""
+    rows = mixed_rows(demo_rows)
+    path = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    monkeypatch.setattr(D, "CHUNK_ROWS", 4)
+    expected = [recipe_ids(tok, r) for r in rows]
+    for workers in (1, 2):
+        pairs = tokenize_file(path, PairTokenizer(tok, 512), False, workers=workers)
+        assert as_lists(pairs) == expected
+        assert list(pairs.pair_ids) == [f"{path}:{i + 1}" for i in range(len(rows))]
+        assert pairs.stats["rows"] == len(rows) and pairs.stats["prompt_not_prefix"] == 0
+
+
+def test_first_bad_row_in_file_order_with_parallel_workers(tmp_path, tok, demo_rows, monkeypatch):
+    monkeypatch.setattr(D, "CHUNK_ROWS", 3)
+    rows = demo_rows[:12]
+    rows[10] = {"prompt": "q", "chosen": " a"}  # chunk 4
+    rows[4] = {"prompt": "q", "chosen": 5, "rejected": " b"}  # chunk 2: the first in file order
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    for workers in (1, 2):
+        with pytest.raises(DataError) as info:
+            tokenize_file(path, PairTokenizer(tok, 512), False, workers=workers)
+        assert str(info.value).startswith(f"{path}:5: field 'chosen':")
+        pairs = tokenize_file(path, PairTokenizer(tok, 512), True, workers=workers)
+        assert pairs.stats["skipped_bad_rows"] == 2 and len(pairs) == 10
+
+
+def test_cache_is_flat_memory_mapped_arrays(tmp_path, tok, demo_rows):
+    caches = tmp_path / "caches"
+    small, fp_small = _load(write_jsonl(tmp_path / "small.jsonl", demo_rows[:8]), tok, caches)
+    pairs, fp = _load(write_jsonl(tmp_path / "big.jsonl", demo_rows * 4), tok, caches)
+    cache = D.cache_path(caches, fp)
+    assert pairs.cache_path == str(cache)
+    for column in (pairs.prompt, pairs.chosen, pairs.rejected):
+        # one read-only mapping of the file per column: ids int32, offsets int64 (> 2**31 tokens fit)
+        assert isinstance(column.flat, np.memmap) and column.flat.dtype == np.int32 and not column.flat.flags.writeable
+        assert isinstance(column.offsets, np.memmap) and column.offsets.dtype == np.int64
+        assert len(column) == len(pairs) == 4 * len(demo_rows)
+    assert as_lists(pairs)[:8] == as_lists(small)
+    assert pairs.stored_tokens == sum(len(p) + len(c) + len(r) for p, c, r in as_lists(pairs))
+    # row locations live in the cache files, not in its metadata: meta.json does not grow with the rows
+    sizes = [(D.cache_path(caches, f) / "meta.json").stat().st_size for f in (fp_small, fp)]
+    assert sizes[1] < sizes[0] + 100
+    assert (cache / "rows.i64").stat().st_size == 8 * len(pairs)
+    assert pairs.pair_ids[len(pairs) - 1] == f"{tmp_path / 'big.jsonl'}:{len(pairs)}"
+    # the sampler works from the lengths array
+    from dpo_ds.config import TrainConfig
+
+    lengths = PairSampler.for_config(TrainConfig(micro_batch_size=2), pairs, 2).lengths
+    assert lengths.tolist() == [pairs.length(i) for i in range(len(pairs))]
+
+
+@pytest.mark.parametrize("damage", ["truncated_ids", "no_meta", "other_fingerprint", "bad_offsets"])
+def test_damaged_cache_is_named_and_rebuilt_never_used(tmp_path, tok, demo_rows, damage, caplog):
+    path = write_jsonl(tmp_path / "train.jsonl", demo_rows[:16])
+    caches = tmp_path / "caches"
+    good, fp = _load(path, tok, caches)
+    expected = as_lists(good)
+    cache = D.cache_path(caches, fp)
+    if damage == "truncated_ids":
+        with open(cache / "chosen.ids", "r+b") as fh:
+            fh.truncate(fh.seek(0, 2) - 4)
+    elif damage == "no_meta":
+        (cache / "meta.json").unlink()
+    elif damage == "other_fingerprint":
+        meta = json.loads((cache / "meta.json").read_text())
+        (cache / "meta.json").write_text(json.dumps(meta | {"fingerprint": "0" * 24}))
+    else:
+        offsets = np.fromfile(cache / "prompt.offsets", dtype="<i8")
+        offsets[3] = offsets[-1] + 5
+        offsets.tofile(cache / "prompt.offsets")
+    assert D.cache_problem(cache, fp) is not None
+    del good
+    # another rank never reads it: it waits until rank 0 has rebuilt the cache
+    import threading
+
+    waited = {}
+    waiter = threading.Thread(target=lambda: waited.update(pairs=_load(path, tok, caches, rank=1, poll_s=0.05)[0]))
+    waiter.start()
+    waiter.join(1.0)
+    assert waiter.is_alive()
+    with caplog.at_level(logging.WARNING, logger="dpo_ds"):
+        rebuilt, _ = _load(path, tok, caches)
+    assert any(str(cache) in r.getMessage() and "preparing it again" in r.getMessage() for r in caplog.records)
+    assert as_lists(rebuilt) == expected and D.cache_problem(cache, fp) is None
+    waiter.join(30)
+    assert as_lists(waited["pairs"]) == expected
+    assert [p.name for p in caches.iterdir()] == [cache.name]  # no temporary directory left behind
+
+
+def test_truncation_report_suggests_lengths(tmp_path, tok, demo_assets, caplog):
+    """Issue 13: a max_length as long as the longest prompt drops or cuts most demo pairs; the warning says how many, shows
+    the percentiles and the max_length / max_prompt_length that keep 99% whole; `prepare` prints them too."""
+    rows = [json.loads(line) for line in Path(demo_assets.train_file).read_text().splitlines()]
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    full = as_lists(tokenize(path, tok))
+    prompt_lens = sorted(len(p) for p, _, _ in full)
+    pair_lens = sorted(len(p) + max(len(c), len(r)) for p, c, r in full)
+    p99 = lambda v: v[math.ceil(0.99 * (len(v) - 1))]  # noqa: E731  ("higher" quantile)
+    max_length = prompt_lens[-1]
+    with caplog.at_level(logging.WARNING, logger="dpo_ds"):
+        pairs = tokenize(path, tok, max_length=max_length)
+    s = pairs.stats
+    dropped = sum(len(p) >= max_length for p, _, _ in full)
+    cut = sum(len(p) < max_length and len(p) + max(len(c), len(r)) > max_length for p, c, r in full)
+    assert s["dropped_truncated"] == dropped > 0 and s["truncated"] + s["identical_after_truncation"] == cut > 0
+    message = next(r.getMessage() for r in caplog.records if "truncation dropped" in r.getMessage())
+    assert f"dropped {dropped} and cut {s['truncated']} of {len(rows)} pairs" in message
+    assert f"max_length {p99(pair_lens)} with max_prompt_length {p99(prompt_lens)} would keep 99%" in message
+    assert re.search(rf"prompt\s+{prompt_lens[len(prompt_lens) // 2]}\s", message.replace("prompt +", "x"))
+    # nothing to report when truncation touches no pair
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dpo_ds"):
+        tokenize(path, tok, max_length=p99(pair_lens) + max(pair_lens))
+    assert not [r for r in caplog.records if "truncation" in r.getMessage()]
+
+
+def test_identical_completion_ids_are_counted_and_skipped(tmp_path, tok, caplog):
+    """Issue 13: digits this tokenizer maps to <unk> make ' Try 7.' and ' Try 8.' the same ids: zero signal."""
+    same = {"prompt": "Question: pick a number Answer:", "chosen": " Try 7.", "rejected": " Try 8."}
+    assert trl_ids(tok, same["prompt"], same["chosen"]) == trl_ids(tok, same["prompt"], same["rejected"])
+    path = write_jsonl(tmp_path / "t.jsonl", [GOOD, same, GOOD, same, same])
+    with caplog.at_level(logging.WARNING, logger="dpo_ds"):
+        pairs = tokenize(path, tok)
+    assert list(pairs.pair_ids) == [f"{path}:1", f"{path}:3"]
+    assert pairs.stats["identical_completions"] == 3 and pairs.stats["identical_after_truncation"] == 0
+    warning = next(r.getMessage() for r in caplog.records if "same token ids" in r.getMessage())
+    assert f"skipped 3 pairs" in warning and path in warning

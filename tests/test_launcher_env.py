@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from launcher.env import strip_local_rank
-from launcher.env import (SOURCE_VAR, DistEnv, LauncherError, detect, expand_hostlist, resolve,
+from launcher.env import (SOURCE_VAR, DistEnv, LauncherError, bind_gpu, detect, expand_hostlist, resolve,
                           slurm_port)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,10 +153,36 @@ def test_batch_shell_is_a_single_process():
     assert (env.rank, env.world_size, env.source) == (0, 1, "single")
 
 
-def test_torchrun_inside_slurm_wins():
-    # One srun task per node runs torchrun: SLURM_* describe the agent, not the worker.
-    environ = {**SLURM, "SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", **TORCHRUN}
+@pytest.mark.parametrize("marker", [{"TORCHELASTIC_RUN_ID": "123456"}, {"LOCAL_SIZE": "4"}])
+def test_torchrun_inside_slurm_wins(marker):
+    # One srun task per node runs torchrun (or the deepspeed launcher): SLURM_* describe the agent, not the worker.
+    environ = {**SLURM, "SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", **TORCHRUN, **marker}
     assert resolve(environ, no_scontrol, no_mpi) == DistEnv(5, 1, 8, 4, "node0", 29500, "torchrun")
+
+
+def test_rank_inherited_from_the_submitting_shell_does_not_override_slurm():
+    # sbatch passes the submitting shell's environment on, e.g. a RANK/WORLD_SIZE left by an earlier torchrun.
+    environ = {**SLURM, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
+    assert resolve(environ, fake_scontrol([]), no_mpi) == DistEnv(5, 1, 8, 4, "gpu07", slurm_port(123456), "slurm")
+
+
+@pytest.mark.parametrize("visible_devices, visible, local_rank", [("3", 1, 0), ("0,1,2,3", 4, 1), (None, 4, 1)])
+def test_bind_gpu(visible_devices, visible, local_rank):
+    # Slurm task 5 is the second task of its node (SLURM_LOCALID=1). With --gpus-per-task=1 / --gpu-bind it sees
+    # one GPU (CUDA_VISIBLE_DEVICES=3), which is device 0 in the process: DeepSpeed must get LOCAL_RANK=0.
+    environ = {**SLURM} if visible_devices is None else {**SLURM, "CUDA_VISIBLE_DEVICES": visible_devices}
+    env = resolve(environ, fake_scontrol([]), no_mpi)
+    bound = bind_gpu(env, visible, environ)
+    assert bound.local_rank == local_rank and bound.as_environ()["LOCAL_RANK"] == str(local_rank)
+    assert (bound.rank, bound.world_size, bound.local_world_size) == (5, 8, 4)
+
+
+def test_bind_gpu_refuses_fewer_gpus_than_local_ranks():
+    env = resolve({**SLURM, "SLURM_LOCALID": "3", "CUDA_VISIBLE_DEVICES": "0,1"}, fake_scontrol([]), no_mpi)
+    with pytest.raises(LauncherError, match=r"local rank 3 but only 2 GPU\(s\) visible \(CUDA_VISIBLE_DEVICES='0,1'\)"):
+        bind_gpu(env, 2, {"CUDA_VISIBLE_DEVICES": "0,1"})
+    with pytest.raises(LauncherError, match="no GPU visible"):
+        bind_gpu(env, 0, {"CUDA_VISIBLE_DEVICES": ""})
 
 
 def test_reresolve_keeps_original_source():

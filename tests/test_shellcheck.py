@@ -23,7 +23,7 @@ def shellcheck() -> str:
 
 def test_scripts_exist():
     names = {p.name for p in SCRIPTS}
-    assert {"dpo.sbatch", "convert.sbatch", "install_slurm.sh"} <= names, names
+    assert {"dpo.sbatch", "convert.sbatch", "prepare.sbatch", "install_slurm.sh"} <= names, names
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(REPO)))

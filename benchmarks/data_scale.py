@@ -1,0 +1,158 @@
+"""The data path at scale (issue 10): time to the end of step 1, summed PSS of all processes, and
+`dpo-ds prepare` throughput, on real text with a 32k byte-level BPE tokenizer.
+
+    python benchmarks/data_scale.py assets DIR                       # tokenizer (32k BPE) + tiny Llama in DIR
+    python benchmarks/data_scale.py pairs DIR N                      # DIR/pairs-N.jsonl, ~590 stored tokens per pair
+    python benchmarks/data_scale.py train DIR N [--dist_timeout_s 60] [--nproc 2]
+    python benchmarks/data_scale.py prepare DIR N [--workers K]
+
+`train` starts a fresh 2-rank `torchrun -m dpo_ds train` (new cache_dir: it prepares the data first) with a tiny
+model, so the time is the data path's, samples the summed PSS of torchrun and all its descendants (ranks and
+tokenizer processes) every 0.25 s until the log says step 1 is done, and prints one JSON line. `prepare`
+runs `dpo-ds prepare` in a fresh cache_dir and prints its wall time and pairs/s as JSON.
+"""
+import argparse
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPT_WORDS, COMPLETION_WORDS = 190, 190  # ~590 stored tokens per pair with this vocabulary
+
+
+def words(seed: int = 0, n: int = 20000) -> list[str]:
+    rng = random.Random(seed)
+    return ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 7))) for _ in range(n)]
+
+
+def text_sampler(vocab: list[str], seed: int):
+    """k words drawn with Zipf frequencies (word r has weight 1/r), as in natural text."""
+    rng = random.Random(seed)
+    cum, total = [], 0.0
+    for r in range(1, len(vocab) + 1):
+        total += 1.0 / r
+        cum.append(total)
+    return lambda k: " ".join(rng.choices(vocab, cum_weights=cum, k=k))
+
+
+def build_assets(out: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    out.mkdir(parents=True, exist_ok=True)
+    sample = text_sampler(words(), 1)
+    corpus = (sample(100) for _ in range(20000))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=32000, special_tokens=["<s>", "</s>", "<pad>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.save_pretrained(out / "model")
+    cfg = AutoConfig.for_model("llama", vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                               num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,
+                               bos_token_id=0, eos_token_id=1, pad_token_id=2, tie_word_embeddings=False)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(out / "model")
+    print(json.dumps({"assets": str(out / "model"), "vocab": len(fast)}))
+
+
+def write_pairs(out: Path, n: int) -> Path:
+    path = out / f"pairs-{n}.jsonl"
+    if path.is_file():
+        return path
+    sample = text_sampler(words(), n)
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w") as fh:
+        for _ in range(n):
+            prompt = "Question: " + sample(PROMPT_WORDS) + " Answer:"
+            chosen, rejected = " " + sample(COMPLETION_WORDS), " " + sample(COMPLETION_WORDS)
+            fh.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n")
+    tmp.rename(path)
+    return path
+
+
+def tree_pss(root) -> int:
+    import psutil
+
+    total = 0
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            total += p.memory_full_info().pss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return total
+
+
+def run_train(out: Path, n: int, dist_timeout_s: float, nproc: int) -> dict:
+    import psutil
+
+    data = write_pairs(out, n)
+    run_dir = out / f"run-{n}-{int(time.time())}"
+    log_path = run_dir.with_suffix(".log")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+           "--master_port=29731", "-m", "dpo_ds", "train", "--model_name_or_path", str(out / "model"),
+           "--train_file", str(data), "--output_dir", str(run_dir), "--precision", "fp32", "--max_steps", "1",
+           "--max_length", "1024", "--micro_batch_size", "1", "--logging_steps", "1",
+           "--dist_timeout_s", str(dist_timeout_s)]
+    started = time.perf_counter()
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        root = psutil.Process(proc.pid)
+        peak, step1 = 0, None
+        while proc.poll() is None:
+            peak = max(peak, tree_pss(root))
+            if step1 is None and "step 1 done" in log_path.read_text(errors="replace"):
+                step1 = time.perf_counter() - started
+            time.sleep(0.25)
+    text = log_path.read_text(errors="replace")
+    prepared = re.search(r"prepared (\d+) pairs \((\d+) tokens\) in ([\d.]+) s \((\d+) pairs/s\)", text)
+    return {"pairs": n, "ranks": nproc, "dist_timeout_s": dist_timeout_s, "exit": proc.returncode,
+            "time_to_step1_s": round(step1, 1) if step1 else None, "peak_pss_gib": round(peak / 2**30, 3),
+            "stored_tokens": int(prepared[2]) if prepared else None,
+            "prepare_s": float(prepared[3]) if prepared else None, "log": str(log_path)}
+
+
+def run_prepare(out: Path, n: int, workers: int) -> dict:
+    data = write_pairs(out, n)
+    cache = out / f"cache-prepare-{n}-{workers}-{int(time.time())}"
+    cmd = [sys.executable, "-m", "dpo_ds", "prepare", "--model_name_or_path", str(out / "model"),
+           "--train_file", str(data), "--max_length", "1024", "--cache_dir", str(cache),
+           "--prepare_workers", str(workers)]
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    prepared = re.search(r"prepared (\d+) pairs \((\d+) tokens\) in ([\d.]+) s \((\d+) pairs/s\)", proc.stderr)
+    return {"pairs": n, "workers": workers, "exit": proc.returncode, "wall_s": round(wall, 1),
+            "prepare_s": float(prepared[3]) if prepared else None, "pairs_per_s": int(prepared[4]) if prepared else None,
+            "stored_tokens": int(prepared[2]) if prepared else None, "cache": str(cache),
+            "stderr_tail": proc.stderr[-400:] if proc.returncode else ""}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["assets", "pairs", "train", "prepare"])
+    ap.add_argument("dir", type=Path)
+    ap.add_argument("n", type=int, nargs="?", default=200)
+    ap.add_argument("--dist_timeout_s", type=float, default=60)
+    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=0)
+    a = ap.parse_args()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if a.what == "assets":
+        build_assets(a.dir)
+    elif a.what == "pairs":
+        print(write_pairs(a.dir, a.n))
+    elif a.what == "train":
+        print(json.dumps(run_train(a.dir, a.n, a.dist_timeout_s, a.nproc)), flush=True)
+    else:
+        print(json.dumps(run_prepare(a.dir, a.n, a.workers)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""`dpo-ds prepare`: tokenize a config's train_file and eval_file into cache_dir, as `train` would.
+
+Runs without a process group (a CPU node is enough: slurm/prepare.sbatch CONFIG.yaml), in parallel over the
+node's cores (`prepare_workers`), and writes the same cache `train` and `eval` look for (same fingerprint:
+file contents, tokenizer, max_length, max_prompt_length, skip_bad_rows), so training then starts without
+tokenizing. Prints, per file: pairs kept / dropped / cut, bad rows skipped, pairs skipped for identical
+chosen/rejected ids, token totals, length percentiles and the time taken.
+
+    dpo-ds prepare --config run.yaml [--field value ...]
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from dpo_ds.config import ConfigError, TrainConfig, add_config_arguments, config_from_args
+from dpo_ds.data import DataError, TokenizedPairs, format_report, load_pairs
+
+HELP = __doc__
+logger = logging.getLogger("dpo_ds")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+
+
+def cache_dir_of(cfg: TrainConfig) -> str:
+    from pathlib import Path
+
+    return cfg.cache_dir or str(Path(cfg.output_dir) / "caches")
+
+
+def load_config_data(cfg: TrainConfig, tokenizer, rank: int = 0, barrier=lambda: None
+                     ) -> tuple[TokenizedPairs, str, TokenizedPairs | None]:
+    """(train pairs, train data fingerprint, eval pairs or None) of a config, prepared into its cache_dir when
+    missing: the one place `train` and `prepare` get their data, so both use the same cache."""
+    args = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, skip_bad_rows=cfg.skip_bad_rows,
+                cache_dir=cache_dir_of(cfg), rank=rank, barrier=barrier, workers=cfg.prepare_workers)
+    train_pairs, fingerprint = load_pairs(cfg.train_file, tokenizer, **args)
+    eval_pairs = load_pairs(cfg.eval_file, tokenizer, **args)[0] if cfg.eval_file else None
+    return train_pairs, fingerprint, eval_pairs
+
+
+def run(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from dpo_ds.trainer import setup_logging
+
+    setup_logging(0)
+    started = time.perf_counter()
+    try:
+        cfg = config_from_args(args)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+        train_pairs, _, eval_pairs = load_config_data(cfg, tokenizer)
+    except (ConfigError, DataError) as err:
+        print(f"dpo-ds prepare: error: {err}", file=sys.stderr)
+        return 2
+    for path, pairs in ((cfg.train_file, train_pairs), (cfg.eval_file, eval_pairs)):
+        if pairs is not None:
+            print(f"{format_report(pairs, path)}\n  cache: {pairs.cache_path}", file=sys.stderr)
+    print(f"dpo-ds prepare: done in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    return 0

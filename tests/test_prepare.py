@@ -1,0 +1,41 @@
+"""`dpo-ds prepare` and the prepared-pairs cache in real runs: a preparation longer than dist_timeout_s, one
+cache shared by prepare, a 2-rank train and eval."""
+from __future__ import annotations
+
+import json
+import re
+
+from helpers import launch, read_metrics, run_cli, write_config
+
+
+def test_slow_preparation_outlives_dist_timeout_and_prepare_train_eval_share_one_cache(demo_assets, tmp_path):
+    out, caches = tmp_path / "out", tmp_path / "out" / "caches"
+    config = write_config(tmp_path / "run.yaml", model_name_or_path=demo_assets.model_dir,
+                          train_file=demo_assets.train_file, output_dir=str(out), precision="fp32",
+                          micro_batch_size=2, max_steps=2, max_length=64, logging_steps=1, prepare_workers=2,
+                          dist_timeout_s=10)
+    # rank 0 tokenizes for 25 s (> dist_timeout_s): rank 1 must wait on the file system, not in a collective
+    proc = launch(["tests/slow_prepare_probe.py", "train", "--config", str(config)], env={"SLOW_PREPARE_S": "25"})
+    log = proc.stderr
+    assert "waiting for rank 0 to prepare" in log and "Timed out" not in log
+    prepared = re.search(r"prepared (\d+) pairs \((\d+) tokens\) in ([\d.]+) s \(\d+ pairs/s\) -> (\S+)", log)
+    assert prepared and float(prepared[3]) > 10 and int(prepared[1]) == 96, log[-3000:]
+    assert re.search(r"step 1 done [\d.]+ s after the process started", log)
+    assert [m["step"] for m in read_metrics(out) if "loss" in m] == [1, 2]
+    cache = prepared[4]
+    assert [str(p) for p in caches.glob("pairs-*")] == [cache]
+
+    # `dpo-ds prepare` on the same config finds that cache (same fingerprint) and reports it without tokenizing
+    proc = run_cli(["prepare", "--config", str(config)])
+    assert "prepared 96" not in proc.stderr and f"cache: {cache}" in proc.stderr
+    assert "96 rows -> 96 pairs kept; 0 bad rows skipped, 0 pairs dropped" in proc.stderr
+    assert re.search(r"prompt \+ longer completion\s+\d+\s+\d+\s+\d+\s+\d+", proc.stderr)
+    assert "would keep 99% of the pairs whole" in proc.stderr
+    assert [str(p) for p in caches.glob("pairs-*")] == [cache]
+
+    # `dpo-ds eval` of the run's model with the same settings reads the run's cache
+    proc = run_cli(["eval", "--model", str(out / "final"), "--data", demo_assets.train_file, "--max_length", "64",
+                    "--output", str(tmp_path / "eval.jsonl")])
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["pairs"] == 96
+    assert f"in {cache}" in proc.stderr and "prepared 96" not in proc.stderr
+    assert [str(p) for p in caches.glob("pairs-*")] == [cache]
