@@ -2,14 +2,18 @@
 `dpo-ds prepare` throughput, on real text with a 32k byte-level BPE tokenizer.
 
     python benchmarks/data_scale.py assets DIR                       # tokenizer (32k BPE) + tiny Llama in DIR
-    python benchmarks/data_scale.py pairs DIR N                      # DIR/pairs-N.jsonl, ~590 stored tokens per pair
-    python benchmarks/data_scale.py train DIR N [--dist_timeout_s 60] [--nproc 2]
-    python benchmarks/data_scale.py prepare DIR N [--workers K]
+    python benchmarks/data_scale.py pairs DIR N [--words W]          # DIR/pairs-N.jsonl, ~590 stored tokens per pair
+    python benchmarks/data_scale.py train DIR N [--dist_timeout_s 60] [--nproc 2] [--cache_dir CACHE] [--words W]
+    python benchmarks/data_scale.py prepare DIR N [--workers K] [--words W]
+
+Pairs are Zipf-distributed pseudo-words (natural-text frequencies); --words sets the words per prompt and
+per completion (190: ~590 stored tokens per pair, 19: ~60).
 
 `train` starts a fresh 2-rank `torchrun -m dpo_ds train` (new cache_dir: it prepares the data first) with a tiny
 model, so the time is the data path's, samples the summed PSS of torchrun and all its descendants (ranks and
 tokenizer processes) every 0.25 s until the log says step 1 is done, and prints one JSON line. `prepare`
-runs `dpo-ds prepare` in a fresh cache_dir and prints its wall time and pairs/s as JSON.
+runs `dpo-ds prepare` in a fresh cache_dir and prints its wall time and pairs/s as JSON; `train --cache_dir`
+then starts from that cache.
 """
 import argparse
 import json
@@ -22,7 +26,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-PROMPT_WORDS, COMPLETION_WORDS = 190, 190  # ~590 stored tokens per pair with this vocabulary
+WORDS = 190  # words in each of prompt, chosen, rejected: ~590 stored tokens per pair with this vocabulary
 
 
 def words(seed: int = 0, n: int = 20000) -> list[str]:
@@ -62,16 +66,16 @@ def build_assets(out: Path) -> None:
     print(json.dumps({"assets": str(out / "model"), "vocab": len(fast)}))
 
 
-def write_pairs(out: Path, n: int) -> Path:
-    path = out / f"pairs-{n}.jsonl"
+def write_pairs(out: Path, n: int, words_per_field: int = WORDS) -> Path:
+    path = out / (f"pairs-{n}.jsonl" if words_per_field == WORDS else f"pairs-{n}-w{words_per_field}.jsonl")
     if path.is_file():
         return path
     sample = text_sampler(words(), n)
     tmp = path.with_suffix(".tmp")
     with tmp.open("w") as fh:
         for _ in range(n):
-            prompt = "Question: " + sample(PROMPT_WORDS) + " Answer:"
-            chosen, rejected = " " + sample(COMPLETION_WORDS), " " + sample(COMPLETION_WORDS)
+            prompt = "Question: " + sample(words_per_field) + " Answer:"
+            chosen, rejected = " " + sample(words_per_field), " " + sample(words_per_field)
             fh.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n")
     tmp.rename(path)
     return path
@@ -89,17 +93,17 @@ def tree_pss(root) -> int:
     return total
 
 
-def run_train(out: Path, n: int, dist_timeout_s: float, nproc: int) -> dict:
+def run_train(out: Path, n: int, dist_timeout_s: float, nproc: int, cache_dir: str | None, words: int) -> dict:
     import psutil
 
-    data = write_pairs(out, n)
+    data = write_pairs(out, n, words)
     run_dir = out / f"run-{n}-{int(time.time())}"
     log_path = run_dir.with_suffix(".log")
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
            "--master_port=29731", "-m", "dpo_ds", "train", "--model_name_or_path", str(out / "model"),
            "--train_file", str(data), "--output_dir", str(run_dir), "--precision", "fp32", "--max_steps", "1",
            "--max_length", "1024", "--micro_batch_size", "1", "--logging_steps", "1",
-           "--dist_timeout_s", str(dist_timeout_s)]
+           "--dist_timeout_s", str(dist_timeout_s)] + (["--cache_dir", cache_dir] if cache_dir else [])
     started = time.perf_counter()
     with log_path.open("w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
@@ -112,14 +116,15 @@ def run_train(out: Path, n: int, dist_timeout_s: float, nproc: int) -> dict:
             time.sleep(0.25)
     text = log_path.read_text(errors="replace")
     prepared = re.search(r"prepared (\d+) pairs \((\d+) tokens\) in ([\d.]+) s \((\d+) pairs/s\)", text)
-    return {"pairs": n, "ranks": nproc, "dist_timeout_s": dist_timeout_s, "exit": proc.returncode,
+    return {"pairs": n, "words_per_field": words, "ranks": nproc, "dist_timeout_s": dist_timeout_s, "exit": proc.returncode,
+            "cache": "reused " + cache_dir if cache_dir and not prepared else "prepared by the run",
             "time_to_step1_s": round(step1, 1) if step1 else None, "peak_pss_gib": round(peak / 2**30, 3),
             "stored_tokens": int(prepared[2]) if prepared else None,
             "prepare_s": float(prepared[3]) if prepared else None, "log": str(log_path)}
 
 
-def run_prepare(out: Path, n: int, workers: int) -> dict:
-    data = write_pairs(out, n)
+def run_prepare(out: Path, n: int, workers: int, words: int) -> dict:
+    data = write_pairs(out, n, words)
     cache = out / f"cache-prepare-{n}-{workers}-{int(time.time())}"
     cmd = [sys.executable, "-m", "dpo_ds", "prepare", "--model_name_or_path", str(out / "model"),
            "--train_file", str(data), "--max_length", "1024", "--cache_dir", str(cache),
@@ -128,7 +133,7 @@ def run_prepare(out: Path, n: int, workers: int) -> dict:
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - started
     prepared = re.search(r"prepared (\d+) pairs \((\d+) tokens\) in ([\d.]+) s \((\d+) pairs/s\)", proc.stderr)
-    return {"pairs": n, "workers": workers, "exit": proc.returncode, "wall_s": round(wall, 1),
+    return {"pairs": n, "words_per_field": words, "workers": workers, "exit": proc.returncode, "wall_s": round(wall, 1),
             "prepare_s": float(prepared[3]) if prepared else None, "pairs_per_s": int(prepared[4]) if prepared else None,
             "stored_tokens": int(prepared[2]) if prepared else None, "cache": str(cache),
             "stderr_tail": proc.stderr[-400:] if proc.returncode else ""}
@@ -142,16 +147,19 @@ def main() -> None:
     ap.add_argument("--dist_timeout_s", type=float, default=60)
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--words", type=int, default=WORDS, help=f"words per prompt/completion (default {WORDS}: ~590 "
+                    "stored tokens per pair; 19: ~60)")
+    ap.add_argument("--cache_dir", help="train: use this cache_dir (e.g. one `prepare` filled) instead of a fresh one")
     a = ap.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if a.what == "assets":
         build_assets(a.dir)
     elif a.what == "pairs":
-        print(write_pairs(a.dir, a.n))
+        print(write_pairs(a.dir, a.n, a.words))
     elif a.what == "train":
-        print(json.dumps(run_train(a.dir, a.n, a.dist_timeout_s, a.nproc)), flush=True)
+        print(json.dumps(run_train(a.dir, a.n, a.dist_timeout_s, a.nproc, a.cache_dir, a.words)), flush=True)
     else:
-        print(json.dumps(run_prepare(a.dir, a.n, a.workers)), flush=True)
+        print(json.dumps(run_prepare(a.dir, a.n, a.workers, a.words)), flush=True)
 
 
 if __name__ == "__main__":

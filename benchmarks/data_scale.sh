@@ -1,9 +1,11 @@
 #!/bin/bash
 # Issue 10's table: time to the end of step 1 and summed PSS for 200 and 100k pairs (2 ranks,
-# dist_timeout_s 60, each run preparing its own fresh cache), and `dpo-ds prepare` of 1M pairs with 1 and 2
-# tokenizer processes, then a 2-rank run on 1M pairs to step 1. Results: one JSON line each in OUT/results.jsonl.
+# dist_timeout_s 60, each run preparing its own fresh cache); `dpo-ds prepare` of 100k pairs with 1 and 2
+# tokenizer processes (scaling with cores); `dpo-ds prepare` of 1M pairs, then a 2-rank run on that cache to
+# step 1. Results: one JSON line each in OUT/results.jsonl.
 #
-#   benchmarks/data_scale.sh [OUT]     (default /tmp/dpo-ds-data-scale; ~5 GB of pairs for 1M)
+#   benchmarks/data_scale.sh [OUT] [WORDS_1M]   (default /tmp/dpo-ds-data-scale; WORDS_1M words per field of
+#                                               the 1M pairs: 190 = ~590 tokens per pair, 3 GB; default 19)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-/tmp/dpo-ds-data-scale}
@@ -15,6 +17,9 @@ for n in 200 100000; do
     "$PY" benchmarks/data_scale.py train "$OUT" "$n" --dist_timeout_s 60 | tee -a "$OUT/results.jsonl"
 done
 for workers in 1 2; do
-    "$PY" benchmarks/data_scale.py prepare "$OUT" 1000000 --workers "$workers" | tee -a "$OUT/results.jsonl"
+    "$PY" benchmarks/data_scale.py prepare "$OUT" 100000 --workers "$workers" | tee -a "$OUT/results.jsonl"
 done
-"$PY" benchmarks/data_scale.py train "$OUT" 1000000 --dist_timeout_s 60 | tee -a "$OUT/results.jsonl"
+WORDS_1M=${2:-19}
+"$PY" benchmarks/data_scale.py prepare "$OUT" 1000000 --workers 2 --words "$WORDS_1M" | tee -a "$OUT/results.jsonl"
+cache=$(tail -1 "$OUT/results.jsonl" | "$PY" -c "import json,sys; print(json.load(sys.stdin)['cache'])")
+"$PY" benchmarks/data_scale.py train "$OUT" 1000000 --dist_timeout_s 60 --cache_dir "$cache" --words "$WORDS_1M" | tee -a "$OUT/results.jsonl"

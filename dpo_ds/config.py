@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import importlib.util
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ class TrainConfig:
     model_name_or_path: Optional[str] = _field(None, "Policy: a Hugging Face model directory (or hub id already in the local cache).", "model")
     ref_model_name_or_path: Optional[str] = _field(None, "Frozen reference model; default: the policy's starting weights.", "model")
     trust_remote_code: bool = _field(False, "Allow model/tokenizer code shipped with the checkpoint to run. Off: only code in transformers runs.", "model")
+    disable_dropout: bool = _field(True, "Turn dropout off in the policy and the reference (dropout modules and the config's dropout values the model reads while running; exports keep the config's values). With dropout on, the two models disagree before any update and the DPO signal is noise, so only turn it off for a reason.", "model")
     # --- LoRA (peft): base weights frozen, adapters trained; the reference is the base with the adapter off
     lora_r: int = _field(0, "LoRA rank: 0 = full fine-tuning; > 0 trains rank-r adapters on lora_target_modules of the frozen base, and the reference is the same engine with the adapter off (no second model).", "lora")
     lora_alpha: float = _field(16.0, "LoRA scaling numerator: the adapter adds B A x * lora_alpha / lora_r.", "lora")
@@ -65,6 +67,7 @@ class TrainConfig:
     rpo_alpha: float = _field(0.0, "Weight of the mean per-token NLL of the chosen completion added to the loss (RPO); 0 = off.", "loss")
     reference_free: bool = _field(False, "Treat log pi_ref as 0 (no reference model is built).", "loss")
     length_normalize: bool = _field(False, "Use per-token mean log-probs instead of sums for the sigmoid family.", "loss")
+    router_aux_loss_coef: float = _field(0.0, "Mixture-of-experts models only: add this times the model's router load-balancing loss (transformers' output_router_logits) to the DPO loss, as TRL does; logged as aux_loss. 0 = off.", "loss")
     # --- drift and stability guards
     max_kl: Optional[float] = _field(None, "Warn when the mean per-token log pi - log pi_ref over completions (a logging window) exceeds this.", "guards")
     stop_on_max_kl: bool = _field(False, "Stop (after saving a checkpoint) instead of only warning when max_kl is exceeded.", "guards")
@@ -94,7 +97,7 @@ class TrainConfig:
     precompute_ref: bool = _field(False, "Compute the reference log-probs of the train and eval pairs once before training (cached on disk under caches/, reused by later runs); training then runs no reference model.", "engine")
     fused_lm_head: bool = _field(True, "Compute completion-token log-probs inside the output projection, chunk by chunk and only at completion positions, so the [tokens, vocab] logits and their gradient never exist whole. Used where the model returns lm_head(hidden) unchanged (Llama, Mistral, Mixtral, Qwen2/3, Phi-3, Gemma, ...); other models (logit soft-capping or scaling) score from the full logits.", "engine")
     logprob_chunk_size: int = _field(256, "Sequence positions per chunk when turning hidden states or logits into token log-probs (bounds the fp32 block to chunk x vocab).", "engine")
-    dist_timeout_s: float = _field(600.0, "Seconds a rank waits for the others at the rendezvous and in every collective before failing with a message; phases where rank 0 works alone (universal conversion, checkpoint publishing, the final export) wait without this limit.", "engine")
+    dist_timeout_s: float = _field(600.0, "Seconds a rank waits for the others at the rendezvous and in every collective before failing with a message; phases where rank 0 works alone (data preparation, universal conversion, checkpoint publishing, the final export) wait without this limit.", "engine")
     # --- outputs and monitoring
     output_dir: str = _field("runs/dpo", "Run folder: metrics.jsonl, tensorboard/, caches/, checkpoints/, final/. Must be the same directory on every node (a shared file system); checked at start.", "output")
     cache_dir: Optional[str] = _field(None, "Where prepared (tokenized) pairs and precomputed reference log-probs are cached, by fingerprint (default <output_dir>/caches); `dpo-ds prepare` fills it ahead of training; point runs at one directory to share them. Must be the same directory on every node; checked at start.", "output")
@@ -263,6 +266,8 @@ def validate(cfg: TrainConfig) -> None:
         bad("label_smoothing", f"only applies to loss_type sigmoid or robust, not {cfg.loss_type}")
     if cfg.rpo_alpha < 0:
         bad("rpo_alpha", f"must be >= 0, got {cfg.rpo_alpha}")
+    if cfg.router_aux_loss_coef < 0:
+        bad("router_aux_loss_coef", f"must be >= 0, got {cfg.router_aux_loss_coef}")
     for name in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(cfg, name) < 1:
             bad(name, f"must be in [0, 1), got {getattr(cfg, name)}")
@@ -356,3 +361,60 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+# Fields naming a model directory (or a hub id) and fields naming a file or directory the run reads.
+MODEL_PATH_FIELDS = ("model_name_or_path", "ref_model_name_or_path")
+INPUT_PATH_FIELDS = ("train_file", "eval_file", "deepspeed_config", "ref_deepspeed_config", "resume_from")
+HUB_CHECK_TIMEOUT_S = 5.0
+
+
+def check_paths(cfg: TrainConfig) -> None:
+    """Every path the run reads exists and is readable: a ConfigError naming the field and the path before
+    any model, tokenizer or data is loaded (a missing path would otherwise surface as a library traceback,
+    after minutes of loading or a long hub retry)."""
+    for name in INPUT_PATH_FIELDS:
+        value = getattr(cfg, name)
+        if value is None or (name == "resume_from" and value == "auto"):
+            continue
+        if not Path(value).exists():
+            raise ConfigError(f"field '{name}': {value}: no such file or directory", name)
+        _check_readable(name, Path(value))
+    for name in MODEL_PATH_FIELDS:
+        value = getattr(cfg, name)
+        if value is not None:
+            check_model_path(name, value)
+
+
+def _check_readable(name: str, path: Path) -> None:
+    if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+        raise ConfigError(f"field '{name}': {path}: not readable (permission denied)", name)
+
+
+def check_model_path(name: str, value: str) -> None:
+    """A model directory with a config.json, or a hub id that is in the local Hugging Face cache or that the
+    hub confirms within HUB_CHECK_TIMEOUT_S (transformers would otherwise retry for most of a minute)."""
+    path = Path(value)
+    if path.is_dir():
+        _check_readable(name, path)
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"field '{name}': {value}: not a Hugging Face model directory (no config.json)", name)
+        _check_readable(name, path / "config.json")
+        return
+    if path.exists():
+        raise ConfigError(f"field '{name}': {value}: not a directory (a model is a directory with config.json)", name)
+    parts = value.split("/")
+    if value.startswith((".", "/", "~")) or len(parts) > 2 or not all(parts):
+        raise ConfigError(f"field '{name}': {value}: no such directory", name)
+    import huggingface_hub
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    if isinstance(huggingface_hub.try_to_load_from_cache(value, "config.json"), str):
+        return
+    try:
+        huggingface_hub.model_info(value, timeout=HUB_CHECK_TIMEOUT_S)
+    except RepositoryNotFoundError:
+        raise ConfigError(f"field '{name}': {value}: no such directory, and no such model on the Hugging Face hub", name) from None
+    except Exception as err:  # offline mode, no network, timeout, gated repo: nothing to load either way
+        raise ConfigError(f"field '{name}': {value}: no such directory, not in the local Hugging Face cache, and the "
+                          f"hub could not confirm it ({type(err).__name__})", name) from None

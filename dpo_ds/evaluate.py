@@ -49,7 +49,7 @@ def default_cache_dir(model: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from launcher.dist import barrier, init_distributed
+    from launcher.dist import barrier, check_shared_dirs, init_distributed
     from transformers import AutoTokenizer
 
     from dpo_ds.engines import build_inference_engine, load_model_config, model_dtype, on_cpu, resolve_reference_config
@@ -65,10 +65,11 @@ def run(args: argparse.Namespace) -> int:
         validate(cfg)
         env = init_distributed(timeout_s=cfg.dist_timeout_s)
         setup_logging(env.rank)
+        cache_dir = args.cache_dir or default_cache_dir(args.model)
+        check_shared_dirs({"cache_dir": cache_dir})
         tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
         pairs, _ = load_pairs(args.data, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-                              skip_bad_rows=cfg.skip_bad_rows, cache_dir=args.cache_dir or default_cache_dir(args.model),
-                              rank=env.rank, barrier=barrier)
+                              skip_bad_rows=cfg.skip_bad_rows, cache_dir=cache_dir, rank=env.rank, barrier=barrier)
         hidden = load_model_config(args.model, args.trust_remote_code).hidden_size
         model = build_inference_engine(args.model, resolve_reference_config(cfg, hidden), model_dtype(cfg),
                                        args.trust_remote_code)

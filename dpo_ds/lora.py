@@ -224,11 +224,12 @@ def convert_lora_checkpoint(ckpt: Path, out_dir: str, dtype: torch.dtype, max_sh
         ExportError,
         ShardWriter,
         _publish,
-        expected_shapes,
+        meta_model,
         parse_size,
         validate_hf_dir,
         write_hf_metadata,
     )
+    from dpo_ds.layout import saved_layout
     from dpo_ds.loading import checkpoint_files, read_headers, read_tensor
 
     meta = ckpt / HF_METADATA
@@ -253,7 +254,7 @@ def convert_lora_checkpoint(ckpt: Path, out_dir: str, dtype: torch.dtype, max_sh
             b = tensors[key.replace(".lora_A.", ".lora_B.")]
             deltas[f"{module}.weight"] = lora_delta(a, b, scaling, config.fan_in_fan_out)
     hf_config = AutoConfig.from_pretrained(meta)
-    shapes = expected_shapes(hf_config)
+    shapes = saved_layout(meta_model(hf_config))[1]  # what save_pretrained writes: the base files' layout
     stored = read_headers(checkpoint_files(base))  # name -> where its bytes lie in the base files
     unmatched = sorted(set(deltas) - set(stored))
     if unmatched:

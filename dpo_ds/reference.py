@@ -89,7 +89,7 @@ def reference_path(cfg: TrainConfig) -> str:
 
 def _reference_engine(cfg: TrainConfig, hidden_size: int):
     return build_inference_engine(reference_path(cfg), resolve_reference_config(cfg, hidden_size), model_dtype(cfg),
-                                  cfg.trust_remote_code, cfg.weights_loader, attention_kernel(cfg))
+                                  cfg.trust_remote_code, cfg.weights_loader, attention_kernel(cfg), cfg)
 
 
 def build_reference(cfg: TrainConfig, hidden_size: int, datasets: list[TokenizedPairs] = (), cache_dir: str | None = None,

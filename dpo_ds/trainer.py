@@ -15,7 +15,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,18 +26,20 @@ from dpo_ds.config import (
     ConfigError,
     TrainConfig,
     add_config_arguments,
+    check_paths,
     config_from_args,
     to_dict,
     uses_lora,
     uses_reference,
 )
 from dpo_ds.data import DataError, PairSampler, TokenizedPairs, collate, rank_shares
+from dpo_ds.families import check_model_family
 from dpo_ds.loading import LoadError
 from dpo_ds.losses import LossParams, PairLogps, compute_loss
 from dpo_ds.metrics import MetricsWriter, PairStats, max_over_ranks, peak_memory_gib, untimed
 from dpo_ds.prepare import cache_dir_of, load_config_data
 from dpo_ds.reference_check import check_reference_compatible
-from launcher.dist import barrier, check_shared_dirs, gather_objects
+from launcher.dist import all_reduce, barrier, check_shared_dirs, gather_objects
 
 HELP = __doc__
 logger = logging.getLogger("dpo_ds")
@@ -65,12 +67,15 @@ class Run:
     loss_params: LossParams
     pad_id: int
     timer: object = untimed  # SectionTimer in `dpo-ds bench`
+    aux_losses: list = field(default_factory=list)  # router load-balancing losses of training micro-batches since the last log
 
 
 def split_pairs(logps: torch.Tensor, tokens: torch.Tensor, ref_logps: torch.Tensor) -> PairLogps:
     """Rows [0, B) of the 2B batch are chosen, rows [B, 2B) rejected."""
+    from dpo_ds.engines import to_device
+
     b = logps.shape[0] // 2
-    ref_logps = ref_logps.to(logps.device)
+    ref_logps = to_device(ref_logps, logps.device)
     return PairLogps(logps[:b], logps[b:], ref_logps[:b], ref_logps[b:], tokens[:b], tokens[b:])
 
 
@@ -80,16 +85,24 @@ def pair_step(run: Run, pairs: TokenizedPairs, indices: list[int], stats: PairSt
 
     The loss is the pairs' mean, or their sum x `loss_scale` (PairSampler.loss_scale) when micro-batches hold
     different numbers of pairs."""
-    from dpo_ds.engines import forward_logps
+    from dpo_ds.engines import forward_logps, forward_logps_and_aux
 
     batch = collate(pairs, indices, run.pad_id, packed=run.cfg.padding_free)
     with run.timer("reference_forward"):
         ref_logps = run.reference.logps(batch, pairs, indices)
     with run.timer("policy_forward"), torch.set_grad_enabled(train):
-        logps, tokens = forward_logps(run.policy, batch, run.cfg.logprob_chunk_size, run.cfg.fused_lm_head)
+        aux_coef = run.cfg.router_aux_loss_coef if train else 0.0  # evaluation scores preferences only
+        if aux_coef > 0:
+            logps, tokens, aux = forward_logps_and_aux(run.policy, batch, run.cfg.logprob_chunk_size,
+                                                       run.cfg.fused_lm_head, router_aux=True)
+        else:
+            logps, tokens = forward_logps(run.policy, batch, run.cfg.logprob_chunk_size, run.cfg.fused_lm_head)
         lp = split_pairs(logps, tokens, ref_logps)
         out = compute_loss(run.cfg.loss_type, lp, run.loss_params)
         loss = out.losses.mean() if loss_scale is None else out.losses.sum() * loss_scale
+        if aux_coef > 0:  # as TRL: the micro-batch's load-balancing loss, weighted, on top of the preference loss
+            loss = loss + aux_coef * aux.to(loss.dtype)
+            run.aux_losses.append(aux.detach().float())  # read at the log line: no device sync per micro-step
     if train:
         with run.timer("backward"):
             run.policy.backward(loss)
@@ -194,11 +207,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     stop_signal = ckpt.StopSignal()
     torch.manual_seed(cfg.seed)
     out_dir = Path(cfg.output_dir)
+    ckpt.refuse_to_overwrite(cfg.output_dir, cfg.resume_from)
     check_shared_dirs({"output_dir": str(out_dir), "cache_dir": cache_dir_of(cfg)})
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "run_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
+    check_model_family(cfg)  # a model that cannot work is refused before anything is loaded
     if cfg.ref_model_name_or_path and uses_reference(cfg):  # the seed's rule: one tokenization for both models
         check_reference_compatible(cfg.model_name_or_path, cfg.ref_model_name_or_path, cfg.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
@@ -220,6 +232,9 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     resume_dir, saved = ckpt.resume_point(cfg.output_dir, cfg.resume_from, trainer_state(0),
                                           cfg.resume_ignore_mismatch)
+    if rank == 0:  # only once every check has passed: a refused start leaves the run folder as it was
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "run_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     run = build_run(cfg, rank, world_size, total_steps, pad_id_of(tokenizer),
                     [p for p in (train_pairs, eval_pairs) if p is not None],
                     load_universal=saved is not None and saved.world_size != world_size)
@@ -253,6 +268,9 @@ def train(cfg: TrainConfig) -> TrainResult:
             _report_bad_step(done, micro_batches, train_pairs, bad_in_a_row, cfg.max_bad_steps, rank)
         if done % cfg.logging_steps == 0 or done == total_steps:
             last = window.reduce()
+            if cfg.router_aux_loss_coef > 0:
+                last["aux_loss"] = _mean_over_ranks(run.aux_losses)
+                run.aux_losses.clear()
             last.update({"grad_norm": _grad_norm(run.policy), "lr": lr, "skipped_steps": skipped,
                          "memory/peak_gib": max_over_ranks(peak_memory_gib()), "epoch": done / sampler.steps_per_epoch})
             writer.write(done, last)
@@ -317,6 +335,12 @@ def _kl_exceeded(cfg: TrainConfig, metrics: dict[str, float], step: int, rank: i
     return cfg.stop_on_max_kl
 
 
+def _mean_over_ranks(values: list[torch.Tensor]) -> float:
+    total = torch.stack(values).sum().double().cpu() if values else torch.zeros((), dtype=torch.float64)
+    totals = all_reduce(torch.stack([total, torch.tensor(float(len(values)), dtype=torch.float64)]))
+    return float(totals[0] / max(float(totals[1]), 1.0))
+
+
 def _seconds_since_process_start() -> float:
     import psutil
 
@@ -339,6 +363,7 @@ def _progress(total: int, start: int, rank: int):
 def run(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
+        check_paths(cfg)
         train(cfg)
     except (ConfigError, DataError, ckpt.CheckpointError, TrainingStopped, LoadError) as err:
         print(f"dpo-ds train: error: {err}", file=sys.stderr)

@@ -153,10 +153,11 @@ def gather_objects(obj) -> list:
 
 def barrier() -> None:
     """Wait for every rank; a no-op in a single process without a process group. An all-reduce on the
-    communication device rather than dist.barrier(), which guesses a device under NCCL."""
+    communication device rather than dist.barrier(), which guesses a device under NCCL; its result is copied
+    back to the CPU so that the host, not only the GPU stream, waits for the others."""
     import torch
 
-    all_reduce(torch.zeros(1, device=comm_device()))
+    all_reduce(torch.zeros(1))
 
 
 # --------------------------------------------------------------------------- phases of rank 0 alone
@@ -230,12 +231,15 @@ def check_shared_dirs(dirs: dict[str, str]) -> None:
     def write_tokens() -> dict[str, str]:
         tokens = {}
         for field, path in dirs.items():
-            Path(path).mkdir(parents=True, exist_ok=True)
             tokens[field] = uuid.uuid4().hex
-            (Path(path) / SHARED_CHECK_FILE).write_text(tokens[field])
+            try:
+                Path(path).mkdir(parents=True, exist_ok=True)
+                (Path(path) / SHARED_CHECK_FILE).write_text(tokens[field])
+            except OSError as err:
+                raise LauncherError(f"{field} {path!r}: rank 0 cannot write there ({err})") from err
         return tokens
 
-    tokens = on_rank0("writing the shared-storage check files", write_tokens)
+    tokens = on_rank0("writing the shared-storage check files", write_tokens, LauncherError)
     problems = {}
     for field, path in dirs.items():
         try:

@@ -79,7 +79,8 @@ def plain_dpo(model_dir: str, train_file: str, settings: dict, world: int, steps
     decay = [p for p in trained if p.dim() >= 2]
     no_decay = [p for p in trained if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": settings["weight_decay"]},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=settings["learning_rate"])
+                             {"params": no_decay, "weight_decay": 0.0}], lr=settings["learning_rate"],
+                            eps=settings.get("adam_epsilon", 1e-8))
     total_steps, warmup = settings["max_steps"], settings["warmup_steps"]
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: s / warmup if s < warmup else max(0.0, (total_steps - s) / (total_steps - warmup)))

@@ -336,6 +336,64 @@ def test_readme_documents_every_field_with_its_default():
         assert default in row, (f.name, row)
 
 
+# ---------------------------------------------------------------------------- paths, before anything loads
+def train_cli(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dpo_ds", "train", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **(env or {})})
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+
+
+@pytest.fixture
+def fake_run_inputs(tmp_path):
+    """A model directory and a pairs file that pass the path checks (nothing here is loadable)."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("{}\n")
+    return model, pairs
+
+
+@pytest.mark.parametrize("field,value,words", [
+    ("model_name_or_path", "demo_runs/assets/modle", "no such directory"),  # three parts: a path, never a hub id
+    ("model_name_or_path", "my_runs/nosuch", "not in the local Hugging Face cache"),  # hub-shaped, offline
+    ("model_name_or_path", "{tmp}/pairs.jsonl", "not a directory"),
+    ("model_name_or_path", "{tmp}", "no config.json"),
+    ("ref_model_name_or_path", "{tmp}/no_ref", "no such directory"),
+    ("train_file", "{tmp}/nosuch.jsonl", "no such file or directory"),
+    ("eval_file", "{tmp}/held.jsonl", "no such file or directory"),
+    ("deepspeed_config", "{tmp}/ds.json", "no such file or directory"),
+    ("resume_from", "{tmp}/run/checkpoints/step-00000002", "no such file or directory"),
+])
+def test_missing_path_is_one_line_config_error_before_anything_loads(fake_run_inputs, tmp_path, field, value, words):
+    """Issue 13 items 1-2: was a 29-78 line traceback (or a 49 s hub retry) after the tokenizer had loaded."""
+    model, pairs = fake_run_inputs
+    value = value.format(tmp=tmp_path)
+    args = {"model_name_or_path": str(model), "train_file": str(pairs), "output_dir": str(tmp_path / "out"), field: value}
+    proc = train_cli([a for k, v in args.items() for a in (f"--{k}", v)], env={"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    [line] = error_lines(proc)  # one line, no traceback
+    assert line.startswith("dpo-ds train: error: ") and f"field '{field}'" in line and value in line and words in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_refused_start_leaves_the_run_folder_untouched(fake_run_inputs, tmp_path):
+    """Issue 13 item 3: run_config.json was overwritten before the start was refused."""
+    model, pairs = fake_run_inputs
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "latest").write_text("step-00000004\n")
+    (out / "run_config.json").write_text('{"beta": 0.3}\n')
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    proc = train_cli(["--model_name_or_path", str(model), "--train_file", str(pairs), "--output_dir", str(out),
+                      "--beta", "0.5"])
+    assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr, proc.stderr[-3000:]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
 # ---------------------------------------------------------------------------------------- LoRA
 def test_lora_fields_from_yaml(tmp_path):
     cfg = load_config(write(tmp_path, "model_name_or_path: m\ntrain_file: t.jsonl\nlora_r: 16\nlora_alpha: 32\n"
