@@ -4,7 +4,7 @@
 # eval, each a {"run": ..., "exit": ...} line), then the benchmarks:
 # llama-1b preset (1.1B params, 32k vocab), 2k tokens per sequence, bf16, ZeRO-3, micro batch 4 pairs:
 #   dpo-ds: live reference (ZeRO-3, offloaded to CPU) | --precompute_ref true | the same with --fused_lm_head false
-#   (full logits) | log-normal lengths with --padding_free true --precompute_ref true
+#   (full logits) | --lora_r 16 | log-normal lengths with --padding_free true --precompute_ref true
 #   TRL DPOTrainer on the same random-init model and the same pairs (bf16 autocast, gradient checkpointing)
 # JSON lines -> $OUT/results.jsonl, everything else -> $OUT/log.txt.
 #
@@ -72,6 +72,8 @@ bench() {  # name, extra args
 bench dpo-ds_live_ref_offload --ref_offload true
 bench dpo-ds_precompute_ref --precompute_ref true
 bench dpo-ds_logits_path+precompute_ref --precompute_ref true --fused_lm_head false
+# LoRA r 16 on all linear layers: the reference is the same engine with the adapter off (needs peft in .whl)
+bench dpo-ds_lora_r16 --lora_r 16
 # log-normal lengths (mean ~1k): padding-free packing (sdpa's block-diagonal mask unless flash-attn is installed)
 bench dpo-ds_lognormal_padding_free+precompute_ref --lengths lognormal:1024,0.6 --max_length 4096 \
     --padding_free true --precompute_ref true

@@ -3,8 +3,10 @@
 Layout under `<output_dir>/checkpoints/`:
 
     step-00000120/                 one checkpoint, complete or absent
-        ds/                        DeepSpeed ZeRO-3 state of every rank (engine.save_checkpoint)
-        hf/                        model config, generation config, tokenizer: `dpo-ds convert` needs nothing else
+        ds/                        DeepSpeed ZeRO-3 state of every rank (engine.save_checkpoint); trainable
+                                   parameters only (a LoRA run's frozen base is not saved)
+        hf/                        model config, generation config, tokenizer (+ adapter_config.json for LoRA):
+                                   `dpo-ds convert` needs nothing else (LoRA: the base model's directory too)
         rng/rank-00000.safetensors RNG states of each rank (tensors, no pickle)
         trainer_state.json         step, sampler position, world size, fingerprints, the run config
         manifest.json              every file above with its size, written last
@@ -51,7 +53,8 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written after SIGTERM/SIGUSR1; th
 RESUME_SENSITIVE_FIELDS = ("model_name_or_path", "ref_model_name_or_path", "loss_type", "beta", "label_smoothing",
                            "simpo_gamma", "rpo_alpha", "reference_free", "length_normalize", "max_length",
                            "max_prompt_length", "max_tokens_per_micro_batch", "shuffle", "group_by_length", "seed", "precision", "lr_scheduler",
-                           "warmup_steps", "learning_rate", "weight_decay", "disable_dropout", "router_aux_loss_coef")
+                           "warmup_steps", "learning_rate", "weight_decay", "disable_dropout", "router_aux_loss_coef",
+                           "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_adapter")
 
 
 class CheckpointError(RuntimeError):
@@ -131,7 +134,8 @@ def save_checkpoint(engine, output_dir: str, state: TrainerState, save_total_lim
     barrier()
     error: BaseException | None = None
     try:
-        engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
+        # frozen parameters (a LoRA run's base) are rebuilt from their files on resume, never saved
+        engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False, exclude_frozen_parameters=True)
         save_file(_rng_state(), str(tmp / "rng" / f"rank-{rank:05d}.safetensors"))
     except (OSError, RuntimeError) as err:
         error = err
@@ -148,10 +152,12 @@ def _publish(engine, tmp: Path, final: Path, root: Path, state: TrainerState, sa
     """Rank 0, once every rank's files are in `tmp`: metadata, state, manifest, rename, `latest`, pruning.
     On failure the partial directory goes; the previous checkpoint and `latest` are untouched."""
     from dpo_ds.convert import saved_config, write_hf_metadata
+    from dpo_ds.lora import checkpoint_metadata
 
     try:
         model = engine.module
         write_hf_metadata(tmp / HF_METADATA, saved_config(model), getattr(model, "generation_config", None), tokenizer)
+        checkpoint_metadata(model, tmp / HF_METADATA)
         _write_text_atomic(tmp / STATE, json.dumps(asdict(state), indent=2))
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         _fsync_tree(tmp)
@@ -289,10 +295,14 @@ def prepare_universal(ckpt: Path) -> None:
 
 def load_checkpoint(engine, ckpt: Path, saved: TrainerState, world_size: int) -> None:
     """Restore DeepSpeed state (universal when the world size changed) and this rank's RNG."""
+    from dpo_ds.lora import is_lora_engine
+
     universal = saved.world_size != world_size
     tag = UNIVERSAL_TAG if universal else DS_TAG
     groups_as_built = [dict(group) for group in engine.optimizer.optimizer.param_groups]
-    load_path, _ = engine.load_checkpoint(str(ckpt), tag=tag, load_module_strict=True, load_optimizer_states=True,
+    # a LoRA checkpoint holds the adapter only: the frozen base is already loaded from its files
+    load_path, _ = engine.load_checkpoint(str(ckpt), tag=tag, load_module_strict=not is_lora_engine(engine),
+                                          load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
     if load_path is None:
         raise CheckpointError(f"{ckpt / tag}: DeepSpeed could not load this checkpoint")

@@ -41,6 +41,13 @@ class TrainConfig:
     ref_model_name_or_path: Optional[str] = _field(None, "Frozen reference model; default: the policy's starting weights.", "model")
     trust_remote_code: bool = _field(False, "Allow model/tokenizer code shipped with the checkpoint to run. Off: only code in transformers runs.", "model")
     disable_dropout: bool = _field(True, "Turn dropout off in the policy and the reference (dropout modules and the config's dropout values the model reads while running; exports keep the config's values). With dropout on, the two models disagree before any update and the DPO signal is noise, so only turn it off for a reason.", "model")
+    # --- LoRA (peft): base weights frozen, adapters trained; the reference is the base with the adapter off
+    lora_r: int = _field(0, "LoRA rank: 0 = full fine-tuning; > 0 trains rank-r adapters on lora_target_modules of the frozen base, and the reference is the same engine with the adapter off (no second model).", "lora")
+    lora_alpha: float = _field(16.0, "LoRA scaling numerator: the adapter adds B A x * lora_alpha / lora_r.", "lora")
+    lora_dropout: float = _field(0.0, "Dropout on the adapter's input (the policy forward only; the reference runs without it).", "lora")
+    lora_target_modules: str = _field("all-linear", "Modules that get adapters: all-linear (every Linear but the output layer) or a comma-separated list of module names (e.g. q_proj,v_proj; a YAML list works too).", "lora")
+    lora_adapter: Optional[str] = _field(None, "A PEFT LoRA adapter directory to start from (e.g. the SFT stage's); its r, alpha, dropout and target modules are used, the lora_* fields above are ignored, and the reference is base + this adapter (a frozen copy). Turns LoRA on.", "lora")
+    lora_quantize: Optional[str] = _field(None, "Quantize the frozen base for QLoRA: nf4 (bitsandbytes 4-bit). Refused for now: bitsandbytes needs a CUDA GPU, and QLoRA under ZeRO-3 is not implemented yet.", "lora")
     # --- data
     train_file: Optional[str] = _field(None, "Preference pairs: JSONL, Parquet, or a `datasets.save_to_disk` directory.", "data")
     eval_file: Optional[str] = _field(None, "Held-out pairs in the same formats, scored every `eval_steps` and at the end.", "data")
@@ -107,7 +114,7 @@ class TrainConfig:
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _CHOICES = {"loss_type": LOSS_TYPES, "lr_scheduler": ("constant", "linear", "cosine"), "precision": ("auto", "bf16", "fp32"),
-            "weights_loader": ("streamed", "transformers"),
+            "weights_loader": ("streamed", "transformers"), "lora_quantize": ("nf4",),
             "attn_implementation": ("auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")}
 
 
@@ -150,6 +157,8 @@ def coerce(name: str, value: Any) -> Any:
         if not math.isfinite(number):
             raise ConfigError(f"field '{name}': expected a finite number, got {value!r}")
         return number
+    if name == "lora_target_modules" and isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        value = ",".join(value)  # a YAML list of module names
     if not isinstance(value, str):
         raise ConfigError(f"field '{name}': expected a string, got {value!r}")
     if name in _CHOICES and value not in _CHOICES[name]:
@@ -274,6 +283,7 @@ def validate(cfg: TrainConfig) -> None:
     flash_package = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}.get(cfg.attn_implementation)
     if flash_package and importlib.util.find_spec(flash_package) is None:
         bad("attn_implementation", f"{cfg.attn_implementation} needs the {flash_package} package, which is not installed")
+    _validate_lora(cfg, bad)
     if cfg.length_normalize and cfg.loss_type in ("ipo", "simpo", "sft"):
         bad("length_normalize", f"loss_type {cfg.loss_type} is always length-normalised; the flag only applies to sigmoid, robust, hinge")
 
@@ -286,6 +296,53 @@ def resolve_precision(precision: str) -> str:
 
     gpu = os.environ.get("DS_ACCELERATOR", "cuda") == "cuda" and torch.cuda.is_available()
     return "bf16" if gpu and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def uses_lora(cfg: TrainConfig) -> bool:
+    return cfg.lora_r > 0 or cfg.lora_adapter is not None
+
+
+def _validate_lora(cfg: TrainConfig, bad) -> None:
+    if cfg.lora_r < 0:
+        bad("lora_r", f"must be >= 0 (0 = full fine-tuning), got {cfg.lora_r}")
+    if cfg.lora_alpha <= 0:
+        bad("lora_alpha", f"must be > 0, got {cfg.lora_alpha}")
+    if not 0 <= cfg.lora_dropout < 1:
+        bad("lora_dropout", f"must be in [0, 1), got {cfg.lora_dropout}")
+    if not [m for m in cfg.lora_target_modules.split(",") if m.strip()]:
+        bad("lora_target_modules", "names no module; use all-linear or a comma-separated list of module names")
+    if cfg.lora_adapter is not None:
+        config_file = Path(cfg.lora_adapter) / "adapter_config.json"
+        if not config_file.is_file():
+            bad("lora_adapter", f"{config_file} not found: expected a PEFT adapter directory (adapter_config.json + "
+                                f"adapter_model.safetensors)")
+        import json
+
+        try:
+            peft_type = json.loads(config_file.read_text()).get("peft_type")
+        except json.JSONDecodeError as err:
+            bad("lora_adapter", f"{config_file}:{err.lineno}: invalid JSON: {err.msg}")
+        if peft_type != "LORA":
+            bad("lora_adapter", f"{config_file}: peft_type is {peft_type!r}; only LoRA adapters (LORA) are supported")
+    if not uses_lora(cfg):
+        if cfg.lora_quantize is not None:
+            bad("lora_quantize", "quantizes the frozen base of a LoRA run; set lora_r (or lora_adapter) too")
+        return
+    if cfg.ref_model_name_or_path is not None:
+        bad("ref_model_name_or_path", "with LoRA the reference is the policy's own frozen base (with the starting "
+                                      "adapter when lora_adapter is set), computed in the same engine with the "
+                                      "trained adapter switched off, so no separate reference model is loaded; "
+                                      "remove the path, or set lora_r 0 (and no lora_adapter) for full fine-tuning "
+                                      "against another reference")
+    if cfg.lora_quantize == "nf4":
+        import torch
+
+        if not torch.cuda.is_available():
+            bad("lora_quantize", "nf4 needs bitsandbytes on a CUDA GPU, and this machine has none; remove "
+                                 "lora_quantize to train LoRA on the unquantized base")
+        bad("lora_quantize", "nf4 (QLoRA) is not implemented under ZeRO-3 in this version; remove lora_quantize "
+                             "to train LoRA on the bf16 base (`dpo-ds plan --lora_r 16` shows Llama-70B fitting one "
+                             "8 x 80 GB node)")
 
 
 def uses_reference(cfg: TrainConfig) -> bool:

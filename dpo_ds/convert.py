@@ -29,7 +29,9 @@ from launcher.dist import on_rank0
 
 HELP = """Convert a dpo-ds checkpoint (checkpoints/step-N) to a Hugging Face safetensors directory for serving
 (vLLM, transformers): shards + model.safetensors.index.json, config.json, generation_config.json and the
-run's tokenizer files. Streams tensors (bounded memory) and validates the result before reporting success."""
+run's tokenizer files. Streams tensors (bounded memory) and validates the result before reporting success.
+A LoRA checkpoint (adapter weights only) gives the base model with the adapter merged in (read from the base
+model's directory), or with --adapter_only the PEFT adapter (adapter_config.json + adapter_model.safetensors)."""
 INDEX_NAME = "model.safetensors.index.json"
 REOPEN_BYTES = 64 << 20
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -220,16 +222,22 @@ def meta_model(config):
         return AutoModelForCausalLM.from_config(config)
 
 
-def convert_checkpoint(checkpoint_dir: str, out_dir: str, dtype: str = "bf16", max_shard_size: str = "5GB") -> Path:
+def convert_checkpoint(checkpoint_dir: str, out_dir: str, dtype: str = "bf16", max_shard_size: str = "5GB",
+                       adapter_only: bool = False) -> Path:
     """A dpo-ds checkpoint -> a validated Hugging Face directory (single process, any saved world size)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     from dpo_ds.checkpoint import DS_TAG, HF_METADATA, verify_checkpoint
     from dpo_ds.layout import saved_layout, to_saved_layout
+    from dpo_ds.lora import convert_lora_checkpoint, is_lora_checkpoint
 
     ckpt = Path(checkpoint_dir)
     verify_checkpoint(ckpt)
+    if is_lora_checkpoint(ckpt):
+        return convert_lora_checkpoint(ckpt, out_dir, DTYPES[dtype], max_shard_size, adapter_only)
+    if adapter_only:
+        raise ExportError(f"{ckpt}: --adapter_only needs a LoRA checkpoint; this one is a full fine-tune")
     meta = ckpt / HF_METADATA
     config = AutoConfig.from_pretrained(meta)
     generation_config = GenerationConfig.from_pretrained(meta) if (meta / "generation_config.json").is_file() else None
@@ -277,6 +285,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("out_dir", help="Hugging Face directory to write (replaced only once the new one is valid).")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="Weight dtype (default bf16).")
     parser.add_argument("--max_shard_size", default="5GB", help="Largest safetensors shard, e.g. 5GB, 500MB (default 5GB).")
+    parser.add_argument("--adapter_only", action="store_true",
+                        help="LoRA checkpoints: write the PEFT adapter (fp32) instead of the merged model.")
 
 
 def run(args) -> int:
@@ -285,7 +295,7 @@ def run(args) -> int:
     from dpo_ds.checkpoint import CheckpointError
 
     try:
-        out = convert_checkpoint(args.checkpoint_dir, args.out_dir, args.dtype, args.max_shard_size)
+        out = convert_checkpoint(args.checkpoint_dir, args.out_dir, args.dtype, args.max_shard_size, args.adapter_only)
     except (CheckpointError, ExportError) as err:
         print(f"dpo-ds convert: error: {err}", file=sys.stderr)
         return 2

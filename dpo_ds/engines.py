@@ -22,7 +22,7 @@ import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
 
-from dpo_ds.config import ConfigError, TrainConfig
+from dpo_ds.config import ConfigError, TrainConfig, uses_lora
 from dpo_ds.logprobs import head_sequence_logps, scored_positions, sequence_logps
 
 logger = logging.getLogger("dpo_ds")
@@ -253,6 +253,10 @@ def build_policy_engine(cfg: TrainConfig, ds_config: dict[str, Any], total_steps
     model.train()
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if uses_lora(cfg):
+        from dpo_ds.lora import attach_adapters
+
+        model = attach_adapters(model, cfg)  # base frozen: only adapter parameters reach the optimizer
     schedule = lr_lambda(cfg.lr_scheduler, cfg.warmup_steps, total_steps)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=_optimizer_groups(model, cfg.weight_decay), config=ds_config,

@@ -24,11 +24,12 @@ from a model's config alone (a preset name, a config.json, or a model directory;
 Counts the policy's ZeRO-3 model states (bf16 params and grads, fp32 master weights and Adam moments,
 sharded over all GPUs or offloaded to CPU), the ZeRO-3 gather/bucket buffers, the frozen reference model
 (on GPU, offloaded to CPU, or precomputed), gradient-checkpointed activations and the log-probs (inside
-lm_head, or from full logits); says whether that fits in GPU memory and CPU memory per node, keeping 10%
-of each as headroom; and searches for a setting that fits, on the given machines first (optimizer offload,
-then parameter offload, then halving the micro batch down to 1), then on 2, 4, ... times the nodes up to
---max_nodes, and prints the `dpo-ds train` flags and ds_configs preset of the answer. The reference
-defaults to train's: offloaded to CPU.
+lm_head, or from full logits); --lora_r R budgets LoRA instead: the frozen base as a sharded bf16 shard,
+grads and optimizer states for the adapter only, no reference model (the base with the adapter off). It says
+whether that fits in GPU memory and CPU memory per node, keeping 10% of each as headroom; and searches for a
+setting that fits, on the given machines first (optimizer offload, then parameter offload, then halving the
+micro batch down to 1), then on 2, 4, ... times the nodes up to --max_nodes, and prints the `dpo-ds train`
+flags and ds_configs preset of the answer. The reference defaults to train's: offloaded to CPU.
 Example: dpo-ds plan --model llama-70b --nodes 4 --gpus_per_node 8 --seq_len 4096 --reference offload"""
 
 GIB = 2**30
@@ -148,6 +149,15 @@ class ModelShape:
         unused = (self.num_experts - self.experts_per_token) * 3 * self.hidden_size * self.mlp_width
         return self.params - self.num_layers * unused
 
+    def lora_params(self, r: int) -> int:
+        """Adapter parameters of LoRA rank r on every Linear but lm_head (peft's all-linear): r x (in + out)
+        per module. In transformers >= 5 an MoE layer's experts and router are not Linear modules: only its
+        attention gets adapters."""
+        h, i = self.hidden_size, self.intermediate_size
+        linear = [h + self.q_dim, h + self.kv_dim, h + self.kv_dim, self.q_dim + h]
+        linear += [h + i, h + i, i + h] if self.num_experts == 1 else []
+        return r * sum(linear) * self.num_layers
+
     @property
     def largest_module_params(self) -> int:
         """What DeepSpeed's estimator calls largest_layer_params (`model_to_params`: params per module)."""
@@ -237,6 +247,7 @@ class Setup:
     offload_optimizer: bool = False
     offload_params: bool = False
     fused_lm_head: bool = True  # the trainer's default; every supported model type returns lm_head's output as is
+    lora_r: int = 0  # > 0: LoRA adapters of this rank on all-linear, base frozen; the reference is the base itself
 
     @property
     def total_gpus(self) -> int:
@@ -326,6 +337,7 @@ class Plan:
                       "active_params": self.model.active_params,
                       "largest_module_params": self.model.largest_module_params},
             "setup": {**dataclasses.asdict(self.setup), "total_gpus": self.setup.total_gpus},
+            "lora_params": self.model.lora_params(self.setup.lora_r),
             "memory_gib": {item.name: {"per_gpu": gib(item.gpu_bytes), "gpu_per_node": gib(item.gpu_bytes * gpn),
                                        "cpu_per_node": gib(item.cpu_bytes_per_node)} for item in self.items},
             "policy_model_states_gib": {"per_gpu": gib(self.policy_states.gpu_bytes),
@@ -374,21 +386,25 @@ def plan(model: ModelShape, setup: Setup) -> Plan:
     # (<= sub_group_size elements) on GPU, but a whole fp32 copy of the shard with optimizer offload
     # (one pinned buffer per sub-group).
     master = 0 if (setup.precision == "fp32" and not setup.offload_optimizer) else 4
-    fp32_grads = 4 * (shard if setup.offload_optimizer else min(SUB_GROUP, shard))
+    # LoRA: the base is frozen (its p-byte shard only); grads, master weights and Adam exist for the adapter alone,
+    # whose p-byte shard joins the params. The gathered module then needs no full gradient.
+    trained = model.lora_params(setup.lora_r) / setup.total_gpus if setup.lora_r else shard
+    fp32_grads = 4 * (trained if setup.offload_optimizer else min(SUB_GROUP, trained))
     items = [
-        placed(POLICY_PARAMS, p * shard, setup.offload_params),
-        placed(POLICY_GRADS, p * shard, setup.offload_optimizer),
-        placed(POLICY_OPTIMIZER, (master + 8) * shard, setup.offload_optimizer),
+        placed(POLICY_PARAMS, p * (shard + (trained if setup.lora_r else 0)), setup.offload_params),
+        placed(POLICY_GRADS, p * trained, setup.offload_optimizer),
+        placed(POLICY_OPTIMIZER, (master + 8) * trained, setup.offload_optimizer),
         placed(POLICY_FP32_GRADS, fp32_grads, setup.offload_optimizer),
         # ZeRO-3 working buffers, always on GPU: the largest module gathered in full with its full gradient
         # before the reduce-scatter (DeepSpeed's estimator budgets the same 4 B/param in bf16), the params
         # prefetched ahead (prefetch bucket) and the contiguous gradient bucket (reduce bucket).
-        Item(ZERO3_GATHERED, 2 * p * largest, 0.0),
+        Item(ZERO3_GATHERED, (1 if setup.lora_r else 2) * p * largest, 0.0),
         Item(ZERO3_BUCKETS, p * (PREFETCH_BUCKET + REDUCE_BUCKET), 0.0),
     ]
     # Frozen reference: its own ZeRO-3 engine without grads or optimizer: a p-byte shard on GPU or in host
-    # memory, plus its gathered largest module and prefetch bucket on GPU while it runs.
-    if setup.reference in ("gpu", "offload"):
+    # memory, plus its gathered largest module and prefetch bucket on GPU while it runs. With LoRA the reference
+    # is the policy's own base (adapter off): nothing more to hold.
+    if setup.reference in ("gpu", "offload") and not setup.lora_r:
         items += [placed("reference params", p * shard, setup.reference == "offload"),
                   Item("reference gathered module + prefetch", p * (largest + PREFETCH_BUCKET), 0.0)]
     # Activations with gradient checkpointing, for T = 2 * micro_batch * seq_len tokens per GPU: each layer
@@ -420,12 +436,14 @@ def flops(model: ModelShape, setup: Setup) -> Flops:
     """Model FLOPs of one micro-step over all GPUs (MFU convention: gradient-checkpoint recompute not counted).
 
     Dense: 2 FLOPs per active parameter per token forward, 4 backward: the policy costs 6N per token and
-    the live reference's forward 2N (8N with a reference, 6N when its log-probs are precomputed).
+    the live reference's forward 2N (8N with a reference, 6N when its log-probs are precomputed). LoRA: the
+    frozen base needs no weight gradients, so the policy's backward is 2N (input gradients; the adapter's own
+    FLOPs are negligible): 6N with the reference forward, 4N precomputed.
     Attention (the QK^T and AV matmuls the 2N rule misses): 4 * seq * q_dim FLOPs per token per layer
     forward, halved for the causal mask, so 2 * L * seq * q_dim per token forward, times the same 6 + 2.
     """
     tokens = setup.tokens_per_gpu * setup.total_gpus
-    factor = 6 + (2 if setup.reference in ("gpu", "offload") else 0)
+    factor = (4 if setup.lora_r else 6) + (2 if setup.reference in ("gpu", "offload") else 0)
     attention_per_token = model.num_layers * setup.seq_len * model.q_dim
     return Flops(tokens, factor * model.active_params * tokens, factor * attention_per_token * tokens)
 
@@ -493,6 +511,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--offload_params", action="store_true", help="ZeRO-3 offload_param to CPU")
     parser.add_argument("--fused_lm_head", choices=("true", "false"), default="true",
                         help="as the train field: log-probs inside lm_head (true, default) or from full logits")
+    parser.add_argument("--lora_r", type=int, default=0,
+                        help="LoRA rank (as the train field): > 0 budgets adapters on all linear layers of a frozen "
+                             "bf16 base, optimizer states for the adapter only, and the reference as the base itself")
     parser.add_argument("--max_nodes", type=_positive_int, default=NODE_COUNTS_CAP,
                         help=f"largest node count the fit search tries (default {NODE_COUNTS_CAP})")
     parser.add_argument("--json", action="store_true", help="print a JSON object instead of the table")
@@ -524,7 +545,9 @@ def render(result: Plan, fit: Plan | None, max_nodes: int) -> str:
         f"model     {m.name} ({m.model_type}): N = {m.params:,} params ({m.params / 1e9:.2f} B{active}), "
         f"largest module {m.largest_module_params / 1e6:.1f} M",
         f"setup     {_setting(result)} ({s.total_gpus} GPUs), seq {s.seq_len}, {s.precision}, "
-        f"reference {s.reference}",
+        f"reference {s.reference}" + (" (LoRA: the base with the adapter off)" if s.lora_r else ""),
+        *([f"LoRA      r = {s.lora_r} on all linear layers: {m.lora_params(s.lora_r):,} trained params "
+           f"({m.lora_params(s.lora_r) / m.params:.2%} of N); base frozen"] if s.lora_r else []),
         f"          GPU {s.gpu_memory_gb:g} GiB, host {s.cpu_memory_gb:g} GiB per node; "
         f"{HEADROOM:.0%} of each kept free",
         "",
@@ -548,7 +571,9 @@ def run(args: argparse.Namespace) -> int:
                   cpu_memory_gb=args.cpu_memory_gb, seq_len=args.seq_len, micro_batch_size=args.micro_batch_size,
                   precision=args.precision, reference=args.reference,
                   offload_optimizer=args.offload_optimizer, offload_params=args.offload_params,
-                  fused_lm_head=args.fused_lm_head == "true")
+                  fused_lm_head=args.fused_lm_head == "true", lora_r=args.lora_r)
+    if args.lora_r < 0:
+        raise SystemExit(f"dpo-ds plan: --lora_r must be >= 0 (0 = full fine-tuning), got {args.lora_r}")
     model = load_shape(args.model)
     result = plan(model, setup)
     fit = smallest_fit(model, setup, args.max_nodes)

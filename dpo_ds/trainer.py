@@ -22,8 +22,16 @@ import torch
 import torch.distributed as dist
 
 from dpo_ds import checkpoint as ckpt
-from dpo_ds.config import (ConfigError, TrainConfig, add_config_arguments, check_paths, config_from_args, to_dict,
-                           uses_reference)
+from dpo_ds.config import (
+    ConfigError,
+    TrainConfig,
+    add_config_arguments,
+    check_paths,
+    config_from_args,
+    to_dict,
+    uses_lora,
+    uses_reference,
+)
 from dpo_ds.data import DataError, PairSampler, TokenizedPairs, collate, rank_shares
 from dpo_ds.families import check_model_family
 from dpo_ds.loading import LoadError
@@ -151,7 +159,8 @@ def pad_id_of(tokenizer) -> int:
 def build_run(cfg: TrainConfig, rank: int, world_size: int, total_steps: int, pad_id: int,
               datasets: list[TokenizedPairs], load_universal: bool = False) -> Run:
     """The reference source first (with precompute_ref its engine is gone before the policy exists), then the
-    policy engine: the same order on every rank, as ZeRO-3 requires."""
+    policy engine: the same order on every rank, as ZeRO-3 requires. With LoRA the policy comes first: it is
+    also the reference."""
     from dpo_ds.engines import attention_kernel, build_policy_engine, load_model_config, resolve_policy_config
     from dpo_ds.reference import build_reference
 
@@ -161,11 +170,15 @@ def build_run(cfg: TrainConfig, rank: int, world_size: int, total_steps: int, pa
         logger.warning("padding_free with attention %s: a packed micro-batch is attended through a block-diagonal "
                        "mask, quadratic in its total tokens; install flash-attn (attn_implementation auto) for "
                        "varlen attention", kernel or "(model default)")
-    reference = build_reference(cfg, hidden, datasets, cache_dir_of(cfg), pad_id, rank, world_size)
     ds_config = resolve_policy_config(cfg, world_size, hidden)
     if load_universal:  # resuming a checkpoint saved by another world size
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
-    policy = build_policy_engine(cfg, ds_config, total_steps)
+    if uses_lora(cfg):  # the reference is the policy engine itself (adapter off): no second model
+        policy = build_policy_engine(cfg, ds_config, total_steps)
+        reference = build_reference(cfg, hidden, datasets, cache_dir_of(cfg), pad_id, rank, world_size, policy)
+    else:
+        reference = build_reference(cfg, hidden, datasets, cache_dir_of(cfg), pad_id, rank, world_size)
+        policy = build_policy_engine(cfg, ds_config, total_steps)
     return Run(cfg, rank, world_size, policy, reference, loss_params(cfg), pad_id)
 
 
@@ -286,10 +299,16 @@ def train(cfg: TrainConfig) -> TrainResult:
         progress.close()
 
     from dpo_ds.convert import export_engine
+    if uses_lora(cfg):  # final_adapter/ first: merging replaces the LoRA layers by the merged base layers
+        from dpo_ds.lora import merge_adapter, save_adapter
+
+        save_adapter(run.policy, str(out_dir / "final_adapter"))
+        merge_adapter(run.policy)
     export_engine(run.policy, str(out_dir / "final"), tokenizer=tokenizer, dtype=None)
     writer.close()
     if rank == 0:
-        logger.info("final model written to %s", out_dir / "final")
+        logger.info("final model written to %s%s", out_dir / "final",
+                    f" (adapter: {out_dir / 'final_adapter'})" if uses_lora(cfg) else "")
         print(run_summary(cfg, total_steps, last), file=sys.stderr, flush=True)
     return TrainResult(run, last)
 

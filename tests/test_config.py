@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from dpo_ds.config import (FIELDS, LOSS_TYPES, ConfigError, TrainConfig, add_config_arguments, config_from_args,
                            load_config, resolve_precision, to_dict, validate)
@@ -398,3 +399,35 @@ def test_precision_auto_resolves_to_fp32_on_cpu(tmp_path):
     assert FIELDS["precision"].default == "auto"
     assert load_config(write(tmp_path, "model_name_or_path: m\ntrain_file: t.jsonl\n")).precision == "fp32"
     assert load_config(None, {**REQUIRED, "precision": "bf16"}).precision == "bf16"
+
+
+# ---------------------------------------------------------------------------------------- LoRA
+def test_lora_fields_from_yaml(tmp_path):
+    cfg = load_config(write(tmp_path, "model_name_or_path: m\ntrain_file: t.jsonl\nlora_r: 16\nlora_alpha: 32\n"
+                                      "lora_target_modules: [q_proj, v_proj]\n"))
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules) == (16, 32.0, "q_proj,v_proj")
+
+
+@pytest.mark.parametrize("fields,field,words", [
+    (dict(lora_r=-1), "lora_r", "0 = full fine-tuning"),
+    (dict(lora_r=8, lora_alpha=0.0), "lora_alpha", "> 0"),
+    (dict(lora_r=8, lora_dropout=1.0), "lora_dropout", "[0, 1)"),
+    (dict(lora_r=8, lora_target_modules=" , "), "lora_target_modules", "names no module"),
+    (dict(lora_r=8, ref_model_name_or_path="other"), "ref_model_name_or_path", "no separate reference model"),
+    (dict(lora_quantize="nf4"), "lora_quantize", "set lora_r"),
+    (dict(lora_r=8, lora_quantize="nf4"), "lora_quantize",
+     "not implemented" if torch.cuda.is_available() else "CUDA GPU"),
+])
+def test_lora_config_errors(fields, field, words):
+    message = config_error(validate, cfg_of(**fields))
+    assert f"field '{field}'" in message and words in message, message
+
+
+def test_lora_adapter_must_be_a_lora_peft_directory(tmp_path):
+    assert "adapter_config.json not found" in config_error(validate, cfg_of(lora_adapter=str(tmp_path)))
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "PREFIX_TUNING"}')
+    assert "only LoRA adapters" in config_error(validate, cfg_of(lora_adapter=str(tmp_path)))
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}')
+    validate(cfg_of(lora_adapter=str(tmp_path)))
+    assert "no separate reference model" in config_error(
+        validate, cfg_of(lora_adapter=str(tmp_path), ref_model_name_or_path="other"))

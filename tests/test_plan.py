@@ -234,3 +234,36 @@ def test_plan_answers_for_the_machines_given_with_train_flags(capsys):
     assert "not on 1 node(s) with any offload or micro batch; needs more nodes" in text
     assert "dpo-ds train --micro_batch_size 1 --max_length 4096 --precision bf16 --deepspeed_config" in text
     assert "16 node(s)" not in text
+
+
+# ---------------------------------------------------------------------------------------- LoRA
+@pytest.mark.parametrize("model_type,extra", [("llama", {}), ("qwen2", {}),
+                                              ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2))])
+def test_lora_params_match_the_models_linear_layers(model_type, extra):
+    """r x (in + out) for every nn.Linear but lm_head (MoE experts are fused parameters, not Linear)."""
+    config = AutoConfig.for_model(model_type, **SMALL, **extra)
+    model = meta_model(config)
+    head = model.get_output_embeddings()
+    linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    assert P.shape_from_config(config, "m").lora_params(8) == sum(8 * (m.in_features + m.out_features) for m in linear)
+
+
+def test_llama_70b_lora_fits_one_node_of_eight_80gb_gpus():
+    shape = P.load_shape("llama-70b")
+    full = P.plan(shape, setup(1, reference="offload"))
+    lora = P.plan(shape, setup(1, lora_r=16))
+    assert not full.fits and lora.fits
+    assert lora.cpu_bytes_per_node == 0  # nothing offloaded, no reference model anywhere
+    assert lora.item(P.POLICY_PARAMS).gpu_bytes == pytest.approx(2 * (shape.params + shape.lora_params(16)) / 8)
+    # grads, fp32 master and Adam for the adapter only: 2 + 4 + 8 B per adapter param
+    states = sum(lora.item(n).gpu_bytes for n in (P.POLICY_GRADS, P.POLICY_OPTIMIZER))
+    assert states == pytest.approx(14 * shape.lora_params(16) / 8)
+    assert not any(item.name.startswith("reference") for item in lora.items)
+    # frozen base: no weight gradients, so 2N forward + 2N backward, + 2N for the reference forward
+    assert lora.flops.dense == 6 * shape.params * lora.flops.tokens
+
+
+def test_cli_lora(capsys):
+    assert main(["plan", "--model", "llama-70b", "--lora_r", "16", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["fits"] and out["setup"]["lora_r"] == 16 and out["lora_params"] == P.load_shape("llama-70b").lora_params(16)
