@@ -1,9 +1,13 @@
 """Per-rank peak RSS when 2 ranks load a >= 300M-parameter model sharded (ZeRO-3), against its fp32 size.
 
     DS_ACCELERATOR=cpu python benchmarks/load_memory.py [--cache-dir /tmp] [--loader hf|streamed] [--nproc 2]
+                                                        [--family llama|mixtral]
 
 The parent builds (once, cached under CACHE_DIR/dpo-ds-bench-llama-374m) a random-init Llama of ~374M
 parameters in fp32 safetensors, with the demo tokenizer (so `benchmarks/convert_memory.py` can train it),
+or with `--family mixtral` (CACHE_DIR/dpo-ds-bench-mixtral-375m) a Mixtral of the same width and depth whose
+MLPs are 8 experts of width 352 (2 per token): its checkpoint holds per-expert tensors that the loaders
+fuse into transformers' 3-D in-memory expert tensors,
 then runs this file under `python -m torch.distributed.run --nproc_per_node N --master_addr 127.0.0.1`.
 Each rank joins the process group (launcher.dist.init_distributed), imports everything, records its RSS
 baseline, loads the model the way the trainer builds the policy, and reports:
@@ -38,20 +42,28 @@ MODEL_CONFIG = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, 
                     tie_word_embeddings=False, attention_dropout=0.0, bos_token_id=1, eos_token_id=2, pad_token_id=3)
 
 
+# the same, with each MLP split into 8 experts of 352 (8 x 352 = 2816): 374.6M parameters
+MIXTRAL_CONFIG = {**MODEL_CONFIG, "intermediate_size": 352, "num_local_experts": 8, "num_experts_per_tok": 2}
+FAMILIES = {"llama": (MODEL_NAME, MODEL_CONFIG), "mixtral": ("dpo-ds-bench-mixtral-375m", MIXTRAL_CONFIG)}
+
+
 def param_count(c: dict) -> int:
     h, i, v, layers = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["num_hidden_layers"]
     kv = h * c["num_key_value_heads"] // c["num_attention_heads"]
-    per_layer = h * h * 2 + h * kv * 2 + 3 * h * i + 2 * h  # q,o + k,v + gate,up,down + 2 RMSNorms
+    experts = c.get("num_local_experts", 1)
+    router = h * experts if experts > 1 else 0
+    per_layer = h * h * 2 + h * kv * 2 + 3 * h * i * experts + router + 2 * h  # q,o + k,v + MLP(s) + 2 RMSNorms
     return v * h * (1 if c["tie_word_embeddings"] else 2) + layers * per_layer + h
 
 
-def ensure_model(cache_dir: str) -> Path:
+def ensure_model(cache_dir: str, family: str = "llama") -> Path:
     """Build the benchmark model dir once (config, fp32 safetensors, demo tokenizer); reuse it afterwards."""
-    path = Path(cache_dir) / MODEL_NAME
+    name, config = FAMILIES[family]
+    path = Path(cache_dir) / name
     if (path / "config.json").is_file() and list(path.glob("*.safetensors")):
         return path
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from dpo_ds.demo_data import _build_tokenizer
 
@@ -59,7 +71,7 @@ def ensure_model(cache_dir: str) -> Path:
     tmp.mkdir(parents=True, exist_ok=True)
     _build_tokenizer(str(tmp))  # ids < 512 < vocab_size: the demo data tokenizes into this model's range
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**MODEL_CONFIG, dtype="float32"))
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **config), dtype=torch.float32)
     # One file (no sharding): the worst case for loaders that read a whole file at once.
     model.save_pretrained(str(tmp), safe_serialization=True, max_shard_size="100GB")
     del model
@@ -166,6 +178,7 @@ def main() -> None:
     p.add_argument("--cache-dir", default="/tmp")
     p.add_argument("--loader", choices=("hf", "streamed"), default="hf")
     p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--family", choices=sorted(FAMILIES), default="llama")
     p.add_argument("--port", type=int, default=29517)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
@@ -177,10 +190,11 @@ def main() -> None:
         return
     # Build the model in a child so this parent (which waits for the ranks) stays small.
     subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
-                    "from benchmarks.load_memory import ensure_model; print(ensure_model(sys.argv[2]))",
-                    str(REPO), args.cache_dir], check=True, cwd=REPO)
-    model = Path(args.cache_dir) / MODEL_NAME
-    n = param_count(MODEL_CONFIG)
+                    "from benchmarks.load_memory import ensure_model; print(ensure_model(sys.argv[2], sys.argv[3]))",
+                    str(REPO), args.cache_dir, args.family], check=True, cwd=REPO)
+    name, config = FAMILIES[args.family]
+    model = Path(args.cache_dir) / name
+    n = param_count(config)
     print(f"N = {n:,} parameters; fp32 size = {n * 4 / 2**30:.3f} GiB", flush=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}", "--master_addr=127.0.0.1",
            f"--master_port={args.port}", str(Path(__file__).resolve()), "--worker", "--loader", args.loader,

@@ -5,7 +5,8 @@ data is synthetic (random token ids with a chosen length distribution) and the m
 preset or config.json (written once to <output_dir>/bench_model, no download). After --warmup steps it
 times --steps steps and reports: step time (median, min, max over steps, slowest rank), real tokens/s
 (non-padding tokens of all ranks), token occupancy (real / processed tokens), achieved TFLOP/s and MFU on
-the 8*N*tokens basis plus causal attention (6*N without a live reference), peak memory (GPU allocator, or
+the 8*N*tokens basis plus causal attention (6*N without a live reference; LoRA: 6*N and 4*N, the frozen
+base has no weight gradients), peak memory (GPU allocator, or
 process RSS on CPU), and the split of the step into reference forward / policy forward / backward /
 optimizer. Every train field (`--micro_batch_size`, `--precision`, `--precompute_ref`, `--group_by_length`,
 `--max_tokens_per_micro_batch`, `--deepspeed_config`, ...) works as in `dpo-ds train`. Runs single-process
@@ -25,7 +26,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dpo_ds.config import ConfigError, add_config_arguments, config_from_args, uses_reference
+from dpo_ds.cli import emit
+from dpo_ds.config import ConfigError, add_config_arguments, config_from_args, uses_lora, uses_reference
 from dpo_ds.data import PairLocations, PairSampler, TokenizedPairs
 from launcher.dist import all_reduce, on_rank0
 
@@ -164,21 +166,23 @@ def run(args: argparse.Namespace) -> int:
     totals = all_reduce(totals)
     split = all_reduce(split, "max")
     live_reference = uses_reference(cfg) and not cfg.precompute_ref
-    factor = 8 if live_reference else 6
+    # LoRA: the frozen base needs no weight gradients, so the policy's backward is 2N, not 4N (see dpo-ds plan)
+    factor = (4 if uses_lora(cfg) else 6) + (2 if live_reference else 0)
     # 2*N FLOPs per token and pass; causal attention 2 * layers * q_dim * len^2 per sequence and pass.
     flops = factor * shape.active_params * float(totals[0]) + factor * shape.num_layers * shape.q_dim * float(totals[2])
     elapsed = float(step_times.sum())
     achieved = flops / elapsed / 1e12
     peak = _peak_tflops(args.peak_tflops)
     report = {
-        "model": args.model, "params": shape.params, "world_size": env.world_size, "precision": cfg.precision,
+        "model": args.model, "params": shape.params, "active_params": shape.active_params,
+        "world_size": env.world_size, "precision": cfg.precision,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "micro_batch_size": cfg.micro_batch_size, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "max_tokens_per_micro_batch": cfg.max_tokens_per_micro_batch, "group_by_length": cfg.group_by_length,
         "padding_free": cfg.padding_free, "attention": run.policy.module.config._attn_implementation,
         "fused_lm_head": fused_head(run.policy.module) is not None if cfg.fused_lm_head else False,
         "lengths": args.lengths, "reference": "live" if live_reference else "cached" if cfg.precompute_ref else "none",
-        "gradient_checkpointing": cfg.gradient_checkpointing, "warmup_steps": args.warmup, "timed_steps": len(times),
+        "gradient_checkpointing": cfg.gradient_checkpointing, "lora_r": cfg.lora_r, "warmup_steps": args.warmup, "timed_steps": len(times),
         "step_time_s": {"median": statistics.median(step_times.tolist()), "min": float(step_times.min()),
                         "max": float(step_times.max())},
         "tokens_per_s": float(totals[0]) / elapsed,
@@ -190,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
                                      (v / max(len(times), 1) for v in split.tolist()))),
     }
     if env.rank == 0:
-        print(json.dumps(report) if args.json else _table(report))
+        emit(json.dumps(report) if args.json else _table(report))
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
@@ -200,7 +204,7 @@ def _table(r: dict) -> str:
     t = r["step_time_s"]
     lines = [
         f"model        {r['model']} ({r['params'] / 1e6:.1f} M params), {r['world_size']} rank(s), {r['precision']}, "
-        f"{r['device']}, reference {r['reference']}",
+        f"{r['device']}, reference {r['reference']}" + (f", LoRA r={r['lora_r']}" if r["lora_r"] else ""),
         f"batch        {r['micro_batch_size']} pairs x {r['gradient_accumulation_steps']} accumulation per rank, "
         f"lengths {r['lengths']}, token budget {r['max_tokens_per_micro_batch']}, grouped {r['group_by_length']}",
         f"scoring      padding-free {r['padding_free']}, attention {r['attention']}, fused lm_head {r['fused_lm_head']}",

@@ -3,8 +3,10 @@
 Layout under `<output_dir>/checkpoints/`:
 
     step-00000120/                 one checkpoint, complete or absent
-        ds/                        DeepSpeed ZeRO-3 state of every rank (engine.save_checkpoint)
-        hf/                        model config, generation config, tokenizer: `dpo-ds convert` needs nothing else
+        ds/                        DeepSpeed ZeRO-3 state of every rank (engine.save_checkpoint); trainable
+                                   parameters only (a LoRA run's frozen base is not saved)
+        hf/                        model config, generation config, tokenizer (+ adapter_config.json for LoRA):
+                                   `dpo-ds convert` needs nothing else (LoRA: the base model's directory too)
         rng/rank-00000.safetensors RNG states of each rank (tensors, no pickle)
         trainer_state.json         step, sampler position, world size, fingerprints, the run config
         manifest.json              every file above with its size, written last
@@ -25,6 +27,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -50,7 +53,8 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written after SIGTERM/SIGUSR1; th
 RESUME_SENSITIVE_FIELDS = ("model_name_or_path", "ref_model_name_or_path", "loss_type", "beta", "label_smoothing",
                            "simpo_gamma", "rpo_alpha", "reference_free", "length_normalize", "max_length",
                            "max_prompt_length", "max_tokens_per_micro_batch", "shuffle", "group_by_length", "seed", "precision", "lr_scheduler",
-                           "warmup_steps", "learning_rate", "weight_decay")
+                           "warmup_steps", "learning_rate", "weight_decay", "disable_dropout", "router_aux_loss_coef",
+                           "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_adapter")
 
 
 class CheckpointError(RuntimeError):
@@ -130,7 +134,8 @@ def save_checkpoint(engine, output_dir: str, state: TrainerState, save_total_lim
     barrier()
     error: BaseException | None = None
     try:
-        engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
+        # frozen parameters (a LoRA run's base) are rebuilt from their files on resume, never saved
+        engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False, exclude_frozen_parameters=True)
         save_file(_rng_state(), str(tmp / "rng" / f"rank-{rank:05d}.safetensors"))
     except (OSError, RuntimeError) as err:
         error = err
@@ -146,11 +151,13 @@ def _publish(engine, tmp: Path, final: Path, root: Path, state: TrainerState, sa
              tokenizer) -> None:
     """Rank 0, once every rank's files are in `tmp`: metadata, state, manifest, rename, `latest`, pruning.
     On failure the partial directory goes; the previous checkpoint and `latest` are untouched."""
-    from dpo_ds.convert import write_hf_metadata
+    from dpo_ds.convert import saved_config, write_hf_metadata
+    from dpo_ds.lora import checkpoint_metadata
 
     try:
         model = engine.module
-        write_hf_metadata(tmp / HF_METADATA, model.config, getattr(model, "generation_config", None), tokenizer)
+        write_hf_metadata(tmp / HF_METADATA, saved_config(model), getattr(model, "generation_config", None), tokenizer)
+        checkpoint_metadata(model, tmp / HF_METADATA)
         _write_text_atomic(tmp / STATE, json.dumps(asdict(state), indent=2))
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         _fsync_tree(tmp)
@@ -224,13 +231,18 @@ def find_checkpoint(output_dir: str, resume_from: str | None) -> Path | None:
     return latest.parent / latest.read_text().strip()
 
 
+def refuse_to_overwrite(output_dir: str, resume_from: str | None) -> None:
+    """A fresh start (no resume_from) in a folder that holds a run's checkpoints is refused."""
+    if resume_from is None and (Path(output_dir) / CHECKPOINTS_DIR / LATEST).exists():
+        raise CheckpointError(f"{output_dir} already holds checkpoints of a run: pass --resume_from auto to "
+                              f"continue it, or choose another output_dir")
+
+
 def resume_point(output_dir: str, resume_from: str | None, current: TrainerState,
                  ignore_mismatch: bool) -> tuple[Path | None, TrainerState | None]:
     """(checkpoint dir, its trainer state) to resume from, or (None, None) to start fresh; verified, checked
     against the current run, and converted to the universal format when the world size changed."""
-    if resume_from is None and (Path(output_dir) / CHECKPOINTS_DIR / LATEST).exists():
-        raise CheckpointError(f"{output_dir} already holds checkpoints of a run: pass --resume_from auto to "
-                              f"continue it, or choose another output_dir")
+    refuse_to_overwrite(output_dir, resume_from)
     ckpt = find_checkpoint(output_dir, resume_from)
     if ckpt is None:
         return None, None
@@ -283,24 +295,74 @@ def prepare_universal(ckpt: Path) -> None:
 
 def load_checkpoint(engine, ckpt: Path, saved: TrainerState, world_size: int) -> None:
     """Restore DeepSpeed state (universal when the world size changed) and this rank's RNG."""
-    tag = DS_TAG if saved.world_size == world_size else UNIVERSAL_TAG
-    load_path, _ = engine.load_checkpoint(str(ckpt), tag=tag, load_module_strict=True, load_optimizer_states=True,
+    from dpo_ds.lora import is_lora_engine
+
+    universal = saved.world_size != world_size
+    tag = UNIVERSAL_TAG if universal else DS_TAG
+    groups_as_built = [dict(group) for group in engine.optimizer.optimizer.param_groups]
+    # a LoRA checkpoint holds the adapter only: the frozen base is already loaded from its files
+    load_path, _ = engine.load_checkpoint(str(ckpt), tag=tag, load_module_strict=not is_lora_engine(engine),
+                                          load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
     if load_path is None:
         raise CheckpointError(f"{ckpt / tag}: DeepSpeed could not load this checkpoint")
+    if universal:
+        repair_universal_optimizer_state(engine.optimizer, groups_as_built)
     rng = ckpt / "rng" / f"rank-{_rank():05d}.safetensors"
     if rng.is_file():
         _restore_rng(rng)
 
 
+def repair_universal_optimizer_state(zero_optimizer, groups_as_built: list[dict[str, Any]]) -> None:
+    """Undo two defects of DeepSpeed's ZeRO-3 universal-checkpoint load (checked in deepspeed 0.19.8,
+    `DeepSpeedZeroOptimizer_Stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3`) that make a run resumed
+    at another world size drift from the run it continues (issue 15):
+
+    - every sub-group's Adam state receives the same `step` tensor object. torch's AdamW (fused or foreach)
+      increments `step` in place and DeepSpeed steps one sub-group at a time, so with two sub-groups (our decay
+      and no-decay groups) the shared count advances twice per optimizer step and the bias correction of every
+      update after the resume is wrong;
+    - every param group receives param group 0's hyperparameters, so the no-decay group (norms, biases) is
+      decayed with weight_decay > 0.
+
+    Each sub-group gets its own copy of the step count, and the hyperparameters that differ between our groups
+    are set back to the values this run built them with (the resume check has verified that the fields they
+    come from did not change). Both repairs are no-ops on a state that is already right."""
+    torch_optimizer = zero_optimizer.optimizer
+    for flat in zero_optimizer.fp32_partitioned_groups_flat:
+        state = torch_optimizer.state.get(flat, {})
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+    per_group = {key for key in groups_as_built[0] if key != "params"
+                 and any(group.get(key) != groups_as_built[0][key] for group in groups_as_built)}
+    for group, built in zip(torch_optimizer.param_groups, groups_as_built):
+        for key in per_group:
+            group[key] = built[key]
+
+
 class StopSignal:
-    """Remembers SIGTERM/SIGUSR1 so the trainer can checkpoint at the next step boundary and exit."""
+    """Remembers SIGTERM/SIGUSR1/SIGINT so the trainer can checkpoint at the next step boundary and exit.
+
+    Ctrl-C (SIGINT) does the same; a second one aborts at once, without a checkpoint. A SIGINT within
+    REPEAT_WINDOW_S of the first is the same Ctrl-C: the terminal sends it to torchrun's workers and torchrun
+    forwards its own copy to them."""
+    REPEAT_WINDOW_S = 2.0
 
     def __init__(self):
         self.received: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        self._interrupted_at: float | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self._interrupted_at is not None:
+                if now - self._interrupted_at > self.REPEAT_WINDOW_S:
+                    os.write(2, b"second interrupt: stopping now, without a checkpoint\n")
+                    os._exit(130)
+                return
+            self._interrupted_at = now
         self.received = signum
-        logger.warning("received %s: checkpointing at the end of this step", signal.Signals(signum).name)
+        logger.warning("received %s: checkpointing at the end of this step%s", signal.Signals(signum).name,
+                       " (Ctrl-C again to stop at once, without a checkpoint)" if signum == signal.SIGINT else "")

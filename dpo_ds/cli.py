@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import io
 import os
 import sys
+import warnings
+from pathlib import Path
 
 from launcher.dist import exit_process
 from launcher.env import LauncherError, strip_local_rank
@@ -18,6 +22,73 @@ COMMANDS = {
     "plan": "dpo_ds.plan",
     "bench": "dpo_ds.bench",
 }
+
+
+# Deprecations inside the pinned libraries, repeated every step and not ours to fix: DeepSpeed 0.19 calls the
+# torch collectives that torch 2.13 renamed.
+warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).* is deprecated")
+# The DeepSpeed ops built on first use (JIT) unless the wheel has them prebuilt, by accelerator: the CPU
+# shared-memory collectives; FusedAdam (the policy's default AdamW) on GPUs.
+JIT_OPS = {"cpu": ("deepspeed_shm_comm",), "cuda": ("fused_adam",)}
+STARTS_DEEPSPEED = ("train", "eval", "bench")
+
+_results = sys.stdout
+
+
+def emit(text: str) -> None:
+    """Write a command's result (JSON, a table) to stdout. Everything else written to stdout while a command
+    runs (DeepSpeed prints its op build messages there, some from C++) goes to stderr, so that
+    `dpo-ds eval ... | jq` reads only the result."""
+    print(text, file=_results, flush=True)
+
+
+@contextlib.contextmanager
+def _stdout_for_results_only():
+    global _results
+    real_stdout = sys.stdout
+    real_stdout.flush()
+    try:
+        is_fd1 = real_stdout.fileno() == 1
+    except (AttributeError, OSError, io.UnsupportedOperation):  # replaced (pytest's capsys): results go there
+        is_fd1 = False
+    saved_fd = os.dup(1)
+    _results = os.fdopen(os.dup(saved_fd), "w") if is_fd1 else real_stdout
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved_fd, 1)
+        os.close(saved_fd)
+        sys.stdout = real_stdout
+        if is_fd1:
+            _results.close()
+        _results = real_stdout
+
+
+def default_extensions_dir() -> str:
+    """Where torch builds DeepSpeed's ops when TORCH_EXTENSIONS_DIR is unset: inside this Python environment
+    (for a `make install` venv, the Makefile's .venv/torch_extensions), so they are built once per environment
+    whatever directory dpo-ds starts from; ~/.cache/torch_extensions when the environment is read-only."""
+    inside = Path(sys.prefix) / "torch_extensions"
+    if os.access(inside if inside.is_dir() else sys.prefix, os.W_OK):
+        return str(inside)
+    return str(Path.home() / ".cache" / "torch_extensions")
+
+
+def announce_op_build() -> None:
+    """One line on stderr (local rank 0) before DeepSpeed compiles an op this environment has not built yet:
+    the compile takes about a minute and prints nothing meanwhile."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.git_version_info import installed_ops
+
+    root = Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    missing = [op for op in JIT_OPS.get(get_accelerator().device_name(), ())
+               if not installed_ops.get(op) and not (root / op / f"{op}.so").is_file()]
+    if missing and os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"dpo-ds: building DeepSpeed op(s) {', '.join(missing)} into {root} (once per environment, about a "
+              f"minute)", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,8 +105,12 @@ def main(argv: list[str] | None = None) -> int:
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(sub)
     args = sub.parse_args(argv[1:])
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", default_extensions_dir())
+    if argv[0] in STARTS_DEEPSPEED:
+        announce_op_build()
     try:
-        return int(module.run(args) or 0)
+        with _stdout_for_results_only():
+            return int(module.run(args) or 0)
     except LauncherError as err:  # the rendezvous, or output_dir/cache_dir not shared by every rank
         print(f"dpo-ds {argv[0]}: error: {err}", file=sys.stderr, flush=True)
         return 1

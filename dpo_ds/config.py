@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import importlib.util
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -36,9 +37,17 @@ LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "simpo", "sft")
 @dataclass
 class TrainConfig:
     # --- model
-    model_name_or_path: Optional[str] = _field(None, "Policy: a Hugging Face model directory (or hub id already in the local cache).", "model")
+    model_name_or_path: Optional[str] = _field(None, "Policy: a Hugging Face model directory, or a hub id (the local cache first; checked before anything loads).", "model")
     ref_model_name_or_path: Optional[str] = _field(None, "Frozen reference model; default: the policy's starting weights.", "model")
     trust_remote_code: bool = _field(False, "Allow model/tokenizer code shipped with the checkpoint to run. Off: only code in transformers runs.", "model")
+    disable_dropout: bool = _field(True, "Turn dropout off in the policy and the reference (dropout modules and the config's dropout values the model reads while running; exports keep the config's values). With dropout on, the two models disagree before any update and the DPO signal is noise, so only turn it off for a reason.", "model")
+    # --- LoRA (peft): base weights frozen, adapters trained; the reference is the base with the adapter off
+    lora_r: int = _field(0, "LoRA rank: 0 = full fine-tuning; > 0 trains rank-r adapters on lora_target_modules of the frozen base, and the reference is the same engine with the adapter off (no second model).", "lora")
+    lora_alpha: float = _field(16.0, "LoRA scaling numerator: the adapter adds B A x * lora_alpha / lora_r.", "lora")
+    lora_dropout: float = _field(0.0, "Dropout on the adapter's input (the policy forward only; the reference runs without it).", "lora")
+    lora_target_modules: str = _field("all-linear", "Modules that get adapters: all-linear (every Linear but the output layer) or a comma-separated list of module names (e.g. q_proj,v_proj; a YAML list works too).", "lora")
+    lora_adapter: Optional[str] = _field(None, "A PEFT LoRA adapter directory to start from (e.g. the SFT stage's); its r, alpha, dropout and target modules are used, the lora_* fields above are ignored, and the reference is base + this adapter (a frozen copy). Turns LoRA on.", "lora")
+    lora_quantize: Optional[str] = _field(None, "Quantize the frozen base for QLoRA: nf4 (bitsandbytes 4-bit). Refused for now: bitsandbytes needs a CUDA GPU, and QLoRA under ZeRO-3 is not implemented yet.", "lora")
     # --- data
     train_file: Optional[str] = _field(None, "Preference pairs: JSONL, Parquet, or a `datasets.save_to_disk` directory.", "data")
     eval_file: Optional[str] = _field(None, "Held-out pairs in the same formats, scored every `eval_steps` and at the end.", "data")
@@ -58,6 +67,7 @@ class TrainConfig:
     rpo_alpha: float = _field(0.0, "Weight of the mean per-token NLL of the chosen completion added to the loss (RPO); 0 = off.", "loss")
     reference_free: bool = _field(False, "Treat log pi_ref as 0 (no reference model is built).", "loss")
     length_normalize: bool = _field(False, "Use per-token mean log-probs instead of sums for the sigmoid family.", "loss")
+    router_aux_loss_coef: float = _field(0.0, "Mixture-of-experts models only: add this times the model's router load-balancing loss (transformers' output_router_logits) to the DPO loss, as TRL does; logged as aux_loss. 0 = off.", "loss")
     # --- drift and stability guards
     max_kl: Optional[float] = _field(None, "Warn when the mean per-token log pi - log pi_ref over completions (a logging window) exceeds this.", "guards")
     stop_on_max_kl: bool = _field(False, "Stop (after saving a checkpoint) instead of only warning when max_kl is exceeded.", "guards")
@@ -77,7 +87,7 @@ class TrainConfig:
     num_epochs: int = _field(1, "Passes over the training pairs when max_steps is 0.", "optim")
     seed: int = _field(42, "Seed for data order and any randomness in the step.", "optim")
     # --- engine
-    precision: str = _field("bf16", "bf16 (mixed precision, GPU default) or fp32.", "engine")
+    precision: str = _field("auto", "bf16 (mixed precision) or fp32; auto: bf16 where the device supports it (a CUDA GPU with bf16), fp32 on CPU. run_config.json records the resolved value.", "engine")
     gradient_checkpointing: bool = _field(True, "Recompute activations in the backward pass (non-reentrant).", "engine")
     ref_offload: bool = _field(True, "Keep the reference model's ZeRO-3 parameters on CPU (`offload_param: cpu`).", "engine")
     deepspeed_config: Optional[str] = _field(None, "Policy DeepSpeed JSON (see ds_configs/). Values it leaves out or sets to \"auto\" are filled from this config; default: ds_configs/zero3.json on GPU, ds_configs/zero3_cpu.json on CPU.", "engine")
@@ -87,7 +97,7 @@ class TrainConfig:
     precompute_ref: bool = _field(False, "Compute the reference log-probs of the train and eval pairs once before training (cached on disk under caches/, reused by later runs); training then runs no reference model.", "engine")
     fused_lm_head: bool = _field(True, "Compute completion-token log-probs inside the output projection, chunk by chunk and only at completion positions, so the [tokens, vocab] logits and their gradient never exist whole. Used where the model returns lm_head(hidden) unchanged (Llama, Mistral, Mixtral, Qwen2/3, Phi-3, Gemma, ...); other models (logit soft-capping or scaling) score from the full logits.", "engine")
     logprob_chunk_size: int = _field(256, "Sequence positions per chunk when turning hidden states or logits into token log-probs (bounds the fp32 block to chunk x vocab).", "engine")
-    dist_timeout_s: float = _field(600.0, "Seconds a rank waits for the others at the rendezvous and in every collective before failing with a message; phases where rank 0 works alone (universal conversion, checkpoint publishing, the final export) wait without this limit.", "engine")
+    dist_timeout_s: float = _field(600.0, "Seconds a rank waits for the others at the rendezvous and in every collective before failing with a message; phases where rank 0 works alone (data preparation, universal conversion, checkpoint publishing, the final export) wait without this limit.", "engine")
     # --- outputs and monitoring
     output_dir: str = _field("runs/dpo", "Run folder: metrics.jsonl, tensorboard/, caches/, checkpoints/, final/. Must be the same directory on every node (a shared file system); checked at start.", "output")
     cache_dir: Optional[str] = _field(None, "Where prepared (tokenized) pairs and precomputed reference log-probs are cached, by fingerprint (default <output_dir>/caches); `dpo-ds prepare` fills it ahead of training; point runs at one directory to share them. Must be the same directory on every node; checked at start.", "output")
@@ -103,8 +113,8 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-_CHOICES = {"loss_type": LOSS_TYPES, "lr_scheduler": ("constant", "linear", "cosine"), "precision": ("bf16", "fp32"),
-            "weights_loader": ("streamed", "transformers"),
+_CHOICES = {"loss_type": LOSS_TYPES, "lr_scheduler": ("constant", "linear", "cosine"), "precision": ("auto", "bf16", "fp32"),
+            "weights_loader": ("streamed", "transformers"), "lora_quantize": ("nf4",),
             "attn_implementation": ("auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")}
 
 
@@ -147,6 +157,8 @@ def coerce(name: str, value: Any) -> Any:
         if not math.isfinite(number):
             raise ConfigError(f"field '{name}': expected a finite number, got {value!r}")
         return number
+    if name == "lora_target_modules" and isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        value = ",".join(value)  # a YAML list of module names
     if not isinstance(value, str):
         raise ConfigError(f"field '{name}': expected a string, got {value!r}")
     if name in _CHOICES and value not in _CHOICES[name]:
@@ -200,6 +212,7 @@ def load_config(path: str | None, overrides: dict[str, str] | None = None) -> Tr
             raise ConfigError(f"command line --{key}: {err}") from None
         origin[key] = f"command line --{key}"
     cfg = TrainConfig(**values)
+    cfg.precision = resolve_precision(cfg.precision)
     try:
         validate(cfg)
     except ConfigError as err:
@@ -254,6 +267,8 @@ def validate(cfg: TrainConfig) -> None:
         bad("label_smoothing", f"only applies to loss_type sigmoid or robust, not {cfg.loss_type}")
     if cfg.rpo_alpha < 0:
         bad("rpo_alpha", f"must be >= 0, got {cfg.rpo_alpha}")
+    if cfg.router_aux_loss_coef < 0:
+        bad("router_aux_loss_coef", f"must be >= 0, got {cfg.router_aux_loss_coef}")
     for name in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(cfg, name) < 1:
             bad(name, f"must be in [0, 1), got {getattr(cfg, name)}")
@@ -268,8 +283,66 @@ def validate(cfg: TrainConfig) -> None:
     flash_package = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}.get(cfg.attn_implementation)
     if flash_package and importlib.util.find_spec(flash_package) is None:
         bad("attn_implementation", f"{cfg.attn_implementation} needs the {flash_package} package, which is not installed")
+    _validate_lora(cfg, bad)
     if cfg.length_normalize and cfg.loss_type in ("ipo", "simpo", "sft"):
         bad("length_normalize", f"loss_type {cfg.loss_type} is always length-normalised; the flag only applies to sigmoid, robust, hinge")
+
+
+def resolve_precision(precision: str) -> str:
+    """`auto` -> bf16 on a CUDA device that supports it (and DeepSpeed is not forced onto the CPU), else fp32."""
+    if precision != "auto":
+        return precision
+    import torch
+
+    gpu = os.environ.get("DS_ACCELERATOR", "cuda") == "cuda" and torch.cuda.is_available()
+    return "bf16" if gpu and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def uses_lora(cfg: TrainConfig) -> bool:
+    return cfg.lora_r > 0 or cfg.lora_adapter is not None
+
+
+def _validate_lora(cfg: TrainConfig, bad) -> None:
+    if cfg.lora_r < 0:
+        bad("lora_r", f"must be >= 0 (0 = full fine-tuning), got {cfg.lora_r}")
+    if cfg.lora_alpha <= 0:
+        bad("lora_alpha", f"must be > 0, got {cfg.lora_alpha}")
+    if not 0 <= cfg.lora_dropout < 1:
+        bad("lora_dropout", f"must be in [0, 1), got {cfg.lora_dropout}")
+    if not [m for m in cfg.lora_target_modules.split(",") if m.strip()]:
+        bad("lora_target_modules", "names no module; use all-linear or a comma-separated list of module names")
+    if cfg.lora_adapter is not None:
+        config_file = Path(cfg.lora_adapter) / "adapter_config.json"
+        if not config_file.is_file():
+            bad("lora_adapter", f"{config_file} not found: expected a PEFT adapter directory (adapter_config.json + "
+                                f"adapter_model.safetensors)")
+        import json
+
+        try:
+            peft_type = json.loads(config_file.read_text()).get("peft_type")
+        except json.JSONDecodeError as err:
+            bad("lora_adapter", f"{config_file}:{err.lineno}: invalid JSON: {err.msg}")
+        if peft_type != "LORA":
+            bad("lora_adapter", f"{config_file}: peft_type is {peft_type!r}; only LoRA adapters (LORA) are supported")
+    if not uses_lora(cfg):
+        if cfg.lora_quantize is not None:
+            bad("lora_quantize", "quantizes the frozen base of a LoRA run; set lora_r (or lora_adapter) too")
+        return
+    if cfg.ref_model_name_or_path is not None:
+        bad("ref_model_name_or_path", "with LoRA the reference is the policy's own frozen base (with the starting "
+                                      "adapter when lora_adapter is set), computed in the same engine with the "
+                                      "trained adapter switched off, so no separate reference model is loaded; "
+                                      "remove the path, or set lora_r 0 (and no lora_adapter) for full fine-tuning "
+                                      "against another reference")
+    if cfg.lora_quantize == "nf4":
+        import torch
+
+        if not torch.cuda.is_available():
+            bad("lora_quantize", "nf4 needs bitsandbytes on a CUDA GPU, and this machine has none; remove "
+                                 "lora_quantize to train LoRA on the unquantized base")
+        bad("lora_quantize", "nf4 (QLoRA) is not implemented under ZeRO-3 in this version; remove lora_quantize "
+                             "to train LoRA on the bf16 base (`dpo-ds plan --lora_r 16` shows Llama-70B fitting one "
+                             "8 x 80 GB node)")
 
 
 def uses_reference(cfg: TrainConfig) -> bool:
@@ -299,3 +372,60 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+# Fields naming a model directory (or a hub id) and fields naming a file or directory the run reads.
+MODEL_PATH_FIELDS = ("model_name_or_path", "ref_model_name_or_path")
+INPUT_PATH_FIELDS = ("train_file", "eval_file", "deepspeed_config", "ref_deepspeed_config", "resume_from")
+HUB_CHECK_TIMEOUT_S = 5.0
+
+
+def check_paths(cfg: TrainConfig) -> None:
+    """Every path the run reads exists and is readable: a ConfigError naming the field and the path before
+    any model, tokenizer or data is loaded (a missing path would otherwise surface as a library traceback,
+    after minutes of loading or a long hub retry)."""
+    for name in INPUT_PATH_FIELDS:
+        value = getattr(cfg, name)
+        if value is None or (name == "resume_from" and value == "auto"):
+            continue
+        if not Path(value).exists():
+            raise ConfigError(f"field '{name}': {value}: no such file or directory", name)
+        _check_readable(name, Path(value))
+    for name in MODEL_PATH_FIELDS:
+        value = getattr(cfg, name)
+        if value is not None:
+            check_model_path(name, value)
+
+
+def _check_readable(name: str, path: Path) -> None:
+    if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+        raise ConfigError(f"field '{name}': {path}: not readable (permission denied)", name)
+
+
+def check_model_path(name: str, value: str) -> None:
+    """A model directory with a config.json, or a hub id that is in the local Hugging Face cache or that the
+    hub confirms within HUB_CHECK_TIMEOUT_S (transformers would otherwise retry for most of a minute)."""
+    path = Path(value)
+    if path.is_dir():
+        _check_readable(name, path)
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"field '{name}': {value}: not a Hugging Face model directory (no config.json)", name)
+        _check_readable(name, path / "config.json")
+        return
+    if path.exists():
+        raise ConfigError(f"field '{name}': {value}: not a directory (a model is a directory with config.json)", name)
+    parts = value.split("/")
+    if value.startswith((".", "/", "~")) or len(parts) > 2 or not all(parts):
+        raise ConfigError(f"field '{name}': {value}: no such directory", name)
+    import huggingface_hub
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    if isinstance(huggingface_hub.try_to_load_from_cache(value, "config.json"), str):
+        return
+    try:
+        huggingface_hub.model_info(value, timeout=HUB_CHECK_TIMEOUT_S)
+    except RepositoryNotFoundError:
+        raise ConfigError(f"field '{name}': {value}: no such directory, and no such model on the Hugging Face hub", name) from None
+    except Exception as err:  # offline mode, no network, timeout, gated repo: nothing to load either way
+        raise ConfigError(f"field '{name}': {value}: no such directory, not in the local Hugging Face cache, and the "
+                          f"hub could not confirm it ({type(err).__name__})", name) from None

@@ -1,11 +1,14 @@
 """Hugging Face safetensors export: sharded, streamed, validated before it is reported as done.
 
 Two sources share one writer and one validator:
-- `export_engine`: a live ZeRO-3 engine (the run's `final/`). One module's parameters are gathered at a
-  time, so no rank holds more than one layer plus one output shard.
+- `export_engine`: a live ZeRO-3 engine (the run's `final/`). The parameters of one saved group (one
+  tensor, or the fused tensors of one expert block) are gathered at a time, so no rank holds more than
+  that plus one output shard.
 - `convert_checkpoint` (`dpo-ds convert`): a dpo-ds checkpoint saved by any world size. DeepSpeed's
   fp32 partitions are memory-mapped and merged one tensor at a time (zero_to_fp32 lazy mode), so peak
   memory is a few shards, not the model.
+Both write what `save_pretrained` writes (dpo_ds.layout): the checkpoint layout transformers loads from
+(per-expert MoE tensors, not the fused in-memory ones), no tied aliases, dropout as the config had it.
 Both write under a temporary name and rename only after validation (every tensor present, with the shape
 the model config implies, non-empty, finite), so a crash never leaves a directory that looks complete.
 """
@@ -21,11 +24,14 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 
+from dpo_ds.cli import emit
 from launcher.dist import on_rank0
 
 HELP = """Convert a dpo-ds checkpoint (checkpoints/step-N) to a Hugging Face safetensors directory for serving
 (vLLM, transformers): shards + model.safetensors.index.json, config.json, generation_config.json and the
-run's tokenizer files. Streams tensors (bounded memory) and validates the result before reporting success."""
+run's tokenizer files. Streams tensors (bounded memory) and validates the result before reporting success.
+A LoRA checkpoint (adapter weights only) gives the base model with the adapter merged in (read from the base
+model's directory), or with --adapter_only the PEFT adapter (adapter_config.json + adapter_model.safetensors)."""
 INDEX_NAME = "model.safetensors.index.json"
 REOPEN_BYTES = 64 << 20
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -155,8 +161,11 @@ def _publish(tmp: Path, out_dir: Path) -> None:
 
 def export_engine(engine, out_dir: str, tokenizer=None, dtype: torch.dtype | None = None,
                   max_shard_size: str = "5GB") -> None:
-    """Write `engine.module` as a Hugging Face directory on rank 0; every rank must call this."""
+    """Write `engine.module` as `save_pretrained` would (dpo_ds.layout: checkpoint layout, no tied aliases) on
+    rank 0; every rank must call this."""
     import deepspeed
+
+    from dpo_ds.layout import saved_layout, state_tensors, to_saved_layout
 
     model = engine.module
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -166,34 +175,32 @@ def export_engine(engine, out_dir: str, tokenizer=None, dtype: torch.dtype | Non
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     writer = ShardWriter(tmp, parse_size(max_shard_size)) if rank == 0 else None
-    expected: dict[str, tuple[int, ...]] = {}
-    for module_name, module in model.named_modules():
-        params = list(module.named_parameters(recurse=False))
-        if not params:
-            continue
-        zero_params = [p for _, p in params if hasattr(p, "ds_id")]
+    groups, expected = saved_layout(model)
+    live = state_tensors(model)
+    for names in groups:  # the tensors one saved group is made of, gathered together (one expert block at most)
+        zero_params = list({id(live[n]): live[n] for n in names if hasattr(live[n], "ds_id")}.values())
         with deepspeed.zero.GatheredParameters(zero_params, modifier_rank=None, enabled=bool(zero_params)):
-            for name, p in params:
-                full_name = f"{module_name}.{name}" if module_name else name
-                if full_name in expected:
-                    continue
-                expected[full_name] = tuple(getattr(p, "ds_shape", p.shape))
-                if writer is not None:
-                    writer.add(full_name, p.detach().to(dtype or p.dtype))
-    persistent = set(model.state_dict().keys())
-    for name, buf in model.named_buffers():
-        if name in persistent and name not in expected:
-            expected[name] = tuple(buf.shape)
             if writer is not None:
-                writer.add(name, buf)
+                for name, tensor in to_saved_layout(model, {n: live[n].detach() for n in names}).items():
+                    writer.add(name, tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor)
+
     def publish() -> None:
         writer.finish()
-        write_hf_metadata(tmp, model.config, getattr(model, "generation_config", None), tokenizer, dtype)
+        write_hf_metadata(tmp, saved_config(model), getattr(model, "generation_config", None), tokenizer, dtype)
         validate_hf_dir(tmp, expected)
         _publish(tmp, out)
 
     on_rank0(f"writing the model to {out}", publish)
 
+
+def saved_config(model):
+    """The model's config as the user gave it: the run's overrides (engines.disable_dropout) undone."""
+    import copy
+
+    config = copy.deepcopy(model.config)
+    for sub_config, name, value in model.__dict__.get("_dpo_ds_config_originals", ()):
+        setattr(getattr(config, sub_config) if sub_config else config, name, value)
+    return config
 
 
 def write_hf_metadata(tmp: Path, config, generation_config, tokenizer, dtype: torch.dtype | None = None) -> None:
@@ -207,38 +214,42 @@ def write_hf_metadata(tmp: Path, config, generation_config, tokenizer, dtype: to
         tokenizer.save_pretrained(tmp)
 
 
-def expected_shapes(config) -> dict[str, tuple[int, ...]]:
-    """Tensor names and shapes a model of `config` saves, from a weightless (meta-device) instance."""
+def meta_model(config):
+    """A weightless (meta-device) model of `config`: the names, shapes and layout it saves."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
-    persistent = set(model.state_dict().keys())
-    shapes.update({name: tuple(b.shape) for name, b in model.named_buffers() if name in persistent})
-    return shapes
+        return AutoModelForCausalLM.from_config(config)
 
 
-def convert_checkpoint(checkpoint_dir: str, out_dir: str, dtype: str = "bf16", max_shard_size: str = "5GB") -> Path:
+def convert_checkpoint(checkpoint_dir: str, out_dir: str, dtype: str = "bf16", max_shard_size: str = "5GB",
+                       adapter_only: bool = False) -> Path:
     """A dpo-ds checkpoint -> a validated Hugging Face directory (single process, any saved world size)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     from dpo_ds.checkpoint import DS_TAG, HF_METADATA, verify_checkpoint
+    from dpo_ds.layout import saved_layout, to_saved_layout
+    from dpo_ds.lora import convert_lora_checkpoint, is_lora_checkpoint
 
     ckpt = Path(checkpoint_dir)
     verify_checkpoint(ckpt)
+    if is_lora_checkpoint(ckpt):
+        return convert_lora_checkpoint(ckpt, out_dir, DTYPES[dtype], max_shard_size, adapter_only)
+    if adapter_only:
+        raise ExportError(f"{ckpt}: --adapter_only needs a LoRA checkpoint; this one is a full fine-tune")
     meta = ckpt / HF_METADATA
     config = AutoConfig.from_pretrained(meta)
     generation_config = GenerationConfig.from_pretrained(meta) if (meta / "generation_config.json").is_file() else None
     tokenizer = AutoTokenizer.from_pretrained(meta)
-    shapes = expected_shapes(config)
+    model = meta_model(config)
+    groups, shapes = saved_layout(model)
 
     def open_partitions():
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DS_TAG, lazy_mode=True)
 
     lazy = open_partitions()
-    missing = [name for name in shapes if name not in lazy]
+    missing = [name for names in groups for name in names if name not in lazy]
     if missing:
         raise ExportError(f"{ckpt / DS_TAG}: checkpoint lacks tensors the model config needs: {missing[:5]}")
     out = Path(out_dir)
@@ -248,11 +259,12 @@ def convert_checkpoint(checkpoint_dir: str, out_dir: str, dtype: str = "bf16", m
     writer = ShardWriter(tmp, parse_size(max_shard_size))
     target = DTYPES[dtype]
     merged = 0
-    for name in shapes:  # names the model saves; tied aliases in the checkpoint are left out, as HF does
-        tensor = lazy[name].contiguous()
-        writer.add(name, tensor.to(target) if tensor.is_floating_point() else tensor)
-        merged += tensor.numel() * tensor.element_size()
-        del tensor
+    for names in groups:  # tied aliases in the checkpoint are left out and the checkpoint layout restored, as HF does
+        saved = to_saved_layout(model, {name: lazy[name].contiguous() for name in names})
+        for name, tensor in saved.items():
+            writer.add(name, tensor.to(target) if tensor.is_floating_point() else tensor)
+            merged += tensor.numel() * tensor.element_size()
+        del saved
         if merged >= REOPEN_BYTES:
             # The partitions are memory-mapped and every page read stays mapped (and in RSS) while they are
             # open: reopen them every REOPEN_BYTES merged, so the mapping never covers the model.
@@ -273,6 +285,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("out_dir", help="Hugging Face directory to write (replaced only once the new one is valid).")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="Weight dtype (default bf16).")
     parser.add_argument("--max_shard_size", default="5GB", help="Largest safetensors shard, e.g. 5GB, 500MB (default 5GB).")
+    parser.add_argument("--adapter_only", action="store_true",
+                        help="LoRA checkpoints: write the PEFT adapter (fp32) instead of the merged model.")
 
 
 def run(args) -> int:
@@ -281,9 +295,9 @@ def run(args) -> int:
     from dpo_ds.checkpoint import CheckpointError
 
     try:
-        out = convert_checkpoint(args.checkpoint_dir, args.out_dir, args.dtype, args.max_shard_size)
+        out = convert_checkpoint(args.checkpoint_dir, args.out_dir, args.dtype, args.max_shard_size, args.adapter_only)
     except (CheckpointError, ExportError) as err:
         print(f"dpo-ds convert: error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {out}")
+    emit(f"wrote {out}")
     return 0

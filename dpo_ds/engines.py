@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import textwrap
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +22,10 @@ import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
 
-from dpo_ds.config import ConfigError, TrainConfig
+from dpo_ds.config import ConfigError, TrainConfig, uses_lora
 from dpo_ds.logprobs import head_sequence_logps, scored_positions, sequence_logps
 
 logger = logging.getLogger("dpo_ds")
-# DeepSpeed 0.19 calls a torch collective that torch 2.13 renamed; the warning is theirs, repeated every step.
-warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*is deprecated")
 
 DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 
@@ -198,12 +195,68 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
     return factor
 
 
+def _is_dropout_rate(name: str, value: Any) -> bool:
+    return ("dropout" in name or name.endswith("pdrop")) and isinstance(value, (int, float)) \
+        and not isinstance(value, bool)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off for good, whatever mode the model is in (the policy trains in train mode): every dropout
+    module gets p = 0, and every dropout rate a module copied from its config or reads from it while running
+    (attention_dropout, resid_pdrop, ...) becomes 0. The config's own values are remembered for exports
+    (convert.saved_config)."""
+    from transformers import PretrainedConfig
+
+    configs = [("", model.config)] + [(name, value) for name, value in vars(model.config).items()
+                                      if isinstance(value, PretrainedConfig)]
+    originals = []
+    for sub_config, config in configs:
+        for name, value in list(vars(config).items()):
+            if _is_dropout_rate(name, value) and value != 0:
+                originals.append((sub_config, name, value))
+                setattr(config, name, 0.0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if _is_dropout_rate(name, value):
+                setattr(module, name, 0.0)
+    model.__dict__["_dpo_ds_config_originals"] = originals
+
+
+def mark_expert_blocks(model: torch.nn.Module) -> int:
+    """Make every block that holds its experts as separate modules (an `experts` ModuleList) one ZeRO-3 leaf.
+
+    Tokens reach only some experts, and ranks route differently: per-expert modules would be fetched and
+    run on one rank and not on another, and ZeRO-3's prefetch and gradient reduction would hang. As a leaf,
+    the block's parameters are gathered and reduced together on every rank. transformers' own MoE models keep
+    experts fused in one module that always runs, so this only acts on models that do not."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    classes = {type(m) for m in model.modules() if isinstance(getattr(m, "experts", None), torch.nn.ModuleList)}
+    if classes:
+        set_z3_leaf_modules(model, list(classes))
+    return len(classes)
+
+
+def prepare_model(model: torch.nn.Module, cfg: TrainConfig) -> None:
+    """What the run changes on a freshly loaded policy or reference model, before DeepSpeed wraps it."""
+    if cfg.disable_dropout:
+        disable_dropout(model)
+    mark_expert_blocks(model)
+
+
 def build_policy_engine(cfg: TrainConfig, ds_config: dict[str, Any], total_steps: int):
     model = load_sharded_model(cfg.model_name_or_path, ds_config, model_dtype(cfg), cfg.trust_remote_code,
                                cfg.weights_loader, attention_kernel(cfg))
+    prepare_model(model, cfg)
     model.train()
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if uses_lora(cfg):
+        from dpo_ds.lora import attach_adapters
+
+        model = attach_adapters(model, cfg)  # base frozen: only adapter parameters reach the optimizer
     schedule = lr_lambda(cfg.lr_scheduler, cfg.warmup_steps, total_steps)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=_optimizer_groups(model, cfg.weight_decay), config=ds_config,
@@ -214,9 +267,14 @@ def build_policy_engine(cfg: TrainConfig, ds_config: dict[str, Any], total_steps
 
 
 def build_inference_engine(path: str, ds_config: dict[str, Any], dtype: torch.dtype, trust_remote_code: bool,
-                           weights_loader: str = "streamed", attn_implementation: str | None = None):
-    """A frozen ZeRO-3 engine without optimizer, in eval mode."""
+                           weights_loader: str = "streamed", attn_implementation: str | None = None,
+                           cfg: TrainConfig | None = None):
+    """A frozen ZeRO-3 engine without optimizer, in eval mode (prepared as `cfg` says when given)."""
     model = load_sharded_model(path, ds_config, dtype, trust_remote_code, weights_loader, attn_implementation)
+    if cfg is not None:
+        prepare_model(model, cfg)
+    else:
+        mark_expert_blocks(model)
     model.requires_grad_(False)
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config)
     engine.eval()
@@ -300,13 +358,21 @@ def _scoring_head(head: torch.nn.Linear, score):
         del head.forward
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A CPU tensor on `device` without making the host wait: a plain copy from pageable memory synchronises
+    the stream (the CPU would stop queueing work until the GPU caught up); from pinned memory it is async."""
+    if torch.device(device).type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _varlen_attention_kwargs(position_ids: torch.Tensor, device) -> dict:
     """flash-attention's cumulative sequence lengths of a packed row, from the CPU batch: given to the model,
     they spare every layer recomputing them from the position ids (a nonzero and a max, each a device sync)."""
     starts = (position_ids.reshape(-1) == 0).nonzero().squeeze(-1)
     cu = torch.cat([starts, torch.tensor([position_ids.numel()])]).to(torch.int32)
     longest = int(cu.diff().max())
-    cu = cu.to(device)
+    cu = to_device(cu, device)
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
@@ -315,22 +381,32 @@ def forward_logps(engine, batch: dict[str, torch.Tensor], chunk_size: int,
     """Summed completion log-probs and token counts of every sequence of a collated batch (one forward).
 
     `fused` (fused_lm_head): scored inside the output projection where the model allows it (see `fused_head`)."""
+    sums, tokens, _ = forward_logps_and_aux(engine, batch, chunk_size, fused, router_aux=False)
+    return sums, tokens
+
+
+def forward_logps_and_aux(engine, batch: dict[str, torch.Tensor], chunk_size: int, fused: bool,
+                          router_aux: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`forward_logps`, plus the model's router load-balancing loss of the same forward when `router_aux`
+    (mixture-of-experts models: `output_router_logits=True` makes transformers return it as `aux_loss`)."""
     device = engine.device
-    input_ids = batch["input_ids"].to(device)
-    loss_mask = batch["loss_mask"].to(device)
+    input_ids = to_device(batch["input_ids"], device)
+    loss_mask = to_device(batch["loss_mask"], device)
     # Sequence metadata comes from the CPU batch: read back from the device, it would cost a sync per micro-step.
     if "sequence_ids" in batch:  # packed: no attention mask, position ids mark where each sequence starts
-        inputs = {"position_ids": batch["position_ids"].to(device)}
-        scoring = (batch["sequence_ids"].to(device), int(batch["sequence_ids"].max()) + 1)
+        inputs = {"position_ids": to_device(batch["position_ids"], device)}
+        scoring = (to_device(batch["sequence_ids"], device), int(batch["sequence_ids"].max()) + 1)
         if str(engine.module.config._attn_implementation).startswith("flash_attention"):
             inputs.update(_varlen_attention_kwargs(batch["position_ids"], device))
     else:
-        inputs, scoring = {"attention_mask": batch["attention_mask"].to(device)}, (None, None)
+        inputs, scoring = {"attention_mask": to_device(batch["attention_mask"], device)}, (None, None)
+    if router_aux:
+        inputs["output_router_logits"] = True
     head = fused_head(engine.module) if fused else None
     if head is None:
-        logits = engine(input_ids=input_ids, use_cache=False, **inputs).logits
-        return sequence_logps(logits, input_ids, loss_mask, chunk_size, *scoring)
-    counts, scored = [], scored_positions(batch["loss_mask"]).to(device)
+        out = engine(input_ids=input_ids, use_cache=False, **inputs)
+        return (*sequence_logps(out.logits, input_ids, loss_mask, chunk_size, *scoring), _aux_loss(out, router_aux))
+    counts, scored = [], to_device(scored_positions(batch["loss_mask"]), device)
 
     def score(hidden: torch.Tensor) -> torch.Tensor:
         sums, tokens = head_sequence_logps(hidden, head.weight, input_ids, loss_mask, chunk_size, *scoring, scored=scored)
@@ -338,5 +414,14 @@ def forward_logps(engine, batch: dict[str, torch.Tensor], chunk_size: int,
         return sums
 
     with _scoring_head(head, score):
-        sums = engine(input_ids=input_ids, use_cache=False, **inputs).logits
-    return sums, counts[0]
+        out = engine(input_ids=input_ids, use_cache=False, **inputs)
+    return out.logits, counts[0], _aux_loss(out, router_aux)
+
+
+def _aux_loss(out, router_aux: bool) -> torch.Tensor | None:
+    if not router_aux:
+        return None
+    aux = getattr(out, "aux_loss", None)
+    if aux is None:
+        raise RuntimeError("router_aux_loss_coef > 0 but the model returned no aux_loss for output_router_logits")
+    return aux

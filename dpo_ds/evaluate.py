@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from dpo_ds.config import ConfigError, TrainConfig, validate
+from dpo_ds.cli import emit
+from dpo_ds.config import ConfigError, TrainConfig, check_paths, validate
 from dpo_ds.data import DataError, load_pairs
 
 HELP = __doc__
@@ -26,8 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="Hugging Face model directory to score.")
     parser.add_argument("--ref_model", help="Reference model directory (default: none, log pi_ref = 0).")
     parser.add_argument("--data", required=True, help="Preference pairs (JSONL, Parquet or save_to_disk dir).")
-    parser.add_argument("--output", help="Per-pair JSONL to write (default: eval_pairs.jsonl in the current directory).")
-    parser.add_argument("--beta", type=float, default=0.1, help="beta of the implicit reward (default 0.1).")
+    parser.add_argument("--output", help="Per-pair JSONL to write (default: eval_pairs_<data file name>.jsonl next to "
+                                         "the model directory, e.g. in the run folder for <run>/final).")
+    parser.add_argument("--beta", type=float, help="beta of the implicit reward (default: the training run's when --model "
+                                                   "is inside a run folder, else 0.1); the loss settings come from the "
+                                                   "run too.")
     parser.add_argument("--max_length", type=int, default=1024, help="Maximum tokens of prompt + completion.")
     parser.add_argument("--max_prompt_length", type=int, help="Keep only the last N prompt tokens.")
     parser.add_argument("--micro_batch_size", type=int, default=8, help="Pairs per rank per forward.")
@@ -39,17 +43,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust_remote_code", action="store_true", help="Allow code shipped with the model to run.")
 
 
-def default_cache_dir(model: str) -> str:
-    """The cache of the run `model` belongs to (<run>/final, <run>/checkpoints/...), else the user's cache."""
+# The loss settings `eval` takes from the run that trained the model it scores.
+LOSS_FIELDS = ("beta", "loss_type", "label_smoothing", "simpo_gamma", "rpo_alpha", "length_normalize")
+
+
+def trained_by(model: str) -> tuple[Path, dict] | None:
+    """(run folder, its run_config.json) of the run `model` belongs to (<run>/final, <run>/checkpoints/...)."""
     for folder in list(Path(model).resolve().parents)[:3]:
         if (folder / "run_config.json").is_file():
-            saved = json.loads((folder / "run_config.json").read_text())
-            return saved.get("cache_dir") or str(folder / "caches")
+            return folder, json.loads((folder / "run_config.json").read_text())
+    return None
+
+
+def default_cache_dir(model: str) -> str:
+    """The cache of the run `model` belongs to, else the user's cache."""
+    run = trained_by(model)
+    if run is not None:
+        return run[1].get("cache_dir") or str(run[0] / "caches")
     return str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dpo-ds")
 
 
 def run(args: argparse.Namespace) -> int:
-    from launcher.dist import barrier, init_distributed
+    from launcher.dist import barrier, check_shared_dirs, init_distributed
     from transformers import AutoTokenizer
 
     from dpo_ds.engines import build_inference_engine, load_model_config, model_dtype, on_cpu, resolve_reference_config
@@ -57,18 +72,24 @@ def run(args: argparse.Namespace) -> int:
     from dpo_ds.trainer import Run, evaluate, loss_params, pad_id_of, setup_logging
 
     try:
-        cfg = TrainConfig(model_name_or_path=args.model, ref_model_name_or_path=args.ref_model, train_file=args.data,
-                          beta=args.beta, max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+        trained = trained_by(args.model)
+        loss_settings = {name: trained[1][name] for name in LOSS_FIELDS if name in trained[1]} if trained else {}
+        if args.beta is not None:
+            loss_settings["beta"] = args.beta
+        cfg = TrainConfig(**loss_settings, model_name_or_path=args.model, ref_model_name_or_path=args.ref_model,
+                          train_file=args.data, max_length=args.max_length, max_prompt_length=args.max_prompt_length,
                           micro_batch_size=args.micro_batch_size, skip_bad_rows=args.skip_bad_rows,
                           precision=args.precision or ("fp32" if on_cpu() else "bf16"),
                           reference_free=args.ref_model is None, trust_remote_code=args.trust_remote_code)
         validate(cfg)
+        check_paths(cfg)
         env = init_distributed(timeout_s=cfg.dist_timeout_s)
         setup_logging(env.rank)
+        cache_dir = args.cache_dir or default_cache_dir(args.model)
+        check_shared_dirs({"cache_dir": cache_dir})
         tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
         pairs, _ = load_pairs(args.data, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-                              skip_bad_rows=cfg.skip_bad_rows, cache_dir=args.cache_dir or default_cache_dir(args.model),
-                              rank=env.rank, barrier=barrier)
+                              skip_bad_rows=cfg.skip_bad_rows, cache_dir=cache_dir, rank=env.rank, barrier=barrier)
         hidden = load_model_config(args.model, args.trust_remote_code).hidden_size
         model = build_inference_engine(args.model, resolve_reference_config(cfg, hidden), model_dtype(cfg),
                                        args.trust_remote_code)
@@ -79,16 +100,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"dpo-ds eval: error: {err}", file=sys.stderr)
         return 2
     if env.rank == 0:
-        output = Path(args.output or "eval_pairs.jsonl")
+        output = Path(args.output or Path(args.model).resolve().parent / f"eval_pairs_{Path(args.data).stem}.jsonl")
         output.parent.mkdir(parents=True, exist_ok=True)
         with output.open("w") as fh:
             for record in records:
                 fh.write(json.dumps(record) + "\n")
-        summary = {"model": args.model, "ref_model": args.ref_model, "data": args.data, "pairs": len(records),
+        summary = {"model": args.model, "ref_model": args.ref_model, "data": args.data, "beta": cfg.beta,
+                   "loss_type": cfg.loss_type, "pairs": len(records),
                    "accuracy": metrics["eval/rewards/accuracies"], "mean_margin": metrics["eval/rewards/margins"],
                    "ties": sum(r["margin"] == 0 for r in records), "loss": metrics["eval/loss"],
                    "per_pair_file": str(output)}
-        print(json.dumps(summary))
+        emit(json.dumps(summary))
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0

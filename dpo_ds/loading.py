@@ -9,8 +9,9 @@ partition. Here instead:
 1. the model is built with `from_config` inside `deepspeed.zero.Init` (partitioned as each module is
    constructed; weight init skipped since every weight is overwritten); no weight is read;
 2. every rank reads only the safetensors headers, and all ranks agree on a plan: checkpoint key ->
-   parameter (tied aliases resolved), with missing / unexpected keys and shape mismatches reported by
-   name before any collective runs;
+   parameter (tied aliases resolved; keys renamed and per-expert tensors fused as from_pretrained does,
+   with transformers' own conversion mapping: dpo_ds.layout), with missing / unexpected keys and shape
+   mismatches reported by name before any collective runs;
 3. parameters are filled one at a time, straight into their ZeRO partitions: rank 0 reads the byte
    range of each rank's partition from the file (plain reads, no mmap: page-cache pages are not part
    of a process's RSS) in chunks of at most 16 MiB, keeps its own and sends the others with
@@ -139,6 +140,9 @@ def _readinto(fh, buf: torch.Tensor, offset: int, entry: TensorEntry) -> None:
 def read_into(entry: TensorEntry, target: torch.Tensor) -> None:
     """Copy the tensor `entry` into `target` (same number of elements): straight into target's memory when
     it is a contiguous CPU tensor of the file's dtype, else through a bounded staging buffer."""
+    if not isinstance(entry, TensorEntry):  # a layout.ConvertedTensor
+        target.copy_(entry.full().view(target.shape))
+        return
     dtype = entry.torch_dtype
     nbytes = entry.end - entry.begin
     numel = target.numel()
@@ -164,6 +168,9 @@ def read_into(entry: TensorEntry, target: torch.Tensor) -> None:
 
 def read_range(entry: TensorEntry, start: int, out: torch.Tensor) -> None:
     """Flat elements [start, start + out.numel()) of `entry` into the contiguous CPU tensor `out` (file dtype)."""
+    if not isinstance(entry, TensorEntry):  # a layout.ConvertedTensor
+        entry.read_flat(start, out.view(-1))
+        return
     dtype = entry.torch_dtype
     item = torch.empty((), dtype=dtype).element_size()
     if out.dtype != dtype or not out.is_contiguous() or out.device.type != "cpu":
@@ -250,6 +257,11 @@ def build_zero3_model(config, ds_config: dict[str, Any], dtype: torch.dtype, tru
     """An uninitialised causal LM of `config`, partitioned by zero.Init as it is constructed."""
     from transformers import AutoModelForCausalLM
 
+    # Import the model's module first. A class created inside zero.Init gets DeepSpeed's __init__ wrapper
+    # before its own class decorators run, and zero.Init's exit then restores the undecorated __init__: the
+    # next model built would lack what the decorator sets (transformers' MoE experts: `config`).
+    with contextlib.suppress(KeyError, ValueError):
+        AutoModelForCausalLM._model_mapping[type(config)]
     with contextlib.ExitStack() as stack:
         for ctx in _transformers_contexts():
             stack.enter_context(ctx)
@@ -274,25 +286,27 @@ def _listed(keys) -> str:
 
 def plan_loading(model, checkpoint: dict[str, TensorEntry], source: str):
     """[(checkpoint key, target tensor, kind)] with kind "param" or "buffer"; raises LoadError on any
-    missing or unexpected key or shape mismatch (the same outcome on every rank: headers only)."""
-    prefix = getattr(model, "base_model_prefix", "") or ""
+    missing or unexpected key or shape mismatch (the same outcome on every rank: headers only).
+
+    Keys are placed as from_pretrained places them (dpo_ds.layout: transformers' conversion mapping, base
+    model prefix); a parameter built by a converter from several checkpoint tensors (fused MoE experts) is
+    added to `checkpoint` under its own name as a layout.ConvertedTensor."""
+    from dpo_ds.layout import map_checkpoint
+
     aliases: dict[int, tuple[torch.Tensor, list[str]]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):  # tied weights: one tensor, several names
         aliases.setdefault(id(p), (p, []))[1].append(name)
     persistent = set(model.state_dict().keys())
     buffers = {name: b for name, b in model.named_buffers() if name in persistent}
     known = {name for _, names in aliases.values() for name in names} | set(buffers)
-
-    def model_name(key: str) -> str | None:  # checkpoints saved from the base model lack its prefix
-        if key in known:
-            return key
-        if prefix and f"{prefix}.{key}" in known:
-            return f"{prefix}.{key}"
-        return None
-
-    by_name = {model_name(k): k for k in checkpoint if model_name(k) is not None}
-    unexpected = [k for k in checkpoint if model_name(k) is None
-                  and not _ignored(getattr(model, "_keys_to_ignore_on_load_unexpected", None), k)]
+    try:
+        by_name, converted, unmatched = map_checkpoint(model, checkpoint, known, read_tensor)
+    except ValueError as err:
+        raise LoadError(f"{source}: {err}") from None
+    for name, tensor in converted.items():
+        checkpoint[name] = tensor
+        by_name[name] = name
+    unexpected = [k for k in unmatched if not _ignored(getattr(model, "_keys_to_ignore_on_load_unexpected", None), k)]
     plan, missing, mismatched = [], [], []
     for p, names in aliases.values():
         key = next((by_name[n] for n in names if n in by_name), None)

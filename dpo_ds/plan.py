@@ -16,6 +16,7 @@ import json
 import os
 from dataclasses import dataclass
 
+from dpo_ds.cli import emit
 from dpo_ds.config import FIELDS
 
 HELP = """Estimate per-GPU and per-node memory and the FLOPs of one DPO micro-step on DeepSpeed ZeRO-3,
@@ -23,9 +24,12 @@ from a model's config alone (a preset name, a config.json, or a model directory;
 Counts the policy's ZeRO-3 model states (bf16 params and grads, fp32 master weights and Adam moments,
 sharded over all GPUs or offloaded to CPU), the ZeRO-3 gather/bucket buffers, the frozen reference model
 (on GPU, offloaded to CPU, or precomputed), gradient-checkpointed activations and the log-probs (inside
-lm_head, or from full logits); says whether that fits in GPU memory and CPU memory per node, keeping 10%
-of each as headroom; and searches for the smallest setting that fits: node counts 1, 2, 4, ... up to
---max_nodes first, then optimizer offload, then parameter offload, then halving the micro batch down to 1.
+lm_head, or from full logits); --lora_r R budgets LoRA instead: the frozen base as a sharded bf16 shard,
+grads and optimizer states for the adapter only, no reference model (the base with the adapter off). It says
+whether that fits in GPU memory and CPU memory per node, keeping 10% of each as headroom; and searches for a
+setting that fits, on the given machines first (optimizer offload, then parameter offload, then halving the
+micro batch down to 1), then on 2, 4, ... times the nodes up to --max_nodes, and prints the `dpo-ds train`
+flags and ds_configs preset of the answer. The reference defaults to train's: offloaded to CPU.
 Example: dpo-ds plan --model llama-70b --nodes 4 --gpus_per_node 8 --seq_len 4096 --reference offload"""
 
 GIB = 2**30
@@ -68,7 +72,7 @@ PRESETS = {
     "llama3-8b": lambda: _llama(128256, 4096, 14336, 32, 32, 8, 8192),
     "mixtral-8x7b": _mixtral_8x7b,
 }
-SUPPORTED_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3")
+SUPPORTED_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe")
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,7 @@ class ModelShape:
     model_type: str
     vocab_size: int
     hidden_size: int
-    intermediate_size: int
+    intermediate_size: int  # of a dense MLP; an MoE model's experts have expert_intermediate_size
     num_layers: int
     num_heads: int
     num_kv_heads: int
@@ -91,6 +95,12 @@ class ModelShape:
     mlp_bias: bool
     qk_norm: bool  # Qwen3: an RMSNorm over head_dim on queries and on keys
     tied_embeddings: bool
+    expert_intermediate_size: int = 0  # MLP width of one expert (Mixtral: intermediate_size; Qwen3-MoE: its own)
+
+    @property
+    def mlp_width(self) -> int:
+        """Intermediate size of the MLP a token passes through: the dense MLP's, or one expert's."""
+        return self.expert_intermediate_size or self.intermediate_size if self.num_experts > 1 else self.intermediate_size
 
     @property
     def q_dim(self) -> int:
@@ -103,7 +113,7 @@ class ModelShape:
     @property
     def _module_sizes(self) -> dict[str, int]:
         """Parameters of each nn.Module that owns some directly (ZeRO-3 gathers one such module at a time)."""
-        h, i = self.hidden_size, self.intermediate_size
+        h, i = self.hidden_size, self.mlp_width
         sizes = {
             "embed_tokens": self.vocab_size * h,
             "q_proj": h * self.q_dim + self.qkv_bias * self.q_dim,
@@ -136,8 +146,17 @@ class ModelShape:
     def active_params(self) -> int:
         """Parameters one token passes through: an MoE token visits experts_per_token of the experts
         (a dense model has num_experts = experts_per_token = 1)."""
-        unused = (self.num_experts - self.experts_per_token) * 3 * self.hidden_size * self.intermediate_size
+        unused = (self.num_experts - self.experts_per_token) * 3 * self.hidden_size * self.mlp_width
         return self.params - self.num_layers * unused
+
+    def lora_params(self, r: int) -> int:
+        """Adapter parameters of LoRA rank r on every Linear but lm_head (peft's all-linear): r x (in + out)
+        per module. In transformers >= 5 an MoE layer's experts and router are not Linear modules: only its
+        attention gets adapters."""
+        h, i = self.hidden_size, self.intermediate_size
+        linear = [h + self.q_dim, h + self.kv_dim, h + self.kv_dim, self.q_dim + h]
+        linear += [h + i, h + i, i + h] if self.num_experts == 1 else []
+        return r * sum(linear) * self.num_layers
 
     @property
     def largest_module_params(self) -> int:
@@ -156,7 +175,7 @@ class ModelShape:
         h, k = self.hidden_size, self.experts_per_token
         norms = 2 * (4 + dtype_bytes) * h
         attention = dtype_bytes * (3 * self.q_dim + 3 * self.kv_dim + h)
-        mlp = dtype_bytes * k * (4 * self.intermediate_size + (h if self.num_experts > 1 else 0))
+        mlp = dtype_bytes * k * (4 * self.mlp_width + (h if self.num_experts > 1 else 0))
         return norms + attention + mlp
 
 
@@ -166,7 +185,12 @@ def shape_from_config(config, name: str) -> ModelShape:
                          f"(supported: {', '.join(SUPPORTED_TYPES)})")
     heads = config.num_attention_heads
     attention_bias = bool(getattr(config, "attention_bias", False))
-    experts = getattr(config, "num_local_experts", 1)
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 1  # Mixtral / Qwen3-MoE
+    dense_layers = [i for i in range(config.num_hidden_layers) if experts > 1 and (
+        i in (getattr(config, "mlp_only_layers", None) or []) or (i + 1) % getattr(config, "decoder_sparse_step", 1))]
+    if dense_layers:
+        raise SystemExit(f"dpo-ds plan: {name!r} mixes dense MLP layers {dense_layers[:8]} with MoE layers, which "
+                         f"the plan does not model (every layer of the same kind)")
     return ModelShape(
         name=name,
         model_type=config.model_type,
@@ -182,8 +206,9 @@ def shape_from_config(config, name: str) -> ModelShape:
         qkv_bias=config.model_type == "qwen2" or attention_bias,  # Qwen2 always has q/k/v biases
         o_bias=attention_bias,
         mlp_bias=bool(getattr(config, "mlp_bias", False)),
-        qk_norm=config.model_type == "qwen3",
+        qk_norm=config.model_type in ("qwen3", "qwen3_moe"),
         tied_embeddings=bool(config.tie_word_embeddings),
+        expert_intermediate_size=getattr(config, "moe_intermediate_size", None) or config.intermediate_size,
     )
 
 
@@ -222,6 +247,7 @@ class Setup:
     offload_optimizer: bool = False
     offload_params: bool = False
     fused_lm_head: bool = True  # the trainer's default; every supported model type returns lm_head's output as is
+    lora_r: int = 0  # > 0: LoRA adapters of this rank on all-linear, base frozen; the reference is the base itself
 
     @property
     def total_gpus(self) -> int:
@@ -311,6 +337,7 @@ class Plan:
                       "active_params": self.model.active_params,
                       "largest_module_params": self.model.largest_module_params},
             "setup": {**dataclasses.asdict(self.setup), "total_gpus": self.setup.total_gpus},
+            "lora_params": self.model.lora_params(self.setup.lora_r),
             "memory_gib": {item.name: {"per_gpu": gib(item.gpu_bytes), "gpu_per_node": gib(item.gpu_bytes * gpn),
                                        "cpu_per_node": gib(item.cpu_bytes_per_node)} for item in self.items},
             "policy_model_states_gib": {"per_gpu": gib(self.policy_states.gpu_bytes),
@@ -359,21 +386,25 @@ def plan(model: ModelShape, setup: Setup) -> Plan:
     # (<= sub_group_size elements) on GPU, but a whole fp32 copy of the shard with optimizer offload
     # (one pinned buffer per sub-group).
     master = 0 if (setup.precision == "fp32" and not setup.offload_optimizer) else 4
-    fp32_grads = 4 * (shard if setup.offload_optimizer else min(SUB_GROUP, shard))
+    # LoRA: the base is frozen (its p-byte shard only); grads, master weights and Adam exist for the adapter alone,
+    # whose p-byte shard joins the params. The gathered module then needs no full gradient.
+    trained = model.lora_params(setup.lora_r) / setup.total_gpus if setup.lora_r else shard
+    fp32_grads = 4 * (trained if setup.offload_optimizer else min(SUB_GROUP, trained))
     items = [
-        placed(POLICY_PARAMS, p * shard, setup.offload_params),
-        placed(POLICY_GRADS, p * shard, setup.offload_optimizer),
-        placed(POLICY_OPTIMIZER, (master + 8) * shard, setup.offload_optimizer),
+        placed(POLICY_PARAMS, p * (shard + (trained if setup.lora_r else 0)), setup.offload_params),
+        placed(POLICY_GRADS, p * trained, setup.offload_optimizer),
+        placed(POLICY_OPTIMIZER, (master + 8) * trained, setup.offload_optimizer),
         placed(POLICY_FP32_GRADS, fp32_grads, setup.offload_optimizer),
         # ZeRO-3 working buffers, always on GPU: the largest module gathered in full with its full gradient
         # before the reduce-scatter (DeepSpeed's estimator budgets the same 4 B/param in bf16), the params
         # prefetched ahead (prefetch bucket) and the contiguous gradient bucket (reduce bucket).
-        Item(ZERO3_GATHERED, 2 * p * largest, 0.0),
+        Item(ZERO3_GATHERED, (1 if setup.lora_r else 2) * p * largest, 0.0),
         Item(ZERO3_BUCKETS, p * (PREFETCH_BUCKET + REDUCE_BUCKET), 0.0),
     ]
     # Frozen reference: its own ZeRO-3 engine without grads or optimizer: a p-byte shard on GPU or in host
-    # memory, plus its gathered largest module and prefetch bucket on GPU while it runs.
-    if setup.reference in ("gpu", "offload"):
+    # memory, plus its gathered largest module and prefetch bucket on GPU while it runs. With LoRA the reference
+    # is the policy's own base (adapter off): nothing more to hold.
+    if setup.reference in ("gpu", "offload") and not setup.lora_r:
         items += [placed("reference params", p * shard, setup.reference == "offload"),
                   Item("reference gathered module + prefetch", p * (largest + PREFETCH_BUCKET), 0.0)]
     # Activations with gradient checkpointing, for T = 2 * micro_batch * seq_len tokens per GPU: each layer
@@ -405,34 +436,52 @@ def flops(model: ModelShape, setup: Setup) -> Flops:
     """Model FLOPs of one micro-step over all GPUs (MFU convention: gradient-checkpoint recompute not counted).
 
     Dense: 2 FLOPs per active parameter per token forward, 4 backward: the policy costs 6N per token and
-    the live reference's forward 2N (8N with a reference, 6N when its log-probs are precomputed).
+    the live reference's forward 2N (8N with a reference, 6N when its log-probs are precomputed). LoRA: the
+    frozen base needs no weight gradients, so the policy's backward is 2N (input gradients; the adapter's own
+    FLOPs are negligible): 6N with the reference forward, 4N precomputed.
     Attention (the QK^T and AV matmuls the 2N rule misses): 4 * seq * q_dim FLOPs per token per layer
     forward, halved for the causal mask, so 2 * L * seq * q_dim per token forward, times the same 6 + 2.
     """
     tokens = setup.tokens_per_gpu * setup.total_gpus
-    factor = 6 + (2 if setup.reference in ("gpu", "offload") else 0)
+    factor = (4 if setup.lora_r else 6) + (2 if setup.reference in ("gpu", "offload") else 0)
     attention_per_token = model.num_layers * setup.seq_len * model.q_dim
     return Flops(tokens, factor * model.active_params * tokens, factor * attention_per_token * tokens)
 
 
 def smallest_fit(model: ModelShape, setup: Setup, max_nodes: int = NODE_COUNTS_CAP) -> Plan | None:
-    """The first setting that fits, trying in this order (outermost loop last):
-    node counts 1, 2, 4, ... <= max_nodes; then the same with optimizer offload; then with optimizer and
-    param offload (starting from the offload flags given, never removing one); then each of those with
-    the micro batch halved, down to 1."""
-    node_counts = [2**k for k in range(max_nodes.bit_length())]
+    """The first setting that fits, on the machines given first: the given node count as is, then with
+    optimizer offload, then with optimizer and param offload (starting from the offload flags given, never
+    removing one), then each of those with the micro batch halved, down to 1; only then the same search on
+    more nodes: 2, 4, ... times up to max_nodes."""
+    node_counts = [setup.nodes] + [n for n in (2**k for k in range(max_nodes.bit_length())) if setup.nodes < n <= max_nodes]
     offloads = list(dict.fromkeys([(setup.offload_optimizer, setup.offload_params),
                                    (True, setup.offload_params), (True, True)]))
     micro_batches = [setup.micro_batch_size >> k for k in range(setup.micro_batch_size.bit_length())]
-    for micro_batch in micro_batches:
-        for offload_optimizer, offload_params in offloads:
-            for nodes in node_counts:
+    for nodes in node_counts:
+        for micro_batch in micro_batches:
+            for offload_optimizer, offload_params in offloads:
                 candidate = plan(model, dataclasses.replace(
                     setup, nodes=nodes, micro_batch_size=micro_batch,
                     offload_optimizer=offload_optimizer, offload_params=offload_params))
                 if candidate.fits:
                     return candidate
     return None
+
+
+# ds_configs preset of each (offload_optimizer, offload_params) setting; params alone have none.
+PRESETS_BY_OFFLOAD = {(False, False): "ds_configs/zero3.json", (True, False): "ds_configs/zero3_offload_optimizer.json",
+                      (True, True): "ds_configs/zero3_offload_all.json"}
+REFERENCE_FLAGS = {"gpu": ["--ref_offload", "false"], "offload": [], "precomputed": ["--precompute_ref", "true"],
+                   "none": ["--reference_free", "true"]}
+
+
+def train_flags(result: Plan) -> list[str]:
+    """The `dpo-ds train` flags of a plan's setting (run on its node and GPU counts)."""
+    s = result.setup
+    preset = PRESETS_BY_OFFLOAD.get((s.offload_optimizer, s.offload_params))
+    flags = ["--micro_batch_size", str(s.micro_batch_size), "--max_length", str(s.seq_len), "--precision", s.precision]
+    flags += ["--deepspeed_config", preset] if preset else []
+    return flags + REFERENCE_FLAGS[s.reference] + ([] if s.fused_lm_head else ["--fused_lm_head", "false"])
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -455,13 +504,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--micro_batch_size", type=_positive_int, default=1,
                         help="preference pairs per GPU per micro-step (each pair is 2 sequences)")
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
-    parser.add_argument("--reference", choices=REFERENCE_MODES, default="gpu",
-                        help="where the frozen reference model lives: sharded on GPU, offloaded to CPU, "
-                             "precomputed log-probs, or none (reference-free)")
+    parser.add_argument("--reference", choices=REFERENCE_MODES, default="offload",
+                        help="where the frozen reference model lives: sharded on GPU, offloaded to CPU (default, as "
+                             "train's ref_offload), precomputed log-probs, or none (reference-free)")
     parser.add_argument("--offload_optimizer", action="store_true", help="ZeRO-3 offload_optimizer to CPU")
     parser.add_argument("--offload_params", action="store_true", help="ZeRO-3 offload_param to CPU")
     parser.add_argument("--fused_lm_head", choices=("true", "false"), default="true",
                         help="as the train field: log-probs inside lm_head (true, default) or from full logits")
+    parser.add_argument("--lora_r", type=int, default=0,
+                        help="LoRA rank (as the train field): > 0 budgets adapters on all linear layers of a frozen "
+                             "bf16 base, optimizer states for the adapter only, and the reference as the base itself")
     parser.add_argument("--max_nodes", type=_positive_int, default=NODE_COUNTS_CAP,
                         help=f"largest node count the fit search tries (default {NODE_COUNTS_CAP})")
     parser.add_argument("--json", action="store_true", help="print a JSON object instead of the table")
@@ -481,13 +533,21 @@ def render(result: Plan, fit: Plan | None, max_nodes: int) -> str:
     def row(name: str, gpu: float, cpu: float) -> str:
         return f"{name:<40}{gpu / GIB:>10.2f}{gpu * gpn / GIB:>10.2f}{cpu / GIB:>10.2f}"
 
-    smallest = (f"{_setting(fit)}: GPU {fit.gpu_bytes / GIB:.1f} GiB, CPU {fit.cpu_bytes_per_node / GIB:.1f} GiB/node"
-                if fit else f"nothing fits on up to {max_nodes} nodes")
+    if fit is None:
+        smallest = f"nothing fits on up to {max_nodes} nodes"
+    else:
+        where = ("on these machines" if fit.setup.nodes == s.nodes
+                 else f"not on {s.nodes} node(s) with any offload or micro batch; needs more nodes")
+        smallest = (f"{_setting(fit)} ({where}): GPU {fit.gpu_bytes / GIB:.1f} GiB, CPU "
+                    f"{fit.cpu_bytes_per_node / GIB:.1f} GiB/node\n          dpo-ds train {' '.join(train_flags(fit))} "
+                    f"on {fit.setup.nodes} node(s) x {fit.setup.gpus_per_node} GPUs")
     return "\n".join([
         f"model     {m.name} ({m.model_type}): N = {m.params:,} params ({m.params / 1e9:.2f} B{active}), "
         f"largest module {m.largest_module_params / 1e6:.1f} M",
         f"setup     {_setting(result)} ({s.total_gpus} GPUs), seq {s.seq_len}, {s.precision}, "
-        f"reference {s.reference}",
+        f"reference {s.reference}" + (" (LoRA: the base with the adapter off)" if s.lora_r else ""),
+        *([f"LoRA      r = {s.lora_r} on all linear layers: {m.lora_params(s.lora_r):,} trained params "
+           f"({m.lora_params(s.lora_r) / m.params:.2%} of N); base frozen"] if s.lora_r else []),
         f"          GPU {s.gpu_memory_gb:g} GiB, host {s.cpu_memory_gb:g} GiB per node; "
         f"{HEADROOM:.0%} of each kept free",
         "",
@@ -511,16 +571,18 @@ def run(args: argparse.Namespace) -> int:
                   cpu_memory_gb=args.cpu_memory_gb, seq_len=args.seq_len, micro_batch_size=args.micro_batch_size,
                   precision=args.precision, reference=args.reference,
                   offload_optimizer=args.offload_optimizer, offload_params=args.offload_params,
-                  fused_lm_head=args.fused_lm_head == "true")
+                  fused_lm_head=args.fused_lm_head == "true", lora_r=args.lora_r)
+    if args.lora_r < 0:
+        raise SystemExit(f"dpo-ds plan: --lora_r must be >= 0 (0 = full fine-tuning), got {args.lora_r}")
     model = load_shape(args.model)
     result = plan(model, setup)
     fit = smallest_fit(model, setup, args.max_nodes)
     if not args.json:
-        print(render(result, fit, args.max_nodes))
+        emit(render(result, fit, args.max_nodes))
         return 0
     smallest = fit and {"nodes": fit.setup.nodes, "offload_optimizer": fit.setup.offload_optimizer,
                         "offload_params": fit.setup.offload_params, "micro_batch_size": fit.setup.micro_batch_size,
                         "gpu_gib_per_gpu": round(fit.gpu_bytes / GIB, 3),
-                        "cpu_gib_per_node": round(fit.cpu_bytes_per_node / GIB, 3)}
-    print(json.dumps({**result.to_dict(), "smallest_fit": smallest}, indent=2))
+                        "cpu_gib_per_node": round(fit.cpu_bytes_per_node / GIB, 3), "train_flags": train_flags(fit)}
+    emit(json.dumps({**result.to_dict(), "smallest_fit": smallest}, indent=2))
     return 0

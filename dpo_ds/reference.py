@@ -5,6 +5,8 @@
   training, written to disk sharded by rank under `caches/ref-<fingerprint>/`, keyed by the reference model,
   the data fingerprint (file, tokenizer, template, max_length, truncation) and the precision, and reused by
   later runs. Training then runs no reference forward, and the engine is gone before the policy is built.
+- `AdapterReference` (LoRA): the policy's own engine with the trained adapter switched off (or switched to
+  the frozen copy of the starting adapter): no second model. With `precompute_ref` it fills the cache instead.
 - `NoReference`: log pi_ref = 0 (SimPO, SFT, `reference_free`).
 """
 from __future__ import annotations
@@ -47,6 +49,21 @@ class LiveReference:
         return forward_logps(self.engine, batch, self.chunk_size, self.fused)[0]
 
 
+class AdapterReference(LiveReference):
+    """LoRA: reference log-probs from the policy engine itself, its trained adapter switched off."""
+
+    def __init__(self, engine, chunk_size: int, fused: bool):
+        from dpo_ds.lora import adapters_of
+
+        super().__init__(engine, chunk_size, fused)
+        self.adapters = adapters_of(engine.module)
+
+    @torch.no_grad()
+    def logps(self, batch: dict[str, torch.Tensor], pairs: TokenizedPairs, indices: list[int]) -> torch.Tensor:
+        with self.adapters.as_reference(self.engine.module):
+            return super().logps(batch, pairs, indices)
+
+
 class NoReference:
     """log pi_ref = 0: reference-free losses build no reference engine."""
 
@@ -72,25 +89,32 @@ def reference_path(cfg: TrainConfig) -> str:
 
 def _reference_engine(cfg: TrainConfig, hidden_size: int):
     return build_inference_engine(reference_path(cfg), resolve_reference_config(cfg, hidden_size), model_dtype(cfg),
-                                  cfg.trust_remote_code, cfg.weights_loader, attention_kernel(cfg))
+                                  cfg.trust_remote_code, cfg.weights_loader, attention_kernel(cfg), cfg)
 
 
 def build_reference(cfg: TrainConfig, hidden_size: int, datasets: list[TokenizedPairs] = (), cache_dir: str | None = None,
-                    pad_id: int = 0, rank: int = 0, world_size: int = 1):
+                    pad_id: int = 0, rank: int = 0, world_size: int = 1, policy=None):
     """The reference source the loss needs. With precompute_ref, every dataset's table is computed (or read
-    from the cache) now; call it before building the policy so both engines never hold memory together."""
+    from the cache) now; call it before building the policy so both engines never hold memory together.
+    LoRA (`policy` given): the policy engine is the reference, with its trained adapter off."""
     if not uses_reference(cfg):
         return NoReference()
+
+    def live_source():
+        if policy is not None:
+            return AdapterReference(policy, cfg.logprob_chunk_size, cfg.fused_lm_head)
+        return LiveReference(_reference_engine(cfg, hidden_size), cfg.logprob_chunk_size, cfg.fused_lm_head)
+
     if not cfg.precompute_ref:
-        engine = _reference_engine(cfg, hidden_size)
-        return LiveReference(engine, cfg.logprob_chunk_size, cfg.fused_lm_head)
+        return live_source()
     caches = {pairs.fingerprint: Path(cache_dir) / f"ref-{_cache_key(cfg, pairs)}" for pairs in datasets}
     missing = [pairs for pairs in datasets if not (caches[pairs.fingerprint] / "complete.json").is_file()]
     if missing:
-        engine = _reference_engine(cfg, hidden_size)
+        source = live_source()
         for pairs in missing:
-            _precompute(engine, cfg, pairs, caches[pairs.fingerprint], pad_id, rank, world_size)
-        release_engine(engine)
+            _precompute(source, cfg, pairs, caches[pairs.fingerprint], pad_id, rank, world_size)
+        if policy is None:
+            release_engine(source.engine)
     elif rank == 0:
         logger.info("reference log-probs read from %s", ", ".join(str(p) for p in caches.values()))
     return CachedReference({fp: _load_table(path) for fp, path in caches.items()})
@@ -100,11 +124,15 @@ def _cache_key(cfg: TrainConfig, pairs: TokenizedPairs) -> str:
     from dpo_ds.checkpoint import model_fingerprint
 
     parts = ["ref-v1", model_fingerprint(reference_path(cfg)), pairs.fingerprint, cfg.precision]
+    if cfg.lora_adapter is not None:  # the reference is base + the starting adapter
+        from dpo_ds.lora import adapter_fingerprint
+
+        parts.append(adapter_fingerprint(cfg.lora_adapter))
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
 
 
 @torch.no_grad()
-def _precompute(engine, cfg: TrainConfig, pairs: TokenizedPairs, target: Path, pad_id: int, rank: int,
+def _precompute(source, cfg: TrainConfig, pairs: TokenizedPairs, target: Path, pad_id: int, rank: int,
                 world_size: int) -> None:
     """One pass over `pairs`, split over ranks (data.rank_shares); each rank writes its rows, rank 0 publishes
     the directory once all are written."""
@@ -116,7 +144,7 @@ def _precompute(engine, cfg: TrainConfig, pairs: TokenizedPairs, target: Path, p
     rows, chosen, rejected = [], [], []
     for mine in rank_shares(len(pairs), cfg.micro_batch_size, rank, world_size):
         batch = collate(pairs, mine or [0], pad_id, packed=cfg.padding_free)
-        logps = forward_logps(engine, batch, cfg.logprob_chunk_size, cfg.fused_lm_head)[0].float().cpu()
+        logps = source.logps(batch, pairs, mine or [0]).float().cpu()
         if mine:
             rows += mine
             chosen.append(logps[: len(mine)])

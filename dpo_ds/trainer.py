@@ -15,21 +15,31 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from dpo_ds import checkpoint as ckpt
-from dpo_ds.config import ConfigError, TrainConfig, add_config_arguments, config_from_args, to_dict, uses_reference
+from dpo_ds.config import (
+    ConfigError,
+    TrainConfig,
+    add_config_arguments,
+    check_paths,
+    config_from_args,
+    to_dict,
+    uses_lora,
+    uses_reference,
+)
 from dpo_ds.data import DataError, PairSampler, TokenizedPairs, collate, rank_shares
+from dpo_ds.families import check_model_family
 from dpo_ds.loading import LoadError
 from dpo_ds.losses import LossParams, PairLogps, compute_loss
 from dpo_ds.metrics import MetricsWriter, PairStats, max_over_ranks, peak_memory_gib, untimed
 from dpo_ds.prepare import cache_dir_of, load_config_data
 from dpo_ds.reference_check import check_reference_compatible
-from launcher.dist import barrier, check_shared_dirs, gather_objects
+from launcher.dist import all_reduce, barrier, check_shared_dirs, gather_objects
 
 HELP = __doc__
 logger = logging.getLogger("dpo_ds")
@@ -57,12 +67,15 @@ class Run:
     loss_params: LossParams
     pad_id: int
     timer: object = untimed  # SectionTimer in `dpo-ds bench`
+    aux_losses: list = field(default_factory=list)  # router load-balancing losses of training micro-batches since the last log
 
 
 def split_pairs(logps: torch.Tensor, tokens: torch.Tensor, ref_logps: torch.Tensor) -> PairLogps:
     """Rows [0, B) of the 2B batch are chosen, rows [B, 2B) rejected."""
+    from dpo_ds.engines import to_device
+
     b = logps.shape[0] // 2
-    ref_logps = ref_logps.to(logps.device)
+    ref_logps = to_device(ref_logps, logps.device)
     return PairLogps(logps[:b], logps[b:], ref_logps[:b], ref_logps[b:], tokens[:b], tokens[b:])
 
 
@@ -72,16 +85,24 @@ def pair_step(run: Run, pairs: TokenizedPairs, indices: list[int], stats: PairSt
 
     The loss is the pairs' mean, or their sum x `loss_scale` (PairSampler.loss_scale) when micro-batches hold
     different numbers of pairs."""
-    from dpo_ds.engines import forward_logps
+    from dpo_ds.engines import forward_logps, forward_logps_and_aux
 
     batch = collate(pairs, indices, run.pad_id, packed=run.cfg.padding_free)
     with run.timer("reference_forward"):
         ref_logps = run.reference.logps(batch, pairs, indices)
     with run.timer("policy_forward"), torch.set_grad_enabled(train):
-        logps, tokens = forward_logps(run.policy, batch, run.cfg.logprob_chunk_size, run.cfg.fused_lm_head)
+        aux_coef = run.cfg.router_aux_loss_coef if train else 0.0  # evaluation scores preferences only
+        if aux_coef > 0:
+            logps, tokens, aux = forward_logps_and_aux(run.policy, batch, run.cfg.logprob_chunk_size,
+                                                       run.cfg.fused_lm_head, router_aux=True)
+        else:
+            logps, tokens = forward_logps(run.policy, batch, run.cfg.logprob_chunk_size, run.cfg.fused_lm_head)
         lp = split_pairs(logps, tokens, ref_logps)
         out = compute_loss(run.cfg.loss_type, lp, run.loss_params)
         loss = out.losses.mean() if loss_scale is None else out.losses.sum() * loss_scale
+        if aux_coef > 0:  # as TRL: the micro-batch's load-balancing loss, weighted, on top of the preference loss
+            loss = loss + aux_coef * aux.to(loss.dtype)
+            run.aux_losses.append(aux.detach().float())  # read at the log line: no device sync per micro-step
     if train:
         with run.timer("backward"):
             run.policy.backward(loss)
@@ -138,7 +159,8 @@ def pad_id_of(tokenizer) -> int:
 def build_run(cfg: TrainConfig, rank: int, world_size: int, total_steps: int, pad_id: int,
               datasets: list[TokenizedPairs], load_universal: bool = False) -> Run:
     """The reference source first (with precompute_ref its engine is gone before the policy exists), then the
-    policy engine: the same order on every rank, as ZeRO-3 requires."""
+    policy engine: the same order on every rank, as ZeRO-3 requires. With LoRA the policy comes first: it is
+    also the reference."""
     from dpo_ds.engines import attention_kernel, build_policy_engine, load_model_config, resolve_policy_config
     from dpo_ds.reference import build_reference
 
@@ -148,11 +170,15 @@ def build_run(cfg: TrainConfig, rank: int, world_size: int, total_steps: int, pa
         logger.warning("padding_free with attention %s: a packed micro-batch is attended through a block-diagonal "
                        "mask, quadratic in its total tokens; install flash-attn (attn_implementation auto) for "
                        "varlen attention", kernel or "(model default)")
-    reference = build_reference(cfg, hidden, datasets, cache_dir_of(cfg), pad_id, rank, world_size)
     ds_config = resolve_policy_config(cfg, world_size, hidden)
     if load_universal:  # resuming a checkpoint saved by another world size
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
-    policy = build_policy_engine(cfg, ds_config, total_steps)
+    if uses_lora(cfg):  # the reference is the policy engine itself (adapter off): no second model
+        policy = build_policy_engine(cfg, ds_config, total_steps)
+        reference = build_reference(cfg, hidden, datasets, cache_dir_of(cfg), pad_id, rank, world_size, policy)
+    else:
+        reference = build_reference(cfg, hidden, datasets, cache_dir_of(cfg), pad_id, rank, world_size)
+        policy = build_policy_engine(cfg, ds_config, total_steps)
     return Run(cfg, rank, world_size, policy, reference, loss_params(cfg), pad_id)
 
 
@@ -181,11 +207,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     stop_signal = ckpt.StopSignal()
     torch.manual_seed(cfg.seed)
     out_dir = Path(cfg.output_dir)
+    ckpt.refuse_to_overwrite(cfg.output_dir, cfg.resume_from)
     check_shared_dirs({"output_dir": str(out_dir), "cache_dir": cache_dir_of(cfg)})
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "run_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
+    check_model_family(cfg)  # a model that cannot work is refused before anything is loaded
     if cfg.ref_model_name_or_path and uses_reference(cfg):  # the seed's rule: one tokenization for both models
         check_reference_compatible(cfg.model_name_or_path, cfg.ref_model_name_or_path, cfg.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
@@ -207,6 +232,9 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     resume_dir, saved = ckpt.resume_point(cfg.output_dir, cfg.resume_from, trainer_state(0),
                                           cfg.resume_ignore_mismatch)
+    if rank == 0:  # only once every check has passed: a refused start leaves the run folder as it was
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "run_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     run = build_run(cfg, rank, world_size, total_steps, pad_id_of(tokenizer),
                     [p for p in (train_pairs, eval_pairs) if p is not None],
                     load_universal=saved is not None and saved.world_size != world_size)
@@ -240,6 +268,9 @@ def train(cfg: TrainConfig) -> TrainResult:
             _report_bad_step(done, micro_batches, train_pairs, bad_in_a_row, cfg.max_bad_steps, rank)
         if done % cfg.logging_steps == 0 or done == total_steps:
             last = window.reduce()
+            if cfg.router_aux_loss_coef > 0:
+                last["aux_loss"] = _mean_over_ranks(run.aux_losses)
+                run.aux_losses.clear()
             last.update({"grad_norm": _grad_norm(run.policy), "lr": lr, "skipped_steps": skipped,
                          "memory/peak_gib": max_over_ranks(peak_memory_gib()), "epoch": done / sampler.steps_per_epoch})
             writer.write(done, last)
@@ -268,11 +299,33 @@ def train(cfg: TrainConfig) -> TrainResult:
         progress.close()
 
     from dpo_ds.convert import export_engine
+    if uses_lora(cfg):  # final_adapter/ first: merging replaces the LoRA layers by the merged base layers
+        from dpo_ds.lora import merge_adapter, save_adapter
+
+        save_adapter(run.policy, str(out_dir / "final_adapter"))
+        merge_adapter(run.policy)
     export_engine(run.policy, str(out_dir / "final"), tokenizer=tokenizer, dtype=None)
     writer.close()
     if rank == 0:
-        logger.info("final model written to %s", out_dir / "final")
+        logger.info("final model written to %s%s", out_dir / "final",
+                    f" (adapter: {out_dir / 'final_adapter'})" if uses_lora(cfg) else "")
+        print(run_summary(cfg, total_steps, last), file=sys.stderr, flush=True)
     return TrainResult(run, last)
+
+
+def run_summary(cfg: TrainConfig, steps: int, last: dict[str, float]) -> str:
+    """What a finished run produced and what to run next (printed at the end of `dpo-ds train`)."""
+    final = Path(cfg.output_dir) / "final"
+    shown = [(key, last[key]) for key in ("loss", "rewards/accuracies", "rewards/margins", "eval/loss",
+                                          "eval/rewards/accuracies", "eval/rewards/margins") if key in last]
+    latest = Path(cfg.output_dir) / ckpt.CHECKPOINTS_DIR / ckpt.LATEST
+    lines = [f"done: {steps} steps; last logged " + ", ".join(f"{key} {value:.4g}" for key, value in shown),
+             f"model: {final} (Hugging Face safetensors); metrics: {Path(cfg.output_dir) / 'metrics.jsonl'}",
+             f"next: dpo-ds eval --model {final} --data {cfg.eval_file or 'HELD_OUT_PAIRS'}"]
+    if latest.is_file():
+        lines.append(f"      dpo-ds convert {latest.parent / latest.read_text().strip()} OUT_DIR --dtype bf16  "
+                     f"(another dtype or shard size from the last checkpoint)")
+    return "\n".join(lines)
 
 
 def _report_bad_step(step: int, micro_batches: list[list[int]], pairs: TokenizedPairs, in_a_row: int,
@@ -298,6 +351,12 @@ def _kl_exceeded(cfg: TrainConfig, metrics: dict[str, float], step: int, rank: i
     return cfg.stop_on_max_kl
 
 
+def _mean_over_ranks(values: list[torch.Tensor]) -> float:
+    total = torch.stack(values).sum().double().cpu() if values else torch.zeros((), dtype=torch.float64)
+    totals = all_reduce(torch.stack([total, torch.tensor(float(len(values)), dtype=torch.float64)]))
+    return float(totals[0] / max(float(totals[1]), 1.0))
+
+
 def _seconds_since_process_start() -> float:
     import psutil
 
@@ -320,6 +379,7 @@ def _progress(total: int, start: int, rank: int):
 def run(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
+        check_paths(cfg)
         train(cfg)
     except (ConfigError, DataError, ckpt.CheckpointError, TrainingStopped, LoadError) as err:
         print(f"dpo-ds train: error: {err}", file=sys.stderr)
@@ -327,6 +387,9 @@ def run(args: argparse.Namespace) -> int:
     except Preempted as stop:
         logger.warning("%s", stop)
         return ckpt.EXIT_PREEMPTED
+    except KeyboardInterrupt:  # Ctrl-C before training started: nothing to checkpoint yet
+        print("dpo-ds train: interrupted before training started (no checkpoint)", file=sys.stderr)
+        return 130
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

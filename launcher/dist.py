@@ -153,10 +153,11 @@ def gather_objects(obj) -> list:
 
 def barrier() -> None:
     """Wait for every rank; a no-op in a single process without a process group. An all-reduce on the
-    communication device rather than dist.barrier(), which guesses a device under NCCL."""
+    communication device rather than dist.barrier(), which guesses a device under NCCL; its result is copied
+    back to the CPU so that the host, not only the GPU stream, waits for the others."""
     import torch
 
-    all_reduce(torch.zeros(1, device=comm_device()))
+    all_reduce(torch.zeros(1))
 
 
 # --------------------------------------------------------------------------- phases of rank 0 alone
@@ -180,7 +181,8 @@ def on_rank0(what: str, work: Callable[[], T], failure: type[Exception] = Runtim
     For the phases only rank 0 does (universal-checkpoint conversion, writing an export, building the bench
     model, publishing a checkpoint): the waiting ranks poll the rendezvous store instead of sitting in a
     collective, so neither dist_timeout_s nor NCCL's watchdog can kill them, and rank 0 logs every
-    PROGRESS_S seconds that it is still at it. If rank 0 dies, its store goes with it and the others fail."""
+    PROGRESS_S seconds that it is still at it; a short barrier, once all have the outcome, ends the phase.
+    If rank 0 dies, its store goes with it and the others fail."""
     store = _store()
     if store is None:
         return work()
@@ -198,18 +200,21 @@ def on_rank0(what: str, work: Callable[[], T], failure: type[Exception] = Runtim
         threading.Thread(target=progress, daemon=True).start()
         try:
             result = work()
-        except BaseException as err:
+        except Exception as err:
             store.set(key, json.dumps({"error": f"{type(err).__name__}: {err}"}))
+            barrier()  # rank 0 hosts the store under srun/MPI: it must not exit before every rank has read it
             raise
         finally:
             done.set()
         store.set(key, json.dumps({"result": result}))
+        barrier()
         return result
     pause = 0.01
     while not store.check([key]):
         time.sleep(pause)
         pause = min(2 * pause, 2.0)  # a short phase costs little latency, a long one few store requests
     outcome = json.loads(store.get(key))
+    barrier()
     if "error" in outcome:
         raise failure(f"rank 0 failed while {what}: {outcome['error']}")
     return outcome["result"]
@@ -230,12 +235,15 @@ def check_shared_dirs(dirs: dict[str, str]) -> None:
     def write_tokens() -> dict[str, str]:
         tokens = {}
         for field, path in dirs.items():
-            Path(path).mkdir(parents=True, exist_ok=True)
             tokens[field] = uuid.uuid4().hex
-            (Path(path) / SHARED_CHECK_FILE).write_text(tokens[field])
+            try:
+                Path(path).mkdir(parents=True, exist_ok=True)
+                (Path(path) / SHARED_CHECK_FILE).write_text(tokens[field])
+            except OSError as err:
+                raise LauncherError(f"{field} {path!r}: rank 0 cannot write there ({err})") from err
         return tokens
 
-    tokens = on_rank0("writing the shared-storage check files", write_tokens)
+    tokens = on_rank0("writing the shared-storage check files", write_tokens, LauncherError)
     problems = {}
     for field, path in dirs.items():
         try:

@@ -52,24 +52,25 @@ if not hasattr(run.reference, "engine"):  # reference-free losses: nothing more 
     dist.destroy_process_group()
     exit_process(0)
 ref = run.reference.engine
-original = {}
-for shard in sorted(Path(cfg.ref_model_name_or_path or cfg.model_name_or_path).glob("*.safetensors")):
-    original.update(load_file(str(shard)))
-ref_max_change = 0.0
-for name, p in ref.module.named_parameters():
-    with deepspeed.zero.GatheredParameters([p]):
-        ref_max_change = max(ref_max_change, float((p.detach().cpu().float() - original[name].float()).abs().max()))
+if ref is not policy:  # LoRA: the reference is the policy engine itself (adapter off); nothing separate to inspect
+    original = {}
+    for shard in sorted(Path(cfg.ref_model_name_or_path or cfg.model_name_or_path).glob("*.safetensors")):
+        original.update(load_file(str(shard)))
+    ref_max_change = 0.0
+    for name, p in ref.module.named_parameters():
+        with deepspeed.zero.GatheredParameters([p]):
+            ref_max_change = max(ref_max_change, float((p.detach().cpu().float() - original[name].float()).abs().max()))
+    report.update({"ref_max_change": ref_max_change,
+                   "ref_requires_grad": any(p.requires_grad for p in ref.module.parameters()),
+                   # DeepSpeed's ZeRO-3 parameter manager (DeepSpeedZeRoOffload) holds no optimizer state
+                   "ref_optimizer": type(ref.optimizer).__name__ if ref.basic_optimizer is None else "optimizer",
+                   "ref_offload_device": str(ref.zero_offload_param().device)})
 probe = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29], [1, 30, 31, 32, 33, 34, 35, 36]])
 run.policy.eval()
 with torch.no_grad():
     logits = run.policy(input_ids=probe.to(run.policy.device)).logits.float().cpu()
 if dist.get_rank() == 0:
-    torch.save({**report, "ref_max_change": ref_max_change,
-                "ref_requires_grad": any(p.requires_grad for p in ref.module.parameters()),
-                # DeepSpeed's ZeRO-3 parameter manager (DeepSpeedZeRoOffload) holds no optimizer state
-                "ref_optimizer": type(ref.optimizer).__name__ if ref.basic_optimizer is None else "optimizer",
-                "ref_offload_device": str(ref.zero_offload_param().device),
-                "probe": probe, "logits": logits}, probe_out)
+    torch.save({**report, "probe": probe, "logits": logits}, probe_out)
 dist.barrier()
 dist.destroy_process_group()
 exit_process(0)  # as the dpo-ds entry point does: no interpreter teardown after gloo

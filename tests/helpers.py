@@ -51,15 +51,17 @@ def run_cli(args: list[str], timeout: int = 600, check: bool = True):
     return proc
 
 
-def plain_dpo(model_dir: str, train_file: str, settings: dict, world: int, steps: list[list[int]] | None = None
+def plain_dpo(model_dir: str, train_file: str, settings: dict, world: int, steps: list[list[int]] | None = None,
+              policy: torch.nn.Module | None = None, reference: torch.nn.Module | None = None
               ) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Per-step losses and final weights of textbook DPO (sigmoid loss, AdamW, warm-up + linear decay, global
     norm clipping), pair by pair without padding or DeepSpeed. Step k uses the pair indices steps[k] (default:
-    pairs [k*G, (k+1)*G) of the file); its loss is the mean over them."""
+    pairs [k*G, (k+1)*G) of the file); its loss is the mean over them. `policy` / `reference` (default: the
+    model at model_dir) let a test train e.g. a PEFT model; only parameters that require grad are trained."""
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    policy = policy or AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    reference = (reference or AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)).eval()
     rows = [json.loads(line) for line in open(train_file)]
 
     def logp(model, prompt: str, completion: str) -> torch.Tensor:
@@ -73,10 +75,12 @@ def plain_dpo(model_dir: str, train_file: str, settings: dict, world: int, steps
             -1, ids[0, 1:, None])[:, 0]
         return token_logps[len(prompt_ids) - 1:].sum()
 
-    decay = [p for p in policy.parameters() if p.dim() >= 2]
-    no_decay = [p for p in policy.parameters() if p.dim() < 2]
+    trained = [p for p in policy.parameters() if p.requires_grad]
+    decay = [p for p in trained if p.dim() >= 2]
+    no_decay = [p for p in trained if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": settings["weight_decay"]},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=settings["learning_rate"])
+                             {"params": no_decay, "weight_decay": 0.0}], lr=settings["learning_rate"],
+                            eps=settings.get("adam_epsilon", 1e-8))
     total_steps, warmup = settings["max_steps"], settings["warmup_steps"]
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: s / warmup if s < warmup else max(0.0, (total_steps - s) / (total_steps - warmup)))
@@ -95,7 +99,7 @@ def plain_dpo(model_dir: str, train_file: str, settings: dict, world: int, steps
             loss = -F.logsigmoid(beta * ((pol_c - ref_c) - (pol_r - ref_r))) / g
             loss.backward()
             total += loss.item()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), settings["max_grad_norm"])
+        torch.nn.utils.clip_grad_norm_(trained, settings["max_grad_norm"])
         opt.step()
         sched.step()
         losses.append(total)

@@ -26,6 +26,7 @@ def test_single_process_bench_reports_the_padding_it_really_ran(demo_assets, tmp
     r = report(run_cli(bench_args(demo_assets.model_dir, tmp_path)).stdout)
     assert (r["world_size"], r["timed_steps"], r["reference"], r["padding_free"]) == (1, 2, "live", False)
     assert r["fused_lm_head"] is True and r["attention"] == "sdpa"
+    assert r["active_params"] == r["params"] > 0  # a dense model: every token passes through all of it
     # occupancy of the timed steps (1 and 2) from the same synthetic pairs and sampler, written out here:
     # a right-padded micro-batch processes 2B rows as wide as its longest sequence
     vocab = json.load(open(f"{demo_assets.model_dir}/config.json"))["vocab_size"]

@@ -110,3 +110,31 @@ def test_helpers_two_ranks(tmp_path):
     assert ranks[1]["on_rank0_error"].startswith("KeyError") and "rank 0 failed while failing: ValueError: disk full" \
         in ranks[1]["on_rank0_error"]
     assert "rank 0 still sleeping" in proc.stderr
+
+
+STORE_ON_RANK0 = r'''
+import sys, time
+import launcher.dist as ld
+env = ld.init_distributed(timeout_s=60)
+result = ld.on_rank0("working", lambda: time.sleep(1.5) or "done")
+print(f"rank {env.rank}: {result}", flush=True)
+ld.exit_process(0)  # rank 0 leaves at once, taking the store it hosts with it
+'''
+
+
+def test_rank0_hosting_the_store_leaves_only_after_the_others_read_the_outcome():
+    """Under srun or mpirun rank 0's process hosts the rendezvous store (torchrun's agent hosts it otherwise):
+    a rank still polling for the outcome of a phase when rank 0 exits would fail with 'Connection reset'."""
+    from launcher.env import free_port
+
+    port = str(free_port())
+    procs = []
+    for rank in (0, 1):
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI", "TORCHELASTIC"))}
+        env.update(PYTHONPATH=str(REPO), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen([sys.executable, "-c", STORE_ON_RANK0], cwd=REPO, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for rank, (proc, (out, err)) in enumerate(zip(procs, outputs)):
+        assert proc.returncode == 0 and f"rank {rank}: done" in out, err[-3000:]

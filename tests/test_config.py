@@ -12,9 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from dpo_ds.config import (FIELDS, LOSS_TYPES, ConfigError, TrainConfig, add_config_arguments, config_from_args,
-                           load_config, to_dict, validate)
+                           load_config, resolve_precision, to_dict, validate)
 
 REPO = Path(__file__).resolve().parent.parent
 REQUIRED = {"model_name_or_path": "m", "train_file": "t.jsonl"}
@@ -39,7 +40,7 @@ def config_error(fn, *args, **kwargs) -> str:
 # ---------------------------------------------------------------------------- YAML: file, line, field
 def test_minimal_yaml_loads_with_defaults(tmp_path):
     cfg = load_config(write(tmp_path, "model_name_or_path: m\ntrain_file: t.jsonl\n"))
-    assert cfg == TrainConfig(model_name_or_path="m", train_file="t.jsonl")
+    assert cfg == TrainConfig(model_name_or_path="m", train_file="t.jsonl", precision=resolve_precision("auto"))
 
 
 def test_unknown_key_names_file_line_and_suggests(tmp_path):
@@ -333,3 +334,100 @@ def test_readme_documents_every_field_with_its_default():
         assert f"| `{f.name}` | " in readme, f.name
         row = next(line for line in readme.splitlines() if line.startswith(f"| `{f.name}` | "))
         assert default in row, (f.name, row)
+
+
+# ---------------------------------------------------------------------------- paths, before anything loads
+def train_cli(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dpo_ds", "train", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **(env or {})})
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+
+
+@pytest.fixture
+def fake_run_inputs(tmp_path):
+    """A model directory and a pairs file that pass the path checks (nothing here is loadable)."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("{}\n")
+    return model, pairs
+
+
+@pytest.mark.parametrize("field,value,words", [
+    ("model_name_or_path", "demo_runs/assets/modle", "no such directory"),  # three parts: a path, never a hub id
+    ("model_name_or_path", "my_runs/nosuch", "not in the local Hugging Face cache"),  # hub-shaped, offline
+    ("model_name_or_path", "{tmp}/pairs.jsonl", "not a directory"),
+    ("model_name_or_path", "{tmp}", "no config.json"),
+    ("ref_model_name_or_path", "{tmp}/no_ref", "no such directory"),
+    ("train_file", "{tmp}/nosuch.jsonl", "no such file or directory"),
+    ("eval_file", "{tmp}/held.jsonl", "no such file or directory"),
+    ("deepspeed_config", "{tmp}/ds.json", "no such file or directory"),
+    ("resume_from", "{tmp}/run/checkpoints/step-00000002", "no such file or directory"),
+])
+def test_missing_path_is_one_line_config_error_before_anything_loads(fake_run_inputs, tmp_path, field, value, words):
+    """Issue 13 items 1-2: was a 29-78 line traceback (or a 49 s hub retry) after the tokenizer had loaded."""
+    model, pairs = fake_run_inputs
+    value = value.format(tmp=tmp_path)
+    args = {"model_name_or_path": str(model), "train_file": str(pairs), "output_dir": str(tmp_path / "out"), field: value}
+    proc = train_cli([a for k, v in args.items() for a in (f"--{k}", v)], env={"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    [line] = error_lines(proc)  # one line, no traceback
+    assert line.startswith("dpo-ds train: error: ") and f"field '{field}'" in line and value in line and words in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_refused_start_leaves_the_run_folder_untouched(fake_run_inputs, tmp_path):
+    """Issue 13 item 3: run_config.json was overwritten before the start was refused."""
+    model, pairs = fake_run_inputs
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "latest").write_text("step-00000004\n")
+    (out / "run_config.json").write_text('{"beta": 0.3}\n')
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    proc = train_cli(["--model_name_or_path", str(model), "--train_file", str(pairs), "--output_dir", str(out),
+                      "--beta", "0.5"])
+    assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr, proc.stderr[-3000:]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_precision_auto_resolves_to_fp32_on_cpu(tmp_path):
+    """Issue 13 item 8: a config without `precision` trained and exported bf16 on a CPU."""
+    assert FIELDS["precision"].default == "auto"
+    assert load_config(write(tmp_path, "model_name_or_path: m\ntrain_file: t.jsonl\n")).precision == "fp32"
+    assert load_config(None, {**REQUIRED, "precision": "bf16"}).precision == "bf16"
+
+
+# ---------------------------------------------------------------------------------------- LoRA
+def test_lora_fields_from_yaml(tmp_path):
+    cfg = load_config(write(tmp_path, "model_name_or_path: m\ntrain_file: t.jsonl\nlora_r: 16\nlora_alpha: 32\n"
+                                      "lora_target_modules: [q_proj, v_proj]\n"))
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules) == (16, 32.0, "q_proj,v_proj")
+
+
+@pytest.mark.parametrize("fields,field,words", [
+    (dict(lora_r=-1), "lora_r", "0 = full fine-tuning"),
+    (dict(lora_r=8, lora_alpha=0.0), "lora_alpha", "> 0"),
+    (dict(lora_r=8, lora_dropout=1.0), "lora_dropout", "[0, 1)"),
+    (dict(lora_r=8, lora_target_modules=" , "), "lora_target_modules", "names no module"),
+    (dict(lora_r=8, ref_model_name_or_path="other"), "ref_model_name_or_path", "no separate reference model"),
+    (dict(lora_quantize="nf4"), "lora_quantize", "set lora_r"),
+    (dict(lora_r=8, lora_quantize="nf4"), "lora_quantize",
+     "not implemented" if torch.cuda.is_available() else "CUDA GPU"),
+])
+def test_lora_config_errors(fields, field, words):
+    message = config_error(validate, cfg_of(**fields))
+    assert f"field '{field}'" in message and words in message, message
+
+
+def test_lora_adapter_must_be_a_lora_peft_directory(tmp_path):
+    assert "adapter_config.json not found" in config_error(validate, cfg_of(lora_adapter=str(tmp_path)))
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "PREFIX_TUNING"}')
+    assert "only LoRA adapters" in config_error(validate, cfg_of(lora_adapter=str(tmp_path)))
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}')
+    validate(cfg_of(lora_adapter=str(tmp_path)))
+    assert "no separate reference model" in config_error(
+        validate, cfg_of(lora_adapter=str(tmp_path), ref_model_name_or_path="other"))

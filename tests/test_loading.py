@@ -5,6 +5,7 @@ The distributed part runs this file under torchrun (2 ranks): `python tests/test
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -150,3 +151,36 @@ if __name__ == "__main__":
     from launcher.dist import exit_process
 
     exit_process(0)  # as the dpo-ds entry point does: no interpreter teardown after gloo
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("path", ["straight from the files", "per expert slice", "whole tensor"])
+def test_checkpoint_layout_is_converted_as_from_pretrained_does(tmp_path, family, path):
+    """Per-expert checkpoint tensors -> transformers' fused in-memory experts, read in odd-sized ranges (as the
+    streamed loader reads partitions), by each of layout.ConvertedTensor's three ways."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    shapes = {"mixtral": dict(num_local_experts=3), "qwen3_moe": dict(num_experts=3, moe_intermediate_size=24)}
+    config = AutoConfig.for_model(family, vocab_size=50, hidden_size=16, intermediate_size=40, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1, num_experts_per_tok=2, **shapes[family])
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    expected = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).state_dict()
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tmp_path), dtype=torch.float32)
+    checkpoint = read_headers(checkpoint_files(tmp_path))
+    plan = plan_loading(model, checkpoint, str(tmp_path))
+    converted = [checkpoint[key] for key, _, _ in plan if not isinstance(checkpoint[key], TensorEntry)]
+    assert len(converted) == 2 and all(t.concatenated for t in converted)  # gate_up_proj and down_proj
+    for tensor in converted:
+        tensor.concatenated = path == "straight from the files"
+        tensor.sliced = tensor.sliced and path != "whole tensor"
+        tensor.slice_numel = tensor.slice_numel if tensor.sliced else math.prod(tensor.shape)
+    for key, target, _ in plan:
+        flat = torch.empty(target.numel(), dtype=checkpoint[key].torch_dtype)
+        for start in range(0, flat.numel(), 7):
+            read_range(checkpoint[key], start, flat[start:start + 7])
+        with torch.no_grad():
+            target.copy_(flat.view(target.shape))
+    got = model.state_dict()
+    assert [k for k in expected if not torch.equal(got[k], expected[k])] == []
+    assert {type(c).__name__ for c in model._weight_conversions} >= {"WeightConverter"}  # recorded for saving

@@ -39,6 +39,8 @@ SMALL = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=96, num_atte
     pytest.param(lambda: AutoConfig.for_model("qwen3", **SMALL), id="qwen3"),
     pytest.param(lambda: AutoConfig.for_model("mixtral", num_local_experts=4, num_experts_per_tok=2, **SMALL),
                  id="mixtral-small"),
+    pytest.param(lambda: AutoConfig.for_model("qwen3_moe", num_experts=8, num_experts_per_tok=2,
+                                              moe_intermediate_size=40, **SMALL), id="qwen3_moe-small"),
 ])
 def test_param_count_and_largest_module_match_the_built_model(config):
     config = config()
@@ -59,6 +61,22 @@ def test_preset_sizes_are_the_published_ones():
     assert set(P.PRESETS) == set(published) | {"llama-60m"}
     mixtral = P.load_shape("mixtral-8x7b")
     assert 12.8e9 < mixtral.active_params < 13.0e9  # "12.9B active parameters" (Mixtral of Experts, 2024)
+
+
+@pytest.mark.parametrize("model_type,experts", [("mixtral", {"num_local_experts": 8}),
+                                                ("qwen3_moe", {"num_experts": 8, "moe_intermediate_size": 40})])
+def test_moe_active_params_count_only_the_routed_experts(model_type, experts):
+    """FLOPs use the parameters a token passes through: of the built model's expert tensors, 2 of 8 experts."""
+    config = AutoConfig.for_model(model_type, num_experts_per_tok=2, **experts, **SMALL)
+    expert_params = sum(p.numel() for name, p in meta_model(config).named_parameters() if ".experts." in name)
+    shape = P.shape_from_config(config, "m")
+    assert shape.active_params == shape.params - expert_params * 6 // 8
+
+
+def test_moe_with_dense_layers_is_refused_by_name():
+    config = AutoConfig.for_model("qwen3_moe", num_experts=4, mlp_only_layers=[0], **SMALL)
+    with pytest.raises(SystemExit, match=r"'m' mixes dense MLP layers \[0\]"):
+        P.shape_from_config(config, "m")
 
 
 # ------------------------------------------------------------------ DeepSpeed's ZeRO-3 estimator
@@ -107,7 +125,10 @@ def test_llama_70b_needs_four_nodes_without_offload():
     for seq_len in (2048, 4096):
         fits = {n: P.plan(shape, setup(n, seq_len, reference="offload")).fits for n in (1, 2, 4)}
         assert fits == {1: False, 2: False, 4: True}, seq_len
+        # the machines given first: one node with the optimizer offloaded, before four nodes without offload
         found = P.smallest_fit(shape, setup(1, seq_len, reference="offload"))
+        assert (found.setup.nodes, found.setup.offload_optimizer, found.setup.offload_params) == (1, True, False)
+        found = P.smallest_fit(shape, setup(1, seq_len, reference="offload", cpu_memory_gb=256))
         assert (found.setup.nodes, found.setup.offload_optimizer, found.setup.offload_params) == (4, False, False)
 
 
@@ -196,3 +217,53 @@ def test_fused_log_probs_budget_less_than_full_logits():
     fused, full = (P.plan(model, setup(1, fused_lm_head=flag)) for flag in (True, False))
     item = {i.name: i.gpu_bytes for i in fused.items}["log-probs in lm_head (fused, chunked)"]
     assert item < {i.name: i.gpu_bytes for i in full.items}["logits + chunked fp32 log-softmax"] / 4
+
+
+def test_plan_answers_for_the_machines_given_with_train_flags(capsys):
+    """Issue 13 item 11: for llama3-8b on one 24 GB GPU, plan defaulted to a GPU-resident reference (train offloads
+    it), answered `16 node(s) x 1 GPUs` before trying offload on the machine given, and printed no flags."""
+    args = ["plan", "--model", "llama3-8b", "--nodes", "1", "--gpus_per_node", "1", "--gpu_memory_gb", "24"]
+    assert main([*args, "--cpu_memory_gb", "256", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["setup"]["reference"] == "offload"
+    assert out["smallest_fit"]["nodes"] == 1 and out["smallest_fit"]["offload_params"]
+    assert out["smallest_fit"]["train_flags"] == ["--micro_batch_size", "1", "--max_length", "4096", "--precision",
+                                                  "bf16", "--deepspeed_config", "ds_configs/zero3_offload_all.json"]
+    assert main([*args, "--cpu_memory_gb", "64"]) == 0  # too little host memory for the offloaded optimizer
+    text = capsys.readouterr().out
+    assert "not on 1 node(s) with any offload or micro batch; needs more nodes" in text
+    assert "dpo-ds train --micro_batch_size 1 --max_length 4096 --precision bf16 --deepspeed_config" in text
+    assert "16 node(s)" not in text
+
+
+# ---------------------------------------------------------------------------------------- LoRA
+@pytest.mark.parametrize("model_type,extra", [("llama", {}), ("qwen2", {}),
+                                              ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2))])
+def test_lora_params_match_the_models_linear_layers(model_type, extra):
+    """r x (in + out) for every nn.Linear but lm_head (MoE experts are fused parameters, not Linear)."""
+    config = AutoConfig.for_model(model_type, **SMALL, **extra)
+    model = meta_model(config)
+    head = model.get_output_embeddings()
+    linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    assert P.shape_from_config(config, "m").lora_params(8) == sum(8 * (m.in_features + m.out_features) for m in linear)
+
+
+def test_llama_70b_lora_fits_one_node_of_eight_80gb_gpus():
+    shape = P.load_shape("llama-70b")
+    full = P.plan(shape, setup(1, reference="offload"))
+    lora = P.plan(shape, setup(1, lora_r=16))
+    assert not full.fits and lora.fits
+    assert lora.cpu_bytes_per_node == 0  # nothing offloaded, no reference model anywhere
+    assert lora.item(P.POLICY_PARAMS).gpu_bytes == pytest.approx(2 * (shape.params + shape.lora_params(16)) / 8)
+    # grads, fp32 master and Adam for the adapter only: 2 + 4 + 8 B per adapter param
+    states = sum(lora.item(n).gpu_bytes for n in (P.POLICY_GRADS, P.POLICY_OPTIMIZER))
+    assert states == pytest.approx(14 * shape.lora_params(16) / 8)
+    assert not any(item.name.startswith("reference") for item in lora.items)
+    # frozen base: no weight gradients, so 2N forward + 2N backward, + 2N for the reference forward
+    assert lora.flops.dense == 6 * shape.params * lora.flops.tokens
+
+
+def test_cli_lora(capsys):
+    assert main(["plan", "--model", "llama-70b", "--lora_r", "16", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["fits"] and out["setup"]["lora_r"] == 16 and out["lora_params"] == P.load_shape("llama-70b").lora_params(16)

@@ -1,0 +1,57 @@
+"""The `dpo-ds` entry point: results alone on stdout, `eval` of a run's model, DeepSpeed's op build (issue 13)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from dpo_ds import cli
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_eval_of_a_runs_model_uses_its_settings_and_prints_only_json(demo_assets, tmp_path):
+    """Items 6 and 10: DeepSpeed's 'built successfully' line came before the JSON on stdout; eval scored with beta
+    0.1 unless the training beta was repeated, and wrote eval_pairs.jsonl into the current directory."""
+    run = tmp_path / "run"
+    shutil.copytree(demo_assets.model_dir, run / "final")
+    (run / "run_config.json").write_text(json.dumps({"beta": 0.5, "loss_type": "sigmoid", "label_smoothing": 0.0}))
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "dpo_ds", "eval", "--model", str(run / "final"), "--data",
+                           demo_assets.heldout_file], cwd=cwd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)  # nothing else on stdout
+    assert summary["beta"] == 0.5 and summary["per_pair_file"] == str(run / "eval_pairs_heldout.jsonl")
+    records = [json.loads(line) for line in (run / "eval_pairs_heldout.jsonl").read_text().splitlines()]
+    assert len(records) == summary["pairs"] > 0
+    assert all(abs(r["chosen_reward"] - 0.5 * r["policy_chosen_logp"]) < 1e-4 for r in records)  # no reference: r = beta logp
+    assert list(cwd.iterdir()) == []
+
+
+def test_results_go_to_stdout_and_everything_else_to_stderr(capfd):
+    """Item 6: what a command prints while it runs (Python or C) goes to stderr, its result to stdout."""
+    with cli._stdout_for_results_only():
+        print("DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully")
+        os.write(1, b"ninja output\n")
+        cli.emit('{"accuracy": 1.0}')
+    out, err = capfd.readouterr()
+    assert out == '{"accuracy": 1.0}\n'
+    assert "built successfully" in err and "ninja output" in err
+
+
+def test_ops_build_once_per_environment_with_a_message(tmp_path, monkeypatch, capsys):
+    """Item 7: outside `make` TORCH_EXTENSIONS_DIR was unset and the CPU op was compiled again, silently."""
+    assert cli.default_extensions_dir() == str(Path(sys.prefix) / "torch_extensions")  # the Makefile's .venv one
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    cli.announce_op_build()
+    assert f"building DeepSpeed op(s) deepspeed_shm_comm into {tmp_path}" in capsys.readouterr().err
+    (tmp_path / "deepspeed_shm_comm").mkdir()
+    (tmp_path / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").write_bytes(b"")
+    cli.announce_op_build()
+    assert capsys.readouterr().err == ""

@@ -1,0 +1,181 @@
+"""LoRA DPO: 2-rank ZeRO-3 runs against a plain single-process PEFT DPO, the merged and adapter outputs,
+checkpoints (adapter only), exact resume and `dpo-ds convert` both ways.
+
+Three 2-rank launches on the tiny demo model:
+- `adapter_run`: from a saved adapter (non-zero B, its own r/alpha/targets), live reference = frozen copy of it;
+- `fresh_run`: fresh adapter, precomputed reference (base with the adapter off), checkpoints at steps 2 and 4;
+- `resumed_run`: the fresh run resumed from its step-2 checkpoint.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from helpers import launch, plain_dpo, read_metrics, run_cli, write_config
+
+SETTINGS = dict(precision="fp32", micro_batch_size=2, gradient_accumulation_steps=2, max_steps=3, shuffle=False,
+                learning_rate=5e-3, warmup_steps=1, lr_scheduler="linear", weight_decay=0.01, max_grad_norm=0.5,
+                beta=0.1, logging_steps=1, gradient_checkpointing=True, seed=0)
+WORLD = 2
+ADAPTER_R, ADAPTER_ALPHA, ADAPTER_TARGETS = 4, 8, ["q_proj", "v_proj", "down_proj"]
+
+
+def _weights(directory) -> dict[str, torch.Tensor]:
+    out = {}
+    for shard in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(str(shard)))
+    return out
+
+
+def _base(model_dir):
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
+
+def _merged(base: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
+    """base + B A * alpha / r for every adapted weight, from the adapter file's own tensors."""
+    out = dict(base)
+    for key, a in adapter.items():
+        if ".lora_A." in key:
+            module = key.removeprefix("base_model.model.").split(".lora_A.")[0]
+            b = adapter[key.replace(".lora_A.", ".lora_B.")]
+            out[f"{module}.weight"] = base[f"{module}.weight"] + (b @ a) * scaling
+    return out
+
+
+@pytest.fixture(scope="module")
+def starting_adapter(demo_assets, tmp_path_factory):
+    """A PEFT adapter (as an SFT stage would leave it): non-default r, alpha and targets, B non-zero."""
+    path = tmp_path_factory.mktemp("lora") / "sft_adapter"
+    torch.manual_seed(1)
+    model = get_peft_model(_base(demo_assets.model_dir), LoraConfig(
+        r=ADAPTER_R, lora_alpha=ADAPTER_ALPHA, target_modules=ADAPTER_TARGETS, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def adapter_run(demo_assets, starting_adapter, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lora_adapter_run")
+    cfg = write_config(tmp / "run.yaml", model_name_or_path=demo_assets.model_dir, train_file=demo_assets.train_file,
+                       output_dir=str(tmp / "out"), lora_adapter=str(starting_adapter), **SETTINGS)
+    launch(["tests/dist_train_probe.py", str(cfg), str(tmp / "probe.pt")], nproc=WORLD)
+    return tmp / "out", torch.load(tmp / "probe.pt", weights_only=True)
+
+
+FRESH = dict(SETTINGS, max_steps=4, save_steps=2, lora_r=8, lora_alpha=16, precompute_ref=True)
+
+
+@pytest.fixture(scope="module")
+def fresh_run(demo_assets, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lora_fresh_run")
+    cfg = write_config(tmp / "run.yaml", model_name_or_path=demo_assets.model_dir, train_file=demo_assets.train_file,
+                       output_dir=str(tmp / "out"), **FRESH)
+    launch(["-m", "dpo_ds", "train", "--config", str(cfg)], nproc=WORLD)
+    return tmp / "out", cfg
+
+
+def test_matches_plain_peft_dpo_from_the_same_adapter(adapter_run, demo_assets, starting_adapter):
+    out, probe = adapter_run
+    policy = PeftModel.from_pretrained(_base(demo_assets.model_dir), starting_adapter, is_trainable=True)
+    reference = copy.deepcopy(policy).requires_grad_(False)
+    expected_losses, _ = plain_dpo(demo_assets.model_dir, demo_assets.train_file, SETTINGS, WORLD,
+                                   policy=policy, reference=reference)
+    got_losses = [m["loss"] for m in read_metrics(out) if "loss" in m]
+    assert len(got_losses) == SETTINGS["max_steps"]
+    assert abs(got_losses[0] - math.log(2)) < 1e-6  # reference = the starting adapter, a frozen copy
+    for got, want in zip(got_losses, expected_losses):
+        assert abs(got - want) < 1e-6, (got_losses, expected_losses)
+    expected = get_peft_model_state_dict(policy)
+    saved = load_file(str(out / "final_adapter" / "adapter_model.safetensors"))
+    assert set(saved) == set(expected)
+    start = load_file(str(starting_adapter / "adapter_model.safetensors"))
+    assert max(float((saved[k] - start[k]).abs().max()) for k in saved) > 1e-3  # the adapter really trained...
+    assert max(float((saved[k] - expected[k]).abs().max()) for k in saved) < 1e-5  # ...as plain PEFT DPO did
+    # the adapter's own r, alpha and targets were used
+    config = json.loads((out / "final_adapter" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], sorted(config["target_modules"])) == (ADAPTER_R, ADAPTER_ALPHA,
+                                                                                      sorted(ADAPTER_TARGETS))
+    # one engine: the reference is the policy's own with the adapter switched
+    assert probe["deepspeed_engines"] == 1 and probe["reference"] == "AdapterReference"
+    assert probe["policy_checkpointing"] is True
+
+
+def test_outputs_merged_model_and_peft_adapter(adapter_run, demo_assets):
+    out, probe = adapter_run
+    base = load_file(f"{demo_assets.model_dir}/model.safetensors")
+    adapter = load_file(str(out / "final_adapter" / "adapter_model.safetensors"))
+    merged = _merged(base, adapter, ADAPTER_ALPHA / ADAPTER_R)
+    final = _weights(out / "final")
+    assert set(final) == set(base)
+    assert max(float((final[n] - w).abs().max()) for n, w in merged.items()) < 1e-6
+    assert sum(not torch.equal(final[n], base[n]) for n in base) == 2 * 3  # 2 layers x 3 adapted modules
+    # final_adapter/ loads with peft on the base and computes what final/ computes (and the engine did)
+    with torch.no_grad():
+        peft_logits = PeftModel.from_pretrained(_base(demo_assets.model_dir), out / "final_adapter").eval()(
+            input_ids=probe["probe"]).logits
+        merged_logits = AutoModelForCausalLM.from_pretrained(out / "final", dtype=torch.float32).eval()(
+            input_ids=probe["probe"]).logits
+    assert torch.allclose(peft_logits, merged_logits, atol=1e-5, rtol=0)
+    assert torch.allclose(merged_logits, probe["logits"], atol=1e-5, rtol=0)
+
+
+def test_fresh_adapter_starts_at_ln2_and_checkpoints_hold_only_the_adapter(fresh_run, demo_assets):
+    out, _ = fresh_run
+    first = read_metrics(out)[0]
+    assert abs(first["loss"] - math.log(2)) < 1e-6 and first["rewards/margins"] == 0.0
+    ckpt = out / "checkpoints" / "step-00000004"
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    trained = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="ds", exclude_frozen_parameters=True)
+    assert trained and all(".lora_" in name for name in trained)  # optimizer state only for adapter params
+    base_bytes = (Path(demo_assets.model_dir) / "model.safetensors").stat().st_size
+    ds_bytes = sum(f.stat().st_size for f in (ckpt / "ds").rglob("*") if f.is_file())
+    assert ds_bytes < base_bytes / 4, (ds_bytes, base_bytes)
+    # frozen base: every weight LoRA does not touch is exported bit for bit
+    base = load_file(f"{demo_assets.model_dir}/model.safetensors")
+    final = _weights(out / "final")
+    untouched = [n for n in base if not n.endswith("proj.weight")]
+    assert untouched and all(torch.equal(final[n], base[n]) for n in untouched)
+
+
+def test_convert_lora_checkpoint_both_ways(fresh_run, tmp_path):
+    out, _ = fresh_run
+    ckpt = out / "checkpoints" / "step-00000004"  # the last step: equals the run's final outputs
+    run_cli(["convert", str(ckpt), str(tmp_path / "merged"), "--dtype", "fp32"])
+    run_cli(["convert", str(ckpt), str(tmp_path / "adapter"), "--adapter_only"])
+    final, merged = _weights(out / "final"), _weights(tmp_path / "merged")
+    assert set(merged) == set(final)
+    assert max(float((merged[n] - final[n]).abs().max()) for n in final) < 1e-6
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged") is not None
+    adapter = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    expected = load_file(str(out / "final_adapter" / "adapter_model.safetensors"))
+    assert set(adapter) == set(expected) and all(torch.equal(adapter[k], expected[k]) for k in expected)
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == FRESH["lora_r"]
+
+
+def test_resume_is_exact(fresh_run, tmp_path):
+    out, cfg = fresh_run
+    resumed = tmp_path / "resumed"
+    launch(["-m", "dpo_ds", "train", "--config", str(cfg), "--output_dir", str(resumed),
+            "--resume_from", str(out / "checkpoints" / "step-00000002"), "--cache_dir", str(out / "caches")],
+           nproc=WORLD)
+    full = {m["step"]: m["loss"] for m in read_metrics(out) if "loss" in m}
+    again = {m["step"]: m["loss"] for m in read_metrics(resumed) if "loss" in m}
+    assert sorted(again) == [3, 4] and all(again[s] == full[s] for s in again)
+    expected = load_file(str(out / "final_adapter" / "adapter_model.safetensors"))
+    got = load_file(str(resumed / "final_adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    shutil.rmtree(resumed)
