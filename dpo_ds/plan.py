@@ -481,7 +481,11 @@ def train_flags(result: Plan) -> list[str]:
     preset = PRESETS_BY_OFFLOAD.get((s.offload_optimizer, s.offload_params))
     flags = ["--micro_batch_size", str(s.micro_batch_size), "--max_length", str(s.seq_len), "--precision", s.precision]
     flags += ["--deepspeed_config", preset] if preset else []
-    return flags + REFERENCE_FLAGS[s.reference] + ([] if s.fused_lm_head else ["--fused_lm_head", "false"])
+    if s.lora_r:  # the reference is the policy's own base: no reference engine to place
+        flags += ["--lora_r", str(s.lora_r)] + ([] if s.reference in ("gpu", "offload") else REFERENCE_FLAGS[s.reference])
+    else:
+        flags += REFERENCE_FLAGS[s.reference]
+    return flags + ([] if s.fused_lm_head else ["--fused_lm_head", "false"])
 
 
 # ----------------------------------------------------------------------------------------------- CLI

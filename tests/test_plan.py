@@ -267,3 +267,4 @@ def test_cli_lora(capsys):
     assert main(["plan", "--model", "llama-70b", "--lora_r", "16", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["fits"] and out["setup"]["lora_r"] == 16 and out["lora_params"] == P.load_shape("llama-70b").lora_params(16)
+    assert out["smallest_fit"]["train_flags"][-2:] == ["--lora_r", "16"]
