@@ -5,6 +5,7 @@
     python benchmarks/data_scale.py pairs DIR N [--words W]          # DIR/pairs-N.jsonl, ~590 stored tokens per pair
     python benchmarks/data_scale.py train DIR N [--dist_timeout_s 60] [--nproc 2] [--cache_dir CACHE] [--words W]
     python benchmarks/data_scale.py prepare DIR N [--workers K] [--words W]
+    python benchmarks/data_scale.py memory DIR N --cache_dir CACHE [--words W]   # one rank's PSS for the data
 
 Pairs are Zipf-distributed pseudo-words (natural-text frequencies); --words sets the words per prompt and
 per completion (190: ~590 stored tokens per pair, 19: ~60).
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # this checkout's dpo_ds, also for `memory`
 WORDS = 190  # words in each of prompt, chosen, rejected: ~590 stored tokens per pair with this vocabulary
 
 
@@ -139,9 +141,31 @@ def run_prepare(out: Path, n: int, workers: int, words: int) -> dict:
             "stderr_tail": proc.stderr[-400:] if proc.returncode else ""}
 
 
+def rank_memory(out: Path, n: int, cache_dir: str, words: int) -> dict:
+    """PSS of this process before and after what one rank does with the data: load the prepared cache, build
+    the sampler, cut step 0's micro-batches and collate one."""
+    import psutil
+    from transformers import AutoTokenizer
+
+    from dpo_ds import data as D
+    from dpo_ds.config import TrainConfig
+
+    me = psutil.Process()
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    before = me.memory_full_info().pss
+    pairs, _ = D.load_pairs(str(write_pairs(out, n, words)), tok, max_length=1024, max_prompt_length=None,
+                            skip_bad_rows=False, cache_dir=cache_dir)
+    sampler = D.PairSampler.for_config(TrainConfig(micro_batch_size=1), pairs, 2)
+    D.collate(pairs, sampler.micro_batches(0, 0)[0], 0)
+    after = me.memory_full_info().pss
+    return {"pairs": n, "words_per_field": words, "stored_tokens": pairs.stored_tokens,
+            "rank_pss_delta_mib": round((after - before) / 2**20, 1),
+            "bytes_per_stored_token": round((after - before) / pairs.stored_tokens, 3)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["assets", "pairs", "train", "prepare"])
+    ap.add_argument("what", choices=["assets", "pairs", "train", "prepare", "memory"])
     ap.add_argument("dir", type=Path)
     ap.add_argument("n", type=int, nargs="?", default=200)
     ap.add_argument("--dist_timeout_s", type=float, default=60)
@@ -158,6 +182,8 @@ def main() -> None:
         print(write_pairs(a.dir, a.n, a.words))
     elif a.what == "train":
         print(json.dumps(run_train(a.dir, a.n, a.dist_timeout_s, a.nproc, a.cache_dir, a.words)), flush=True)
+    elif a.what == "memory":
+        print(json.dumps(rank_memory(a.dir, a.n, a.cache_dir, a.words)), flush=True)
     else:
         print(json.dumps(run_prepare(a.dir, a.n, a.workers, a.words)), flush=True)
 

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Issue 10's table: time to the end of step 1 and summed PSS for 200 and 100k pairs (2 ranks,
-# dist_timeout_s 60, each run preparing its own fresh cache); `dpo-ds prepare` of 100k pairs with 1 and 2
+# dist_timeout_s 60, each run preparing its own fresh cache); `dpo-ds prepare` of 5k pairs with 1 and 2
 # tokenizer processes (scaling with cores); `dpo-ds prepare` of 1M pairs, then a 2-rank run on that cache to
 # step 1. Results: one JSON line each in OUT/results.jsonl.
 #
@@ -17,7 +17,7 @@ for n in 200 100000; do
     "$PY" benchmarks/data_scale.py train "$OUT" "$n" --dist_timeout_s 60 | tee -a "$OUT/results.jsonl"
 done
 for workers in 1 2; do
-    "$PY" benchmarks/data_scale.py prepare "$OUT" 100000 --workers "$workers" | tee -a "$OUT/results.jsonl"
+    "$PY" benchmarks/data_scale.py prepare "$OUT" 5000 --workers "$workers" | tee -a "$OUT/results.jsonl"
 done
 WORDS_1M=${2:-19}
 "$PY" benchmarks/data_scale.py prepare "$OUT" 1000000 --workers 2 --words "$WORDS_1M" | tee -a "$OUT/results.jsonl"
