@@ -168,7 +168,6 @@ def _load_with_transformers(path: str, ds_config: dict[str, Any], dtype: torch.d
     finally:
         del hf_ds_config
         unset_hf_deepspeed_config()
-    model.config.use_cache = False
     return model
 
 

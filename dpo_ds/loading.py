@@ -434,5 +434,4 @@ def load_sharded_pretrained(path: str, ds_config: dict[str, Any], dtype: torch.d
     if (Path(path) / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
     model.eval()  # as from_pretrained leaves it
-    model.config.use_cache = False
     return model

@@ -113,9 +113,10 @@ def test_family_trains_like_plain_dpo_and_saves_like_save_pretrained(runs, famil
     converted = convert_checkpoint(str(run_dir / "checkpoints" / "step-00000002"), str(tmp_path / "converted"),
                                    dtype="fp32")
     _assert_same_tensors(_safetensors(converted), reference, "dpo-ds convert")
-    for exported in (run_dir / "final", converted):  # the model's own config values (dropout) come back
+    for exported in (run_dir / "final", converted):  # the model's own config values (dropout, cache) come back
         assert json.loads((exported / "config.json").read_text()).get("attn_pdrop") == \
             json.loads((model_dir / "config.json").read_text()).get("attn_pdrop")
+        assert AutoConfig.from_pretrained(exported).use_cache == AutoConfig.from_pretrained(model_dir).use_cache
 
     reloaded = AutoModelForCausalLM.from_pretrained(run_dir / "final", dtype=torch.float32).eval()
     with torch.no_grad():
