@@ -257,6 +257,7 @@ def check_shared_dirs(dirs: dict[str, str]) -> None:
     if dist.get_rank() == 0:
         for path in dirs.values():
             (Path(path) / SHARED_CHECK_FILE).unlink(missing_ok=True)
+    barrier()  # no rank goes on (or lists the directory) while the check file is still there
     failed = {field: [(rank, host, seen[field]) for rank, (host, seen) in enumerate(reports) if field in seen]
               for field in dirs}
     lines = [f"{field} {dirs[field]!r} is not the same directory on every rank: rank 0 "
