@@ -29,7 +29,10 @@ import torch.distributed as dist
 from dpo_ds.cli import emit
 from dpo_ds.config import ConfigError, add_config_arguments, config_from_args, uses_lora, uses_reference
 from dpo_ds.data import PairLocations, PairSampler, TokenizedPairs
-from launcher.dist import all_reduce, on_rank0
+from dpo_ds.metrics import PairStats, SectionTimer, max_over_ranks, peak_memory_gib, setup_logging
+from dpo_ds.plan import model_config_and_name, shape_from_config
+from dpo_ds.prepare import cache_dir_of
+from launcher.dist import all_reduce, check_shared_dirs, init_distributed, on_rank0
 
 HELP = __doc__
 # Dense bf16 peak TFLOP/s per device, for MFU when --peak_tflops is not given.
@@ -78,9 +81,7 @@ def synthetic_pairs(n: int, spec: str, max_length: int, vocab_size: int, seed: i
 
 def _model_dir(model: str, output_dir: Path) -> tuple[Path, object]:
     """A random-init Hugging Face directory for `model` (rank 0 writes it once; the others wait)."""
-    from dpo_ds.plan import load_model_config
-
-    config, name = load_model_config(model)
+    config, name = model_config_and_name(model)
     target = output_dir / "bench_model" / name
 
     def build() -> None:
@@ -107,13 +108,11 @@ def _peak_tflops(given: float | None) -> float | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # heavy (DeepSpeed): imported when the command runs, so `dpo-ds bench --help` stays fast
     from deepspeed.accelerator import get_accelerator
-    from launcher.dist import check_shared_dirs, init_distributed
 
     from dpo_ds.engines import fused_head
-    from dpo_ds.metrics import PairStats, SectionTimer, max_over_ranks, peak_memory_gib
-    from dpo_ds.plan import shape_from_config
-    from dpo_ds.trainer import build_run, cache_dir_of, pair_step, setup_logging
+    from dpo_ds.trainer import build_run, pair_step
 
     args.model_name_or_path = args.model  # validated below, replaced by the written directory
     args.train_file = "synthetic"

@@ -36,6 +36,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from dpo_ds.hf_dir import saved_config, write_hf_metadata
+from dpo_ds.lora import checkpoint_metadata, is_lora_engine
 from launcher.dist import all_reduce, barrier, on_rank0
 
 logger = logging.getLogger("dpo_ds")
@@ -151,9 +153,6 @@ def _publish(engine, tmp: Path, final: Path, root: Path, state: TrainerState, sa
              tokenizer) -> None:
     """Rank 0, once every rank's files are in `tmp`: metadata, state, manifest, rename, `latest`, pruning.
     On failure the partial directory goes; the previous checkpoint and `latest` are untouched."""
-    from dpo_ds.convert import saved_config, write_hf_metadata
-    from dpo_ds.lora import checkpoint_metadata
-
     try:
         model = engine.module
         write_hf_metadata(tmp / HF_METADATA, saved_config(model), getattr(model, "generation_config", None), tokenizer)
@@ -295,8 +294,6 @@ def prepare_universal(ckpt: Path) -> None:
 
 def load_checkpoint(engine, ckpt: Path, saved: TrainerState, world_size: int) -> None:
     """Restore DeepSpeed state (universal when the world size changed) and this rank's RNG."""
-    from dpo_ds.lora import is_lora_engine
-
     universal = saved.world_size != world_size
     tag = UNIVERSAL_TAG if universal else DS_TAG
     groups_as_built = [dict(group) for group in engine.optimizer.optimizer.param_groups]

@@ -23,7 +23,9 @@ import torch
 from deepspeed.accelerator import get_accelerator
 
 from dpo_ds.config import ConfigError, TrainConfig, uses_lora
+from dpo_ds.loading import has_safetensors, load_sharded_pretrained
 from dpo_ds.logprobs import head_sequence_logps, scored_positions, sequence_logps
+from dpo_ds.lora import attach_adapters
 
 logger = logging.getLogger("dpo_ds")
 
@@ -134,12 +136,6 @@ def attention_kernel(cfg: TrainConfig) -> str | None:
     return None
 
 
-def load_model_config(path: str, trust_remote_code: bool):
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-
-
 def load_sharded_model(path: str, ds_config: dict[str, Any], dtype: torch.dtype, trust_remote_code: bool,
                        weights_loader: str = "streamed", attn_implementation: str | None = None):
     """The model at `path`, ZeRO-3 partitioned as it is built, so no rank ever holds the whole model.
@@ -148,8 +144,6 @@ def load_sharded_model(path: str, ds_config: dict[str, Any], dtype: torch.dtype,
     rank 0 and sends it, so a rank holds its partition plus one chunk. Otherwise (`transformers`, hub ids,
     .bin files): `from_pretrained` under HfDeepSpeedConfig, where rank 0 maps the whole checkpoint.
     """
-    from dpo_ds.loading import has_safetensors, load_sharded_pretrained
-
     if weights_loader == "streamed" and has_safetensors(path):
         return load_sharded_pretrained(path, ds_config, dtype, trust_remote_code, attn_implementation)
     return _load_with_transformers(path, ds_config, dtype, trust_remote_code, attn_implementation)
@@ -203,7 +197,7 @@ def disable_dropout(model: torch.nn.Module) -> None:
     """Dropout off for good, whatever mode the model is in (the policy trains in train mode): every dropout
     module gets p = 0, and every dropout rate a module copied from its config or reads from it while running
     (attention_dropout, resid_pdrop, ...) becomes 0. The config's own values are remembered for exports
-    (convert.saved_config)."""
+    (hf_dir.saved_config)."""
     from transformers import PretrainedConfig
 
     configs = [("", model.config)] + [(name, value) for name, value in vars(model.config).items()
@@ -253,8 +247,6 @@ def build_policy_engine(cfg: TrainConfig, ds_config: dict[str, Any], total_steps
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if uses_lora(cfg):
-        from dpo_ds.lora import attach_adapters
-
         model = attach_adapters(model, cfg)  # base frozen: only adapter parameters reach the optimizer
     schedule = lr_lambda(cfg.lr_scheduler, cfg.warmup_steps, total_steps)
     engine, _, _, _ = deepspeed.initialize(

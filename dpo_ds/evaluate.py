@@ -19,6 +19,9 @@ import torch.distributed as dist
 from dpo_ds.cli import emit
 from dpo_ds.config import ConfigError, TrainConfig, check_paths, validate
 from dpo_ds.data import DataError, load_pairs
+from dpo_ds.families import load_model_config
+from dpo_ds.metrics import setup_logging
+from launcher.dist import barrier, check_shared_dirs, init_distributed
 
 HELP = __doc__
 
@@ -64,12 +67,12 @@ def default_cache_dir(model: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from launcher.dist import barrier, check_shared_dirs, init_distributed
+    # heavy (transformers, DeepSpeed): imported when the command runs, so `dpo-ds eval --help` stays fast
     from transformers import AutoTokenizer
 
-    from dpo_ds.engines import build_inference_engine, load_model_config, model_dtype, on_cpu, resolve_reference_config
+    from dpo_ds.engines import build_inference_engine, model_dtype, on_cpu, resolve_reference_config
     from dpo_ds.reference import build_reference
-    from dpo_ds.trainer import Run, evaluate, loss_params, pad_id_of, setup_logging
+    from dpo_ds.trainer import Run, evaluate_pairs, loss_params, pad_id_of
 
     try:
         trained = trained_by(args.model)
@@ -94,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         model = build_inference_engine(args.model, resolve_reference_config(cfg, hidden), model_dtype(cfg),
                                        args.trust_remote_code)
         reference = build_reference(cfg, hidden)
-        metrics, records = evaluate(Run(cfg, env.rank, env.world_size, model, reference, loss_params(cfg),
+        metrics, records = evaluate_pairs(Run(cfg, env.rank, env.world_size, model, reference, loss_params(cfg),
                                         pad_id_of(tokenizer)), pairs)
     except (ConfigError, DataError) as err:
         print(f"dpo-ds eval: error: {err}", file=sys.stderr)

@@ -1,5 +1,5 @@
-"""Model families: the ones every change is tested with, and the check that refuses a model dpo-ds cannot
-train before anything is loaded.
+"""Model families: the ones every change is tested with, the check that refuses a model dpo-ds cannot
+train before anything is loaded, and the one reader of a model's config.json (`load_model_config`).
 
 SUPPORTED_FAMILIES is the list tests/test_families.py trains (2-rank ZeRO-3 against plain PyTorch DPO,
 export and `dpo-ds convert` against save_pretrained, reload) and README.md lists; a test keeps the two
@@ -30,11 +30,16 @@ SUPPORTED_FAMILIES = {
 }
 
 
+def load_model_config(path: str, trust_remote_code: bool = False):
+    """The transformers config of the model directory (or config.json, or hub id) `path`."""
+    from transformers import AutoConfig  # heavy: `--help` of the commands importing this module stays fast
+
+    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
 def check_model_family(cfg: TrainConfig) -> None:
     """Raise ConfigError naming the model type and why, for a policy or reference dpo-ds cannot train; only
     config.json is read."""
-    from dpo_ds.engines import load_model_config
-
     paths = [("model_name_or_path", cfg.model_name_or_path)]
     if cfg.ref_model_name_or_path and uses_reference(cfg):
         paths.append(("ref_model_name_or_path", cfg.ref_model_name_or_path))

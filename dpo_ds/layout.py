@@ -60,11 +60,13 @@ def _apply_ops(converter, tensors: dict[str, list[torch.Tensor]], target: str, c
 class ConvertedTensor:
     """One model parameter built by a transformers WeightConverter from checkpoint tensors (see module doc).
 
-    Reads like a checkpoint entry: `shape`, `torch_dtype`, `read_flat(start, out)`, `full()`."""
+    Reads like a checkpoint entry: `shape`, `torch_dtype`, `read_flat(start, out)`, `full()`. `read(entry)` and
+    `read_range(entry, start, out)` read the checkpoint's own entries (dpo_ds.loading passes its readers)."""
 
-    def __init__(self, name: str, converter, sources: dict[str, list], config, read: Callable):
+    def __init__(self, name: str, converter, sources: dict[str, list], config, read: Callable, read_range: Callable):
         self.key = name
-        self.converter, self.sources, self.config, self._read = converter, sources, config, read
+        self.converter, self.sources, self.config = converter, sources, config
+        self._read, self._read_range = read, read_range
         dtypes = {entry.torch_dtype for entries in sources.values() for entry in entries}
         if len(dtypes) != 1:
             raise ValueError(f"{name}: its checkpoint tensors have different dtypes {sorted(map(str, dtypes))}")
@@ -117,8 +119,6 @@ class ConvertedTensor:
             self._cached = None  # read to the end: free the last slice
 
     def _read_concatenated(self, index: int, offset: int, out: torch.Tensor) -> None:
-        from dpo_ds.loading import read_range
-
         for pattern in self.converter.source_patterns:  # Concatenate's order
             if pattern not in self.sources or not out.numel():
                 continue
@@ -126,7 +126,7 @@ class ConvertedTensor:
             size = math.prod(entry.shape)
             if offset < size:
                 take = min(out.numel(), size - offset)
-                read_range(entry, offset, out[:take])
+                self._read_range(entry, offset, out[:take])
                 out = out[take:]
                 offset = 0
             else:
@@ -138,7 +138,7 @@ class ConvertedTensor:
         return out
 
 
-def map_checkpoint(model, checkpoint: dict, known: set[str], read: Callable):
+def map_checkpoint(model, checkpoint: dict, known: set[str], read: Callable, read_range: Callable):
     """How `from_pretrained` would place each checkpoint key in `model` (whose parameter and persistent buffer
     names are `known`): ({model name: checkpoint key}, {model name: ConvertedTensor}, [unmatched keys]).
     Records the conversions used on the model (`_weight_conversions`), as from_pretrained does, so saving
@@ -172,7 +172,7 @@ def map_checkpoint(model, checkpoint: dict, known: set[str], read: Callable):
     converted = {}
     for name, (converter, sources) in grouped.items():
         sources = {p: entries for p, entries in sources.items() if entries}
-        converted[name] = ConvertedTensor(name, converter, sources, model.config, read)
+        converted[name] = ConvertedTensor(name, converter, sources, model.config, read, read_range)
     model._weight_conversions = [c for c in conversions if c.was_used()]
     return direct, converted, unmatched
 

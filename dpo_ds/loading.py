@@ -42,6 +42,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from dpo_ds.layout import map_checkpoint
 from launcher.dist import all_reduce, broadcast_, scatter_
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -71,7 +72,7 @@ def checkpoint_files(path: str | Path) -> dict[str, Path]:
                     f"the streamed loader reads safetensors only")
 
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
               "BOOL": torch.bool}
 _STAGING_BYTES = 16 * 2**20  # largest read buffer when a tensor cannot be read in place
@@ -85,9 +86,9 @@ class TensorEntry:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        if self.dtype not in _ST_DTYPES:
+        if self.dtype not in SAFETENSORS_DTYPES:
             raise LoadError(f"{self.file}: {self.key} has dtype {self.dtype}, which this loader does not read")
-        return _ST_DTYPES[self.dtype]
+        return SAFETENSORS_DTYPES[self.dtype]
 
 
 def read_header(file: Path) -> dict[str, TensorEntry]:
@@ -291,8 +292,6 @@ def plan_loading(model, checkpoint: dict[str, TensorEntry], source: str):
     Keys are placed as from_pretrained places them (dpo_ds.layout: transformers' conversion mapping, base
     model prefix); a parameter built by a converter from several checkpoint tensors (fused MoE experts) is
     added to `checkpoint` under its own name as a layout.ConvertedTensor."""
-    from dpo_ds.layout import map_checkpoint
-
     aliases: dict[int, tuple[torch.Tensor, list[str]]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):  # tied weights: one tensor, several names
         aliases.setdefault(id(p), (p, []))[1].append(name)
@@ -300,7 +299,7 @@ def plan_loading(model, checkpoint: dict[str, TensorEntry], source: str):
     buffers = {name: b for name, b in model.named_buffers() if name in persistent}
     known = {name for _, names in aliases.values() for name in names} | set(buffers)
     try:
-        by_name, converted, unmatched = map_checkpoint(model, checkpoint, known, read_tensor)
+        by_name, converted, unmatched = map_checkpoint(model, checkpoint, known, read_tensor, read_range)
     except ValueError as err:
         raise LoadError(f"{source}: {err}") from None
     for name, tensor in converted.items():

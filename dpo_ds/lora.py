@@ -11,6 +11,7 @@ Only adapter parameters reach the optimizer, checkpoints leave the frozen weight
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import shutil
 from pathlib import Path
@@ -19,6 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dpo_ds.config import ConfigError, TrainConfig, uses_reference
+from dpo_ds.hf_dir import ExportError, publish_dir
+from launcher.dist import on_rank0
 
 ADAPTER = "default"      # the trained adapter (peft's default name)
 REFERENCE = "reference"  # the frozen copy of the starting adapter (lora_adapter runs)
@@ -119,7 +122,7 @@ def trainable_adapter_params(model: torch.nn.Module) -> list[tuple[str, torch.nn
     return [(n, p) for n, p in model.named_parameters() if f".{ADAPTER}." in n and ".lora_" in n]
 
 
-def _peft_key(name: str) -> str:
+def peft_key(name: str) -> str:
     """transformers-model parameter name -> key in adapter_model.safetensors (adapter name dropped)."""
     return PEFT_PREFIX + name.replace(f".{ADAPTER}.", ".")
 
@@ -131,14 +134,12 @@ def gather_adapter(engine) -> dict[str, torch.Tensor]:
     out = {}
     for name, p in trainable_adapter_params(engine.module):
         full = safe_get_full_fp32_param(p)
-        out[_peft_key(name)] = full.detach().float().cpu().clone()
+        out[peft_key(name)] = full.detach().float().cpu().clone()
     return out
 
 
 def write_adapter_dir(config, tensors: dict[str, torch.Tensor], out_dir: Path) -> None:
     """adapter_config.json + adapter_model.safetensors, written under a temporary name, checked, then renamed."""
-    from dpo_ds.convert import ExportError, _publish
-
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -150,12 +151,10 @@ def write_adapter_dir(config, tensors: dict[str, torch.Tensor], out_dir: Path) -
     bad = [k for k, v in reread.items() if not torch.isfinite(v).all()]
     if bad:
         raise ExportError(f"{tmp / ADAPTER_WEIGHTS}: {bad[0]} contains NaN or Inf")
-    _publish(tmp, out_dir)
+    publish_dir(tmp, out_dir)
 
 
 def save_adapter_config(config, out_dir: Path) -> None:
-    import copy
-
     config = copy.deepcopy(config)
     config.inference_mode = True  # as PeftModel.save_pretrained writes it
     config.save_pretrained(str(out_dir))
@@ -163,9 +162,6 @@ def save_adapter_config(config, out_dir: Path) -> None:
 
 def save_adapter(engine, out_dir: str) -> None:
     """`final_adapter/`: the trained adapter as a PEFT directory (rank 0 writes; every rank must call)."""
-    from dpo_ds.convert import ExportError
-    from launcher.dist import on_rank0
-
     tensors = gather_adapter(engine)
     on_rank0(f"writing {out_dir}", lambda: write_adapter_dir(adapters_of(engine.module).config, tensors, Path(out_dir)),
              ExportError)
@@ -207,83 +203,6 @@ def adapter_fingerprint(path: str) -> str:
         if f.is_file():
             h.update(f.read_bytes())
     return h.hexdigest()[:24]
-
-
-def convert_lora_checkpoint(ckpt: Path, out_dir: str, dtype: torch.dtype, max_shard_size: str,
-                            adapter_only: bool) -> Path:
-    """A LoRA checkpoint (adapter weights only) -> the PEFT adapter, or the base model with it merged in.
-
-    The merged model streams the base model's own safetensors files one tensor at a time and adds
-    B A * alpha / r to each adapted weight, so it keeps the base checkpoint's names and layout."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    from peft import LoraConfig
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
-
-    from dpo_ds.checkpoint import DS_TAG, HF_METADATA
-    from dpo_ds.convert import (
-        ExportError,
-        ShardWriter,
-        _publish,
-        meta_model,
-        parse_size,
-        validate_hf_dir,
-        write_hf_metadata,
-    )
-    from dpo_ds.layout import saved_layout
-    from dpo_ds.loading import checkpoint_files, read_headers, read_tensor
-
-    meta = ckpt / HF_METADATA
-    config = LoraConfig.from_pretrained(str(meta))
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DS_TAG, exclude_frozen_parameters=True)
-    tensors = {_peft_key(n): t for n, t in state.items() if f".{ADAPTER}." in n and ".lora_" in n}
-    if not tensors:
-        raise ExportError(f"{ckpt / DS_TAG}: no adapter weights in this LoRA checkpoint")
-    out = Path(out_dir)
-    if adapter_only:
-        write_adapter_dir(config, tensors, out)
-        return out
-    base = config.base_model_name_or_path
-    if not base or not Path(base).is_dir():
-        raise ExportError(f"{meta / ADAPTER_CONFIG}: base model {base!r} (base_model_name_or_path) is not a local "
-                          f"directory; the merged model needs the base weights (or pass --adapter_only)")
-    scaling = config.lora_alpha / config.r
-    deltas: dict[str, torch.Tensor] = {}  # base weight name -> B A * scaling
-    for key, a in tensors.items():
-        if ".lora_A." in key:
-            module = key[len(PEFT_PREFIX):].split(".lora_A.")[0]
-            b = tensors[key.replace(".lora_A.", ".lora_B.")]
-            deltas[f"{module}.weight"] = lora_delta(a, b, scaling, config.fan_in_fan_out)
-    hf_config = AutoConfig.from_pretrained(meta)
-    shapes = saved_layout(meta_model(hf_config))[1]  # what save_pretrained writes: the base files' layout
-    stored = read_headers(checkpoint_files(base))  # name -> where its bytes lie in the base files
-    unmatched = sorted(set(deltas) - set(stored))
-    if unmatched:
-        raise ExportError(f"{base}: adapted weights {unmatched[:3]} are not stored under these names in the base "
-                          f"checkpoint; use --adapter_only")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    writer = ShardWriter(tmp, parse_size(max_shard_size))
-    for name in shapes:
-        if name not in stored:
-            raise ExportError(f"{base}: base checkpoint lacks {name}")
-        tensor = read_tensor(stored[name])
-        if name in deltas:
-            tensor = tensor.float() + deltas[name]
-        writer.add(name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
-        del tensor
-    writer.finish()
-    generation_config = GenerationConfig.from_pretrained(meta) if (meta / "generation_config.json").is_file() else None
-    write_hf_metadata(tmp, hf_config, generation_config, AutoTokenizer.from_pretrained(meta), dtype)
-    validate_hf_dir(tmp, shapes)
-    _publish(tmp, out)
-    return out
-
-
-def is_lora_checkpoint(ckpt: Path) -> bool:
-    from dpo_ds.checkpoint import HF_METADATA
-
-    return (ckpt / HF_METADATA / ADAPTER_CONFIG).is_file()
 
 
 def checkpoint_metadata(model: torch.nn.Module, hf_dir: Path) -> None:

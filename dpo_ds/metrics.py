@@ -1,10 +1,12 @@
 """Step metrics: per-pair sums accumulated on each rank, reduced over all ranks, written to
-metrics.jsonl and TensorBoard by rank 0."""
+metrics.jsonl and TensorBoard by rank 0; and the commands' log format (`setup_logging`)."""
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -17,6 +19,14 @@ from launcher.dist import all_reduce, comm_device
 _SUMS = ("pairs", "loss", "reward_chosen", "reward_rejected", "correct", "logp_chosen", "logp_rejected",
          "kl_chosen", "kl_rejected", "tokens_chosen", "tokens_rejected", "real_tokens", "padded_tokens",
          "step_time", "steps")
+
+
+def setup_logging(rank: int) -> None:
+    """INFO on rank 0, warnings only on the others, each line tagged with its rank; the libraries' chatter off."""
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", stream=sys.stderr, force=True)
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 class SectionTimer:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from dpo_ds.cli import emit
 from dpo_ds.config import FIELDS
+from dpo_ds.families import load_model_config
 
 HELP = """Estimate per-GPU and per-node memory and the FLOPs of one DPO micro-step on DeepSpeed ZeRO-3,
 from a model's config alone (a preset name, a config.json, or a model directory; nothing is downloaded).
@@ -212,16 +213,15 @@ def shape_from_config(config, name: str) -> ModelShape:
     )
 
 
-def load_model_config(model: str):
+def model_config_and_name(model: str):
     """(transformers config, name) of a preset, or of the model whose config.json (or directory) is given."""
     if not os.path.exists(model):
         if model not in PRESETS:
             raise SystemExit(f"dpo-ds: unknown model {model!r}: not a config.json or model directory, "
                              f"nor a preset ({', '.join(PRESETS)})")
         return PRESETS[model](), model
-    from transformers import AutoConfig
     try:
-        config = AutoConfig.from_pretrained(model)
+        config = load_model_config(model)
     except (OSError, ValueError) as err:
         raise SystemExit(f"dpo-ds: cannot read a model config from {model!r}: {err}") from err
     directory = os.path.dirname(model) if os.path.isfile(model) else model
@@ -230,7 +230,7 @@ def load_model_config(model: str):
 
 def load_shape(model: str) -> ModelShape:
     """The shape of a preset, or of the model whose config.json (or directory holding one) is given."""
-    return shape_from_config(*load_model_config(model))
+    return shape_from_config(*model_config_and_name(model))
 
 
 # -------------------------------------------------------------------------------------------- memory

@@ -14,9 +14,11 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
 
 from dpo_ds.config import ConfigError, TrainConfig, add_config_arguments, config_from_args
 from dpo_ds.data import DataError, TokenizedPairs, format_report, load_pairs
+from dpo_ds.metrics import setup_logging
 
 HELP = __doc__
 logger = logging.getLogger("dpo_ds")
@@ -27,8 +29,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cache_dir_of(cfg: TrainConfig) -> str:
-    from pathlib import Path
-
     return cfg.cache_dir or str(Path(cfg.output_dir) / "caches")
 
 
@@ -44,9 +44,7 @@ def load_config_data(cfg: TrainConfig, tokenizer, rank: int = 0, barrier=lambda:
 
 
 def run(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
-
-    from dpo_ds.trainer import setup_logging
+    from transformers import AutoTokenizer  # heavy: kept out of `dpo-ds prepare --help`
 
     setup_logging(0)
     started = time.perf_counter()

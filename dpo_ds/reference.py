@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from dpo_ds.checkpoint import model_fingerprint
 from dpo_ds.config import TrainConfig, uses_reference
 from dpo_ds.data import TokenizedPairs, collate, rank_shares
 from dpo_ds.engines import (
@@ -31,6 +32,7 @@ from dpo_ds.engines import (
     release_engine,
     resolve_reference_config,
 )
+from dpo_ds.lora import adapter_fingerprint, adapters_of
 from launcher.dist import barrier
 
 logger = logging.getLogger("dpo_ds")
@@ -53,8 +55,6 @@ class AdapterReference(LiveReference):
     """LoRA: reference log-probs from the policy engine itself, its trained adapter switched off."""
 
     def __init__(self, engine, chunk_size: int, fused: bool):
-        from dpo_ds.lora import adapters_of
-
         super().__init__(engine, chunk_size, fused)
         self.adapters = adapters_of(engine.module)
 
@@ -121,12 +121,8 @@ def build_reference(cfg: TrainConfig, hidden_size: int, datasets: list[Tokenized
 
 
 def _cache_key(cfg: TrainConfig, pairs: TokenizedPairs) -> str:
-    from dpo_ds.checkpoint import model_fingerprint
-
     parts = ["ref-v1", model_fingerprint(reference_path(cfg)), pairs.fingerprint, cfg.precision]
     if cfg.lora_adapter is not None:  # the reference is base + the starting adapter
-        from dpo_ds.lora import adapter_fingerprint
-
         parts.append(adapter_fingerprint(cfg.lora_adapter))
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
 

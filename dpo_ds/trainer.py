@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from dpo_ds import checkpoint as ckpt
+from dpo_ds import engines
 from dpo_ds.config import (
     ConfigError,
     TrainConfig,
@@ -32,14 +33,18 @@ from dpo_ds.config import (
     uses_lora,
     uses_reference,
 )
+from dpo_ds.convert import export_engine
 from dpo_ds.data import DataError, PairSampler, TokenizedPairs, collate, rank_shares
-from dpo_ds.families import check_model_family
+from dpo_ds.engines import attention_kernel, build_policy_engine, resolve_policy_config
+from dpo_ds.families import check_model_family, load_model_config
 from dpo_ds.loading import LoadError
 from dpo_ds.losses import LossParams, PairLogps, compute_loss
-from dpo_ds.metrics import MetricsWriter, PairStats, max_over_ranks, peak_memory_gib, untimed
+from dpo_ds.lora import merge_adapter, save_adapter
+from dpo_ds.metrics import MetricsWriter, PairStats, max_over_ranks, peak_memory_gib, setup_logging, untimed
 from dpo_ds.prepare import cache_dir_of, load_config_data
+from dpo_ds.reference import build_reference
 from dpo_ds.reference_check import check_reference_compatible
-from launcher.dist import all_reduce, barrier, check_shared_dirs, gather_objects
+from launcher.dist import all_reduce, barrier, check_shared_dirs, gather_objects, init_distributed
 
 HELP = __doc__
 logger = logging.getLogger("dpo_ds")
@@ -47,13 +52,6 @@ logger = logging.getLogger("dpo_ds")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
-
-
-def setup_logging(rank: int) -> None:
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", stream=sys.stderr, force=True)
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 @dataclass
@@ -72,10 +70,8 @@ class Run:
 
 def split_pairs(logps: torch.Tensor, tokens: torch.Tensor, ref_logps: torch.Tensor) -> PairLogps:
     """Rows [0, B) of the 2B batch are chosen, rows [B, 2B) rejected."""
-    from dpo_ds.engines import to_device
-
     b = logps.shape[0] // 2
-    ref_logps = to_device(ref_logps, logps.device)
+    ref_logps = engines.to_device(ref_logps, logps.device)
     return PairLogps(logps[:b], logps[b:], ref_logps[:b], ref_logps[b:], tokens[:b], tokens[b:])
 
 
@@ -85,18 +81,17 @@ def pair_step(run: Run, pairs: TokenizedPairs, indices: list[int], stats: PairSt
 
     The loss is the pairs' mean, or their sum x `loss_scale` (PairSampler.loss_scale) when micro-batches hold
     different numbers of pairs."""
-    from dpo_ds.engines import forward_logps, forward_logps_and_aux
-
     batch = collate(pairs, indices, run.pad_id, packed=run.cfg.padding_free)
     with run.timer("reference_forward"):
         ref_logps = run.reference.logps(batch, pairs, indices)
     with run.timer("policy_forward"), torch.set_grad_enabled(train):
         aux_coef = run.cfg.router_aux_loss_coef if train else 0.0  # evaluation scores preferences only
         if aux_coef > 0:
-            logps, tokens, aux = forward_logps_and_aux(run.policy, batch, run.cfg.logprob_chunk_size,
+            logps, tokens, aux = engines.forward_logps_and_aux(run.policy, batch, run.cfg.logprob_chunk_size,
                                                        run.cfg.fused_lm_head, router_aux=True)
         else:
-            logps, tokens = forward_logps(run.policy, batch, run.cfg.logprob_chunk_size, run.cfg.fused_lm_head)
+            # called through the module: tests/dist_fault_probe.py replaces engines.forward_logps to inject NaN
+            logps, tokens = engines.forward_logps(run.policy, batch, run.cfg.logprob_chunk_size, run.cfg.fused_lm_head)
         lp = split_pairs(logps, tokens, ref_logps)
         out = compute_loss(run.cfg.loss_type, lp, run.loss_params)
         loss = out.losses.mean() if loss_scale is None else out.losses.sum() * loss_scale
@@ -116,7 +111,7 @@ def pair_step(run: Run, pairs: TokenizedPairs, indices: list[int], stats: PairSt
 
 
 @torch.no_grad()
-def evaluate(run: Run, pairs: TokenizedPairs) -> tuple[dict[str, float], list[dict]]:
+def evaluate_pairs(run: Run, pairs: TokenizedPairs) -> tuple[dict[str, float], list[dict]]:
     """Preference metrics over every pair of `pairs`, split over ranks (data.rank_shares), and per-pair
     records (rank 0)."""
     stats = PairStats()
@@ -161,9 +156,6 @@ def build_run(cfg: TrainConfig, rank: int, world_size: int, total_steps: int, pa
     """The reference source first (with precompute_ref its engine is gone before the policy exists), then the
     policy engine: the same order on every rank, as ZeRO-3 requires. With LoRA the policy comes first: it is
     also the reference."""
-    from dpo_ds.engines import attention_kernel, build_policy_engine, load_model_config, resolve_policy_config
-    from dpo_ds.reference import build_reference
-
     hidden = load_model_config(cfg.model_name_or_path, cfg.trust_remote_code).hidden_size
     kernel = attention_kernel(cfg)
     if cfg.padding_free and torch.cuda.is_available() and not (kernel or "").startswith("flash_attention"):
@@ -197,9 +189,7 @@ class Preempted(Exception):
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    from transformers import AutoTokenizer
-
-    from launcher.dist import init_distributed
+    from transformers import AutoTokenizer  # heavy: kept out of `dpo-ds train --help`
 
     env = init_distributed(timeout_s=cfg.dist_timeout_s)
     rank, world_size = env.rank, env.world_size
@@ -281,7 +271,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                                       f"(stop_on_max_kl); checkpoint saved")
         if eval_pairs is not None and (done == total_steps or (cfg.eval_steps and done % cfg.eval_steps == 0)):
             run.policy.eval()
-            eval_metrics, _ = evaluate(run, eval_pairs)
+            eval_metrics, _ = evaluate_pairs(run, eval_pairs)
             run.policy.train()
             writer.write(done, eval_metrics)
             last.update(eval_metrics)
@@ -298,10 +288,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     if progress is not None:
         progress.close()
 
-    from dpo_ds.convert import export_engine
     if uses_lora(cfg):  # final_adapter/ first: merging replaces the LoRA layers by the merged base layers
-        from dpo_ds.lora import merge_adapter, save_adapter
-
         save_adapter(run.policy, str(out_dir / "final_adapter"))
         merge_adapter(run.policy)
     export_engine(run.policy, str(out_dir / "final"), tokenizer=tokenizer, dtype=None)

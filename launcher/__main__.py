@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import sys
 
+from dpo_ds.cli import main as cli_main
 from launcher.dist import exit_process
 from launcher.env import LauncherError, resolve, strip_local_rank
 
@@ -30,9 +31,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(env.as_environ())
     if env.rank == 0 or os.environ.get("LAUNCHER_VERBOSE"):
         print(f"launcher: {env.describe()}", file=sys.stderr, flush=True)
-
-    from dpo_ds.cli import main as cli_main
-
     return int(cli_main(argv) or 0)  # the rendezvous's LauncherError: reported by dpo-ds itself (exit 1)
 
 

@@ -123,7 +123,8 @@ def _worker(demo_dir: str, tied_dir: str, out: str) -> None:
     import torch.distributed as dist
 
     from dpo_ds.config import TrainConfig
-    from dpo_ds.engines import load_model_config, load_sharded_model, resolve_policy_config
+    from dpo_ds.engines import load_sharded_model, resolve_policy_config
+    from dpo_ds.families import load_model_config
     from dpo_ds.loading import load_sharded_pretrained
     from launcher.dist import init_distributed
 
