@@ -33,12 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from dpo_ds.hf_dir import saved_config, write_hf_metadata
 from dpo_ds.lora import checkpoint_metadata, is_lora_engine
-from launcher.dist import all_reduce, barrier, on_rank0
+from launcher.dist import all_reduce, barrier, on_rank0, process_rank
 
 logger = logging.getLogger("dpo_ds")
 
@@ -86,10 +85,6 @@ def model_fingerprint(path: str) -> str:
     return h.hexdigest()[:24]
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
 def any_rank(flag: bool) -> bool:
     """True on every rank when `flag` is true on at least one (a collective: all ranks must call it)."""
     return bool(all_reduce(torch.tensor([1.0 if flag else 0.0]), "max").item())
@@ -127,7 +122,7 @@ def save_checkpoint(engine, output_dir: str, state: TrainerState, save_total_lim
     root = Path(output_dir) / CHECKPOINTS_DIR
     final = root / f"step-{state.step:08d}"
     tmp = root / f"step-{state.step:08d}.tmp"
-    rank = _rank()
+    rank = process_rank()
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -184,7 +179,7 @@ def _fail_together(error: BaseException | None, tmp: Path, what: str) -> None:
     """Collective: if any rank failed, every rank raises (none waits at a later barrier) and the partial
     directory goes; the previous checkpoint and `latest` are untouched."""
     if any_rank(error is not None):
-        if _rank() == 0:
+        if process_rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"{what} failed ({error or 'on another rank'}); the previous checkpoint is kept") from error
 
@@ -305,7 +300,7 @@ def load_checkpoint(engine, ckpt: Path, saved: TrainerState, world_size: int) ->
         raise CheckpointError(f"{ckpt / tag}: DeepSpeed could not load this checkpoint")
     if universal:
         repair_universal_optimizer_state(engine.optimizer, groups_as_built)
-    rng = ckpt / "rng" / f"rank-{_rank():05d}.safetensors"
+    rng = ckpt / "rng" / f"rank-{process_rank():05d}.safetensors"
     if rng.is_file():
         _restore_rng(rng)
 

@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from dpo_ds import lora
 from dpo_ds.checkpoint import DS_TAG, HF_METADATA, CheckpointError, verify_checkpoint
@@ -37,7 +36,7 @@ from dpo_ds.hf_dir import (
 )
 from dpo_ds.layout import saved_layout, state_tensors, to_saved_layout
 from dpo_ds.loading import checkpoint_files, read_headers, read_tensor
-from launcher.dist import on_rank0
+from launcher.dist import on_rank0, process_rank
 
 HELP = """Convert a dpo-ds checkpoint (checkpoints/step-N) to a Hugging Face safetensors directory for serving
 (vLLM, transformers): shards + model.safetensors.index.json, config.json, generation_config.json and the
@@ -55,7 +54,7 @@ def export_engine(engine, out_dir: str, tokenizer=None, dtype: torch.dtype | Non
     import deepspeed
 
     model = engine.module
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = process_rank()
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     if rank == 0:

@@ -18,18 +18,11 @@ import time
 from pathlib import Path
 
 from dpo_ds.demo_data import build_demo_assets
+from launcher.env import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "examples" / "demo.yaml"
 TARGET_ACCURACY = 0.9
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(cmd: list[str]) -> str:
@@ -54,7 +47,7 @@ def main() -> int:
     assets = build_demo_assets(str(root / "assets"))
     before = _evaluate(assets.model_dir, assets.heldout_file, str(root / "eval_before.jsonl"))
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-          f"--master_port={_free_port()}", "-m", "dpo_ds", "train", "--config", str(CONFIG)])
+          f"--master_port={free_port()}", "-m", "dpo_ds", "train", "--config", str(CONFIG)])
     final = str(root / "dpo" / "final")
     after = _evaluate(final, assets.heldout_file, str(root / "eval_after.jsonl"))
     rewards = _evaluate(final, assets.heldout_file, str(root / "eval_after_rewards.jsonl"), ref_model=assets.model_dir)

@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 
 from dpo_ds.layout import map_checkpoint
-from launcher.dist import all_reduce, broadcast_, scatter_
+from launcher.dist import all_reduce, broadcast_, process_rank, scatter_
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -205,10 +205,6 @@ def release_free_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
 def _transformers_contexts() -> list:
     """What transformers itself enters around zero.Init: skip weight init (every weight is overwritten) and
     keep RoPE `arange` buffers in their own dtype; `set_zero3_state` stops a nested zero.Init should an
@@ -339,7 +335,7 @@ def plan_loading(model, checkpoint: dict[str, TensorEntry], source: str):
 @torch.no_grad()
 def _broadcast_into(target: torch.Tensor, entry: TensorEntry) -> None:
     """Rank 0 reads `entry`, every rank receives it and copies it into its (unpartitioned) `target`."""
-    value = read_tensor(entry) if _rank() == 0 else torch.empty(entry.shape, dtype=entry.torch_dtype)
+    value = read_tensor(entry) if process_rank() == 0 else torch.empty(entry.shape, dtype=entry.torch_dtype)
     value = value.to(target.device)
     broadcast_(value, src=0)
     target.copy_(value)
@@ -366,7 +362,7 @@ def _direct_partition_ok(param) -> bool:
 def _load_into_partitions(param, entry: TensorEntry) -> None:
     """Rank 0 reads every rank's slice of `entry` chunk by chunk and scatters it; each rank writes its own
     ds_tensor. The last partition may be padded: its padding is left as it is."""
-    rank = _rank()
+    rank = process_rank()
     world = dist.get_world_size() if dist.is_initialized() else 1
     part = param.ds_tensor
     size, numel = part.ds_numel, param.ds_numel
@@ -397,7 +393,7 @@ def load_weights(plan, checkpoint: dict[str, TensorEntry]) -> None:
     """Fill every planned tensor from the checkpoint, one tensor at a time (every rank must call this)."""
     import deepspeed
 
-    rank = _rank()
+    rank = process_rank()
     for key, target, kind in plan:
         entry = checkpoint[key]
         entry.torch_dtype  # unsupported dtypes fail here, on every rank, before any collective

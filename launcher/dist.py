@@ -76,6 +76,13 @@ def _world() -> int:
     return dist.get_world_size() if _grouped() else 1
 
 
+def process_rank() -> int:
+    """This process's rank in the default process group; 0 without one (single process)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if _grouped() else 0
+
+
 def comm_device():
     """The device whose tensors the default process group communicates: CPU when the group has a CPU backend
     (gloo, or no group at all), else this rank's accelerator (NCCL: the GPU init_distributed selected)."""

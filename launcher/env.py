@@ -18,7 +18,7 @@ tested from a synthetic dict.  It understands, in this order of precedence:
    the tasks-per-node variables, in a task started by srun (SLURM_STEP_ID set;
    the batch shell itself, which has SLURM_PROCID=0 but no step, is a single
    process whatever --ntasks says).  Master = first host of the step's nodelist
-   (expanded with `scontrol show hostnames`), port = 20000 + job id % 20000.
+   (expanded with `scontrol show hostnames`), port = 20000 + job id % 10000.
    MASTER_ADDR / MASTER_PORT in the environment override both.
 4. **Other MPIs / PMI** - PMI_RANK or PMIX_RANK without Slurm (or with a PMI_SIZE
    that disagrees with SLURM_NTASKS, i.e. a Hydra mpirun that used srun only to

@@ -16,7 +16,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from helpers import REPO, free_port, launch, read_metrics, run_cli, write_config
+from helpers import REPO, launch, read_metrics, run_cli, write_config
+
+from launcher.env import free_port
 
 SETTINGS = dict(precision="fp32", micro_batch_size=2, gradient_accumulation_steps=2, max_steps=6, save_steps=2,
                 shuffle=True, learning_rate=2e-3, weight_decay=0.1, warmup_steps=1, lr_scheduler="cosine", logging_steps=1, seed=3)

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, free_port, read_metrics, write_config
+from helpers import REPO, read_metrics, write_config
+
+from launcher.env import free_port
 
 MPIRUN = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
 
