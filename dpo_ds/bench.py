@@ -114,10 +114,9 @@ def run(args: argparse.Namespace) -> int:
     from dpo_ds.engines import fused_head
     from dpo_ds.trainer import build_run, pair_step
 
-    args.model_name_or_path = args.model  # validated below, replaced by the written directory
-    args.train_file = "synthetic"
-    try:
-        cfg = config_from_args(args)
+    try:  # the model is a preset or a config until _model_dir writes it; the pairs are made here
+        cfg = config_from_args(args, fixed={"model_name_or_path": args.model, "train_file": "synthetic"},
+                               unchecked_paths=("model_name_or_path", "train_file"))
     except ConfigError as err:
         print(f"dpo-ds bench: error: {err}", file=sys.stderr)
         return 2

@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import importlib.util
+import json
 import math
 import os
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 
@@ -31,7 +33,14 @@ def _field(default: Any, help: str, group: str) -> Any:
     return field(default=default, metadata={"help": help, "group": group})
 
 
-LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "simpo", "sft")
+# Choice fields: the Literal is the type, its values the allowed ones (checked by `coerce`, listed by --help).
+LossType = Literal["sigmoid", "robust", "ipo", "hinge", "simpo", "sft"]
+LrScheduler = Literal["constant", "linear", "cosine"]
+Precision = Literal["auto", "bf16", "fp32"]
+WeightsLoader = Literal["streamed", "transformers"]
+LoraQuantize = Literal["nf4"]
+AttnImplementation = Literal["auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"]
+LOSS_TYPES = typing.get_args(LossType)
 
 
 @dataclass
@@ -47,7 +56,7 @@ class TrainConfig:
     lora_dropout: float = _field(0.0, "Dropout on the adapter's input (the policy forward only; the reference runs without it).", "lora")
     lora_target_modules: str = _field("all-linear", "Modules that get adapters: all-linear (every Linear but the output layer) or a comma-separated list of module names (e.g. q_proj,v_proj; a YAML list works too).", "lora")
     lora_adapter: Optional[str] = _field(None, "A PEFT LoRA adapter directory to start from (e.g. the SFT stage's); its r, alpha, dropout and target modules are used, the lora_* fields above are ignored, and the reference is base + this adapter (a frozen copy). Turns LoRA on.", "lora")
-    lora_quantize: Optional[str] = _field(None, "Quantize the frozen base for QLoRA: nf4 (bitsandbytes 4-bit). Refused for now: bitsandbytes needs a CUDA GPU, and QLoRA under ZeRO-3 is not implemented yet.", "lora")
+    lora_quantize: Optional[LoraQuantize] = _field(None, "Quantize the frozen base for QLoRA: nf4 (bitsandbytes 4-bit). Refused for now: bitsandbytes needs a CUDA GPU, and QLoRA under ZeRO-3 is not implemented yet.", "lora")
     # --- data
     train_file: Optional[str] = _field(None, "Preference pairs: JSONL, Parquet, or a `datasets.save_to_disk` directory.", "data")
     eval_file: Optional[str] = _field(None, "Held-out pairs in the same formats, scored every `eval_steps` and at the end.", "data")
@@ -60,7 +69,7 @@ class TrainConfig:
     prepare_workers: int = _field(0, "Processes that tokenize when the prepared-pairs cache is built (by `dpo-ds prepare`, or by rank 0 of `train` when the cache is missing); 0 = one per CPU core available. Does not change the token ids.", "data")
     padding_free: bool = _field(False, "Pack each micro-batch's 2B sequences into one row without padding (position ids restart per sequence; transformers keeps attention within each sequence: varlen flash attention where attn_implementation selects it, else a block-diagonal causal mask).", "data")
     # --- loss
-    loss_type: str = _field("sigmoid", f"Preference loss: {', '.join(LOSS_TYPES)}.", "loss")
+    loss_type: LossType = _field("sigmoid", f"Preference loss: {', '.join(LOSS_TYPES)}.", "loss")
     beta: float = _field(0.1, "Inverse temperature of the implicit reward r = beta * (log pi - log pi_ref).", "loss")
     label_smoothing: float = _field(0.0, "epsilon: assumed label-flip rate for `sigmoid` (conservative DPO) and `robust`; must be < 0.5.", "loss")
     simpo_gamma: float = _field(0.5, "Target reward margin gamma of `simpo`.", "loss")
@@ -74,7 +83,7 @@ class TrainConfig:
     max_bad_steps: int = _field(3, "Stop after this many consecutive optimizer steps skipped for NaN/Inf loss or gradients.", "guards")
     # --- optimisation
     learning_rate: float = _field(1e-6, "Peak learning rate (AdamW).", "optim")
-    lr_scheduler: str = _field("linear", "Learning-rate schedule after warm-up: constant, linear (to 0) or cosine (to 0).", "optim")
+    lr_scheduler: LrScheduler = _field("linear", "Learning-rate schedule after warm-up: constant, linear (to 0) or cosine (to 0).", "optim")
     warmup_steps: int = _field(0, "Optimizer steps of linear warm-up from 0 to learning_rate.", "optim")
     weight_decay: float = _field(0.0, "AdamW weight decay (not applied to 1-D parameters: norms and biases).", "optim")
     adam_beta1: float = _field(0.9, "AdamW beta1.", "optim")
@@ -87,13 +96,13 @@ class TrainConfig:
     num_epochs: int = _field(1, "Passes over the training pairs when max_steps is 0.", "optim")
     seed: int = _field(42, "Seed for data order and any randomness in the step.", "optim")
     # --- engine
-    precision: str = _field("auto", "bf16 (mixed precision) or fp32; auto: bf16 where the device supports it (a CUDA GPU with bf16), fp32 on CPU. run_config.json records the resolved value.", "engine")
+    precision: Precision = _field("auto", "bf16 (mixed precision) or fp32; auto: bf16 where the device supports it (a CUDA GPU with bf16), fp32 on CPU. run_config.json records the resolved value.", "engine")
     gradient_checkpointing: bool = _field(True, "Recompute activations in the backward pass (non-reentrant).", "engine")
     ref_offload: bool = _field(True, "Keep the reference model's ZeRO-3 parameters on CPU (`offload_param: cpu`).", "engine")
     deepspeed_config: Optional[str] = _field(None, "Policy DeepSpeed JSON (see ds_configs/). Values it leaves out or sets to \"auto\" are filled from this config; default: ds_configs/zero3.json on GPU, ds_configs/zero3_cpu.json on CPU.", "engine")
     ref_deepspeed_config: Optional[str] = _field(None, "Reference DeepSpeed JSON; default ds_configs/reference_zero3.json.", "engine")
-    weights_loader: str = _field("streamed", "How ZeRO-3 ranks read a local safetensors model: streamed (rank 0 reads each rank's slice of each tensor and scatters it chunk by chunk: no rank holds more than its partition plus a chunk) or transformers (from_pretrained under HfDeepSpeedConfig: rank 0 maps the whole checkpoint). Other formats always use transformers.", "engine")
-    attn_implementation: str = _field("auto", "Attention kernel transformers builds the models with: eager, sdpa, flash_attention_2, flash_attention_3 or flex_attention. auto: flash_attention_2 when padding_free is on with bf16 on a GPU and the flash_attn package is installed (varlen: each packed sequence costs what it would alone); otherwise the model's own default (sdpa for most; under padding_free it attends over the packed row through a block-diagonal mask, quadratic in the micro-batch's total tokens).", "engine")
+    weights_loader: WeightsLoader = _field("streamed", "How ZeRO-3 ranks read a local safetensors model: streamed (rank 0 reads each rank's slice of each tensor and scatters it chunk by chunk: no rank holds more than its partition plus a chunk) or transformers (from_pretrained under HfDeepSpeedConfig: rank 0 maps the whole checkpoint). Other formats always use transformers.", "engine")
+    attn_implementation: AttnImplementation = _field("auto", "Attention kernel transformers builds the models with: eager, sdpa, flash_attention_2, flash_attention_3 or flex_attention. auto: flash_attention_2 when padding_free is on with bf16 on a GPU and the flash_attn package is installed (varlen: each packed sequence costs what it would alone); otherwise the model's own default (sdpa for most; under padding_free it attends over the packed row through a block-diagonal mask, quadratic in the micro-batch's total tokens).", "engine")
     precompute_ref: bool = _field(False, "Compute the reference log-probs of the train and eval pairs once before training (cached on disk under caches/, reused by later runs); training then runs no reference model.", "engine")
     fused_lm_head: bool = _field(True, "Compute completion-token log-probs inside the output projection, chunk by chunk and only at completion positions, so the [tokens, vocab] logits and their gradient never exist whole. Used where the model returns lm_head(hidden) unchanged (Llama, Mistral, Mixtral, Qwen2/3, Phi-3, Gemma, ...); other models (logit soft-capping or scaling) score from the full logits.", "engine")
     logprob_chunk_size: int = _field(256, "Sequence positions per chunk when turning hidden states or logits into token log-probs (bounds the fp32 block to chunk x vocab).", "engine")
@@ -113,23 +122,32 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-_CHOICES = {"loss_type": LOSS_TYPES, "lr_scheduler": ("constant", "linear", "cosine"), "precision": ("auto", "bf16", "fp32"),
-            "weights_loader": ("streamed", "transformers"), "lora_quantize": ("nf4",),
-            "attn_implementation": ("auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")}
 
 
-def _base_type(annotation: Any) -> tuple[type, bool]:
-    """(python type, optional?) of a field annotation such as `Optional[int]`."""
-    hint = eval(annotation, vars(typing)) if isinstance(annotation, str) else annotation
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return next(a for a in args if a is not type(None)), True
-    return hint, False
+@dataclass(frozen=True)
+class FieldType:
+    """What a field's annotation says: the Python type of its values, whether None is allowed, and the allowed
+    values of a Literal field (empty for the others)."""
+    kind: type
+    optional: bool
+    choices: tuple[str, ...]
+
+
+def _field_type(hint: Any) -> FieldType:
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    if optional:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if typing.get_origin(hint) is Literal:
+        return FieldType(str, optional, typing.get_args(hint))
+    return FieldType(hint, optional, ())
+
+
+FIELD_TYPES = {name: _field_type(hint) for name, hint in typing.get_type_hints(TrainConfig).items()}
 
 
 def coerce(name: str, value: Any) -> Any:
     """Convert a YAML/CLI value to the field's type, or raise ConfigError('...') without location."""
-    kind, optional = _base_type(FIELDS[name].type)
+    kind, optional, choices = dataclasses.astuple(FIELD_TYPES[name])
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
         if optional:
             return None
@@ -161,8 +179,8 @@ def coerce(name: str, value: Any) -> Any:
         value = ",".join(value)  # a YAML list of module names
     if not isinstance(value, str):
         raise ConfigError(f"field '{name}': expected a string, got {value!r}")
-    if name in _CHOICES and value not in _CHOICES[name]:
-        raise ConfigError(f"field '{name}': {value!r} is not one of {', '.join(_CHOICES[name])}")
+    if choices and value not in choices:
+        raise ConfigError(f"field '{name}': {value!r} is not one of {', '.join(choices)}")
     return value
 
 
@@ -189,10 +207,13 @@ def _yaml_fields(path: Path) -> dict[str, tuple[Any, int]]:
     return out
 
 
-def load_config(path: str | None, overrides: dict[str, str] | None = None) -> TrainConfig:
-    """YAML file (optional) + command-line overrides -> validated TrainConfig."""
+def load_config(path: str | None, overrides: dict[str, Any] | None = None,
+                defaults: dict[str, Any] | None = None) -> TrainConfig:
+    """`defaults`, then the YAML file (optional), then command-line overrides -> resolved, validated TrainConfig."""
     values: dict[str, Any] = {}
     origin: dict[str, str] = {}  # field -> where its value was set, for errors found by validate()
+    for key, value in (defaults or {}).items():
+        values[key] = coerce(key, value)
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -223,8 +244,6 @@ def load_config(path: str | None, overrides: dict[str, str] | None = None) -> Tr
 
 
 def _suggest(key: str) -> str:
-    import difflib
-
     close = difflib.get_close_matches(key, FIELDS, n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
@@ -316,8 +335,6 @@ def _validate_lora(cfg: TrainConfig, bad) -> None:
         if not config_file.is_file():
             bad("lora_adapter", f"{config_file} not found: expected a PEFT adapter directory (adapter_config.json + "
                                 f"adapter_model.safetensors)")
-        import json
-
         try:
             peft_type = json.loads(config_file.read_text()).get("peft_type")
         except json.JSONDecodeError as err:
@@ -356,18 +373,23 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         group_name = f.metadata["group"]
         group = groups.setdefault(group_name, parser.add_argument_group(f"{group_name} fields"))
-        kind, _ = _base_type(f.type)
-        metavar = {bool: "BOOL", int: "INT", float: "FLOAT"}.get(kind, "STR")
-        choices = _CHOICES.get(f.name)
-        if choices:
-            metavar = "{" + ",".join(choices) + "}"
+        kind, _, choices = dataclasses.astuple(FIELD_TYPES[f.name])
+        metavar = "{" + ",".join(choices) + "}" if choices else {bool: "BOOL", int: "INT", float: "FLOAT"}.get(kind, "STR")
         group.add_argument(f"--{f.name}", metavar=metavar, default=argparse.SUPPRESS,
                            help=f"{f.metadata['help']} (default: {f.default})")
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    overrides = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
-    return load_config(args.config, overrides)
+def config_from_args(args: argparse.Namespace, defaults: dict[str, Any] | None = None,
+                     fixed: dict[str, Any] | None = None, unchecked_paths: tuple[str, ...] = ()) -> TrainConfig:
+    """The one way every command builds its config: `defaults` (a command's own, e.g. `eval`'s loss settings of
+    the run that trained the model), then the YAML file of `--config`, then the `--field` flags given (None:
+    not given), then the values the command sets itself (`fixed`); resolved (precision auto), validated, and
+    every path the run reads checked (check_paths), but for the fields in `unchecked_paths`."""
+    overrides = {name: getattr(args, name) for name in FIELDS if getattr(args, name, None) is not None}
+    overrides.update(fixed or {})
+    cfg = load_config(getattr(args, "config", None), overrides, defaults)
+    check_paths(cfg, skip=unchecked_paths)
+    return cfg
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:
@@ -380,20 +402,20 @@ INPUT_PATH_FIELDS = ("train_file", "eval_file", "deepspeed_config", "ref_deepspe
 HUB_CHECK_TIMEOUT_S = 5.0
 
 
-def check_paths(cfg: TrainConfig) -> None:
+def check_paths(cfg: TrainConfig, skip: tuple[str, ...] = ()) -> None:
     """Every path the run reads exists and is readable: a ConfigError naming the field and the path before
     any model, tokenizer or data is loaded (a missing path would otherwise surface as a library traceback,
-    after minutes of loading or a long hub retry)."""
+    after minutes of loading or a long hub retry). `skip`: fields the command fills itself (bench)."""
     for name in INPUT_PATH_FIELDS:
         value = getattr(cfg, name)
-        if value is None or (name == "resume_from" and value == "auto"):
+        if value is None or name in skip or (name == "resume_from" and value == "auto"):
             continue
         if not Path(value).exists():
             raise ConfigError(f"field '{name}': {value}: no such file or directory", name)
         _check_readable(name, Path(value))
     for name in MODEL_PATH_FIELDS:
         value = getattr(cfg, name)
-        if value is not None:
+        if value is not None and name not in skip:
             check_model_path(name, value)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from dpo_ds.cli import emit
-from dpo_ds.config import ConfigError, TrainConfig, check_paths, validate
+from dpo_ds.config import ConfigError, config_from_args
 from dpo_ds.data import DataError, load_pairs
 from dpo_ds.families import load_model_config
 from dpo_ds.metrics import setup_logging
@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max_length", type=int, default=1024, help="Maximum tokens of prompt + completion.")
     parser.add_argument("--max_prompt_length", type=int, help="Keep only the last N prompt tokens.")
     parser.add_argument("--micro_batch_size", type=int, default=8, help="Pairs per rank per forward.")
-    parser.add_argument("--precision", choices=("bf16", "fp32"), help="Default: bf16 on GPU, fp32 on CPU.")
+    parser.add_argument("--precision", choices=("bf16", "fp32"), help="Default: as `train`'s precision auto (bf16 on a "
+                                                                      "CUDA GPU that supports it, else fp32).")
     parser.add_argument("--skip_bad_rows", action="store_true", help="Skip and count invalid rows.")
     parser.add_argument("--cache_dir", help="Where the prepared (tokenized) pairs are cached, shared with `train` and "
                         "`prepare` (same settings, same cache). Default: the run's cache when --model is inside a "
@@ -70,22 +71,17 @@ def run(args: argparse.Namespace) -> int:
     # heavy (transformers, DeepSpeed): imported when the command runs, so `dpo-ds eval --help` stays fast
     from transformers import AutoTokenizer
 
-    from dpo_ds.engines import build_inference_engine, model_dtype, on_cpu, resolve_reference_config
+    from dpo_ds.engines import build_inference_engine, model_dtype, resolve_reference_config
     from dpo_ds.reference import build_reference
     from dpo_ds.trainer import Run, evaluate_pairs, loss_params, pad_id_of
 
     try:
         trained = trained_by(args.model)
         loss_settings = {name: trained[1][name] for name in LOSS_FIELDS if name in trained[1]} if trained else {}
-        if args.beta is not None:
-            loss_settings["beta"] = args.beta
-        cfg = TrainConfig(**loss_settings, model_name_or_path=args.model, ref_model_name_or_path=args.ref_model,
-                          train_file=args.data, max_length=args.max_length, max_prompt_length=args.max_prompt_length,
-                          micro_batch_size=args.micro_batch_size, skip_bad_rows=args.skip_bad_rows,
-                          precision=args.precision or ("fp32" if on_cpu() else "bf16"),
-                          reference_free=args.ref_model is None, trust_remote_code=args.trust_remote_code)
-        validate(cfg)
-        check_paths(cfg)
+        # the flags named like config fields (--beta, --max_length, --precision, ...) are read as train's are
+        cfg = config_from_args(args, defaults=loss_settings,
+                               fixed={"model_name_or_path": args.model, "ref_model_name_or_path": args.ref_model,
+                                      "train_file": args.data, "reference_free": args.ref_model is None})
         env = init_distributed(timeout_s=cfg.dist_timeout_s)
         setup_logging(env.rank)
         cache_dir = args.cache_dir or default_cache_dir(args.model)

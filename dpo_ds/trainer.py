@@ -27,7 +27,6 @@ from dpo_ds.config import (
     ConfigError,
     TrainConfig,
     add_config_arguments,
-    check_paths,
     config_from_args,
     to_dict,
     uses_lora,
@@ -365,9 +364,7 @@ def _progress(total: int, start: int, rank: int):
 
 def run(args: argparse.Namespace) -> int:
     try:
-        cfg = config_from_args(args)
-        check_paths(cfg)
-        train(cfg)
+        train(config_from_args(args))
     except (ConfigError, DataError, ckpt.CheckpointError, TrainingStopped, LoadError) as err:
         print(f"dpo-ds train: error: {err}", file=sys.stderr)
         return 2
