@@ -906,6 +906,22 @@ def rank_shares(num_pairs: int, micro_batch_size: int, rank: int, world_size: in
 
 
 # ---------------------------------------------------------------------------------------- collation
+@dataclass(frozen=True)
+class MicroBatch:
+    """One micro-batch of pairs: which pairs (`indices` into `pairs`) and their collated tensors (`collate`)."""
+    pairs: TokenizedPairs
+    indices: Sequence[int]
+    tensors: dict[str, torch.Tensor]
+
+    @classmethod
+    def of(cls, pairs: TokenizedPairs, indices: Sequence[int], pad_id: int, packed: bool) -> MicroBatch:
+        return cls(pairs, indices, collate(pairs, indices, pad_id, packed))
+
+    @property
+    def num_sequences(self) -> int:  # chosen and rejected of each pair (a packed batch has them all in one row)
+        return 2 * len(self.indices)
+
+
 def collate(pairs: TokenizedPairs, indices: Sequence[int], pad_id: int, packed: bool = False) -> dict[str, torch.Tensor]:
     """The 2B sequences of B pairs: prompt+chosen of each pair, then prompt+rejected of each pair.
 

@@ -1,4 +1,5 @@
-"""Reference sources: where log pi_ref of a micro-batch comes from. The trainer never asks which it has.
+"""Reference sources: where log pi_ref of a micro-batch comes from. The trainer never asks which it has: each
+is a `ReferenceSource`, reading from the micro-batch what it needs (its tensors, or which pairs it holds).
 
 - `LiveReference`: a frozen ZeRO-3 inference engine, run on every micro-batch.
 - `CachedReference` (`precompute_ref: true`): one pass of that engine over the train and eval pairs before
@@ -17,13 +18,14 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from dpo_ds.checkpoint import model_fingerprint
 from dpo_ds.config import TrainConfig, uses_reference
-from dpo_ds.data import TokenizedPairs, collate, rank_shares
+from dpo_ds.data import MicroBatch, TokenizedPairs, rank_shares
 from dpo_ds.engines import (
     attention_kernel,
     build_inference_engine,
@@ -38,8 +40,13 @@ from launcher.dist import barrier
 logger = logging.getLogger("dpo_ds")
 
 
+class ReferenceSource(Protocol):
+    def logps(self, micro: MicroBatch) -> torch.Tensor:
+        """log pi_ref (summed over completion tokens) of the micro-batch's 2B sequences, chosen then rejected."""
+
+
 class LiveReference:
-    """Reference log-probs from a ZeRO-3 inference engine, recomputed for every micro-batch."""
+    """Reference log-probs from a ZeRO-3 inference engine, recomputed for every micro-batch (its tensors)."""
 
     def __init__(self, engine, chunk_size: int, fused: bool):
         self.engine = engine
@@ -47,8 +54,8 @@ class LiveReference:
         self.fused = fused
 
     @torch.no_grad()
-    def logps(self, batch: dict[str, torch.Tensor], pairs: TokenizedPairs, indices: list[int]) -> torch.Tensor:
-        return forward_logps(self.engine, batch, self.chunk_size, self.fused)[0]
+    def logps(self, micro: MicroBatch) -> torch.Tensor:
+        return forward_logps(self.engine, micro.tensors, self.chunk_size, self.fused)[0]
 
 
 class AdapterReference(LiveReference):
@@ -59,27 +66,28 @@ class AdapterReference(LiveReference):
         self.adapters = adapters_of(engine.module)
 
     @torch.no_grad()
-    def logps(self, batch: dict[str, torch.Tensor], pairs: TokenizedPairs, indices: list[int]) -> torch.Tensor:
+    def logps(self, micro: MicroBatch) -> torch.Tensor:
         with self.adapters.as_reference(self.engine.module):
-            return super().logps(batch, pairs, indices)
+            return super().logps(micro)
 
 
 class NoReference:
-    """log pi_ref = 0: reference-free losses build no reference engine."""
+    """log pi_ref = 0: reference-free losses build no reference engine (only the number of sequences counts)."""
 
-    def logps(self, batch: dict[str, torch.Tensor], pairs: TokenizedPairs, indices: list[int]) -> torch.Tensor:
-        return torch.zeros(batch["input_ids"].shape[0])
+    def logps(self, micro: MicroBatch) -> torch.Tensor:
+        return torch.zeros(micro.num_sequences)
 
 
 class CachedReference:
-    """Precomputed reference log-probs, one [N, 2] (chosen, rejected) table per dataset fingerprint."""
+    """Precomputed reference log-probs, one [N, 2] (chosen, rejected) table per dataset fingerprint, looked up
+    by which pairs the micro-batch holds (no forward: its tensors are not read)."""
 
     def __init__(self, tables: dict[str, torch.Tensor]):
         self.tables = tables
 
-    def logps(self, batch: dict[str, torch.Tensor], pairs: TokenizedPairs, indices: list[int]) -> torch.Tensor:
-        table = self.tables[pairs.fingerprint]
-        rows = torch.as_tensor(indices)
+    def logps(self, micro: MicroBatch) -> torch.Tensor:
+        table = self.tables[micro.pairs.fingerprint]
+        rows = torch.as_tensor(micro.indices)
         return torch.cat([table[rows, 0], table[rows, 1]])
 
 
@@ -93,7 +101,7 @@ def _reference_engine(cfg: TrainConfig, hidden_size: int):
 
 
 def build_reference(cfg: TrainConfig, hidden_size: int, datasets: list[TokenizedPairs] = (), cache_dir: str | None = None,
-                    pad_id: int = 0, rank: int = 0, world_size: int = 1, policy=None):
+                    pad_id: int = 0, rank: int = 0, world_size: int = 1, policy=None) -> ReferenceSource:
     """The reference source the loss needs. With precompute_ref, every dataset's table is computed (or read
     from the cache) now; call it before building the policy so both engines never hold memory together.
     LoRA (`policy` given): the policy engine is the reference, with its trained adapter off."""
@@ -128,7 +136,7 @@ def _cache_key(cfg: TrainConfig, pairs: TokenizedPairs) -> str:
 
 
 @torch.no_grad()
-def _precompute(source, cfg: TrainConfig, pairs: TokenizedPairs, target: Path, pad_id: int, rank: int,
+def _precompute(source: LiveReference, cfg: TrainConfig, pairs: TokenizedPairs, target: Path, pad_id: int, rank: int,
                 world_size: int) -> None:
     """One pass over `pairs`, split over ranks (data.rank_shares); each rank writes its rows, rank 0 publishes
     the directory once all are written."""
@@ -139,8 +147,7 @@ def _precompute(source, cfg: TrainConfig, pairs: TokenizedPairs, target: Path, p
     barrier()
     rows, chosen, rejected = [], [], []
     for mine in rank_shares(len(pairs), cfg.micro_batch_size, rank, world_size):
-        batch = collate(pairs, mine or [0], pad_id, packed=cfg.padding_free)
-        logps = source.logps(batch, pairs, mine or [0]).float().cpu()
+        logps = source.logps(MicroBatch.of(pairs, mine or [0], pad_id, cfg.padding_free)).float().cpu()
         if mine:
             rows += mine
             chosen.append(logps[: len(mine)])

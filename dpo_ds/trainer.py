@@ -15,11 +15,14 @@ import json
 import logging
 import sys
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
+from deepspeed import DeepSpeedEngine
 
 from dpo_ds import checkpoint as ckpt
 from dpo_ds import engines
@@ -33,7 +36,7 @@ from dpo_ds.config import (
     uses_reference,
 )
 from dpo_ds.convert import export_engine
-from dpo_ds.data import DataError, PairSampler, TokenizedPairs, collate, rank_shares
+from dpo_ds.data import DataError, MicroBatch, PairSampler, TokenizedPairs, rank_shares
 from dpo_ds.engines import attention_kernel, build_policy_engine, resolve_policy_config
 from dpo_ds.families import check_model_family, load_model_config
 from dpo_ds.loading import LoadError
@@ -41,7 +44,7 @@ from dpo_ds.losses import LossParams, PairLogps, compute_loss
 from dpo_ds.lora import merge_adapter, save_adapter
 from dpo_ds.metrics import MetricsWriter, PairStats, max_over_ranks, peak_memory_gib, setup_logging, untimed
 from dpo_ds.prepare import cache_dir_of, load_config_data
-from dpo_ds.reference import build_reference
+from dpo_ds.reference import ReferenceSource, build_reference
 from dpo_ds.reference_check import check_reference_compatible
 from launcher.dist import all_reduce, barrier, check_shared_dirs, gather_objects, init_distributed
 
@@ -59,11 +62,11 @@ class Run:
     cfg: TrainConfig
     rank: int
     world_size: int
-    policy: object           # the DeepSpeed engine being trained (or scored, in `dpo-ds eval`)
-    reference: object        # a reference source (dpo_ds.reference)
+    policy: DeepSpeedEngine     # being trained (or scored, in `dpo-ds eval`)
+    reference: ReferenceSource
     loss_params: LossParams
     pad_id: int
-    timer: object = untimed  # SectionTimer in `dpo-ds bench`
+    timer: Callable[[str], AbstractContextManager] = untimed  # metrics.SectionTimer in `dpo-ds bench`
     aux_losses: list = field(default_factory=list)  # router load-balancing losses of training micro-batches since the last log
 
 
@@ -80,9 +83,10 @@ def pair_step(run: Run, pairs: TokenizedPairs, indices: list[int], stats: PairSt
 
     The loss is the pairs' mean, or their sum x `loss_scale` (PairSampler.loss_scale) when micro-batches hold
     different numbers of pairs."""
-    batch = collate(pairs, indices, run.pad_id, packed=run.cfg.padding_free)
+    micro = MicroBatch.of(pairs, indices, run.pad_id, run.cfg.padding_free)
+    batch = micro.tensors
     with run.timer("reference_forward"):
-        ref_logps = run.reference.logps(batch, pairs, indices)
+        ref_logps = run.reference.logps(micro)
     with run.timer("policy_forward"), torch.set_grad_enabled(train):
         aux_coef = run.cfg.router_aux_loss_coef if train else 0.0  # evaluation scores preferences only
         if aux_coef > 0:
