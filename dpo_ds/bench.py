@@ -111,7 +111,6 @@ def run(args: argparse.Namespace) -> int:
     # heavy (DeepSpeed): imported when the command runs, so `dpo-ds bench --help` stays fast
     from deepspeed.accelerator import get_accelerator
 
-    from dpo_ds.engines import fused_head
     from dpo_ds.trainer import build_run, pair_step
 
     try:  # the model is a preset or a config until _model_dir writes it; the pairs are made here
@@ -178,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
         "micro_batch_size": cfg.micro_batch_size, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "max_tokens_per_micro_batch": cfg.max_tokens_per_micro_batch, "group_by_length": cfg.group_by_length,
         "padding_free": cfg.padding_free, "attention": run.policy.module.config._attn_implementation,
-        "fused_lm_head": fused_head(run.policy.module) is not None if cfg.fused_lm_head else False,
+        "fused_lm_head": run.policy_head is not None,
         "lengths": args.lengths, "reference": "live" if live_reference else "cached" if cfg.precompute_ref else "none",
         "gradient_checkpointing": cfg.gradient_checkpointing, "lora_r": cfg.lora_r, "warmup_steps": args.warmup, "timed_steps": len(times),
         "step_time_s": {"median": statistics.median(step_times.tolist()), "min": float(step_times.min()),

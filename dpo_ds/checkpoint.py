@@ -30,13 +30,13 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from dpo_ds.hf_dir import saved_config, write_hf_metadata
-from dpo_ds.lora import checkpoint_metadata, is_lora_engine
+from dpo_ds.hf_dir import ConfigOverride, saved_config, write_hf_metadata
+from dpo_ds.lora import save_adapter_config
 from launcher.dist import all_reduce, barrier, on_rank0, process_rank
 
 logger = logging.getLogger("dpo_ds")
@@ -116,9 +116,12 @@ def _restore_rng(path: Path) -> None:
         torch.cuda.set_rng_state(state["torch_cuda"])
 
 
-def save_checkpoint(engine, output_dir: str, state: TrainerState, save_total_limit: int = 0, tokenizer=None) -> Path:
+def save_checkpoint(engine, output_dir: str, state: TrainerState, save_total_limit: int = 0, tokenizer=None,
+                    config_overrides: Sequence[ConfigOverride] = (), adapter_config=None) -> Path:
     """Write checkpoint `step-N` atomically (every rank calls this). Raises CheckpointError on any rank's
-    write failure, after removing the partial directory; earlier checkpoints are never touched then."""
+    write failure, after removing the partial directory; earlier checkpoints are never touched then.
+    `config_overrides`: what the run changed in the model's config (undone in hf/config.json);
+    `adapter_config`: a LoRA run's peft config (hf/adapter_config.json marks the checkpoint as LoRA)."""
     root = Path(output_dir) / CHECKPOINTS_DIR
     final = root / f"step-{state.step:08d}"
     tmp = root / f"step-{state.step:08d}.tmp"
@@ -138,20 +141,23 @@ def save_checkpoint(engine, output_dir: str, state: TrainerState, save_total_lim
         error = err
     _fail_together(error, tmp, f"writing checkpoint {final}")
     on_rank0(f"publishing checkpoint {final}", lambda: _publish(engine, tmp, final, root, state, save_total_limit,
-                                                                  tokenizer), CheckpointError)
+                                                                  tokenizer, config_overrides, adapter_config),
+             CheckpointError)
     if rank == 0:
         logger.info("checkpoint written: %s", final)
     return final
 
 
 def _publish(engine, tmp: Path, final: Path, root: Path, state: TrainerState, save_total_limit: int,
-             tokenizer) -> None:
+             tokenizer, config_overrides: Sequence[ConfigOverride], adapter_config) -> None:
     """Rank 0, once every rank's files are in `tmp`: metadata, state, manifest, rename, `latest`, pruning.
     On failure the partial directory goes; the previous checkpoint and `latest` are untouched."""
     try:
         model = engine.module
-        write_hf_metadata(tmp / HF_METADATA, saved_config(model), getattr(model, "generation_config", None), tokenizer)
-        checkpoint_metadata(model, tmp / HF_METADATA)
+        write_hf_metadata(tmp / HF_METADATA, saved_config(model, config_overrides),
+                          getattr(model, "generation_config", None), tokenizer)
+        if adapter_config is not None:
+            save_adapter_config(adapter_config, tmp / HF_METADATA)
         _write_text_atomic(tmp / STATE, json.dumps(asdict(state), indent=2))
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         _fsync_tree(tmp)
@@ -287,13 +293,14 @@ def prepare_universal(ckpt: Path) -> None:
     on_rank0(f"converting {ckpt} to a universal checkpoint", convert, CheckpointError)
 
 
-def load_checkpoint(engine, ckpt: Path, saved: TrainerState, world_size: int) -> None:
-    """Restore DeepSpeed state (universal when the world size changed) and this rank's RNG."""
+def load_checkpoint(engine, ckpt: Path, saved: TrainerState, world_size: int, adapter_only: bool = False) -> None:
+    """Restore DeepSpeed state (universal when the world size changed) and this rank's RNG. `adapter_only`: a
+    LoRA run's checkpoint, which holds the adapter only."""
     universal = saved.world_size != world_size
     tag = UNIVERSAL_TAG if universal else DS_TAG
     groups_as_built = [dict(group) for group in engine.optimizer.optimizer.param_groups]
     # a LoRA checkpoint holds the adapter only: the frozen base is already loaded from its files
-    load_path, _ = engine.load_checkpoint(str(ckpt), tag=tag, load_module_strict=not is_lora_engine(engine),
+    load_path, _ = engine.load_checkpoint(str(ckpt), tag=tag, load_module_strict=not adapter_only,
                                           load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
     if load_path is None:

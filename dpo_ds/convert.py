@@ -18,6 +18,7 @@ import gc
 import shutil
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -25,6 +26,7 @@ from dpo_ds import lora
 from dpo_ds.checkpoint import DS_TAG, HF_METADATA, CheckpointError, verify_checkpoint
 from dpo_ds.cli import emit
 from dpo_ds.hf_dir import (
+    ConfigOverride,
     ExportError,
     ShardWriter,
     meta_model,
@@ -48,9 +50,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def export_engine(engine, out_dir: str, tokenizer=None, dtype: torch.dtype | None = None,
-                  max_shard_size: str = "5GB") -> None:
+                  max_shard_size: str = "5GB", config_overrides: Sequence[ConfigOverride] = ()) -> None:
     """Write `engine.module` as `save_pretrained` would (dpo_ds.layout: checkpoint layout, no tied aliases) on
-    rank 0; every rank must call this."""
+    rank 0, its config with the run's `config_overrides` undone; every rank must call this."""
     import deepspeed
 
     model = engine.module
@@ -72,7 +74,7 @@ def export_engine(engine, out_dir: str, tokenizer=None, dtype: torch.dtype | Non
 
     def publish() -> None:
         writer.finish()
-        write_hf_metadata(tmp, saved_config(model), getattr(model, "generation_config", None), tokenizer, dtype)
+        write_hf_metadata(tmp, saved_config(model, config_overrides), getattr(model, "generation_config", None), tokenizer, dtype)
         validate_hf_dir(tmp, expected)
         publish_dir(tmp, out)
 

@@ -762,6 +762,10 @@ class PairSampler:
     group_by_length: bool
     seed: int
     max_tokens: int | None = None
+    # caches, not configuration: the last epoch's micro-batches, and steps per epoch under a token budget
+    _epoch_batches: tuple[int, tuple[np.ndarray, np.ndarray]] | None = field(default=None, init=False, repr=False,
+                                                                             compare=False)
+    _steps_by_epoch: dict[int, int] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         self.lengths = np.asarray(self.lengths, dtype=np.int64)
@@ -784,10 +788,9 @@ class PairSampler:
         if not self.max_tokens:  # fixed-size micro-batches: n // B full ones, whatever the order
             return len(self.lengths) // self.pairs_per_step
         # Under a token budget the count depends on the epoch's order: build it once per epoch, not per step.
-        counts = self.__dict__.setdefault("_steps_by_epoch", {})
-        if epoch not in counts:
-            counts[epoch] = (len(self._build_micro_batches(epoch)[1]) - 1) // self.micro_batches_per_step
-        return counts[epoch]
+        if epoch not in self._steps_by_epoch:
+            self._steps_by_epoch[epoch] = (len(self._build_micro_batches(epoch)[1]) - 1) // self.micro_batches_per_step
+        return self._steps_by_epoch[epoch]
 
     @property
     def steps_per_epoch(self) -> int:
@@ -820,9 +823,9 @@ class PairSampler:
         return torch.randperm(n, generator=self._generator(epoch)).numpy() if self.shuffle else np.arange(n)
 
     def _micro_batches(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        if getattr(self, "_cached_epoch", None) != epoch:
-            self._cached_epoch, self._cached_batches = epoch, self._build_micro_batches(epoch)
-        return self._cached_batches
+        if self._epoch_batches is None or self._epoch_batches[0] != epoch:
+            self._epoch_batches = (epoch, self._build_micro_batches(epoch))
+        return self._epoch_batches[1]
 
     def _build_micro_batches(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(pair indices in use order, n_micro_batches + 1 bounds): micro-batch j is indices[bounds[j]:bounds[j+1]]."""

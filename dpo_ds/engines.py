@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,10 @@ import torch
 from deepspeed.accelerator import get_accelerator
 
 from dpo_ds.config import ConfigError, TrainConfig, uses_lora
+from dpo_ds.hf_dir import ConfigOverride
 from dpo_ds.loading import has_safetensors, load_sharded_pretrained
 from dpo_ds.logprobs import head_sequence_logps, scored_positions, sequence_logps
-from dpo_ds.lora import attach_adapters
+from dpo_ds.lora import Adapters, attach_adapters
 
 logger = logging.getLogger("dpo_ds")
 
@@ -193,10 +195,10 @@ def _is_dropout_rate(name: str, value: Any) -> bool:
         and not isinstance(value, bool)
 
 
-def disable_dropout(model: torch.nn.Module) -> None:
+def disable_dropout(model: torch.nn.Module) -> list[ConfigOverride]:
     """Dropout off for good, whatever mode the model is in (the policy trains in train mode): every dropout
     module gets p = 0, and every dropout rate a module copied from its config or reads from it while running
-    (attention_dropout, resid_pdrop, ...) becomes 0. The config's own values are remembered for exports
+    (attention_dropout, resid_pdrop, ...) becomes 0. Returns the config values changed, which exports undo
     (hf_dir.saved_config)."""
     from transformers import PretrainedConfig
 
@@ -214,7 +216,7 @@ def disable_dropout(model: torch.nn.Module) -> None:
         for name, value in list(vars(module).items()):
             if _is_dropout_rate(name, value):
                 setattr(module, name, 0.0)
-    model.__dict__["_dpo_ds_config_originals"] = originals
+    return originals
 
 
 def mark_expert_blocks(model: torch.nn.Module) -> int:
@@ -232,29 +234,38 @@ def mark_expert_blocks(model: torch.nn.Module) -> int:
     return len(classes)
 
 
-def prepare_model(model: torch.nn.Module, cfg: TrainConfig) -> None:
-    """What the run changes on a freshly loaded policy or reference model, before DeepSpeed wraps it."""
-    if cfg.disable_dropout:
-        disable_dropout(model)
+def prepare_model(model: torch.nn.Module, cfg: TrainConfig) -> list[ConfigOverride]:
+    """What the run changes on a freshly loaded policy or reference model, before DeepSpeed wraps it; returns
+    the config values it changed."""
+    overrides = disable_dropout(model) if cfg.disable_dropout else []
     mark_expert_blocks(model)
+    return overrides
 
 
-def build_policy_engine(cfg: TrainConfig, ds_config: dict[str, Any], total_steps: int):
+@dataclass
+class PolicyEngine:
+    """The policy's engine and what the run did to its model, declared here rather than stored on the model."""
+    engine: deepspeed.DeepSpeedEngine
+    config_overrides: list[ConfigOverride]  # undone in the config files the run writes (hf_dir.saved_config)
+    adapters: Adapters | None               # LoRA: the peft handle; None for full fine-tuning
+
+
+def build_policy_engine(cfg: TrainConfig, ds_config: dict[str, Any], total_steps: int) -> PolicyEngine:
     model = load_sharded_model(cfg.model_name_or_path, ds_config, model_dtype(cfg), cfg.trust_remote_code,
                                cfg.weights_loader, attention_kernel(cfg))
-    prepare_model(model, cfg)
+    overrides = prepare_model(model, cfg)
     model.train()
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    if uses_lora(cfg):
-        model = attach_adapters(model, cfg)  # base frozen: only adapter parameters reach the optimizer
+    # LoRA: base frozen, only adapter parameters reach the optimizer
+    adapters = attach_adapters(model, cfg) if uses_lora(cfg) else None
     schedule = lr_lambda(cfg.lr_scheduler, cfg.warmup_steps, total_steps)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=_optimizer_groups(model, cfg.weight_decay), config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
     # NaN/Inf gradients on any rank make the all-reduced gradient norm non-finite; DeepSpeed (>= 0.19.8) then
     # skips the update on every rank in every precision and `was_step_applied()` is False.
-    return engine
+    return PolicyEngine(engine, overrides, adapters)
 
 
 def build_inference_engine(path: str, ds_config: dict[str, Any], dtype: torch.dtype, trust_remote_code: bool,
@@ -320,22 +331,24 @@ def _returns_head_output_unchanged(model_class: type) -> bool:
 
 
 def fused_head(model: torch.nn.Module) -> torch.nn.Linear | None:
-    """The output projection to score inside, or None where the logits path must be used.
+    """The output projection to score inside, or None where the logits path must be used (resolved once per
+    engine: the engine's owner keeps it and passes it to `forward_logps`).
 
     Fusing replaces lm_head's output, so it is only done where the model returns `lm_head(hidden_states)`
     unchanged (Llama, Mistral, Mixtral, Qwen2/3 and their MoE variants, Phi-3, Gemma, OLMo-2, DeepSeek-V3, ...;
     not Gemma-2's soft-capping, Cohere's or Granite's scaling) and lm_head is a bias-free Linear.
     """
-    cached = model.__dict__.get("_dpo_ds_fused_head", False)
-    if cached is not False:
-        return cached
     head = model.get_output_embeddings()
     ok = (isinstance(head, torch.nn.Linear) and head.bias is None and _returns_head_output_unchanged(type(model)))
     if not ok:
         logger.info("fused_lm_head: %s does not return lm_head(hidden) unchanged; scoring from full logits",
                     type(model).__name__)
-    model.__dict__["_dpo_ds_fused_head"] = head if ok else None
-    return model.__dict__["_dpo_ds_fused_head"]
+    return head if ok else None
+
+
+def scoring_head(model: torch.nn.Module, fused_lm_head: bool) -> torch.nn.Linear | None:
+    """The head `forward_logps` scores inside: `fused_head(model)` when the fused_lm_head field is on."""
+    return fused_head(model) if fused_lm_head else None
 
 
 @contextlib.contextmanager
@@ -368,15 +381,16 @@ def _varlen_attention_kwargs(position_ids: torch.Tensor, device) -> dict:
 
 
 def forward_logps(engine, batch: dict[str, torch.Tensor], chunk_size: int,
-                  fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                  head: torch.nn.Linear | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-probs and token counts of every sequence of a collated batch (one forward).
 
-    `fused` (fused_lm_head): scored inside the output projection where the model allows it (see `fused_head`)."""
-    sums, tokens, _ = forward_logps_and_aux(engine, batch, chunk_size, fused, router_aux=False)
+    `head` (fused_lm_head: `fused_head` of the engine's model): scored inside this output projection; None:
+    from the full logits."""
+    sums, tokens, _ = forward_logps_and_aux(engine, batch, chunk_size, head, router_aux=False)
     return sums, tokens
 
 
-def forward_logps_and_aux(engine, batch: dict[str, torch.Tensor], chunk_size: int, fused: bool,
+def forward_logps_and_aux(engine, batch: dict[str, torch.Tensor], chunk_size: int, head: torch.nn.Linear | None,
                           router_aux: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """`forward_logps`, plus the model's router load-balancing loss of the same forward when `router_aux`
     (mixture-of-experts models: `output_router_logits=True` makes transformers return it as `aux_loss`)."""
@@ -393,7 +407,6 @@ def forward_logps_and_aux(engine, batch: dict[str, torch.Tensor], chunk_size: in
         inputs, scoring = {"attention_mask": to_device(batch["attention_mask"], device)}, (None, None)
     if router_aux:
         inputs["output_router_logits"] = True
-    head = fused_head(engine.module) if fused else None
     if head is None:
         out = engine(input_ids=input_ids, use_cache=False, **inputs)
         return (*sequence_logps(out.logits, input_ids, loss_mask, chunk_size, *scoring), _aux_loss(out, router_aux))

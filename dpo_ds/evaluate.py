@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
     from dpo_ds.engines import build_inference_engine, model_dtype, resolve_reference_config
     from dpo_ds.reference import build_reference
-    from dpo_ds.trainer import Run, evaluate_pairs, loss_params, pad_id_of
+    from dpo_ds.trainer import Run, evaluate_pairs, pad_id_of
 
     try:
         trained = trained_by(args.model)
@@ -93,8 +93,8 @@ def run(args: argparse.Namespace) -> int:
         model = build_inference_engine(args.model, resolve_reference_config(cfg, hidden), model_dtype(cfg),
                                        args.trust_remote_code)
         reference = build_reference(cfg, hidden)
-        metrics, records = evaluate_pairs(Run(cfg, env.rank, env.world_size, model, reference, loss_params(cfg),
-                                        pad_id_of(tokenizer)), pairs)
+        metrics, records = evaluate_pairs(Run.create(cfg, env.rank, env.world_size, model, reference,
+                                                     pad_id_of(tokenizer)), pairs)
     except (ConfigError, DataError) as err:
         print(f"dpo-ds eval: error: {err}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from safetensors import safe_open
@@ -136,10 +137,14 @@ def publish_dir(tmp: Path, out_dir: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def saved_config(model):
-    """The model's config as the user gave it: the run's overrides (engines.disable_dropout) undone."""
+# A config value the run changed: (sub-config attribute, or "" for the config itself; field name; the config's value)
+ConfigOverride = tuple[str, str, float]
+
+
+def saved_config(model, overrides: Sequence[ConfigOverride] = ()):
+    """The model's config as the user gave it: the run's `overrides` (engines.disable_dropout) undone."""
     config = copy.deepcopy(model.config)
-    for sub_config, name, value in model.__dict__.get("_dpo_ds_config_originals", ()):
+    for sub_config, name, value in overrides:
         setattr(getattr(config, sub_config) if sub_config else config, name, value)
     return config
 

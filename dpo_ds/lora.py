@@ -31,8 +31,8 @@ PEFT_PREFIX = "base_model.model."  # PeftModel's path to the transformers model
 
 
 class Adapters:
-    """The peft handle of a LoRA policy: which adapter is active, and its config. Kept in the transformers
-    model's __dict__ (not as a submodule: the engine must not see the wrapper's parameters twice)."""
+    """The peft handle of a LoRA policy: which adapter is active, and its config. Held by the run
+    (engines.PolicyEngine), not by the model: as a submodule, the engine would see the wrapper's parameters twice."""
 
     def __init__(self, peft_model, base_model_path: str):
         self.peft_model = peft_model
@@ -59,10 +59,6 @@ class Adapters:
             model.train(was_training)
 
 
-def adapters_of(model: torch.nn.Module) -> Adapters | None:
-    return model.__dict__.get("_dpo_ds_lora")
-
-
 def linear_module_names(model: torch.nn.Module) -> list[str]:
     """all-linear: the names of every nn.Linear but the output layer. Resolved here rather than by peft, whose
     all-linear also wraps fused MoE expert parameters, which the merged export cannot merge."""
@@ -80,9 +76,9 @@ def _fresh_config(model: torch.nn.Module, cfg: TrainConfig):
                       bias="none", task_type="CAUSAL_LM")
 
 
-def attach_adapters(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
-    """Inject LoRA layers into `model` (ZeRO-3 partitioned, frozen) and return it; only adapter parameters
-    require grad. Call before deepspeed.initialize, which partitions the new adapter parameters: every rank
+def attach_adapters(model: torch.nn.Module, cfg: TrainConfig) -> Adapters:
+    """Inject LoRA layers into `model` (ZeRO-3 partitioned, frozen) in place; only adapter parameters require
+    grad. Returns the peft handle. Call before deepspeed.initialize, which partitions the new adapter parameters: every rank
     must hold the same values, hence the seeded initialisation."""
     from peft import PeftModel, get_peft_model
     from peft.tuners.lora import Linear as LoraLinear
@@ -113,8 +109,7 @@ def attach_adapters(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module
     if cfg.gradient_checkpointing and not hasattr(model, "_require_grads_hook"):
         # checkpointed blocks of a frozen base: the embeddings' output must carry grad into the first block
         model.enable_input_require_grads()
-    model.__dict__["_dpo_ds_lora"] = Adapters(peft_model, cfg.model_name_or_path)
-    return model
+    return Adapters(peft_model, cfg.model_name_or_path)
 
 
 def trainable_adapter_params(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -160,10 +155,10 @@ def save_adapter_config(config, out_dir: Path) -> None:
     config.save_pretrained(str(out_dir))
 
 
-def save_adapter(engine, out_dir: str) -> None:
+def save_adapter(engine, adapters: Adapters, out_dir: str) -> None:
     """`final_adapter/`: the trained adapter as a PEFT directory (rank 0 writes; every rank must call)."""
     tensors = gather_adapter(engine)
-    on_rank0(f"writing {out_dir}", lambda: write_adapter_dir(adapters_of(engine.module).config, tensors, Path(out_dir)),
+    on_rank0(f"writing {out_dir}", lambda: write_adapter_dir(adapters.config, tensors, Path(out_dir)),
              ExportError)
 
 
@@ -172,7 +167,7 @@ def lora_delta(a: torch.Tensor, b: torch.Tensor, scaling: float, fan_in_fan_out:
     return delta.T if fan_in_fan_out else delta
 
 
-def merge_adapter(engine) -> None:
+def merge_adapter(engine, adapters: Adapters) -> None:
     """Merge the trained adapter into the base weights of the live engine and remove the LoRA layers, so the
     engine's module is the plain model the export writes. W += B A * alpha / r in fp32 from the optimizer's
     master weights, one layer gathered at a time (every rank must call)."""
@@ -180,7 +175,6 @@ def merge_adapter(engine) -> None:
     from deepspeed.utils import safe_get_full_fp32_param
     from peft.tuners.lora import Linear as LoraLinear
 
-    adapters = adapters_of(engine.module)
     for module in engine.module.modules():
         if not isinstance(module, LoraLinear) or ADAPTER not in module.lora_A:  # attach_adapters allows no other
             continue
@@ -203,14 +197,3 @@ def adapter_fingerprint(path: str) -> str:
         if f.is_file():
             h.update(f.read_bytes())
     return h.hexdigest()[:24]
-
-
-def checkpoint_metadata(model: torch.nn.Module, hf_dir: Path) -> None:
-    """Next to the model config in a checkpoint: the adapter's config (marks the checkpoint as LoRA)."""
-    adapters = adapters_of(model)
-    if adapters is not None:
-        save_adapter_config(adapters.config, hf_dir)
-
-
-def is_lora_engine(engine) -> bool:
-    return adapters_of(engine.module) is not None

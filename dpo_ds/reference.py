@@ -30,11 +30,13 @@ from dpo_ds.engines import (
     attention_kernel,
     build_inference_engine,
     forward_logps,
+    PolicyEngine,
     model_dtype,
     release_engine,
     resolve_reference_config,
+    scoring_head,
 )
-from dpo_ds.lora import adapter_fingerprint, adapters_of
+from dpo_ds.lora import Adapters, adapter_fingerprint
 from launcher.dist import barrier
 
 logger = logging.getLogger("dpo_ds")
@@ -48,22 +50,22 @@ class ReferenceSource(Protocol):
 class LiveReference:
     """Reference log-probs from a ZeRO-3 inference engine, recomputed for every micro-batch (its tensors)."""
 
-    def __init__(self, engine, chunk_size: int, fused: bool):
+    def __init__(self, engine, chunk_size: int, head: torch.nn.Linear | None):
         self.engine = engine
         self.chunk_size = chunk_size
-        self.fused = fused
+        self.head = head  # engines.scoring_head of the engine's model
 
     @torch.no_grad()
     def logps(self, micro: MicroBatch) -> torch.Tensor:
-        return forward_logps(self.engine, micro.tensors, self.chunk_size, self.fused)[0]
+        return forward_logps(self.engine, micro.tensors, self.chunk_size, self.head)[0]
 
 
 class AdapterReference(LiveReference):
     """LoRA: reference log-probs from the policy engine itself, its trained adapter switched off."""
 
-    def __init__(self, engine, chunk_size: int, fused: bool):
-        super().__init__(engine, chunk_size, fused)
-        self.adapters = adapters_of(engine.module)
+    def __init__(self, engine, adapters: Adapters, chunk_size: int, head: torch.nn.Linear | None):
+        super().__init__(engine, chunk_size, head)
+        self.adapters = adapters
 
     @torch.no_grad()
     def logps(self, micro: MicroBatch) -> torch.Tensor:
@@ -101,7 +103,8 @@ def _reference_engine(cfg: TrainConfig, hidden_size: int):
 
 
 def build_reference(cfg: TrainConfig, hidden_size: int, datasets: list[TokenizedPairs] = (), cache_dir: str | None = None,
-                    pad_id: int = 0, rank: int = 0, world_size: int = 1, policy=None) -> ReferenceSource:
+                    pad_id: int = 0, rank: int = 0, world_size: int = 1,
+                    policy: PolicyEngine | None = None) -> ReferenceSource:
     """The reference source the loss needs. With precompute_ref, every dataset's table is computed (or read
     from the cache) now; call it before building the policy so both engines never hold memory together.
     LoRA (`policy` given): the policy engine is the reference, with its trained adapter off."""
@@ -110,8 +113,10 @@ def build_reference(cfg: TrainConfig, hidden_size: int, datasets: list[Tokenized
 
     def live_source():
         if policy is not None:
-            return AdapterReference(policy, cfg.logprob_chunk_size, cfg.fused_lm_head)
-        return LiveReference(_reference_engine(cfg, hidden_size), cfg.logprob_chunk_size, cfg.fused_lm_head)
+            return AdapterReference(policy.engine, policy.adapters, cfg.logprob_chunk_size,
+                                    scoring_head(policy.engine.module, cfg.fused_lm_head))
+        engine = _reference_engine(cfg, hidden_size)
+        return LiveReference(engine, cfg.logprob_chunk_size, scoring_head(engine.module, cfg.fused_lm_head))
 
     if not cfg.precompute_ref:
         return live_source()

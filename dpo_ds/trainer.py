@@ -41,7 +41,8 @@ from dpo_ds.engines import attention_kernel, build_policy_engine, resolve_policy
 from dpo_ds.families import check_model_family, load_model_config
 from dpo_ds.loading import LoadError
 from dpo_ds.losses import LossParams, PairLogps, compute_loss
-from dpo_ds.lora import merge_adapter, save_adapter
+from dpo_ds.hf_dir import ConfigOverride
+from dpo_ds.lora import Adapters, merge_adapter, save_adapter
 from dpo_ds.metrics import MetricsWriter, PairStats, max_over_ranks, peak_memory_gib, setup_logging, untimed
 from dpo_ds.prepare import cache_dir_of, load_config_data
 from dpo_ds.reference import ReferenceSource, build_reference
@@ -66,8 +67,18 @@ class Run:
     reference: ReferenceSource
     loss_params: LossParams
     pad_id: int
+    policy_head: torch.nn.Linear | None = None  # engines.scoring_head of the policy, resolved once
+    config_overrides: list[ConfigOverride] = field(default_factory=list)  # undone in the configs the run writes
+    adapters: Adapters | None = None  # LoRA's peft handle
     timer: Callable[[str], AbstractContextManager] = untimed  # metrics.SectionTimer in `dpo-ds bench`
     aux_losses: list = field(default_factory=list)  # router load-balancing losses of training micro-batches since the last log
+
+    @classmethod
+    def create(cls, cfg: TrainConfig, rank: int, world_size: int, policy: DeepSpeedEngine, reference: ReferenceSource,
+               pad_id: int, config_overrides: list[ConfigOverride] | None = None, adapters: Adapters | None = None) -> Run:
+        """A Run for `policy` (trained by `train`, or only scored by `dpo-ds eval`)."""
+        return cls(cfg, rank, world_size, policy, reference, loss_params(cfg), pad_id,
+                   engines.scoring_head(policy.module, cfg.fused_lm_head), config_overrides or [], adapters)
 
 
 def split_pairs(logps: torch.Tensor, tokens: torch.Tensor, ref_logps: torch.Tensor) -> PairLogps:
@@ -91,10 +102,10 @@ def pair_step(run: Run, pairs: TokenizedPairs, indices: list[int], stats: PairSt
         aux_coef = run.cfg.router_aux_loss_coef if train else 0.0  # evaluation scores preferences only
         if aux_coef > 0:
             logps, tokens, aux = engines.forward_logps_and_aux(run.policy, batch, run.cfg.logprob_chunk_size,
-                                                       run.cfg.fused_lm_head, router_aux=True)
+                                                               run.policy_head, router_aux=True)
         else:
             # called through the module: tests/dist_fault_probe.py replaces engines.forward_logps to inject NaN
-            logps, tokens = engines.forward_logps(run.policy, batch, run.cfg.logprob_chunk_size, run.cfg.fused_lm_head)
+            logps, tokens = engines.forward_logps(run.policy, batch, run.cfg.logprob_chunk_size, run.policy_head)
         lp = split_pairs(logps, tokens, ref_logps)
         out = compute_loss(run.cfg.loss_type, lp, run.loss_params)
         loss = out.losses.mean() if loss_scale is None else out.losses.sum() * loss_scale
@@ -174,7 +185,7 @@ def build_run(cfg: TrainConfig, rank: int, world_size: int, total_steps: int, pa
     else:
         reference = build_reference(cfg, hidden, datasets, cache_dir_of(cfg), pad_id, rank, world_size)
         policy = build_policy_engine(cfg, ds_config, total_steps)
-    return Run(cfg, rank, world_size, policy, reference, loss_params(cfg), pad_id)
+    return Run.create(cfg, rank, world_size, policy.engine, reference, pad_id, policy.config_overrides, policy.adapters)
 
 
 @dataclass
@@ -233,7 +244,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                     load_universal=saved is not None and saved.world_size != world_size)
     start_step = 0
     if saved is not None:
-        ckpt.load_checkpoint(run.policy, resume_dir, saved, world_size)
+        ckpt.load_checkpoint(run.policy, resume_dir, saved, world_size, adapter_only=run.adapters is not None)
         start_step = saved.step
         if rank == 0:
             logger.info("resumed from step %d (%s)", start_step, resume_dir)
@@ -269,7 +280,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             writer.write(done, last)
             window = PairStats()
             if _kl_exceeded(cfg, last, done, rank):
-                ckpt.save_checkpoint(run.policy, cfg.output_dir, trainer_state(done), cfg.save_total_limit, tokenizer)
+                save_checkpoint(run, trainer_state(done), tokenizer)
                 raise TrainingStopped(f"stopped at step {done}: mean KL to the reference exceeded max_kl={cfg.max_kl} "
                                       f"(stop_on_max_kl); checkpoint saved")
         if eval_pairs is not None and (done == total_steps or (cfg.eval_steps and done % cfg.eval_steps == 0)):
@@ -284,7 +295,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 progress.set_postfix(loss=f"{last['loss']:.4f}")
         stop = ckpt.any_rank(stop_signal.received is not None)
         if stop or (cfg.save_steps and done % cfg.save_steps == 0):
-            ckpt.save_checkpoint(run.policy, cfg.output_dir, trainer_state(done), cfg.save_total_limit, tokenizer)
+            save_checkpoint(run, trainer_state(done), tokenizer)
         if stop and done < total_steps:
             writer.close()
             raise Preempted(f"stopped by a signal after step {done}; resume with --resume_from auto")
@@ -292,15 +303,20 @@ def train(cfg: TrainConfig) -> TrainResult:
         progress.close()
 
     if uses_lora(cfg):  # final_adapter/ first: merging replaces the LoRA layers by the merged base layers
-        save_adapter(run.policy, str(out_dir / "final_adapter"))
-        merge_adapter(run.policy)
-    export_engine(run.policy, str(out_dir / "final"), tokenizer=tokenizer, dtype=None)
+        save_adapter(run.policy, run.adapters, str(out_dir / "final_adapter"))
+        merge_adapter(run.policy, run.adapters)
+    export_engine(run.policy, str(out_dir / "final"), tokenizer=tokenizer, config_overrides=run.config_overrides)
     writer.close()
     if rank == 0:
         logger.info("final model written to %s%s", out_dir / "final",
                     f" (adapter: {out_dir / 'final_adapter'})" if uses_lora(cfg) else "")
         print(run_summary(cfg, total_steps, last), file=sys.stderr, flush=True)
     return TrainResult(run, last)
+
+
+def save_checkpoint(run: Run, state: ckpt.TrainerState, tokenizer) -> None:
+    ckpt.save_checkpoint(run.policy, run.cfg.output_dir, state, run.cfg.save_total_limit, tokenizer, run.config_overrides,
+                         run.adapters.config if run.adapters is not None else None)
 
 
 def run_summary(cfg: TrainConfig, steps: int, last: dict[str, float]) -> str:

@@ -49,8 +49,8 @@ nan_steps = {int(k) for k in os.environ.get("FAULT_NAN_AT_STEPS", "").split(",")
 if nan_steps:
     original_forward_logps = engines.forward_logps
 
-    def forward_logps(engine, batch, chunk_size, fused):
-        logps, tokens = original_forward_logps(engine, batch, chunk_size, fused)
+    def forward_logps(engine, batch, chunk_size, head):
+        logps, tokens = original_forward_logps(engine, batch, chunk_size, head)
         if logps.requires_grad and current_step[0] in nan_steps and rank() == 0:
             logps = logps + float("nan")
         return logps, tokens

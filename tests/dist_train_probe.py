@@ -27,8 +27,8 @@ gc.collect()
 policy = run.policy
 report = {"deepspeed_engines": sum(isinstance(o, deepspeed.DeepSpeedEngine) for o in gc.get_objects()),
           "reference": type(run.reference).__name__,
-          # set by engines.fused_head the first time the policy scored a batch: the Linear scored inside, or None
-          "fused_head": policy.module.__dict__.get("_dpo_ds_fused_head") is not None,
+          # engines.scoring_head of the policy: the Linear scored inside, or None
+          "fused_head": run.policy_head is not None,
           "attention": [e.module.config._attn_implementation for e in (policy, getattr(run.reference, "engine", None)) if e],
           # HF checkpoints activations only in train mode
           "policy_checkpointing": policy.module.is_gradient_checkpointing and policy.module.training,

@@ -63,7 +63,7 @@ def test_packed_forward_takes_sequence_metadata_from_the_cpu_batch():
              "loss_mask": torch.tensor([[p > 0 for n in lengths for p in range(n)]]),
              "sequence_ids": torch.tensor([[j for j, n in enumerate(lengths) for _ in range(n)]])}
     engine = _MetaEngine()
-    sums, tokens = forward_logps(engine, batch, chunk_size=4, fused=False)
+    sums, tokens = forward_logps(engine, batch, chunk_size=4, head=None)
     assert sums.shape == tokens.shape == (4,)
     assert set(engine.kwargs) == {"position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"}
     # the same values transformers would recompute from the position ids in every layer
