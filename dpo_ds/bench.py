@@ -29,8 +29,8 @@ import torch.distributed as dist
 from dpo_ds.cli import emit
 from dpo_ds.config import ConfigError, add_config_arguments, config_from_args, uses_lora, uses_reference
 from dpo_ds.data import PairLocations, PairSampler, TokenizedPairs
-from dpo_ds.metrics import PairStats, SectionTimer, max_over_ranks, peak_memory_gib, setup_logging
-from dpo_ds.plan import model_config_and_name, shape_from_config
+from dpo_ds.metrics import SectionTimer, max_over_ranks, peak_memory_gib, setup_logging
+from dpo_ds.plan import model_config_and_name, model_flops, shape_from_config
 from dpo_ds.prepare import cache_dir_of
 from launcher.dist import all_reduce, check_shared_dirs, init_distributed, on_rank0
 
@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     # heavy (DeepSpeed): imported when the command runs, so `dpo-ds bench --help` stays fast
     from deepspeed.accelerator import get_accelerator
 
-    from dpo_ds.trainer import build_run, pair_step
+    from dpo_ds.trainer import build_run, train_step
 
     try:  # the model is a preset or a config until _model_dir writes it; the pairs are made here
         cfg = config_from_args(args, fixed={"model_name_or_path": args.model, "train_file": "synthetic"},
@@ -136,37 +136,30 @@ def run(args: argparse.Namespace) -> int:
     run = build_run(cfg, env.rank, env.world_size, total_steps, pad_id=0, datasets=[pairs])
 
     timer = SectionTimer()
-    times, real_tokens, processed_tokens, attention_flops = [], 0, 0, 0.0
+    times, real_tokens, processed_tokens, squared_lengths = [], 0, 0, 0.0
     for step in range(total_steps):
         timed = step >= args.warmup
         run.timer = timer if timed else run.timer
-        stats = PairStats()
         started = time.perf_counter()
-        micro_batches = sampler.micro_batches(step, env.rank)
-        scale = sampler.loss_scale(step) if cfg.max_tokens_per_micro_batch else None
-        for indices in micro_batches:
-            pair_step(run, pairs, indices, stats, train=True, loss_scale=scale)
+        result = train_step(run, sampler, pairs, step)  # the trainer's own step
         get_accelerator().synchronize()
         if timed:
             times.append(time.perf_counter() - started)
-            real_tokens += stats.total("real_tokens")
-            processed_tokens += stats.total("padded_tokens")
-            for indices in micro_batches:
+            real_tokens += result.stats.total("real_tokens")
+            processed_tokens += result.stats.total("padded_tokens")
+            for indices in result.micro_batches:
                 for i in indices:
                     for completion in (pairs.chosen[i], pairs.rejected[i]):
-                        attention_flops += (len(pairs.prompt[i]) + len(completion)) ** 2
+                        squared_lengths += (len(pairs.prompt[i]) + len(completion)) ** 2
     step_times = torch.tensor(times, dtype=torch.float64)
-    totals = torch.tensor([real_tokens, processed_tokens, attention_flops], dtype=torch.float64)
+    totals = torch.tensor([real_tokens, processed_tokens, squared_lengths], dtype=torch.float64)
     split = torch.tensor([timer.totals.get(k, 0.0) for k in ("reference_forward", "policy_forward", "backward", "optimizer")],
                          dtype=torch.float64)
     step_times = all_reduce(step_times, "max")  # a step takes as long as its slowest rank
     totals = all_reduce(totals)
     split = all_reduce(split, "max")
     live_reference = uses_reference(cfg) and not cfg.precompute_ref
-    # LoRA: the frozen base needs no weight gradients, so the policy's backward is 2N, not 4N (see dpo-ds plan)
-    factor = (4 if uses_lora(cfg) else 6) + (2 if live_reference else 0)
-    # 2*N FLOPs per token and pass; causal attention 2 * layers * q_dim * len^2 per sequence and pass.
-    flops = factor * shape.active_params * float(totals[0]) + factor * shape.num_layers * shape.q_dim * float(totals[2])
+    flops = model_flops(shape, float(totals[0]), float(totals[2]), uses_lora(cfg), live_reference).total  # plan's model
     elapsed = float(step_times.sum())
     achieved = flops / elapsed / 1e12
     peak = _peak_tflops(args.peak_tflops)

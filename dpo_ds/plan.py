@@ -443,9 +443,18 @@ def flops(model: ModelShape, setup: Setup) -> Flops:
     forward, halved for the causal mask, so 2 * L * seq * q_dim per token forward, times the same 6 + 2.
     """
     tokens = setup.tokens_per_gpu * setup.total_gpus
-    factor = (4 if setup.lora_r else 6) + (2 if setup.reference in ("gpu", "offload") else 0)
-    attention_per_token = model.num_layers * setup.seq_len * model.q_dim
-    return Flops(tokens, factor * model.active_params * tokens, factor * attention_per_token * tokens)
+    # every sequence is seq_len long: the squared lengths sum to tokens * seq_len
+    return model_flops(model, tokens, tokens * setup.seq_len, lora=bool(setup.lora_r),
+                       live_reference=setup.reference in ("gpu", "offload"))
+
+
+def model_flops(model: ModelShape, tokens: int | float, squared_lengths: int | float, lora: bool,
+                live_reference: bool) -> Flops:
+    """The FLOP model of `flops` for any batch (shared with `dpo-ds bench`): `tokens` tokens in sequences whose
+    squared lengths sum to `squared_lengths`, 2 FLOPs per active parameter per token and pass plus causal
+    attention 2 * layers * q_dim * length^2 per sequence and pass, times 6 + 2 (see `flops`)."""
+    factor = (4 if lora else 6) + (2 if live_reference else 0)
+    return Flops(tokens, factor * model.active_params * tokens, factor * model.num_layers * model.q_dim * squared_lengths)
 
 
 def smallest_fit(model: ModelShape, setup: Setup, max_nodes: int = NODE_COUNTS_CAP) -> Plan | None:

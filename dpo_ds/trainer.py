@@ -1,12 +1,15 @@
 """`dpo-ds train`: the DPO recipe.
 
-    for each optimizer step k:                       (pairs [k*G, (k+1)*G) of the epoch order)
-        for each micro-batch of B pairs on this rank:
+    for each optimizer step k:                       train_step: pairs [k*G, (k+1)*G) of the epoch order
+        for each micro-batch of B pairs on this rank:    pair_step
             batch     = [prompt+chosen ; prompt+rejected]           one 2B-row batch
             ref_logps = reference.logps(batch)                       frozen, no grad
             logps     = sequence_logps(policy(batch))                 one forward, checkpointed
             loss      = LOSSES[loss_type](logps, ref_logps).mean()
             policy.backward(loss); policy.step()                     DeepSpeed steps at the GA boundary
+
+`train` wraps it in named steps: check_before_loading, load_data, cut_into_steps, resume, build_run, the
+TrainingLoop (guard_bad_step, log + the max_kl guard, evaluate, checkpoint_or_stop) and export.
 """
 from __future__ import annotations
 
@@ -203,115 +206,203 @@ class Preempted(Exception):
 
 
 def train(cfg: TrainConfig) -> TrainResult:
+    """The run, step by step (each step a function below): start the process group and catch stop signals;
+    refuse what cannot work before loading anything; load the data; cut it into steps; find where to resume;
+    build the engines; train (guards, evaluation and preemption checkpoints inside the loop); export."""
     from transformers import AutoTokenizer  # heavy: kept out of `dpo-ds train --help`
 
     env = init_distributed(timeout_s=cfg.dist_timeout_s)
-    rank, world_size = env.rank, env.world_size
-    setup_logging(rank)
+    setup_logging(env.rank)
     stop_signal = ckpt.StopSignal()
     torch.manual_seed(cfg.seed)
-    out_dir = Path(cfg.output_dir)
-    ckpt.refuse_to_overwrite(cfg.output_dir, cfg.resume_from)
-    check_shared_dirs({"output_dir": str(out_dir), "cache_dir": cache_dir_of(cfg)})
+    check_before_loading(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+    data = load_data(cfg, tokenizer, env.rank)
+    sampler, total_steps = cut_into_steps(cfg, data.train, env.rank, env.world_size)
+    resume_dir, saved = ckpt.resume_point(cfg.output_dir, cfg.resume_from, trainer_state(cfg, sampler, data, 0),
+                                          cfg.resume_ignore_mismatch)
+    write_run_config(cfg, env.rank)  # only once every check has passed: a refused start leaves the folder as it was
+    run = build_run(cfg, env.rank, env.world_size, total_steps, pad_id_of(tokenizer), data.datasets,
+                    load_universal=saved is not None and saved.world_size != env.world_size)
+    start_step = resume(run, resume_dir, saved)
+    loop = TrainingLoop(run, sampler, data, tokenizer, stop_signal, total_steps, start_step)
+    last = loop.run_steps()
+    export(run, tokenizer)
+    loop.writer.close()
+    if env.rank == 0:
+        print(run_summary(cfg, total_steps, last), file=sys.stderr, flush=True)
+    return TrainResult(run, last)
 
-    check_model_family(cfg)  # a model that cannot work is refused before anything is loaded
+
+@dataclass
+class TrainData:
+    train: TokenizedPairs
+    fingerprint: str                # of the train pairs: a resumed run must see the same data
+    eval: TokenizedPairs | None
+
+    @property
+    def datasets(self) -> list[TokenizedPairs]:
+        return [p for p in (self.train, self.eval) if p is not None]
+
+
+def check_before_loading(cfg: TrainConfig) -> None:
+    """What can be refused before any model or data is loaded: an output_dir holding another run, directories
+    not shared by every rank, a model that cannot work, a reference that tokenizes differently."""
+    ckpt.refuse_to_overwrite(cfg.output_dir, cfg.resume_from)
+    check_shared_dirs({"output_dir": cfg.output_dir, "cache_dir": cache_dir_of(cfg)})
+    check_model_family(cfg)
     if cfg.ref_model_name_or_path and uses_reference(cfg):  # the seed's rule: one tokenization for both models
         check_reference_compatible(cfg.model_name_or_path, cfg.ref_model_name_or_path, cfg.trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
-    train_pairs, data_fingerprint, eval_pairs = load_config_data(cfg, tokenizer, rank, barrier)
 
-    sampler = PairSampler.for_config(cfg, train_pairs, world_size)
+
+def load_data(cfg: TrainConfig, tokenizer, rank: int) -> TrainData:
+    return TrainData(*load_config_data(cfg, tokenizer, rank, barrier))
+
+
+def cut_into_steps(cfg: TrainConfig, pairs: TokenizedPairs, rank: int, world_size: int) -> tuple[PairSampler, int]:
+    """The sampler (which pairs each rank uses at each step) and the number of optimizer steps to run."""
+    sampler = PairSampler.for_config(cfg, pairs, world_size)
     if sampler.steps_per_epoch == 0:
-        raise DataError(f"{cfg.train_file}: {len(train_pairs)} usable pairs, fewer than one optimizer step's "
+        raise DataError(f"{cfg.train_file}: {len(pairs)} usable pairs, fewer than one optimizer step's "
                         f"{sampler.pairs_per_step} (micro_batch_size x gradient_accumulation_steps x {world_size} ranks)")
     total_steps = cfg.max_steps or sampler.total_steps(cfg.num_epochs)
     if rank == 0:
-        logger.info("%d pairs, %d per step on %d ranks, %d steps", len(train_pairs), sampler.pairs_per_step,
+        logger.info("%d pairs, %d per step on %d ranks, %d steps", len(pairs), sampler.pairs_per_step,
                     world_size, total_steps)
+    return sampler, total_steps
 
-    def trainer_state(step: int) -> ckpt.TrainerState:
-        return ckpt.TrainerState(step=step, sampler=sampler.state(step), world_size=world_size,
-                                 pairs_per_step=sampler.pairs_per_step, data_fingerprint=data_fingerprint,
-                                 model_fingerprint=ckpt.model_fingerprint(cfg.model_name_or_path), config=to_dict(cfg))
 
-    resume_dir, saved = ckpt.resume_point(cfg.output_dir, cfg.resume_from, trainer_state(0),
-                                          cfg.resume_ignore_mismatch)
-    if rank == 0:  # only once every check has passed: a refused start leaves the run folder as it was
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "run_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    run = build_run(cfg, rank, world_size, total_steps, pad_id_of(tokenizer),
-                    [p for p in (train_pairs, eval_pairs) if p is not None],
-                    load_universal=saved is not None and saved.world_size != world_size)
-    start_step = 0
-    if saved is not None:
-        ckpt.load_checkpoint(run.policy, resume_dir, saved, world_size, adapter_only=run.adapters is not None)
-        start_step = saved.step
-        if rank == 0:
-            logger.info("resumed from step %d (%s)", start_step, resume_dir)
-    writer = MetricsWriter(cfg.output_dir, enabled=rank == 0, after_step=start_step)
-    progress = _progress(total_steps, start_step, rank)
-    window, skipped, bad_in_a_row = PairStats(), 0, 0
-    last: dict[str, float] = {}
-    for step in range(start_step, total_steps):
-        started = time.perf_counter()
-        lr = run.policy.get_lr()[0]  # the rate this step uses (the scheduler advances inside the step)
-        step_stats = PairStats()
-        micro_batches = sampler.micro_batches(step, rank)
-        scale = sampler.loss_scale(step) if cfg.max_tokens_per_micro_batch else None
-        for indices in micro_batches:
-            pair_step(run, train_pairs, indices, step_stats, train=True, loss_scale=scale)
-        step_stats.add_step_time(time.perf_counter() - started)
-        done = step + 1
-        if step == start_step and rank == 0:
-            logger.info("step %d done %.1f s after the process started", done, _seconds_since_process_start())
-        if run.policy.was_step_applied():
-            window.merge(step_stats)
-            bad_in_a_row = 0
-        else:  # NaN/Inf gradients: DeepSpeed skipped the update on every rank (non-finite grad norm)
-            skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
-            _report_bad_step(done, micro_batches, train_pairs, bad_in_a_row, cfg.max_bad_steps, rank)
-        if done % cfg.logging_steps == 0 or done == total_steps:
-            last = window.reduce()
-            if cfg.router_aux_loss_coef > 0:
-                last["aux_loss"] = _mean_over_ranks(run.aux_losses)
-                run.aux_losses.clear()
-            last.update({"grad_norm": _grad_norm(run.policy), "lr": lr, "skipped_steps": skipped,
-                         "memory/peak_gib": max_over_ranks(peak_memory_gib()), "epoch": done / sampler.steps_per_epoch})
-            writer.write(done, last)
-            window = PairStats()
-            if _kl_exceeded(cfg, last, done, rank):
-                save_checkpoint(run, trainer_state(done), tokenizer)
-                raise TrainingStopped(f"stopped at step {done}: mean KL to the reference exceeded max_kl={cfg.max_kl} "
-                                      f"(stop_on_max_kl); checkpoint saved")
-        if eval_pairs is not None and (done == total_steps or (cfg.eval_steps and done % cfg.eval_steps == 0)):
-            run.policy.eval()
-            eval_metrics, _ = evaluate_pairs(run, eval_pairs)
-            run.policy.train()
-            writer.write(done, eval_metrics)
-            last.update(eval_metrics)
+def trainer_state(cfg: TrainConfig, sampler: PairSampler, data: TrainData, step: int) -> ckpt.TrainerState:
+    return ckpt.TrainerState(step=step, sampler=sampler.state(step), world_size=sampler.world_size,
+                             pairs_per_step=sampler.pairs_per_step, data_fingerprint=data.fingerprint,
+                             model_fingerprint=ckpt.model_fingerprint(cfg.model_name_or_path), config=to_dict(cfg))
+
+
+def write_run_config(cfg: TrainConfig, rank: int) -> None:
+    if rank == 0:
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.output_dir) / "run_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+
+
+def resume(run: Run, resume_dir: Path | None, saved: ckpt.TrainerState | None) -> int:
+    """Load the checkpoint `ckpt.resume_point` chose, if any; the step to start from."""
+    if saved is None:
+        return 0
+    ckpt.load_checkpoint(run.policy, resume_dir, saved, run.world_size, adapter_only=run.adapters is not None)
+    if run.rank == 0:
+        logger.info("resumed from step %d (%s)", saved.step, resume_dir)
+    return saved.step
+
+
+@dataclass
+class StepResult:
+    stats: PairStats               # this rank's pairs of the step
+    micro_batches: list[list[int]]
+
+
+def train_step(run: Run, sampler: PairSampler, pairs: TokenizedPairs, step: int) -> StepResult:
+    """One optimizer step on this rank: its micro-batches of `step`, each scored and back-propagated; DeepSpeed
+    applies the update at the accumulation boundary. Shared by `train` and `dpo-ds bench`."""
+    started = time.perf_counter()
+    stats = PairStats()
+    micro_batches = sampler.micro_batches(step, run.rank)
+    scale = sampler.loss_scale(step) if run.cfg.max_tokens_per_micro_batch else None
+    for indices in micro_batches:
+        pair_step(run, pairs, indices, stats, train=True, loss_scale=scale)
+    stats.add_step_time(time.perf_counter() - started)
+    return StepResult(stats, micro_batches)
+
+
+class TrainingLoop:
+    """Steps start_step..total_steps with what happens between them: the NaN/Inf and max_kl guards, metrics,
+    evaluation, periodic and preemption checkpoints."""
+
+    def __init__(self, run: Run, sampler: PairSampler, data: TrainData, tokenizer, stop_signal: ckpt.StopSignal,
+                 total_steps: int, start_step: int):
+        self.run, self.sampler, self.data, self.tokenizer = run, sampler, data, tokenizer
+        self.stop_signal, self.total_steps, self.start_step = stop_signal, total_steps, start_step
+        self.writer = MetricsWriter(run.cfg.output_dir, enabled=run.rank == 0, after_step=start_step)
+        self.window = PairStats()  # applied steps since the last log line
+        self.skipped = 0           # steps skipped for NaN/Inf so far
+        self.bad_in_a_row = 0
+        self.last: dict[str, float] = {}  # the last logged values
+
+    def run_steps(self) -> dict[str, float]:
+        run, cfg = self.run, self.run.cfg
+        progress = _progress(self.total_steps, self.start_step, run.rank)
+        for step in range(self.start_step, self.total_steps):
+            lr = run.policy.get_lr()[0]  # the rate this step uses (the scheduler advances inside the step)
+            result = train_step(run, self.sampler, self.data.train, step)
+            done = step + 1
+            if step == self.start_step and run.rank == 0:
+                logger.info("step %d done %.1f s after the process started", done, _seconds_since_process_start())
+            self.guard_bad_step(done, result)
+            if done % cfg.logging_steps == 0 or done == self.total_steps:
+                self.log(done, lr)
+            if self.data.eval is not None and (done == self.total_steps or (cfg.eval_steps and done % cfg.eval_steps == 0)):
+                self.evaluate(done)
+            if progress is not None:
+                progress.update(1)
+                if "loss" in self.last:
+                    progress.set_postfix(loss=f"{self.last['loss']:.4f}")
+            self.checkpoint_or_stop(done)
         if progress is not None:
-            progress.update(1)
-            if "loss" in last:
-                progress.set_postfix(loss=f"{last['loss']:.4f}")
-        stop = ckpt.any_rank(stop_signal.received is not None)
-        if stop or (cfg.save_steps and done % cfg.save_steps == 0):
-            save_checkpoint(run, trainer_state(done), tokenizer)
-        if stop and done < total_steps:
-            writer.close()
-            raise Preempted(f"stopped by a signal after step {done}; resume with --resume_from auto")
-    if progress is not None:
-        progress.close()
+            progress.close()
+        return self.last
 
-    if uses_lora(cfg):  # final_adapter/ first: merging replaces the LoRA layers by the merged base layers
+    def guard_bad_step(self, done: int, result: StepResult) -> None:
+        if self.run.policy.was_step_applied():
+            self.window.merge(result.stats)
+            self.bad_in_a_row = 0
+        else:  # NaN/Inf gradients: DeepSpeed skipped the update on every rank (non-finite grad norm)
+            self.skipped, self.bad_in_a_row = self.skipped + 1, self.bad_in_a_row + 1
+            _report_bad_step(done, result.micro_batches, self.data.train, self.bad_in_a_row,
+                             self.run.cfg.max_bad_steps, self.run.rank)
+
+    def log(self, done: int, lr: float) -> None:
+        """The window's metrics to metrics.jsonl / TensorBoard, then the max_kl guard on them."""
+        run, cfg = self.run, self.run.cfg
+        last = self.window.reduce()
+        if cfg.router_aux_loss_coef > 0:
+            last["aux_loss"] = _mean_over_ranks(run.aux_losses)
+            run.aux_losses.clear()
+        last.update({"grad_norm": _grad_norm(run.policy), "lr": lr, "skipped_steps": self.skipped,
+                     "memory/peak_gib": max_over_ranks(peak_memory_gib()), "epoch": done / self.sampler.steps_per_epoch})
+        self.writer.write(done, last)
+        self.last, self.window = last, PairStats()
+        if _kl_exceeded(cfg, last, done, run.rank):
+            save_checkpoint(run, trainer_state(cfg, self.sampler, self.data, done), self.tokenizer)
+            raise TrainingStopped(f"stopped at step {done}: mean KL to the reference exceeded max_kl={cfg.max_kl} "
+                                  f"(stop_on_max_kl); checkpoint saved")
+
+    def evaluate(self, done: int) -> None:
+        self.run.policy.eval()
+        eval_metrics, _ = evaluate_pairs(self.run, self.data.eval)
+        self.run.policy.train()
+        self.writer.write(done, eval_metrics)
+        self.last.update(eval_metrics)
+
+    def checkpoint_or_stop(self, done: int) -> None:
+        """A checkpoint every save_steps, and after a stop signal on any rank, which then ends the run (Preempted)."""
+        cfg = self.run.cfg
+        stop = ckpt.any_rank(self.stop_signal.received is not None)
+        if stop or (cfg.save_steps and done % cfg.save_steps == 0):
+            save_checkpoint(self.run, trainer_state(cfg, self.sampler, self.data, done), self.tokenizer)
+        if stop and done < self.total_steps:
+            self.writer.close()
+            raise Preempted(f"stopped by a signal after step {done}; resume with --resume_from auto")
+
+
+def export(run: Run, tokenizer) -> None:
+    """`final/` (and LoRA's `final_adapter/`): what the run produced, for serving."""
+    out_dir = Path(run.cfg.output_dir)
+    if run.adapters is not None:  # final_adapter/ first: merging replaces the LoRA layers by the merged base layers
         save_adapter(run.policy, run.adapters, str(out_dir / "final_adapter"))
         merge_adapter(run.policy, run.adapters)
     export_engine(run.policy, str(out_dir / "final"), tokenizer=tokenizer, config_overrides=run.config_overrides)
-    writer.close()
-    if rank == 0:
+    if run.rank == 0:
         logger.info("final model written to %s%s", out_dir / "final",
-                    f" (adapter: {out_dir / 'final_adapter'})" if uses_lora(cfg) else "")
-        print(run_summary(cfg, total_steps, last), file=sys.stderr, flush=True)
-    return TrainResult(run, last)
+                    f" (adapter: {out_dir / 'final_adapter'})" if run.adapters is not None else "")
 
 
 def save_checkpoint(run: Run, state: ckpt.TrainerState, tokenizer) -> None:
