@@ -12,6 +12,8 @@ import torch.nn.functional as F
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from launcher.env import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -184,7 +184,10 @@ def test_argparse_flags_round_trip(tmp_path):
 
     parser = argparse.ArgumentParser()
     add_config_arguments(parser)
-    path = write(tmp_path, "model_name_or_path: m\ntrain_file: t.jsonl\nloss_type: ipo\n")
+    (tmp_path / "m").mkdir()  # config_from_args checks that the paths exist
+    (tmp_path / "m" / "config.json").write_text("{}")
+    (tmp_path / "t.jsonl").write_text("")
+    path = write(tmp_path, f"model_name_or_path: {tmp_path / 'm'}\ntrain_file: {tmp_path / 't.jsonl'}\nloss_type: ipo\n")
     args = parser.parse_args(["--config", path, "--beta", "0.25", "--shuffle", "false", "--max_prompt_length", "8"])
     cfg = config_from_args(args)
     assert (cfg.loss_type, cfg.beta, cfg.shuffle, cfg.max_prompt_length) == ("ipo", 0.25, False, 8)
