@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 
 from dpo_ds.layout import map_checkpoint
-from launcher.dist import all_reduce, broadcast_, process_rank, scatter_
+from launcher.dist import all_reduce, broadcast_, process_rank, process_world_size, scatter_
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -352,7 +352,7 @@ def _direct_partition_ok(param) -> bool:
     if str(getattr(ds_tensor, "final_location", None)).lower().endswith("nvme"):
         return False
     group = getattr(param, "ds_process_group", None)
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    world = process_world_size()
     group_size = dist.get_world_size(group=group) if dist.is_initialized() else 1
     return group_size == world and ds_tensor.numel() == ds_tensor.ds_numel and ds_tensor.is_contiguous() \
         and ds_tensor.ds_numel * world >= param.ds_numel
@@ -363,7 +363,7 @@ def _load_into_partitions(param, entry: TensorEntry) -> None:
     """Rank 0 reads every rank's slice of `entry` chunk by chunk and scatters it; each rank writes its own
     ds_tensor. The last partition may be padded: its padding is left as it is."""
     rank = process_rank()
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    world = process_world_size()
     part = param.ds_tensor
     size, numel = part.ds_numel, param.ds_numel
     file_dtype = entry.torch_dtype

@@ -70,7 +70,8 @@ def _grouped() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _world() -> int:
+def process_world_size() -> int:
+    """Processes in the default process group; 1 without one (single process)."""
     import torch.distributed as dist
 
     return dist.get_world_size() if _grouped() else 1
@@ -175,7 +176,7 @@ PROGRESS_S = 60.0  # rank 0 logs that it is still busy this often during a phase
 def _store():
     import torch.distributed as dist
 
-    if _world() == 1:
+    if process_world_size() == 1:
         return None
     return dist.distributed_c10d._get_default_store()
 
@@ -235,7 +236,7 @@ def check_shared_dirs(dirs: dict[str, str]) -> None:
     every rank: rank 0 creates it and writes a fresh token into it, every other rank reads the token back.
     Checkpoints, the token and reference caches and the final model are written by one rank and read by the
     others, so a node-local path would make them crash or hang later. Every rank must call it."""
-    if _world() == 1:
+    if process_world_size() == 1:
         return
     import torch.distributed as dist
 
