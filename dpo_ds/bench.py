@@ -107,11 +107,42 @@ def _peak_tflops(given: float | None) -> float | None:
     return None
 
 
-def run(args: argparse.Namespace) -> int:
-    # heavy (DeepSpeed): imported when the command runs, so `dpo-ds bench --help` stays fast
-    from deepspeed.accelerator import get_accelerator
+SECTIONS = ("reference_forward", "policy_forward", "backward", "optimizer")
 
-    from dpo_ds.trainer import build_run, train_step
+
+def _time_steps(run, sampler: PairSampler, pairs: TokenizedPairs, warmup: int,
+                total_steps: int) -> tuple[list[float], torch.Tensor, torch.Tensor]:
+    """Run the trainer's own steps (trainer.train_step); time those after `warmup`. Returns, over all ranks:
+    each timed step's time (its slowest rank), the timed steps' [real tokens, processed tokens, sum of squared
+    sequence lengths] (for the FLOP model), and the slowest rank's total time in each of SECTIONS."""
+    from deepspeed.accelerator import get_accelerator  # heavy, as below: not imported for --help
+
+    from dpo_ds.trainer import train_step
+
+    timer = SectionTimer()
+    times, real_tokens, processed_tokens, squared_lengths = [], 0, 0, 0.0
+    for step in range(total_steps):
+        timed = step >= warmup
+        run.timer = timer if timed else run.timer
+        started = time.perf_counter()
+        result = train_step(run, sampler, pairs, step)
+        get_accelerator().synchronize()
+        if timed:
+            times.append(time.perf_counter() - started)
+            real_tokens += result.stats.total("real_tokens")
+            processed_tokens += result.stats.total("padded_tokens")
+            for indices in result.micro_batches:
+                for i in indices:
+                    for completion in (pairs.chosen[i], pairs.rejected[i]):
+                        squared_lengths += (len(pairs.prompt[i]) + len(completion)) ** 2
+    step_times = all_reduce(torch.tensor(times, dtype=torch.float64), "max")  # a step takes as long as its slowest rank
+    totals = all_reduce(torch.tensor([real_tokens, processed_tokens, squared_lengths], dtype=torch.float64))
+    split = all_reduce(torch.tensor([timer.totals.get(k, 0.0) for k in SECTIONS], dtype=torch.float64), "max")
+    return step_times.tolist(), totals, split
+
+
+def run(args: argparse.Namespace) -> int:
+    from dpo_ds.trainer import build_run  # heavy (DeepSpeed): imported when the command runs, not for --help
 
     try:  # the model is a preset or a config until _model_dir writes it; the pairs are made here
         cfg = config_from_args(args, fixed={"model_name_or_path": args.model, "train_file": "synthetic"},
@@ -135,29 +166,8 @@ def run(args: argparse.Namespace) -> int:
     total_steps = min(total_steps, sampler.steps_per_epoch)
     run = build_run(cfg, env.rank, env.world_size, total_steps, pad_id=0, datasets=[pairs])
 
-    timer = SectionTimer()
-    times, real_tokens, processed_tokens, squared_lengths = [], 0, 0, 0.0
-    for step in range(total_steps):
-        timed = step >= args.warmup
-        run.timer = timer if timed else run.timer
-        started = time.perf_counter()
-        result = train_step(run, sampler, pairs, step)  # the trainer's own step
-        get_accelerator().synchronize()
-        if timed:
-            times.append(time.perf_counter() - started)
-            real_tokens += result.stats.total("real_tokens")
-            processed_tokens += result.stats.total("padded_tokens")
-            for indices in result.micro_batches:
-                for i in indices:
-                    for completion in (pairs.chosen[i], pairs.rejected[i]):
-                        squared_lengths += (len(pairs.prompt[i]) + len(completion)) ** 2
+    times, totals, split = _time_steps(run, sampler, pairs, args.warmup, total_steps)
     step_times = torch.tensor(times, dtype=torch.float64)
-    totals = torch.tensor([real_tokens, processed_tokens, squared_lengths], dtype=torch.float64)
-    split = torch.tensor([timer.totals.get(k, 0.0) for k in ("reference_forward", "policy_forward", "backward", "optimizer")],
-                         dtype=torch.float64)
-    step_times = all_reduce(step_times, "max")  # a step takes as long as its slowest rank
-    totals = all_reduce(totals)
-    split = all_reduce(split, "max")
     live_reference = uses_reference(cfg) and not cfg.precompute_ref
     flops = model_flops(shape, float(totals[0]), float(totals[2]), uses_lora(cfg), live_reference).total  # plan's model
     elapsed = float(step_times.sum())
@@ -180,8 +190,7 @@ def run(args: argparse.Namespace) -> int:
         "tflops_per_s": achieved, "tflops_per_s_per_device": achieved / env.world_size,
         "mfu": achieved / (peak * env.world_size) if peak else None, "peak_tflops_per_device": peak,
         "peak_memory_gib": max_over_ranks(peak_memory_gib()),
-        "split_s_per_step": dict(zip(("reference_forward", "policy_forward", "backward", "optimizer"),
-                                     (v / max(len(times), 1) for v in split.tolist()))),
+        "split_s_per_step": dict(zip(SECTIONS, (v / max(len(times), 1) for v in split.tolist()))),
     }
     if env.rank == 0:
         emit(json.dumps(report) if args.json else _table(report))
