@@ -118,7 +118,8 @@ def worker(args) -> None:
     import transformers  # noqa: F401
 
     from dpo_ds.config import TrainConfig
-    from dpo_ds.engines import load_model_config, load_sharded_model, resolve_policy_config
+    from dpo_ds.engines import load_sharded_model, resolve_policy_config
+    from dpo_ds.families import load_model_config
 
     cfg = TrainConfig(model_name_or_path=args.model, train_file="unused.jsonl", precision="fp32")
     hidden = load_model_config(cfg.model_name_or_path, False).hidden_size
