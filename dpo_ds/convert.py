@@ -1,12 +1,13 @@
 """Hugging Face safetensors export: sharded, streamed, validated before it is reported as done.
 
-Two sources share one writer and one validator:
+Two sources share one writer and one validator (dpo_ds.hf_dir):
 - `export_engine`: a live ZeRO-3 engine (the run's `final/`). The parameters of one saved group (one
   tensor, or the fused tensors of one expert block) are gathered at a time, so no rank holds more than
   that plus one output shard.
 - `convert_checkpoint` (`dpo-ds convert`): a dpo-ds checkpoint saved by any world size. DeepSpeed's
   fp32 partitions are memory-mapped and merged one tensor at a time (zero_to_fp32 lazy mode), so peak
-  memory is a few shards, not the model.
+  memory is a few shards, not the model. A LoRA checkpoint (adapter only) gives the PEFT adapter, or the base
+  model's own files streamed with the adapter merged in (`convert_lora_checkpoint`).
 Both write what `save_pretrained` writes (dpo_ds.layout): the checkpoint layout transformers loads from
 (per-expert MoE tensors, not the fused in-memory ones), no tied aliases, dropout as the config had it.
 Both write under a temporary name and rename only after validation (every tensor present, with the shape
