@@ -17,7 +17,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from dpo_ds.cli import emit
-from dpo_ds.config import ConfigError, config_from_args
+from dpo_ds.config import ConfigError, TrainConfig, config_from_args
 from dpo_ds.data import DataError, load_pairs
 from dpo_ds.families import load_model_config
 from dpo_ds.metrics import setup_logging
@@ -67,6 +67,17 @@ def default_cache_dir(model: str) -> str:
     return str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dpo-ds")
 
 
+def eval_config(args: argparse.Namespace) -> TrainConfig:
+    """The run configuration of `dpo-ds eval`, built as every command builds it (config.config_from_args): the
+    loss settings of the run that trained --model, then the flags named like config fields (--beta,
+    --max_length, --precision, ...), then what --model, --ref_model and --data say."""
+    trained = trained_by(args.model)
+    loss_settings = {name: trained[1][name] for name in LOSS_FIELDS if name in trained[1]} if trained else {}
+    return config_from_args(args, defaults=loss_settings,
+                            fixed={"model_name_or_path": args.model, "ref_model_name_or_path": args.ref_model,
+                                   "train_file": args.data, "reference_free": args.ref_model is None})
+
+
 def run(args: argparse.Namespace) -> int:
     # heavy (transformers, DeepSpeed): imported when the command runs, so `dpo-ds eval --help` stays fast
     from transformers import AutoTokenizer
@@ -76,12 +87,7 @@ def run(args: argparse.Namespace) -> int:
     from dpo_ds.trainer import Run, evaluate_pairs, pad_id_of
 
     try:
-        trained = trained_by(args.model)
-        loss_settings = {name: trained[1][name] for name in LOSS_FIELDS if name in trained[1]} if trained else {}
-        # the flags named like config fields (--beta, --max_length, --precision, ...) are read as train's are
-        cfg = config_from_args(args, defaults=loss_settings,
-                               fixed={"model_name_or_path": args.model, "ref_model_name_or_path": args.ref_model,
-                                      "train_file": args.data, "reference_free": args.ref_model is None})
+        cfg = eval_config(args)
         env = init_distributed(timeout_s=cfg.dist_timeout_s)
         setup_logging(env.rank)
         cache_dir = args.cache_dir or default_cache_dir(args.model)

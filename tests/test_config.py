@@ -434,3 +434,32 @@ def test_lora_adapter_must_be_a_lora_peft_directory(tmp_path):
     validate(cfg_of(lora_adapter=str(tmp_path)))
     assert "no separate reference model" in config_error(
         validate, cfg_of(lora_adapter=str(tmp_path), ref_model_name_or_path="other"))
+
+
+def test_eval_and_prepare_build_their_config_as_train_does(tmp_path, capsys):
+    """One way to build a config: `dpo-ds eval` takes precision auto as train resolves it (not a default of its
+    own), the run's loss settings under its flags, and `dpo-ds prepare` checks paths before loading anything."""
+    import argparse
+
+    from dpo_ds import cli, evaluate
+
+    run_dir = tmp_path / "run"
+    (run_dir / "final").mkdir(parents=True)
+    (run_dir / "final" / "config.json").write_text("{}")
+    (run_dir / "run_config.json").write_text('{"beta": 0.3, "loss_type": "ipo", "label_smoothing": 0.0}')
+    data = tmp_path / "held_out.jsonl"
+    data.write_text("")
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    cfg = evaluate.eval_config(parser.parse_args(["--model", str(run_dir / "final"), "--data", str(data)]))
+    assert (cfg.precision, cfg.loss_type, cfg.beta, cfg.micro_batch_size) == (resolve_precision("auto"), "ipo", 0.3, 8)
+    assert cfg.reference_free and cfg.train_file == str(data)
+    cfg = evaluate.eval_config(parser.parse_args(["--model", str(run_dir / "final"), "--data", str(data),
+                                                  "--beta", "0.5"]))
+    assert cfg.beta == 0.5  # the flag over the run's value
+    missing = config_error(evaluate.eval_config, parser.parse_args(["--model", str(run_dir / "final"),
+                                                                     "--data", str(tmp_path / "none.jsonl")]))
+    assert "field 'train_file'" in missing and "none.jsonl" in missing
+    assert cli.main(["prepare", "--model_name_or_path", str(run_dir / "final"),
+                     "--train_file", str(tmp_path / "none.jsonl")]) == 2
+    assert "field 'train_file'" in capsys.readouterr().err
