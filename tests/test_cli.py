@@ -8,7 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dpo_ds import cli
+import launcher.__main__ as launcher_main
+from dpo_ds import cli, versions
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -55,3 +56,33 @@ def test_ops_build_once_per_environment_with_a_message(tmp_path, monkeypatch, ca
     (tmp_path / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").write_bytes(b"")
     cli.announce_op_build()
     assert capsys.readouterr().err == ""
+
+
+def test_versions_outside_the_tested_ranges_stop_every_entry_point(monkeypatch, capsys):
+    """Issue 14: setup.cfg put no upper bound on deepspeed (the Makefile did), and nothing said when an
+    installed version was one dpo-ds was never tested with."""
+    ranges = versions.tested_ranges()
+    assert {name: versions.pip_spec(r) for name, r in ranges.items()} == {
+        "deepspeed": "deepspeed>=0.19.8,<0.20", "transformers": "transformers>=5.0,<6"}
+    make = subprocess.run(["make", "-n", "-B", "install"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert f'install -q --no-build-isolation "{versions.pip_spec(ranges["deepspeed"])}"' in make.stdout  # read from setup.cfg
+    assert versions.version_problems() == []  # this environment is a tested one
+
+    installed = {"deepspeed": "0.20.1", "transformers": "5.24.0"}
+    monkeypatch.setattr(versions, "installed_version", installed.get)
+    monkeypatch.delenv(versions.ALLOW_ENV, raising=False)
+    expected = ('error: deepspeed 0.20.1 is installed, but dpo-ds is tested with deepspeed>=0.19.8,<0.20: run '
+                '`make install`, or pip install --no-build-isolation "deepspeed>=0.19.8,<0.20"')
+    for entry, program in ((lambda: cli.main(["plan", "--model", "llama-7b"]), "dpo-ds plan"),
+                           (lambda: launcher_main.main(["plan", "--model", "llama-7b"]), "launcher")):
+        assert entry() == 2
+        out, err = capsys.readouterr()
+        assert f"{program}: {expected}" in err and out == ""  # stopped before the command ran
+    monkeypatch.setenv(versions.ALLOW_ENV, "1")  # run anyway, with a warning
+    assert cli.main(["plan", "--model", "llama-7b"]) == 0
+    assert "dpo-ds plan: warning: deepspeed 0.20.1 is installed" in capsys.readouterr().err
+
+    installed["transformers"] = None  # missing: no override helps
+    assert cli.main(["plan", "--model", "llama-7b"]) == 2
+    assert ('error: transformers is not installed; dpo-ds needs transformers>=5.0,<6: run `make install`'
+            in capsys.readouterr().err)
