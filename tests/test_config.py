@@ -327,13 +327,18 @@ def test_train_help_lists_every_field_with_its_help():
         assert not (isinstance(f.default, float) and math.isnan(f.default))
 
 
-def test_readme_documents_every_field_with_its_default():
-    readme = (REPO / "README.md").read_text()
+def test_configuration_reference_is_generated_from_train_config():
+    """docs/configuration.md is `markdown_reference()` verbatim, and lists every field with its default."""
+    from dpo_ds.config import REFERENCE_COMMAND, markdown_reference
+
+    generated = markdown_reference()
+    reference = (REPO / "docs" / "configuration.md").read_text()
+    assert reference == generated, f"docs/configuration.md is out of date with TrainConfig: run `{REFERENCE_COMMAND}`"
     for f in dataclasses.fields(TrainConfig):
         default = "—" if f.default is None else (str(f.default).lower() if isinstance(f.default, bool) else str(f.default))
-        assert f"| `{f.name}` | " in readme, f.name
-        row = next(line for line in readme.splitlines() if line.startswith(f"| `{f.name}` | "))
-        assert default in row, (f.name, row)
+        row = next((line for line in reference.splitlines() if line.startswith(f"| `{f.name}` | ")), None)
+        assert row is not None, f"docs/configuration.md has no row for {f.name}"
+        assert default in row and f.metadata["help"].replace("|", "\\|") in row, (f.name, row)
 
 
 # ---------------------------------------------------------------------------- paths, before anything loads
