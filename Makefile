@@ -8,7 +8,7 @@ export DS_ACCELERATOR ?= cpu
 # The tested deepspeed range, read from setup.cfg's install_requires (declared once; dpo-ds checks it at start-up).
 DEEPSPEED_REQ := $(shell sed -n 's/^[[:space:]]*\(deepspeed[<>=].*\)$$/\1/p' setup.cfg)
 
-.PHONY: install test-deps demo test clean
+.PHONY: install test-deps demo test test-fast clean
 
 install: $(STAMP)
 
@@ -32,6 +32,10 @@ test-deps:
 
 test: $(STAMP) test-deps
 	$(PY) -m pytest -q tests
+
+# The unit tests alone (pytest.ini's markers; no process started, no Slurm needed): a couple of minutes.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m unit tests
 
 clean:
 	rm -rf $(VENV) demo_runs

@@ -8,12 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import launcher.__main__ as launcher_main
 from dpo_ds import cli, versions
 
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.distributed
 def test_eval_of_a_runs_model_uses_its_settings_and_prints_only_json(demo_assets, tmp_path):
     """Items 6 and 10: DeepSpeed's 'built successfully' line came before the JSON on stdout; eval scored with beta
     0.1 unless the training beta was repeated, and wrote eval_pairs.jsonl into the current directory."""
@@ -58,14 +61,18 @@ def test_ops_build_once_per_environment_with_a_message(tmp_path, monkeypatch, ca
     assert capsys.readouterr().err == ""
 
 
-def test_versions_outside_the_tested_ranges_stop_every_entry_point(monkeypatch, capsys):
-    """Issue 14: setup.cfg put no upper bound on deepspeed (the Makefile did), and nothing said when an
-    installed version was one dpo-ds was never tested with."""
+@pytest.mark.distributed
+def test_makefile_installs_deepspeed_from_the_range_in_setup_cfg():
+    """Issue 14: setup.cfg put no upper bound on deepspeed while the Makefile did; now the Makefile reads it."""
     ranges = versions.tested_ranges()
     assert {name: versions.pip_spec(r) for name, r in ranges.items()} == {
         "deepspeed": "deepspeed>=0.19.8,<0.20", "transformers": "transformers>=5.0,<6"}
     make = subprocess.run(["make", "-n", "-B", "install"], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert f'install -q --no-build-isolation "{versions.pip_spec(ranges["deepspeed"])}"' in make.stdout  # read from setup.cfg
+    assert f'install -q --no-build-isolation "{versions.pip_spec(ranges["deepspeed"])}"' in make.stdout
+
+
+def test_versions_outside_the_tested_ranges_stop_every_entry_point(monkeypatch, capsys):
+    """Issue 14: nothing said when an installed deepspeed or transformers was one dpo-ds was never tested with."""
     assert versions.version_problems() == []  # this environment is a tested one
 
     installed = {"deepspeed": "0.20.1", "transformers": "5.24.0"}
