@@ -54,3 +54,40 @@ def test_relative_links_and_anchors_resolve():
             elif anchor and linked.suffix == ".md" and anchor not in _anchors(linked.read_text()):
                 broken.append(f"{doc.relative_to(REPO)}: {target} (no such heading)")
     assert not broken, broken
+
+
+def test_a_unit_test_that_starts_a_process_fails(pytester):
+    """The markers stay honest: conftest refuses a process started by a test (or its fixture) marked unit."""
+    pytester.makeconftest((REPO / "tests" / "conftest.py").read_text())
+    pytester.makeini((REPO / "pytest.ini").read_text().replace("addopts = --strict-markers -p pytester\n", ""))
+    pytester.makepyfile(test_inner='''
+        import multiprocessing, subprocess, pytest
+
+        def test_subprocess():
+            subprocess.run(["true"])
+
+        def test_pool():
+            multiprocessing.get_context("spawn").Process(target=print).start()
+
+        @pytest.fixture(scope="module")
+        def ranks():
+            subprocess.run(["true"])
+
+        def test_module_fixture(ranks):
+            pass
+
+        def test_swallowed():
+            try:
+                subprocess.run(["true"])
+            except RuntimeError:
+                pass
+
+        def test_in_process():
+            assert sum(range(4)) == 6
+    ''')
+    result = pytester.runpytest_inprocess("-m", "unit", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, failed=3, errors=1)
+    result.stdout.fnmatch_lines_random([
+        "*RuntimeError: a unit test started a process (subprocess): mark the test distributed",
+        "*RuntimeError: a unit test started a process (multiprocessing): mark the test distributed",
+        "*test_swallowed is marked unit but started a process (subprocess): mark it distributed"])
