@@ -24,9 +24,8 @@ SETUP_CFG = Path(__file__).resolve().parent.parent / "setup.cfg"
 def tested_ranges(setup_cfg: Path = SETUP_CFG) -> dict[str, Requirement]:
     """package -> its requirement in setup.cfg (a source checkout, editable installs included), else in the
     installed dpo-ds metadata (a wheel install has no setup.cfg)."""
-    if setup_cfg.is_file():
-        parser = configparser.ConfigParser()
-        parser.read(setup_cfg)
+    parser = configparser.ConfigParser()
+    if setup_cfg.is_file() and parser.read(setup_cfg) and parser.has_option("options", "install_requires"):
         lines = parser["options"]["install_requires"].splitlines()
     else:
         lines = importlib.metadata.requires("dpo-ds") or []

@@ -71,9 +71,14 @@ def test_makefile_installs_deepspeed_from_the_range_in_setup_cfg():
     assert f'install -q --no-build-isolation "{versions.pip_spec(ranges["deepspeed"])}"' in make.stdout
 
 
-def test_versions_outside_the_tested_ranges_stop_every_entry_point(monkeypatch, capsys):
+def test_versions_outside_the_tested_ranges_stop_every_entry_point(monkeypatch, capsys, tmp_path):
     """Issue 14: nothing said when an installed deepspeed or transformers was one dpo-ds was never tested with."""
     assert versions.version_problems() == []  # this environment is a tested one
+    # a wheel install has no setup.cfg: the ranges come from the installed metadata
+    monkeypatch.setattr(versions.importlib.metadata, "requires",
+                        lambda name: ["torch>=2.4", "deepspeed>=0.19.8,<0.20", 'transformers>=9; extra == "test"'])
+    assert {n: versions.pip_spec(r) for n, r in versions.tested_ranges(tmp_path / "setup.cfg").items()} == {
+        "deepspeed": "deepspeed>=0.19.8,<0.20"}
 
     installed = {"deepspeed": "0.20.1", "transformers": "5.24.0"}
     monkeypatch.setattr(versions, "installed_version", installed.get)
