@@ -13,6 +13,8 @@ from helpers import REPO, read_metrics, write_config
 
 from launcher.env import free_port
 
+pytestmark = pytest.mark.mpi
+
 MPIRUN = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
 
 
