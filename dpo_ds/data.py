@@ -14,6 +14,7 @@ Python objects.
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import itertools
 import json
@@ -259,8 +260,14 @@ class PairTokenizer:
         self.tok = tokenizer
         self.max_length = max_length
         self.max_prompt_length = max_prompt_length
-        # each prompt encoded once where that is exact for this tokenizer (prompt_reuse); whole strings otherwise
-        self.prompt_reuse, self.encoding_path = PromptReuse.for_tokenizer(tokenizer)
+        self.encoding_path = ""  # which encoding prompt_reuse chose, and why (set with it)
+
+    @functools.cached_property
+    def prompt_reuse(self) -> PromptReuse | None:
+        """Encodes each prompt once where that is exact for this tokenizer; None: prompts are encoded whole.
+        Decided on first use, so that loading a prepared cache does not pay for it."""
+        reuse, self.encoding_path = PromptReuse.for_tokenizer(self.tok)
+        return reuse
 
     def _texts(self, row: PreferenceRow) -> tuple[str, str, str, bool]:
         """(prompt text, chosen text, rejected text, special tokens already in the text?)."""
