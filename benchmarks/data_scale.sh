@@ -5,7 +5,7 @@
 #
 #   table  the issue's table: a 200-pair and a 100k-pair 2-rank `train`, each preparing its own fresh cache,
 #          dist_timeout_s 60, ~590-token pairs, 32k byte-level BPE: time to the end of step 1 and peak summed
-#          PSS of all processes. DeepSpeed's CPU op is built before each (untimed, `ops_build_s`).
+#          PSS of all processes. DeepSpeed's CPU op is built first, untimed (`ops_build_s`), in OUT/torch_extensions.
 #   cores  `dpo-ds prepare` of 5,000 pairs with 1 and 2 tokenizer processes (scaling with cores).
 #   1m     `dpo-ds prepare` of 1M pairs (WORDS_1M words per field, default 19: ~73 tokens per pair; 190 gives
 #          ~590 tokens and 3.2 GB of JSONL), then a 2-rank `train` on that cache to step 1.
@@ -15,7 +15,6 @@ OUT=${1:-/tmp/dpo-ds-data-scale}
 WHAT=${2:-all}
 PY=${PYTHON:-.venv/bin/python}
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} MASTER_ADDR=127.0.0.1
-export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}
 mkdir -p "$OUT"
 [[ -f $OUT/model/config.json ]] || "$PY" benchmarks/data_scale.py assets "$OUT"
 if [[ $WHAT == table || $WHAT == all ]]; then
