@@ -194,10 +194,14 @@ def export_engine(engine, out_dir: str, tokenizer=None, dtype: torch.dtype | Non
 
 
 def saved_config(model):
-    """The model's config as the user gave it: the run's overrides (engines.disable_dropout) undone."""
+    """The model's config as the user gave it: the run's overrides (engines.disable_dropout, QLoRA's
+    quantization) undone."""
     import copy
 
     config = copy.deepcopy(model.config)
+    # QLoRA: the run's nf4 quantization of the frozen base is no property of the model written
+    for name in ("quantization_config", "_pre_quantization_dtype"):
+        config.__dict__.pop(name, None)
     for sub_config, name, value in model.__dict__.get("_dpo_ds_config_originals", ()):
         setattr(getattr(config, sub_config) if sub_config else config, name, value)
     return config
