@@ -44,7 +44,10 @@ report = {"deepspeed_engines": sum(isinstance(o, deepspeed.DeepSpeedEngine) for 
                               "bf16": policy.bfloat16_enabled(),
                               "optimizer_groups": [(g["lr"], g["weight_decay"]) for g in policy.optimizer.param_groups],
                               "optimizer": type(policy.basic_optimizer).__name__,
-                              "optimizer_fused": policy.basic_optimizer.defaults.get("fused")}}
+                              "optimizer_fused": policy.basic_optimizer.defaults.get("fused")},
+          # QLoRA: each 4-bit packed base weight as ZeRO-3 holds it: (full numel, this rank's partition, requires grad)
+          "nf4_weights": [(p.ds_numel, p.ds_tensor.numel(), p.requires_grad) for p in policy.module.parameters()
+                          if type(p).__name__ == "Params4bit"]}
 if not hasattr(run.reference, "engine"):  # reference-free losses: nothing more to inspect
     if dist.get_rank() == 0:
         torch.save(report, probe_out)
