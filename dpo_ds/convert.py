@@ -31,7 +31,8 @@ HELP = """Convert a dpo-ds checkpoint (checkpoints/step-N) to a Hugging Face saf
 (vLLM, transformers): shards + model.safetensors.index.json, config.json, generation_config.json and the
 run's tokenizer files. Streams tensors (bounded memory) and validates the result before reporting success.
 A LoRA checkpoint (adapter weights only) gives the base model with the adapter merged in (read from the base
-model's directory), or with --adapter_only the PEFT adapter (adapter_config.json + adapter_model.safetensors)."""
+model's directory; for QLoRA too the original base weights, not their nf4 approximation), or with --adapter_only
+the PEFT adapter (adapter_config.json + adapter_model.safetensors)."""
 INDEX_NAME = "model.safetensors.index.json"
 REOPEN_BYTES = 64 << 20
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import logging
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -83,6 +84,15 @@ def load_quantized_base(cfg: TrainConfig, dtype: torch.dtype, attn_implementatio
         attn_implementation=attn_implementation, device_map={"": get_accelerator().current_device_name()})
 
 
+@contextlib.contextmanager
+def peft_model_built():
+    """Around building a PeftModel: peft 0.21's PeftModel.__init__ reads transformers' `is_gradient_checkpointing`,
+    which transformers 5 deprecated (one FutureWarning per model; peft's code, not ours to change)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def adapters_of(model: torch.nn.Module) -> Adapters | None:
     return model.__dict__.get("_dpo_ds_lora")
 
@@ -113,18 +123,19 @@ def attach_adapters(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module
 
     model.requires_grad_(False)
     torch.manual_seed(cfg.seed)
-    try:
-        if cfg.lora_adapter is not None:
-            peft_model = PeftModel.from_pretrained(model, cfg.lora_adapter, adapter_name=ADAPTER, is_trainable=True)
-            if uses_reference(cfg):
-                peft_model.load_adapter(cfg.lora_adapter, adapter_name=REFERENCE, is_trainable=False)
-                peft_model.set_adapter(ADAPTER)
-                model.train()  # load_adapter leaves the model in eval mode (no activation checkpointing there)
-        else:
-            peft_model = get_peft_model(model, _fresh_config(model, cfg))
-    except ValueError as err:  # peft: target modules not found, adapter made for another model, ...
-        field_name = "lora_adapter" if cfg.lora_adapter is not None else "lora_target_modules"
-        raise ConfigError(f"field '{field_name}': {err}", field_name) from None
+    with peft_model_built():
+        try:
+            if cfg.lora_adapter is not None:
+                peft_model = PeftModel.from_pretrained(model, cfg.lora_adapter, adapter_name=ADAPTER, is_trainable=True)
+                if uses_reference(cfg):
+                    peft_model.load_adapter(cfg.lora_adapter, adapter_name=REFERENCE, is_trainable=False)
+                    peft_model.set_adapter(ADAPTER)
+                    model.train()  # load_adapter leaves the model in eval mode (no activation checkpointing there)
+            else:
+                peft_model = get_peft_model(model, _fresh_config(model, cfg))
+        except ValueError as err:  # peft: target modules not found, adapter made for another model, ...
+            field_name = "lora_adapter" if cfg.lora_adapter is not None else "lora_target_modules"
+            raise ConfigError(f"field '{field_name}': {err}", field_name) from None
     supported = _merge_supported_layers(cfg.lora_quantize is not None)
     unsupported = sorted({type(m.get_base_layer()).__name__ for m in model.modules()
                           if isinstance(m, LoraLayer) and not isinstance(m, supported)})

@@ -22,7 +22,12 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+from dpo_ds.lora import peft_model_built
 from helpers import launch, plain_dpo, read_metrics, run_cli, write_config
+
+# peft's PeftModel.__init__ reads transformers' deprecated `is_gradient_checkpointing`: every PeftModel here (and in
+# dpo_ds) is built under lora.peft_model_built, and any such warning that still comes through fails the test
+pytestmark = pytest.mark.filterwarnings("error:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
 SETTINGS = dict(precision="fp32", micro_batch_size=2, gradient_accumulation_steps=2, max_steps=3, shuffle=False,
                 learning_rate=5e-3, warmup_steps=1, lr_scheduler="linear", weight_decay=0.01, max_grad_norm=0.5,
@@ -58,8 +63,9 @@ def starting_adapter(demo_assets, tmp_path_factory):
     """A PEFT adapter (as an SFT stage would leave it): non-default r, alpha and targets, B non-zero."""
     path = tmp_path_factory.mktemp("lora") / "sft_adapter"
     torch.manual_seed(1)
-    model = get_peft_model(_base(demo_assets.model_dir), LoraConfig(
-        r=ADAPTER_R, lora_alpha=ADAPTER_ALPHA, target_modules=ADAPTER_TARGETS, task_type="CAUSAL_LM"))
+    with peft_model_built():
+        model = get_peft_model(_base(demo_assets.model_dir), LoraConfig(
+            r=ADAPTER_R, lora_alpha=ADAPTER_ALPHA, target_modules=ADAPTER_TARGETS, task_type="CAUSAL_LM"))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -93,7 +99,8 @@ def fresh_run(demo_assets, tmp_path_factory):
 
 def test_matches_plain_peft_dpo_from_the_same_adapter(adapter_run, demo_assets, starting_adapter):
     out, probe = adapter_run
-    policy = PeftModel.from_pretrained(_base(demo_assets.model_dir), starting_adapter, is_trainable=True)
+    with peft_model_built():
+        policy = PeftModel.from_pretrained(_base(demo_assets.model_dir), starting_adapter, is_trainable=True)
     reference = copy.deepcopy(policy).requires_grad_(False)
     expected_losses, _ = plain_dpo(demo_assets.model_dir, demo_assets.train_file, SETTINGS, WORLD,
                                    policy=policy, reference=reference)
@@ -127,7 +134,7 @@ def test_outputs_merged_model_and_peft_adapter(adapter_run, demo_assets):
     assert max(float((final[n] - w).abs().max()) for n, w in merged.items()) < 1e-6
     assert sum(not torch.equal(final[n], base[n]) for n in base) == 2 * 3  # 2 layers x 3 adapted modules
     # final_adapter/ loads with peft on the base and computes what final/ computes (and the engine did)
-    with torch.no_grad():
+    with torch.no_grad(), peft_model_built():
         peft_logits = PeftModel.from_pretrained(_base(demo_assets.model_dir), out / "final_adapter").eval()(
             input_ids=probe["probe"]).logits
         merged_logits = AutoModelForCausalLM.from_pretrained(out / "final", dtype=torch.float32).eval()(
@@ -207,8 +214,9 @@ def qlora_run(demo_assets, starting_adapter, tmp_path_factory):
 
 def test_qlora_matches_plain_peft_bitsandbytes_dpo(qlora_run, demo_assets, starting_adapter):
     out, _, probe = qlora_run
-    policy = PeftModel.from_pretrained(_nf4_base(demo_assets.model_dir), starting_adapter, is_trainable=True)
-    reference = PeftModel.from_pretrained(_nf4_base(demo_assets.model_dir), starting_adapter).requires_grad_(False)
+    with peft_model_built():
+        policy = PeftModel.from_pretrained(_nf4_base(demo_assets.model_dir), starting_adapter, is_trainable=True)
+        reference = PeftModel.from_pretrained(_nf4_base(demo_assets.model_dir), starting_adapter).requires_grad_(False)
     expected_losses, _ = plain_dpo(demo_assets.model_dir, demo_assets.train_file, QLORA, WORLD,
                                    policy=policy, reference=reference)
     got_losses = [m["loss"] for m in read_metrics(out) if "loss" in m]
