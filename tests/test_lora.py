@@ -74,13 +74,19 @@ def starting_adapter(demo_assets, tmp_path_factory):
     return path
 
 
+def _probed_run_from_adapter(tmp: Path, demo_assets, starting_adapter, settings: dict):
+    """A 2-rank run from the starting adapter under tests/dist_train_probe.py: (output dir, config, probe)."""
+    cfg = write_config(tmp / "run.yaml", model_name_or_path=demo_assets.model_dir, train_file=demo_assets.train_file,
+                       output_dir=str(tmp / "out"), lora_adapter=str(starting_adapter), **settings)
+    launch(["tests/dist_train_probe.py", str(cfg), str(tmp / "probe.pt")], nproc=WORLD)
+    return tmp / "out", cfg, torch.load(tmp / "probe.pt", weights_only=True)
+
+
 @pytest.fixture(scope="module")
 def adapter_run(demo_assets, starting_adapter, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("lora_adapter_run")
-    cfg = write_config(tmp / "run.yaml", model_name_or_path=demo_assets.model_dir, train_file=demo_assets.train_file,
-                       output_dir=str(tmp / "out"), lora_adapter=str(starting_adapter), **SETTINGS)
-    launch(["tests/dist_train_probe.py", str(cfg), str(tmp / "probe.pt")], nproc=WORLD)
-    return tmp / "out", torch.load(tmp / "probe.pt", weights_only=True)
+    out, _, probe = _probed_run_from_adapter(tmp_path_factory.mktemp("lora_adapter_run"), demo_assets,
+                                             starting_adapter, SETTINGS)
+    return out, probe
 
 
 FRESH = dict(SETTINGS, max_steps=4, save_steps=2, lora_r=8, lora_alpha=16, precompute_ref=True)
@@ -205,11 +211,7 @@ def _nf4_base(model_dir):
 
 @pytest.fixture(scope="module")
 def qlora_run(demo_assets, starting_adapter, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("qlora_run")
-    cfg = write_config(tmp / "run.yaml", model_name_or_path=demo_assets.model_dir, train_file=demo_assets.train_file,
-                       output_dir=str(tmp / "out"), lora_adapter=str(starting_adapter), **QLORA)
-    launch(["tests/dist_train_probe.py", str(cfg), str(tmp / "probe.pt")], nproc=WORLD)
-    return tmp / "out", cfg, torch.load(tmp / "probe.pt", weights_only=True)
+    return _probed_run_from_adapter(tmp_path_factory.mktemp("qlora_run"), demo_assets, starting_adapter, QLORA)
 
 
 def test_qlora_matches_plain_peft_bitsandbytes_dpo(qlora_run, demo_assets, starting_adapter):
