@@ -5,8 +5,10 @@ STAMP := $(VENV)/.installed
 # DeepSpeed compiles its ops at first use; keep the builds with the venv so they happen once.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 export DS_ACCELERATOR ?= cpu
+# The tested deepspeed range, read from setup.cfg's install_requires (declared once; dpo-ds checks it at start-up).
+DEEPSPEED_REQ := $(shell sed -n 's/^[[:space:]]*\(deepspeed[<>=].*\)$$/\1/p' setup.cfg)
 
-.PHONY: install test-deps demo test clean
+.PHONY: install test-deps demo test test-fast clean
 
 install: $(STAMP)
 
@@ -17,7 +19,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	# deepspeed is a source package whose setup imports torch: build it against the torch above.
 	$(PY) -m pip install -q setuptools wheel
-	$(PY) -m pip install -q --no-build-isolation "deepspeed>=0.19.8,<0.20"
+	$(PY) -m pip install -q --no-build-isolation "$(DEEPSPEED_REQ)"
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
@@ -30,6 +32,10 @@ test-deps:
 
 test: $(STAMP) test-deps
 	$(PY) -m pytest -q tests
+
+# The unit tests alone (pytest.ini's markers; no process started, no Slurm needed): a couple of minutes.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m unit tests
 
 clean:
 	rm -rf $(VENV) demo_runs

@@ -10,6 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from dpo_ds.versions import check_versions
 from launcher.dist import exit_process
 from launcher.env import LauncherError, strip_local_rank
 
@@ -100,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=sorted(COMMANDS), help="what to do; `dpo-ds COMMAND --help` for its options")
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         parser.parse_args(argv[:1] or ["--help"])
+    if not check_versions(f"dpo-ds {argv[0]}"):  # before the command's module imports deepspeed/transformers
+        return 2
     module = importlib.import_module(COMMANDS[argv[0]])
     sub = argparse.ArgumentParser(prog=f"dpo-ds {argv[0]}", description=module.HELP,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -7,13 +7,15 @@ uniform environment, then runs `dpo_ds.cli.main(argv)` in this process and exits
 with its status.  The trainer joins the process group via
 `launcher.dist.init_distributed()`.
 
-Exit status: the trainer's; 2 when the environment is unusable (LauncherError).
+Exit status: the trainer's; 2 when the environment is unusable (LauncherError) or deepspeed/transformers
+are outside their tested versions (dpo_ds.versions).
 """
 from __future__ import annotations
 
 import os
 import sys
 
+from dpo_ds.versions import check_versions
 from launcher.dist import exit_process
 from launcher.env import LauncherError, resolve, strip_local_rank
 
@@ -22,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     argv, local_rank = strip_local_rank(list(sys.argv[1:] if argv is None else argv))
     if local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", local_rank)
+    if not check_versions("launcher"):
+        return 2
     try:
         env = resolve(os.environ)
     except LauncherError as e:

@@ -10,6 +10,9 @@ from dpo_ds.config import TrainConfig
 from dpo_ds.data import PairSampler
 from helpers import launch, run_cli
 
+pytestmark = pytest.mark.distributed  # starts ranks or the CLI in subprocesses (tests/conftest.py)
+
+
 SPLIT = {"reference_forward", "policy_forward", "backward", "optimizer"}
 
 

@@ -18,6 +18,9 @@ from transformers import AutoModelForCausalLM
 
 from helpers import REPO, free_port, launch, read_metrics, run_cli, write_config
 
+pytestmark = pytest.mark.distributed  # starts ranks or the CLI in subprocesses (tests/conftest.py)
+
+
 SETTINGS = dict(precision="fp32", micro_batch_size=2, gradient_accumulation_steps=2, max_steps=6, save_steps=2,
                 shuffle=True, learning_rate=2e-3, weight_decay=0.1, warmup_steps=1, lr_scheduler="cosine", logging_steps=1, seed=3)
 

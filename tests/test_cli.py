@@ -8,11 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dpo_ds import cli
+import pytest
+
+import launcher.__main__ as launcher_main
+from dpo_ds import cli, versions
 
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.distributed
 def test_eval_of_a_runs_model_uses_its_settings_and_prints_only_json(demo_assets, tmp_path):
     """Items 6 and 10: DeepSpeed's 'built successfully' line came before the JSON on stdout; eval scored with beta
     0.1 unless the training beta was repeated, and wrote eval_pairs.jsonl into the current directory."""
@@ -55,3 +59,42 @@ def test_ops_build_once_per_environment_with_a_message(tmp_path, monkeypatch, ca
     (tmp_path / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").write_bytes(b"")
     cli.announce_op_build()
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.distributed
+def test_makefile_installs_deepspeed_from_the_range_in_setup_cfg():
+    """Issue 14: setup.cfg put no upper bound on deepspeed while the Makefile did; now the Makefile reads it."""
+    ranges = versions.tested_ranges()
+    assert {name: versions.pip_spec(r) for name, r in ranges.items()} == {
+        "deepspeed": "deepspeed>=0.19.8,<0.20", "transformers": "transformers>=5.0,<6"}
+    make = subprocess.run(["make", "-n", "-B", "install"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert f'install -q --no-build-isolation "{versions.pip_spec(ranges["deepspeed"])}"' in make.stdout
+
+
+def test_versions_outside_the_tested_ranges_stop_every_entry_point(monkeypatch, capsys, tmp_path):
+    """Issue 14: nothing said when an installed deepspeed or transformers was one dpo-ds was never tested with."""
+    assert versions.version_problems() == []  # this environment is a tested one
+    # a wheel install has no setup.cfg: the ranges come from the installed metadata
+    monkeypatch.setattr(versions.importlib.metadata, "requires",
+                        lambda name: ["torch>=2.4", "deepspeed>=0.19.8,<0.20", 'transformers>=9; extra == "test"'])
+    assert {n: versions.pip_spec(r) for n, r in versions.tested_ranges(tmp_path / "setup.cfg").items()} == {
+        "deepspeed": "deepspeed>=0.19.8,<0.20"}
+
+    installed = {"deepspeed": "0.20.1", "transformers": "5.24.0"}
+    monkeypatch.setattr(versions, "installed_version", installed.get)
+    monkeypatch.delenv(versions.ALLOW_ENV, raising=False)
+    expected = ('error: deepspeed 0.20.1 is installed, but dpo-ds is tested with deepspeed>=0.19.8,<0.20: run '
+                '`make install`, or pip install --no-build-isolation "deepspeed>=0.19.8,<0.20"')
+    for entry, program in ((lambda: cli.main(["plan", "--model", "llama-7b"]), "dpo-ds plan"),
+                           (lambda: launcher_main.main(["plan", "--model", "llama-7b"]), "launcher")):
+        assert entry() == 2
+        out, err = capsys.readouterr()
+        assert f"{program}: {expected}" in err and out == ""  # stopped before the command ran
+    monkeypatch.setenv(versions.ALLOW_ENV, "1")  # run anyway, with a warning
+    assert cli.main(["plan", "--model", "llama-7b"]) == 0
+    assert "dpo-ds plan: warning: deepspeed 0.20.1 is installed" in capsys.readouterr().err
+
+    installed["transformers"] = None  # missing: no override helps
+    assert cli.main(["plan", "--model", "llama-7b"]) == 2
+    assert ('error: transformers is not installed; dpo-ds needs transformers>=5.0,<6: run `make install`'
+            in capsys.readouterr().err)

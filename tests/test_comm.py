@@ -73,6 +73,7 @@ print(json.dumps(result))
 '''
 
 
+@pytest.mark.distributed
 def test_collectives_use_the_device_the_group_has_a_backend_for():
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-c", EMULATED_NCCL], cwd=REPO, env=env, capture_output=True, text=True,
@@ -86,6 +87,7 @@ def test_collectives_use_the_device_the_group_has_a_backend_for():
         assert "not compiled with CUDA" in outcome, f"{name}: {outcome}"
 
 
+@pytest.mark.distributed
 def test_helpers_two_ranks(tmp_path):
     from helpers import launch
 
@@ -122,6 +124,7 @@ ld.exit_process(0)  # rank 0 leaves at once, taking the store it hosts with it
 '''
 
 
+@pytest.mark.distributed
 def test_rank0_hosting_the_store_leaves_only_after_the_others_read_the_outcome():
     """Under srun or mpirun rank 0's process hosts the rendezvous store (torchrun's agent hosts it otherwise):
     a rank still polling for the outcome of a phase when rank 0 exits would fail with 'Connection reset'."""

@@ -192,6 +192,7 @@ def test_argparse_flags_round_trip(tmp_path):
     assert cfg.seed == TrainConfig.seed
 
 
+@pytest.mark.distributed
 def test_cli_wrong_type_exits_2_with_message():
     proc = subprocess.run([sys.executable, "-m", "dpo_ds", "train", "--model_name_or_path", "/nonexistent/model",
                            "--train_file", "/nonexistent/t.jsonl", "--beta", "abc"],
@@ -200,6 +201,7 @@ def test_cli_wrong_type_exits_2_with_message():
     assert "--beta" in proc.stderr and "abc" in proc.stderr
 
 
+@pytest.mark.distributed
 def test_invalid_combination_fails_before_any_model_or_data_is_touched(tmp_path):
     """The model and data paths do not exist: the error must be the config's, not a load failure."""
     proc = subprocess.run([sys.executable, "-m", "dpo_ds", "train", "--model_name_or_path", str(tmp_path / "no_model"),
@@ -307,6 +309,7 @@ def test_validate_errors_name_where_the_value_was_set(tmp_path):
 
 
 # ---------------------------------------------------------------------------- --help
+@pytest.mark.distributed
 def test_train_help_lists_every_field_with_its_help():
     env = {**os.environ, "COLUMNS": "2000"}
     proc = subprocess.run([sys.executable, "-m", "dpo_ds", "train", "--help"], cwd=REPO, env=env,
@@ -326,13 +329,18 @@ def test_train_help_lists_every_field_with_its_help():
         assert not (isinstance(f.default, float) and math.isnan(f.default))
 
 
-def test_readme_documents_every_field_with_its_default():
-    readme = (REPO / "README.md").read_text()
+def test_configuration_reference_is_generated_from_train_config():
+    """docs/configuration.md is `markdown_reference()` verbatim, and lists every field with its default."""
+    from dpo_ds.config import REFERENCE_COMMAND, markdown_reference
+
+    generated = markdown_reference()
+    reference = (REPO / "docs" / "configuration.md").read_text()
+    assert reference == generated, f"docs/configuration.md is out of date with TrainConfig: run `{REFERENCE_COMMAND}`"
     for f in dataclasses.fields(TrainConfig):
         default = "—" if f.default is None else (str(f.default).lower() if isinstance(f.default, bool) else str(f.default))
-        assert f"| `{f.name}` | " in readme, f.name
-        row = next(line for line in readme.splitlines() if line.startswith(f"| `{f.name}` | "))
-        assert default in row, (f.name, row)
+        row = next((line for line in reference.splitlines() if line.startswith(f"| `{f.name}` | ")), None)
+        assert row is not None, f"docs/configuration.md has no row for {f.name}"
+        assert default in row and f.metadata["help"].replace("|", "\\|") in row, (f.name, row)
 
 
 # ---------------------------------------------------------------------------- paths, before anything loads
@@ -367,6 +375,7 @@ def fake_run_inputs(tmp_path):
     ("deepspeed_config", "{tmp}/ds.json", "no such file or directory"),
     ("resume_from", "{tmp}/run/checkpoints/step-00000002", "no such file or directory"),
 ])
+@pytest.mark.distributed
 def test_missing_path_is_one_line_config_error_before_anything_loads(fake_run_inputs, tmp_path, field, value, words):
     """Issue 13 items 1-2: was a 29-78 line traceback (or a 49 s hub retry) after the tokenizer had loaded."""
     model, pairs = fake_run_inputs
@@ -379,6 +388,7 @@ def test_missing_path_is_one_line_config_error_before_anything_loads(fake_run_in
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.distributed
 def test_refused_start_leaves_the_run_folder_untouched(fake_run_inputs, tmp_path):
     """Issue 13 item 3: run_config.json was overwritten before the start was refused."""
     model, pairs = fake_run_inputs

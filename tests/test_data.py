@@ -357,6 +357,7 @@ def _load(path, tok, cache_dir, **kw):
     return load_pairs(path, tok, **{**args, **kw})
 
 
+@pytest.mark.distributed
 def test_cache_is_written_once_and_reused(tmp_path, tok, demo_rows, monkeypatch):
     path = write_jsonl(tmp_path / "train.jsonl", demo_rows[:24])
     caches = tmp_path / "caches"
@@ -380,6 +381,7 @@ def test_cache_is_written_once_and_reused(tmp_path, tok, demo_rows, monkeypatch)
         load_pairs(path, tok, max_length=512, max_prompt_length=None, skip_bad_rows=False, cache_dir=None)
 
 
+@pytest.mark.distributed
 def test_cache_keeps_stats_and_truncation(tmp_path, tok, demo_rows):
     path = write_jsonl(tmp_path / "train.jsonl", demo_rows[:24] + ['{"oops'])
     caches = tmp_path / "caches"
@@ -389,6 +391,7 @@ def test_cache_keeps_stats_and_truncation(tmp_path, tok, demo_rows):
     assert cached.stats == fresh.stats and cached.stats["skipped_bad_rows"] == 1
 
 
+@pytest.mark.distributed
 def test_fingerprint_changes_with_inputs(tmp_path, tok, demo_rows, demo_assets):
     from transformers import AutoTokenizer
 
@@ -423,6 +426,7 @@ def test_fingerprint_changes_with_inputs(tmp_path, tok, demo_rows, demo_assets):
     assert len(list(caches.glob("pairs-*.v2"))) == 8
 
 
+@pytest.mark.distributed
 def test_data_error_on_rank0_reaches_other_ranks(tmp_path, tok, monkeypatch):
     path = write_jsonl(tmp_path / "train.jsonl", [GOOD, {"prompt": "q", "rejected": " b"}])
     caches = tmp_path / "caches"
@@ -441,6 +445,7 @@ def test_data_error_on_rank0_reaches_other_ranks(tmp_path, tok, monkeypatch):
     assert not list(caches.glob("pairs-*.v2"))
 
 
+@pytest.mark.distributed
 def test_success_clears_a_stale_error_file(tmp_path, tok, demo_rows):
     path = write_jsonl(tmp_path / "train.jsonl", demo_rows[:8])
     caches = tmp_path / "caches"
@@ -632,6 +637,7 @@ def recipe_ids(tok, row: dict) -> tuple[list[int], list[int], list[int]]:
     return out[0][0], out[0][1], out[1][1]
 
 
+@pytest.mark.distributed
 def test_parallel_preparation_gives_the_recipe_ids_in_file_order(tmp_path, tok, demo_rows, monkeypatch):
     """Token ids equal the TRL recipe on standard, conversational and implicit-prompt rows, with 1 or 2
     tokenizer processes and chunks smaller than the file (results come back in file order)."""
@@ -646,6 +652,7 @@ def test_parallel_preparation_gives_the_recipe_ids_in_file_order(tmp_path, tok, 
         assert pairs.stats["rows"] == len(rows) and pairs.stats["prompt_not_prefix"] == 0
 
 
+@pytest.mark.distributed
 def test_first_bad_row_in_file_order_with_parallel_workers(tmp_path, tok, demo_rows, monkeypatch):
     monkeypatch.setattr(D, "CHUNK_ROWS", 3)
     rows = demo_rows[:12]
@@ -660,6 +667,7 @@ def test_first_bad_row_in_file_order_with_parallel_workers(tmp_path, tok, demo_r
         assert pairs.stats["skipped_bad_rows"] == 2 and len(pairs) == 10
 
 
+@pytest.mark.distributed
 def test_cache_is_flat_memory_mapped_arrays(tmp_path, tok, demo_rows):
     caches = tmp_path / "caches"
     small, fp_small = _load(write_jsonl(tmp_path / "small.jsonl", demo_rows[:8]), tok, caches)
@@ -686,6 +694,7 @@ def test_cache_is_flat_memory_mapped_arrays(tmp_path, tok, demo_rows):
 
 
 @pytest.mark.parametrize("damage", ["truncated_ids", "no_meta", "other_fingerprint", "bad_offsets"])
+@pytest.mark.distributed
 def test_damaged_cache_is_named_and_rebuilt_never_used(tmp_path, tok, demo_rows, damage, caplog):
     path = write_jsonl(tmp_path / "train.jsonl", demo_rows[:16])
     caches = tmp_path / "caches"

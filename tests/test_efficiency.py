@@ -13,6 +13,9 @@ from dpo_ds.data import PairSampler, collate, load_pairs
 from dpo_ds.logprobs import sequence_logps
 from helpers import launch, plain_dpo, read_metrics, write_config
 
+pytestmark = pytest.mark.distributed  # starts ranks or the CLI in subprocesses (tests/conftest.py)
+
+
 SETTINGS = dict(precision="fp32", micro_batch_size=2, gradient_accumulation_steps=2, max_steps=3, shuffle=False,
                 learning_rate=2e-3, warmup_steps=1, lr_scheduler="linear", weight_decay=0.01, max_grad_norm=0.5,
                 beta=0.1, logging_steps=1, seed=0)

@@ -12,6 +12,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import launch, plain_dpo, read_metrics, write_config
 
+pytestmark = pytest.mark.distributed  # starts ranks or the CLI in subprocesses (tests/conftest.py)
+
+
 SETTINGS = dict(precision="fp32", micro_batch_size=2, gradient_accumulation_steps=2, max_steps=3, shuffle=False,
                 learning_rate=2e-3, warmup_steps=1, lr_scheduler="linear", weight_decay=0.01, max_grad_norm=0.5,
                 beta=0.1, logging_steps=1, gradient_checkpointing=True, ref_offload=True, seed=0)

@@ -89,6 +89,7 @@ def _assert_same_tensors(got: dict, want: dict, what: str) -> None:
 
 
 @pytest.mark.parametrize("family", list(SUPPORTED_FAMILIES))
+@pytest.mark.distributed
 def test_family_trains_like_plain_dpo_and_saves_like_save_pretrained(runs, family, demo_assets, tmp_path):
     from dpo_ds.convert import convert_checkpoint
 
@@ -126,6 +127,7 @@ def test_family_trains_like_plain_dpo_and_saves_like_save_pretrained(runs, famil
         assert report["experts_reached"] == [[0, 1], [2, 3]]
 
 
+@pytest.mark.distributed
 def test_router_aux_loss_is_logged_and_trained(runs):
     aux_dir, _, _ = runs["mixtral_aux"]
     plain_dir, _, _ = runs["mixtral"]
@@ -138,6 +140,7 @@ def test_router_aux_loss_is_logged_and_trained(runs):
     assert router and max(float((with_aux[n] - without[n]).abs().max()) for n in router) > 1e-6
 
 
+@pytest.mark.distributed
 def test_transformers_loader_trains_and_exports_the_same(runs):
     """weights_loader: transformers (from_pretrained converts the layout itself) gives the streamed loader's run."""
     streamed, _, _ = runs["mixtral"]

@@ -239,6 +239,7 @@ def test_strip_local_rank():
     assert strip_local_rank(["train"]) == (["train"], None)
 
 
+@pytest.mark.distributed
 def test_main_reports_partial_environment(tmp_path):
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI"))}
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
@@ -251,6 +252,7 @@ def test_main_reports_partial_environment(tmp_path):
 
 
 # ----------------------------------------------------------------------------- rendezvous timeout
+@pytest.mark.distributed
 def test_rendezvous_times_out_with_a_clear_message():
     """Rank 0 of a world of 2 started alone must give up, not wait forever."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI"))}

@@ -27,6 +27,7 @@ def _tied_model(path: Path) -> Path:
     return path
 
 
+@pytest.mark.distributed
 def test_streamed_loader_two_ranks(demo_assets, tmp_path):
     from helpers import launch
 

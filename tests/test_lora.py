@@ -25,9 +25,11 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from dpo_ds.lora import peft_model_built
 from helpers import launch, plain_dpo, read_metrics, run_cli, write_config
 
-# peft's PeftModel.__init__ reads transformers' deprecated `is_gradient_checkpointing`: every PeftModel here (and in
-# dpo_ds) is built under lora.peft_model_built, and any such warning that still comes through fails the test
-pytestmark = pytest.mark.filterwarnings("error:`is_gradient_checkpointing` is deprecated:FutureWarning")
+# starts ranks or the CLI in subprocesses (tests/conftest.py). peft's PeftModel.__init__ reads transformers'
+# deprecated `is_gradient_checkpointing`: every PeftModel here (and in dpo_ds) is built under lora.peft_model_built,
+# and any such warning that still comes through fails the test.
+pytestmark = [pytest.mark.distributed,
+              pytest.mark.filterwarnings("error:`is_gradient_checkpointing` is deprecated:FutureWarning")]
 
 SETTINGS = dict(precision="fp32", micro_batch_size=2, gradient_accumulation_steps=2, max_steps=3, shuffle=False,
                 learning_rate=5e-3, warmup_steps=1, lr_scheduler="linear", weight_decay=0.01, max_grad_norm=0.5,

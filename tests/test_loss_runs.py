@@ -9,6 +9,9 @@ import torch
 
 from helpers import launch, read_metrics, write_config
 
+pytestmark = pytest.mark.distributed  # starts ranks or the CLI in subprocesses (tests/conftest.py)
+
+
 BASE = dict(precision="fp32", micro_batch_size=2, gradient_accumulation_steps=2, max_steps=4, shuffle=False,
             learning_rate=3e-3, lr_scheduler="constant", logging_steps=1, seed=0)
 

@@ -11,6 +11,8 @@ import pytest
 
 from helpers import REPO, free_port, read_metrics, write_config
 
+pytestmark = pytest.mark.mpi
+
 MPIRUN = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
 
 

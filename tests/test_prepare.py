@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
+
 from helpers import launch, read_metrics, run_cli, write_config
+
+pytestmark = pytest.mark.distributed  # starts ranks or the CLI in subprocesses (tests/conftest.py)
 
 
 def test_slow_preparation_outlives_dist_timeout_and_prepare_train_eval_share_one_cache(demo_assets, tmp_path):

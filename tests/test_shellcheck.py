@@ -27,6 +27,7 @@ def test_scripts_exist():
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(REPO)))
+@pytest.mark.distributed
 def test_shellcheck(script):
     # .sbatch has no extension shellcheck knows: the shebang says bash, -s makes it explicit.
     proc = subprocess.run([shellcheck(), "-s", "bash", "-x", str(script)], cwd=REPO,

@@ -21,6 +21,8 @@ import pytest
 
 from slurm_cluster import SlurmStartError, SlurmUnavailable, slurm_cluster
 
+pytestmark = pytest.mark.slurm
+
 REPO = Path(__file__).resolve().parents[1]
 DPO_SBATCH = REPO / "slurm" / "dpo.sbatch"
 CONVERT_SBATCH = REPO / "slurm" / "convert.sbatch"
