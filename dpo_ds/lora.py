@@ -315,7 +315,7 @@ def write_merged_model(config, tensors: dict[str, torch.Tensor], hf_config, gene
 
     base = config.base_model_name_or_path
     if not base or not Path(base).is_dir():
-        raise ExportError(f"{meta / ADAPTER_CONFIG}: base model {base!r} (base_model_name_or_path) is not a local "
+        raise ExportError(f"{ADAPTER_CONFIG}: base model {base!r} (base_model_name_or_path) is not a local "
                           f"directory; the merged model needs the base weights (or pass --adapter_only)")
     scaling = config.lora_alpha / config.r
     deltas: dict[str, torch.Tensor] = {}  # base weight name -> B A * scaling
