@@ -352,10 +352,6 @@ def _validate_qlora(cfg: TrainConfig, bad) -> None:
                              f"unquantized base")
     elif importlib.util.find_spec("bitsandbytes") is None:
         bad("lora_quantize", "nf4 needs the bitsandbytes package, which is not installed (pip install 'dpo-ds[qlora]')")
-    model_dir = Path(cfg.model_name_or_path)
-    if not ((model_dir / "model.safetensors").is_file() or (model_dir / "model.safetensors.index.json").is_file()):
-        bad("lora_quantize", f"nf4 needs model_name_or_path to be a local safetensors model directory ({model_dir} "
-                             f"is not): final/ merges the adapter into the original base weights read from there")
 
 
 def uses_reference(cfg: TrainConfig) -> bool:

@@ -73,6 +73,12 @@ def load_quantized_base(cfg: TrainConfig, dtype: torch.dtype, attn_implementatio
     partitions, gathers and freezes them like any other parameter. Until then each rank holds the whole 4-bit
     model (0.5 byte per quantized parameter); the quantization constants (absmax) are not parameters and stay
     whole on every rank."""
+    from dpo_ds.loading import has_safetensors
+
+    if not has_safetensors(cfg.model_name_or_path):  # checked here: `dpo-ds bench` writes its model directory late
+        raise ConfigError(f"field 'lora_quantize': nf4 needs model_name_or_path to be a local safetensors model "
+                          f"directory ({cfg.model_name_or_path} is not): final/ merges the adapter into the original "
+                          f"base weights read from there", "lora_quantize")
     from deepspeed.accelerator import get_accelerator
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 

@@ -424,7 +424,6 @@ def test_lora_fields_from_yaml(tmp_path):
     (dict(lora_r=8, lora_target_modules=" , "), "lora_target_modules", "names no module"),
     (dict(lora_r=8, ref_model_name_or_path="other"), "ref_model_name_or_path", "no separate reference model"),
     (dict(lora_quantize="nf4"), "lora_quantize", "set lora_r"),
-    (dict(lora_r=8, lora_quantize="nf4"), "lora_quantize", "local safetensors model directory"),
 ])
 def test_lora_config_errors(fields, field, words):
     message = config_error(validate, cfg_of(**fields))
@@ -442,6 +441,12 @@ def test_qlora_needs_a_device_bitsandbytes_supports_and_the_package(tmp_path, mo
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
     assert "pip install 'dpo-ds[qlora]'" in config_error(validate, qlora)
+    # final/ merges into the original weights: refused before anything loads when they are not a local directory
+    from dpo_ds.lora import load_quantized_base
+
+    (tmp_path / "model.safetensors").unlink()
+    message = config_error(load_quantized_base, qlora, None, None)
+    assert "field 'lora_quantize'" in message and "local safetensors model directory" in message, message
 
 
 def test_lora_adapter_must_be_a_lora_peft_directory(tmp_path):
