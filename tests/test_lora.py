@@ -241,7 +241,7 @@ def test_qlora_matches_plain_peft_bitsandbytes_dpo(qlora_run, demo_assets, start
     assert probe["deepspeed_engines"] == 1 and probe["reference"] == "AdapterReference"
 
 
-def test_qlora_final_merges_into_the_original_base_and_checkpoints_hold_the_adapter(qlora_run, demo_assets):
+def test_qlora_final_merges_into_the_original_base_and_checkpoints_hold_the_adapter(qlora_run, demo_assets, tmp_path):
     out, _, _ = qlora_run
     base = load_file(f"{demo_assets.model_dir}/model.safetensors")
     adapter = load_file(str(out / "final_adapter" / "adapter_model.safetensors"))
@@ -265,6 +265,12 @@ def test_qlora_final_merges_into_the_original_base_and_checkpoints_hold_the_adap
     assert trained and all(".lora_" in name for name in trained)
     ds_bytes = sum(f.stat().st_size for f in (ckpt / "ds").rglob("*") if f.is_file())
     assert ds_bytes < (Path(demo_assets.model_dir) / "model.safetensors").stat().st_size / 4
+    # `dpo-ds convert` of the QLoRA checkpoint: its adapter merged into the original base too
+    run_cli(["convert", str(ckpt), str(tmp_path / "merged"), "--dtype", "fp32"])
+    converted = _weights(tmp_path / "merged")
+    expected = _merged(base, {n: t.detach() for n, t in trained.items()}, ADAPTER_ALPHA / ADAPTER_R)
+    assert set(converted) == set(base) and max(float((converted[n] - w).abs().max()) for n, w in expected.items()) < 1e-6
+    assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
 
 
 def test_lora_resume_at_another_world_size(qlora_run, tmp_path):
