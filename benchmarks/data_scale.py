@@ -95,6 +95,25 @@ def tree_pss(root) -> int:
     return total
 
 
+def ops_env(out: Path) -> dict[str, str]:
+    """The environment of timed runs: DeepSpeed's CPU ops in OUT/torch_extensions, which nothing else touches.
+
+    Every rank loads DeepSpeed's shm-comm op at start. In a TORCH_EXTENSIONS_DIR shared with other checkouts it
+    is stale whenever one of them built it last (their paths rewrite its build.ninja), and a rank compiles it, or
+    waits on another process's compile, for minutes: a 1M-pair run at load 4-8 spent ~150 s of its 254 s to step
+    1 that way (py-spy: FileBaton.wait under build_shm_op), and the compilers' memory entered its summed PSS.
+    Not the data path, so built once, untimed (build_deepspeed_ops), in a directory of the benchmark's own."""
+    return {**os.environ, "TORCH_EXTENSIONS_DIR": str(out / "torch_extensions")}
+
+
+def build_deepspeed_ops(out: Path) -> float:
+    """Build (or find up to date) DeepSpeed's CPU shm-comm op before a timed run; the seconds it took."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "from deepspeed.comm.torch import build_shm_op; build_shm_op()"], cwd=REPO,
+                   env=ops_env(out), check=True, capture_output=True)
+    return round(time.perf_counter() - started, 1)
+
+
 def run_train(out: Path, n: int, dist_timeout_s: float, nproc: int, cache_dir: str | None, words: int) -> dict:
     import psutil
 
@@ -106,20 +125,22 @@ def run_train(out: Path, n: int, dist_timeout_s: float, nproc: int, cache_dir: s
            "--train_file", str(data), "--output_dir", str(run_dir), "--precision", "fp32", "--max_steps", "1",
            "--max_length", "1024", "--micro_batch_size", "1", "--logging_steps", "1",
            "--dist_timeout_s", str(dist_timeout_s)] + (["--cache_dir", cache_dir] if cache_dir else [])
+    ops_s = build_deepspeed_ops(out)
     started = time.perf_counter()
     with log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=ops_env(out), stdout=log, stderr=subprocess.STDOUT)
         root = psutil.Process(proc.pid)
-        peak, step1 = 0, None
+        peak, step1, next_pss = 0, None, 0.0
         while proc.poll() is None:
-            peak = max(peak, tree_pss(root))
+            if time.perf_counter() >= next_pss:  # ~4 ms of CPU per process: once a second, not at every poll
+                peak, next_pss = max(peak, tree_pss(root)), time.perf_counter() + 1.0
             if step1 is None and "step 1 done" in log_path.read_text(errors="replace"):
                 step1 = time.perf_counter() - started
             time.sleep(0.25)
     text = log_path.read_text(errors="replace")
     prepared = re.search(r"prepared (\d+) pairs \((\d+) tokens\) in ([\d.]+) s \((\d+) pairs/s\)", text)
     return {"pairs": n, "words_per_field": words, "ranks": nproc, "dist_timeout_s": dist_timeout_s, "exit": proc.returncode,
-            "cache": "reused " + cache_dir if cache_dir and not prepared else "prepared by the run",
+            "cache": "reused " + cache_dir if cache_dir and not prepared else "prepared by the run", "ops_build_s": ops_s,
             "time_to_step1_s": round(step1, 1) if step1 else None, "peak_pss_gib": round(peak / 2**30, 3),
             "stored_tokens": int(prepared[2]) if prepared else None,
             "prepare_s": float(prepared[3]) if prepared else None, "log": str(log_path)}

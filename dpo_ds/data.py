@@ -14,6 +14,7 @@ Python objects.
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import itertools
 import json
@@ -30,6 +31,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+
+from dpo_ds.prompt_reuse import PromptReuse
 
 logger = logging.getLogger("dpo_ds")
 
@@ -257,6 +260,14 @@ class PairTokenizer:
         self.tok = tokenizer
         self.max_length = max_length
         self.max_prompt_length = max_prompt_length
+        self.encoding_path = ""  # which encoding prompt_reuse chose, and why (set with it)
+
+    @functools.cached_property
+    def prompt_reuse(self) -> PromptReuse | None:
+        """Encodes each prompt once where that is exact for this tokenizer; None: prompts are encoded whole.
+        Decided on first use, so that loading a prepared cache does not pay for it."""
+        reuse, self.encoding_path = PromptReuse.for_tokenizer(self.tok)
+        return reuse
 
     def _texts(self, row: PreferenceRow) -> tuple[str, str, str, bool]:
         """(prompt text, chosen text, rejected text, special tokens already in the text?)."""
@@ -273,30 +284,38 @@ class PairTokenizer:
 
         return prompt, completion(row.chosen), completion(row.rejected), True
 
-    def encode(self, rows: Sequence[PreferenceRow]) -> list[tuple[list[int], list[int], list[int], bool]]:
-        """Untruncated (prompt ids, chosen ids, rejected ids, prompt-was-a-prefix) of each row, with one batched
-        tokenizer call per kind of row (plain text / chat-templated)."""
+    def _encode_triples(self, texts: list[tuple[str, str, str]], add_special_tokens: bool) -> tuple[list, int]:
+        """([ids(p), ids(p + c), ids(p + r)] of each (p, c, r), prompts encoded once)."""
+        if self.prompt_reuse is not None:
+            return self.prompt_reuse.encode(texts, add_special_tokens)
+        batch = [s for p, c, r in texts for s in (p, p + c, p + r)]
+        ids = self.tok(batch, add_special_tokens=add_special_tokens)["input_ids"]
+        return [ids[k:k + 3] for k in range(0, len(ids), 3)], 0
+
+    def encode(self, rows: Sequence[PreferenceRow]) -> tuple[list[tuple[list[int], list[int], list[int], bool]], int]:
+        """(untruncated (prompt ids, chosen ids, rejected ids, prompt-was-a-prefix) of each row, how many prompts
+        were encoded once), with one batched tokenizer call per kind of row (plain text / chat-templated)."""
         texts = [self._texts(row) for row in rows]
         out: list = [None] * len(rows)
         eos = self.tok.eos_token_id
+        reused = 0
         for templated in (False, True):
             mine = [i for i, t in enumerate(texts) if t[3] == templated]
             if not mine:
                 continue
-            batch = [s for i in mine for s in (texts[i][0], texts[i][0] + texts[i][1], texts[i][0] + texts[i][2])]
-            ids = self.tok(batch, add_special_tokens=not templated)["input_ids"]
-            for j, i in enumerate(mine):
-                prompt_ids = ids[3 * j]
+            triples, n = self._encode_triples([texts[i][:3] for i in mine], add_special_tokens=not templated)
+            reused += n
+            for i, (prompt_ids, *fulls) in zip(mine, triples):
                 is_prefix = True
                 completions = []
-                for full in ids[3 * j + 1:3 * j + 3]:
+                for full in fulls:
                     is_prefix &= full[: len(prompt_ids)] == prompt_ids
                     tail = full[len(prompt_ids):]
                     if not tail or tail[-1] != eos:
                         tail = tail + [eos]
                     completions.append(tail)
                 out[i] = (prompt_ids, completions[0], completions[1], is_prefix)
-        return out
+        return out, reused
 
     def truncate(self, prompt_ids: list[int], chosen: list[int], rejected: list[int]
                  ) -> tuple[list[int], list[int], list[int]] | None:
@@ -319,6 +338,7 @@ class ChunkResult:
     raw_lengths: np.ndarray  # [pairs tokenized, 3] int32: prompt, chosen, rejected before truncation
     stats: dict[str, int]
     error: str | None = None
+    prompts_encoded_once: int = 0  # of the chunk's tokenized rows (dpo_ds.prompt_reuse)
 
 
 def _flat(seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -355,8 +375,9 @@ class ChunkTokenizer:
                     error = str(err)
                     break
                 stats["skipped_bad_rows"] += 1
+        reused = 0
         try:
-            encoded = self.pair_tokenizer.encode(rows)
+            encoded, reused = self.pair_tokenizer.encode(rows)
         except DataError as err:  # e.g. chat rows without a chat template: not a property of one row
             encoded, error = [], error or f"{self.path}: {err}"
         kept = {"prompt": [], "chosen": [], "rejected": []}
@@ -378,7 +399,7 @@ class ChunkTokenizer:
                 kept[name].append(ids)
             kept_numbers.append(number)
         return ChunkResult(np.asarray(kept_numbers, dtype=np.int64), {k: _flat(v) for k, v in kept.items()},
-                           raw_lengths, stats, error)
+                           raw_lengths, stats, error, reused)
 
 
 _worker: ChunkTokenizer | None = None  # this tokenizer process's ChunkTokenizer (set once, by fork inheritance)
@@ -635,15 +656,19 @@ def prepare_pairs(path: str, pair_tokenizer: PairTokenizer, skip_bad_rows: bool,
     tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     started = time.perf_counter()
+    reuse = pair_tokenizer.prompt_reuse
+    logger.info("%s: %s", path, f"each prompt encoded once ({reuse.description})" if reuse else
+                f"prompts encoded whole with each completion ({pair_tokenizer.encoding_path})")
     writer = CacheWriter(tmp)
     try:
-        stats, raw = _empty_stats(), []
+        stats, raw, encoded_once = _empty_stats(), [], 0
         with _progress(path) as bar:
             for result in tokenized_chunks(path, pair_tokenizer, skip_bad_rows, workers):
                 writer.add(result)
                 raw.append(result.raw_lengths)
                 for k, v in result.stats.items():
                     stats[k] += v
+                encoded_once += result.prompts_encoded_once
                 bar.update(len(result.numbers))
         report = length_report(np.concatenate(raw) if raw else np.zeros((0, 3), np.int32), pair_tokenizer.max_length,
                                pair_tokenizer.max_prompt_length)
@@ -669,6 +694,8 @@ def prepare_pairs(path: str, pair_tokenizer: PairTokenizer, skip_bad_rows: bool,
     pairs = open_cache(cache)
     logger.info("prepared %d pairs (%d tokens) in %.1f s (%.0f pairs/s) -> %s", len(pairs), pairs.stored_tokens,
                 seconds, len(pairs) / max(seconds, 1e-9), cache)
+    if reuse is not None:  # prompts without a safe cut near their end were encoded whole
+        logger.info("%s: %d of %d prompts encoded once", path, encoded_once, stats["rows"] - stats["skipped_bad_rows"])
     warn_about(pairs, path)
     return pairs
 

@@ -4,7 +4,9 @@ Runs without a process group (a CPU node is enough: slurm/prepare.sbatch CONFIG.
 node's cores (`prepare_workers`), and writes the same cache `train` and `eval` look for (same fingerprint:
 file contents, tokenizer, max_length, max_prompt_length, skip_bad_rows), so training then starts without
 tokenizing. Prints, per file: pairs kept / dropped / cut, bad rows skipped, pairs skipped for identical
-chosen/rejected ids, token totals, length percentiles and the time taken.
+chosen/rejected ids, token totals, length percentiles and the time taken. With a byte-level BPE tokenizer
+(GPT-2's, Llama-3's or Qwen2's regex split) each prompt is encoded once, with the same ids as encoding
+prompt + completion whole (the log says which path ran).
 
     dpo-ds prepare --config run.yaml [--field value ...]
 """

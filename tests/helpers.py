@@ -104,3 +104,34 @@ def plain_dpo(model_dir: str, train_file: str, settings: dict, world: int, steps
         sched.step()
         losses.append(total)
     return losses, {n: p.detach().clone() for n, p in policy.named_parameters()}
+
+
+def regex_bpe_tokenizer(kind: str, corpus: list[str], vocab_size: int = 600, chat_template: str | None = None):
+    """A small BPE tokenizer of one of the kinds dpo_ds.prompt_reuse tells apart, trained on `corpus` in well
+    under a second: 'gpt2' (ByteLevel with its regex), 'llama3' (Llama-3's Split + ByteLevel), 'qwen2' (Qwen2's
+    Split + ByteLevel, NFC normalizer), 'prefix_space' (ByteLevel adding a prefix space), 'dropout' (BPE
+    dropout), 'appends_eos' (a post-processor appending </s>). Specials <s> (prepended), </s>, <pad>; added
+    tokens '<mask>' (eats spaces on its left) and 'ab cd' (contains a space)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from dpo_ds.prompt_reuse import SPLIT_PATTERNS
+
+    pattern = {name: p for p, name in SPLIT_PATTERNS.items()}
+    tok = Tokenizer(models.BPE(dropout=0.3 if kind == "dropout" else None))
+    if kind in ("llama3", "qwen2"):
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(pattern["Llama-3" if kind == "llama3" else "Qwen2"]), "isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=kind == "prefix_space")
+    if kind == "qwen2":
+        tok.normalizer = normalizers.NFC()
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    single = "<s> $A </s>" if kind == "appends_eos" else "<s> $A"
+    tok.post_processor = processors.TemplateProcessing(single=single, special_tokens=[("<s>", 0), ("</s>", 1)])
+    tok.add_tokens([AddedToken("<mask>", lstrip=True), AddedToken("ab cd")])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   chat_template=chat_template)

@@ -637,16 +637,35 @@ def recipe_ids(tok, row: dict) -> tuple[list[int], list[int], list[int]]:
     return out[0][0], out[0][1], out[1][1]
 
 
+@pytest.fixture(scope="module")
+def byte_level_tok(demo_rows):
+    """A GPT-2-style byte-level BPE with the demo chat template: PairTokenizer encodes its prompts once."""
+    from dpo_ds.demo_data import CHAT_TEMPLATE
+    from helpers import regex_bpe_tokenizer
+
+    return regex_bpe_tokenizer("gpt2", [r["prompt"] + r["chosen"] + r["rejected"] for r in demo_rows],
+                               chat_template=CHAT_TEMPLATE)
+
+
 @pytest.mark.distributed
-def test_parallel_preparation_gives_the_recipe_ids_in_file_order(tmp_path, tok, demo_rows, monkeypatch):
+@pytest.mark.parametrize("which", ["sentencepiece", "byte-level BPE"])
+def test_parallel_preparation_gives_the_recipe_ids_in_file_order(tmp_path, tok, byte_level_tok, demo_rows, monkeypatch,
+                                                                 which):
     """Token ids equal the TRL recipe on standard, conversational and implicit-prompt rows, with 1 or 2
-    tokenizer processes and chunks smaller than the file (results come back in file order)."""
+    tokenizer processes and chunks smaller than the file (results come back in file order); for the byte-level
+    BPE, with prompts encoded once (dpo_ds.prompt_reuse) where they have a cut."""
+    tok = byte_level_tok if which == "byte-level BPE" else tok
     rows = mixed_rows(demo_rows)
     path = write_jsonl(tmp_path / "mixed.jsonl", rows)
     monkeypatch.setattr(D, "CHUNK_ROWS", 4)
     expected = [recipe_ids(tok, r) for r in rows]
+    pair_tokenizer = PairTokenizer(tok, 512)
+    assert (pair_tokenizer.prompt_reuse is not None) == (which == "byte-level BPE")
+    if pair_tokenizer.prompt_reuse is not None:  # the fast path is what these rows take
+        validated = [D.validate_row("x", r) for r in rows]
+        assert pair_tokenizer.encode(validated)[1] > len(rows) // 2
     for workers in (1, 2):
-        pairs = tokenize_file(path, PairTokenizer(tok, 512), False, workers=workers)
+        pairs = tokenize_file(path, pair_tokenizer, False, workers=workers)
         assert as_lists(pairs) == expected
         assert list(pairs.pair_ids) == [f"{path}:{i + 1}" for i in range(len(rows))]
         assert pairs.stats["rows"] == len(rows) and pairs.stats["prompt_not_prefix"] == 0
