@@ -31,7 +31,8 @@ HELP = """Convert a dpo-ds checkpoint (checkpoints/step-N) to a Hugging Face saf
 (vLLM, transformers): shards + model.safetensors.index.json, config.json, generation_config.json and the
 run's tokenizer files. Streams tensors (bounded memory) and validates the result before reporting success.
 A LoRA checkpoint (adapter weights only) gives the base model with the adapter merged in (read from the base
-model's directory), or with --adapter_only the PEFT adapter (adapter_config.json + adapter_model.safetensors)."""
+model's directory; for QLoRA too the original base weights, not their nf4 approximation), or with --adapter_only
+the PEFT adapter (adapter_config.json + adapter_model.safetensors)."""
 INDEX_NAME = "model.safetensors.index.json"
 REOPEN_BYTES = 64 << 20
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -194,10 +195,14 @@ def export_engine(engine, out_dir: str, tokenizer=None, dtype: torch.dtype | Non
 
 
 def saved_config(model):
-    """The model's config as the user gave it: the run's overrides (engines.disable_dropout) undone."""
+    """The model's config as the user gave it: the run's overrides (engines.disable_dropout, QLoRA's
+    quantization) undone."""
     import copy
 
     config = copy.deepcopy(model.config)
+    # QLoRA: the run's nf4 quantization of the frozen base is no property of the model written
+    for name in ("quantization_config", "_pre_quantization_dtype"):
+        config.__dict__.pop(name, None)
     for sub_config, name, value in model.__dict__.get("_dpo_ds_config_originals", ()):
         setattr(getattr(config, sub_config) if sub_config else config, name, value)
     return config

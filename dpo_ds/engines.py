@@ -246,8 +246,13 @@ def prepare_model(model: torch.nn.Module, cfg: TrainConfig) -> None:
 
 
 def build_policy_engine(cfg: TrainConfig, ds_config: dict[str, Any], total_steps: int):
-    model = load_sharded_model(cfg.model_name_or_path, ds_config, model_dtype(cfg), cfg.trust_remote_code,
-                               cfg.weights_loader, attention_kernel(cfg))
+    if cfg.lora_quantize is not None:  # QLoRA: the frozen base in 4 bits, partitioned by deepspeed.initialize
+        from dpo_ds.lora import load_quantized_base
+
+        model = load_quantized_base(cfg, model_dtype(cfg), attention_kernel(cfg))
+    else:
+        model = load_sharded_model(cfg.model_name_or_path, ds_config, model_dtype(cfg), cfg.trust_remote_code,
+                                   cfg.weights_loader, attention_kernel(cfg))
     prepare_model(model, cfg)
     model.train()
     if cfg.gradient_checkpointing:

@@ -128,6 +128,8 @@ def _cache_key(cfg: TrainConfig, pairs: TokenizedPairs) -> str:
         from dpo_ds.lora import adapter_fingerprint
 
         parts.append(adapter_fingerprint(cfg.lora_adapter))
+    if cfg.lora_quantize is not None:  # QLoRA: the reference is the quantized base
+        parts.append(cfg.lora_quantize)
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
 
 

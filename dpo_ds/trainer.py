@@ -298,13 +298,15 @@ def train(cfg: TrainConfig) -> TrainResult:
     if progress is not None:
         progress.close()
 
-    from dpo_ds.convert import export_engine
-    if uses_lora(cfg):  # final_adapter/ first: merging replaces the LoRA layers by the merged base layers
-        from dpo_ds.lora import merge_adapter, save_adapter
+    if uses_lora(cfg):
+        from dpo_ds.engines import model_dtype
+        from dpo_ds.lora import export_lora
 
-        save_adapter(run.policy, str(out_dir / "final_adapter"))
-        merge_adapter(run.policy)
-    export_engine(run.policy, str(out_dir / "final"), tokenizer=tokenizer, dtype=None)
+        export_lora(run.policy, cfg, out_dir, tokenizer, model_dtype(cfg))
+    else:
+        from dpo_ds.convert import export_engine
+
+        export_engine(run.policy, str(out_dir / "final"), tokenizer=tokenizer, dtype=None)
     writer.close()
     if rank == 0:
         logger.info("final model written to %s%s", out_dir / "final",

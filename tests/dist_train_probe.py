@@ -60,7 +60,10 @@ def probe_run(cfg, probe_out: str, release: bool) -> None:
                                   "optimizer_groups": [(g["lr"], g["weight_decay"])
                                                        for g in policy.optimizer.param_groups],
                                   "optimizer": type(policy.basic_optimizer).__name__,
-                                  "optimizer_fused": policy.basic_optimizer.defaults.get("fused")}}
+                                  "optimizer_fused": policy.basic_optimizer.defaults.get("fused")},
+              # QLoRA: each 4-bit packed base weight as ZeRO-3 holds it: (full numel, this rank's partition, requires grad)
+              "nf4_weights": [(p.ds_numel, p.ds_tensor.numel(), p.requires_grad) for p in policy.module.parameters()
+                              if type(p).__name__ == "Params4bit"]}
     ref = getattr(run.reference, "engine", None)  # None for reference-free losses: nothing more to inspect
     if ref is not None and ref is not policy:  # LoRA: the reference is the policy engine itself (adapter off)
         original = {}
