@@ -1,7 +1,7 @@
 #!/bin/bash
 # GPU checks and benchmark (prepared, not yet run: it awaits a session that is lent a GPU). One H100, < 9 minutes.
 # First the checks of issue 16 (NCCL, no per-micro-step syncs, pinned memory, a short training run + convert +
-# eval, each a {"run": ..., "exit": ...} line), then the benchmarks:
+# eval, each a {"run": ..., "exit": ...} line) and issue 12's one-step QLoRA run, then the benchmarks:
 # llama-1b preset (1.1B params, 32k vocab), 2k tokens per sequence, bf16, ZeRO-3, micro batch 4 pairs:
 #   dpo-ds: live reference (ZeRO-3, offloaded to CPU) | --precompute_ref true | the same with --fused_lm_head false
 #   (full logits) | --lora_r 16 | log-normal lengths with --padding_free true --precompute_ref true
@@ -11,6 +11,7 @@
 # Before calling the device tool, on the CPU machine, in the repo root:
 #   grep -qx '/.whl/' .git/info/exclude || echo '/.whl/' >> .git/info/exclude
 #   ../shared/device-wheels.sh --with-trl          # deepspeed + small deps + trl/datasets for Python 3.12
+#   python3 -m pip download -q --no-deps -d .whl bitsandbytes==0.50.2   # QLoRA step (43 MB: mind carry's 64 MiB)
 # then: run(command="bash benchmarks/gpu.sh", carry=[".whl"], timeout_s=580)
 set -u
 OUT=${OUT:-/tmp/dpo-ds-gpu-bench}; mkdir -p "$OUT"
@@ -50,6 +51,14 @@ TRAIN=(-m dpo_ds train --model_name_or_path $D/model --train_file $D/train.jsonl
 step train_live_ref "${TORCHRUN[@]}" "${TRAIN[@]}" --output_dir /tmp/gpu_train
 step train_precompute_ref_padding_free "${TORCHRUN[@]}" "${TRAIN[@]}" --output_dir /tmp/gpu_train_pf --precompute_ref true \
     --padding_free true
+# QLoRA on the GPU path (bf16: the packed nf4 weights stored as bf16, ZeRO-3 sharded): one step with a checkpoint
+# and the final export (final/ merged into the original base, final_adapter/). Needs bitsandbytes in .whl (see top).
+if python3 -c "import bitsandbytes" >> "$LOG" 2>&1; then
+  step train_qlora_nf4 "${TORCHRUN[@]}" "${TRAIN[@]}" --output_dir /tmp/gpu_qlora --lora_r 8 --lora_quantize nf4 \
+      --max_steps 1 --save_steps 1
+else
+  echo '{"run": "train_qlora_nf4", "skipped": "bitsandbytes not installed"}' | tee -a "$RES"
+fi
 step convert python3 -m dpo_ds convert /tmp/gpu_train/checkpoints/step-00000004 /tmp/gpu_convert
 step eval python3 -m dpo_ds eval --model /tmp/gpu_convert --data $D/heldout.jsonl --output /tmp/gpu_eval.jsonl \
     --precision bf16

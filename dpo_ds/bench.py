@@ -182,7 +182,8 @@ def run(args: argparse.Namespace) -> int:
         "padding_free": cfg.padding_free, "attention": run.policy.module.config._attn_implementation,
         "fused_lm_head": run.policy_head is not None,
         "lengths": args.lengths, "reference": "live" if live_reference else "cached" if cfg.precompute_ref else "none",
-        "gradient_checkpointing": cfg.gradient_checkpointing, "lora_r": cfg.lora_r, "warmup_steps": args.warmup, "timed_steps": len(times),
+        "gradient_checkpointing": cfg.gradient_checkpointing, "lora_r": cfg.lora_r,
+        "lora_quantize": cfg.lora_quantize, "warmup_steps": args.warmup, "timed_steps": len(times),
         "step_time_s": {"median": statistics.median(step_times.tolist()), "min": float(step_times.min()),
                         "max": float(step_times.max())},
         "tokens_per_s": float(totals[0]) / elapsed,
@@ -203,7 +204,8 @@ def _table(r: dict) -> str:
     t = r["step_time_s"]
     lines = [
         f"model        {r['model']} ({r['params'] / 1e6:.1f} M params), {r['world_size']} rank(s), {r['precision']}, "
-        f"{r['device']}, reference {r['reference']}" + (f", LoRA r={r['lora_r']}" if r["lora_r"] else ""),
+        f"{r['device']}, reference {r['reference']}" + (f", LoRA r={r['lora_r']}" if r["lora_r"] else "")
+        + (f" over an {r['lora_quantize']} base (QLoRA)" if r["lora_quantize"] else ""),
         f"batch        {r['micro_batch_size']} pairs x {r['gradient_accumulation_steps']} accumulation per rank, "
         f"lengths {r['lengths']}, token budget {r['max_tokens_per_micro_batch']}, grouped {r['group_by_length']}",
         f"scoring      padding-free {r['padding_free']}, attention {r['attention']}, fused lm_head {r['fused_lm_head']}",

@@ -55,7 +55,7 @@ RESUME_SENSITIVE_FIELDS = ("model_name_or_path", "ref_model_name_or_path", "loss
                            "simpo_gamma", "rpo_alpha", "reference_free", "length_normalize", "max_length",
                            "max_prompt_length", "max_tokens_per_micro_batch", "shuffle", "group_by_length", "seed", "precision", "lr_scheduler",
                            "warmup_steps", "learning_rate", "weight_decay", "disable_dropout", "router_aux_loss_coef",
-                           "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_adapter")
+                           "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_adapter", "lora_quantize")
 
 
 class CheckpointError(RuntimeError):

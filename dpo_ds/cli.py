@@ -28,8 +28,6 @@ COMMANDS = {
 # Deprecations inside the pinned libraries, repeated every step and not ours to fix: DeepSpeed 0.19 calls the
 # torch collectives that torch 2.13 renamed.
 warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).* is deprecated")
-# peft reads transformers' `is_gradient_checkpointing`, which transformers 5 renamed (FutureWarning per model).
-warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 # The DeepSpeed ops built on first use (JIT) unless the wheel has them prebuilt, by accelerator: the CPU
 # shared-memory collectives; FusedAdam (the policy's default AdamW) on GPUs.
 JIT_OPS = {"cpu": ("deepspeed_shm_comm",), "cuda": ("fused_adam",)}

@@ -56,7 +56,7 @@ class TrainConfig:
     lora_dropout: float = _field(0.0, "Dropout on the adapter's input (the policy forward only; the reference runs without it).", "lora")
     lora_target_modules: str = _field("all-linear", "Modules that get adapters: all-linear (every Linear but the output layer) or a comma-separated list of module names (e.g. q_proj,v_proj; a YAML list works too).", "lora")
     lora_adapter: Optional[str] = _field(None, "A PEFT LoRA adapter directory to start from (e.g. the SFT stage's); its r, alpha, dropout and target modules are used, the lora_* fields above are ignored, and the reference is base + this adapter (a frozen copy). Turns LoRA on.", "lora")
-    lora_quantize: Optional[LoraQuantize] = _field(None, "Quantize the frozen base for QLoRA: nf4 (bitsandbytes 4-bit). Refused for now: bitsandbytes needs a CUDA GPU, and QLoRA under ZeRO-3 is not implemented yet.", "lora")
+    lora_quantize: Optional[LoraQuantize] = _field(None, "QLoRA: quantize the frozen base to nf4 (bitsandbytes 4-bit NormalFloat, double-quantized; needs the qlora extra and a device bitsandbytes supports: CUDA GPUs, CPU, XPU, HPU). Every Linear but the output layer is quantized; ZeRO-3 shards the packed weights. final/ merges the adapter into the original base weights from model_name_or_path (a local safetensors directory), not the dequantized nf4 ones.", "lora")
     # --- data
     train_file: Optional[str] = _field(None, "Preference pairs: JSONL, Parquet, or a `datasets.save_to_disk` directory.", "data")
     eval_file: Optional[str] = _field(None, "Held-out pairs in the same formats, scored every `eval_steps` and at the end.", "data")
@@ -352,14 +352,23 @@ def _validate_lora(cfg: TrainConfig, bad) -> None:
                                       "remove the path, or set lora_r 0 (and no lora_adapter) for full fine-tuning "
                                       "against another reference")
     if cfg.lora_quantize == "nf4":
-        import torch
+        _validate_qlora(cfg, bad)
 
-        if not torch.cuda.is_available():
-            bad("lora_quantize", "nf4 needs bitsandbytes on a CUDA GPU, and this machine has none; remove "
-                                 "lora_quantize to train LoRA on the unquantized base")
-        bad("lora_quantize", "nf4 (QLoRA) is not implemented under ZeRO-3 in this version; remove lora_quantize "
-                             "to train LoRA on the bf16 base (`dpo-ds plan --lora_r 16` shows Llama-70B fitting one "
-                             "8 x 80 GB node)")
+
+# DeepSpeed accelerators (DS_ACCELERATOR names) on which bitsandbytes quantizes to nf4 and runs 4-bit Linear layers
+QLORA_DEVICES = ("cuda", "cpu", "xpu", "hpu")
+
+
+def _validate_qlora(cfg: TrainConfig, bad) -> None:
+    import torch
+
+    device = os.environ.get("DS_ACCELERATOR") or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in QLORA_DEVICES:
+        bad("lora_quantize", f"nf4 needs bitsandbytes kernels for the device, and bitsandbytes has none for {device} "
+                             f"(it supports {', '.join(QLORA_DEVICES)}); remove lora_quantize to train LoRA on the "
+                             f"unquantized base")
+    elif importlib.util.find_spec("bitsandbytes") is None:
+        bad("lora_quantize", "nf4 needs the bitsandbytes package, which is not installed (pip install 'dpo-ds[qlora]')")
 
 
 def uses_reference(cfg: TrainConfig) -> bool:

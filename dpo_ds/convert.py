@@ -16,6 +16,7 @@ the model config implies, non-empty, finite), so a crash never leaves a director
 from __future__ import annotations
 
 import gc
+import logging
 import shutil
 import sys
 from pathlib import Path
@@ -45,8 +46,10 @@ HELP = """Convert a dpo-ds checkpoint (checkpoints/step-N) to a Hugging Face saf
 (vLLM, transformers): shards + model.safetensors.index.json, config.json, generation_config.json and the
 run's tokenizer files. Streams tensors (bounded memory) and validates the result before reporting success.
 A LoRA checkpoint (adapter weights only) gives the base model with the adapter merged in (read from the base
-model's directory), or with --adapter_only the PEFT adapter (adapter_config.json + adapter_model.safetensors)."""
+model's directory; for QLoRA too the original base weights, not their nf4 approximation), or with --adapter_only
+the PEFT adapter (adapter_config.json + adapter_model.safetensors)."""
 REOPEN_BYTES = 64 << 20
+logger = logging.getLogger("dpo_ds")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -141,16 +144,29 @@ def is_lora_checkpoint(ckpt: Path) -> bool:
     return (ckpt / HF_METADATA / lora.ADAPTER_CONFIG).is_file()
 
 
+def export_merged_from_base(engine, adapters: lora.Adapters, out_dir: str, tokenizer, dtype: torch.dtype,
+                            config_overrides: Sequence[ConfigOverride] = ()) -> None:
+    """QLoRA's `final/`: the trained adapter merged into the ORIGINAL base weights, streamed from the model
+    directory on rank 0 (the live base holds only their nf4 approximation); every rank must call this."""
+    tensors = lora.gather_adapter(engine)
+    model = engine.module
+
+    def write() -> None:
+        logger.info("QLoRA: merging the adapter into the original base weights of %s (not the nf4-dequantized "
+                    "weights the run trained against) -> %s", adapters.config.base_model_name_or_path, out_dir)
+        write_merged_model(adapters.config, tensors, saved_config(model, config_overrides),
+                           getattr(model, "generation_config", None), tokenizer, Path(out_dir), dtype, "5GB")
+
+    on_rank0(f"writing {out_dir}", write, ExportError)
+
+
 def convert_lora_checkpoint(ckpt: Path, out_dir: str, dtype: torch.dtype, max_shard_size: str,
                             adapter_only: bool) -> Path:
-    """A LoRA checkpoint (adapter weights only) -> the PEFT adapter, or the base model with it merged in.
-
-    The merged model streams the base model's own safetensors files one tensor at a time and adds
-    B A * alpha / r to each adapted weight, so it keeps the base checkpoint's names and layout."""
+    """A LoRA checkpoint (adapter weights only) -> the PEFT adapter, or the base model with it merged in
+    (write_merged_model; QLoRA too: the original base weights, never their nf4 approximation)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from peft import LoraConfig
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
-
 
     meta = ckpt / HF_METADATA
     config = LoraConfig.from_pretrained(str(meta))
@@ -162,9 +178,21 @@ def convert_lora_checkpoint(ckpt: Path, out_dir: str, dtype: torch.dtype, max_sh
     if adapter_only:
         lora.write_adapter_dir(config, tensors, out)
         return out
+    generation_config = GenerationConfig.from_pretrained(meta) if (meta / "generation_config.json").is_file() else None
+    write_merged_model(config, tensors, AutoConfig.from_pretrained(meta), generation_config,
+                       AutoTokenizer.from_pretrained(meta), out, dtype, max_shard_size)
+    return out
+
+
+def write_merged_model(config, tensors: dict[str, torch.Tensor], hf_config, generation_config, tokenizer, out: Path,
+                       dtype: torch.dtype, max_shard_size: str) -> None:
+    """The base model with the adapter (`tensors`, keyed as PEFT saves them) merged in, as a model directory.
+
+    Streams the base model's own safetensors files one tensor at a time and adds B A * alpha / r to each
+    adapted weight, so it keeps the base checkpoint's names and layout and never holds the whole model."""
     base = config.base_model_name_or_path
     if not base or not Path(base).is_dir():
-        raise ExportError(f"{meta / lora.ADAPTER_CONFIG}: base model {base!r} (base_model_name_or_path) is not a local "
+        raise ExportError(f"{lora.ADAPTER_CONFIG}: base model {base!r} (base_model_name_or_path) is not a local "
                           f"directory; the merged model needs the base weights (or pass --adapter_only)")
     scaling = config.lora_alpha / config.r
     deltas: dict[str, torch.Tensor] = {}  # base weight name -> B A * scaling
@@ -173,7 +201,6 @@ def convert_lora_checkpoint(ckpt: Path, out_dir: str, dtype: torch.dtype, max_sh
             module = key[len(lora.PEFT_PREFIX):].split(".lora_A.")[0]
             b = tensors[key.replace(".lora_A.", ".lora_B.")]
             deltas[f"{module}.weight"] = lora.lora_delta(a, b, scaling, config.fan_in_fan_out)
-    hf_config = AutoConfig.from_pretrained(meta)
     shapes = saved_layout(meta_model(hf_config))[1]  # what save_pretrained writes: the base files' layout
     stored = read_headers(checkpoint_files(base))  # name -> where its bytes lie in the base files
     unmatched = sorted(set(deltas) - set(stored))
@@ -193,11 +220,9 @@ def convert_lora_checkpoint(ckpt: Path, out_dir: str, dtype: torch.dtype, max_sh
         writer.add(name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
         del tensor
     writer.finish()
-    generation_config = GenerationConfig.from_pretrained(meta) if (meta / "generation_config.json").is_file() else None
-    write_hf_metadata(tmp, hf_config, generation_config, AutoTokenizer.from_pretrained(meta), dtype)
+    write_hf_metadata(tmp, hf_config, generation_config, tokenizer, dtype)
     validate_hf_dir(tmp, shapes)
     publish_dir(tmp, out)
-    return out
 
 
 def add_arguments(parser) -> None:

@@ -27,7 +27,7 @@ from dpo_ds.config import ConfigError, TrainConfig, uses_lora
 from dpo_ds.hf_dir import ConfigOverride
 from dpo_ds.loading import has_safetensors, load_sharded_pretrained
 from dpo_ds.logprobs import head_sequence_logps, scored_positions, sequence_logps
-from dpo_ds.lora import Adapters, attach_adapters
+from dpo_ds.lora import Adapters, attach_adapters, load_quantized_base
 
 logger = logging.getLogger("dpo_ds")
 
@@ -251,8 +251,11 @@ class PolicyEngine:
 
 
 def build_policy_engine(cfg: TrainConfig, ds_config: dict[str, Any], total_steps: int) -> PolicyEngine:
-    model = load_sharded_model(cfg.model_name_or_path, ds_config, model_dtype(cfg), cfg.trust_remote_code,
-                               cfg.weights_loader, attention_kernel(cfg))
+    if cfg.lora_quantize is not None:  # QLoRA: the frozen base in 4 bits, partitioned by deepspeed.initialize
+        model = load_quantized_base(cfg, model_dtype(cfg), attention_kernel(cfg))
+    else:
+        model = load_sharded_model(cfg.model_name_or_path, ds_config, model_dtype(cfg), cfg.trust_remote_code,
+                                   cfg.weights_loader, attention_kernel(cfg))
     overrides = prepare_model(model, cfg)
     model.train()
     if cfg.gradient_checkpointing:

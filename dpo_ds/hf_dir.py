@@ -142,8 +142,12 @@ ConfigOverride = tuple[str, str, float]
 
 
 def saved_config(model, overrides: Sequence[ConfigOverride] = ()):
-    """The model's config as the user gave it: the run's `overrides` (engines.disable_dropout) undone."""
+    """The model's config as the user gave it: the run's `overrides` (engines.disable_dropout) and QLoRA's
+    quantization undone."""
     config = copy.deepcopy(model.config)
+    # QLoRA: the run's nf4 quantization of the frozen base is no property of the model written
+    for name in ("quantization_config", "_pre_quantization_dtype"):
+        config.__dict__.pop(name, None)
     for sub_config, name, value in overrides:
         setattr(getattr(config, sub_config) if sub_config else config, name, value)
     return config

@@ -7,6 +7,10 @@ so scoring, the fused head and the export see an ordinary causal LM. The referen
   in the optimizer), and the reference forward switches to `reference`.
 Only adapter parameters reach the optimizer, checkpoints leave the frozen weights out, and the run ends with
 `final_adapter/` (a PEFT adapter) and `final/` (the adapter merged into the base, W + B A * alpha / r).
+
+QLoRA (`lora_quantize: nf4`): the frozen base is loaded quantized to 4-bit NormalFloat by transformers +
+bitsandbytes (`load_quantized_base`), and `final/` merges the adapter into the ORIGINAL base weights read from
+the model directory, not into the dequantized nf4 weights the run trained against.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import contextlib
 import copy
 import hashlib
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from dpo_ds.config import ConfigError, TrainConfig, uses_reference
 from dpo_ds.hf_dir import ExportError, publish_dir
+from dpo_ds.loading import has_safetensors
 from launcher.dist import on_rank0
 
 ADAPTER = "default"      # the trained adapter (peft's default name)
@@ -59,6 +65,39 @@ class Adapters:
             model.train(was_training)
 
 
+def load_quantized_base(cfg: TrainConfig, dtype: torch.dtype, attn_implementation: str | None) -> torch.nn.Module:
+    """QLoRA: the base model with every Linear but the output layer quantized to nf4 (double-quantized absmax),
+    whole on this rank; deepspeed.initialize then partitions it.
+
+    transformers' QLoRA + ZeRO-3 recipe: no zero.Init (transformers builds quantized models without it), and the
+    packed 4-bit weights are stored as tensors of the compute dtype (`bnb_4bit_quant_storage`), so ZeRO-3
+    partitions, gathers and freezes them like any other parameter. Until then each rank holds the whole 4-bit
+    model (0.5 byte per quantized parameter); the quantization constants (absmax) are not parameters and stay
+    whole on every rank."""
+    if not has_safetensors(cfg.model_name_or_path):  # checked here: `dpo-ds bench` writes its model directory late
+        raise ConfigError(f"field 'lora_quantize': nf4 needs model_name_or_path to be a local safetensors model "
+                          f"directory ({cfg.model_name_or_path} is not): final/ merges the adapter into the original "
+                          f"base weights read from there", "lora_quantize")
+    from deepspeed.accelerator import get_accelerator
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.lora_quantize,
+                                      bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
+                                      bnb_4bit_quant_storage=dtype)
+    return AutoModelForCausalLM.from_pretrained(
+        cfg.model_name_or_path, dtype=dtype, quantization_config=quantization, trust_remote_code=cfg.trust_remote_code,
+        attn_implementation=attn_implementation, device_map={"": get_accelerator().current_device_name()})
+
+
+@contextlib.contextmanager
+def peft_model_built():
+    """Around building a PeftModel: peft 0.21's PeftModel.__init__ reads transformers' `is_gradient_checkpointing`,
+    which transformers 5 deprecated (one FutureWarning per model; peft's code, not ours to change)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def linear_module_names(model: torch.nn.Module) -> list[str]:
     """all-linear: the names of every nn.Linear but the output layer. Resolved here rather than by peft, whose
     all-linear also wraps fused MoE expert parameters, which the merged export cannot merge."""
@@ -81,25 +120,26 @@ def attach_adapters(model: torch.nn.Module, cfg: TrainConfig) -> Adapters:
     grad. Returns the peft handle. Call before deepspeed.initialize, which partitions the new adapter parameters: every rank
     must hold the same values, hence the seeded initialisation."""
     from peft import PeftModel, get_peft_model
-    from peft.tuners.lora import Linear as LoraLinear
     from peft.tuners.lora import LoraLayer
 
     model.requires_grad_(False)
     torch.manual_seed(cfg.seed)
-    try:
-        if cfg.lora_adapter is not None:
-            peft_model = PeftModel.from_pretrained(model, cfg.lora_adapter, adapter_name=ADAPTER, is_trainable=True)
-            if uses_reference(cfg):
-                peft_model.load_adapter(cfg.lora_adapter, adapter_name=REFERENCE, is_trainable=False)
-                peft_model.set_adapter(ADAPTER)
-                model.train()  # load_adapter leaves the model in eval mode (no activation checkpointing there)
-        else:
-            peft_model = get_peft_model(model, _fresh_config(model, cfg))
-    except ValueError as err:  # peft: target modules not found, adapter made for another model, ...
-        field_name = "lora_adapter" if cfg.lora_adapter is not None else "lora_target_modules"
-        raise ConfigError(f"field '{field_name}': {err}", field_name) from None
+    with peft_model_built():
+        try:
+            if cfg.lora_adapter is not None:
+                peft_model = PeftModel.from_pretrained(model, cfg.lora_adapter, adapter_name=ADAPTER, is_trainable=True)
+                if uses_reference(cfg):
+                    peft_model.load_adapter(cfg.lora_adapter, adapter_name=REFERENCE, is_trainable=False)
+                    peft_model.set_adapter(ADAPTER)
+                    model.train()  # load_adapter leaves the model in eval mode (no activation checkpointing there)
+            else:
+                peft_model = get_peft_model(model, _fresh_config(model, cfg))
+        except ValueError as err:  # peft: target modules not found, adapter made for another model, ...
+            field_name = "lora_adapter" if cfg.lora_adapter is not None else "lora_target_modules"
+            raise ConfigError(f"field '{field_name}': {err}", field_name) from None
+    supported = _merge_supported_layers(cfg.lora_quantize is not None)
     unsupported = sorted({type(m.get_base_layer()).__name__ for m in model.modules()
-                          if isinstance(m, LoraLayer) and not isinstance(m, LoraLinear)})
+                          if isinstance(m, LoraLayer) and not isinstance(m, supported)})
     if unsupported:  # the merged export (W + B A * alpha / r) is written for Linear layers
         raise ConfigError(f"LoRA on {', '.join(unsupported)} layers is not supported (only Linear); choose "
                           f"lora_target_modules (or an adapter) that names Linear modules only", "lora_target_modules")
@@ -110,6 +150,19 @@ def attach_adapters(model: torch.nn.Module, cfg: TrainConfig) -> Adapters:
         # checkpointed blocks of a frozen base: the embeddings' output must carry grad into the first block
         model.enable_input_require_grads()
     return Adapters(peft_model, cfg.model_name_or_path)
+
+
+def _merge_supported_layers(quantized: bool) -> tuple[type, ...]:
+    """peft's LoRA layers the merged export handles: Linear, and (QLoRA) Linear over a bitsandbytes 4-bit base,
+    whose merge reads the original weights from disk (peft defines that class only where bitsandbytes is
+    installed)."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    if not quantized:
+        return (LoraLinear,)
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+
+    return (LoraLinear, LoraLinear4bit)
 
 
 def trainable_adapter_params(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:

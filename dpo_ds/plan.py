@@ -26,7 +26,8 @@ Counts the policy's ZeRO-3 model states (bf16 params and grads, fp32 master weig
 sharded over all GPUs or offloaded to CPU), the ZeRO-3 gather/bucket buffers, the frozen reference model
 (on GPU, offloaded to CPU, or precomputed), gradient-checkpointed activations and the log-probs (inside
 lm_head, or from full logits); --lora_r R budgets LoRA instead: the frozen base as a sharded bf16 shard,
-grads and optimizer states for the adapter only, no reference model (the base with the adapter off). It says
+grads and optimizer states for the adapter only, no reference model (the base with the adapter off), and with
+--lora_quantize nf4 QLoRA: the base's Linear weights at 0.5 byte/param (sharded) plus their absmax constants. It says
 whether that fits in GPU memory and CPU memory per node, keeping 10% of each as headroom; and searches for a
 setting that fits, on the given machines first (optimizer offload, then parameter offload, then halving the
 micro batch down to 1), then on 2, 4, ... times the nodes up to --max_nodes, and prints the `dpo-ds train`
@@ -38,6 +39,10 @@ GIB = 2**30
 # fragmentation; the OS, page cache and data loaders on the host.
 HEADROOM = 0.10
 # DeepSpeed ZeRO-3 defaults (deepspeed/runtime/zero/config.py), in elements.
+# bitsandbytes nf4 (QLoRA): two weights per byte; double-quantized constants: an 8-bit absmax per 64-weight block
+# and an fp32 scale per 256 absmax.
+NF4_BYTES = 0.5
+NF4_CONSTANT_BYTES = 1 / 64 + 4 / (64 * 256)
 PREFETCH_BUCKET = 50_000_000  # stage3_prefetch_bucket_size: params gathered ahead of use
 REDUCE_BUCKET = 500_000_000  # reduce_bucket_size: the contiguous gradient bucket, allocated once
 SUB_GROUP = 1_000_000_000  # sub_group_size: the optimizer steps the local shard this many elements at a time
@@ -160,6 +165,23 @@ class ModelShape:
         return r * sum(linear) * self.num_layers
 
     @property
+    def linear_weight_params(self) -> int:
+        """Weights of every Linear but lm_head (what QLoRA quantizes to nf4): in x out per module; MoE experts and
+        routers (fused parameters in transformers >= 5, not Linear) stay unquantized."""
+        h, i = self.hidden_size, self.intermediate_size
+        linear = [h * self.q_dim, h * self.kv_dim, h * self.kv_dim, self.q_dim * h]
+        linear += [h * i, h * i, i * h] if self.num_experts == 1 else []
+        return sum(linear) * self.num_layers
+
+    def quantized_base_bytes(self, dtype_bytes: int) -> tuple[float, float]:
+        """QLoRA's nf4 base: (parameter bytes, quantization-constant bytes). bitsandbytes packs two 4-bit weights
+        per byte; the rest of the base (embeddings, norms, lm_head, MoE experts) keeps dtype_bytes. The constants
+        are not parameters: with double quantization one 8-bit absmax per 64-weight block and one fp32 per 256
+        absmax (NF4_CONSTANT_BYTES per quantized weight)."""
+        quantized = self.linear_weight_params
+        return (NF4_BYTES * quantized + dtype_bytes * (self.params - quantized), NF4_CONSTANT_BYTES * quantized)
+
+    @property
     def largest_module_params(self) -> int:
         """What DeepSpeed's estimator calls largest_layer_params (`model_to_params`: params per module)."""
         return max(self._module_sizes.values())
@@ -248,6 +270,7 @@ class Setup:
     offload_params: bool = False
     fused_lm_head: bool = True  # the trainer's default; every supported model type returns lm_head's output as is
     lora_r: int = 0  # > 0: LoRA adapters of this rank on all-linear, base frozen; the reference is the base itself
+    lora_quantize: str | None = None  # "nf4" (with lora_r): QLoRA, the frozen base's Linear weights in 4 bits
 
     @property
     def total_gpus(self) -> int:
@@ -306,8 +329,16 @@ class Plan:
         return (1 - HEADROOM) * self.setup.cpu_memory_gb * GIB
 
     @property
+    def load_gpu_bytes(self) -> float:
+        """QLoRA: each rank holds the whole nf4 base on its GPU from loading until deepspeed.initialize partitions
+        it (before any optimizer state or activation exists). 0 otherwise (the base is partitioned as it loads)."""
+        if not self.setup.lora_quantize:
+            return 0.0
+        return sum(self.model.quantized_base_bytes(self.setup.dtype_bytes))
+
+    @property
     def fits_gpu(self) -> bool:
-        return self.gpu_bytes <= self.gpu_budget_bytes
+        return max(self.gpu_bytes, self.load_gpu_bytes) <= self.gpu_budget_bytes
 
     @property
     def fits_cpu(self) -> bool:
@@ -344,6 +375,7 @@ class Plan:
                                         "gpu_per_node": gib(self.policy_states.gpu_bytes * gpn),
                                         "cpu_per_node": gib(self.policy_states.cpu_bytes_per_node)},
             "gpu_gib_per_gpu": gib(self.gpu_bytes),
+            "load_gpu_gib_per_gpu": gib(self.load_gpu_bytes),
             "gpu_gib_per_node": gib(self.gpu_bytes * gpn),
             "cpu_gib_per_node": gib(self.cpu_bytes_per_node),
             "gpu_budget_gib": gib(self.gpu_budget_bytes),
@@ -363,6 +395,7 @@ POLICY_OPTIMIZER = "policy fp32 master + Adam m, v"
 POLICY_FP32_GRADS = "policy fp32 grads (optimizer step)"
 ZERO3_GATHERED = "ZeRO-3 gathered module (params + grads)"
 ZERO3_BUCKETS = "ZeRO-3 prefetch + reduce buckets"
+NF4_CONSTANTS = "nf4 quantization constants (every GPU)"
 MODEL_STATES = (POLICY_PARAMS, POLICY_GRADS, POLICY_OPTIMIZER, POLICY_FP32_GRADS, ZERO3_GATHERED)
 
 
@@ -390,8 +423,12 @@ def plan(model: ModelShape, setup: Setup) -> Plan:
     # whose p-byte shard joins the params. The gathered module then needs no full gradient.
     trained = model.lora_params(setup.lora_r) / setup.total_gpus if setup.lora_r else shard
     fp32_grads = 4 * (trained if setup.offload_optimizer else min(SUB_GROUP, trained))
+    # QLoRA: ZeRO-3 shards the packed 4-bit weights like any tensor; their quantization constants (not
+    # parameters) stay whole on every GPU.
+    base_bytes, nf4_constants = (model.quantized_base_bytes(p) if setup.lora_quantize else (p * model.params, 0.0))
     items = [
-        placed(POLICY_PARAMS, p * (shard + (trained if setup.lora_r else 0)), setup.offload_params),
+        placed(POLICY_PARAMS, base_bytes / setup.total_gpus + (p * trained if setup.lora_r else 0),
+               setup.offload_params),
         placed(POLICY_GRADS, p * trained, setup.offload_optimizer),
         placed(POLICY_OPTIMIZER, (master + 8) * trained, setup.offload_optimizer),
         placed(POLICY_FP32_GRADS, fp32_grads, setup.offload_optimizer),
@@ -401,6 +438,8 @@ def plan(model: ModelShape, setup: Setup) -> Plan:
         Item(ZERO3_GATHERED, (1 if setup.lora_r else 2) * p * largest, 0.0),
         Item(ZERO3_BUCKETS, p * (PREFETCH_BUCKET + REDUCE_BUCKET), 0.0),
     ]
+    if setup.lora_quantize:
+        items.append(Item(NF4_CONSTANTS, nf4_constants, 0.0))
     # Frozen reference: its own ZeRO-3 engine without grads or optimizer: a p-byte shard on GPU or in host
     # memory, plus its gathered largest module and prefetch bucket on GPU while it runs. With LoRA the reference
     # is the policy's own base (adapter off): nothing more to hold.
@@ -491,7 +530,8 @@ def train_flags(result: Plan) -> list[str]:
     flags = ["--micro_batch_size", str(s.micro_batch_size), "--max_length", str(s.seq_len), "--precision", s.precision]
     flags += ["--deepspeed_config", preset] if preset else []
     if s.lora_r:  # the reference is the policy's own base: no reference engine to place
-        flags += ["--lora_r", str(s.lora_r)] + ([] if s.reference in ("gpu", "offload") else REFERENCE_FLAGS[s.reference])
+        flags += ["--lora_r", str(s.lora_r)] + (["--lora_quantize", s.lora_quantize] if s.lora_quantize else [])
+        flags += [] if s.reference in ("gpu", "offload") else REFERENCE_FLAGS[s.reference]
     else:
         flags += REFERENCE_FLAGS[s.reference]
     return flags + ([] if s.fused_lm_head else ["--fused_lm_head", "false"])
@@ -527,6 +567,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora_r", type=int, default=0,
                         help="LoRA rank (as the train field): > 0 budgets adapters on all linear layers of a frozen "
                              "bf16 base, optimizer states for the adapter only, and the reference as the base itself")
+    parser.add_argument("--lora_quantize", choices=("nf4",), default=None,
+                        help="with --lora_r, as the train field: QLoRA, the base's Linear weights in nf4 (0.5 byte per "
+                             "param, sharded) plus their quantization constants (whole on every GPU), and the whole "
+                             "4-bit base on each GPU while it loads, before ZeRO-3 partitions it")
     parser.add_argument("--max_nodes", type=_positive_int, default=NODE_COUNTS_CAP,
                         help=f"largest node count the fit search tries (default {NODE_COUNTS_CAP})")
     parser.add_argument("--json", action="store_true", help="print a JSON object instead of the table")
@@ -560,7 +604,10 @@ def render(result: Plan, fit: Plan | None, max_nodes: int) -> str:
         f"setup     {_setting(result)} ({s.total_gpus} GPUs), seq {s.seq_len}, {s.precision}, "
         f"reference {s.reference}" + (" (LoRA: the base with the adapter off)" if s.lora_r else ""),
         *([f"LoRA      r = {s.lora_r} on all linear layers: {m.lora_params(s.lora_r):,} trained params "
-           f"({m.lora_params(s.lora_r) / m.params:.2%} of N); base frozen"] if s.lora_r else []),
+           f"({m.lora_params(s.lora_r) / m.params:.2%} of N); base frozen"
+           + (f", {m.linear_weight_params:,} of its params in {s.lora_quantize} (QLoRA; the whole 4-bit base is "
+              f"{result.load_gpu_bytes / GIB:.2f} GiB on each GPU while it loads)" if s.lora_quantize else "")]
+          if s.lora_r else []),
         f"          GPU {s.gpu_memory_gb:g} GiB, host {s.cpu_memory_gb:g} GiB per node; "
         f"{HEADROOM:.0%} of each kept free",
         "",
@@ -584,9 +631,11 @@ def run(args: argparse.Namespace) -> int:
                   cpu_memory_gb=args.cpu_memory_gb, seq_len=args.seq_len, micro_batch_size=args.micro_batch_size,
                   precision=args.precision, reference=args.reference,
                   offload_optimizer=args.offload_optimizer, offload_params=args.offload_params,
-                  fused_lm_head=args.fused_lm_head == "true", lora_r=args.lora_r)
+                  fused_lm_head=args.fused_lm_head == "true", lora_r=args.lora_r, lora_quantize=args.lora_quantize)
     if args.lora_r < 0:
         raise SystemExit(f"dpo-ds plan: --lora_r must be >= 0 (0 = full fine-tuning), got {args.lora_r}")
+    if args.lora_quantize and not args.lora_r:
+        raise SystemExit("dpo-ds plan: --lora_quantize quantizes the frozen base of a LoRA run; give --lora_r too")
     model = load_shape(args.model)
     result = plan(model, setup)
     fit = smallest_fit(model, setup, args.max_nodes)

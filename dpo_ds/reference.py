@@ -137,6 +137,8 @@ def _cache_key(cfg: TrainConfig, pairs: TokenizedPairs) -> str:
     parts = ["ref-v1", model_fingerprint(reference_path(cfg)), pairs.fingerprint, cfg.precision]
     if cfg.lora_adapter is not None:  # the reference is base + the starting adapter
         parts.append(adapter_fingerprint(cfg.lora_adapter))
+    if cfg.lora_quantize is not None:  # QLoRA: the reference is the quantized base
+        parts.append(cfg.lora_quantize)
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
 
 

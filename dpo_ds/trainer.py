@@ -38,9 +38,9 @@ from dpo_ds.config import (
     uses_lora,
     uses_reference,
 )
-from dpo_ds.convert import export_engine
+from dpo_ds.convert import export_engine, export_merged_from_base
 from dpo_ds.data import DataError, MicroBatch, PairSampler, TokenizedPairs, rank_shares
-from dpo_ds.engines import attention_kernel, build_policy_engine, resolve_policy_config
+from dpo_ds.engines import attention_kernel, build_policy_engine, model_dtype, resolve_policy_config
 from dpo_ds.families import check_model_family, load_model_config
 from dpo_ds.loading import LoadError
 from dpo_ds.losses import LossParams, PairLogps, compute_loss
@@ -398,8 +398,13 @@ def export(run: Run, tokenizer) -> None:
     out_dir = Path(run.cfg.output_dir)
     if run.adapters is not None:  # final_adapter/ first: merging replaces the LoRA layers by the merged base layers
         save_adapter(run.policy, run.adapters, str(out_dir / "final_adapter"))
-        merge_adapter(run.policy, run.adapters)
-    export_engine(run.policy, str(out_dir / "final"), tokenizer=tokenizer, config_overrides=run.config_overrides)
+    if run.cfg.lora_quantize is not None:  # QLoRA: the live base holds only the nf4 approximation of the weights
+        export_merged_from_base(run.policy, run.adapters, str(out_dir / "final"), tokenizer, model_dtype(run.cfg),
+                                run.config_overrides)
+    else:
+        if run.adapters is not None:
+            merge_adapter(run.policy, run.adapters)
+        export_engine(run.policy, str(out_dir / "final"), tokenizer=tokenizer, config_overrides=run.config_overrides)
     if run.rank == 0:
         logger.info("final model written to %s%s", out_dir / "final",
                     f" (adapter: {out_dir / 'final_adapter'})" if run.adapters is not None else "")

@@ -37,6 +37,19 @@ def launch(args: list[str], nproc: int = 2, timeout: int = 600, check: bool = Tr
     return proc
 
 
+PROBE_RUN_MARKER = "=== dist_train_probe run: "  # written to stderr before each run of tests/dist_train_probe.py --runs
+
+
+def launch_probe_runs(runs: list[tuple[Path, Path]], spec: Path, **kwargs) -> list[str]:
+    """One launch of tests/dist_train_probe.py training each (config, probe file) of `runs` in turn in one process
+    group; returns each run's own part of the ranks' stderr, in order."""
+    spec.write_text(json.dumps([[str(config), str(out)] for config, out in runs]))
+    proc = launch(["tests/dist_train_probe.py", "--runs", str(spec)], **kwargs)
+    parts = proc.stderr.split(PROBE_RUN_MARKER)[1:]
+    assert [part.split("\n", 1)[0] for part in parts] == [str(out) for _, out in runs], proc.stderr[-6000:]
+    return parts
+
+
 def run_cli(args: list[str], timeout: int = 600, check: bool = True):
     """`python -m dpo_ds ARGS` as a single process."""
     proc = subprocess.run([sys.executable, "-m", "dpo_ds", *args], cwd=REPO, env=dict(os.environ),

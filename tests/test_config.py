@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from dpo_ds.config import (FIELDS, LOSS_TYPES, ConfigError, TrainConfig, add_config_arguments, config_from_args,
                            load_config, resolve_precision, to_dict, validate)
@@ -428,12 +427,29 @@ def test_lora_fields_from_yaml(tmp_path):
     (dict(lora_r=8, lora_target_modules=" , "), "lora_target_modules", "names no module"),
     (dict(lora_r=8, ref_model_name_or_path="other"), "ref_model_name_or_path", "no separate reference model"),
     (dict(lora_quantize="nf4"), "lora_quantize", "set lora_r"),
-    (dict(lora_r=8, lora_quantize="nf4"), "lora_quantize",
-     "not implemented" if torch.cuda.is_available() else "CUDA GPU"),
 ])
 def test_lora_config_errors(fields, field, words):
     message = config_error(validate, cfg_of(**fields))
     assert f"field '{field}'" in message and words in message, message
+
+
+def test_qlora_needs_a_device_bitsandbytes_supports_and_the_package(tmp_path, monkeypatch):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    qlora = cfg_of(model_name_or_path=str(tmp_path), lora_r=8, lora_quantize="nf4")
+    validate(qlora)  # CPU: bitsandbytes quantizes and runs nf4 there
+    monkeypatch.setenv("DS_ACCELERATOR", "npu")
+    message = config_error(validate, qlora)
+    assert "field 'lora_quantize'" in message and "none for npu" in message and "cuda, cpu" in message, message
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
+    assert "pip install 'dpo-ds[qlora]'" in config_error(validate, qlora)
+    # final/ merges into the original weights: refused before anything loads when they are not a local directory
+    from dpo_ds.lora import load_quantized_base
+
+    (tmp_path / "model.safetensors").unlink()
+    message = config_error(load_quantized_base, qlora, None, None)
+    assert "field 'lora_quantize'" in message and "local safetensors model directory" in message, message
 
 
 def test_lora_adapter_must_be_a_lora_peft_directory(tmp_path):

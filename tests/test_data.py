@@ -353,11 +353,11 @@ def test_missing_data_file(tmp_path, tok):
 
 # ------------------------------------------------------------------------------------------- cache
 def _load(path, tok, cache_dir, **kw):
-    args = dict(max_length=512, max_prompt_length=None, skip_bad_rows=False, cache_dir=str(cache_dir))
+    # one tokenizer in this process: these tests are about the cache; the parallel workers have their own tests
+    args = dict(max_length=512, max_prompt_length=None, skip_bad_rows=False, cache_dir=str(cache_dir), workers=1)
     return load_pairs(path, tok, **{**args, **kw})
 
 
-@pytest.mark.distributed
 def test_cache_is_written_once_and_reused(tmp_path, tok, demo_rows, monkeypatch):
     path = write_jsonl(tmp_path / "train.jsonl", demo_rows[:24])
     caches = tmp_path / "caches"
@@ -378,10 +378,9 @@ def test_cache_is_written_once_and_reused(tmp_path, tok, demo_rows, monkeypatch)
     assert_same_pairs(other, first)
     # without a cache dir it does tokenize (so the monkeypatch above is what stopped it)
     with pytest.raises(AssertionError, match="tokenized_chunks called"):
-        load_pairs(path, tok, max_length=512, max_prompt_length=None, skip_bad_rows=False, cache_dir=None)
+        load_pairs(path, tok, max_length=512, max_prompt_length=None, skip_bad_rows=False, cache_dir=None, workers=1)
 
 
-@pytest.mark.distributed
 def test_cache_keeps_stats_and_truncation(tmp_path, tok, demo_rows):
     path = write_jsonl(tmp_path / "train.jsonl", demo_rows[:24] + ['{"oops'])
     caches = tmp_path / "caches"
@@ -391,7 +390,6 @@ def test_cache_keeps_stats_and_truncation(tmp_path, tok, demo_rows):
     assert cached.stats == fresh.stats and cached.stats["skipped_bad_rows"] == 1
 
 
-@pytest.mark.distributed
 def test_fingerprint_changes_with_inputs(tmp_path, tok, demo_rows, demo_assets):
     from transformers import AutoTokenizer
 
@@ -426,7 +424,6 @@ def test_fingerprint_changes_with_inputs(tmp_path, tok, demo_rows, demo_assets):
     assert len(list(caches.glob("pairs-*.v2"))) == 8
 
 
-@pytest.mark.distributed
 def test_data_error_on_rank0_reaches_other_ranks(tmp_path, tok, monkeypatch):
     path = write_jsonl(tmp_path / "train.jsonl", [GOOD, {"prompt": "q", "rejected": " b"}])
     caches = tmp_path / "caches"
@@ -445,7 +442,6 @@ def test_data_error_on_rank0_reaches_other_ranks(tmp_path, tok, monkeypatch):
     assert not list(caches.glob("pairs-*.v2"))
 
 
-@pytest.mark.distributed
 def test_success_clears_a_stale_error_file(tmp_path, tok, demo_rows):
     path = write_jsonl(tmp_path / "train.jsonl", demo_rows[:8])
     caches = tmp_path / "caches"
@@ -686,7 +682,6 @@ def test_first_bad_row_in_file_order_with_parallel_workers(tmp_path, tok, demo_r
         assert pairs.stats["skipped_bad_rows"] == 2 and len(pairs) == 10
 
 
-@pytest.mark.distributed
 def test_cache_is_flat_memory_mapped_arrays(tmp_path, tok, demo_rows):
     caches = tmp_path / "caches"
     small, fp_small = _load(write_jsonl(tmp_path / "small.jsonl", demo_rows[:8]), tok, caches)
@@ -713,7 +708,6 @@ def test_cache_is_flat_memory_mapped_arrays(tmp_path, tok, demo_rows):
 
 
 @pytest.mark.parametrize("damage", ["truncated_ids", "no_meta", "other_fingerprint", "bad_offsets"])
-@pytest.mark.distributed
 def test_damaged_cache_is_named_and_rebuilt_never_used(tmp_path, tok, demo_rows, damage, caplog):
     path = write_jsonl(tmp_path / "train.jsonl", demo_rows[:16])
     caches = tmp_path / "caches"

@@ -3,6 +3,9 @@ weight per pair however many pairs a micro-batch holds) and precomputed referenc
 against the plain single-process PyTorch DPO of tests/helpers.py."""
 from __future__ import annotations
 
+from pathlib import Path
+from typing import NamedTuple
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -11,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from dpo_ds.config import load_config
 from dpo_ds.data import PairSampler, collate, load_pairs
 from dpo_ds.logprobs import sequence_logps
-from helpers import launch, plain_dpo, read_metrics, write_config
+from helpers import launch_probe_runs, plain_dpo, read_metrics, write_config
 
 pytestmark = pytest.mark.distributed  # starts ranks or the CLI in subprocesses (tests/conftest.py)
 
@@ -22,12 +25,52 @@ SETTINGS = dict(precision="fp32", micro_batch_size=2, gradient_accumulation_step
 WORLD = 2
 
 
-def run_two_ranks(demo_assets, tmp_path, name, **fields):
-    out = tmp_path / name
-    cfg = write_config(tmp_path / f"{name}.yaml", **{"model_name_or_path": demo_assets.model_dir,
-                       "train_file": demo_assets.train_file, "output_dir": str(out), **SETTINGS, **fields})
-    probe = launch(["tests/dist_train_probe.py", str(cfg), str(tmp_path / f"{name}.pt")])
-    return out, torch.load(tmp_path / f"{name}.pt", weights_only=True), probe
+# Every 2-rank run of this file, trained one after the other in one launch (tests/dist_train_probe.py --runs):
+# name -> config fields over SETTINGS. "cached_again" reuses the cache "cached" wrote, so it must come after it.
+RUNS = {"logits": dict(fused_lm_head=False),
+        "tied": {},  # model_name_or_path: the tied-embeddings copy the fixture builds
+        "packed_auto": dict(padding_free=True, attn_implementation="auto"),
+        "packed_eager": dict(padding_free=True, attn_implementation="eager"),
+        "budget": dict(max_tokens_per_micro_batch=160),  # a few demo pairs per micro-batch: sizes differ
+        "cached": dict(precompute_ref=True),
+        "cached_again": dict(precompute_ref=True)}
+
+
+class Run(NamedTuple):
+    out: Path  # output_dir
+    config: Path
+    probe: dict  # the probe's report
+    stderr: str  # the ranks' stderr during this run only
+
+
+@pytest.fixture(scope="module")
+def tied_model(demo_assets, tmp_path_factory):
+    """The demo model with lm_head sharing the input embedding's parameter, saved as an HF dir."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(demo_assets.model_dir)
+    config.tie_word_embeddings = True
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(config)
+    tied = tmp_path_factory.mktemp("tied_model")
+    model.save_pretrained(tied)
+    AutoTokenizer.from_pretrained(demo_assets.model_dir).save_pretrained(tied)
+    return model, str(tied)
+
+
+@pytest.fixture(scope="module")
+def runs(demo_assets, tied_model, tmp_path_factory) -> dict[str, Run]:
+    tmp = tmp_path_factory.mktemp("efficiency_runs")
+    paths = {}
+    for name, fields in RUNS.items():
+        fields = {"model_name_or_path": tied_model[1] if name == "tied" else demo_assets.model_dir,
+                  "train_file": demo_assets.train_file, "output_dir": str(tmp / name), **SETTINGS, **fields}
+        if fields.get("precompute_ref"):
+            fields["cache_dir"] = str(tmp / "shared_cache")
+        paths[name] = (write_config(tmp / f"{name}.yaml", **fields), tmp / f"{name}.pt")
+    stderr = launch_probe_runs(list(paths.values()), tmp / "runs.json", timeout=1500)
+    return {name: Run(tmp / name, config, torch.load(probe, weights_only=True), err)
+            for (name, (config, probe)), err in zip(paths.items(), stderr)}
 
 
 def assert_matches_plain(out, expected, weight_tol=1e-5, loss_tol=1e-6):
@@ -60,45 +103,37 @@ def test_packed_batch_gives_the_padded_log_probs(demo_assets):
     assert torch.allclose(got[0], want[0], atol=1e-4, rtol=0)
 
 
-def test_logits_path_run_matches_plain_dpo(demo_assets, tmp_path):
+def test_logits_path_run_matches_plain_dpo(demo_assets, runs):
     """fused_lm_head off: the model returns its full logits and sequence_logps scores them."""
-    out, probe, _ = run_two_ranks(demo_assets, tmp_path, "logits", fused_lm_head=False)
-    assert probe["fused_head"] is False
-    assert_matches_plain(out, plain_dpo(demo_assets.model_dir, demo_assets.train_file, SETTINGS, WORLD))
+    run = runs["logits"]
+    assert run.probe["fused_head"] is False
+    assert_matches_plain(run.out, plain_dpo(demo_assets.model_dir, demo_assets.train_file, SETTINGS, WORLD))
 
 
-def test_fused_head_with_tied_embeddings_matches_plain_dpo(demo_assets, tmp_path):
+def test_fused_head_with_tied_embeddings_matches_plain_dpo(demo_assets, tied_model, runs):
     """lm_head sharing the input embedding's ZeRO-3 parameter: both uses' gradients reach the one weight."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(demo_assets.model_dir)
-    config.tie_word_embeddings = True
-    torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_config(config)
+    model, tied = tied_model
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    tied = tmp_path / "tied_model"
-    model.save_pretrained(tied)
-    AutoTokenizer.from_pretrained(demo_assets.model_dir).save_pretrained(tied)
-    out, probe, _ = run_two_ranks(demo_assets, tmp_path, "tied", model_name_or_path=str(tied))
-    assert probe["fused_head"] is True
-    assert_matches_plain(out, plain_dpo(str(tied), demo_assets.train_file, SETTINGS, WORLD))
+    run = runs["tied"]
+    assert run.probe["fused_head"] is True
+    assert_matches_plain(run.out, plain_dpo(tied, demo_assets.train_file, SETTINGS, WORLD))
 
 
 @pytest.mark.parametrize("attention", ["auto", "eager"])
-def test_padding_free_run_matches_plain_dpo(demo_assets, tmp_path, attention):
-    out, probe, _ = run_two_ranks(demo_assets, tmp_path, "packed", padding_free=True, attn_implementation=attention)
+def test_padding_free_run_matches_plain_dpo(demo_assets, runs, attention):
+    run = runs[f"packed_{attention}"]
     # auto on CPU: the model's default kernel; both policy and reference engines are built with it
-    assert probe["attention"] == ["sdpa" if attention == "auto" else attention] * 2
-    first = read_metrics(out)[0]
+    assert run.probe["attention"] == ["sdpa" if attention == "auto" else attention] * 2
+    first = read_metrics(run.out)[0]
     assert first["token_occupancy"] == 1.0
-    assert_matches_plain(out, plain_dpo(demo_assets.model_dir, demo_assets.train_file, SETTINGS, WORLD),
+    assert_matches_plain(run.out, plain_dpo(demo_assets.model_dir, demo_assets.train_file, SETTINGS, WORLD),
                          loss_tol=1e-5)
 
 
-def test_token_budget_weights_every_pair_equally(demo_assets, tmp_path):
-    budget = 160  # a few demo pairs per micro-batch, so micro-batches hold different numbers of pairs
-    out, _, _ = run_two_ranks(demo_assets, tmp_path, "budget", max_tokens_per_micro_batch=budget)
-    cfg = load_config(str(tmp_path / "budget.yaml"))
+def test_token_budget_weights_every_pair_equally(demo_assets, runs):
+    run = runs["budget"]
+    cfg = load_config(str(run.config))
+    budget = cfg.max_tokens_per_micro_batch
     pairs, _ = load_pairs(demo_assets.train_file, AutoTokenizer.from_pretrained(demo_assets.model_dir), max_length=cfg.max_length,
                           max_prompt_length=None, skip_bad_rows=False, cache_dir=None)
     sampler = PairSampler.for_config(cfg, pairs, WORLD)
@@ -110,21 +145,19 @@ def test_token_budget_weights_every_pair_equally(demo_assets, tmp_path):
     # Micro-batches of 1-4 pairs sum gradients in another grouping than the pair-by-pair reference; Adam's
     # m/sqrt(v) magnifies that rounding for near-zero gradients, so weights get 5e-5 (2.5% of one step's lr).
     # A wrong per-pair weighting would already show in the step losses, held to 1e-6.
-    assert_matches_plain(out, plain_dpo(demo_assets.model_dir, demo_assets.train_file, SETTINGS, WORLD, steps),
+    assert_matches_plain(run.out, plain_dpo(demo_assets.model_dir, demo_assets.train_file, SETTINGS, WORLD, steps),
                          weight_tol=5e-5)
 
 
-def test_precomputed_reference_matches_live_and_is_reused(demo_assets, tmp_path):
-    cache = tmp_path / "shared_cache"
-    out, probe, proc = run_two_ranks(demo_assets, tmp_path, "cached", precompute_ref=True, cache_dir=str(cache))
-    assert probe["reference"] == "CachedReference"
-    assert "reference log-probs of 96 pairs written" in proc.stderr
+def test_precomputed_reference_matches_live_and_is_reused(demo_assets, runs):
+    run, again = runs["cached"], runs["cached_again"]
+    cache = Path(load_config(str(run.config)).cache_dir)
+    assert run.probe["reference"] == "CachedReference"
+    assert "reference log-probs of 96 pairs written" in run.stderr
     shards = sorted(p.name for p in next(cache.glob("ref-*")).glob("rank-*.safetensors"))
     assert shards == ["rank-00000-of-00002.safetensors", "rank-00001-of-00002.safetensors"]
-    assert_matches_plain(out, plain_dpo(demo_assets.model_dir, demo_assets.train_file, SETTINGS, WORLD),
+    assert_matches_plain(run.out, plain_dpo(demo_assets.model_dir, demo_assets.train_file, SETTINGS, WORLD),
                          loss_tol=1e-5)
-    again, probe, proc = run_two_ranks(demo_assets, tmp_path, "cached_again", precompute_ref=True,
-                                       cache_dir=str(cache))
-    assert "reference log-probs of" not in proc.stderr and "reference log-probs read from" in proc.stderr
-    assert probe["deepspeed_engines"] == 1  # a run with the cache builds no reference engine at all
-    assert [m["loss"] for m in read_metrics(again)] == [m["loss"] for m in read_metrics(out)]
+    assert "reference log-probs of" not in again.stderr and "reference log-probs read from" in again.stderr
+    assert again.probe["deepspeed_engines"] == 1  # a run with the cache builds no reference engine at all
+    assert [m["loss"] for m in read_metrics(again.out)] == [m["loss"] for m in read_metrics(run.out)]

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from helpers import launch, read_metrics, write_config
+from helpers import launch, launch_probe_runs, read_metrics, write_config
 
 pytestmark = pytest.mark.distributed  # starts ranks or the CLI in subprocesses (tests/conftest.py)
 
@@ -24,27 +24,39 @@ def config(demo_assets, tmp_path):
     return make
 
 
-def train_losses(tmp_path) -> list[float]:
-    return [m["loss"] for m in read_metrics(tmp_path / "out") if "loss" in m]
+@pytest.fixture(scope="module")
+def probe_runs(demo_assets, tmp_path_factory):
+    """The IPO, SimPO and SFT runs, trained one after the other in one launch (tests/dist_train_probe.py --runs):
+    loss_type -> (output_dir, the probe's report)."""
+    tmp = tmp_path_factory.mktemp("loss_runs")
+    fields = {"ipo": dict(beta=0.1), "simpo": {}, "sft": {}}
+    runs = {loss: (write_config(tmp / f"{loss}.yaml", model_name_or_path=demo_assets.model_dir,
+                                train_file=demo_assets.train_file, output_dir=str(tmp / loss),
+                                **{**BASE, "loss_type": loss, **extra}), tmp / f"{loss}.pt")
+            for loss, extra in fields.items()}
+    launch_probe_runs(list(runs.values()), tmp / "runs.json", timeout=1200)
+    return {loss: (tmp / loss, torch.load(probe, weights_only=True)) for loss, (_, probe) in runs.items()}
 
 
-def test_ipo_first_step_is_its_target_squared(config, tmp_path):
-    launch(["tests/dist_train_probe.py", str(config(loss_type="ipo", beta=0.1)), str(tmp_path / "probe.pt")])
-    losses = train_losses(tmp_path)
+def train_losses(output_dir) -> list[float]:
+    return [m["loss"] for m in read_metrics(output_dir) if "loss" in m]
+
+
+def test_ipo_first_step_is_its_target_squared(probe_runs):
+    out, probe = probe_runs["ipo"]
+    losses = train_losses(out)
     assert abs(losses[0] - (1 / (2 * 0.1)) ** 2) < 1e-4  # policy == reference: d = 0, loss = (1/(2 beta))^2
     assert losses[-1] < losses[0]
-    probe = torch.load(tmp_path / "probe.pt", weights_only=True)
     assert probe["deepspeed_engines"] == 2 and probe["reference"] == "LiveReference"
 
 
 @pytest.mark.parametrize("loss_type", ["simpo", "sft"])
-def test_reference_free_losses_build_no_reference_engine(config, tmp_path, loss_type):
-    launch(["tests/dist_train_probe.py", str(config(loss_type=loss_type)), str(tmp_path / "probe.pt")])
-    probe = torch.load(tmp_path / "probe.pt", weights_only=True)
+def test_reference_free_losses_build_no_reference_engine(probe_runs, loss_type):
+    out, probe = probe_runs[loss_type]
     assert probe["deepspeed_engines"] == 1 and probe["reference"] == "NoReference"
-    losses = train_losses(tmp_path)
+    losses = train_losses(out)
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
-    assert (tmp_path / "out" / "final" / "config.json").is_file()
+    assert (out / "final" / "config.json").is_file()
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -246,6 +246,8 @@ def test_lora_params_match_the_models_linear_layers(model_type, extra):
     head = model.get_output_embeddings()
     linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
     assert P.shape_from_config(config, "m").lora_params(8) == sum(8 * (m.in_features + m.out_features) for m in linear)
+    # what QLoRA quantizes: those layers' weights
+    assert P.shape_from_config(config, "m").linear_weight_params == sum(m.weight.numel() for m in linear)
 
 
 def test_llama_70b_lora_fits_one_node_of_eight_80gb_gpus():
@@ -261,6 +263,32 @@ def test_llama_70b_lora_fits_one_node_of_eight_80gb_gpus():
     assert not any(item.name.startswith("reference") for item in lora.items)
     # frozen base: no weight gradients, so 2N forward + 2N backward, + 2N for the reference forward
     assert lora.flops.dense == 6 * shape.params * lora.flops.tokens
+
+
+def test_llama_70b_qlora_budgets_the_4bit_base_and_fits_one_80gb_gpu():
+    shape = P.load_shape("llama-70b")
+    one_gpu = P.plan(shape, setup(1, gpus_per_node=1, lora_r=16, lora_quantize="nf4"))
+    assert one_gpu.fits and not P.plan(shape, setup(1, gpus_per_node=1, lora_r=16)).fits
+    quantized, rest, adapter = shape.linear_weight_params, shape.params - shape.linear_weight_params, shape.lora_params(16)
+    constants = quantized * (1 / 64 + 4 / (64 * 256))  # double quantization: 8-bit absmax / 64, fp32 / 256 absmax
+    assert one_gpu.item(P.POLICY_PARAMS).gpu_bytes == pytest.approx(0.5 * quantized + 2 * rest + 2 * adapter)
+    assert one_gpu.item(P.NF4_CONSTANTS).gpu_bytes == pytest.approx(constants)
+    assert one_gpu.load_gpu_bytes == pytest.approx(0.5 * quantized + 2 * rest + constants)
+    # on 8 GPUs ZeRO-3 shards the packed weights, not the constants; FLOPs are LoRA's
+    eight = P.plan(shape, setup(1, lora_r=16, lora_quantize="nf4"))
+    assert eight.item(P.POLICY_PARAMS).gpu_bytes == pytest.approx(one_gpu.item(P.POLICY_PARAMS).gpu_bytes / 8)
+    assert eight.item(P.NF4_CONSTANTS).gpu_bytes == pytest.approx(constants)
+    assert eight.flops == P.plan(shape, setup(1, lora_r=16)).flops
+
+
+def test_cli_qlora(capsys):
+    assert main(["plan", "--model", "llama-70b", "--gpus_per_node", "1", "--lora_r", "16", "--lora_quantize", "nf4",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["fits"] and out["load_gpu_gib_per_gpu"] > 30 and P.NF4_CONSTANTS in out["memory_gib"]
+    assert out["smallest_fit"]["train_flags"][-4:] == ["--lora_r", "16", "--lora_quantize", "nf4"]
+    with pytest.raises(SystemExit, match="give --lora_r too"):
+        main(["plan", "--model", "llama-70b", "--lora_quantize", "nf4"])
 
 
 def test_cli_lora(capsys):
