@@ -110,14 +110,12 @@ def _peak_tflops(given: float | None) -> float | None:
 SECTIONS = ("reference_forward", "policy_forward", "backward", "optimizer")
 
 
-def _time_steps(run, sampler: PairSampler, pairs: TokenizedPairs, warmup: int,
+def _time_steps(run, train_step, sampler: PairSampler, pairs: TokenizedPairs, warmup: int,
                 total_steps: int) -> tuple[list[float], torch.Tensor, torch.Tensor]:
-    """Run the trainer's own steps (trainer.train_step); time those after `warmup`. Returns, over all ranks:
-    each timed step's time (its slowest rank), the timed steps' [real tokens, processed tokens, sum of squared
-    sequence lengths] (for the FLOP model), and the slowest rank's total time in each of SECTIONS."""
-    from deepspeed.accelerator import get_accelerator  # heavy, as below: not imported for --help
-
-    from dpo_ds.trainer import train_step
+    """Run the trainer's own steps (`train_step`, trainer.train_step); time those after `warmup`. Returns, over
+    all ranks: each timed step's time (its slowest rank), the timed steps' [real tokens, processed tokens, sum of
+    squared sequence lengths] (for the FLOP model), and the slowest rank's total time in each of SECTIONS."""
+    from deepspeed.accelerator import get_accelerator  # heavy, as in run: not imported for --help
 
     timer = SectionTimer()
     times, real_tokens, processed_tokens, squared_lengths = [], 0, 0, 0.0
@@ -142,7 +140,7 @@ def _time_steps(run, sampler: PairSampler, pairs: TokenizedPairs, warmup: int,
 
 
 def run(args: argparse.Namespace) -> int:
-    from dpo_ds.trainer import build_run  # heavy (DeepSpeed): imported when the command runs, not for --help
+    from dpo_ds.trainer import build_run, train_step  # heavy (DeepSpeed): imported when the command runs, not for --help
 
     try:  # the model is a preset or a config until _model_dir writes it; the pairs are made here
         cfg = config_from_args(args, fixed={"model_name_or_path": args.model, "train_file": "synthetic"},
@@ -166,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
     total_steps = min(total_steps, sampler.steps_per_epoch)
     run = build_run(cfg, env.rank, env.world_size, total_steps, pad_id=0, datasets=[pairs])
 
-    times, totals, split = _time_steps(run, sampler, pairs, args.warmup, total_steps)
+    times, totals, split = _time_steps(run, train_step, sampler, pairs, args.warmup, total_steps)
     step_times = torch.tensor(times, dtype=torch.float64)
     live_reference = uses_reference(cfg) and not cfg.precompute_ref
     flops = model_flops(shape, float(totals[0]), float(totals[2]), uses_lora(cfg), live_reference).total  # plan's model
