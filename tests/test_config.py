@@ -349,7 +349,7 @@ def test_configuration_reference_is_generated_from_train_config():
 # ---------------------------------------------------------------------------- paths, before anything loads
 def train_cli(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dpo_ds", "train", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, **(env or {})})
+                          timeout=300, env={**os.environ, **(env or {})})
 
 
 def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
