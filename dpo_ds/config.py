@@ -307,13 +307,21 @@ def validate(cfg: TrainConfig) -> None:
         bad("length_normalize", f"loss_type {cfg.loss_type} is always length-normalised; the flag only applies to sigmoid, robust, hinge")
 
 
+def expected_accelerator() -> str:
+    """The device DeepSpeed will run on, known before it is imported: DS_ACCELERATOR when set, else cuda where a
+    CUDA device is visible, else cpu."""
+    import torch
+
+    return os.environ.get("DS_ACCELERATOR") or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def resolve_precision(precision: str) -> str:
     """`auto` -> bf16 on a CUDA device that supports it (and DeepSpeed is not forced onto the CPU), else fp32."""
     if precision != "auto":
         return precision
     import torch
 
-    gpu = os.environ.get("DS_ACCELERATOR", "cuda") == "cuda" and torch.cuda.is_available()
+    gpu = expected_accelerator() == "cuda" and torch.cuda.is_available()
     return "bf16" if gpu and torch.cuda.is_bf16_supported() else "fp32"
 
 
@@ -360,9 +368,7 @@ QLORA_DEVICES = ("cuda", "cpu", "xpu", "hpu")
 
 
 def _validate_qlora(cfg: TrainConfig, bad) -> None:
-    import torch
-
-    device = os.environ.get("DS_ACCELERATOR") or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = expected_accelerator()
     if device not in QLORA_DEVICES:
         bad("lora_quantize", f"nf4 needs bitsandbytes kernels for the device, and bitsandbytes has none for {device} "
                              f"(it supports {', '.join(QLORA_DEVICES)}); remove lora_quantize to train LoRA on the "
