@@ -102,12 +102,11 @@ class PromptReuse:
 
     def _agrees_with(self, tok) -> bool:
         """The post-processor only prepends a fixed prefix, and the backend gives tok()'s ids, on probes."""
-        for special in (True, False):
-            expected = tok(list(PROBES), add_special_tokens=special)["input_ids"]
-            if [e.ids for e in self.backend.encode_batch(list(PROBES), add_special_tokens=special)] != expected:
-                return False
-        plain = [e.ids for e in self.backend.encode_batch(list(PROBES), add_special_tokens=False)]
-        with_special = [e.ids for e in self.backend.encode_batch(list(PROBES), add_special_tokens=True)]
+        ids = {special: [e.ids for e in self.backend.encode_batch(list(PROBES), add_special_tokens=special)]
+               for special in (True, False)}
+        if any(ids[special] != tok(list(PROBES), add_special_tokens=special)["input_ids"] for special in ids):
+            return False
+        plain, with_special = ids[False], ids[True]
         prefix = with_special[0][:len(with_special[0]) - len(plain[0])]
         return all(w == prefix + p for w, p in zip(with_special, plain))
 
