@@ -29,8 +29,9 @@ COMMANDS = {
 # torch collectives that torch 2.13 renamed.
 warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).* is deprecated")
 # The DeepSpeed ops built on first use (JIT) unless the wheel has them prebuilt, by accelerator: the CPU
-# shared-memory collectives; FusedAdam (the policy's default AdamW) on GPUs.
-JIT_OPS = {"cpu": ("deepspeed_shm_comm",), "cuda": ("fused_adam",)}
+# shared-memory collectives. The presets' default optimizer compiles nothing; an opt-in one that does
+# (FusedAdam, DeepSpeedCPUAdam) is checked by dpo_ds.compiled_ops before any model is loaded.
+JIT_OPS = {"cpu": ("deepspeed_shm_comm",)}
 STARTS_DEEPSPEED = ("train", "eval", "bench")
 
 _results = sys.stdout

@@ -23,6 +23,8 @@ import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
 
+from dpo_ds.compat import enable_activation_checkpointing
+from dpo_ds.compiled_ops import check_compiled_ops
 from dpo_ds.config import ConfigError, TrainConfig, uses_lora
 from dpo_ds.hf_dir import ConfigOverride
 from dpo_ds.loading import has_safetensors, load_sharded_pretrained
@@ -89,6 +91,7 @@ def resolve_policy_config(cfg: TrainConfig, world_size: int, hidden_size: int) -
     if ds["zero_optimization"].get("stage") != 3:
         raise ConfigError(f"{source}: zero_optimization.stage must be 3 for the policy")
     _check_no_auto(ds, "", str(source))
+    check_compiled_ops(ds, str(source), on_gpu=not on_cpu())
     return ds
 
 
@@ -259,7 +262,7 @@ def build_policy_engine(cfg: TrainConfig, ds_config: dict[str, Any], total_steps
     overrides = prepare_model(model, cfg)
     model.train()
     if cfg.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     # LoRA: base frozen, only adapter parameters reach the optimizer
     adapters = attach_adapters(model, cfg) if uses_lora(cfg) else None
     schedule = lr_lambda(cfg.lr_scheduler, cfg.warmup_steps, total_steps)

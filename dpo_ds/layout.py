@@ -190,7 +190,7 @@ def state_tensors(model) -> dict[str, torch.Tensor]:
 def saved_layout(model) -> tuple[list[list[str]], dict[str, tuple[int, ...]]]:
     """What `save_pretrained(model)` writes, without touching a weight: the groups of state-dict names that
     each make one or more saved tensors (in the model's order), and the saved tensors' names and shapes."""
-    from transformers.core_model_loading import apply_converters, revert_weight_conversion
+    from transformers.core_model_loading import rename_source_key, revert_weight_conversion
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
     live = state_tensors(model)
@@ -201,7 +201,8 @@ def saved_layout(model) -> tuple[list[list[str]], dict[str, tuple[int, ...]]]:
     _, converters = _split([c.reverse_transform() for c in _conversions(model, saving=True)[::-1]])
     groups: dict[str, list[str]] = {}
     for name in kept:
-        renamed, pattern = apply_converters(name, converters)
+        # at most one converter, no renaming: what `apply_converters` does where it exists (transformers > 5.17)
+        renamed, pattern = rename_source_key(name, [], converters)
         groups.setdefault(renamed if pattern is not None else name, []).append(name)
     shapes = {name: tuple(t.shape) for name, t in revert_weight_conversion(model, dict(kept)).items()}
     return list(groups.values()), shapes

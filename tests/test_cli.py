@@ -96,5 +96,5 @@ def test_versions_outside_the_tested_ranges_stop_every_entry_point(monkeypatch, 
 
     installed["transformers"] = None  # missing: no override helps
     assert cli.main(["plan", "--model", "llama-7b"]) == 2
-    assert ('error: transformers is not installed; dpo-ds needs transformers>=5.0,<6: run `make install`'
+    assert ('error: transformers is not installed; dpo-ds needs transformers>=5.17,<6: run `make install`'
             in capsys.readouterr().err)

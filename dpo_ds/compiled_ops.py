@@ -1,0 +1,116 @@
+"""Which compiled DeepSpeed op a DeepSpeed config makes DeepSpeed build at its first optimizer step, and whether
+this machine can build it: checked when the config is resolved, before any model is loaded, so a missing
+toolchain is one clear error instead of a compiler traceback at step 1.
+
+The presets' default optimizer is torch's fused AdamW through DeepSpeed (`"torch_adam": true`), which compiles
+nothing; DeepSpeed's FusedAdam (GPU) and DeepSpeedCPUAdam (optimizer offloaded to CPU) are JIT-compiled C++/CUDA
+extensions unless DeepSpeed was installed with them prebuilt (DS_BUILD_FUSED_ADAM=1 / DS_BUILD_CPU_ADAM=1).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sysconfig
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dpo_ds.config import ConfigError
+
+ADAM_TYPES = ("adam", "adamw")
+
+
+@dataclass(frozen=True)
+class Toolchain:
+    """What building an op needs, as found on this machine (`find_toolchain`; tests pass their own)."""
+    torch_cuda: str | None                # torch.version.cuda: None for a CPU build of torch
+    nvcc: str | None                      # CUDA_HOME/bin/nvcc when it runs
+    nvcc_cuda: str | None                 # its release, "12.8"
+    cxx: str | None                       # the C++ compiler torch's extension builder calls
+    ninja: bool                           # torch.utils.cpp_extension builds with ninja only
+    python_headers: bool                  # Python.h (the python3-dev package)
+    prebuilt: dict[str, bool] = field(default_factory=dict)  # deepspeed's installed_ops
+    minor_mismatch_ok: dict[int, list[str]] = field(default_factory=dict)  # CUDA releases DeepSpeed accepts together
+
+
+def compiled_optimizer_op(ds_config: dict[str, Any]) -> str | None:
+    """DeepSpeed's op name ("fused_adam", "cpu_adam") that this config's optimizer compiles, or None."""
+    optimizer = ds_config.get("optimizer") or {}
+    if str(optimizer.get("type", "")).lower() not in ADAM_TYPES or (optimizer.get("params") or {}).get("torch_adam"):
+        return None
+    offload = ((ds_config.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device", "none")
+    return "cpu_adam" if offload in ("cpu", "nvme") else "fused_adam"
+
+
+def _nvcc_release(nvcc: str) -> str | None:
+    try:
+        out = subprocess.run([nvcc, "-V"], capture_output=True, text=True, timeout=60).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if "release" not in out:
+        return None
+    return ".".join(out[out.index("release") + 1].rstrip(",").split(".")[:2])
+
+
+def find_toolchain() -> Toolchain:
+    import torch
+    from torch.utils import cpp_extension
+
+    nvcc = str(Path(cpp_extension.CUDA_HOME) / "bin" / "nvcc") if cpp_extension.CUDA_HOME else None
+    release = _nvcc_release(nvcc) if nvcc else None
+    try:
+        from deepspeed.git_version_info import installed_ops
+    except ImportError:
+        installed_ops = {}
+    try:
+        from deepspeed.ops.op_builder.builder import cuda_minor_mismatch_ok
+    except ImportError:
+        cuda_minor_mismatch_ok = {}
+    return Toolchain(torch_cuda=torch.version.cuda, nvcc=nvcc if release else None, nvcc_cuda=release,
+                     cxx=shutil.which(os.environ.get("CXX", "c++")), ninja=shutil.which("ninja") is not None,
+                     python_headers=(Path(sysconfig.get_paths()["include"]) / "Python.h").is_file(),
+                     prebuilt=dict(installed_ops), minor_mismatch_ok=dict(cuda_minor_mismatch_ok))
+
+
+def build_problems(op: str, tools: Toolchain, on_gpu: bool) -> list[str]:
+    """Why `op` cannot be built here (empty: it can, or DeepSpeed was installed with it prebuilt)."""
+    if tools.prebuilt.get(op):
+        return []
+    problems = []
+    if not tools.cxx:
+        problems.append("no C++ compiler (c++ or $CXX) on PATH")
+    if not tools.ninja:
+        problems.append("no ninja on PATH (pip install ninja)")
+    if not tools.python_headers:
+        problems.append("no Python headers (Python.h: the python3-dev package)")
+    if op == "fused_adam" and on_gpu and tools.torch_cuda:
+        torch_cuda = ".".join(tools.torch_cuda.split(".")[:2])
+        if not tools.nvcc:
+            problems.append(f"no nvcc (CUDA_HOME/bin/nvcc; torch is built for CUDA {torch_cuda})")
+        elif tools.nvcc_cuda != torch_cuda and not _tolerated(tools, torch_cuda) \
+                and os.environ.get("DS_SKIP_CUDA_CHECK") != "1":
+            problems.append(f"nvcc is CUDA {tools.nvcc_cuda} but torch is built for CUDA {torch_cuda}; "
+                            f"DeepSpeed builds only with a matching toolkit")
+    return problems
+
+
+def _tolerated(tools: Toolchain, torch_cuda: str) -> bool:
+    major = int(torch_cuda.split(".")[0])
+    accepted = tools.minor_mismatch_ok.get(major, [])
+    return tools.nvcc_cuda in accepted and torch_cuda in accepted
+
+
+def check_compiled_ops(ds_config: dict[str, Any], source: str, on_gpu: bool, tools: Toolchain | None = None) -> None:
+    """ConfigError naming the preset, the op and what is missing when the config's optimizer would compile an op
+    this machine cannot build."""
+    op = compiled_optimizer_op(ds_config)
+    if op is None:
+        return
+    problems = build_problems(op, tools or find_toolchain(), on_gpu)
+    if problems:
+        name = {"fused_adam": "DeepSpeed's FusedAdam", "cpu_adam": "DeepSpeedCPUAdam"}[op]
+        raise ConfigError(f"{source}: the optimizer is {name}, which DeepSpeed compiles at the first step, and "
+                          f"this machine cannot build it: {'; '.join(problems)}. Set \"torch_adam\": true and "
+                          f"\"fused\": true in optimizer.params (torch's fused AdamW, the same math, nothing to "
+                          f"compile; ds_configs/zero3.json), or install the missing tools", "deepspeed_config")
