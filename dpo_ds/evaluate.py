@@ -9,6 +9,7 @@ margin, correct) and prints a JSON summary.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -78,11 +79,20 @@ def eval_config(args: argparse.Namespace) -> TrainConfig:
                                    "train_file": args.data, "reference_free": args.ref_model is None})
 
 
+def scored_model_config(cfg: TrainConfig, hidden: int) -> dict:
+    """The scored model's DeepSpeed config: the reference's ZeRO-3 inference preset with its parameters kept on
+    the device. ref_offload is the reference's setting; offloading the scored model would stream every weight
+    over PCIe at each forward on a GPU."""
+    from dpo_ds.engines import resolve_reference_config
+
+    return resolve_reference_config(dataclasses.replace(cfg, ref_offload=False), hidden)
+
+
 def run(args: argparse.Namespace) -> int:
     # heavy (transformers, DeepSpeed): imported when the command runs, so `dpo-ds eval --help` stays fast
     from transformers import AutoTokenizer
 
-    from dpo_ds.engines import build_inference_engine, model_dtype, resolve_reference_config
+    from dpo_ds.engines import build_inference_engine, model_dtype
     from dpo_ds.reference import build_reference
     from dpo_ds.trainer import Run, evaluate_pairs, pad_id_of
 
@@ -96,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         pairs, _ = load_pairs(args.data, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                               skip_bad_rows=cfg.skip_bad_rows, cache_dir=cache_dir, rank=env.rank, barrier=barrier)
         hidden = load_model_config(args.model, args.trust_remote_code).hidden_size
-        model = build_inference_engine(args.model, resolve_reference_config(cfg, hidden), model_dtype(cfg),
+        model = build_inference_engine(args.model, scored_model_config(cfg, hidden), model_dtype(cfg),
                                        args.trust_remote_code)
         reference = build_reference(cfg, hidden)
         metrics, records = evaluate_pairs(Run.create(cfg, env.rank, env.world_size, model, reference,

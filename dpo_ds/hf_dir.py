@@ -38,8 +38,8 @@ class ShardWriter:
     """Writes safetensors shards of at most `max_shard_bytes`, holding one tensor in memory at a time.
 
     safetensors' own writer needs a whole shard in memory, so each tensor's bytes go straight to the shard's
-    data file as it arrives; when the shard is full, its header (8-byte length, JSON, padded to 8 bytes) is
-    written and the data streamed behind it. The result is read back by `validate_hf_dir`.
+    data file as it arrives; `finish` writes each shard's header (8-byte length, JSON, padded to 8 bytes) and
+    streams its data behind it. The result is read back by `validate_hf_dir`.
     """
 
     def __init__(self, out_dir: Path, max_shard_bytes: int):
@@ -48,7 +48,7 @@ class ShardWriter:
         self.entries: dict[str, dict] = {}  # the open shard's header entries
         self.data = None                     # the open shard's data file
         self.offset = 0
-        self.shards: list[list[str]] = []    # tensor names per written shard
+        self.shards: list[tuple[Path, dict]] = []  # (data file, header entries) per complete shard
         self.total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
@@ -65,28 +65,30 @@ class ShardWriter:
         self.total_bytes += size
 
     def _close_shard(self) -> None:
-        data_path = Path(self.data.name)
+        """The open shard's data is complete; its header is put in front at `finish`, so the caller's loop (the
+        ZeRO-3 export gathers parameters in a collective between adds) never waits on a multi-GB copy."""
         self.data.close()
-        header = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
-        header += b" " * (-len(header) % 8)
-        with (self.out_dir / f"shard-{len(self.shards):05d}.tmp").open("wb") as out, data_path.open("rb") as data:
-            out.write(len(header).to_bytes(8, "little"))
-            out.write(header)
-            shutil.copyfileobj(data, out, 16 << 20)
-        data_path.unlink()
-        self.shards.append(list(self.entries))
+        self.shards.append((Path(self.data.name), self.entries))
         self.entries, self.data, self.offset = {}, None, 0
 
     def finish(self) -> dict[str, str]:
-        """Rename shards to model-0000i-of-0000n.safetensors and write the index; returns weight_map."""
+        """Write each shard as model-0000i-of-0000n.safetensors (8-byte header length, JSON header padded to 8
+        bytes, then its data) and the index; returns weight_map."""
         if self.entries:
             self._close_shard()
         n = len(self.shards)
         weight_map = {}
-        for i, names in enumerate(self.shards):
+        for i, (data_path, entries) in enumerate(self.shards):
             final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(self.out_dir / f"shard-{i:05d}.tmp", self.out_dir / final)
-            weight_map.update({name: final for name in names})
+            header = json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode()
+            header += b" " * (-len(header) % 8)
+            with (self.out_dir / f"{final}.tmp").open("wb") as out, data_path.open("rb") as data:
+                out.write(len(header).to_bytes(8, "little"))
+                out.write(header)
+                shutil.copyfileobj(data, out, 16 << 20)
+            data_path.unlink()
+            os.replace(self.out_dir / f"{final}.tmp", self.out_dir / final)
+            weight_map.update({name: final for name in entries})
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
         (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
         return weight_map

@@ -14,17 +14,18 @@ partition. Here instead:
    mismatches reported by name before any collective runs;
 3. parameters are filled one at a time, straight into their ZeRO partitions: rank 0 reads the byte
    range of each rank's partition from the file (plain reads, no mmap: page-cache pages are not part
-   of a process's RSS) in chunks of at most 16 MiB, keeps its own and sends the others with
-   point-to-point sends. No rank ever materialises a whole parameter. Parameters whose partitions are
-   not plain tensors (NVMe offload, a partition group smaller than the world) fall back to
+   of a process's RSS), one chunk per rank and at most 16 MiB staged in all, and scatters them (one
+   `dist.scatter` on the default group per round: launcher.dist.scatter_), each rank keeping its own
+   slice. No rank ever materialises a whole parameter. Parameters whose partitions are not plain tensors
+   (NVMe offload, a partition group smaller than the world) fall back to
    `GatheredParameters([p], modifier_rank=0)` with rank 0 reading into the gathered tensor. Persistent
    buffers (never partitioned) are read by rank 0 and broadcast.
 
-Peak per rank: its partition + one 16 MiB chunk (rank 0: two). zero.Init's broadcast of each freshly
-constructed (uninitialised) parameter from rank 0 is skipped, as every parameter is overwritten and the
-broadcast would make every rank touch the full tensor. On glibc, freed heap memory is handed back to
-the OS (`malloc_trim`) after each module is partitioned and each tensor is loaded, so a fragmented heap
-does not keep RSS above the live data.
+Peak per rank: its partition + its received chunk (rank 0: + the 16 MiB staged for all ranks). zero.Init's
+broadcast of each freshly constructed (uninitialised) parameter from rank 0 is skipped, as every parameter is
+overwritten and the broadcast would make every rank touch the full tensor. On glibc, freed heap memory is
+handed back to the OS (`malloc_trim`) after each module is partitioned and each tensor is loaded, so a
+fragmented heap does not keep RSS above the live data.
 
 Only .safetensors checkpoints are supported (a single file or an index); anything else raises LoadError.
 """

@@ -1,6 +1,7 @@
 """The `dpo-ds` entry point: results alone on stdout, `eval` of a run's model, DeepSpeed's op build (issue 13)."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -98,3 +99,21 @@ def test_versions_outside_the_tested_ranges_stop_every_entry_point(monkeypatch, 
     assert cli.main(["plan", "--model", "llama-7b"]) == 2
     assert ('error: transformers is not installed; dpo-ds needs transformers>=5.17,<6: run `make install`'
             in capsys.readouterr().err)
+
+
+def test_eval_keeps_the_scored_model_on_the_device_whatever_ref_offload_says(tmp_path):
+    """Issue 20, finding 3: the scored model was built with the reference's config, offloaded to CPU by default."""
+    from dpo_ds.engines import resolve_reference_config
+    from dpo_ds.evaluate import add_arguments, eval_config, scored_model_config
+
+    for path in ("m", "r"):
+        (tmp_path / path).mkdir()
+        (tmp_path / path / "config.json").write_text("{}")
+    (tmp_path / "d.jsonl").write_text("")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cfg = eval_config(parser.parse_args(["--model", str(tmp_path / "m"), "--data", str(tmp_path / "d.jsonl"),
+                                         "--ref_model", str(tmp_path / "r")]))
+    assert cfg.ref_offload is True  # the default: the reference stays offloaded
+    assert resolve_reference_config(cfg, 64)["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert scored_model_config(cfg, 64)["zero_optimization"]["offload_param"]["device"] == "none"
