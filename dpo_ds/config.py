@@ -20,8 +20,10 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from dpo_ds.errors import UsageError
 
-class ConfigError(ValueError):
+
+class ConfigError(UsageError, ValueError):
     """A configuration problem, already phrased for the user (where it came from, which field, why)."""
 
     def __init__(self, message: str, field_name: str | None = None):

@@ -20,15 +20,14 @@ from __future__ import annotations
 import gc
 import logging
 import shutil
-import sys
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from dpo_ds import lora
-from dpo_ds.checkpoint import DS_TAG, HF_METADATA, CheckpointError, verify_checkpoint
-from dpo_ds.cli import emit
+from dpo_ds.checkpoint import DS_TAG, HF_METADATA, verify_checkpoint
+from dpo_ds.console import emit
 from dpo_ds.hf_dir import (
     ConfigOverride,
     ExportError,
@@ -237,10 +236,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    try:
-        out = convert_checkpoint(args.checkpoint_dir, args.out_dir, args.dtype, args.max_shard_size, args.adapter_only)
-    except (CheckpointError, ExportError) as err:
-        print(f"dpo-ds convert: error: {err}", file=sys.stderr)
-        return 2
+    out = convert_checkpoint(args.checkpoint_dir, args.out_dir, args.dtype, args.max_shard_size, args.adapter_only)
     emit(f"wrote {out}")
     return 0

@@ -14,13 +14,14 @@ from typing import Sequence
 import torch
 from safetensors import safe_open
 
+from dpo_ds.errors import UsageError
 from dpo_ds.loading import SAFETENSORS_DTYPES
 
 INDEX_NAME = "model.safetensors.index.json"
 SAFETENSORS_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
-class ExportError(RuntimeError):
+class ExportError(UsageError, RuntimeError):
     pass
 
 

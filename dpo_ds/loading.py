@@ -43,6 +43,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from dpo_ds.errors import UsageError
 from dpo_ds.layout import map_checkpoint
 from launcher.dist import all_reduce, broadcast_, process_rank, process_world_size, scatter_
 
@@ -51,7 +52,7 @@ SAFE_SINGLE = "model.safetensors"
 _MAX_LISTED = 8
 
 
-class LoadError(RuntimeError):
+class LoadError(UsageError, RuntimeError):
     pass
 
 

@@ -15,6 +15,7 @@ import launcher.dist as ld
 from dpo_ds import loading
 from dpo_ds.checkpoint import any_rank
 from dpo_ds.metrics import PairStats, max_over_ranks
+from dpo_ds.parallel import Parallel
 from launcher.env import LauncherError
 
 logging.basicConfig(level=logging.INFO)
@@ -35,7 +36,7 @@ seen["scatter"] = received.tolist()
 seen["gathered"] = ld.gather_objects({"rank": rank})
 seen["any_rank"] = any_rank(rank == 1)
 seen["max_over_ranks"] = max_over_ranks(rank + 0.5)
-stats = PairStats()
+stats = PairStats(Parallel())
 stats.add_step_time(1.0 + rank)
 seen["stats_step_time_s"] = stats.reduce()["step_time_s"]
 
