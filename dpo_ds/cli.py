@@ -23,6 +23,7 @@ COMMANDS = {
     "convert": "dpo_ds.convert",
     "plan": "dpo_ds.plan",
     "bench": "dpo_ds.bench",
+    "env": "dpo_ds.env_report",
 }
 
 
@@ -68,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=sorted(COMMANDS), help="what to do; `dpo-ds COMMAND --help` for its options")
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         parser.parse_args(argv[:1] or ["--help"])
-    if not check_versions(f"dpo-ds {argv[0]}"):  # before the command's module imports deepspeed/transformers
+    # before the command's module imports deepspeed/transformers; `env` reports the versions itself
+    if argv[0] != "env" and not check_versions(f"dpo-ds {argv[0]}"):
         return 2
     module = importlib.import_module(COMMANDS[argv[0]])
     sub = argparse.ArgumentParser(prog=f"dpo-ds {argv[0]}", description=module.HELP,

@@ -21,16 +21,16 @@ ALLOW_ENV = "DPO_DS_ALLOW_UNTESTED_VERSIONS"
 SETUP_CFG = Path(__file__).resolve().parent.parent / "setup.cfg"
 
 
-def tested_ranges(setup_cfg: Path = SETUP_CFG) -> dict[str, Requirement]:
+def tested_ranges(setup_cfg: Path = SETUP_CFG, packages: tuple[str, ...] = PINNED) -> dict[str, Requirement]:
     """package -> its requirement in setup.cfg (a source checkout, editable installs included), else in the
-    installed dpo-ds metadata (a wheel install has no setup.cfg)."""
+    installed dpo-ds metadata (a wheel install has no setup.cfg), for each of `packages` declared there."""
     parser = configparser.ConfigParser()
     if setup_cfg.is_file() and parser.read(setup_cfg) and parser.has_option("options", "install_requires"):
         lines = parser["options"]["install_requires"].splitlines()
     else:
         lines = importlib.metadata.requires("dpo-ds") or []
     requirements = [Requirement(line) for line in lines if line.strip()]
-    return {r.name: r for r in requirements if r.name in PINNED and not r.marker}
+    return {r.name: r for r in requirements if r.name in packages and not r.marker}
 
 
 def pip_spec(requirement: Requirement) -> str:
