@@ -8,7 +8,8 @@ import torch
 
 from dpo_ds.config import TrainConfig
 from dpo_ds.hf_dir import ConfigOverride
-from dpo_ds.loading import has_safetensors, load_sharded_pretrained
+from dpo_ds.loading import load_sharded_pretrained
+from dpo_ds.safetensors_io import has_safetensors
 
 
 def model_dtype(cfg: TrainConfig) -> torch.dtype:

@@ -1,4 +1,4 @@
-"""dpo_ds.hf_dir.ShardWriter: shards put together only at finish (issue 20, finding 4), read back by safetensors."""
+"""dpo_ds.safetensors_io.ShardWriter: shards put together only at finish (issue 20, finding 4), read back by safetensors."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,7 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from dpo_ds.hf_dir import INDEX_NAME, ShardWriter
+from dpo_ds.safetensors_io import SAFE_INDEX, ShardWriter
 
 
 def test_shards_are_assembled_at_finish_and_load_with_safetensors(tmp_path):
@@ -20,10 +20,10 @@ def test_shards_are_assembled_at_finish_and_load_with_safetensors(tmp_path):
     weight_map = writer.finish()
     shards = sorted(p.name for p in tmp_path.glob("*.safetensors"))
     assert shards == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*shards, INDEX_NAME])  # no data file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*shards, SAFE_INDEX])  # no data file left
     loaded = {}
     for shard in shards:
         loaded.update(load_file(str(tmp_path / shard)))
     assert sorted(loaded) == sorted(tensors) and all(torch.equal(loaded[n], tensors[n]) for n in tensors)
-    index = json.loads((tmp_path / INDEX_NAME).read_text())
+    index = json.loads((tmp_path / SAFE_INDEX).read_text())
     assert index["weight_map"] == weight_map and index["metadata"]["total_size"] == 5 * 24 + 24
