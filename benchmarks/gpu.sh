@@ -23,7 +23,9 @@
 #
 # --dry-run: the same phases and steps on the CPU (DS_ACCELERATOR=cpu, gloo, one rank, the tiny demo model,
 # llama-tiny-8k at 64 tokens for the benchmarks): proves the plumbing before a GPU runs it
-# (tests/test_gpu_sh.py). It uses the calling Python ($PYTHON) as it is; nothing is installed.
+# (tests/test_gpu_sh.py). It uses the calling Python ($PYTHON) as it is; nothing is installed. Every budget is
+# multiplied by BUDGET_SCALE (default 1; 4 in a dry run: a 2-core CPU runs the tiny steps slower than a GPU
+# runs the real ones).
 #
 # Carried wheels (.whl, under the device tool's 64 MiB): ../shared/device-wheels.sh puts deepspeed 0.19.8 (a
 # pure-Python wheel built here, ~2 MB) and its small dependencies (hjson, pydantic, pydantic-core,
@@ -42,6 +44,7 @@ WORK=$OUT/work; STEPS_DIR=$OUT/steps; mkdir -p "$WORK" "$STEPS_DIR"  # steps/NAM
 T0=$(date +%s)
 export TOKENIZERS_PARALLELISM=false
 
+SCALE=${BUDGET_SCALE:-$(( DRY ? 4 : 1 ))}
 if (( DRY )); then
   export DS_ACCELERATOR=cpu MASTER_ADDR=127.0.0.1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
   export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$WORK/torch_extensions}
@@ -61,12 +64,12 @@ fi
 TORCHRUN=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NGPU")
 
 PHASE=none; PHASE_END=$T0
-phase() {  # name, budget in seconds
-  PHASE=$1; PHASE_END=$(( $(date +%s) + $2 ))
-  echo "{\"phase\": \"$1\", \"budget_s\": $2}" >> "$RES"
+phase() {  # name, budget in seconds (times SCALE)
+  PHASE=$1; PHASE_END=$(( $(date +%s) + $2 * SCALE ))
+  echo "{\"phase\": \"$1\", \"budget_s\": $(( $2 * SCALE ))}" >> "$RES"
 }
-step() {  # name, own limit in seconds, command...: one JSON line with its exit status and time
-  local name=$1 cap=$2; shift 2
+step() {  # name, own limit in seconds (times SCALE), command...: one JSON line with its exit status and time
+  local name=$1 cap=$(( $2 * SCALE )); shift 2
   local left=$(( PHASE_END - $(date +%s) ))
   if (( left < 30 )); then
     echo "{\"phase\": \"$PHASE\", \"run\": \"$name\", \"skipped\": \"phase budget\"}" | tee -a "$RES"; return

@@ -44,6 +44,8 @@ def compiled_optimizer_op(ds_config: dict[str, Any]) -> str | None:
 
 
 def _nvcc_release(nvcc: str) -> str | None:
+    if not Path(nvcc).is_file():  # torch guesses CUDA_HOME (/usr/local) where only the runtime may be
+        return None
     try:
         out = subprocess.run([nvcc, "-V"], capture_output=True, text=True, timeout=60).stdout.split()
     except (OSError, subprocess.SubprocessError):

@@ -33,7 +33,8 @@ def test_gpu_sh_dry_run_starts_every_step_and_summarizes_them(tmp_path):
     assert [line["phase"] for line in lines if "budget_s" in line] == list(STEPS)
     ran = {(line["phase"], line["run"]): line for line in lines if "run" in line}
     assert sorted(ran) == sorted((phase, step) for phase, steps in STEPS.items() for step in steps)
-    # what the CPU can run, ran and succeeded; the rest says why not (no CUDA for gpu_checks' exit status)
+    # what the CPU can run, ran and succeeded; gpu_checks needs CUDA, and QLoRA on one CPU rank stops in
+    # bitsandbytes' CPU state_dict (its packed-weight assertion): their lines are there, their exit is not checked
     cpu_steps = [*STEPS["train"][:2], "convert", "eval", "launcher.dist", *[s[0] for p, s in STEPS.items()
                                                                             if p.startswith("bench_")][:-1]]
     assert [s for (_, s), line in ran.items() if s in cpu_steps and line.get("exit") != 0] == []
