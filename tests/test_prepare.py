@@ -61,5 +61,5 @@ def test_show_prints_each_part_decoded_with_its_whitespace(demo_assets):
     assert len(lines) == 8 and lines[0] == (f"pair 1 of 3 (f:1): {len(ids['prompt'])} prompt + "
                                             f"{len(ids['chosen']) + 1} chosen + {len(ids['rejected'])} rejected tokens")
     chosen = tok.decode(ids["chosen"] + [tok.eos_token_id], skip_special_tokens=False)
-    assert lines[2] == f"  chosen   {chosen!r}" and "\\n" in lines[2] and tok.eos_token in lines[2]
+    assert lines[2] == f"  chosen   {chosen!r}" and lines[2].endswith(f"{tok.eos_token}'")
     assert lines[4].startswith("pair 2 of 3 (f:2)")
