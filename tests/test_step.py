@@ -157,3 +157,14 @@ def test_train_step_visits_its_micro_batches_and_descends_the_plain_gradient(pai
     for (name, got), want in zip(ctx.policy.module.named_parameters(), plain.parameters()):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=name)
     assert any(not torch.equal(got, first) for got, first in zip(plain.parameters(), start))  # it did train
+
+
+def test_pair_step_loss_scale_weights_the_summed_losses(pairs):
+    ctx, _ = context(padding_free=False, live_reference=False)
+    plain = copy.deepcopy(ctx.policy.module)
+    pair_step(ctx, pairs, [1, 2], None, train=True, loss_scale=0.7)
+    (plain_pairs(plain, None, pairs, [1, 2])[-1].sum() * 0.7).backward()
+    with torch.no_grad():
+        for (name, got), want in zip(ctx.policy.module.named_parameters(), plain.parameters()):
+            torch.testing.assert_close(got, want - 0.05 * want.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert ctx.policy.steps == 1
