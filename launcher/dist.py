@@ -101,9 +101,10 @@ def comm_device():
     return torch.device(kind, index)
 
 
-def all_reduce(tensor, op: str = "sum"):
-    """The sum (or max) of `tensor` over every rank, as a new tensor on `tensor`'s device; `tensor` itself
-    without a process group. A collective: every rank must call it."""
+def all_reduce(tensor, op: str = "sum", group=None):
+    """The sum (or max) of `tensor` over every rank (of `group`, a subgroup of the default process group, when
+    given), as a new tensor on `tensor`'s device; `tensor` itself without a process group. A collective: every
+    rank (of the group) must call it."""
     import torch.distributed as dist
 
     if op not in _REDUCE_OPS:
@@ -111,7 +112,7 @@ def all_reduce(tensor, op: str = "sum"):
     if not _grouped():
         return tensor
     staged = tensor.to(comm_device(), copy=True)
-    dist.all_reduce(staged, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    dist.all_reduce(staged, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=group)
     return staged.to(tensor.device)
 
 

@@ -1,0 +1,162 @@
+"""Run under torchrun with 2 ranks by tests/test_sequence_parallel.py: DPO on a tiny Llama at S=2 (DeepSpeed's
+Ulysses attention, dpo_ds.sequence_parallel) against the same model at S=1 in plain PyTorch.
+
+Usage: dist_sequence_parallel_probe.py OUT. Rank 0 writes OUT (JSON): per setting/layout the largest relative
+difference of the per-sequence log-prob sums, of the loss and of the parameter gradients from S=1, whether
+the token counts are equal, and the ratios of the gradient a sum with an identity backward would give.
+
+S=1 comes first, in plain PyTorch with the textbook formula (log_softmax, gather, masked sum per sequence):
+`setup` reroutes sdpa for the whole process. Settings at S=2: "plain" (no DeepSpeed engine; each rank's
+gradients averaged over the group, what ZeRO-3 does with one data-parallel group), "plain_fused_head" (the same,
+scored inside lm_head), "zero3" (a ZeRO-3 engine built with the sequence-parallel mpu; DeepSpeed reduces).
+"""
+import json
+import sys
+
+import deepspeed
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from deepspeed.utils import safe_get_full_grad
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from dpo_ds.data import TokenizedPairs, collate
+from dpo_ds.engines import fused_head, score_forward
+from dpo_ds.sequence_parallel import setup, shard_batch, shard_forward_logps
+from launcher.dist import init_distributed
+
+BETA = 0.5
+# 2 pairs: sequences of 11 and 14 tokens (chosen), 13 and 7 (rejected): odd lengths, so S=2 pads
+LENGTHS = [(5, 6, 9), (3, 10, 4)]
+REFERENCE = torch.tensor([-40.0, -50.0, -45.0, -30.0])  # log pi_ref of chosen 0, 1, rejected 0, 1
+
+
+def tiny_llama() -> torch.nn.Module:
+    config = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=97,
+                                  max_position_embeddings=128, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+
+
+def pairs() -> TokenizedPairs:
+    g = torch.Generator().manual_seed(3)
+    ids = lambda n: torch.randint(3, 97, (n,), generator=g).tolist()  # noqa: E731
+    return TokenizedPairs(prompt=[ids(p) for p, _, _ in LENGTHS], chosen=[ids(c) for _, c, _ in LENGTHS],
+                          rejected=[ids(r) for _, _, r in LENGTHS])
+
+
+def dpo_loss(logps: torch.Tensor) -> torch.Tensor:
+    b = logps.shape[0] // 2
+    margin = (logps[:b] - REFERENCE[:b]) - (logps[b:] - REFERENCE[b:])
+    return -F.logsigmoid(BETA * margin).mean()
+
+
+def textbook_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """S=1: the model on the whole batch; per sequence the sum of log softmax(logits[t])[id[t+1]] over the
+    positions whose next token is a completion token."""
+    inputs = {"position_ids": batch["position_ids"]} if "sequence_ids" in batch else \
+        {"attention_mask": batch["attention_mask"]}
+    logits = model(input_ids=batch["input_ids"], use_cache=False, **inputs).logits.float()
+    token = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+    scored = batch["loss_mask"][:, 1:]
+    if "sequence_ids" not in batch:
+        return (token * scored).sum(1), scored.sum(1).float()
+    sequence = batch["sequence_ids"][0, 1:]
+    n = int(sequence.max()) + 1
+    return (torch.zeros(n).index_add(0, sequence, (token * scored)[0]),
+            torch.zeros(n).index_add(0, sequence, scored[0].float()))
+
+
+class SumIdentityBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, partial, group):
+        total = partial.clone()
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def average_over_group(model, group) -> None:
+    """What ZeRO-3 does to the gradients with one data-parallel group: their mean over all (here: the S) ranks."""
+    for p in model.parameters():
+        dist.all_reduce(p.grad, group=group)
+        p.grad /= dist.get_world_size(group)
+
+
+def grads_of(model, zero: bool) -> dict[str, torch.Tensor]:
+    return {n: (safe_get_full_grad(p) if zero else p.grad).detach().clone() for n, p in model.named_parameters()}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def compare(want: dict, logps, tokens, loss, grads) -> dict:
+    return {"tokens_equal": bool(torch.equal(tokens, want["tokens"])),
+            "logps_rel_diff": float(((logps - want["logps"]).abs() / want["logps"].abs()).max()),
+            "loss_rel_diff": abs(float(loss) - want["loss"]) / abs(want["loss"]),
+            "grad_rel_diff": max(rel(grads[n], g) for n, g in want["grads"].items())}
+
+
+def main(out: str) -> None:
+    env = init_distributed(timeout_s=600)
+    data = pairs()
+    batches = {layout: collate(data, [0, 1], pad_id=0, packed=layout == "packed") for layout in ("padded", "packed")}
+    model = tiny_llama()
+    want = {}
+    for layout, batch in batches.items():
+        model.zero_grad()
+        logps, tokens = textbook_logps(model, batch)
+        loss = dpo_loss(logps)
+        loss.backward()
+        want[layout] = {"logps": logps.detach(), "tokens": tokens, "loss": float(loss.detach()), "grads": grads_of(model, False)}
+
+    sp = setup(2, model.config, "sdpa")
+    report = {}
+    for head_name, head in (("plain", None), ("plain_fused_head", fused_head(model))):
+        for layout, batch in batches.items():
+            model.zero_grad()
+            shard = shard_batch(batch, sp.size, sp.rank, pad_id=0)
+            logps, tokens, _ = shard_forward_logps(model, shard, 4, head, sp.group)
+            loss = dpo_loss(logps)
+            loss.backward()
+            average_over_group(model, sp.group)
+            report[f"{head_name}/{layout}"] = compare(want[layout], logps.detach(), tokens, loss, grads_of(model, False))
+
+    # the alternative: a sum whose backward is the identity, on the padded batch
+    model.zero_grad()
+    shard = shard_batch(batches["padded"], sp.size, sp.rank, pad_id=0)
+    sums, tokens, _ = score_forward(model, shard.input_ids, {"position_ids": shard.position_ids}, shard.scoring,
+                                    shard.scoring.positions(), 4, None, False)
+    dpo_loss(SumIdentityBackward.apply(sums, sp.group)).backward()
+    average_over_group(model, sp.group)
+    grads = grads_of(model, False)
+    report["identity_backward_grad_ratio"] = [float(grads[n].norm() / g.norm()) for n, g in want["padded"]["grads"].items()]
+
+    ds_config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+                 # lr 0: engine.step() clears the gradients and leaves the weights as they are
+                 "optimizer": {"type": "AdamW", "params": {"lr": 0.0, "weight_decay": 0.0, "torch_adam": True}},
+                 "zero_optimization": {"stage": 3, "overlap_comm": False, "contiguous_gradients": True},
+                 "steps_per_print": 1000000000}
+    fresh = tiny_llama()
+    engine, _, _, _ = deepspeed.initialize(model=fresh, model_parameters=fresh.parameters(), config=ds_config,
+                                           mpu=sp.mpu)
+    for layout, batch in batches.items():
+        shard = shard_batch(batch, sp.size, sp.rank, pad_id=0)
+        logps, tokens, _ = shard_forward_logps(engine, shard, 4, fused_head(engine.module), sp.group)
+        loss = dpo_loss(logps)
+        engine.backward(loss)
+        report[f"zero3/{layout}"] = compare(want[layout], logps.detach(), tokens, loss, grads_of(engine.module, True))
+        engine.step()
+    if env.rank == 0:
+        with open(out, "w") as f:
+            json.dump(report, f, indent=1)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
