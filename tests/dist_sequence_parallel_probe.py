@@ -1,14 +1,17 @@
-"""Run under torchrun with 2 ranks by tests/test_sequence_parallel.py: DPO on a tiny Llama at S=2 (DeepSpeed's
-Ulysses attention, dpo_ds.sequence_parallel) against the same model at S=1 in plain PyTorch.
+"""Run under torchrun (2 ranks, or 4) by tests/test_sequence_parallel.py: DPO on a tiny Llama at S=2 (DeepSpeed's
+Ulysses attention, dpo_ds.sequence_parallel) against the same model at S=1 in plain PyTorch. With 4 ranks,
+ranks 2g, 2g + 1 form data-parallel group g and read pairs 2g, 2g + 1; the step's gradient is then the mean of
+the two groups' gradients.
 
-Usage: dist_sequence_parallel_probe.py OUT. Rank 0 writes OUT (JSON): per setting/layout the largest relative
-difference of the per-sequence log-prob sums, of the loss and of the parameter gradients from S=1, whether
-the token counts are equal, and the ratios of the gradient a sum with an identity backward would give.
+Usage: dist_sequence_parallel_probe.py OUT. Rank 0 writes OUT (JSON), one report per rank: per setting/layout
+the largest relative difference of the per-sequence log-prob sums, of the loss and of the parameter gradients
+from S=1, whether the token counts are equal, and the ratios of the gradient a sum with an identity backward
+would give.
 
 S=1 comes first, in plain PyTorch with the textbook formula (log_softmax, gather, masked sum per sequence):
-`setup` reroutes sdpa for the whole process. Settings at S=2: "plain" (no DeepSpeed engine; each rank's
-gradients averaged over the group, what ZeRO-3 does with one data-parallel group), "plain_fused_head" (the same,
-scored inside lm_head), "zero3" (a ZeRO-3 engine built with the sequence-parallel mpu; DeepSpeed reduces).
+`setup` reroutes sdpa for the whole process. Settings at S=2: "plain" (no DeepSpeed engine; the gradients
+averaged over all ranks, what ZeRO-3 does), "plain_fused_head" (the same, scored inside lm_head), "zero3" (a
+ZeRO-3 engine built with the sequence-parallel mpu; DeepSpeed reduces).
 """
 import json
 import sys
@@ -26,9 +29,10 @@ from dpo_ds.sequence_parallel import setup, shard_batch, shard_forward_logps
 from launcher.dist import init_distributed
 
 BETA = 0.5
-# 2 pairs: sequences of 11 and 14 tokens (chosen), 13 and 7 (rejected): odd lengths, so S=2 pads
-LENGTHS = [(5, 6, 9), (3, 10, 4)]
-REFERENCE = torch.tensor([-40.0, -50.0, -45.0, -30.0])  # log pi_ref of chosen 0, 1, rejected 0, 1
+# (prompt, chosen, rejected) tokens of 4 pairs; pairs 0, 1: sequences of 11, 13 (chosen), 14, 7 (rejected),
+# none but one a multiple of 2, so S=2 pads; pairs 2, 3 (the second data-parallel group of a 4-rank run)
+LENGTHS = [(5, 6, 9), (3, 10, 4), (4, 7, 3), (6, 2, 11)]
+REFERENCE = torch.tensor([-40.0, -50.0, -45.0, -30.0])  # log pi_ref of chosen 2g, 2g + 1, rejected 2g, 2g + 1
 
 
 def tiny_llama() -> torch.nn.Module:
@@ -80,11 +84,11 @@ class SumIdentityBackward(torch.autograd.Function):
         return grad, None
 
 
-def average_over_group(model, group) -> None:
-    """What ZeRO-3 does to the gradients with one data-parallel group: their mean over all (here: the S) ranks."""
+def average_over_all_ranks(model) -> None:
+    """What ZeRO-3 does to the gradients (its reduce-scatter path): their mean over all S x DP ranks."""
     for p in model.parameters():
-        dist.all_reduce(p.grad, group=group)
-        p.grad /= dist.get_world_size(group)
+        dist.all_reduce(p.grad)
+        p.grad /= dist.get_world_size()
 
 
 def grads_of(model, zero: bool) -> dict[str, torch.Tensor]:
@@ -105,18 +109,29 @@ def compare(want: dict, logps, tokens, loss, grads) -> dict:
 def main(out: str) -> None:
     env = init_distributed(timeout_s=600)
     data = pairs()
-    batches = {layout: collate(data, [0, 1], pad_id=0, packed=layout == "packed") for layout in ("padded", "packed")}
+    data_parallel = env.world_size // 2  # S = 2: ranks 2g and 2g + 1 form data-parallel group g, reading pairs 2g, 2g + 1
+    group_batches = [{layout: collate(data, [2 * g, 2 * g + 1], pad_id=0, packed=layout == "packed")
+                      for layout in ("padded", "packed")} for g in range(data_parallel)]
     model = tiny_llama()
     want = {}
-    for layout, batch in batches.items():
-        model.zero_grad()
-        logps, tokens = textbook_logps(model, batch)
-        loss = dpo_loss(logps)
-        loss.backward()
-        want[layout] = {"logps": logps.detach(), "tokens": tokens, "loss": float(loss.detach()), "grads": grads_of(model, False)}
+    for layout in ("padded", "packed"):
+        per_group = []
+        for batches in group_batches:
+            model.zero_grad()
+            logps, tokens = textbook_logps(model, batches[layout])
+            loss = dpo_loss(logps)
+            loss.backward()
+            per_group.append({"logps": logps.detach(), "tokens": tokens, "loss": float(loss.detach()),
+                              "grads": grads_of(model, False)})
+        # the step's gradient: the mean over data-parallel groups of their micro-batch's gradient
+        mine = dict(per_group[env.rank // 2])
+        mine["grads"] = {n: sum(g["grads"][n] for g in per_group) / data_parallel for n in mine["grads"]}
+        want[layout] = mine
+    batches = group_batches[env.rank // 2]
 
     sp = setup(2, model.config, "sdpa")
-    report = {}
+    assert sp.data_parallel_rank == env.rank // 2 and sp.data_parallel_size == data_parallel
+    report = {"world_size": env.world_size}
     for head_name, head in (("plain", None), ("plain_fused_head", fused_head(model))):
         for layout, batch in batches.items():
             model.zero_grad()
@@ -124,7 +139,7 @@ def main(out: str) -> None:
             logps, tokens, _ = shard_forward_logps(model, shard, 4, head, sp.group)
             loss = dpo_loss(logps)
             loss.backward()
-            average_over_group(model, sp.group)
+            average_over_all_ranks(model)
             report[f"{head_name}/{layout}"] = compare(want[layout], logps.detach(), tokens, loss, grads_of(model, False))
 
     # the alternative: a sum whose backward is the identity, on the padded batch
@@ -133,7 +148,7 @@ def main(out: str) -> None:
     sums, tokens, _ = score_forward(model, shard.input_ids, {"position_ids": shard.position_ids}, shard.scoring,
                                     shard.scoring.positions(), 4, None, False)
     dpo_loss(SumIdentityBackward.apply(sums, sp.group)).backward()
-    average_over_group(model, sp.group)
+    average_over_all_ranks(model)
     grads = grads_of(model, False)
     report["identity_backward_grad_ratio"] = [float(grads[n].norm() / g.norm()) for n, g in want["padded"]["grads"].items()]
 
@@ -145,6 +160,7 @@ def main(out: str) -> None:
     fresh = tiny_llama()
     engine, _, _, _ = deepspeed.initialize(model=fresh, model_parameters=fresh.parameters(), config=ds_config,
                                            mpu=sp.mpu)
+    report["zero3_train_batch_size"] = engine.train_batch_size()
     for layout, batch in batches.items():
         shard = shard_batch(batch, sp.size, sp.rank, pad_id=0)
         logps, tokens, _ = shard_forward_logps(engine, shard, 4, fused_head(engine.module), sp.group)
@@ -152,9 +168,11 @@ def main(out: str) -> None:
         engine.backward(loss)
         report[f"zero3/{layout}"] = compare(want[layout], logps.detach(), tokens, loss, grads_of(engine.module, True))
         engine.step()
+    reports = [None] * env.world_size
+    dist.all_gather_object(reports, report)
     if env.rank == 0:
         with open(out, "w") as f:
-            json.dump(report, f, indent=1)
+            json.dump(reports, f, indent=1)
     dist.barrier()
 
 

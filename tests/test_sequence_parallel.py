@@ -147,28 +147,40 @@ def test_a_shard_scores_the_first_token_of_the_next_shard():
     assert second.position_ids.tolist() == [[5, 0, 1, 2, 3]]
 
 
-# --------------------------------------------------------------------------- 2 ranks, S=2 against S=1
-@pytest.fixture(scope="module")
-def probe(tmp_path_factory):
+# --------------------------------------------------------------------------- S=2 against S=1, on 2 and 4 ranks
+@pytest.fixture(scope="module", params=[2, 4], ids=["2_ranks", "2_data_parallel_x_2_ranks"])
+def probe(request, tmp_path_factory):
+    """One launch per world size: per rank, how far S=2 is from S=1 (tests/dist_sequence_parallel_probe.py)."""
     out = tmp_path_factory.mktemp("sp") / "probe.json"
-    launch(["tests/dist_sequence_parallel_probe.py", str(out)], nproc=2, timeout=900)
-    return json.loads(out.read_text())
+    launch(["tests/dist_sequence_parallel_probe.py", str(out)], nproc=request.param, timeout=900)
+    reports = json.loads(out.read_text())
+    assert [r["world_size"] for r in reports] == [request.param] * request.param
+    return reports
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 @pytest.mark.parametrize("setting", ["plain", "plain_fused_head", "zero3"])
 def test_sequence_parallel_matches_one_rank(probe, layout, setting):
-    case = probe[f"{setting}/{layout}"]
-    assert case["tokens_equal"]
-    assert case["logps_rel_diff"] < 1e-6, case
-    assert case["loss_rel_diff"] < 1e-6, case
-    assert case["grad_rel_diff"] < 1e-5, case
+    """Per-sequence log-prob sums and the DPO loss of each rank's micro-batch within 1e-6 of S=1, and the step's
+    parameter gradients (ZeRO-3's, or the mean over ranks that it takes) within 1e-5, relative."""
+    for rank, report in enumerate(probe):
+        case = report[f"{setting}/{layout}"]
+        assert case["tokens_equal"], rank
+        assert case["logps_rel_diff"] < 1e-6, (rank, case)
+        assert case["loss_rel_diff"] < 1e-6, (rank, case)
+        assert case["grad_rel_diff"] < 1e-5, (rank, case)
+
+
+@pytest.mark.distributed
+def test_zero3_counts_data_parallel_groups_in_the_batch(probe):
+    assert {r["zero3_train_batch_size"] for r in probe} == {len(probe) // 2}  # micro 1 x accumulation 1 x world / S
 
 
 @pytest.mark.distributed
 def test_an_identity_backward_would_give_one_s_th_of_the_gradient(probe):
     """Why sum_over_group's backward is an all-reduce: ZeRO-3 averages over all S x DP ranks, so with an
     identity backward every parameter's gradient is 1/S of the S=1 one."""
-    assert probe["identity_backward_grad_ratio"] == pytest.approx([0.5] * len(probe["identity_backward_grad_ratio"]),
-                                                                  rel=1e-5)
+    for report in probe:
+        ratios = report["identity_backward_grad_ratio"]
+        assert ratios == pytest.approx([0.5] * len(ratios), rel=1e-5)
