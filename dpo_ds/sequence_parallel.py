@@ -8,41 +8,46 @@ each runs the model on one contiguous 1/S of the sequence dimension. Inside each
 sequence for 1/S of the heads, then exchanges the outputs back. Everything else (embeddings, MLP, norms, the
 fused lm_head scoring) is per token and runs on the rank's shard only.
 
-The pieces, in the order a micro-step uses them:
+The pieces, in the order a run uses them:
 
 1. `check_settings` (before anything loads): S divides the world size and the attention heads, the key/value
-   heads follow DeepSpeed's rule, no eager attention, a model family the patch covers; a ConfigError naming
-   `sequence_parallel_size` otherwise.
-2. `setup` (once per process, after `init_distributed`, before any model is built): the groups, and
-   `ALL_ATTENTION_FUNCTIONS[kernel]` routed through `UlyssesSPAttentionHF`; returns the `SequenceParallel`
-   context whose `mpu` goes to every `deepspeed.initialize` (policy and reference).
+   heads follow DeepSpeed's rule, no eager attention, a model family the patch covers; `check_deepspeed_config`
+   on the resolved policy DeepSpeed config; a ConfigError naming `sequence_parallel_size` otherwise.
+2. `setup` (once per process, after `Parallel.init`, before any model is built): DeepSpeed's sequence-parallel
+   groups, and `ALL_ATTENTION_FUNCTIONS[kernel]` routed through `UlyssesSPAttentionHF`; returns the `mpu` every
+   `deepspeed.initialize` (policy and reference) is given.
 3. `shard_batch` (CPU, after `collate`): the rank's contiguous shard of the collated micro-batch, with its
    position ids and its slice of the whole batch's `Scoring` (a shard's last position predicts the next
    shard's first token, so targets, scored mask and sequence of each position are computed before cutting).
 4. `shard_forward_logps`: the forward on the shard and the per-sequence log-prob sums and token counts summed
    over the group (`sum_over_group`), differentiably: whole-sequence values, equal on every rank of the group.
+5. Optional `enable_tiled_mlp` (the `tiled_mlp` setting): dense MLPs in sequence tiles (DeepSpeed's TiledMLP).
 
 How the trainer calls it (the integration contract):
 
 - Settings: `check_settings(S, world_size, load_model_config(...), attention_kernel(cfg), cfg.max_length)` in
-  check_before_loading, and `check_deepspeed_config` on the resolved policy DeepSpeed config. Build the models with `ulysses_kernel(attention_kernel(cfg))` as attn_implementation.
-- Groups: `sp = setup(S, model_config, kernel)` right after init_distributed (S > 1 only). Data-parallel
-  rank = rank // S, data-parallel size = world // S (`sp.data_parallel_rank`, `sp.data_parallel_size`).
-- DeepSpeed: `deepspeed.initialize(..., mpu=sp.mpu)` for the policy and the reference engine, and
-  `train_batch_size` = micro_batch_size x gradient_accumulation_steps x (world // S) (DeepSpeed divides the
-  world by S when an mpu is given). ZeRO-3 then partitions over all world ranks, as without S.
-- Sampler, pair weighting, eval shares, metrics and the NaN/max_kl guards: by data-parallel rank and size, so
-  the S ranks of a group read the same micro-batches in the same order (same indices, same loss_scale), and
-  a pair is counted once per data-parallel group (reduce metrics over one rank per group, or divide by S).
-- Step: `micro = MicroBatch.of(...)` as now; `shard = shard_batch(micro.tensors, sp.size, sp.rank, pad_id)`;
-  policy: `logps, tokens, aux = shard_forward_logps(policy, shard, chunk, head, sp.group)`; the loss as
-  without S, then `policy.backward(loss)`; no other scaling (see "Gradients" below). Under S > 1 no
-  attention_mask and no flash-attention cu_seq_lens are passed: position ids carry the layout.
-- Reference: the live engine runs `shard_forward_logps` on the same shard under torch.no_grad (the sum is a
-  plain all-reduce then); LoRA: the same call with the adapter off; precompute_ref: computed the same way,
-  the cache written once per data-parallel group (sequence-parallel rank 0). The reference's log-probs are
-  whole-sequence values, so the cache does not depend on S.
-- MoE router loss: `aux` is the load-balancing loss of the rank's shard only (routers see 1/S of the tokens).
+  check_before_loading, `check_deepspeed_config(resolve_policy_config(...), S, source)`. Build both models with
+  `ulysses_kernel(attention_kernel(cfg))` as attn_implementation (S > 1).
+- Groups: `parallel = Parallel.init(timeout, S)`, then `mpu = setup(parallel, model_config, kernel)` (S > 1).
+  Shards and sums use `parallel.sequence_parallel_rank` / `parallel.sequence_parallel_group`; DeepSpeed's
+  Ulysses attention uses the mpu's own group of the same ranks.
+- DeepSpeed: `deepspeed.initialize(..., mpu=mpu)` for the policy and the reference engine, and
+  `train_batch_size` = micro_batch_size x gradient_accumulation_steps x parallel.data_parallel_size
+  (DeepSpeed divides the world by S when an mpu is given). ZeRO-3 still partitions over all world ranks.
+- Sampler, pair weighting, eval shares, metrics and the NaN/max_kl guards: by data-parallel rank and size
+  (Parallel), so the S ranks of a group read the same micro-batches in the same order (same indices, same
+  loss_scale); the whole-sequence log-probs are equal on the S ranks, so a pair counts once per
+  data-parallel group (Parallel.sum_over_data).
+- Step (step.pair_step): `micro = MicroBatch.of(...)` as now; `shard = shard_batch(micro.tensors, S,
+  parallel.sequence_parallel_rank, pad_id)`; policy: `logps, tokens, aux = shard_forward_logps(policy, shard,
+  chunk, head, parallel.sequence_parallel_group, router_aux)`; the loss as without S, `policy.backward(loss)`,
+  no other scaling ("Gradients" below). Under S > 1 no attention_mask and no flash-attention cu_seq_lens are
+  passed: position ids carry the layout (the full row's, gathered inside each attention layer).
+- Reference: the live engine runs `shard_forward_logps` on the same shard under torch.no_grad; LoRA: the same
+  call with the adapter off; precompute_ref: computed the same way and written once per data-parallel group
+  (sequence-parallel rank 0). Its log-probs are whole-sequence values: the cache does not depend on S.
+- MoE router loss: `aux` is the load-balancing loss of the rank's shard (its routers see 1/S of the tokens);
+  its gradient is averaged over the S ranks by ZeRO-3 like any per-rank term.
 
 Gradients (why `sum_over_group`'s backward is an all-reduce too). Rank r computes partial sums s_r; the
 forward all-reduce gives s = sum_r s_r on every rank, and every rank computes the same loss L(s). Seeding
@@ -159,27 +164,17 @@ def check_deepspeed_config(ds_config: dict, sequence_parallel_size: int, source:
 
 
 # --------------------------------------------------------------------------- groups and the attention patch
-@dataclass
-class SequenceParallel:
-    """This rank's place in sequence parallelism (see the module docstring for how the trainer uses it)."""
-    size: int                # S: ranks sharing every sequence
-    rank: int                # this rank's shard, 0 <= rank < S
-    group: Any               # the S ranks of this rank's group (a torch ProcessGroup)
-    data_parallel_rank: int  # which micro-batches this rank reads (its group's index)
-    data_parallel_size: int  # world // S
-    mpu: Any                 # deepspeed.runtime.sequence_parallel.parallel_state_sp, for deepspeed.initialize
-
-
-def setup(sequence_parallel_size: int, model_config: Any, kernel: str) -> SequenceParallel:
-    """Build the sequence-parallel groups and route attention kernel `kernel` (ulysses_kernel's answer) through
-    DeepSpeed's UlyssesSPAttentionHF, for every model built afterwards with that kernel in this process. Once
-    per process (DeepSpeed keeps the groups in module globals), S > 1, after the process group exists."""
-    import deepspeed.comm as ds_comm
+def setup(parallel, model_config: Any, kernel: str):
+    """Build DeepSpeed's sequence-parallel groups (`parallel_state_sp`, the mpu register_with_transformers
+    returns, to be given to deepspeed.initialize) and route attention kernel `kernel` (ulysses_kernel's answer)
+    through DeepSpeed's UlyssesSPAttentionHF, for every model this process runs with that kernel. Once per
+    process (DeepSpeed keeps the groups in module globals), for a `parallel` (dpo_ds.parallel.Parallel) with
+    sequence_parallel_size > 1."""
     import deepspeed.runtime.sequence_parallel.parallel_state_sp as mpu
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    mpu.initialize_sequence_parallel(sequence_parallel_size=sequence_parallel_size)
+    mpu.initialize_sequence_parallel(sequence_parallel_size=parallel.sequence_parallel_size)
     text = model_config.get_text_config()
     core = ALL_ATTENTION_FUNCTIONS[kernel]
     ulysses = UlyssesSPAttentionHF(
@@ -189,11 +184,7 @@ def setup(sequence_parallel_size: int, model_config: Any, kernel: str) -> Sequen
         process_group=mpu.get_sequence_parallel_group(), seq_length_is_variable=True)
     ulysses.core_attn_implementation = kernel
     ALL_ATTENTION_FUNCTIONS[kernel] = _UlyssesAttention(ulysses)
-    world = ds_comm.get_world_size()
-    return SequenceParallel(size=sequence_parallel_size, rank=mpu.get_sequence_parallel_rank(),
-                            group=mpu.get_sequence_parallel_group(),
-                            data_parallel_rank=ds_comm.get_rank() // sequence_parallel_size,
-                            data_parallel_size=world // sequence_parallel_size, mpu=mpu)
+    return mpu
 
 
 class _UlyssesAttention:
@@ -305,9 +296,10 @@ def sum_over_group(sums: torch.Tensor, tokens: torch.Tensor, group) -> tuple[tor
 
 def shard_forward_logps(engine, shard: SequenceShard, chunk_size: int, head: torch.nn.Linear | None, group,
                         router_aux: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """`engines.forward_logps_and_aux` for a shard: the forward on the rank's shard, then the whole-sequence
-    log-prob sums and token counts (summed over `group`), and the shard's router aux loss when `router_aux`."""
-    from dpo_ds.engines import score_forward, to_device
+    """`scoring.forward_logps` for a shard: the forward on the rank's shard, then the whole-sequence log-prob
+    sums and token counts (summed over `group`, the sequence-parallel group), and the shard's router loss when
+    `router_aux`."""
+    from dpo_ds.scoring import score_forward, to_device
 
     device = engine.device
     scoring = Scoring(to_device(shard.scoring.targets, device), to_device(shard.scoring.mask, device),
@@ -316,3 +308,33 @@ def shard_forward_logps(engine, shard: SequenceShard, chunk_size: int, head: tor
                                       {"position_ids": to_device(shard.position_ids, device)}, scoring,
                                       shard.scoring.positions(), chunk_size, head, router_aux)
     return (*sum_over_group(sums, tokens, group), aux)
+
+
+# --------------------------------------------------------------------------- tiled MLP
+def enable_tiled_mlp(model: torch.nn.Module, tile_tokens: int | None = None) -> int:
+    """Compute every dense MLP block (`*.mlp` modules without experts) of `model` in sequence tiles with
+    DeepSpeed's TiledMLP: the [tokens, intermediate] activations exist one tile at a time, and the backward
+    recomputes each tile. Returns the number of blocks patched; before deepspeed.initialize or after, the same.
+
+    Tiles: ceil(tokens / tile_tokens), tile_tokens = hidden_size by default (DeepSpeed's choice: a tile's
+    activations about a hidden x hidden block); the largest count over all ranks, since under ZeRO-3 every
+    rank must gather the block's parameters the same number of times."""
+    tile_tokens = tile_tokens or model.config.get_text_config().hidden_size
+    patched = 0
+    for name, module in model.named_modules():
+        if name.endswith(".mlp") and not hasattr(module, "experts"):
+            module.forward = _tiled_forward(module, type(module).forward, tile_tokens)
+            patched += 1
+    return patched
+
+
+def _tiled_forward(module: torch.nn.Module, forward, tile_tokens: int):
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
+
+    from launcher.dist import all_reduce
+
+    def tiled(x: torch.Tensor) -> torch.Tensor:
+        tiles = all_reduce(torch.tensor([math.ceil(x.shape[-2] / tile_tokens)]), op="max")
+        params = [p for p in module.parameters() if p.requires_grad]
+        return TiledMLP.apply(forward, module, x, int(tiles), params)
+    return tiled

@@ -11,7 +11,8 @@ would give.
 S=1 comes first, in plain PyTorch with the textbook formula (log_softmax, gather, masked sum per sequence):
 `setup` reroutes sdpa for the whole process. Settings at S=2: "plain" (no DeepSpeed engine; the gradients
 averaged over all ranks, what ZeRO-3 does), "plain_fused_head" (the same, scored inside lm_head), "zero3" (a
-ZeRO-3 engine built with the sequence-parallel mpu; DeepSpeed reduces).
+ZeRO-3 engine built with the sequence-parallel mpu; DeepSpeed reduces), "zero3_tiled_mlp_checkpointing" (the
+same with gradient checkpointing and TiledMLP).
 """
 import json
 import sys
@@ -24,9 +25,9 @@ from deepspeed.utils import safe_get_full_grad
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from dpo_ds.data import TokenizedPairs, collate
-from dpo_ds.engines import fused_head, score_forward
-from dpo_ds.sequence_parallel import setup, shard_batch, shard_forward_logps
-from launcher.dist import init_distributed
+from dpo_ds.parallel import Parallel
+from dpo_ds.scoring import fused_head, score_forward
+from dpo_ds.sequence_parallel import enable_tiled_mlp, setup, shard_batch, shard_forward_logps
 
 BETA = 0.5
 # (prompt, chosen, rejected) tokens of 4 pairs; pairs 0, 1: sequences of 11, 13 (chosen), 14, 7 (rejected),
@@ -107,9 +108,9 @@ def compare(want: dict, logps, tokens, loss, grads) -> dict:
 
 
 def main(out: str) -> None:
-    env = init_distributed(timeout_s=600)
+    parallel = Parallel.init(timeout_s=600, sequence_parallel_size=2)
     data = pairs()
-    data_parallel = env.world_size // 2  # S = 2: ranks 2g and 2g + 1 form data-parallel group g, reading pairs 2g, 2g + 1
+    data_parallel = parallel.data_parallel_size  # ranks 2g and 2g + 1 form data-parallel group g, reading pairs 2g, 2g + 1
     group_batches = [{layout: collate(data, [2 * g, 2 * g + 1], pad_id=0, packed=layout == "packed")
                       for layout in ("padded", "packed")} for g in range(data_parallel)]
     model = tiny_llama()
@@ -124,19 +125,19 @@ def main(out: str) -> None:
             per_group.append({"logps": logps.detach(), "tokens": tokens, "loss": float(loss.detach()),
                               "grads": grads_of(model, False)})
         # the step's gradient: the mean over data-parallel groups of their micro-batch's gradient
-        mine = dict(per_group[env.rank // 2])
+        mine = dict(per_group[parallel.data_parallel_rank])
         mine["grads"] = {n: sum(g["grads"][n] for g in per_group) / data_parallel for n in mine["grads"]}
         want[layout] = mine
-    batches = group_batches[env.rank // 2]
+    batches = group_batches[parallel.data_parallel_rank]
 
-    sp = setup(2, model.config, "sdpa")
-    assert sp.data_parallel_rank == env.rank // 2 and sp.data_parallel_size == data_parallel
-    report = {"world_size": env.world_size}
+    mpu = setup(parallel, model.config, "sdpa")
+    group, rank = parallel.sequence_parallel_group, parallel.sequence_parallel_rank
+    report = {"world_size": parallel.world_size}
     for head_name, head in (("plain", None), ("plain_fused_head", fused_head(model))):
         for layout, batch in batches.items():
             model.zero_grad()
-            shard = shard_batch(batch, sp.size, sp.rank, pad_id=0)
-            logps, tokens, _ = shard_forward_logps(model, shard, 4, head, sp.group)
+            shard = shard_batch(batch, 2, rank, pad_id=0)
+            logps, tokens, _ = shard_forward_logps(model, shard, 4, head, group)
             loss = dpo_loss(logps)
             loss.backward()
             average_over_all_ranks(model)
@@ -144,10 +145,10 @@ def main(out: str) -> None:
 
     # the alternative: a sum whose backward is the identity, on the padded batch
     model.zero_grad()
-    shard = shard_batch(batches["padded"], sp.size, sp.rank, pad_id=0)
+    shard = shard_batch(batches["padded"], 2, rank, pad_id=0)
     sums, tokens, _ = score_forward(model, shard.input_ids, {"position_ids": shard.position_ids}, shard.scoring,
                                     shard.scoring.positions(), 4, None, False)
-    dpo_loss(SumIdentityBackward.apply(sums, sp.group)).backward()
+    dpo_loss(SumIdentityBackward.apply(sums, group)).backward()
     average_over_all_ranks(model)
     grads = grads_of(model, False)
     report["identity_backward_grad_ratio"] = [float(grads[n].norm() / g.norm()) for n, g in want["padded"]["grads"].items()]
@@ -157,20 +158,26 @@ def main(out: str) -> None:
                  "optimizer": {"type": "AdamW", "params": {"lr": 0.0, "weight_decay": 0.0, "torch_adam": True}},
                  "zero_optimization": {"stage": 3, "overlap_comm": False, "contiguous_gradients": True},
                  "steps_per_print": 1000000000}
-    fresh = tiny_llama()
-    engine, _, _, _ = deepspeed.initialize(model=fresh, model_parameters=fresh.parameters(), config=ds_config,
-                                           mpu=sp.mpu)
-    report["zero3_train_batch_size"] = engine.train_batch_size()
-    for layout, batch in batches.items():
-        shard = shard_batch(batch, sp.size, sp.rank, pad_id=0)
-        logps, tokens, _ = shard_forward_logps(engine, shard, 4, fused_head(engine.module), sp.group)
-        loss = dpo_loss(logps)
-        engine.backward(loss)
-        report[f"zero3/{layout}"] = compare(want[layout], logps.detach(), tokens, loss, grads_of(engine.module, True))
-        engine.step()
-    reports = [None] * env.world_size
+    for setting in ("zero3", "zero3_tiled_mlp_checkpointing"):
+        fresh = tiny_llama()
+        if setting != "zero3":  # the trainer's setup: checkpointed layers, here with MLPs in tiles of 4 positions
+            assert enable_tiled_mlp(fresh, tile_tokens=4) == 2
+            fresh.train()
+            fresh.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        engine, _, _, _ = deepspeed.initialize(model=fresh, model_parameters=fresh.parameters(), config=ds_config,
+                                               mpu=mpu)
+        report[f"{setting}_train_batch_size"] = engine.train_batch_size()
+        for layout, batch in batches.items():
+            shard = shard_batch(batch, 2, rank, pad_id=0)
+            logps, tokens, _ = shard_forward_logps(engine, shard, 4, fused_head(engine.module), group)
+            loss = dpo_loss(logps)
+            engine.backward(loss)
+            report[f"{setting}/{layout}"] = compare(want[layout], logps.detach(), tokens, loss,
+                                                    grads_of(engine.module, True))
+            engine.step()
+    reports = [None] * parallel.world_size
     dist.all_gather_object(reports, report)
-    if env.rank == 0:
+    if parallel.rank == 0:
         with open(out, "w") as f:
             json.dump(reports, f, indent=1)
     dist.barrier()

@@ -160,7 +160,7 @@ def probe(request, tmp_path_factory):
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("layout", ["padded", "packed"])
-@pytest.mark.parametrize("setting", ["plain", "plain_fused_head", "zero3"])
+@pytest.mark.parametrize("setting", ["plain", "plain_fused_head", "zero3", "zero3_tiled_mlp_checkpointing"])
 def test_sequence_parallel_matches_one_rank(probe, layout, setting):
     """Per-sequence log-prob sums and the DPO loss of each rank's micro-batch within 1e-6 of S=1, and the step's
     parameter gradients (ZeRO-3's, or the mean over ranks that it takes) within 1e-5, relative."""
@@ -184,3 +184,32 @@ def test_an_identity_backward_would_give_one_s_th_of_the_gradient(probe):
     for report in probe:
         ratios = report["identity_backward_grad_ratio"]
         assert ratios == pytest.approx([0.5] * len(ratios), rel=1e-5)
+
+
+# --------------------------------------------------------------------------- tiled MLP
+def test_tiled_mlp_computes_what_the_model_computes():
+    from transformers import AutoModelForCausalLM
+
+    from dpo_ds.sequence_parallel import enable_tiled_mlp
+
+    config = AutoConfig.for_model("llama", hidden_size=16, intermediate_size=48, num_hidden_layers=2,
+                                  num_attention_heads=2, num_key_value_heads=2, vocab_size=50)
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float64))
+    plain, tiled = models
+    assert enable_tiled_mlp(tiled) == 2
+    tiles = []  # positions each down_proj call sees: 50 tokens in ceil(50 / 16) = 4 tiles
+    tiled.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, args, out: tiles.append(args[0].shape[-2]))
+    ids = torch.randint(0, 50, (2, 50), generator=torch.Generator().manual_seed(0))
+    outputs = []
+    for model in (plain, tiled):
+        logits = model(input_ids=ids, use_cache=False).logits
+        (logits.sin().sum()).backward()
+        outputs.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    # the forward's tiles of each row's 50 positions, then the backward's recomputation over the 2 x 50 flattened
+    assert tiles == [13, 13, 13, 11] + [25] * 4
+    torch.testing.assert_close(outputs[1][0], outputs[0][0], rtol=1e-12, atol=1e-12)
+    for name, grad in outputs[0][1].items():
+        torch.testing.assert_close(outputs[1][1][name], grad, rtol=1e-10, atol=1e-12)
