@@ -78,6 +78,7 @@ import torch
 
 from dpo_ds.config import ConfigError
 from dpo_ds.logprobs import Scoring, scoring_of
+from dpo_ds.parallel import Parallel
 
 FIELD = "sequence_parallel_size"
 ATTENTION_LAYER_KINDS = ("full_attention", "sliding_attention")  # layer_types entries attention kernels compute
@@ -164,7 +165,7 @@ def check_deepspeed_config(ds_config: dict, sequence_parallel_size: int, source:
 
 
 # --------------------------------------------------------------------------- groups and the attention patch
-def setup(parallel, model_config: Any, kernel: str):
+def setup(parallel: Parallel, model_config: Any, kernel: str):
     """Build DeepSpeed's sequence-parallel groups (`parallel_state_sp`, the mpu register_with_transformers
     returns, to be given to deepspeed.initialize) and route attention kernel `kernel` (ulysses_kernel's answer)
     through DeepSpeed's UlyssesSPAttentionHF, for every model this process runs with that kernel. Once per
@@ -209,7 +210,9 @@ class _UlyssesAttention:
 
 def _per_sequence_sdpa(sdpa):
     """sdpa over a gathered packed row (one row, position ids restarting per sequence), causal within each
-    sequence: transformers' sdpa path encodes packing in the mask, which the Ulysses attention drops."""
+    sequence: transformers' sdpa path encodes packing in the mask, which the Ulysses attention drops. Finding
+    the sequences reads the position ids on the host once per layer (a device sync on a GPU, where flash
+    attention is the kernel for packed rows)."""
     def attend(module, query, key, value, attention_mask, *args, position_ids=None, **kwargs):
         if query.shape[0] != 1 or position_ids is None:
             return sdpa(module, query, key, value, attention_mask, *args, **kwargs)

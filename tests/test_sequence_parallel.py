@@ -62,6 +62,17 @@ def test_settings_refused_with_the_field_named():
     assert "one head size" in refused(2, config=mla)
 
 
+def test_zero3_without_reduce_scatter_is_refused_under_s():
+    from dpo_ds.sequence_parallel import check_deepspeed_config
+
+    scattering = {"zero_optimization": {"stage": 3}}
+    check_deepspeed_config(scattering, 2, "zero3.json")
+    check_deepspeed_config({"zero_optimization": {"stage": 3, "reduce_scatter": False}}, 1, "zero3.json")
+    with pytest.raises(ConfigError, match="reduce_scatter true in my.json") as err:
+        check_deepspeed_config({"zero_optimization": {"stage": 3, "reduce_scatter": False}}, 2, "my.json")
+    assert err.value.field_name == "sequence_parallel_size"
+
+
 # --------------------------------------------------------------------------- sharding
 def pairs(lengths: list[tuple[int, int, int]], vocab: int = 50) -> TokenizedPairs:
     g = torch.Generator().manual_seed(len(lengths))
