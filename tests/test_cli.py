@@ -100,3 +100,18 @@ def test_versions_outside_the_tested_ranges_stop_every_entry_point(monkeypatch, 
     assert cli.main(["plan", "--model", "llama-7b"]) == 2
     assert ('error: transformers is not installed; dpo-ds needs transformers>=5.0,<6: run `make install`'
             in capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("argv,flag,suggestion", [
+    (["train", "--learning_rat", "1e-6"], "--learning_rat", "--learning_rate"),  # a prefix of a flag: not taken
+    (["eval", "--modl", "m", "--data", "d"], "--modl", "--model"),  # named before the missing --model
+    (["plan", "--model", "llama-7b", "--node", "2"], "--node", "--nodes"),
+])
+def test_a_mistyped_flag_is_one_line_with_the_closest_flag(argv, flag, suggestion, capsys):
+    """Issue 25 item 6: argparse printed the whole usage and took `--learning_rat` as `--learning_rate`."""
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2
+    assert err.splitlines() == [f"dpo-ds {argv[0]}: error: unknown flag {flag} (did you mean {suggestion}?); "
+                                f"`dpo-ds {argv[0]} --help` lists the flags"]
