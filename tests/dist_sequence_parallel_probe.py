@@ -1,9 +1,9 @@
-"""Run under torchrun (2 ranks, or 4) by tests/test_sequence_parallel.py: DPO on a tiny Llama at S=2 (DeepSpeed's
-Ulysses attention, dpo_ds.sequence_parallel) against the same model at S=1 in plain PyTorch. With 4 ranks,
+"""Run under torchrun (2 ranks, or 4) by tests/test_sequence_parallel.py: DPO on a tiny Llama (or Mixtral) at
+S=2 (DeepSpeed's Ulysses attention, dpo_ds.sequence_parallel) against the same model at S=1 in plain PyTorch. With 4 ranks,
 ranks 2g, 2g + 1 form data-parallel group g and read pairs 2g, 2g + 1; the step's gradient is then the mean of
 the two groups' gradients.
 
-Usage: dist_sequence_parallel_probe.py OUT. Rank 0 writes OUT (JSON), one report per rank: per setting/layout
+Usage: dist_sequence_parallel_probe.py OUT [FAMILY] (a key of FAMILIES, default llama). Rank 0 writes OUT (JSON), one report per rank: per setting/layout
 the largest relative difference of the per-sequence log-prob sums, of the loss and of the parameter gradients
 from S=1, whether the token counts are equal, and the ratios of the gradient a sum with an identity backward
 would give.
@@ -36,10 +36,18 @@ LENGTHS = [(5, 6, 9), (3, 10, 4), (4, 7, 3), (6, 2, 11)]
 REFERENCE = torch.tensor([-40.0, -50.0, -45.0, -30.0])  # log pi_ref of chosen 2g, 2g + 1, rejected 2g, 2g + 1
 
 
-def tiny_llama() -> torch.nn.Module:
-    config = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=97,
-                                  max_position_embeddings=128, tie_word_embeddings=False)
+FAMILIES = {  # tiny configs: 2 layers, hidden 32, 4 attention heads, 2 key/value heads
+    "llama": dict(intermediate_size=64, tie_word_embeddings=False),
+    # mixture of experts (4, 2 per token), tied embeddings, head_dim None in its config
+    "mixtral": dict(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=True),
+}
+DENSE_MLPS = {"llama": 2, "mixtral": 0}  # blocks enable_tiled_mlp tiles
+
+
+def tiny_model(family: str) -> torch.nn.Module:
+    config = AutoConfig.for_model(family, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, vocab_size=97, max_position_embeddings=128,
+                                  **FAMILIES[family])
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
 
@@ -107,13 +115,13 @@ def compare(want: dict, logps, tokens, loss, grads) -> dict:
             "grad_rel_diff": max(rel(grads[n], g) for n, g in want["grads"].items())}
 
 
-def main(out: str) -> None:
+def main(out: str, family: str) -> None:
     parallel = Parallel.init(timeout_s=600, sequence_parallel_size=2)
     data = pairs()
     data_parallel = parallel.data_parallel_size  # ranks 2g and 2g + 1 form data-parallel group g, reading pairs 2g, 2g + 1
     group_batches = [{layout: collate(data, [2 * g, 2 * g + 1], pad_id=0, packed=layout == "packed")
                       for layout in ("padded", "packed")} for g in range(data_parallel)]
-    model = tiny_llama()
+    model = tiny_model(family)
     want = {}
     for layout in ("padded", "packed"):
         per_group = []
@@ -132,7 +140,7 @@ def main(out: str) -> None:
 
     mpu = setup(parallel, model.config, "sdpa")
     group, rank = parallel.sequence_parallel_group, parallel.sequence_parallel_rank
-    report = {"world_size": parallel.world_size}
+    report = {"world_size": parallel.world_size, "family": family}
     for head_name, head in (("plain", None), ("plain_fused_head", fused_head(model))):
         for layout, batch in batches.items():
             model.zero_grad()
@@ -159,9 +167,9 @@ def main(out: str) -> None:
                  "zero_optimization": {"stage": 3, "overlap_comm": False, "contiguous_gradients": True},
                  "steps_per_print": 1000000000}
     for setting in ("zero3", "zero3_tiled_mlp_checkpointing"):
-        fresh = tiny_llama()
+        fresh = tiny_model(family)
         if setting != "zero3":  # the trainer's setup: checkpointed layers, here with MLPs in tiles of 4 positions
-            assert enable_tiled_mlp(fresh, tile_tokens=4) == 2
+            assert enable_tiled_mlp(fresh, tile_tokens=4) == DENSE_MLPS[family]
             fresh.train()
             fresh.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         engine, _, _, _ = deepspeed.initialize(model=fresh, model_parameters=fresh.parameters(), config=ds_config,
@@ -184,4 +192,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "llama")

@@ -159,13 +159,16 @@ def test_a_shard_scores_the_first_token_of_the_next_shard():
 
 
 # --------------------------------------------------------------------------- S=2 against S=1, on 2 and 4 ranks
-@pytest.fixture(scope="module", params=[2, 4], ids=["2_ranks", "2_data_parallel_x_2_ranks"])
+@pytest.fixture(scope="module", params=[(2, "llama"), (4, "llama"), (2, "mixtral")],
+                ids=["2_ranks", "2_data_parallel_x_2_ranks", "2_ranks_moe_tied_embeddings"])
 def probe(request, tmp_path_factory):
-    """One launch per world size: per rank, how far S=2 is from S=1 (tests/dist_sequence_parallel_probe.py)."""
+    """One launch per world size and family: per rank, how far S=2 is from S=1
+    (tests/dist_sequence_parallel_probe.py)."""
+    world, family = request.param
     out = tmp_path_factory.mktemp("sp") / "probe.json"
-    launch(["tests/dist_sequence_parallel_probe.py", str(out)], nproc=request.param, timeout=900)
+    launch(["tests/dist_sequence_parallel_probe.py", str(out), family], nproc=world, timeout=900)
     reports = json.loads(out.read_text())
-    assert [r["world_size"] for r in reports] == [request.param] * request.param
+    assert [(r["world_size"], r["family"]) for r in reports] == [(world, family)] * world
     return reports
 
 
