@@ -12,7 +12,8 @@ S=1 comes first, in plain PyTorch with the textbook formula (log_softmax, gather
 `setup` reroutes sdpa for the whole process. Settings at S=2: "plain" (no DeepSpeed engine; the gradients
 averaged over all ranks, what ZeRO-3 does), "plain_fused_head" (the same, scored inside lm_head), "zero3" (a
 ZeRO-3 engine built with the sequence-parallel mpu; DeepSpeed reduces), "zero3_tiled_mlp_checkpointing" (the
-same with gradient checkpointing and TiledMLP).
+same with gradient checkpointing and TiledMLP), "zero3_reference" (a frozen ZeRO-3 inference engine with the
+mpu and offloaded parameters, scored under no_grad: log-probs only).
 """
 import json
 import sys
@@ -183,6 +184,20 @@ def main(out: str, family: str) -> None:
             report[f"{setting}/{layout}"] = compare(want[layout], logps.detach(), tokens, loss,
                                                     grads_of(engine.module, True))
             engine.step()
+
+    # the reference: a frozen ZeRO-3 inference engine (no optimizer, parameters offloaded), scored without grad
+    frozen = tiny_model(family).requires_grad_(False)
+    reference, _, _, _ = deepspeed.initialize(model=frozen, mpu=mpu, config={
+        "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu", "pin_memory": False}}})
+    reference.eval()
+    for layout, batch in batches.items():
+        with torch.no_grad():
+            logps, tokens, _ = shard_forward_logps(reference, shard_batch(batch, 2, rank, pad_id=0), 4,
+                                                   fused_head(reference.module), group)
+        report[f"zero3_reference/{layout}"] = {
+            "tokens_equal": bool(torch.equal(tokens, want[layout]["tokens"])),
+            "logps_rel_diff": float(((logps - want[layout]["logps"]).abs() / want[layout]["logps"].abs()).max())}
     reports = [None] * parallel.world_size
     dist.all_gather_object(reports, report)
     if parallel.rank == 0:

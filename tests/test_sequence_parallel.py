@@ -187,6 +187,14 @@ def test_sequence_parallel_matches_one_rank(probe, layout, setting):
 
 
 @pytest.mark.distributed
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_a_frozen_reference_engine_scores_what_one_rank_scores(probe, layout):
+    for rank, report in enumerate(probe):
+        case = report[f"zero3_reference/{layout}"]
+        assert case["tokens_equal"] and case["logps_rel_diff"] < 1e-6, (rank, case)
+
+
+@pytest.mark.distributed
 def test_zero3_counts_data_parallel_groups_in_the_batch(probe):
     assert {r["zero3_train_batch_size"] for r in probe} == {len(probe) // 2}  # micro 1 x accumulation 1 x world / S
 
