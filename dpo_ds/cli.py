@@ -4,10 +4,12 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
+import json
 import logging
 import os
 import re
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -120,11 +122,11 @@ def run_command(name: str, module, args: argparse.Namespace) -> int:
     try:
         with stdout_for_results_only():
             return int(module.run(args) or 0)
-    except UsageError as err:
-        print(f"dpo-ds {name}: error: {err}", file=sys.stderr, flush=True)
+    except UsageError as err:  # every rank finds the same bad input: rank 0 says it
+        report_error(f"dpo-ds {name}: error: {err}", every_rank=False)
         return 2
     except LauncherError as err:  # the rendezvous, or output_dir/cache_dir not shared by every rank
-        print(f"dpo-ds {name}: error: {err}", file=sys.stderr, flush=True)
+        report_error(f"dpo-ds {name}: error: {err}", every_rank=True)
         return 1
     except Preempted as stop:
         logging.getLogger("dpo_ds").warning("%s", stop)
@@ -134,6 +136,18 @@ def run_command(name: str, module, args: argparse.Namespace) -> int:
         return 130
     finally:
         _leave_process_group()
+
+
+def report_error(line: str, every_rank: bool) -> None:
+    """The one line a failed command ends with: on stderr from rank 0 (or from each rank, for an error only that
+    rank may see), and in the error file torchrun's agent reads (TORCHELASTIC_ERROR_FILE), so that the agent's
+    failure summary shows this line instead of a Python traceback."""
+    if every_rank or os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr, flush=True)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        info = {"py_callstack": line, "timestamp": str(int(time.time()))}
+        Path(error_file).write_text(json.dumps({"message": {"message": line, "extraInfo": info}}))
 
 
 def _leave_process_group() -> None:
