@@ -104,7 +104,8 @@ def forward_logps(engine, batch: dict[str, torch.Tensor], chunk_size: int, head:
         if str(engine.module.config._attn_implementation).startswith("flash_attention"):
             inputs.update(_varlen_attention_kwargs(batch["position_ids"], device))
     else:
-        inputs, scoring = {"attention_mask": to_device(batch["attention_mask"], device)}, scoring_of(input_ids, loss_mask)
+        inputs = {"attention_mask": to_device(batch["attention_mask"], device)}
+        scoring = scoring_of(input_ids, loss_mask)
     return score_forward(engine, input_ids, inputs, scoring, scored_positions(batch["loss_mask"]), chunk_size, head,
                          router_aux)
 

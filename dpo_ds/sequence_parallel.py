@@ -130,11 +130,13 @@ def check_settings(sequence_parallel_size: int, world_size: int, model_config: A
 
 def uncovered_reason(text_config: Any, kernel: str, max_length: int) -> str | None:
     """Why DeepSpeed's Ulysses attention would compute something else than the model does, or None."""
-    missing = [name for name in ("num_attention_heads", "num_key_value_heads") if getattr(text_config, name, None) is None]
+    missing = [name for name in ("num_attention_heads", "num_key_value_heads")
+               if getattr(text_config, name, None) is None]
     if missing:
         return (f"its config has no {' / '.join(missing)}, which the Ulysses attention reads to split the heads "
                 f"(models of this layout do not route attention through the kernel it wraps)")
-    other = sorted({kind for kind in getattr(text_config, "layer_types", None) or () if kind not in ATTENTION_LAYER_KINDS})
+    layer_types = getattr(text_config, "layer_types", None) or ()
+    other = sorted({kind for kind in layer_types if kind not in ATTENTION_LAYER_KINDS})
     if other:
         return (f"its {', '.join(other)} layers mix the sequence outside an attention kernel, so each rank would "
                 f"see only its own shard there")
@@ -142,7 +144,7 @@ def uncovered_reason(text_config: Any, kernel: str, max_length: int) -> str | No
     if v_head_dim is not None and v_head_dim != head_size(text_config):
         return "its value heads are narrower or wider than its query heads; the Ulysses exchange assumes one head size"
     window = getattr(text_config, "sliding_window", None)
-    sliding = "sliding_attention" in (getattr(text_config, "layer_types", None) or ("sliding_attention",))
+    sliding = "sliding_attention" in layer_types if layer_types else True  # no layer types: every layer slides
     if window is not None and sliding and window < max_length and kernel not in FLASH_KERNELS:
         return (f"its sliding-window attention (window {window} < max_length {max_length}) is a mask under "
                 f"{kernel}, which the Ulysses attention drops; use flash_attention_2/3 (it takes the window as "

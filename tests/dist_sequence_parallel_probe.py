@@ -1,12 +1,12 @@
 """Run under torchrun (2 ranks, or 4) by tests/test_sequence_parallel.py: DPO on a tiny Llama (or Mixtral) at
-S=2 (DeepSpeed's Ulysses attention, dpo_ds.sequence_parallel) against the same model at S=1 in plain PyTorch. With 4 ranks,
-ranks 2g, 2g + 1 form data-parallel group g and read pairs 2g, 2g + 1; the step's gradient is then the mean of
-the two groups' gradients.
+S=2 (DeepSpeed's Ulysses attention, dpo_ds.sequence_parallel) against the same model at S=1 in plain PyTorch.
+With 4 ranks, ranks 2g, 2g + 1 form data-parallel group g and read pairs 2g, 2g + 1; the step's gradient is
+then the mean of the two groups' gradients.
 
-Usage: dist_sequence_parallel_probe.py OUT [FAMILY] (a key of FAMILIES, default llama). Rank 0 writes OUT (JSON), one report per rank: per setting/layout
-the largest relative difference of the per-sequence log-prob sums, of the loss and of the parameter gradients
-from S=1, whether the token counts are equal, and the ratios of the gradient a sum with an identity backward
-would give.
+Usage: dist_sequence_parallel_probe.py OUT [FAMILY] (a key of FAMILIES, default llama). Rank 0 writes OUT
+(JSON), one report per rank: per setting/layout the largest relative difference of the per-sequence log-prob
+sums, of the loss and of the parameter gradients from S=1, whether the token counts are equal, and the ratios
+of the gradient a sum with an identity backward would give.
 
 S=1 comes first, in plain PyTorch with the textbook formula (log_softmax, gather, masked sum per sequence):
 `setup` reroutes sdpa for the whole process. Settings at S=2: "plain" (no DeepSpeed engine; the gradients
@@ -119,7 +119,7 @@ def compare(want: dict, logps, tokens, loss, grads) -> dict:
 def main(out: str, family: str) -> None:
     parallel = Parallel.init(timeout_s=600, sequence_parallel_size=2)
     data = pairs()
-    data_parallel = parallel.data_parallel_size  # ranks 2g and 2g + 1 form data-parallel group g, reading pairs 2g, 2g + 1
+    data_parallel = parallel.data_parallel_size  # group g: ranks 2g, 2g + 1, reading pairs 2g, 2g + 1
     group_batches = [{layout: collate(data, [2 * g, 2 * g + 1], pad_id=0, packed=layout == "packed")
                       for layout in ("padded", "packed")} for g in range(data_parallel)]
     model = tiny_model(family)
@@ -150,7 +150,8 @@ def main(out: str, family: str) -> None:
             loss = dpo_loss(logps)
             loss.backward()
             average_over_all_ranks(model)
-            report[f"{head_name}/{layout}"] = compare(want[layout], logps.detach(), tokens, loss, grads_of(model, False))
+            report[f"{head_name}/{layout}"] = compare(want[layout], logps.detach(), tokens, loss,
+                                                      grads_of(model, False))
 
     # the alternative: a sum whose backward is the identity, on the padded batch
     model.zero_grad()
@@ -160,7 +161,8 @@ def main(out: str, family: str) -> None:
     dpo_loss(SumIdentityBackward.apply(sums, group)).backward()
     average_over_all_ranks(model)
     grads = grads_of(model, False)
-    report["identity_backward_grad_ratio"] = [float(grads[n].norm() / g.norm()) for n, g in want["padded"]["grads"].items()]
+    report["identity_backward_grad_ratio"] = [float(grads[n].norm() / g.norm())
+                                              for n, g in want["padded"]["grads"].items()]
 
     ds_config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
                  # lr 0: engine.step() clears the gradients and leaves the weights as they are
