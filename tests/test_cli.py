@@ -139,8 +139,9 @@ def test_a_mistyped_flag_is_one_line_with_the_closest_flag(argv, flag, suggestio
 
 @pytest.mark.distributed
 def test_bad_input_under_torchrun_is_one_line_and_the_agents_summary_carries_it(tmp_path):
-    """Issue 25 item 1: each rank printed the error, and torchrun's summary showed no cause. Now rank 0 prints the
-    line and every failed rank's error file (TORCHELASTIC_ERROR_FILE) holds it for the agent's summary."""
+    """Issue 25 item 1: each rank printed the error, and torchrun's summary showed no cause. Now the first rank to
+    fail prints the line (the agent stops the others) and every failed rank's error file (TORCHELASTIC_ERROR_FILE)
+    holds it for the agent's summary."""
     config = tmp_path / "run.yaml"
     config.write_text(f"model_name_or_path: {tmp_path / 'no_model'}\ntrain_file: {tmp_path / 'no.jsonl'}\n")
     proc = launch(["-m", "dpo_ds", "train", "--config", str(config)], check=False, timeout=300)
@@ -148,4 +149,4 @@ def test_bad_input_under_torchrun_is_one_line_and_the_agents_summary_carries_it(
     assert proc.returncode != 0
     assert [x for x in proc.stderr.splitlines() if x.startswith("dpo-ds train: error:")] == [line]
     summary = proc.stderr[proc.stderr.index("Root Cause"):]
-    assert f"traceback : {line}" in summary and "rank      : 0" in summary
+    assert f"traceback : {line}" in summary
