@@ -150,3 +150,23 @@ def test_bad_input_under_torchrun_is_one_line_and_the_agents_summary_carries_it(
     assert [x for x in proc.stderr.splitlines() if x.startswith("dpo-ds train: error:")] == [line]
     summary = proc.stderr[proc.stderr.index("Root Cause"):]
     assert f"traceback : {line}" in summary
+
+
+def test_train_check_validates_everything_before_engines_and_trains_nothing(demo_assets, tmp_path, capsys):
+    """Issue 25: `dpo-ds train --check` (before an sbatch) finds config, data and checkpoint problems in one
+    process and says what the run would train on; it starts no engine and writes no run."""
+    out = tmp_path / "run"
+    flags = ["--model_name_or_path", demo_assets.model_dir, "--eval_file", demo_assets.heldout_file,
+             "--output_dir", str(out), "--micro_batch_size", "4", "--prepare_workers", "1"]
+    assert cli.main(["train", "--check", "--train_file", demo_assets.train_file, *flags]) == 0
+    n = sum(1 for line in open(demo_assets.train_file) if line.strip())
+    assert capsys.readouterr().out.splitlines() == [
+        f"check passed: {demo_assets.train_file}: {n} pairs; 4 pairs per data-parallel rank per optimizer step: "
+        f"{n // 4} steps per epoch on 1 rank, {n // 32} on 8",
+        f"  eval: {demo_assets.heldout_file}: {sum(1 for line in open(demo_assets.heldout_file) if line.strip())} pairs",
+        f"  a new run in {out}"]
+    assert sorted(p.name for p in out.iterdir()) == ["caches"]  # the prepared data only: no run_config, no model
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(open(demo_assets.train_file).readline() + '{"prompt": "q", "chosen": "a"}\n')
+    assert cli.main(["train", "--check", "--train_file", str(bad), *flags]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"dpo-ds train: error: {bad}:2: field 'rejected': missing"
