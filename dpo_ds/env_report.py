@@ -106,10 +106,10 @@ def process_group_rows(directory: str, timeout_s: float) -> list[dict]:
     import torch
 
     from launcher.dist import all_reduce, check_shared_dirs, pick_backend, process_world_size
-    from launcher.env import LauncherError, detect
+    from launcher.env import LauncherError, resolve
 
     backend = pick_backend()[1]
-    if detect(os.environ) == "single":
+    if resolve(os.environ).world_size == 1:
         return [row(f"process group ({backend})", "1 process", "skip", "run under torchrun/srun/mpirun to check it"),
                 row("shared storage", directory, "skip", "run under a launcher, ranks on several nodes, to check it")]
     from dpo_ds.parallel import Parallel
