@@ -55,11 +55,14 @@ def _nvcc_release(nvcc: str) -> str | None:
     return ".".join(out[out.index("release") + 1].rstrip(",").split(".")[:2])
 
 
-def find_toolchain() -> Toolchain:
+def find_toolchain(needs_nvcc: bool) -> Toolchain:
+    """This machine's tools; nvcc is looked for (and run, for its version) only when `needs_nvcc`: a CUDA op
+    on a GPU."""
     import torch
     from torch.utils import cpp_extension
 
-    nvcc = str(Path(cpp_extension.CUDA_HOME) / "bin" / "nvcc") if cpp_extension.CUDA_HOME else None
+    home = cpp_extension.CUDA_HOME if needs_nvcc else None
+    nvcc = str(Path(home) / "bin" / "nvcc") if home else None
     release = _nvcc_release(nvcc) if nvcc else None
     try:
         from deepspeed.git_version_info import installed_ops
@@ -109,7 +112,7 @@ def check_compiled_ops(ds_config: dict[str, Any], source: str, on_gpu: bool, too
     op = compiled_optimizer_op(ds_config)
     if op is None:
         return
-    problems = build_problems(op, tools or find_toolchain(), on_gpu)
+    problems = build_problems(op, tools or find_toolchain(needs_nvcc=on_gpu and op == "fused_adam"), on_gpu)
     if problems:
         name = {"fused_adam": "DeepSpeed's FusedAdam", "cpu_adam": "DeepSpeedCPUAdam"}[op]
         raise ConfigError(f"{source}: the optimizer is {name}, which DeepSpeed compiles at the first step, and "

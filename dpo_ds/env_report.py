@@ -94,7 +94,7 @@ def compiled_op_rows() -> list[dict]:
         if op is None:
             rows.append(row(f"preset {preset.name}", "compiles nothing"))
             continue
-        tools = tools or find_toolchain()
+        tools = tools or find_toolchain(needs_nvcc=not on_cpu())
         problems = build_problems(op, tools, on_gpu=not on_cpu())
         rows.append(row(f"preset {preset.name}", f"compiles {op}" + (" (prebuilt)" if tools.prebuilt.get(op) else ""),
                         "warn" if problems else "ok", "; ".join(problems) or "this machine can build it"))
