@@ -408,15 +408,19 @@ def forward_logps_and_aux(engine, batch: dict[str, torch.Tensor], chunk_size: in
             inputs.update(_varlen_attention_kwargs(batch["position_ids"], device))
     else:
         inputs, scoring = {"attention_mask": to_device(batch["attention_mask"], device)}, (None, None)
+    # LD-DPO (ld_alpha): per-token weights of the sums (logprobs.ld_token_weights, set by the step)
+    weights = to_device(batch["token_weights"], device) if "token_weights" in batch else None
     if router_aux:
         inputs["output_router_logits"] = True
     if head is None:
         out = engine(input_ids=input_ids, use_cache=False, **inputs)
-        return (*sequence_logps(out.logits, input_ids, loss_mask, chunk_size, *scoring), _aux_loss(out, router_aux))
+        return (*sequence_logps(out.logits, input_ids, loss_mask, chunk_size, *scoring, token_weights=weights),
+                _aux_loss(out, router_aux))
     counts, scored = [], to_device(scored_positions(batch["loss_mask"]), device)
 
     def score(hidden: torch.Tensor) -> torch.Tensor:
-        sums, tokens = head_sequence_logps(hidden, head.weight, input_ids, loss_mask, chunk_size, *scoring, scored=scored)
+        sums, tokens = head_sequence_logps(hidden, head.weight, input_ids, loss_mask, chunk_size, *scoring, scored=scored,
+                                           token_weights=weights)
         counts.append(tokens)
         return sums
 

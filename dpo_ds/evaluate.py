@@ -20,6 +20,7 @@ from dpo_ds.cli import emit
 from dpo_ds.config import ConfigError, TrainConfig, config_from_args
 from dpo_ds.data import DataError, load_pairs
 from dpo_ds.families import load_model_config
+from dpo_ds.losses import OBJECTIVE_FIELDS
 from dpo_ds.metrics import setup_logging
 from launcher.dist import barrier, check_shared_dirs, init_distributed
 
@@ -47,10 +48,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust_remote_code", action="store_true", help="Allow code shipped with the model to run.")
 
 
-# The loss settings `eval` takes from the run that trained the model it scores.
-LOSS_FIELDS = ("beta", "loss_type", "label_smoothing", "simpo_gamma", "rpo_alpha", "length_normalize")
-
-
 def trained_by(model: str) -> tuple[Path, dict] | None:
     """(run folder, its run_config.json) of the run `model` belongs to (<run>/final, <run>/checkpoints/...)."""
     for folder in list(Path(model).resolve().parents)[:3]:
@@ -72,7 +69,8 @@ def eval_config(args: argparse.Namespace) -> TrainConfig:
     loss settings of the run that trained --model, then the flags named like config fields (--beta,
     --max_length, --precision, ...), then what --model, --ref_model and --data say."""
     trained = trained_by(args.model)
-    loss_settings = {name: trained[1][name] for name in LOSS_FIELDS if name in trained[1]} if trained else {}
+    # the loss settings of the run that trained the model it scores
+    loss_settings = {name: trained[1][name] for name in OBJECTIVE_FIELDS if name in trained[1]} if trained else {}
     return config_from_args(args, defaults=loss_settings,
                             fixed={"model_name_or_path": args.model, "ref_model_name_or_path": args.ref_model,
                                    "train_file": args.data, "reference_free": args.ref_model is None})

@@ -89,8 +89,28 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int = 2
 
 
 def _scored_mask(loss_mask: torch.Tensor) -> torch.Tensor:
-    """[N, T]: the positions whose next token is a completion token."""
+    """[N, T]: the positions whose next token is a completion token (or, for per-token weights, that token's
+    weight)."""
     return torch.cat([loss_mask[:, 1:], torch.zeros_like(loss_mask[:, :1])], dim=1)
+
+
+def ld_token_weights(loss_mask: torch.Tensor, alpha: float, sequence_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """LD-DPO's per-token weights [N, T] of a pair batch (sequence i chosen, i + B rejected of pair i): 1 on the
+    first L completion tokens of each sequence, `alpha` on the rest, L = the shorter completion of its pair;
+    0 off completions. Weighted sums are then shared + alpha x tail."""
+    mask = loss_mask.long()
+    if sequence_ids is None:  # right-padded: one sequence per row
+        rank, lengths = mask.cumsum(1), mask.sum(1)
+        seq = torch.arange(mask.shape[0])[:, None].expand_as(mask)
+    else:  # packed: the completion rank restarts with each sequence
+        seq, flat = sequence_ids.reshape(-1), mask.reshape(-1)
+        lengths = torch.zeros(int(seq.max()) + 1, dtype=torch.long).index_add_(0, seq, flat)
+        rank = (flat.cumsum(0) - (lengths.cumsum(0) - lengths)[seq]).reshape(mask.shape)
+        seq = seq.reshape(mask.shape)
+    pairs = lengths.shape[0] // 2
+    shared = torch.minimum(lengths[:pairs], lengths[pairs:]).repeat(2)
+    # float64: alpha as given, for fp64 scoring too
+    return torch.full(mask.shape, alpha, dtype=torch.float64).masked_fill_(rank <= shared[seq], 1.0) * mask
 
 
 def scored_positions(loss_mask: torch.Tensor) -> torch.Tensor:
@@ -119,27 +139,30 @@ def _counts(mask: torch.Tensor, segments: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor, chunk_size: int = 256,
-                   sequence_ids: torch.Tensor | None = None, num_sequences: int | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+                   sequence_ids: torch.Tensor | None = None, num_sequences: int | None = None,
+                   token_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of completion-token log-probs, completion-token counts) per sequence.
 
     logits [N, T, V] at position t predict input_ids[:, t + 1]; loss_mask [N, T] marks completion tokens.
     Right-padded batches: one sequence per row, results [N]. Packed batches (`sequence_ids` [N, T] gives each
-    position's sequence): results [num_sequences].
+    position's sequence): results [num_sequences]. `token_weights` [N, T] (aligned with loss_mask; e.g.
+    ld_token_weights): the sums weight each completion token's log-prob by it.
     """
     next_ids, mask, segments, n = _scoring(input_ids, loss_mask, sequence_ids, num_sequences)
     # Score every position (the last against a dummy, never counted) so the logits are used whole: a slice
     # would make autograd build a full-size zero gradient for them. `where`, not multiply: a NaN/Inf at a
     # padding position must not reach the sum (0 * NaN = NaN).
     scored = torch.where(mask, token_logps(logits, next_ids, chunk_size), 0.0)
+    if token_weights is not None:
+        scored = scored * _scored_mask(token_weights).to(scored.dtype)
     sums = scored.new_zeros(n).index_add(0, segments.reshape(-1), scored.reshape(-1))
     return sums, _counts(mask, segments, n)
 
 
 def head_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor,
                         chunk_size: int = 256, sequence_ids: torch.Tensor | None = None,
-                        num_sequences: int | None = None, scored: torch.Tensor | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+                        num_sequences: int | None = None, scored: torch.Tensor | None = None,
+                        token_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """As `sequence_logps`, from the last hidden states [N, T, d] and the output projection's weight [V, d]
     (logits = hidden @ weight.T), projecting only the scored positions (`scored_positions(loss_mask)`, computed
     here when not given)."""
@@ -148,5 +171,7 @@ def head_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, input_ids: t
         scored = scored_positions(loss_mask)
     tokens = _HeadTokenLogps.apply(hidden.reshape(-1, hidden.shape[-1]).index_select(0, scored), weight,
                                    next_ids.reshape(-1)[scored], chunk_size)
+    if token_weights is not None:
+        tokens = tokens * _scored_mask(token_weights).reshape(-1)[scored].to(tokens.dtype)
     sums = tokens.new_zeros(n).index_add(0, segments.reshape(-1)[scored], tokens)
     return sums, _counts(mask, segments, n)

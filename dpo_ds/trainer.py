@@ -5,7 +5,7 @@
             batch     = [prompt+chosen ; prompt+rejected]           one 2B-row batch
             ref_logps = reference.logps(batch)                       frozen, no grad
             logps     = sequence_logps(policy(batch))                 one forward, checkpointed
-            loss      = LOSSES[loss_type](logps, ref_logps).mean()
+            loss      = objective(logps, ref_logps).mean()   losses.Objective: loss_type (+ loss_weights)
             policy.backward(loss); policy.step()                     DeepSpeed steps at the GA boundary
 
 `train` wraps it in named steps: check_before_loading, load_data, cut_into_steps, resume, build_run, the
@@ -43,8 +43,9 @@ from dpo_ds.data import DataError, MicroBatch, PairSampler, TokenizedPairs, rank
 from dpo_ds.engines import attention_kernel, build_policy_engine, model_dtype, resolve_policy_config
 from dpo_ds.families import check_model_family, load_model_config
 from dpo_ds.loading import LoadError
-from dpo_ds.losses import LossParams, PairLogps, compute_loss
+from dpo_ds.losses import Objective, PairLogps
 from dpo_ds.hf_dir import ConfigOverride
+from dpo_ds.logprobs import ld_token_weights
 from dpo_ds.lora import Adapters, merge_adapter, save_adapter
 from dpo_ds.metrics import MetricsWriter, PairStats, max_over_ranks, peak_memory_gib, setup_logging, untimed
 from dpo_ds.prepare import cache_dir_of, load_config_data
@@ -68,7 +69,7 @@ class Run:
     world_size: int
     policy: DeepSpeedEngine     # being trained (or scored, in `dpo-ds eval`)
     reference: ReferenceSource
-    loss_params: LossParams
+    objective: Objective        # the loss (or weighted losses) and their state across steps
     pad_id: int
     policy_head: torch.nn.Linear | None = None  # engines.scoring_head of the policy, resolved once
     config_overrides: list[ConfigOverride] = field(default_factory=list)  # undone in the configs the run writes
@@ -80,7 +81,7 @@ class Run:
     def create(cls, cfg: TrainConfig, rank: int, world_size: int, policy: DeepSpeedEngine, reference: ReferenceSource,
                pad_id: int, config_overrides: list[ConfigOverride] | None = None, adapters: Adapters | None = None) -> Run:
         """A Run for `policy` (trained by `train`, or only scored by `dpo-ds eval`)."""
-        return cls(cfg, rank, world_size, policy, reference, loss_params(cfg), pad_id,
+        return cls(cfg, rank, world_size, policy, reference, Objective.from_config(cfg), pad_id,
                    engines.scoring_head(policy.module, cfg.fused_lm_head), config_overrides or [], adapters)
 
 
@@ -99,6 +100,8 @@ def pair_step(run: Run, pairs: TokenizedPairs, indices: list[int], stats: PairSt
     different numbers of pairs."""
     micro = MicroBatch.of(pairs, indices, run.pad_id, run.cfg.padding_free)
     batch = micro.tensors
+    if run.cfg.ld_alpha is not None:  # LD-DPO: policy and reference sums weight the longer completion's tail
+        batch["token_weights"] = ld_token_weights(batch["loss_mask"], run.cfg.ld_alpha, batch.get("sequence_ids"))
     with run.timer("reference_forward"):
         ref_logps = run.reference.logps(micro)
     with run.timer("policy_forward"), torch.set_grad_enabled(train):
@@ -110,7 +113,7 @@ def pair_step(run: Run, pairs: TokenizedPairs, indices: list[int], stats: PairSt
             # called through the module: tests/dist_fault_probe.py replaces engines.forward_logps to inject NaN
             logps, tokens = engines.forward_logps(run.policy, batch, run.cfg.logprob_chunk_size, run.policy_head)
         lp = split_pairs(logps, tokens, ref_logps)
-        out = compute_loss(run.cfg.loss_type, lp, run.loss_params)
+        out = run.objective(lp, train=train, reduce=all_reduce)
         loss = out.losses.mean() if loss_scale is None else out.losses.sum() * loss_scale
         if aux_coef > 0:  # as TRL: the micro-batch's load-balancing loss, weighted, on top of the preference loss
             loss = loss + aux_coef * aux.to(loss.dtype)
@@ -131,7 +134,7 @@ def pair_step(run: Run, pairs: TokenizedPairs, indices: list[int], stats: PairSt
 def evaluate_pairs(run: Run, pairs: TokenizedPairs) -> tuple[dict[str, float], list[dict]]:
     """Preference metrics over every pair of `pairs`, split over ranks (data.rank_shares), and per-pair
     records (rank 0)."""
-    stats = PairStats()
+    stats = PairStats(components=run.objective.logged_components)
     records = []
     for mine in rank_shares(len(pairs), run.cfg.micro_batch_size, run.rank, run.world_size):
         lp, out = pair_step(run, pairs, mine or [0], None, train=False)
@@ -140,7 +143,8 @@ def evaluate_pairs(run: Run, pairs: TokenizedPairs) -> tuple[dict[str, float], l
             records += _pair_records(pairs, mine, lp, out)
     metrics = stats.reduce()
     keys = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-            "logps/chosen", "logps/rejected", "kl/chosen", "kl/rejected")
+            "logps/chosen", "logps/rejected", "kl/chosen", "kl/rejected",
+            *(f"loss/{name}" for name in run.objective.logged_components))
     records = [r for part in gather_objects(records) for r in part]
     records.sort(key=lambda r: r["index"])
     return {f"eval/{k}": metrics[k] for k in keys}, records
@@ -157,11 +161,6 @@ def _pair_records(pairs: TokenizedPairs, indices: list[int], lp: PairLogps, out)
                      "margin": float(out.chosen_rewards[j] - out.rejected_rewards[j]),
                      "correct": bool(out.chosen_rewards[j] > out.rejected_rewards[j]), "loss": float(out.losses[j])})
     return rows
-
-
-def loss_params(cfg: TrainConfig) -> LossParams:
-    return LossParams(beta=cfg.beta, label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
-                      rpo_alpha=cfg.rpo_alpha, length_normalize=cfg.length_normalize)
 
 
 def pad_id_of(tokenizer) -> int:
@@ -272,10 +271,12 @@ def cut_into_steps(cfg: TrainConfig, pairs: TokenizedPairs, rank: int, world_siz
     return sampler, total_steps
 
 
-def trainer_state(cfg: TrainConfig, sampler: PairSampler, data: TrainData, step: int) -> ckpt.TrainerState:
+def trainer_state(cfg: TrainConfig, sampler: PairSampler, data: TrainData, step: int,
+                  objective: Objective | None = None) -> ckpt.TrainerState:
     return ckpt.TrainerState(step=step, sampler=sampler.state(step), world_size=sampler.world_size,
                              pairs_per_step=sampler.pairs_per_step, data_fingerprint=data.fingerprint,
-                             model_fingerprint=ckpt.model_fingerprint(cfg.model_name_or_path), config=to_dict(cfg))
+                             model_fingerprint=ckpt.model_fingerprint(cfg.model_name_or_path), config=to_dict(cfg),
+                             loss_state=objective.state_dict() if objective is not None else {})
 
 
 def write_run_config(cfg: TrainConfig, rank: int) -> None:
@@ -289,6 +290,7 @@ def resume(run: Run, resume_dir: Path | None, saved: ckpt.TrainerState | None) -
     if saved is None:
         return 0
     ckpt.load_checkpoint(run.policy, resume_dir, saved, run.world_size, adapter_only=run.adapters is not None)
+    run.objective.load_state_dict(saved.loss_state)
     if run.rank == 0:
         logger.info("resumed from step %d (%s)", saved.step, resume_dir)
     return saved.step
@@ -304,7 +306,7 @@ def train_step(run: Run, sampler: PairSampler, pairs: TokenizedPairs, step: int)
     """One optimizer step on this rank: its micro-batches of `step`, each scored and back-propagated; DeepSpeed
     applies the update at the accumulation boundary. Shared by `train` and `dpo-ds bench`."""
     started = time.perf_counter()
-    stats = PairStats()
+    stats = PairStats(components=run.objective.logged_components)
     micro_batches = sampler.micro_batches(step, run.rank)
     scale = sampler.loss_scale(step) if run.cfg.max_tokens_per_micro_batch else None
     for indices in micro_batches:
@@ -322,7 +324,7 @@ class TrainingLoop:
         self.run, self.sampler, self.data, self.tokenizer = run, sampler, data, tokenizer
         self.stop_signal, self.total_steps, self.start_step = stop_signal, total_steps, start_step
         self.writer = MetricsWriter(run.cfg.output_dir, enabled=run.rank == 0, after_step=start_step)
-        self.window = PairStats()  # applied steps since the last log line
+        self.window = PairStats(components=run.objective.logged_components)  # applied steps since the last log line
         self.skipped = 0           # steps skipped for NaN/Inf so far
         self.bad_in_a_row = 0
         self.last: dict[str, float] = {}  # the last logged values
@@ -366,12 +368,13 @@ class TrainingLoop:
         if cfg.router_aux_loss_coef > 0:
             last["aux_loss"] = _mean_over_ranks(run.aux_losses)
             run.aux_losses.clear()
+        last.update(run.objective.metrics())
         last.update({"grad_norm": _grad_norm(run.policy), "lr": lr, "skipped_steps": self.skipped,
                      "memory/peak_gib": max_over_ranks(peak_memory_gib()), "epoch": done / self.sampler.steps_per_epoch})
         self.writer.write(done, last)
-        self.last, self.window = last, PairStats()
+        self.last, self.window = last, PairStats(components=run.objective.logged_components)
         if _kl_exceeded(cfg, last, done, run.rank):
-            save_checkpoint(run, trainer_state(cfg, self.sampler, self.data, done), self.tokenizer)
+            save_checkpoint(run, trainer_state(cfg, self.sampler, self.data, done, run.objective), self.tokenizer)
             raise TrainingStopped(f"stopped at step {done}: mean KL to the reference exceeded max_kl={cfg.max_kl} "
                                   f"(stop_on_max_kl); checkpoint saved")
 
@@ -387,7 +390,8 @@ class TrainingLoop:
         cfg = self.run.cfg
         stop = ckpt.any_rank(self.stop_signal.received is not None)
         if stop or (cfg.save_steps and done % cfg.save_steps == 0):
-            save_checkpoint(self.run, trainer_state(cfg, self.sampler, self.data, done), self.tokenizer)
+            save_checkpoint(self.run, trainer_state(cfg, self.sampler, self.data, done, self.run.objective),
+                            self.tokenizer)
         if stop and done < self.total_steps:
             self.writer.close()
             raise Preempted(f"stopped by a signal after step {done}; resume with --resume_from auto")
