@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from dpo_ds.cli import emit
 from dpo_ds.config import ConfigError, add_config_arguments, config_from_args, uses_lora, uses_reference
-from dpo_ds.data import PairLocations, PairSampler, TokenizedPairs
+from dpo_ds.data import PairSampler, RowLocations, TokenizedPairs
 from dpo_ds.metrics import SectionTimer, max_over_ranks, peak_memory_gib, setup_logging
 from dpo_ds.plan import model_config_and_name, model_flops, shape_from_config
 from dpo_ds.prepare import cache_dir_of
@@ -76,7 +76,7 @@ def synthetic_pairs(n: int, spec: str, max_length: int, vocab_size: int, seed: i
         columns["chosen"].append(ids(int(totals[i, 0]) - prompt_len))
         columns["rejected"].append(ids(int(totals[i, 1]) - prompt_len))
     return TokenizedPairs(fingerprint=f"synthetic-{spec}-{n}-{max_length}-{vocab_size}-{seed}",
-                          pair_ids=PairLocations("synthetic", "jsonl", np.arange(n)), **columns)
+                          pair_ids=RowLocations("synthetic", "jsonl", np.arange(n)), **columns)
 
 
 def _model_dir(model: str, output_dir: Path) -> tuple[Path, object]:

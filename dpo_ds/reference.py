@@ -88,7 +88,7 @@ class CachedReference:
         self.tables = tables
 
     def logps(self, micro: MicroBatch) -> torch.Tensor:
-        table = self.tables[micro.pairs.fingerprint]
+        table = self.tables[micro.examples.fingerprint]
         rows = torch.as_tensor(micro.indices)
         return torch.cat([table[rows, 0], table[rows, 1]])
 
@@ -134,7 +134,7 @@ def build_reference(cfg: TrainConfig, hidden_size: int, datasets: list[Tokenized
 
 
 def _cache_key(cfg: TrainConfig, pairs: TokenizedPairs) -> str:
-    parts = ["ref-v1", model_fingerprint(reference_path(cfg)), pairs.fingerprint, cfg.precision]
+    parts = ["ref-v2", model_fingerprint(reference_path(cfg)), pairs.fingerprint, cfg.precision]
     if cfg.lora_adapter is not None:  # the reference is base + the starting adapter
         parts.append(adapter_fingerprint(cfg.lora_adapter))
     if cfg.lora_quantize is not None:  # QLoRA: the reference is the quantized base
@@ -152,20 +152,20 @@ def _precompute(source: LiveReference, cfg: TrainConfig, pairs: TokenizedPairs, 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    rows, chosen, rejected = [], [], []
+    rows, logps = [], []
+    slots = pairs.sequences_per_example()
     for mine in rank_shares(len(pairs), cfg.micro_batch_size, rank, world_size):
-        logps = source.logps(MicroBatch.of(pairs, mine or [0], pad_id, cfg.padding_free)).float().cpu()
+        scored = source.logps(MicroBatch.of(pairs, mine or [0], pad_id, cfg.padding_free)).float().cpu()
         if mine:
             rows += mine
-            chosen.append(logps[: len(mine)])
-            rejected.append(logps[len(mine):])
+            logps.append(scored.reshape(slots, len(mine)).T)  # [examples, slots]
     save_file({"rows": torch.tensor(rows, dtype=torch.int64),
-               "chosen": torch.cat(chosen) if chosen else torch.zeros(0),
-               "rejected": torch.cat(rejected) if rejected else torch.zeros(0)},
+               "logps": torch.cat(logps) if logps else torch.zeros(0, slots)},
               str(tmp / f"rank-{rank:05d}-of-{world_size:05d}.safetensors"))
     barrier()
     if rank == 0:
-        (tmp / "complete.json").write_text(json.dumps({"pairs": len(pairs), "ranks": world_size}))
+        (tmp / "complete.json").write_text(json.dumps({"examples": len(pairs), "sequences": slots,
+                                                      "ranks": world_size}))
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
         logger.info("reference log-probs of %d pairs written to %s", len(pairs), target)
@@ -173,12 +173,11 @@ def _precompute(source: LiveReference, cfg: TrainConfig, pairs: TokenizedPairs, 
 
 
 def _load_table(path: Path) -> torch.Tensor:
-    n = json.loads((path / "complete.json").read_text())["pairs"]
-    table = torch.full((n, 2), float("nan"))
+    complete = json.loads((path / "complete.json").read_text())
+    table = torch.full((complete["examples"], complete["sequences"]), float("nan"))
     for shard in sorted(path.glob("rank-*.safetensors")):
         part = load_file(str(shard))
-        table[part["rows"], 0] = part["chosen"]
-        table[part["rows"], 1] = part["rejected"]
+        table[part["rows"]] = part["logps"]
     if torch.isnan(table).any():
         raise RuntimeError(f"{path}: reference log-probs missing for some pairs; delete the directory to recompute")
     return table

@@ -18,6 +18,8 @@ import pytest
 import torch
 
 from dpo_ds import data as D
+from dpo_ds.data import rows as rows_module, store
+from dpo_ds.data.examples import STAT_KEYS
 from dpo_ds.data import DataError, PairSampler, PairTokenizer, TokenizedPairs, collate, load_pairs, tokenize_file
 
 BOS, EOS, PAD = 1, 2, 3  # the demo tokenizer's special ids (Llama layout, pad of its own)
@@ -97,7 +99,7 @@ def test_string_rows_tokenize_like_trl(tmp_path, tok, demo_rows):
         for comp, text in ((pairs.chosen[i].tolist(), row["chosen"]), (pairs.rejected[i].tolist(), row["rejected"])):
             assert comp[-1] == EOS and EOS not in comp[:-1]
             assert tok.decode(pairs.prompt[i].tolist() + comp, skip_special_tokens=True) == row["prompt"] + text
-    assert pairs.stats == dict.fromkeys(D.STAT_KEYS, 0) | {"rows": 24}
+    assert pairs.stats == dict.fromkeys(STAT_KEYS, 0) | {"rows": 24}
 
 
 def test_eos_not_doubled_when_the_completion_already_ends_with_it(tmp_path, tok):
@@ -368,7 +370,7 @@ def test_cache_is_written_once_and_reused(tmp_path, tok, demo_rows, monkeypatch)
     def boom(*a, **k):
         raise AssertionError("tokenized_chunks called although the cache exists")
 
-    monkeypatch.setattr(D, "tokenized_chunks", boom)
+    monkeypatch.setattr(store, "tokenized_chunks", boom)
     again, fp2 = _load(path, tok, caches)
     assert fp2 == fp
     assert_same_pairs(again, first)
@@ -434,7 +436,7 @@ def test_data_error_on_rank0_reaches_other_ranks(tmp_path, tok, monkeypatch):
     assert f"{path}:2: field 'chosen': missing" in str(rank0.value)
     assert len(list(caches.glob("pairs-*.error"))) == 1
 
-    monkeypatch.setattr(D, "tokenized_chunks", lambda *a, **k: pytest.fail("rank 1 must not tokenize"))
+    monkeypatch.setattr(store, "tokenized_chunks", lambda *a, **k: pytest.fail("rank 1 must not tokenize"))
     with pytest.raises(DataError) as rank1:
         _load(path, tok, caches, rank=1, barrier=lambda: barriers.append(1))
     assert barriers == [0, 1]
@@ -649,11 +651,11 @@ def test_parallel_preparation_gives_the_recipe_ids_in_file_order(tmp_path, tok, 
                                                                  which):
     """Token ids equal the TRL recipe on standard, conversational and implicit-prompt rows, with 1 or 2
     tokenizer processes and chunks smaller than the file (results come back in file order); for the byte-level
-    BPE, with prompts encoded once (dpo_ds.prompt_reuse) where they have a cut."""
+    BPE, with prompts encoded once (dpo_ds.data.prompt_reuse) where they have a cut."""
     tok = byte_level_tok if which == "byte-level BPE" else tok
     rows = mixed_rows(demo_rows)
     path = write_jsonl(tmp_path / "mixed.jsonl", rows)
-    monkeypatch.setattr(D, "CHUNK_ROWS", 4)
+    monkeypatch.setattr(rows_module, "CHUNK_ROWS", 4)
     expected = [recipe_ids(tok, r) for r in rows]
     pair_tokenizer = PairTokenizer(tok, 512)
     assert (pair_tokenizer.prompt_reuse is not None) == (which == "byte-level BPE")
@@ -669,7 +671,7 @@ def test_parallel_preparation_gives_the_recipe_ids_in_file_order(tmp_path, tok, 
 
 @pytest.mark.distributed
 def test_first_bad_row_in_file_order_with_parallel_workers(tmp_path, tok, demo_rows, monkeypatch):
-    monkeypatch.setattr(D, "CHUNK_ROWS", 3)
+    monkeypatch.setattr(rows_module, "CHUNK_ROWS", 3)
     rows = demo_rows[:12]
     rows[10] = {"prompt": "q", "chosen": " a"}  # chunk 4
     rows[4] = {"prompt": "q", "chosen": 5, "rejected": " b"}  # chunk 2: the first in file order
