@@ -504,3 +504,14 @@ def test_unknown_loss_type_is_rejected():
     pc, pr, rc, rr, nc, nr = _random_inputs(0, n=2)
     with pytest.raises(KeyError):
         compute_loss("nope", _pairs(pc, pr, rc, rr, nc, nr), LossParams(beta=0.1))
+
+
+def test_training_docs_hold_the_table_of_the_specs():
+    from pathlib import Path
+
+    from dpo_ds.losses import markdown_table
+
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "training.md").read_text()
+    assert markdown_table() in docs, "docs/training.md's loss table is out of date: paste dpo_ds.losses.markdown_table()"
+    for name in LOSS_TYPES:
+        assert f"| `{name}` |" in docs

@@ -20,7 +20,7 @@ OBJECTIVE_FIELDS = ("loss_type", "loss_weights", *PARAMS)
 
 __all__ = ["ALIASES", "LOSS_TYPES", "OBJECTIVE_FIELDS", "PARAMS", "SPECS", "LossContext", "LossOutput", "LossParams",
            "LossSpec", "Objective", "PairLogps", "Param", "RunningMean", "check_objective", "compute_loss",
-           "loss_names", "parse_loss_type", "parse_loss_weights", "uses_reference"]
+           "loss_names", "markdown_table", "parse_loss_type", "parse_loss_weights", "uses_reference"]
 
 
 def parse_loss_type(value: Any) -> str:
@@ -140,6 +140,21 @@ class Objective:
     def metrics(self) -> dict[str, float]:
         """What the losses report from their state (spec.metrics), as `<loss>/<name>`."""
         return {f"{s.name}/{m}": self.states[s.name].metrics()[m] for s in self.specs for m in s.metrics}
+
+
+def markdown_table() -> str:
+    """docs/training.md's table of the loss menu, from the specs (tests/test_docs.py keeps the page in step)."""
+    lines = ["| `loss_type` | per-pair loss | parameters | use it when | TRL name |", "|---|---|---|---|---|"]
+    for spec in SPECS.values():
+        notes = [f"`{p}`" for p in spec.params]
+        notes += [] if spec.reference else ["no reference"]
+        notes += ["per-token means"] if spec.per_token_means else []
+        notes += ["state: running mean, checkpointed"] if spec.state is not None else []
+        notes += ["sorts the micro-batch"] if spec.batch_level else []
+        trl = spec.trl_name or "same" + "".join(f" (older: `{alias}`)" for alias in spec.aliases)
+        cells = (f"`{spec.name}`", spec.formula, ", ".join(notes), spec.use_when, trl)
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return "\n".join(lines)
 
 
 def compute_loss(loss_type: str, lp: PairLogps, params: LossParams) -> LossOutput:

@@ -174,7 +174,7 @@ SPECS = {s.name: s for s in (
     LossSpec("simpo", simpo, "−log σ(β(mean log π(y⁺) − mean log π(y⁻)) − γ), γ = `simpo_gamma`",
              "no reference model at all", params=("beta", "simpo_gamma"), reference=False, per_token_means=True,
              trl_name="CPOTrainer's `simpo`"),
-    LossSpec("sft", sft, "mean per-token NLL of the chosen completion",
-             "train the SFT model that becomes the reference; MPO's generation term", reference=False,
+    LossSpec("sft", sft, "mean per-token NLL of the chosen completion (TRL: over all chosen tokens of the batch)",
+             "train the SFT model that becomes the reference; MPO's generation term", params=(), reference=False,
              per_token_means=True),
 )}
