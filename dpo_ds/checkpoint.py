@@ -35,10 +35,12 @@ from typing import Any, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
+from dpo_ds.errors import UsageError
 from dpo_ds.hf_dir import ConfigOverride, saved_config, write_hf_metadata
 from dpo_ds.losses import OBJECTIVE_FIELDS, PARAMS
 from dpo_ds.lora import save_adapter_config
-from launcher.dist import all_reduce, barrier, on_rank0, process_rank
+from dpo_ds.parallel import Parallel
+from launcher.dist import all_reduce
 
 logger = logging.getLogger("dpo_ds")
 
@@ -49,7 +51,6 @@ UNIVERSAL_TAG = "ds_universal"
 HF_METADATA = "hf"
 MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written after SIGTERM/SIGUSR1; the scheduler should requeue
 
 # Config fields whose change makes a resumed run a different run (data order, objective, numerics).
 RESUME_SENSITIVE_FIELDS = ("model_name_or_path", "ref_model_name_or_path", *OBJECTIVE_FIELDS, "reference_free", "max_length",
@@ -58,7 +59,7 @@ RESUME_SENSITIVE_FIELDS = ("model_name_or_path", "ref_model_name_or_path", *OBJE
                            "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_adapter", "lora_quantize")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UsageError, RuntimeError):
     pass
 
 
@@ -117,8 +118,8 @@ def _restore_rng(path: Path) -> None:
         torch.cuda.set_rng_state(state["torch_cuda"])
 
 
-def save_checkpoint(engine, output_dir: str, state: TrainerState, save_total_limit: int = 0, tokenizer=None,
-                    config_overrides: Sequence[ConfigOverride] = (), adapter_config=None) -> Path:
+def save_checkpoint(engine, output_dir: str, state: TrainerState, parallel: Parallel, save_total_limit: int = 0,
+                    tokenizer=None, config_overrides: Sequence[ConfigOverride] = (), adapter_config=None) -> Path:
     """Write checkpoint `step-N` atomically (every rank calls this). Raises CheckpointError on any rank's
     write failure, after removing the partial directory; earlier checkpoints are never touched then.
     `config_overrides`: what the run changed in the model's config (undone in hf/config.json);
@@ -126,13 +127,13 @@ def save_checkpoint(engine, output_dir: str, state: TrainerState, save_total_lim
     root = Path(output_dir) / CHECKPOINTS_DIR
     final = root / f"step-{state.step:08d}"
     tmp = root / f"step-{state.step:08d}.tmp"
-    rank = process_rank()
-    if rank == 0:
+    rank = parallel.rank
+    if parallel.is_main:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         (tmp / "rng").mkdir()
-    barrier()
+    parallel.barrier()
     error: BaseException | None = None
     try:
         # frozen parameters (a LoRA run's base) are rebuilt from their files on resume, never saved
@@ -140,11 +141,11 @@ def save_checkpoint(engine, output_dir: str, state: TrainerState, save_total_lim
         save_file(_rng_state(), str(tmp / "rng" / f"rank-{rank:05d}.safetensors"))
     except (OSError, RuntimeError) as err:
         error = err
-    _fail_together(error, tmp, f"writing checkpoint {final}")
-    on_rank0(f"publishing checkpoint {final}", lambda: _publish(engine, tmp, final, root, state, save_total_limit,
+    _fail_together(error, tmp, f"writing checkpoint {final}", parallel)
+    parallel.on_rank0(f"publishing checkpoint {final}", lambda: _publish(engine, tmp, final, root, state, save_total_limit,
                                                                   tokenizer, config_overrides, adapter_config),
              CheckpointError)
-    if rank == 0:
+    if parallel.is_main:
         logger.info("checkpoint written: %s", final)
     return final
 
@@ -182,11 +183,11 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _fail_together(error: BaseException | None, tmp: Path, what: str) -> None:
+def _fail_together(error: BaseException | None, tmp: Path, what: str, parallel: Parallel) -> None:
     """Collective: if any rank failed, every rank raises (none waits at a later barrier) and the partial
     directory goes; the previous checkpoint and `latest` are untouched."""
     if any_rank(error is not None):
-        if process_rank() == 0:
+        if parallel.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"{what} failed ({error or 'on another rank'}); the previous checkpoint is kept") from error
 
@@ -239,8 +240,8 @@ def refuse_to_overwrite(output_dir: str, resume_from: str | None) -> None:
                               f"continue it, or choose another output_dir")
 
 
-def resume_point(output_dir: str, resume_from: str | None, current: TrainerState,
-                 ignore_mismatch: bool) -> tuple[Path | None, TrainerState | None]:
+def resume_point(output_dir: str, resume_from: str | None, current: TrainerState, ignore_mismatch: bool,
+                 parallel: Parallel) -> tuple[Path | None, TrainerState | None]:
     """(checkpoint dir, its trainer state) to resume from, or (None, None) to start fresh; verified, checked
     against the current run, and converted to the universal format when the world size changed."""
     refuse_to_overwrite(output_dir, resume_from)
@@ -253,7 +254,7 @@ def resume_point(output_dir: str, resume_from: str | None, current: TrainerState
         raise CheckpointError(f"cannot resume from {ckpt}: " + "; ".join(problems)
                               + " (pass --resume_ignore_mismatch true to resume anyway)")
     if saved.world_size != current.world_size:
-        prepare_universal(ckpt)
+        prepare_universal(ckpt, parallel)
     return ckpt, saved
 
 
@@ -276,7 +277,7 @@ def check_compatible(saved: TrainerState, current: TrainerState) -> list[str]:
     return problems
 
 
-def prepare_universal(ckpt: Path) -> None:
+def prepare_universal(ckpt: Path, parallel: Parallel) -> None:
     """Convert the ZeRO checkpoint to DeepSpeed's universal format (rank 0, once) for another world size."""
     target = ckpt / UNIVERSAL_TAG
 
@@ -293,13 +294,13 @@ def prepare_universal(ckpt: Path) -> None:
             raise CheckpointError(f"{ckpt}: universal conversion failed:\n{proc.stderr[-3000:]}")
         os.replace(tmp, target)
 
-    on_rank0(f"converting {ckpt} to a universal checkpoint", convert, CheckpointError)
+    parallel.on_rank0(f"converting {ckpt} to a universal checkpoint", convert, CheckpointError)
 
 
-def load_checkpoint(engine, ckpt: Path, saved: TrainerState, world_size: int, adapter_only: bool = False) -> None:
+def load_checkpoint(engine, ckpt: Path, saved: TrainerState, parallel: Parallel, adapter_only: bool = False) -> None:
     """Restore DeepSpeed state (universal when the world size changed) and this rank's RNG. `adapter_only`: a
     LoRA run's checkpoint, which holds the adapter only."""
-    universal = saved.world_size != world_size
+    universal = saved.world_size != parallel.world_size
     tag = UNIVERSAL_TAG if universal else DS_TAG
     groups_as_built = [dict(group) for group in engine.optimizer.optimizer.param_groups]
     # a LoRA checkpoint holds the adapter only: the frozen base is already loaded from its files
@@ -310,7 +311,7 @@ def load_checkpoint(engine, ckpt: Path, saved: TrainerState, world_size: int, ad
         raise CheckpointError(f"{ckpt / tag}: DeepSpeed could not load this checkpoint")
     if universal:
         repair_universal_optimizer_state(engine.optimizer, groups_as_built)
-    rng = ckpt / "rng" / f"rank-{process_rank():05d}.safetensors"
+    rng = ckpt / "rng" / f"rank-{parallel.rank:05d}.safetensors"
     if rng.is_file():
         _restore_rng(rng)
 

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from dpo_ds.config import ConfigError, TrainConfig, uses_reference
 from dpo_ds.hf_dir import ExportError, publish_dir
-from dpo_ds.loading import has_safetensors
+from dpo_ds.safetensors_io import has_safetensors
 from launcher.dist import on_rank0
 
 ADAPTER = "default"      # the trained adapter (peft's default name)

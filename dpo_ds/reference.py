@@ -27,17 +27,16 @@ from dpo_ds.checkpoint import model_fingerprint
 from dpo_ds.config import TrainConfig, uses_reference
 from dpo_ds.data import MicroBatch, TokenizedPairs, rank_shares
 from dpo_ds.engines import (
+    PolicyEngine,
     attention_kernel,
     build_inference_engine,
-    forward_logps,
-    PolicyEngine,
     model_dtype,
     release_engine,
     resolve_reference_config,
-    scoring_head,
 )
+from dpo_ds.scoring import forward_logps, scoring_head
 from dpo_ds.lora import Adapters, adapter_fingerprint
-from launcher.dist import barrier
+from dpo_ds.parallel import Parallel
 
 logger = logging.getLogger("dpo_ds")
 
@@ -53,7 +52,7 @@ class LiveReference:
     def __init__(self, engine, chunk_size: int, head: torch.nn.Linear | None):
         self.engine = engine
         self.chunk_size = chunk_size
-        self.head = head  # engines.scoring_head of the engine's model
+        self.head = head  # scoring.scoring_head of the engine's model
 
     @torch.no_grad()
     def logps(self, micro: MicroBatch) -> torch.Tensor:
@@ -102,9 +101,8 @@ def _reference_engine(cfg: TrainConfig, hidden_size: int):
                                   cfg.trust_remote_code, cfg.weights_loader, attention_kernel(cfg), cfg)
 
 
-def build_reference(cfg: TrainConfig, hidden_size: int, datasets: list[TokenizedPairs] = (), cache_dir: str | None = None,
-                    pad_id: int = 0, rank: int = 0, world_size: int = 1,
-                    policy: PolicyEngine | None = None) -> ReferenceSource:
+def build_reference(cfg: TrainConfig, hidden_size: int, parallel: Parallel, datasets: list[TokenizedPairs] = (),
+                    cache_dir: str | None = None, pad_id: int = 0, policy: PolicyEngine | None = None) -> ReferenceSource:
     """The reference source the loss needs. With precompute_ref, every dataset's table is computed (or read
     from the cache) now; call it before building the policy so both engines never hold memory together.
     LoRA (`policy` given): the policy engine is the reference, with its trained adapter off."""
@@ -125,10 +123,10 @@ def build_reference(cfg: TrainConfig, hidden_size: int, datasets: list[Tokenized
     if missing:
         source = live_source()
         for pairs in missing:
-            _precompute(source, cfg, pairs, caches[pairs.fingerprint], pad_id, rank, world_size)
+            _precompute(source, cfg, pairs, caches[pairs.fingerprint], pad_id, parallel)
         if policy is None:
             release_engine(source.engine)
-    elif rank == 0:
+    elif parallel.is_main:
         logger.info("reference log-probs read from %s", ", ".join(str(p) for p in caches.values()))
     return CachedReference({fp: _load_table(path) for fp, path in caches.items()})
 
@@ -143,33 +141,33 @@ def _cache_key(cfg: TrainConfig, pairs: TokenizedPairs) -> str:
 
 
 @torch.no_grad()
-def _precompute(source: LiveReference, cfg: TrainConfig, pairs: TokenizedPairs, target: Path, pad_id: int, rank: int,
-                world_size: int) -> None:
-    """One pass over `pairs`, split over ranks (data.rank_shares); each rank writes its rows, rank 0 publishes
-    the directory once all are written."""
+def _precompute(source: LiveReference, cfg: TrainConfig, pairs: TokenizedPairs, target: Path, pad_id: int,
+                parallel: Parallel) -> None:
+    """One pass over `pairs`, split over the data-parallel ranks (data.rank_shares); each writes its rows, rank 0
+    publishes the directory once all are written."""
     tmp = target.with_name(target.name + ".tmp")
-    if rank == 0:
+    if parallel.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    barrier()
+    parallel.barrier()
     rows, logps = [], []
     slots = pairs.sequences_per_example()
-    for mine in rank_shares(len(pairs), cfg.micro_batch_size, rank, world_size):
+    for mine in rank_shares(len(pairs), cfg.micro_batch_size, parallel):
         scored = source.logps(MicroBatch.of(pairs, mine or [0], pad_id, cfg.padding_free)).float().cpu()
         if mine:
             rows += mine
             logps.append(scored.reshape(slots, len(mine)).T)  # [examples, slots]
     save_file({"rows": torch.tensor(rows, dtype=torch.int64),
                "logps": torch.cat(logps) if logps else torch.zeros(0, slots)},
-              str(tmp / f"rank-{rank:05d}-of-{world_size:05d}.safetensors"))
-    barrier()
-    if rank == 0:
+              str(tmp / f"rank-{parallel.rank:05d}-of-{parallel.world_size:05d}.safetensors"))
+    parallel.barrier()
+    if parallel.is_main:
         (tmp / "complete.json").write_text(json.dumps({"examples": len(pairs), "sequences": slots,
-                                                      "ranks": world_size}))
+                                                      "ranks": parallel.world_size}))
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
         logger.info("reference log-probs of %d pairs written to %s", len(pairs), target)
-    barrier()
+    parallel.barrier()
 
 
 def _load_table(path: Path) -> torch.Tensor:

@@ -17,7 +17,7 @@ import sys
 import deepspeed
 
 import dpo_ds.checkpoint as ckpt
-import dpo_ds.engines as engines
+import dpo_ds.scoring as scoring
 from dpo_ds.cli import main
 from launcher.dist import exit_process
 from dpo_ds.data import PairSampler
@@ -47,15 +47,15 @@ PairSampler.micro_batches = micro_batches
 
 nan_steps = {int(k) for k in os.environ.get("FAULT_NAN_AT_STEPS", "").split(",") if k}
 if nan_steps:
-    original_forward_logps = engines.forward_logps
+    original_forward_logps = scoring.forward_logps
 
-    def forward_logps(engine, batch, chunk_size, head):
-        logps, tokens = original_forward_logps(engine, batch, chunk_size, head)
+    def forward_logps(engine, batch, chunk_size, head, router_aux=False):
+        logps, tokens, aux = original_forward_logps(engine, batch, chunk_size, head, router_aux)
         if logps.requires_grad and current_step[0] in nan_steps and rank() == 0:
             logps = logps + float("nan")
-        return logps, tokens
+        return logps, tokens, aux
 
-    engines.forward_logps = forward_logps
+    scoring.forward_logps = forward_logps
 
 kill_point, kill_step = os.environ.get("FAULT_KILL_POINT"), int(os.environ.get("FAULT_KILL_STEP", "0"))
 Engine = deepspeed.runtime.engine.DeepSpeedEngine

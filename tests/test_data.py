@@ -375,9 +375,6 @@ def test_cache_is_written_once_and_reused(tmp_path, tok, demo_rows, monkeypatch)
     assert fp2 == fp
     assert_same_pairs(again, first)
     assert list(again.pair_ids) == list(first.pair_ids) and again.stats == first.stats
-    # another rank reads the same cache without tokenizing
-    other, _ = _load(path, tok, caches, rank=1)
-    assert_same_pairs(other, first)
     # without a cache dir it does tokenize (so the monkeypatch above is what stopped it)
     with pytest.raises(AssertionError, match="tokenized_chunks called"):
         load_pairs(path, tok, max_length=512, max_prompt_length=None, skip_bad_rows=False, cache_dir=None, workers=1)
@@ -426,33 +423,15 @@ def test_fingerprint_changes_with_inputs(tmp_path, tok, demo_rows, demo_assets):
     assert len(list(caches.glob("pairs-*.v2"))) == 8
 
 
-def test_data_error_on_rank0_reaches_other_ranks(tmp_path, tok, monkeypatch):
+def test_data_error_of_a_preparation_names_the_row(tmp_path, tok):
+    """Rank 0's error (raised on the other ranks by Parallel.on_rank0: tests/test_comm.py) names file, line and
+    field, and leaves no cache behind."""
     path = write_jsonl(tmp_path / "train.jsonl", [GOOD, {"prompt": "q", "rejected": " b"}])
     caches = tmp_path / "caches"
-    barriers = []
     with pytest.raises(DataError) as rank0:
-        _load(path, tok, caches, rank=0, barrier=lambda: barriers.append(0))
-    assert barriers == [0]  # rank 0 still meets the others at the barrier before raising
+        _load(path, tok, caches)
     assert f"{path}:2: field 'chosen': missing" in str(rank0.value)
-    assert len(list(caches.glob("pairs-*.error"))) == 1
-
-    monkeypatch.setattr(store, "tokenized_chunks", lambda *a, **k: pytest.fail("rank 1 must not tokenize"))
-    with pytest.raises(DataError) as rank1:
-        _load(path, tok, caches, rank=1, barrier=lambda: barriers.append(1))
-    assert barriers == [0, 1]
-    assert str(rank1.value) == str(rank0.value)
-    assert not list(caches.glob("pairs-*.v2"))
-
-
-def test_success_clears_a_stale_error_file(tmp_path, tok, demo_rows):
-    path = write_jsonl(tmp_path / "train.jsonl", demo_rows[:8])
-    caches = tmp_path / "caches"
-    fp = D.data_fingerprint(path, tok, 512, None, False)
-    caches.mkdir()
-    (caches / f"pairs-{fp}.error").write_text("old failure")
-    pairs, _ = _load(path, tok, caches)  # rank 0 removes it before the barrier
-    assert len(pairs) == 8
-    assert len(_load(path, tok, caches, rank=1)[0]) == 8
+    assert not list(caches.glob("pairs-*"))
 
 
 # ----------------------------------------------------------------------------------------- sampler
@@ -464,7 +443,7 @@ def step_pairs(s: PairSampler, step: int) -> list[int]:
     """Pairs of one optimizer step, in (micro-step, rank) order, checking every micro-batch has B pairs."""
     out = []
     for m in range(s.grad_accum):
-        for r in range(s.world_size):
+        for r in range(s.data_parallel_size):
             mb = s.micro_batches(step, r)[m]
             assert len(mb) == s.micro_batch_size
             out += mb
@@ -730,20 +709,10 @@ def test_damaged_cache_is_named_and_rebuilt_never_used(tmp_path, tok, demo_rows,
         offsets.tofile(cache / "prompt.offsets")
     assert D.cache_problem(cache, fp) is not None
     del good
-    # another rank never reads it: it waits until rank 0 has rebuilt the cache
-    import threading
-
-    waited = {}
-    waiter = threading.Thread(target=lambda: waited.update(pairs=_load(path, tok, caches, rank=1, poll_s=0.05)[0]))
-    waiter.start()
-    waiter.join(1.0)
-    assert waiter.is_alive()
     with caplog.at_level(logging.WARNING, logger="dpo_ds"):
         rebuilt, _ = _load(path, tok, caches)
     assert any(str(cache) in r.getMessage() and "preparing it again" in r.getMessage() for r in caplog.records)
     assert as_lists(rebuilt) == expected and D.cache_problem(cache, fp) is None
-    waiter.join(30)
-    assert as_lists(waited["pairs"]) == expected
     assert [p.name for p in caches.iterdir()] == [cache.name]  # no temporary directory left behind
 
 

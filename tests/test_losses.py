@@ -16,6 +16,7 @@ import torch
 from dpo_ds.config import LOSS_TYPES
 from dpo_ds.losses import SPECS, LossParams, Objective, PairLogps, compute_loss
 from dpo_ds.metrics import PairStats
+from dpo_ds.parallel import Parallel
 
 F64 = torch.float64
 MEAN_LOSSES = ("ipo", "simpo", "sft", "sigmoid_norm")  # always per-token means
@@ -124,7 +125,7 @@ def test_known_vector_sigmoid():
     assert out.rejected_rewards.tolist() == pytest.approx([-0.1, 0.025], abs=1e-12)
     assert out.losses.tolist() == pytest.approx([math.log1p(math.exp(-0.2)), math.log1p(math.exp(-0.025))], abs=1e-12)
     # and the same numbers through the logged metrics
-    stats = PairStats()
+    stats = PairStats(Parallel())
     stats.add_pairs(lp, out, real_tokens=22, padded_tokens=28)
     m = stats.reduce()
     assert abs(m["loss"] - 0.639432) < 1e-6
@@ -477,7 +478,7 @@ def test_weighted_list_is_the_weighted_sum_of_its_losses():
         assert out.components["sft"][i].item() == pytest.approx(sft, rel=1e-12)
         assert out.chosen_rewards[i].item() == pytest.approx(beta * (pc[i] - rc[i]), rel=1e-12)
     assert objective.logged_components == ("sigmoid", "bco_pair", "sft")
-    stats = PairStats(components=objective.logged_components)
+    stats = PairStats(Parallel(), components=objective.logged_components)
     stats.add_pairs(_pairs(pc, pr, rc, rr, nc, nr), out, 0, 0)
     m = stats.reduce()
     assert m["loss/bco_pair"] == pytest.approx(sum(bco) / 6, rel=1e-12)
@@ -487,7 +488,7 @@ def test_weighted_list_is_the_weighted_sum_of_its_losses():
 def test_one_loss_logs_no_components():
     out = compute_loss("sigmoid", _pairs(*_random_inputs(0, n=2)), LossParams())
     assert out.components == {}
-    assert "loss/sigmoid" not in PairStats().reduce()
+    assert "loss/sigmoid" not in PairStats(Parallel()).reduce()
 
 
 # ---------------------------------------------------------------------------- registry

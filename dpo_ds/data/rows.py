@@ -8,10 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from dpo_ds.errors import UsageError
+
 CHUNK_ROWS = 256          # rows per unit of work sent to a tokenizer process
 
 
-class DataError(ValueError):
+class DataError(UsageError, ValueError):
     """Bad input data, phrased with file, line and field."""
 
 

@@ -7,15 +7,19 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from dpo_ds.data.examples import TokenizedExamples
+from dpo_ds.parallel import Parallel
+
 
 @dataclass
 class PairSampler:
     """Which pairs each rank uses at each optimizer step; the one place that knows where a run is.
 
     Each epoch is cut into micro-batches; optimizer step k of the epoch uses micro-batches
-    [k*M, (k+1)*M), M = grad_accum * world_size, micro-step m on rank r taking number k*M + m*world_size + r.
+    [k*M, (k+1)*M), M = grad_accum * W (W = data_parallel_size: the ranks reading different data), micro-step m on
+    data-parallel rank r taking number k*M + m*W + r.
     With fixed-size micro-batches of B pairs cut from the epoch order, step k therefore uses positions
-    [k*G, (k+1)*G) of that order (G = B * M), and micro-step m on rank r the B positions from (m*world_size + r)*B.
+    [k*G, (k+1)*G) of that order (G = B * M), and micro-step m on rank r the B positions from (m*W + r)*B.
     Micro-batches after the last full step of an epoch are not used.
 
     With `max_tokens` (a token budget), pairs of similar length are packed into each micro-batch until
@@ -28,7 +32,7 @@ class PairSampler:
     lengths: Sequence[int]
     micro_batch_size: int
     grad_accum: int
-    world_size: int
+    data_parallel_size: int
     shuffle: bool
     group_by_length: bool
     seed: int
@@ -42,13 +46,13 @@ class PairSampler:
         self.lengths = np.asarray(self.lengths, dtype=np.int64)
 
     @classmethod
-    def for_config(cls, cfg, pairs: "TokenizedPairs", world_size: int) -> "PairSampler":
-        return cls(pairs.lengths(), cfg.micro_batch_size, cfg.gradient_accumulation_steps,
-                   world_size, cfg.shuffle, cfg.group_by_length, cfg.seed, cfg.max_tokens_per_micro_batch)
+    def for_config(cls, cfg, examples: TokenizedExamples, data_parallel_size: int) -> "PairSampler":
+        return cls(examples.lengths(), cfg.micro_batch_size, cfg.gradient_accumulation_steps,
+                   data_parallel_size, cfg.shuffle, cfg.group_by_length, cfg.seed, cfg.max_tokens_per_micro_batch)
 
     @property
     def micro_batches_per_step(self) -> int:
-        return self.grad_accum * self.world_size
+        return self.grad_accum * self.data_parallel_size
 
     @property
     def pairs_per_step(self) -> int:
@@ -146,10 +150,11 @@ class PairSampler:
         return indices[bounds[j]:bounds[j + 1]].tolist()
 
     def micro_batches(self, step: int, rank: int) -> list[list[int]]:
-        """The grad_accum micro-batches (lists of pair indices) of global optimizer step `step` on `rank`."""
+        """The grad_accum micro-batches (lists of pair indices) of global optimizer step `step` on data-parallel
+        rank `rank` (every rank of one sequence-parallel group reads the same ones)."""
         epoch, k = self._locate(step)
         base = k * self.micro_batches_per_step
-        return [self._micro_batch(epoch, base + m * self.world_size + rank) for m in range(self.grad_accum)]
+        return [self._micro_batch(epoch, base + m * self.data_parallel_size + rank) for m in range(self.grad_accum)]
 
     def pairs_in_step(self, step: int) -> int:
         epoch, k = self._locate(step)
@@ -170,11 +175,11 @@ class PairSampler:
         return {"epoch": epoch, "step_in_epoch": k, "consumed_pairs": consumed}
 
 
-def rank_shares(num_pairs: int, micro_batch_size: int, rank: int, world_size: int) -> Iterator[list[int]]:
-    """One pass over all pairs split over ranks, for scoring (eval, reference precompute): this rank's pair
-    indices per forward. Every rank gets the same number of forwards, as ZeRO-3's collective parameter
+def rank_shares(num_pairs: int, micro_batch_size: int, parallel: Parallel) -> Iterator[list[int]]:
+    """One pass over all pairs split over the data-parallel ranks, for scoring (eval, reference precompute): this
+    rank's pair indices per forward. Every rank gets the same number of forwards, as ZeRO-3's collective parameter
     gathers require; a rank with no pairs left gets [] (run pair 0 and discard it)."""
-    b = micro_batch_size
-    for start in range(0, num_pairs, b * world_size):
+    b, rank = micro_batch_size, parallel.data_parallel_rank
+    for start in range(0, num_pairs, b * parallel.data_parallel_size):
         yield list(range(start + rank * b, min(start + (rank + 1) * b, num_pairs)))
 

@@ -16,13 +16,13 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from dpo_ds.data.examples import EXAMPLE_KINDS, RowLocations, TokenColumn, TokenizedExamples, TokenizedPairs, empty_stats
 from dpo_ds.data.report import length_report, warn_about
 from dpo_ds.data.rows import DataError, source_kind
+from dpo_ds.parallel import Parallel
 from dpo_ds.data.tokenize import TOKENIZATION_VERSION, ChunkResult, PairTokenizer, tokenized_chunks
 
 logger = logging.getLogger("dpo_ds")
@@ -237,14 +237,12 @@ def tokenize_file(path: str, pair_tokenizer: PairTokenizer, skip_bad_rows: bool,
 
 
 def load_pairs(path: str, tokenizer, *, max_length: int, max_prompt_length: int | None, skip_bad_rows: bool,
-               cache_dir: str | None, rank: int = 0, barrier: Callable[[], None] = lambda: None, workers: int = 0,
-               poll_s: float = 0.5) -> tuple[TokenizedPairs, str]:
+               cache_dir: str | None, parallel: Parallel = Parallel(), workers: int = 0) -> tuple[TokenizedPairs, str]:
     """The prepared pairs of `path`, shared by all ranks through `cache_dir`. Returns (pairs, fingerprint).
 
-    Rank 0 prepares the cache when it is missing (in parallel processes); the other ranks wait on the file
-    system, not in a collective, so a preparation longer than the process group's timeout is fine. `barrier` is
-    met once before, so that no rank reads an error file left by an earlier run. A failure on rank 0 is written
-    next to the cache and raised on every rank."""
+    Rank 0 prepares the cache when it is missing (in parallel processes) while the other ranks wait for it
+    outside any timed collective (Parallel.on_rank0: a preparation longer than the process group's timeout is
+    fine, and a failure on rank 0 is raised on every rank); then every rank maps the same files."""
     fingerprint = data_fingerprint(path, tokenizer, max_length, max_prompt_length, skip_bad_rows)
     pair_tokenizer = PairTokenizer(tokenizer, max_length, max_prompt_length)
     if cache_dir is None:
@@ -252,33 +250,10 @@ def load_pairs(path: str, tokenizer, *, max_length: int, max_prompt_length: int 
         pairs.fingerprint = fingerprint
         return pairs, fingerprint
     cache = cache_path(cache_dir, fingerprint)
-    error_file = cache.with_name(cache.name + ".error")
-    if rank == 0:
+
+    def prepare() -> None:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        error_file.unlink(missing_ok=True)
-    barrier()
-    if rank == 0:
-        try:
-            return prepare_pairs(path, pair_tokenizer, skip_bad_rows, cache, fingerprint, workers), fingerprint
-        except BaseException as err:  # tell the waiting ranks instead of leaving them waiting
-            error_file.write_text(str(err) if isinstance(err, DataError) else f"{path}: preparing failed: {err!r}")
-            raise
-    return wait_for_cache(cache, fingerprint, error_file, rank, poll_s), fingerprint
+        prepare_pairs(path, pair_tokenizer, skip_bad_rows, cache, fingerprint, workers)
 
-
-def wait_for_cache(cache: Path, fingerprint: str, error_file: Path, rank: int, poll_s: float) -> TokenizedPairs:
-    """Wait (on the file system) until rank 0 has published `cache` or failed, saying so every few minutes."""
-    started = time.monotonic()
-    next_message = started + 2.0  # quiet when the cache is (nearly) ready
-    # one message per node is enough: rank 1 and each other node's first rank
-    speaks = rank == 1 or os.environ.get("LOCAL_RANK") == "0"
-    while True:
-        if error_file.exists():
-            raise DataError(error_file.read_text())
-        if cache.exists() and cache_problem(cache, fingerprint) is None:
-            return open_cache(cache)
-        now = time.monotonic()
-        if speaks and now >= next_message:
-            logger.warning("rank %d: waiting for rank 0 to prepare %s (%.0f s so far; cache_dir must be on a file "
-                           "system all nodes share)", rank, cache, now - started)
-            next_message = now + 300
+    parallel.on_rank0(f"preparing {path} into {cache}", prepare, DataError)
+    return open_cache(cache), fingerprint
