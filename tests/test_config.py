@@ -2,6 +2,7 @@
 `dpo-ds train --help` documents every field."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib.util
 import math
@@ -537,3 +538,11 @@ def test_eval_and_prepare_build_their_config_as_train_does(tmp_path, capsys):
     assert cli.main(["prepare", "--model_name_or_path", str(run_dir / "final"),
                      "--train_file", str(tmp_path / "none.jsonl")]) == 2
     assert "field 'train_file'" in capsys.readouterr().err
+
+
+def test_train_help_lists_every_loss():
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    text = parser.format_help()
+    for name in (*LOSS_TYPES, "aot_pair"):
+        assert name in text, name

@@ -1,6 +1,7 @@
 """End-to-end 2-rank ZeRO-3 runs of every loss of the menu against plain PyTorch, and the NaN/Inf guard."""
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -111,7 +112,7 @@ MENU = {
     "mpo": (dict(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0]), _mpo),
     "ld_dpo": (dict(loss_type="sigmoid", ld_alpha=0.5), _per_pair(lambda b, beta: -F.logsigmoid(beta * _d(b)))),
 }
-MENU_SETTINGS = dict(precision="fp32", micro_batch_size=2, gradient_accumulation_steps=2, max_steps=3, shuffle=False,
+MENU_SETTINGS = dict(precision="fp32", micro_batch_size=2, gradient_accumulation_steps=2, max_steps=2, shuffle=False,
                      learning_rate=2e-3, warmup_steps=0, lr_scheduler="linear", weight_decay=0.0, max_grad_norm=1.0,
                      beta=0.1, logging_steps=1, seed=0)
 WORLD = 2
@@ -161,6 +162,21 @@ def test_weighted_list_logs_each_component(probe_runs):
     for m in (m for m in read_metrics(probe_runs["mpo"][0]) if "loss" in m):
         assert m["loss"] == pytest.approx(0.8 * m["loss/sigmoid"] + 0.2 * m["loss/bco_pair"] + m["loss/sft"], rel=1e-9)
         assert "bco_pair/running_mean" in m
+
+
+def test_bco_pair_resumed_after_a_stop_equals_the_uninterrupted_run(probe_runs, demo_assets, tmp_path):
+    """bco_pair's running mean is saved in the checkpoint (trainer_state.json) and restored: stopped by a signal
+    after step 1 and resumed, the run logs the uninterrupted run's losses (a fresh mean at step 2 would not)."""
+    config = write_config(tmp_path / "bco.yaml", model_name_or_path=demo_assets.model_dir,
+                          train_file=demo_assets.train_file, **{**MENU_SETTINGS, "loss_type": "bco_pair"})
+    args = ["tests/dist_fault_probe.py", "--config", str(config), "--output_dir", str(tmp_path / "out"),
+            "--resume_from", "auto"]
+    stopped = launch(args, env={"FAULT_SIGNAL_AT_STEP": "1"}, check=False)
+    assert "stopped by a signal after step 1" in stopped.stderr, stopped.stderr[-3000:]
+    state = json.loads((tmp_path / "out" / "checkpoints" / "step-00000001" / "trainer_state.json").read_text())
+    assert state["loss_state"]["bco_pair"]["count"] == 2 * MENU_SETTINGS["micro_batch_size"] * 2 * WORLD
+    assert "resumed from step 1" in launch(args).stderr
+    assert train_losses(tmp_path / "out") == train_losses(probe_runs["bco_pair"][0])
 
 
 def test_ipo_first_step_is_its_target_squared(probe_runs):
