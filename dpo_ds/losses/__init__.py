@@ -20,7 +20,7 @@ OBJECTIVE_FIELDS = ("loss_type", "loss_weights", *PARAMS)
 
 __all__ = ["ALIASES", "LOSS_TYPES", "OBJECTIVE_FIELDS", "PARAMS", "SPECS", "LossContext", "LossOutput", "LossParams",
            "LossSpec", "Objective", "PairLogps", "Param", "RunningMean", "check_objective", "compute_loss",
-           "loss_names", "markdown_table", "parse_loss_type", "parse_loss_weights", "uses_reference"]
+           "loss_names", "markdown_table", "needs_reference", "parse_loss_type", "parse_loss_weights", "uses_reference"]
 
 
 def parse_loss_type(value: Any) -> str:
@@ -62,9 +62,14 @@ def _weights(loss_type: str, loss_weights: Optional[str]) -> tuple[float, ...]:
     return tuple(float(w) for w in loss_weights.split(",")) if loss_weights else (1.0,) * len(loss_names(loss_type))
 
 
+def needs_reference(loss_type: str) -> bool:
+    """Whether some loss of `loss_type` (a config's value) reads log pi_ref."""
+    return any(SPECS[name].reference for name in loss_names(loss_type))
+
+
 def uses_reference(cfg) -> bool:
     """Whether the run needs log pi_ref: some loss of loss_type does and reference_free is off."""
-    return not cfg.reference_free and any(SPECS[name].reference for name in loss_names(cfg.loss_type))
+    return not cfg.reference_free and needs_reference(cfg.loss_type)
 
 
 def check_objective(cfg) -> Optional[tuple[str, str]]:
