@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
+import json
 import logging
 import os
+import re
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -58,6 +62,38 @@ def announce_op_build() -> None:
               f"minute)", file=sys.stderr, flush=True)
 
 
+class CommandParser(argparse.ArgumentParser):
+    """A command's flags, spelled out: no prefix abbreviations (argparse would take `--learning_rat` for
+    `--learning_rate`), and an unknown flag is one line naming it, with the closest flag, as YAML fields are."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
+
+    def parse_args(self, args=None, namespace=None):
+        # an unknown flag first: it is often why a required one looks missing (`--modl` for `--model`)
+        required = [action for action in self._actions if action.required]
+        for action in required:
+            action.required = False
+        try:
+            _, unknown = self.parse_known_args(args)
+        finally:
+            for action in required:
+                action.required = True
+        if unknown:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return super().parse_args(args, namespace)
+
+    def error(self, message: str):
+        unknown = re.match(r"unrecognized arguments: (.*)", message)
+        if unknown:
+            flags = [option for action in self._actions for option in action.option_strings]
+            words = [w for w in unknown.group(1).split() if w.startswith("-")] or unknown.group(1).split()
+            close = difflib.get_close_matches(words[0].split("=")[0], flags, n=1)
+            message = f"unknown flag {words[0]}" + (f" (did you mean {close[0]}?)" if close else "") + \
+                      f"; `{self.prog} --help` lists the flags"
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     argv, local_rank = strip_local_rank(argv)  # `deepspeed --module dpo_ds ...` appends --local_rank=N
@@ -70,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     if not check_versions(f"dpo-ds {argv[0]}"):  # before the command's module imports deepspeed/transformers
         return 2
     module = importlib.import_module(COMMANDS[argv[0]])
-    sub = argparse.ArgumentParser(prog=f"dpo-ds {argv[0]}", description=module.HELP,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = CommandParser(prog=f"dpo-ds {argv[0]}", description=module.HELP,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(sub)
     args = sub.parse_args(argv[1:])
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", default_extensions_dir())
@@ -86,11 +122,11 @@ def run_command(name: str, module, args: argparse.Namespace) -> int:
     try:
         with stdout_for_results_only():
             return int(module.run(args) or 0)
-    except UsageError as err:
-        print(f"dpo-ds {name}: error: {err}", file=sys.stderr, flush=True)
+    except UsageError as err:  # every rank finds the same bad input: rank 0 says it
+        report_error(f"dpo-ds {name}: error: {err}", every_rank=False)
         return 2
     except LauncherError as err:  # the rendezvous, or output_dir/cache_dir not shared by every rank
-        print(f"dpo-ds {name}: error: {err}", file=sys.stderr, flush=True)
+        report_error(f"dpo-ds {name}: error: {err}", every_rank=True)
         return 1
     except Preempted as stop:
         logging.getLogger("dpo_ds").warning("%s", stop)
@@ -100,6 +136,18 @@ def run_command(name: str, module, args: argparse.Namespace) -> int:
         return 130
     finally:
         _leave_process_group()
+
+
+def report_error(line: str, every_rank: bool) -> None:
+    """The one line a failed command ends with: on stderr from rank 0 (or from each rank, for an error only that
+    rank may see), and in the error file torchrun's agent reads (TORCHELASTIC_ERROR_FILE), so that the agent's
+    failure summary shows this line instead of a Python traceback."""
+    if every_rank or os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr, flush=True)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        info = {"py_callstack": line, "timestamp": str(int(time.time()))}
+        Path(error_file).write_text(json.dumps({"message": {"message": line, "extraInfo": info}}))
 
 
 def _leave_process_group() -> None:

@@ -18,7 +18,7 @@ import torch
 
 from dpo_ds import checkpoint as ckpt
 from dpo_ds.config import TrainConfig, add_config_arguments, config_from_args, to_dict, uses_reference
-from dpo_ds.console import setup_logging
+from dpo_ds.console import Progress, setup_logging
 from dpo_ds.convert import export_engine, export_merged_from_base
 from dpo_ds.data import DataError, PairSampler, TokenizedPairs
 from dpo_ds.engines import model_dtype
@@ -149,6 +149,7 @@ class TrainingLoop:
         self.ctx, self.sampler, self.data, self.tokenizer = ctx, sampler, data, tokenizer
         self.stop_signal, self.total_steps, self.start_step = stop_signal, total_steps, start_step
         self.writer = MetricsWriter(ctx.cfg.output_dir, enabled=ctx.parallel.is_main, after_step=start_step)
+        self.progress = Progress(total_steps, start_step, enabled=ctx.parallel.is_main)
         self.window = PairStats(ctx.parallel, components=ctx.objective.logged_components)  # applied steps since the last log line
         self.skipped = 0           # steps skipped for NaN/Inf so far
         self.bad_in_a_row = 0
@@ -157,7 +158,6 @@ class TrainingLoop:
     def train(self) -> dict[str, float]:
         """Train steps start_step..total_steps; the last logged metrics."""
         ctx, cfg = self.ctx, self.ctx.cfg
-        progress = _progress(self.total_steps, self.start_step, ctx.parallel)
         for step in range(self.start_step, self.total_steps):
             lr = ctx.policy.get_lr()[0]  # the rate this step uses (the scheduler advances inside the step)
             result = train_step(ctx, self.sampler, self.data.train, step)
@@ -169,13 +169,9 @@ class TrainingLoop:
                 self.log(done, lr)
             if self.data.eval is not None and (done == self.total_steps or (cfg.eval_steps and done % cfg.eval_steps == 0)):
                 self.evaluate(done)
-            if progress is not None:
-                progress.update(1)
-                if "loss" in self.last:
-                    progress.set_postfix(loss=f"{self.last['loss']:.4f}")
+            self.progress.step_done(self.last.get("loss"))
             self.checkpoint_or_stop(done)
-        if progress is not None:
-            progress.close()
+        self.progress.close()
         return self.last
 
     def guard_bad_step(self, done: int, result: StepResult) -> None:
@@ -198,6 +194,7 @@ class TrainingLoop:
         last.update({"grad_norm": _grad_norm(ctx.policy), "lr": lr, "skipped_steps": self.skipped,
                      "memory/peak_gib": max_over_ranks(peak_memory_gib()), "epoch": done / self.sampler.steps_per_epoch})
         self.writer.write(done, last)
+        self.progress.logged(done, last, int(last["window_steps"]), cfg.logging_steps)
         self.last, self.window = last, PairStats(ctx.parallel, components=ctx.objective.logged_components)
         if _kl_exceeded(cfg, last, done, ctx.parallel):
             save_checkpoint(ctx, trainer_state(cfg, self.sampler, self.data, ctx.parallel, done, ctx.objective),
@@ -211,6 +208,9 @@ class TrainingLoop:
         self.ctx.policy.train()
         self.writer.write(done, eval_metrics)
         self.last.update(eval_metrics)
+        if self.ctx.parallel.is_main:  # on the console when it runs, not only in metrics.jsonl
+            logger.info("eval at step %d: loss %.4g | accuracy %.3f | margin %.4g", done, eval_metrics["eval/loss"],
+                        eval_metrics["eval/rewards/accuracies"], eval_metrics["eval/rewards/margins"])
 
     def checkpoint_or_stop(self, done: int) -> None:
         """A checkpoint every save_steps, and after a stop signal on any rank, which then ends the run (Preempted)."""
@@ -299,14 +299,6 @@ def _seconds_since_process_start() -> float:
 def _grad_norm(engine) -> float:
     norm = engine.get_global_grad_norm()
     return float(norm) if norm is not None else float("nan")
-
-
-def _progress(total: int, start: int, parallel: Parallel):
-    if not parallel.is_main:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=start, desc="dpo", dynamic_ncols=True, file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:
