@@ -160,7 +160,8 @@ def test_menu_covers_every_loss():
 def test_weighted_list_logs_each_component(probe_runs):
     """MPO: loss = 0.8 loss/sigmoid + 0.2 loss/bco_pair + loss/sft at every step; bco_pair's running mean logged."""
     for m in (m for m in read_metrics(probe_runs["mpo"][0]) if "loss" in m):
-        assert m["loss"] == pytest.approx(0.8 * m["loss/sigmoid"] + 0.2 * m["loss/bco_pair"] + m["loss/sft"], rel=1e-9)
+        # rel 1e-6: the weighted sum is taken per pair in fp32, the logged means in float64
+        assert m["loss"] == pytest.approx(0.8 * m["loss/sigmoid"] + 0.2 * m["loss/bco_pair"] + m["loss/sft"], rel=1e-6)
         assert "bco_pair/running_mean" in m
 
 
@@ -191,8 +192,7 @@ def test_ipo_first_step_is_its_target_squared(probe_runs):
 def test_reference_free_losses_build_no_reference_engine(probe_runs, loss_type):
     out, probe = probe_runs[loss_type]
     assert probe["deepspeed_engines"] == 1 and probe["reference"] == "NoReference"
-    losses = train_losses(out)
-    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    assert len(train_losses(out)) == MENU_SETTINGS["max_steps"]  # the values: test_every_loss_trains_as_plain_pytorch_does
     assert (out / "final" / "config.json").is_file()
 
 
