@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -122,7 +123,7 @@ def run_command(name: str, module, args: argparse.Namespace) -> int:
     try:
         with stdout_for_results_only():
             return int(module.run(args) or 0)
-    except UsageError as err:  # every rank finds the same bad input: rank 0 says it
+    except UsageError as err:  # every rank finds the same bad input: one says it
         report_error(f"dpo-ds {name}: error: {err}", every_rank=False)
         return 2
     except LauncherError as err:  # the rendezvous, or output_dir/cache_dir not shared by every rank
@@ -139,15 +140,32 @@ def run_command(name: str, module, args: argparse.Namespace) -> int:
 
 
 def report_error(line: str, every_rank: bool) -> None:
-    """The one line a failed command ends with: on stderr from rank 0 (or from each rank, for an error only that
-    rank may see), and in the error file torchrun's agent reads (TORCHELASTIC_ERROR_FILE), so that the agent's
-    failure summary shows this line instead of a Python traceback."""
-    if every_rank or os.environ.get("RANK", "0") == "0":
+    """The one line a failed command ends with: on stderr from the first rank of the node to fail (or from each
+    rank, for an error only that rank may see), and in the error file torchrun's agent reads
+    (TORCHELASTIC_ERROR_FILE), so that the agent's failure summary shows this line instead of a traceback."""
+    if every_rank or _first_failure_on_node():
         print(line, file=sys.stderr, flush=True)
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file:
         info = {"py_callstack": line, "timestamp": str(int(time.time()))}
         Path(error_file).write_text(json.dumps({"message": {"message": line, "extraInfo": info}}))
+
+
+def _first_failure_on_node() -> bool:
+    """Whether this rank is the first of its node to report an error that every rank finds alike (bad input). Not
+    simply rank 0: torchrun, mpirun and srun stop the other ranks once one has failed, so rank 0 may be stopped
+    before it prints. The first rank creates a marker named after the job (master port) and the process that
+    started the node's ranks (torchrun's agent, Open MPI's or Slurm's daemon)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return True
+    marker = Path(tempfile.gettempdir()) / f"dpo-ds-error-{os.environ.get('MASTER_PORT', '')}-{os.getppid()}"
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    except OSError:  # no writable temporary directory: better twice than never
+        return True
+    return True
 
 
 def _leave_process_group() -> None:

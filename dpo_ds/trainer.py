@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 
 from dpo_ds import checkpoint as ckpt
-from dpo_ds.config import TrainConfig, add_config_arguments, config_from_args, to_dict, uses_reference
-from dpo_ds.console import Progress, setup_logging
+from dpo_ds.config import TrainConfig, add_config_arguments, config_from_args, to_dict, uses_lora, uses_reference
+from dpo_ds.console import Progress, emit, setup_logging
 from dpo_ds.convert import export_engine, export_merged_from_base
 from dpo_ds.data import DataError, PairSampler, TokenizedPairs
-from dpo_ds.engines import model_dtype
+from dpo_ds.engines import model_dtype, resolve_policy_config, resolve_reference_config
 from dpo_ds.errors import Preempted, UsageError
-from dpo_ds.families import check_model_family
+from dpo_ds.families import check_model_family, load_model_config
 from dpo_ds.lora import merge_adapter, save_adapter
 from dpo_ds.losses import Objective
 from dpo_ds.metrics import MetricsWriter, PairStats, max_over_ranks, peak_memory_gib
@@ -37,6 +37,11 @@ logger = logging.getLogger("dpo_ds")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--check", action="store_true",
+                        help="Check the run without training, in one process (before an sbatch): config and paths, "
+                             "the output folder, the model family, the reference's tokenization, the DeepSpeed "
+                             "configs, the data (prepared into cache_dir, as train would) and the checkpoint to "
+                             "resume from; print what the run would train on. Exit 2 with the first problem.")
     add_config_arguments(parser)
 
 
@@ -301,6 +306,36 @@ def _grad_norm(engine) -> float:
     return float(norm) if norm is not None else float("nan")
 
 
+def check_run(cfg: TrainConfig) -> str:
+    """`dpo-ds train --check`: what `train` refuses before it starts engines, found in this process without a
+    process group; the summary of what the run would train on."""
+    from transformers import AutoTokenizer
+
+    parallel = Parallel()
+    check_before_loading(cfg, parallel)
+    hidden = load_model_config(cfg.model_name_or_path, cfg.trust_remote_code).hidden_size
+    resolve_policy_config(cfg, 1, hidden)
+    if uses_reference(cfg) and not uses_lora(cfg):
+        resolve_reference_config(cfg, hidden)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+    data = TrainData(*load_config_data(cfg, tokenizer, parallel))
+    resume_dir = ckpt.find_checkpoint(cfg.output_dir, cfg.resume_from)
+    if resume_dir is not None:
+        ckpt.verify_checkpoint(resume_dir)
+    per_rank = cfg.micro_batch_size * cfg.gradient_accumulation_steps
+    lines = [f"check passed: {cfg.train_file}: {len(data.train)} pairs; {per_rank} pairs per data-parallel rank per "
+             f"optimizer step: {len(data.train) // per_rank} steps per epoch on 1 rank, "
+             f"{len(data.train) // (8 * per_rank)} on 8"]
+    if data.eval is not None:
+        lines.append(f"  eval: {cfg.eval_file}: {len(data.eval)} pairs")
+    lines.append(f"  resume: {resume_dir}" if resume_dir is not None else f"  a new run in {cfg.output_dir}")
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
-    train(config_from_args(args))
+    cfg = config_from_args(args)
+    if args.check:
+        emit(check_run(cfg))
+        return 0
+    train(cfg)
     return 0

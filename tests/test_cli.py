@@ -139,8 +139,9 @@ def test_a_mistyped_flag_is_one_line_with_the_closest_flag(argv, flag, suggestio
 
 @pytest.mark.distributed
 def test_bad_input_under_torchrun_is_one_line_and_the_agents_summary_carries_it(tmp_path):
-    """Issue 25 item 1: each rank printed the error, and torchrun's summary showed no cause. Now rank 0 prints the
-    line and every failed rank's error file (TORCHELASTIC_ERROR_FILE) holds it for the agent's summary."""
+    """Issue 25 item 1: each rank printed the error, and torchrun's summary showed no cause. Now the first rank to
+    fail prints the line (the agent stops the others) and every failed rank's error file (TORCHELASTIC_ERROR_FILE)
+    holds it for the agent's summary."""
     config = tmp_path / "run.yaml"
     config.write_text(f"model_name_or_path: {tmp_path / 'no_model'}\ntrain_file: {tmp_path / 'no.jsonl'}\n")
     proc = launch(["-m", "dpo_ds", "train", "--config", str(config)], check=False, timeout=300)
@@ -148,4 +149,24 @@ def test_bad_input_under_torchrun_is_one_line_and_the_agents_summary_carries_it(
     assert proc.returncode != 0
     assert [x for x in proc.stderr.splitlines() if x.startswith("dpo-ds train: error:")] == [line]
     summary = proc.stderr[proc.stderr.index("Root Cause"):]
-    assert f"traceback : {line}" in summary and "rank      : 0" in summary
+    assert f"traceback : {line}" in summary
+
+
+def test_train_check_validates_everything_before_engines_and_trains_nothing(demo_assets, tmp_path, capsys):
+    """Issue 25: `dpo-ds train --check` (before an sbatch) finds config, data and checkpoint problems in one
+    process and says what the run would train on; it starts no engine and writes no run."""
+    out = tmp_path / "run"
+    flags = ["--model_name_or_path", demo_assets.model_dir, "--eval_file", demo_assets.heldout_file,
+             "--output_dir", str(out), "--micro_batch_size", "4", "--prepare_workers", "1"]
+    assert cli.main(["train", "--check", "--train_file", demo_assets.train_file, *flags]) == 0
+    n = sum(1 for line in open(demo_assets.train_file) if line.strip())
+    assert capsys.readouterr().out.splitlines() == [
+        f"check passed: {demo_assets.train_file}: {n} pairs; 4 pairs per data-parallel rank per optimizer step: "
+        f"{n // 4} steps per epoch on 1 rank, {n // 32} on 8",
+        f"  eval: {demo_assets.heldout_file}: {sum(1 for line in open(demo_assets.heldout_file) if line.strip())} pairs",
+        f"  a new run in {out}"]
+    assert sorted(p.name for p in out.iterdir()) == ["caches"]  # the prepared data only: no run_config, no model
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(open(demo_assets.train_file).readline() + '{"prompt": "q", "chosen": "a"}\n')
+    assert cli.main(["train", "--check", "--train_file", str(bad), *flags]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"dpo-ds train: error: {bad}:2: field 'rejected': missing"
