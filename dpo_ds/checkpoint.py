@@ -28,7 +28,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from dpo_ds.errors import UsageError
 from dpo_ds.hf_dir import ConfigOverride, saved_config, write_hf_metadata
+from dpo_ds.losses import OBJECTIVE_FIELDS, PARAMS
 from dpo_ds.lora import save_adapter_config
 from dpo_ds.parallel import Parallel
 from launcher.dist import all_reduce
@@ -52,8 +53,7 @@ MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
 
 # Config fields whose change makes a resumed run a different run (data order, objective, numerics).
-RESUME_SENSITIVE_FIELDS = ("model_name_or_path", "ref_model_name_or_path", "loss_type", "beta", "label_smoothing",
-                           "simpo_gamma", "rpo_alpha", "reference_free", "length_normalize", "max_length",
+RESUME_SENSITIVE_FIELDS = ("model_name_or_path", "ref_model_name_or_path", *OBJECTIVE_FIELDS, "reference_free", "max_length",
                            "max_prompt_length", "max_tokens_per_micro_batch", "shuffle", "group_by_length", "seed", "precision", "lr_scheduler",
                            "warmup_steps", "learning_rate", "weight_decay", "disable_dropout", "router_aux_loss_coef",
                            "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_adapter", "lora_quantize")
@@ -72,6 +72,7 @@ class TrainerState:
     data_fingerprint: str
     model_fingerprint: str
     config: dict[str, Any]
+    loss_state: dict[str, dict] = field(default_factory=dict)  # losses.Objective.state_dict(): reduced over ranks
 
 
 def model_fingerprint(path: str) -> str:
@@ -269,8 +270,10 @@ def check_compatible(saved: TrainerState, current: TrainerState) -> list[str]:
         problems.append(f"pairs per optimizer step changed ({saved.pairs_per_step} at save, {current.pairs_per_step} now; "
                         f"keep micro_batch_size x gradient_accumulation_steps x ranks equal)")
     for name in RESUME_SENSITIVE_FIELDS:
-        if saved.config.get(name) != current.config.get(name):
-            problems.append(f"field '{name}' changed ({saved.config.get(name)!r} at save, {current.config.get(name)!r} now)")
+        # a loss parameter added since the checkpoint was written had its default then
+        at_save = saved.config.get(name, PARAMS[name].default if name in PARAMS else None)
+        if at_save != current.config.get(name):
+            problems.append(f"field '{name}' changed ({at_save!r} at save, {current.config.get(name)!r} now)")
     return problems
 
 

@@ -21,6 +21,7 @@ from dpo_ds.config import ConfigError, TrainConfig, config_from_args
 from dpo_ds.console import emit, setup_logging
 from dpo_ds.data import load_pairs
 from dpo_ds.families import load_model_config
+from dpo_ds.losses import OBJECTIVE_FIELDS, needs_reference
 from dpo_ds.parallel import Parallel
 
 HELP = __doc__
@@ -51,10 +52,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust_remote_code", action="store_true", help="Allow code shipped with the model to run.")
 
 
-# The loss settings `eval` takes from the run that trained the model it scores.
-LOSS_FIELDS = ("beta", "loss_type", "label_smoothing", "simpo_gamma", "rpo_alpha", "length_normalize")
-
-
 def trained_by(model: str) -> tuple[Path, dict] | None:
     """(run folder, its run_config.json) of the run `model` belongs to (<run>/final, <run>/checkpoints/...)."""
     for folder in list(Path(model).resolve().parents)[:3]:
@@ -79,7 +76,7 @@ def reference_model(args: argparse.Namespace, trained: tuple[Path, dict] | None)
     if trained is None:
         return None
     folder, run = trained
-    if run.get("reference_free") or run.get("loss_type") in ("simpo", "sft"):
+    if run.get("reference_free") or not needs_reference(run.get("loss_type", "sigmoid")):
         return None
     path = run.get("ref_model_name_or_path") or run.get("model_name_or_path")
     if path is None or not Path(path).exists():
@@ -93,7 +90,8 @@ def eval_config(args: argparse.Namespace) -> TrainConfig:
     loss settings of the run that trained --model, then the flags named like config fields (--beta,
     --max_length, --precision, ...), then what --model, --ref_model and --data say."""
     trained = trained_by(args.model)
-    loss_settings = {name: trained[1][name] for name in LOSS_FIELDS if name in trained[1]} if trained else {}
+    # the loss settings of the run that trained the model it scores
+    loss_settings = {name: trained[1][name] for name in OBJECTIVE_FIELDS if name in trained[1]} if trained else {}
     reference = reference_model(args, trained)
     return config_from_args(args, defaults=loss_settings,
                             fixed={"model_name_or_path": args.model, "ref_model_name_or_path": reference,

@@ -95,6 +95,25 @@ def _scored_mask(loss_mask: torch.Tensor) -> torch.Tensor:
     return torch.cat([loss_mask[:, 1:], torch.zeros_like(loss_mask[:, :1])], dim=1)
 
 
+def ld_token_weights(loss_mask: torch.Tensor, alpha: float, sequence_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """LD-DPO's per-token weights [N, T] of a pair batch (sequence i chosen, i + B rejected of pair i): 1 on the
+    first L completion tokens of each sequence, `alpha` on the rest, L = the shorter completion of its pair;
+    0 off completions. Weighted sums are then shared + alpha x tail."""
+    mask = loss_mask.long()
+    if sequence_ids is None:  # right-padded: one sequence per row
+        rank, lengths = mask.cumsum(1), mask.sum(1)
+        seq = torch.arange(mask.shape[0])[:, None].expand_as(mask)
+    else:  # packed: the completion rank restarts with each sequence
+        seq, flat = sequence_ids.reshape(-1), mask.reshape(-1)
+        lengths = torch.zeros(int(seq.max()) + 1, dtype=torch.long).index_add_(0, seq, flat)
+        rank = (flat.cumsum(0) - (lengths.cumsum(0) - lengths)[seq]).reshape(mask.shape)
+        seq = seq.reshape(mask.shape)
+    pairs = lengths.shape[0] // 2
+    shared = torch.minimum(lengths[:pairs], lengths[pairs:]).repeat(2)
+    # float64: alpha as given, for fp64 scoring too
+    return torch.full(mask.shape, alpha, dtype=torch.float64).masked_fill_(rank <= shared[seq], 1.0) * mask
+
+
 def scored_positions(loss_mask: torch.Tensor) -> torch.Tensor:
     """Flat indices of the scored positions (`head_sequence_logps`'s `scored`); computed from the CPU batch, it
     spares the device a data-dependent `nonzero` and its sync in every micro-step."""
@@ -112,6 +131,7 @@ class Scoring:
     mask: torch.Tensor
     segments: torch.Tensor
     num_sequences: int
+    weights: torch.Tensor | None = None  # each scored log-prob's weight in its sum (LD-DPO's ld_token_weights), else 1
 
     def positions(self) -> torch.Tensor:
         """Flat indices of the scored positions (`scored_positions` of this Scoring)."""
@@ -119,17 +139,19 @@ class Scoring:
 
 
 def scoring_of(input_ids: torch.Tensor, loss_mask: torch.Tensor, sequence_ids: torch.Tensor | None = None,
-               num_sequences: int | None = None) -> Scoring:
+               num_sequences: int | None = None, token_weights: torch.Tensor | None = None) -> Scoring:
     """The Scoring of a collated batch: the logits at position t predict input_ids[:, t + 1]; the position is
     scored when that token is a completion token, and the score belongs to the sequence of the token it
-    predicts. Right-padded (no `sequence_ids`): one sequence per row."""
+    predicts. Right-padded (no `sequence_ids`): one sequence per row. `token_weights` [N, T] (aligned with
+    loss_mask, e.g. ld_token_weights): the sums weight each completion token's log-prob by it."""
     next_ids = torch.cat([input_ids[:, 1:], torch.zeros_like(input_ids[:, :1])], dim=1)
     mask = _scored_mask(loss_mask)
+    weights = None if token_weights is None else _scored_mask(token_weights)
     if sequence_ids is None:
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-        return Scoring(next_ids, mask, rows[:, None].expand_as(input_ids), input_ids.shape[0])
+        return Scoring(next_ids, mask, rows[:, None].expand_as(input_ids), input_ids.shape[0], weights)
     segments = torch.cat([sequence_ids[:, 1:], sequence_ids[:, -1:]], dim=1)
-    return Scoring(next_ids, mask, segments, num_sequences)
+    return Scoring(next_ids, mask, segments, num_sequences, weights)
 
 
 def _counts(scoring: Scoring) -> torch.Tensor:
@@ -143,6 +165,8 @@ def score_logits(logits: torch.Tensor, scoring: Scoring, chunk_size: int = 256) 
     # would make autograd build a full-size zero gradient for them. `where`, not multiply: a NaN/Inf at a
     # padding position must not reach the sum (0 * NaN = NaN).
     scored = torch.where(scoring.mask, token_logps(logits, scoring.targets, chunk_size), 0.0)
+    if scoring.weights is not None:
+        scored = scored * scoring.weights.to(scored.dtype)
     sums = scored.new_zeros(scoring.num_sequences).index_add(0, scoring.segments.reshape(-1), scored.reshape(-1))
     return sums, _counts(scoring)
 
@@ -156,30 +180,33 @@ def score_hidden(hidden: torch.Tensor, weight: torch.Tensor, scoring: Scoring, c
         scored = scoring.positions()
     tokens = _HeadTokenLogps.apply(hidden.reshape(-1, hidden.shape[-1]).index_select(0, scored), weight,
                                    scoring.targets.reshape(-1)[scored], chunk_size)
+    if scoring.weights is not None:
+        tokens = tokens * scoring.weights.reshape(-1)[scored].to(tokens.dtype)
     sums = tokens.new_zeros(scoring.num_sequences).index_add(0, scoring.segments.reshape(-1)[scored], tokens)
     return sums, _counts(scoring)
 
 
 def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor, chunk_size: int = 256,
-                   sequence_ids: torch.Tensor | None = None, num_sequences: int | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+                   sequence_ids: torch.Tensor | None = None, num_sequences: int | None = None,
+                   token_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of completion-token log-probs, completion-token counts) per sequence.
 
     logits [N, T, V] at position t predict input_ids[:, t + 1]; loss_mask [N, T] marks completion tokens.
     Right-padded batches: one sequence per row, results [N]. Packed batches (`sequence_ids` [N, T] gives each
-    position's sequence): results [num_sequences].
+    position's sequence): results [num_sequences]. `token_weights`: as scoring_of's.
     """
-    return score_logits(logits, scoring_of(input_ids, loss_mask, sequence_ids, num_sequences), chunk_size)
+    return score_logits(logits, scoring_of(input_ids, loss_mask, sequence_ids, num_sequences, token_weights),
+                        chunk_size)
 
 
 def head_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor,
                         chunk_size: int = 256, sequence_ids: torch.Tensor | None = None,
-                        num_sequences: int | None = None, scored: torch.Tensor | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+                        num_sequences: int | None = None, scored: torch.Tensor | None = None,
+                        token_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """As `sequence_logps`, from the last hidden states [N, T, d] and the output projection's weight [V, d]
     (logits = hidden @ weight.T), projecting only the scored positions (`scored_positions(loss_mask)`, computed
     here when not given)."""
     if scored is None:
         scored = scored_positions(loss_mask)
-    return score_hidden(hidden, weight, scoring_of(input_ids, loss_mask, sequence_ids, num_sequences), chunk_size,
-                        scored)
+    return score_hidden(hidden, weight, scoring_of(input_ids, loss_mask, sequence_ids, num_sequences, token_weights),
+                        chunk_size, scored)

@@ -57,12 +57,17 @@ class PairStats:
     """Running sums of one logging window on this rank, kept on the communication device (the GPU under NCCL):
     adding a micro-batch's device tensors never waits for the device; only `reduce` and `total` do."""
 
-    def __init__(self, parallel: Parallel, device: torch.device | None = None):
+    def __init__(self, parallel: Parallel, device: torch.device | None = None, components: tuple[str, ...] = ()):
+        """`components`: the losses of a loss_type list, whose per-pair losses are summed too (`loss/<name>`)."""
         self.parallel = parallel
-        self.sums = torch.zeros(len(_SUMS), dtype=torch.float64, device=parallel.device if device is None else device)
+        self.components = components
+        self.sums = torch.zeros(len(_SUMS) + len(components), dtype=torch.float64,
+                                device=parallel.device if device is None else device)
 
     def _add(self, name: str, value) -> None:
-        i = _SUMS.index(name)
+        self._add_at(_SUMS.index(name), value)
+
+    def _add_at(self, i: int, value) -> None:
         if isinstance(value, torch.Tensor):
             self.sums[i:i + 1] += value.detach().to(self.sums.device, torch.float64, non_blocking=True).reshape(1)
         else:
@@ -82,6 +87,8 @@ class PairStats:
         self._add("tokens_rejected", lp.rejected_tokens.sum())
         self._add("real_tokens", real_tokens)
         self._add("padded_tokens", padded_tokens)
+        for i, name in enumerate(self.components, start=len(_SUMS)):
+            self._add_at(i, out.components[name].sum())
 
     def add_step_time(self, seconds: float) -> None:
         self._add("step_time", seconds)
@@ -96,7 +103,8 @@ class PairStats:
     def reduce(self) -> dict[str, float]:
         """Means over every pair of the window (each once: summed over the data-parallel ranks); token rates use
         the slowest rank's time."""
-        s = dict(zip(_SUMS, self.parallel.sum_over_data(self.sums).tolist()))
+        reduced = self.parallel.sum_over_data(self.sums).tolist()
+        s = dict(zip(_SUMS, reduced))
         # every rank runs the same steps: time and step count of the slowest rank, not summed over ranks
         window_time, steps = all_reduce(self.sums[[_SUMS.index("step_time"), _SUMS.index("steps")]], "max").tolist()
         pairs, steps = max(s["pairs"], 1.0), max(steps, 1.0)
@@ -116,6 +124,7 @@ class PairStats:
             "tokens_per_s": s["real_tokens"] / window_time if window_time > 0 else 0.0,
             "step_time_s": window_time / steps,
             "window_steps": steps,  # optimizer steps this row covers (fewer in the first window after a resume)
+            **{f"loss/{name}": total / pairs for name, total in zip(self.components, reduced[len(_SUMS):])},
         }
 
 

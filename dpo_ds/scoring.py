@@ -97,15 +97,17 @@ def forward_logps(engine, batch: dict[str, torch.Tensor], chunk_size: int, head:
     input_ids = to_device(batch["input_ids"], device)
     loss_mask = to_device(batch["loss_mask"], device)
     # Sequence metadata comes from the CPU batch: read back from the device, it would cost a sync per micro-step.
+    # LD-DPO (ld_alpha): per-token weights of the sums (logprobs.ld_token_weights, set by the step)
+    weights = to_device(batch["token_weights"], device) if "token_weights" in batch else None
     if "sequence_ids" in batch:  # packed: no attention mask, position ids mark where each sequence starts
         inputs = {"position_ids": to_device(batch["position_ids"], device)}
         scoring = scoring_of(input_ids, loss_mask, to_device(batch["sequence_ids"], device),
-                             int(batch["sequence_ids"].max()) + 1)
+                             int(batch["sequence_ids"].max()) + 1, weights)
         if str(engine.module.config._attn_implementation).startswith("flash_attention"):
             inputs.update(_varlen_attention_kwargs(batch["position_ids"], device))
     else:
         inputs = {"attention_mask": to_device(batch["attention_mask"], device)}
-        scoring = scoring_of(input_ids, loss_mask)
+        scoring = scoring_of(input_ids, loss_mask, token_weights=weights)
     return score_forward(engine, input_ids, inputs, scoring, scored_positions(batch["loss_mask"]), chunk_size, head,
                          router_aux)
 

@@ -4,7 +4,7 @@
         batch     = [prompt+chosen ; prompt+rejected]                   one 2B-row batch
         ref_logps = reference.logps(batch)                               frozen, no grad
         logps     = sequence_logps(policy(batch))                         one forward, checkpointed
-        loss      = LOSSES[loss_type](logps, ref_logps).mean()
+        loss      = objective(logps, ref_logps).mean()       losses.Objective: loss_type (+ loss_weights)
         policy.backward(loss); policy.step()                             DeepSpeed steps at the GA boundary
 
 `build_step_context` builds what every step needs once (the engines, the reference source, the loss settings);
@@ -28,7 +28,8 @@ from dpo_ds.engines import attention_kernel, build_policy_engine, resolve_policy
 from dpo_ds.families import load_model_config
 from dpo_ds.hf_dir import ConfigOverride
 from dpo_ds.lora import Adapters
-from dpo_ds.losses import LossParams, PairLogps, compute_loss
+from dpo_ds.logprobs import ld_token_weights
+from dpo_ds.losses import Objective, PairLogps
 from dpo_ds.metrics import PairStats, untimed
 from dpo_ds.parallel import Parallel
 from dpo_ds.prepare import cache_dir_of
@@ -44,7 +45,7 @@ class StepContext:
     parallel: Parallel
     policy: DeepSpeedEngine     # being trained (or scored, in `dpo-ds eval`)
     reference: ReferenceSource
-    loss_params: LossParams
+    objective: Objective        # the loss (or weighted losses) and their state across steps
     pad_id: int
     policy_head: torch.nn.Linear | None = None  # scoring.scoring_head of the policy, resolved once
     config_overrides: list[ConfigOverride] = field(default_factory=list)  # undone in the configs the run writes
@@ -57,13 +58,8 @@ class StepContext:
                pad_id: int, config_overrides: list[ConfigOverride] | None = None,
                adapters: Adapters | None = None) -> StepContext:
         """The context for `policy` (trained by `train`, or only scored by `dpo-ds eval`)."""
-        return cls(cfg, parallel, policy, reference, loss_params(cfg), pad_id,
+        return cls(cfg, parallel, policy, reference, Objective.from_config(cfg), pad_id,
                    scoring.scoring_head(policy.module, cfg.fused_lm_head), config_overrides or [], adapters)
-
-
-def loss_params(cfg: TrainConfig) -> LossParams:
-    return LossParams(beta=cfg.beta, label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
-                      rpo_alpha=cfg.rpo_alpha, length_normalize=cfg.length_normalize)
 
 
 def pad_id_of(tokenizer) -> int:
@@ -109,6 +105,8 @@ def pair_step(ctx: StepContext, pairs: TokenizedPairs, indices: list[int], stats
     different numbers of pairs."""
     micro = MicroBatch.of(pairs, indices, ctx.pad_id, ctx.cfg.padding_free)
     batch = micro.tensors
+    if ctx.cfg.ld_alpha is not None:  # LD-DPO: policy and reference sums weight the longer completion's tail
+        batch["token_weights"] = ld_token_weights(batch["loss_mask"], ctx.cfg.ld_alpha, batch.get("sequence_ids"))
     with ctx.timer("reference_forward"):
         ref_logps = ctx.reference.logps(micro)
     with ctx.timer("policy_forward"), torch.set_grad_enabled(train):
@@ -117,7 +115,7 @@ def pair_step(ctx: StepContext, pairs: TokenizedPairs, indices: list[int], stats
         logps, tokens, aux = scoring.forward_logps(ctx.policy, batch, ctx.cfg.logprob_chunk_size, ctx.policy_head,
                                                    router_aux=aux_coef > 0)
         lp = split_pairs(logps, tokens, ref_logps)
-        out = compute_loss(ctx.cfg.loss_type, lp, ctx.loss_params)
+        out = ctx.objective(lp, train=train, reduce=ctx.parallel.sum_over_data)
         loss = out.losses.mean() if loss_scale is None else out.losses.sum() * loss_scale
         if aux_coef > 0:  # as TRL: the micro-batch's load-balancing loss, weighted, on top of the preference loss
             loss = loss + aux_coef * aux.to(loss.dtype)
@@ -144,7 +142,7 @@ def train_step(ctx: StepContext, sampler: PairSampler, pairs: TokenizedPairs, st
     """One optimizer step on this rank: its micro-batches of `step`, each scored and back-propagated; DeepSpeed
     applies the update at the accumulation boundary. Shared by `train` and `dpo-ds bench`."""
     started = time.perf_counter()
-    stats = PairStats(ctx.parallel)
+    stats = PairStats(ctx.parallel, components=ctx.objective.logged_components)
     micro_batches = sampler.micro_batches(step, ctx.parallel.data_parallel_rank)
     scale = sampler.loss_scale(step) if ctx.cfg.max_tokens_per_micro_batch else None
     for indices in micro_batches:
@@ -161,7 +159,7 @@ EVAL_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "r
 def evaluate_pairs(ctx: StepContext, pairs: TokenizedPairs) -> tuple[dict[str, float], list[dict]]:
     """Preference metrics over every pair of `pairs`, split over the data-parallel ranks (data.rank_shares), and
     per-pair records (on every rank, in pair order)."""
-    stats = PairStats(ctx.parallel)
+    stats = PairStats(ctx.parallel, components=ctx.objective.logged_components)
     records = []
     for mine in rank_shares(len(pairs), ctx.cfg.micro_batch_size, ctx.parallel):
         lp, out = pair_step(ctx, pairs, mine or [0], None, train=False)
@@ -171,7 +169,7 @@ def evaluate_pairs(ctx: StepContext, pairs: TokenizedPairs) -> tuple[dict[str, f
     metrics = stats.reduce()
     records = [r for part in ctx.parallel.gather_over_data(records) for r in part]
     records.sort(key=lambda r: r["index"])
-    return {f"eval/{k}": metrics[k] for k in EVAL_KEYS}, records
+    return {f"eval/{k}": metrics[k] for k in (*EVAL_KEYS, *(f"loss/{n}" for n in ctx.objective.logged_components))}, records
 
 
 def _pair_records(pairs: TokenizedPairs, indices: list[int], lp: PairLogps, out) -> list[dict]:

@@ -25,6 +25,7 @@ from dpo_ds.engines import model_dtype, resolve_policy_config, resolve_reference
 from dpo_ds.errors import Preempted, UsageError
 from dpo_ds.families import check_model_family, load_model_config
 from dpo_ds.lora import merge_adapter, save_adapter
+from dpo_ds.losses import Objective
 from dpo_ds.metrics import MetricsWriter, PairStats, max_over_ranks, peak_memory_gib
 from dpo_ds.parallel import Parallel
 from dpo_ds.prepare import cache_dir_of, load_config_data
@@ -120,10 +121,11 @@ def cut_into_steps(cfg: TrainConfig, pairs: TokenizedPairs, parallel: Parallel) 
 
 
 def trainer_state(cfg: TrainConfig, sampler: PairSampler, data: TrainData, parallel: Parallel,
-                  step: int) -> ckpt.TrainerState:
+                  step: int, objective: Objective | None = None) -> ckpt.TrainerState:
     return ckpt.TrainerState(step=step, sampler=sampler.state(step), world_size=parallel.world_size,
                              pairs_per_step=sampler.pairs_per_step, data_fingerprint=data.fingerprint,
-                             model_fingerprint=ckpt.model_fingerprint(cfg.model_name_or_path), config=to_dict(cfg))
+                             model_fingerprint=ckpt.model_fingerprint(cfg.model_name_or_path), config=to_dict(cfg),
+                             loss_state=objective.state_dict() if objective is not None else {})
 
 
 def write_run_config(cfg: TrainConfig, parallel: Parallel) -> None:
@@ -137,6 +139,7 @@ def resume(ctx: StepContext, resume_dir: Path | None, saved: ckpt.TrainerState |
     if saved is None:
         return 0
     ckpt.load_checkpoint(ctx.policy, resume_dir, saved, ctx.parallel, adapter_only=ctx.adapters is not None)
+    ctx.objective.load_state_dict(saved.loss_state)
     if ctx.parallel.is_main:
         logger.info("resumed from step %d (%s)", saved.step, resume_dir)
     return saved.step
@@ -152,7 +155,7 @@ class TrainingLoop:
         self.stop_signal, self.total_steps, self.start_step = stop_signal, total_steps, start_step
         self.writer = MetricsWriter(ctx.cfg.output_dir, enabled=ctx.parallel.is_main, after_step=start_step)
         self.progress = Progress(total_steps, start_step, enabled=ctx.parallel.is_main)
-        self.window = PairStats(ctx.parallel)  # applied steps since the last log line
+        self.window = PairStats(ctx.parallel, components=ctx.objective.logged_components)  # applied steps since the last log line
         self.skipped = 0           # steps skipped for NaN/Inf so far
         self.bad_in_a_row = 0
         self.last: dict[str, float] = {}  # the last logged values
@@ -192,13 +195,15 @@ class TrainingLoop:
         if cfg.router_aux_loss_coef > 0:
             last["aux_loss"] = _mean_over_data(ctx.aux_losses, ctx.parallel)
             ctx.aux_losses.clear()
+        last.update(ctx.objective.metrics())
         last.update({"grad_norm": _grad_norm(ctx.policy), "lr": lr, "skipped_steps": self.skipped,
                      "memory/peak_gib": max_over_ranks(peak_memory_gib()), "epoch": done / self.sampler.steps_per_epoch})
         self.writer.write(done, last)
         self.progress.logged(done, last, int(last["window_steps"]), cfg.logging_steps)
-        self.last, self.window = last, PairStats(ctx.parallel)
+        self.last, self.window = last, PairStats(ctx.parallel, components=ctx.objective.logged_components)
         if _kl_exceeded(cfg, last, done, ctx.parallel):
-            save_checkpoint(ctx, trainer_state(cfg, self.sampler, self.data, ctx.parallel, done), self.tokenizer)
+            save_checkpoint(ctx, trainer_state(cfg, self.sampler, self.data, ctx.parallel, done, ctx.objective),
+                            self.tokenizer)
             raise TrainingStopped(f"stopped at step {done}: mean KL to the reference exceeded max_kl={cfg.max_kl} "
                                   f"(stop_on_max_kl); checkpoint saved")
 
@@ -217,8 +222,8 @@ class TrainingLoop:
         cfg = self.ctx.cfg
         stop = ckpt.any_rank(self.stop_signal.received is not None)
         if stop or (cfg.save_steps and done % cfg.save_steps == 0):
-            save_checkpoint(self.ctx, trainer_state(cfg, self.sampler, self.data, self.ctx.parallel, done),
-                            self.tokenizer)
+            save_checkpoint(self.ctx, trainer_state(cfg, self.sampler, self.data, self.ctx.parallel, done,
+                                                    self.ctx.objective), self.tokenizer)
         if stop and done < self.total_steps:
             self.writer.close()
             raise Preempted(f"stopped by a signal after step {done}; resume with --resume_from auto")

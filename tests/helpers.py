@@ -59,20 +59,32 @@ def run_cli(args: list[str], timeout: int = 600, check: bool = True):
     return proc
 
 
+def sigmoid_pair_losses(micro_step: list[dict[str, torch.Tensor]], beta: float) -> list[torch.Tensor]:
+    """Textbook DPO, -log sigma(beta d), of each pair of each rank's micro-batch (plain_dpo's default loss)."""
+    return [-F.logsigmoid(beta * ((b["pc"] - b["rc"]) - (b["pr"] - b["rr"]))) for b in micro_step]
+
+
 def plain_dpo(model_dir: str, train_file: str, settings: dict, world: int, steps: list[list[int]] | None = None,
-              policy: torch.nn.Module | None = None, reference: torch.nn.Module | None = None
-              ) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """Per-step losses and final weights of textbook DPO (sigmoid loss, AdamW, warm-up + linear decay, global
-    norm clipping), pair by pair without padding or DeepSpeed. Step k uses the pair indices steps[k] (default:
-    pairs [k*G, (k+1)*G) of the file); its loss is the mean over them. `policy` / `reference` (default: the
-    model at model_dir) let a test train e.g. a PEFT model; only parameters that require grad are trained."""
+              policy: torch.nn.Module | None = None, reference: torch.nn.Module | None = None,
+              pair_losses=sigmoid_pair_losses) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Per-step losses and final weights of textbook DPO (AdamW, warm-up + linear decay, global norm clipping),
+    sequence by sequence without padding or DeepSpeed. Step k uses the pair indices steps[k] (default: pairs
+    [k*G, (k+1)*G) of the file); its loss is the mean over them. `policy` / `reference` (default: the model at
+    model_dir) let a test train e.g. a PEFT model; only parameters that require grad are trained.
+
+    The loss: `pair_losses(micro_step, beta)` -> per-pair losses of each rank's micro-batch, where a micro-step
+    is what the `world` ranks each score at once: a list (by rank) of dicts of [B] tensors pc, pr, rc, rr
+    (policy / reference log-probs of chosen / rejected: sums, or LD-DPO's shared + ld_alpha x tail when
+    settings has ld_alpha) and nc, nr (completion token counts). With the default order the micro-batch of
+    rank r at micro-step m of a step is pairs [(m*world + r)*B, (m*world + r + 1)*B) of the step's pairs, as
+    the sampler cuts them with shuffle off."""
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(model_dir)
     policy = policy or AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     reference = (reference or AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)).eval()
     rows = [json.loads(line) for line in open(train_file)]
 
-    def logp(model, prompt: str, completion: str) -> torch.Tensor:
+    def token_logps(model, prompt: str, completion: str) -> torch.Tensor:
         prompt_ids = tok(prompt)["input_ids"]
         full = tok(prompt + completion)["input_ids"]
         completion_ids = full[len(prompt_ids):]
@@ -81,7 +93,25 @@ def plain_dpo(model_dir: str, train_file: str, settings: dict, world: int, steps
         ids = torch.tensor([prompt_ids + completion_ids])
         token_logps = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1).gather(
             -1, ids[0, 1:, None])[:, 0]
-        return token_logps[len(prompt_ids) - 1:].sum()
+        return token_logps[len(prompt_ids) - 1:]
+
+    def pair_logps(model, row: dict) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        chosen, rejected = token_logps(model, row["prompt"], row["chosen"]), token_logps(model, row["prompt"], row["rejected"])
+        counts = len(chosen), len(rejected)
+        if settings.get("ld_alpha") is None:
+            return chosen.sum(), rejected.sum(), *counts
+        shared = min(counts)  # LD-DPO: the longer completion's tail weighs ld_alpha
+        return (*(t[:shared].sum() + settings["ld_alpha"] * t[shared:].sum() for t in (chosen, rejected)), *counts)
+
+    def micro_batch(indices: list[int]) -> dict[str, torch.Tensor]:
+        batch = {"pc": [], "pr": [], "rc": [], "rr": [], "nc": [], "nr": []}
+        for row in (rows[i] for i in indices):
+            with torch.no_grad():
+                ref_c, ref_r, _, _ = pair_logps(reference, row)
+            pol_c, pol_r, nc, nr = pair_logps(policy, row)
+            for key, value in zip(batch, (pol_c, pol_r, ref_c, ref_r, torch.tensor(float(nc)), torch.tensor(float(nr)))):
+                batch[key].append(value)
+        return {key: torch.stack(values) for key, values in batch.items()}
 
     trained = [p for p in policy.parameters() if p.requires_grad]
     decay = [p for p in trained if p.dim() >= 2]
@@ -92,19 +122,18 @@ def plain_dpo(model_dir: str, train_file: str, settings: dict, world: int, steps
     total_steps, warmup = settings["max_steps"], settings["warmup_steps"]
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: s / warmup if s < warmup else max(0.0, (total_steps - s) / (total_steps - warmup)))
-    g = settings["micro_batch_size"] * settings["gradient_accumulation_steps"] * world
+    b = settings["micro_batch_size"]
+    g = b * settings["gradient_accumulation_steps"] * world
     steps = steps or [list(range(k * g, (k + 1) * g)) for k in range(total_steps)]
-    beta = settings["beta"]
     losses = []
     for indices in steps:
         opt.zero_grad()
         total = 0.0
-        g = len(indices)
-        for row in (rows[i] for i in indices):
-            with torch.no_grad():
-                ref_c, ref_r = logp(reference, row["prompt"], row["chosen"]), logp(reference, row["prompt"], row["rejected"])
-            pol_c, pol_r = logp(policy, row["prompt"], row["chosen"]), logp(policy, row["prompt"], row["rejected"])
-            loss = -F.logsigmoid(beta * ((pol_c - ref_c) - (pol_r - ref_r))) / g
+        per_micro_step = b * world
+        for start in range(0, len(indices), per_micro_step):
+            ranks = indices[start:start + per_micro_step]
+            micro_step = [micro_batch(ranks[r * b:(r + 1) * b]) for r in range(world) if ranks[r * b:(r + 1) * b]]
+            loss = torch.cat(pair_losses(micro_step, settings["beta"])).sum() / len(indices)
             loss.backward()
             total += loss.item()
         torch.nn.utils.clip_grad_norm_(trained, settings["max_grad_norm"])

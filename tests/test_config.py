@@ -2,6 +2,7 @@
 `dpo-ds train --help` documents every field."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib.util
 import math
@@ -90,6 +91,40 @@ def test_choice_error_lists_the_choices(tmp_path):
     msg = config_error(load_config, write(tmp_path, "model_name_or_path: m\ntrain_file: t.jsonl\nloss_type: dpo\n"))
     for choice in LOSS_TYPES:
         assert choice in msg
+
+
+def test_trl_dpo_config_loss_fields_load_unchanged(tmp_path):
+    """The loss fields of a TRL DPOConfig YAML (MPO's recipe) are dpo-ds fields of the same names and meaning."""
+    path = write(tmp_path, "model_name_or_path: m\ntrain_file: t.jsonl\nloss_type: [sigmoid, bco_pair, sft]\n"
+                           "loss_weights: [0.8, 0.2, 1.0]\nbeta: 0.05\nlabel_smoothing: 0.1\nld_alpha: null\n")
+    cfg = load_config(str(path))
+    assert (cfg.loss_type, cfg.loss_weights, cfg.beta, cfg.label_smoothing, cfg.ld_alpha) == (
+        "sigmoid,bco_pair,sft", "0.8,0.2,1.0", 0.05, 0.1, None)
+    assert load_config(str(write(tmp_path, "model_name_or_path: m\ntrain_file: t.jsonl\nloss_type: aot_pair\n"
+                                           "ld_alpha: 0.5\n"))).loss_type == "aot_unpaired"  # older TRL name
+    assert load_config(None, {"model_name_or_path": "m", "train_file": "t", "loss_type": "sigmoid,sft",
+                              "loss_weights": "1,0.5"}).loss_weights == "1.0,0.5"  # as --loss_weights 1,0.5
+
+
+@pytest.mark.parametrize("line,words", [
+    ("loss_type: [sigmoid, dpo]", "'dpo' is not one of sigmoid, sigmoid_norm"),
+    ("loss_type: [sigmoid, sigmoid]", "'sigmoid' is listed twice"),
+    ("loss_type: []", "expected a loss name"),
+    ("loss_weights: [0.5, abc]", "expected a list of numbers"),
+    ("loss_weights: [.inf]", "finite"),
+])
+def test_bad_loss_lists_name_line_and_field(tmp_path, line, words):
+    path = write(tmp_path, f"model_name_or_path: m\ntrain_file: t.jsonl\n{line}\n")
+    msg = config_error(load_config, path)
+    assert f"{path}:3: field '{line.split(':')[0]}'" in msg and words in msg, msg
+    assert "\n" not in msg
+
+
+def test_wrong_weights_length_names_the_file_line(tmp_path):
+    path = write(tmp_path, "model_name_or_path: m\ntrain_file: t.jsonl\nloss_type: [sigmoid, bco_pair, sft]\n"
+                           "loss_weights: [0.8, 0.2]\n")
+    msg = config_error(load_config, path)
+    assert f"{path}:4: field 'loss_weights': 2 weights for the 3 losses" in msg, msg
 
 
 def test_invalid_yaml_names_file_and_line(tmp_path):
@@ -246,6 +281,14 @@ def test_invalid_combination_fails_before_any_model_or_data_is_touched(tmp_path)
     (dict(max_steps=-1), "max_steps", "-1"),
     (dict(logging_steps=0), "logging_steps", ">= 1"),
     (dict(learning_rate=-1e-5), "learning_rate", ">= 0"),
+    (dict(loss_type="sigmoid,bco_pair,sft", loss_weights="0.8,0.2"), "loss_weights", "2 weights for the 3 losses"),
+    (dict(loss_type="sigmoid", loss_weights="1.0,1.0"), "loss_weights", "one weight per loss"),
+    (dict(loss_type="sigmoid,sft", loss_weights="1.0,-0.5"), "loss_weights", ">= 0"),
+    (dict(loss_type="discopop", discopop_tau=0.0), "discopop_tau", "> 0"),
+    (dict(ld_alpha=1.5), "ld_alpha", "[0, 1]"),
+    (dict(loss_type="apo_zero", label_smoothing=0.1), "label_smoothing", "exo_pair"),
+    (dict(loss_type="simpo,sft", ref_model_name_or_path="/r"), "ref_model_name_or_path", "simpo,sft"),
+    (dict(loss_type="ipo,sigmoid_norm", length_normalize=True), "length_normalize", "ipo,sigmoid_norm"),
 ])
 def test_validate_rejects(fields, field, words):
     msg = config_error(validate, cfg_of(**fields))
@@ -269,6 +312,12 @@ def test_flash_attention_without_its_package_is_refused_before_loading():
     dict(max_length=128, max_prompt_length=127),
     dict(max_prompt_length=1, max_length=2),
     dict(reference_free=True),
+    dict(loss_type="sigmoid,bco_pair,sft", loss_weights="0.8,0.2,1.0"),
+    dict(loss_type="exo_pair", label_smoothing=0.1),
+    dict(loss_type="aot", label_smoothing=0.1),
+    dict(loss_type="ipo,sigmoid", length_normalize=True),  # applies to sigmoid
+    dict(loss_type="simpo,sigmoid", ref_model_name_or_path="/r"),  # sigmoid reads the reference
+    dict(loss_type="discopop", discopop_tau=0.3, ld_alpha=0.5),
 ])
 def test_validate_accepts(fields):
     validate(cfg_of(**fields))
@@ -497,3 +546,11 @@ def test_eval_and_prepare_build_their_config_as_train_does(tmp_path, capsys):
     assert cli.main(["prepare", "--model_name_or_path", str(run_dir / "final"),
                      "--train_file", str(tmp_path / "none.jsonl")]) == 2
     assert "field 'train_file'" in capsys.readouterr().err
+
+
+def test_train_help_lists_every_loss():
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    text = parser.format_help()
+    for name in (*LOSS_TYPES, "aot_pair"):
+        assert name in text, name

@@ -304,3 +304,37 @@ def test_fused_head_only_where_the_model_returns_lm_head_output_unchanged(model_
         model = AutoModelForCausalLM.from_config(config)
     head = fused_head(model)
     assert (head is model.get_output_embeddings()) if fused else head is None
+
+
+# ------------------------------------------------------------------ LD-DPO: sums split at the shorter completion
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_ld_weighted_sums_are_shared_part_plus_alpha_times_the_tail(packed, alpha):
+    """LD-DPO (TRL's ld_alpha): a completion's log-prob is the sum of its first L tokens' log-probs + alpha x the
+    sum of the rest, L = min(chosen length, rejected length) of its pair; counts stay the completion lengths.
+    Both scoring paths, right-padded and packed, against per-token log_softmax written out here."""
+    from dpo_ds.logprobs import head_sequence_logps, ld_token_weights
+
+    pairs = TokenizedPairs(prompt=[[1, 5, 6], [1, 7]], chosen=[[8, 9, 2], [10, 2]], rejected=[[11, 2], [12, 4, 5, 2]],
+                           pair_ids=["a", "b"])
+    batch = collate(pairs, [0, 1], pad_id=3, packed=packed)
+    seqs = [(pairs.prompt[0], pairs.chosen[0]), (pairs.prompt[1], pairs.chosen[1]),
+            (pairs.prompt[0], pairs.rejected[0]), (pairs.prompt[1], pairs.rejected[1])]
+    shared = [2, 2, 2, 2]  # pair a: min(3, 2); pair b: min(2, 4)
+    g = torch.Generator().manual_seed(8)
+    table, weight = torch.randn(V, D, generator=g, dtype=torch.float64), torch.randn(V, D, generator=g, dtype=torch.float64)
+    hidden = table[batch["input_ids"]]
+    logits = hidden @ weight.T
+    weights = ld_token_weights(batch["loss_mask"], alpha, batch.get("sequence_ids"))
+    scoring = (batch["sequence_ids"], 4) if packed else (None, None)
+    from_logits, counts = sequence_logps(logits, batch["input_ids"], batch["loss_mask"], 2, *scoring, token_weights=weights)
+    from_head, _ = head_sequence_logps(hidden, weight, batch["input_ids"], batch["loss_mask"], 2, *scoring,
+                                       token_weights=weights)
+    for s, (prompt, completion) in enumerate(seqs):
+        row_ids = torch.tensor(list(prompt) + list(completion))
+        row_logps = torch.log_softmax(table[row_ids] @ weight.T, -1)
+        token = [row_logps[len(prompt) + j - 1, tok] for j, tok in enumerate(completion)]
+        expected = sum(token[:shared[s]]) + alpha * sum(token[shared[s]:])
+        torch.testing.assert_close(from_logits[s], expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(from_head[s], expected, rtol=1e-12, atol=1e-12)
+    assert counts.tolist() == [3.0, 2.0, 2.0, 4.0]

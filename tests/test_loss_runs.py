@@ -1,13 +1,15 @@
-"""End-to-end 2-rank ZeRO-3 runs of the other losses, and the NaN/Inf guard."""
+"""End-to-end 2-rank ZeRO-3 runs of every loss of the menu against plain PyTorch, and the NaN/Inf guard."""
 from __future__ import annotations
 
+import json
 import math
 import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from helpers import launch, launch_probe_runs, read_metrics, write_config
+from helpers import launch, launch_probe_runs, plain_dpo, read_metrics, write_config
 
 pytestmark = pytest.mark.distributed  # starts ranks or the CLI in subprocesses (tests/conftest.py)
 
@@ -24,22 +26,158 @@ def config(demo_assets, tmp_path):
     return make
 
 
+# ---------------------------------------------------------------------------- the loss menu against plain PyTorch
+# Each loss written out here in torch on one micro-step: a list (by rank) of dicts of [B] tensors pc, pr, rc, rr
+# (summed log-probs) and nc, nr (completion token counts), as tests/helpers.plain_dpo hands them over.
+def _per_pair(formula):
+    return lambda: lambda micro_step, beta: [formula(b, beta) for b in micro_step]
+
+
+def _means(b):
+    return {"pc": b["pc"] / b["nc"], "pr": b["pr"] / b["nr"], "rc": b["rc"] / b["nc"], "rr": b["rr"] / b["nr"]}
+
+
+def _d(b):
+    return (b["pc"] - b["rc"]) - (b["pr"] - b["rr"])
+
+
+def _smoothed(z, eps):
+    return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+
+
+def _exo(b, beta, eps=1e-3):
+    z = beta * _d(b)
+    return torch.sigmoid(z) * (F.logsigmoid(z) - math.log(1 - eps)) + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(eps))
+
+
+def _aot(micro_step, beta):  # sorted within each rank's micro-batch, as TRL sorts within each device's batch
+    return [-F.logsigmoid(beta * (torch.sort(b["pc"] - b["pr"]).values - torch.sort(b["rc"] - b["rr"]).values))
+            for b in micro_step]
+
+
+def _aot_unpaired(micro_step, beta):
+    return [-F.logsigmoid(beta * (torch.sort(b["pc"] - b["rc"]).values - torch.sort(b["pr"] - b["rr"]).values))
+            for b in micro_step]
+
+
+def _bco(weight=1.0):
+    """bco_pair with its running mean of rewards over every micro-step of every rank so far."""
+    seen = {"sum": 0.0, "count": 0}
+
+    def losses(micro_step, beta):
+        for b in micro_step:
+            seen["sum"] += float(beta * (b["pc"] - b["rc"] + b["pr"] - b["rr"]).detach().sum())
+            seen["count"] += 2 * len(b["pc"])
+        delta = seen["sum"] / seen["count"]
+        return [weight * (-F.logsigmoid(beta * (b["pc"] - b["rc"]) - delta) - F.logsigmoid(-(beta * (b["pr"] - b["rr"]) - delta)))
+                for b in micro_step]
+    return losses
+
+
+def _mpo():
+    bco = _bco(0.2)
+
+    def losses(micro_step, beta):
+        return [0.8 * -F.logsigmoid(beta * _d(b)) + bco_part - b["pc"] / b["nc"]
+                for b, bco_part in zip(micro_step, bco(micro_step, beta))]
+    return losses
+
+
+def _discopop(b, beta, tau=0.05):
+    z = beta * _d(b)
+    return -F.logsigmoid(z) * (1 - torch.sigmoid(z / tau)) + torch.exp(-z) * torch.sigmoid(z / tau)
+
+
+# run name -> (config fields, plain loss factory)
+MENU = {
+    "sigmoid": (dict(label_smoothing=0.1), _per_pair(lambda b, beta: _smoothed(beta * _d(b), 0.1))),
+    "sigmoid_norm": ({}, _per_pair(lambda b, beta: -F.logsigmoid(beta * _d(_means(b))))),
+    "robust": (dict(label_smoothing=0.2), _per_pair(lambda b, beta: (-(0.8) * F.logsigmoid(beta * _d(b))
+                                                                      + 0.2 * F.logsigmoid(-beta * _d(b))) / 0.6)),
+    "ipo": ({}, _per_pair(lambda b, beta: (_d(_means(b)) - 1 / (2 * beta)) ** 2)),
+    "hinge": ({}, _per_pair(lambda b, beta: torch.relu(1 - beta * _d(b)))),
+    "exo_pair": ({}, _per_pair(_exo)),
+    "nca_pair": ({}, _per_pair(lambda b, beta: -F.logsigmoid(beta * (b["pc"] - b["rc"]))
+                               - 0.5 * F.logsigmoid(-beta * (b["pc"] - b["rc"])) - 0.5 * F.logsigmoid(-beta * (b["pr"] - b["rr"])))),
+    "bco_pair": ({}, _bco),
+    # beta 0.02: targets +-25 keep the squares' fp32 rounding (log-prob sums ~1e-5 relative) under 1e-6 of the loss
+    "sppo_hard": (dict(beta=0.02), _per_pair(lambda b, beta: (b["pc"] - b["rc"] - 0.5 / beta) ** 2 + (b["pr"] - b["rr"] + 0.5 / beta) ** 2)),
+    "aot": ({}, lambda: _aot),
+    "aot_unpaired": ({}, lambda: _aot_unpaired),
+    "apo_zero": ({}, _per_pair(lambda b, beta: 1 - torch.sigmoid(beta * (b["pc"] - b["rc"])) + torch.sigmoid(beta * (b["pr"] - b["rr"])))),
+    "apo_down": ({}, _per_pair(lambda b, beta: torch.sigmoid(beta * (b["pc"] - b["rc"])) + 1 - torch.sigmoid(beta * _d(b)))),
+    "discopop": ({}, _per_pair(_discopop)),
+    "simpo": (dict(beta=2.0), _per_pair(lambda b, beta: -F.logsigmoid(beta * (b["pc"] / b["nc"] - b["pr"] / b["nr"]) - 0.5))),
+    "sft": ({}, _per_pair(lambda b, beta: -b["pc"] / b["nc"])),
+    "mpo": (dict(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0]), _mpo),
+    "ld_dpo": (dict(loss_type="sigmoid", ld_alpha=0.5), _per_pair(lambda b, beta: -F.logsigmoid(beta * _d(b)))),
+}
+MENU_SETTINGS = dict(precision="fp32", micro_batch_size=2, gradient_accumulation_steps=2, max_steps=2, shuffle=False,
+                     learning_rate=2e-3, warmup_steps=0, lr_scheduler="linear", weight_decay=0.0, max_grad_norm=1.0,
+                     beta=0.1, logging_steps=1, seed=0)
+WORLD = 2
+
+
 @pytest.fixture(scope="module")
 def probe_runs(demo_assets, tmp_path_factory):
-    """The IPO, SimPO and SFT runs, trained one after the other in one launch (tests/dist_train_probe.py --runs):
-    loss_type -> (output_dir, the probe's report)."""
+    """Every run of MENU, trained one after the other in two launches (tests/dist_train_probe.py --runs):
+    name -> (output_dir, the probe's report)."""
     tmp = tmp_path_factory.mktemp("loss_runs")
-    fields = {"ipo": dict(beta=0.1), "simpo": {}, "sft": {}}
-    runs = {loss: (write_config(tmp / f"{loss}.yaml", model_name_or_path=demo_assets.model_dir,
-                                train_file=demo_assets.train_file, output_dir=str(tmp / loss),
-                                **{**BASE, "loss_type": loss, **extra}), tmp / f"{loss}.pt")
-            for loss, extra in fields.items()}
-    launch_probe_runs(list(runs.values()), tmp / "runs.json", timeout=1200)
-    return {loss: (tmp / loss, torch.load(probe, weights_only=True)) for loss, (_, probe) in runs.items()}
+    runs = {name: (write_config(tmp / f"{name}.yaml", model_name_or_path=demo_assets.model_dir,
+                                train_file=demo_assets.train_file, output_dir=str(tmp / name),
+                                **{**MENU_SETTINGS, "loss_type": name, **fields}), tmp / f"{name}.pt")
+            for name, (fields, _) in MENU.items()}
+    names = list(runs)
+    for half in (names[:len(names) // 2], names[len(names) // 2:]):
+        launch_probe_runs([runs[name] for name in half], tmp / "runs.json", timeout=1200)
+    return {name: (tmp / name, torch.load(probe, weights_only=True)) for name, (_, probe) in runs.items()}
 
 
 def train_losses(output_dir) -> list[float]:
     return [m["loss"] for m in read_metrics(output_dir) if "loss" in m]
+
+
+@pytest.mark.parametrize("name", MENU)
+def test_every_loss_trains_as_plain_pytorch_does(probe_runs, demo_assets, name):
+    """2-rank ZeRO-3 (GA 2) against a single-process PyTorch DPO with the loss written out above: the loss of
+    every step within 1e-6 relative."""
+    fields, plain_loss = MENU[name]
+    settings = {**MENU_SETTINGS, **fields}
+    want, _ = plain_dpo(demo_assets.model_dir, demo_assets.train_file, settings, WORLD, pair_losses=plain_loss())
+    got = train_losses(probe_runs[name][0])
+    assert len(got) == MENU_SETTINGS["max_steps"]
+    for g, w in zip(got, want):
+        assert g == pytest.approx(w, rel=1e-6, abs=1e-9), (name, got, want)
+    assert got[-1] != got[0]  # the steps trained something
+
+
+def test_menu_covers_every_loss():
+    from dpo_ds.losses import LOSS_TYPES
+
+    assert set(LOSS_TYPES) <= set(MENU)
+
+
+def test_weighted_list_logs_each_component(probe_runs):
+    """MPO: loss = 0.8 loss/sigmoid + 0.2 loss/bco_pair + loss/sft at every step; bco_pair's running mean logged."""
+    for m in (m for m in read_metrics(probe_runs["mpo"][0]) if "loss" in m):
+        # rel 1e-6: the weighted sum is taken per pair in fp32, the logged means in float64
+        assert m["loss"] == pytest.approx(0.8 * m["loss/sigmoid"] + 0.2 * m["loss/bco_pair"] + m["loss/sft"], rel=1e-6)
+        assert "bco_pair/running_mean" in m
+
+
+def test_bco_pair_resumed_after_a_stop_equals_the_uninterrupted_run(probe_runs, demo_assets, tmp_path):
+    """bco_pair's running mean is saved in the checkpoint (trainer_state.json) and restored: stopped by a signal
+    after step 1 and resumed, the run logs the uninterrupted run's losses (a fresh mean at step 2 would not)."""
+    config = write_config(tmp_path / "bco.yaml", model_name_or_path=demo_assets.model_dir,
+                          train_file=demo_assets.train_file, **{**MENU_SETTINGS, "loss_type": "bco_pair"})
+    args = ["tests/dist_fault_probe.py", "--config", str(config), "--output_dir", str(tmp_path / "out"),
+            "--resume_from", "auto"]
+    stopped = launch(args, env={"FAULT_SIGNAL_AT_STEP": "1"}, check=False)
+    assert "stopped by a signal after step 1" in stopped.stderr, stopped.stderr[-3000:]
+    state = json.loads((tmp_path / "out" / "checkpoints" / "step-00000001" / "trainer_state.json").read_text())
+    assert state["loss_state"]["bco_pair"]["count"] == 2 * MENU_SETTINGS["micro_batch_size"] * 2 * WORLD
+    assert "resumed from step 1" in launch(args).stderr
+    assert train_losses(tmp_path / "out") == train_losses(probe_runs["bco_pair"][0])
 
 
 def test_ipo_first_step_is_its_target_squared(probe_runs):
@@ -54,8 +192,7 @@ def test_ipo_first_step_is_its_target_squared(probe_runs):
 def test_reference_free_losses_build_no_reference_engine(probe_runs, loss_type):
     out, probe = probe_runs[loss_type]
     assert probe["deepspeed_engines"] == 1 and probe["reference"] == "NoReference"
-    losses = train_losses(out)
-    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    assert len(train_losses(out)) == MENU_SETTINGS["max_steps"]  # the values: test_every_loss_trains_as_plain_pytorch_does
     assert (out / "final" / "config.json").is_file()
 
 

@@ -6,6 +6,7 @@ independent per-pair transcription of each loss's definition.
 """
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -13,12 +14,13 @@ import pytest
 import torch
 
 from dpo_ds.config import LOSS_TYPES
-from dpo_ds.losses import LOSSES, LossParams, PairLogps, compute_loss
+from dpo_ds.losses import SPECS, LossParams, Objective, PairLogps, compute_loss
 from dpo_ds.metrics import PairStats
 from dpo_ds.parallel import Parallel
 
 F64 = torch.float64
-MEAN_LOSSES = ("ipo", "simpo", "sft")  # always per-token means
+MEAN_LOSSES = ("ipo", "simpo", "sft", "sigmoid_norm")  # always per-token means
+BATCH_LOSSES = ("aot", "aot_unpaired", "bco_pair")      # couple the pairs of a batch: tested on whole batches below
 REFERENCE_FREE = ("simpo", "sft")      # rewards are beta * mean log pi (no reference)
 
 
@@ -28,16 +30,22 @@ def log_sigmoid(z: float) -> float:
     return -math.log1p(math.exp(-z)) if z >= 0 else z - math.log1p(math.exp(z))
 
 
-def _expected(loss_type: str, pc, pr, rc, rr, nc, nr, beta, eps=0.0, gamma=0.5, alpha=0.0, length_normalize=False):
+def sigmoid_(z: float) -> float:
+    return 1 / (1 + math.exp(-z)) if z >= 0 else math.exp(z) / (1 + math.exp(z))
+
+
+def _expected(loss_type: str, pc, pr, rc, rr, nc, nr, beta, eps=0.0, gamma=0.5, alpha=0.0, length_normalize=False,
+              tau=0.05):
     """(loss, chosen_reward, rejected_reward) of one pair from the published formulas."""
     nc_, nr_ = max(nc, 1), max(nr, 1)
     if loss_type in MEAN_LOSSES or length_normalize:
         a_pc, a_pr, a_rc, a_rr = pc / nc_, pr / nr_, rc / nc_, rr / nr_
     else:
         a_pc, a_pr, a_rc, a_rr = pc, pr, rc, rr
-    d = (a_pc - a_rc) - (a_pr - a_rr)
+    cl, rl = a_pc - a_rc, a_pr - a_rr
+    d = cl - rl
     z = beta * d
-    if loss_type == "sigmoid":
+    if loss_type in ("sigmoid", "sigmoid_norm"):
         loss = -(1 - eps) * log_sigmoid(z) - eps * log_sigmoid(-z)
     elif loss_type == "robust":
         loss = ((1 - eps) * -log_sigmoid(z) - eps * -log_sigmoid(-z)) / (1 - 2 * eps)
@@ -49,6 +57,21 @@ def _expected(loss_type: str, pc, pr, rc, rr, nc, nr, beta, eps=0.0, gamma=0.5, 
         loss = -log_sigmoid(beta * (pc / nc_ - pr / nr_) - gamma)
     elif loss_type == "sft":
         loss = -pc / nc_
+    elif loss_type == "exo_pair":  # EXO eq. 16: KL(softmax(beta r) || (1 - e', e')) over {chosen, rejected}
+        e = eps or 1e-3
+        q_w, q_l = sigmoid_(z), sigmoid_(-z)
+        loss = q_w * math.log(q_w / (1 - e)) + q_l * math.log(q_l / e)
+    elif loss_type == "nca_pair":
+        loss = -log_sigmoid(beta * cl) - 0.5 * log_sigmoid(-beta * cl) - 0.5 * log_sigmoid(-beta * rl)
+    elif loss_type == "sppo_hard":
+        loss = (cl - 1 / (2 * beta)) ** 2 + (rl + 1 / (2 * beta)) ** 2
+    elif loss_type == "apo_zero":
+        loss = (1 - sigmoid_(beta * cl)) + sigmoid_(beta * rl)
+    elif loss_type == "apo_down":
+        loss = sigmoid_(beta * cl) + (1 - sigmoid_(beta * (cl - rl)))
+    elif loss_type == "discopop":
+        m = sigmoid_(z / tau)
+        loss = (1 - m) * -log_sigmoid(z) + m * math.exp(-z)
     else:
         raise AssertionError(loss_type)
     loss += alpha * (-pc / nc_)
@@ -82,7 +105,7 @@ def _check_against_formula(loss_type, inputs, params: LossParams):
     for i in range(len(pc)):
         loss, rew_c, rew_r = _expected(loss_type, pc[i], pr[i], rc[i], rr[i], nc[i], nr[i], params.beta,
                                        params.label_smoothing, params.simpo_gamma, params.rpo_alpha,
-                                       params.length_normalize)
+                                       params.length_normalize, params.discopop_tau)
         assert out.losses[i].item() == pytest.approx(loss, rel=1e-12, abs=1e-12), (loss_type, i)
         assert out.chosen_rewards[i].item() == pytest.approx(rew_c, rel=1e-12, abs=1e-12), (loss_type, i)
         assert out.rejected_rewards[i].item() == pytest.approx(rew_r, rel=1e-12, abs=1e-12), (loss_type, i)
@@ -136,6 +159,20 @@ CASES = [
     ("simpo", dict(beta=2.0, simpo_gamma=0.5)),
     ("simpo", dict(beta=2.5, simpo_gamma=1.4)),
     ("sft", dict()),
+    ("sigmoid_norm", dict()),
+    ("sigmoid_norm", dict(beta=2.0)),
+    ("exo_pair", dict()),                              # epsilon 1e-3 when label_smoothing is 0
+    ("exo_pair", dict(beta=0.5, label_smoothing=0.2)),
+    ("nca_pair", dict()),
+    ("nca_pair", dict(beta=0.5, length_normalize=True)),
+    ("sppo_hard", dict()),
+    ("sppo_hard", dict(beta=2.0)),
+    ("apo_zero", dict()),
+    ("apo_zero", dict(beta=0.5)),
+    ("apo_down", dict()),
+    ("apo_down", dict(beta=0.5)),
+    ("discopop", dict()),
+    ("discopop", dict(beta=0.5, discopop_tau=0.3)),
 ]
 
 
@@ -148,7 +185,7 @@ def test_loss_matches_formula(loss_type, kwargs, rpo_alpha):
 
 
 def test_every_loss_type_covered_by_cases():
-    assert {t for t, _ in CASES} == set(LOSS_TYPES)
+    assert {t for t, _ in CASES} | set(BATCH_LOSSES) == set(LOSS_TYPES)
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
@@ -329,15 +366,153 @@ def test_sft_gradient_ignores_rejected():
     assert gc.tolist() == pytest.approx([-1 / n for n in nc], rel=1e-12)
 
 
+# ---------------------------------------------------------------------------- gradients against the formula
+@pytest.mark.parametrize("loss_type,kwargs", [("exo_pair", dict(label_smoothing=0.1)), ("nca_pair", dict(beta=0.5)),
+                                              ("sppo_hard", dict()), ("apo_zero", dict(beta=0.5)),
+                                              ("apo_down", dict()), ("discopop", dict(discopop_tau=0.3)),
+                                              ("sigmoid_norm", dict(beta=0.5))])
+def test_gradient_matches_the_formulas_derivative(loss_type, kwargs):
+    """Autograd's d loss / d pc and d pr against central differences of `_expected` (plain float64 math)."""
+    params = LossParams(**{"beta": 0.1, **kwargs})
+    g = _GRAD_INPUTS
+    lp = _pairs(g["pc"], g["pr"], g["rc"], g["rr"], g["nc"], g["nr"], requires_grad=True)
+    grad_c, grad_r = torch.autograd.grad(compute_loss(loss_type, lp, params).losses.sum(),
+                                         (lp.policy_chosen, lp.policy_rejected))
+
+    def formula(i, pc, pr):
+        return _expected(loss_type, pc, pr, g["rc"][i], g["rr"][i], g["nc"][i], g["nr"][i], params.beta,
+                         params.label_smoothing, tau=params.discopop_tau)[0]
+
+    h = 1e-5
+    for i in range(3):
+        pc, pr = g["pc"][i], g["pr"][i]
+        want_c = (formula(i, pc + h, pr) - formula(i, pc - h, pr)) / (2 * h)
+        want_r = (formula(i, pc, pr + h) - formula(i, pc, pr - h)) / (2 * h)
+        assert abs(want_c) + abs(want_r) > 1e-4  # the point says something about the gradient
+        assert grad_c[i].item() == pytest.approx(want_c, rel=1e-6, abs=1e-9), (loss_type, i)
+        assert grad_r[i].item() == pytest.approx(want_r, rel=1e-6, abs=1e-9), (loss_type, i)
+
+
+# ---------------------------------------------------------------------------- batch-level and stateful losses
+@pytest.mark.parametrize("beta,eps", [(0.1, 0.0), (0.5, 0.2)])
+def test_aot_sorts_the_batch(beta, eps):
+    """AOT: Delta_k = k-th smallest (pc - pr) - k-th smallest (rc - rr); aot_unpaired: k-th smallest chosen
+    log-ratio - k-th smallest rejected log-ratio; both through the smoothed sigmoid."""
+    pc, pr, rc, rr, nc, nr = _random_inputs(4, n=9)
+    params = LossParams(beta=beta, label_smoothing=eps)
+
+    def smoothed(delta):
+        return -(1 - eps) * log_sigmoid(beta * delta) - eps * log_sigmoid(-beta * delta)
+
+    policy = sorted(a - b for a, b in zip(pc, pr))
+    reference = sorted(a - b for a, b in zip(rc, rr))
+    got = compute_loss("aot", _pairs(pc, pr, rc, rr, nc, nr), params).losses.tolist()
+    assert got == pytest.approx([smoothed(p - r) for p, r in zip(policy, reference)], rel=1e-12)
+    chosen = sorted(a - b for a, b in zip(pc, rc))
+    rejected = sorted(a - b for a, b in zip(pr, rr))
+    got = compute_loss("aot_unpaired", _pairs(pc, pr, rc, rr, nc, nr), params).losses.tolist()
+    assert got == pytest.approx([smoothed(c - r) for c, r in zip(chosen, rejected)], rel=1e-12)
+    # the older TRL name is the same loss
+    assert Objective("aot_unpaired", params).specs == [SPECS["aot_unpaired"]]
+    assert "aot_pair" in SPECS["aot_unpaired"].aliases
+
+
+def _bco_expected(batch, beta, delta):
+    pc, pr, rc, rr = batch[:4]
+    return [-log_sigmoid(beta * (a - b) - delta) - log_sigmoid(-(beta * (c - e) - delta))
+            for a, b, c, e in zip(pc, rc, pr, rr)]
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.7])
+def test_bco_pair_offset_is_the_running_mean_over_steps_and_ranks(beta):
+    """delta = mean of every reward (beta * log-ratio of each chosen and rejected completion) of every training
+    micro-step so far, this one and the other ranks' included; evaluation reads it without moving it."""
+    steps = [_random_inputs(seed, n=4) for seed in (1, 2, 3)]
+    other_rank = [(7.5, 3.0), (-2.0, 5.0), (0.25, 2.0)]  # (reward sum, count) the other rank adds each micro-step
+    objective = Objective("bco_pair", LossParams(beta=beta))
+    seen_sum, seen_count = 0.0, 0.0
+    for batch, (other_sum, other_count) in zip(steps, other_rank):
+        pc, pr, rc, rr, nc, nr = batch
+        rewards = [beta * (a - b) for a, b in zip(pc, rc)] + [beta * (a - b) for a, b in zip(pr, rr)]
+        seen_sum, seen_count = seen_sum + sum(rewards) + other_sum, seen_count + len(rewards) + other_count
+        reduce = lambda t, o=(other_sum, other_count): t + torch.tensor(o, dtype=F64)  # noqa: E731
+        out = objective(_pairs(*batch), train=True, reduce=reduce)
+        assert out.losses.tolist() == pytest.approx(_bco_expected(batch, beta, seen_sum / seen_count), rel=1e-12)
+        assert objective.metrics() == {"bco_pair/running_mean": pytest.approx(seen_sum / seen_count, rel=1e-12)}
+    held_out = _random_inputs(9, n=3)
+    out = objective(_pairs(*held_out), train=False)
+    assert out.losses.tolist() == pytest.approx(_bco_expected(held_out, beta, seen_sum / seen_count), rel=1e-12)
+    assert objective.state_dict() == {"bco_pair": {"sum": pytest.approx(seen_sum, rel=1e-12), "count": seen_count}}
+
+
+def test_bco_pair_state_survives_a_save_and_load():
+    """A run stopped after two micro-steps and resumed from its state equals the uninterrupted run."""
+    batches = [_random_inputs(seed, n=5) for seed in range(4)]
+    uninterrupted = Objective("bco_pair", LossParams(beta=0.3))
+    expected = [uninterrupted(_pairs(*b)).losses for b in batches]
+    first = Objective("bco_pair", LossParams(beta=0.3))
+    for b in batches[:2]:
+        first(_pairs(*b))
+    saved = json.loads(json.dumps(first.state_dict()))  # as trainer_state.json holds it
+    resumed = Objective("bco_pair", LossParams(beta=0.3))
+    resumed.load_state_dict(saved)
+    for b, want in zip(batches[2:], expected[2:]):
+        assert torch.equal(resumed(_pairs(*b)).losses, want)
+
+
+# ---------------------------------------------------------------------------- weighted lists (MPO)
+def test_weighted_list_is_the_weighted_sum_of_its_losses():
+    """MPO: 0.8 sigmoid + 0.2 bco_pair + 1.0 sft, each component reported on its own; rewards are sigmoid's."""
+    pc, pr, rc, rr, nc, nr = _random_inputs(6, n=6)
+    beta = 0.2
+    objective = Objective("sigmoid,bco_pair,sft", LossParams(beta=beta, rpo_alpha=0.5), "0.8,0.2,1.0")
+    out = objective(_pairs(pc, pr, rc, rr, nc, nr))
+    rewards = [beta * (a - b) for a, b in zip(pc, rc)] + [beta * (a - b) for a, b in zip(pr, rr)]
+    bco = _bco_expected((pc, pr, rc, rr), beta, sum(rewards) / len(rewards))
+    for i in range(6):
+        sig = _expected("sigmoid", pc[i], pr[i], rc[i], rr[i], nc[i], nr[i], beta)[0]
+        sft = -pc[i] / nc[i]
+        assert out.losses[i].item() == pytest.approx(0.8 * sig + 0.2 * bco[i] + sft + 0.5 * sft, rel=1e-12)
+        assert out.components["sigmoid"][i].item() == pytest.approx(sig, rel=1e-12)
+        assert out.components["bco_pair"][i].item() == pytest.approx(bco[i], rel=1e-12)
+        assert out.components["sft"][i].item() == pytest.approx(sft, rel=1e-12)
+        assert out.chosen_rewards[i].item() == pytest.approx(beta * (pc[i] - rc[i]), rel=1e-12)
+    assert objective.logged_components == ("sigmoid", "bco_pair", "sft")
+    stats = PairStats(Parallel(), components=objective.logged_components)
+    stats.add_pairs(_pairs(pc, pr, rc, rr, nc, nr), out, 0, 0)
+    m = stats.reduce()
+    assert m["loss/bco_pair"] == pytest.approx(sum(bco) / 6, rel=1e-12)
+    assert m["loss"] == pytest.approx(out.losses.mean().item(), rel=1e-12)
+
+
+def test_one_loss_logs_no_components():
+    out = compute_loss("sigmoid", _pairs(*_random_inputs(0, n=2)), LossParams())
+    assert out.components == {}
+    assert "loss/sigmoid" not in PairStats(Parallel()).reduce()
+
+
 # ---------------------------------------------------------------------------- registry
 def test_registry_covers_every_config_loss_type():
-    missing = [t for t in LOSS_TYPES if t not in LOSSES]
-    assert not missing, f"loss types accepted by the config but not implemented: {missing}"
-    for name in LOSS_TYPES:
-        assert callable(LOSSES[name])
+    assert tuple(SPECS) == LOSS_TYPES
+    for name, spec in SPECS.items():
+        assert spec.name == name and callable(spec.fn) and spec.unit == "pair"
+    assert [n for n, s in SPECS.items() if not s.reference] == ["simpo", "sft"]
+    assert [n for n, s in SPECS.items() if s.state is not None] == ["bco_pair"]
+    assert [n for n, s in SPECS.items() if s.batch_level] == ["aot", "aot_unpaired"]
 
 
 def test_unknown_loss_type_is_rejected():
     pc, pr, rc, rr, nc, nr = _random_inputs(0, n=2)
     with pytest.raises(KeyError):
         compute_loss("nope", _pairs(pc, pr, rc, rr, nc, nr), LossParams(beta=0.1))
+
+
+def test_training_docs_hold_the_table_of_the_specs():
+    from pathlib import Path
+
+    from dpo_ds.losses import markdown_table
+
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "training.md").read_text()
+    assert markdown_table() in docs, "docs/training.md's loss table is out of date: paste dpo_ds.losses.markdown_table()"
+    for name in LOSS_TYPES:
+        assert f"| `{name}` |" in docs

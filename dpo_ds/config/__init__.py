@@ -24,20 +24,25 @@ import yaml
 from dpo_ds.config.devices import expected_accelerator, resolve_precision
 from dpo_ds.config.errors import ConfigError
 from dpo_ds.config.paths import check_paths
+from dpo_ds.losses import (ALIASES, LOSS_TYPES, PARAMS, check_objective, parse_loss_type, parse_loss_weights,
+                           uses_reference)
 
 
-def _field(default: Any, help: str, group: str) -> Any:
-    return field(default=default, metadata={"help": help, "group": group})
+def _field(default: Any, help: str, group: str, metavar: str | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "group": group, "metavar": metavar})
+
+
+def _loss_field(name: str) -> Any:
+    """A loss parameter's field: default and help from its declaration beside the losses (losses.PARAMS)."""
+    return _field(PARAMS[name].default, PARAMS[name].help, "loss")
 
 
 # Choice fields: the Literal is the type, its values the allowed ones (checked by `coerce`, listed by --help).
-LossType = Literal["sigmoid", "robust", "ipo", "hinge", "simpo", "sft"]
 LrScheduler = Literal["constant", "linear", "cosine"]
 Precision = Literal["auto", "bf16", "fp32"]
 WeightsLoader = Literal["streamed", "transformers"]
 LoraQuantize = Literal["nf4"]
 AttnImplementation = Literal["auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"]
-LOSS_TYPES = typing.get_args(LossType)
 
 
 @dataclass
@@ -66,13 +71,16 @@ class TrainConfig:
     prepare_workers: int = _field(0, "Processes that tokenize when the prepared-pairs cache is built (by `dpo-ds prepare`, or by rank 0 of `train` when the cache is missing); 0 = one per CPU core available. Does not change the token ids.", "data")
     padding_free: bool = _field(False, "Pack each micro-batch's 2B sequences into one row without padding (position ids restart per sequence; transformers keeps attention within each sequence: varlen flash attention where attn_implementation selects it, else a block-diagonal causal mask).", "data")
     # --- loss
-    loss_type: LossType = _field("sigmoid", f"Preference loss: {', '.join(LOSS_TYPES)}.", "loss")
-    beta: float = _field(0.1, "Inverse temperature of the implicit reward r = beta * (log pi - log pi_ref).", "loss")
-    label_smoothing: float = _field(0.0, "epsilon: assumed label-flip rate for `sigmoid` (conservative DPO) and `robust`; must be < 0.5.", "loss")
-    simpo_gamma: float = _field(0.5, "Target reward margin gamma of `simpo`.", "loss")
-    rpo_alpha: float = _field(0.0, "Weight of the mean per-token NLL of the chosen completion added to the loss (RPO); 0 = off.", "loss")
+    loss_type: str = _field("sigmoid", f"Preference loss, or a list of losses (YAML list or comma-separated) whose weighted sum is minimised (loss_weights), each logged as loss/<name>: {', '.join(LOSS_TYPES)} ({', '.join(f'{a} = {n}' for a, n in ALIASES.items())}). Formulas and when to use each: docs/training.md.", "loss", metavar="NAME[,NAME...]")
+    loss_weights: Optional[str] = _field(None, "One weight per loss of loss_type (YAML list or comma-separated), e.g. MPO's [0.8, 0.2, 1.0] for [sigmoid, bco_pair, sft]; default 1 each.", "loss", metavar="W[,W...]")
+    beta: float = _loss_field("beta")
+    label_smoothing: float = _loss_field("label_smoothing")
+    simpo_gamma: float = _loss_field("simpo_gamma")
+    discopop_tau: float = _loss_field("discopop_tau")
+    rpo_alpha: float = _loss_field("rpo_alpha")
     reference_free: bool = _field(False, "Treat log pi_ref as 0 (no reference model is built).", "loss")
-    length_normalize: bool = _field(False, "Use per-token mean log-probs instead of sums for the sigmoid family.", "loss")
+    length_normalize: bool = _loss_field("length_normalize")
+    ld_alpha: Optional[float] = _loss_field("ld_alpha")
     router_aux_loss_coef: float = _field(0.0, "Mixture-of-experts models only: add this times the model's router load-balancing loss (transformers' output_router_logits) to the DPO loss, as TRL does; logged as aux_loss. 0 = off.", "loss")
     # --- drift and stability guards
     max_kl: Optional[float] = _field(None, "Warn when the mean per-token log pi - log pi_ref over completions (a logging window) exceeds this.", "guards")
@@ -142,6 +150,10 @@ def _field_type(hint: Any) -> FieldType:
 FIELD_TYPES = {name: _field_type(hint) for name, hint in typing.get_type_hints(TrainConfig).items()}
 
 
+# Fields holding a list, stored as one comma-separated string (run_config.json and resume checks compare strings).
+_LIST_FIELDS = {"loss_type": parse_loss_type, "loss_weights": parse_loss_weights}
+
+
 def coerce(name: str, value: Any) -> Any:
     """Convert a YAML/CLI value to the field's type, or raise ConfigError('...') without location."""
     kind, optional, choices = dataclasses.astuple(FIELD_TYPES[name])
@@ -172,6 +184,11 @@ def coerce(name: str, value: Any) -> Any:
         if not math.isfinite(number):
             raise ConfigError(f"field '{name}': expected a finite number, got {value!r}")
         return number
+    if name in _LIST_FIELDS:
+        try:
+            return _LIST_FIELDS[name](value)
+        except ValueError as err:
+            raise ConfigError(f"field '{name}': {err}") from None
     if name == "lora_target_modules" and isinstance(value, list) and value and all(isinstance(v, str) for v in value):
         value = ",".join(value)  # a YAML list of module names
     if not isinstance(value, str):
@@ -273,16 +290,11 @@ def validate(cfg: TrainConfig) -> None:
         bad("max_kl", f"must be > 0, got {cfg.max_kl}")
     if cfg.stop_on_max_kl and cfg.max_kl is None:
         bad("stop_on_max_kl", "needs max_kl")
-    if cfg.beta <= 0:
-        bad("beta", f"must be > 0, got {cfg.beta}")
+    objective_problem = check_objective(cfg)
+    if objective_problem:
+        bad(*objective_problem)
     if cfg.learning_rate < 0 or cfg.weight_decay < 0 or cfg.max_grad_norm < 0:
         bad("learning_rate" if cfg.learning_rate < 0 else "weight_decay" if cfg.weight_decay < 0 else "max_grad_norm", "must be >= 0")
-    if not 0 <= cfg.label_smoothing < 0.5:
-        bad("label_smoothing", f"must be in [0, 0.5): at 0.5 the labels carry no preference, got {cfg.label_smoothing}")
-    if cfg.label_smoothing > 0 and cfg.loss_type not in ("sigmoid", "robust"):
-        bad("label_smoothing", f"only applies to loss_type sigmoid or robust, not {cfg.loss_type}")
-    if cfg.rpo_alpha < 0:
-        bad("rpo_alpha", f"must be >= 0, got {cfg.rpo_alpha}")
     if cfg.router_aux_loss_coef < 0:
         bad("router_aux_loss_coef", f"must be >= 0, got {cfg.router_aux_loss_coef}")
     for name in ("adam_beta1", "adam_beta2"):
@@ -290,18 +302,19 @@ def validate(cfg: TrainConfig) -> None:
             bad(name, f"must be in [0, 1), got {getattr(cfg, name)}")
     if cfg.dist_timeout_s <= 0:
         bad("dist_timeout_s", f"must be > 0, got {cfg.dist_timeout_s}")
+    if cfg.precompute_ref and cfg.ld_alpha is not None:
+        bad("ld_alpha", "precompute_ref caches plain sums of the reference log-probs; LD-DPO needs them weighted "
+                        "per pair: remove ld_alpha or precompute_ref")
     if cfg.precompute_ref and not uses_reference(cfg):
         bad("precompute_ref", f"loss_type {cfg.loss_type}{' with reference_free' if cfg.reference_free else ''} uses no reference model")
     if cfg.reference_free and cfg.ref_model_name_or_path is not None:
         bad("ref_model_name_or_path", "reference_free uses no reference model; remove the path")
-    if cfg.loss_type in ("simpo", "sft") and cfg.ref_model_name_or_path is not None:
+    if not cfg.reference_free and not uses_reference(cfg) and cfg.ref_model_name_or_path is not None:
         bad("ref_model_name_or_path", f"loss_type {cfg.loss_type} uses no reference model; remove the path")
     flash_package = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}.get(cfg.attn_implementation)
     if flash_package and importlib.util.find_spec(flash_package) is None:
         bad("attn_implementation", f"{cfg.attn_implementation} needs the {flash_package} package, which is not installed")
     _validate_lora(cfg, bad)
-    if cfg.length_normalize and cfg.loss_type in ("ipo", "simpo", "sft"):
-        bad("length_normalize", f"loss_type {cfg.loss_type} is always length-normalised; the flag only applies to sigmoid, robust, hinge")
 
 
 def uses_lora(cfg: TrainConfig) -> bool:
@@ -356,10 +369,6 @@ def _validate_qlora(cfg: TrainConfig, bad) -> None:
         bad("lora_quantize", "nf4 needs the bitsandbytes package, which is not installed (pip install 'dpo-ds[qlora]')")
 
 
-def uses_reference(cfg: TrainConfig) -> bool:
-    return not (cfg.reference_free or cfg.loss_type in ("simpo", "sft"))
-
-
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """`--config` plus one `--field` flag per config field, grouped, with the field's help text."""
     parser.add_argument("--config", help="YAML file of config fields (flags below override it).")
@@ -368,7 +377,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         group_name = f.metadata["group"]
         group = groups.setdefault(group_name, parser.add_argument_group(f"{group_name} fields"))
         kind, _, choices = dataclasses.astuple(FIELD_TYPES[f.name])
-        metavar = "{" + ",".join(choices) + "}" if choices else {bool: "BOOL", int: "INT", float: "FLOAT"}.get(kind, "STR")
+        metavar = (f.metadata["metavar"] or ("{" + ",".join(choices) + "}" if choices else
+                                             {bool: "BOOL", int: "INT", float: "FLOAT"}.get(kind, "STR")))
         group.add_argument(f"--{f.name}", metavar=metavar, default=argparse.SUPPRESS,
                            help=f"{f.metadata['help']} (default: {f.default})")
 
