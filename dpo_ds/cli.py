@@ -14,6 +14,7 @@ import time
 import warnings
 from pathlib import Path
 
+from dpo_ds.compiled_ops import announce_op_build, default_extensions_dir
 from dpo_ds.console import stdout_for_results_only
 from dpo_ds.errors import EXIT_PREEMPTED, Preempted, UsageError
 from dpo_ds.versions import check_versions
@@ -35,34 +36,7 @@ COMMANDS = {
 # Deprecations inside the pinned libraries, repeated every step and not ours to fix: DeepSpeed 0.19 calls the
 # torch collectives that torch 2.13 renamed.
 warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).* is deprecated")
-# The DeepSpeed ops built on first use (JIT) unless the wheel has them prebuilt, by accelerator: the CPU
-# shared-memory collectives. The presets' default optimizer compiles nothing; an opt-in one that does
-# (FusedAdam, DeepSpeedCPUAdam) is checked by dpo_ds.compiled_ops before any model is loaded.
-JIT_OPS = {"cpu": ("deepspeed_shm_comm",)}
 STARTS_DEEPSPEED = ("train", "eval", "bench")
-
-def default_extensions_dir() -> str:
-    """Where torch builds DeepSpeed's ops when TORCH_EXTENSIONS_DIR is unset: inside this Python environment
-    (for a `make install` venv, the Makefile's .venv/torch_extensions), so they are built once per environment
-    whatever directory dpo-ds starts from; ~/.cache/torch_extensions when the environment is read-only."""
-    inside = Path(sys.prefix) / "torch_extensions"
-    if os.access(inside if inside.is_dir() else sys.prefix, os.W_OK):
-        return str(inside)
-    return str(Path.home() / ".cache" / "torch_extensions")
-
-
-def announce_op_build() -> None:
-    """One line on stderr (local rank 0) before DeepSpeed compiles an op this environment has not built yet:
-    the compile takes about a minute and prints nothing meanwhile."""
-    from deepspeed.accelerator import get_accelerator
-    from deepspeed.git_version_info import installed_ops
-
-    root = Path(os.environ["TORCH_EXTENSIONS_DIR"])
-    missing = [op for op in JIT_OPS.get(get_accelerator().device_name(), ())
-               if not installed_ops.get(op) and not (root / op / f"{op}.so").is_file()]
-    if missing and os.environ.get("LOCAL_RANK", "0") == "0":
-        print(f"dpo-ds: building DeepSpeed op(s) {', '.join(missing)} into {root} (once per environment, about a "
-              f"minute)", file=sys.stderr, flush=True)
 
 
 class CommandParser(argparse.ArgumentParser):

@@ -8,10 +8,14 @@ extensions unless DeepSpeed was installed with them prebuilt (DS_BUILD_FUSED_ADA
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 import subprocess
+import sys
 import sysconfig
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,3 +123,56 @@ def check_compiled_ops(ds_config: dict[str, Any], source: str, on_gpu: bool, too
                           f"this machine cannot build it: {'; '.join(problems)}. Set \"torch_adam\": true and "
                           f"\"fused\": true in optimizer.params (torch's fused AdamW, the same math, nothing to "
                           f"compile; ds_configs/zero3.json), or install the missing tools", "deepspeed_config")
+
+
+# ------------------------------------------------------------------------------ the process group's ops
+# The DeepSpeed ops built on first use (JIT) when the process group starts, unless the wheel has them prebuilt, by
+# accelerator: the CPU shared-memory collectives. (Optimizer ops are checked by `check_buildable` instead.)
+JIT_OPS = {"cpu": ("deepspeed_shm_comm",)}
+
+def default_extensions_dir() -> str:
+    """Where torch builds DeepSpeed's ops when TORCH_EXTENSIONS_DIR is unset: inside this Python environment
+    (for a `make install` venv, the Makefile's .venv/torch_extensions), so they are built once per environment
+    whatever directory dpo-ds starts from; ~/.cache/torch_extensions when the environment is read-only."""
+    inside = Path(sys.prefix) / "torch_extensions"
+    if os.access(inside if inside.is_dir() else sys.prefix, os.W_OK):
+        return str(inside)
+    return str(Path.home() / ".cache" / "torch_extensions")
+
+
+def announce_op_build() -> None:
+    """One line on stderr (local rank 0) before DeepSpeed compiles an op this environment has not built yet:
+    the compile takes about a minute and prints nothing meanwhile."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.git_version_info import installed_ops
+
+    root = Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    missing = [op for op in JIT_OPS.get(get_accelerator().device_name(), ())
+               if not installed_ops.get(op) and not (root / op / f"{op}.so").is_file()]
+    if missing and os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"dpo-ds: building DeepSpeed op(s) {', '.join(missing)} into {root} (once per environment, about a "
+              f"minute)", file=sys.stderr, flush=True)
+
+
+def _built_at(path: Path) -> float | None:
+    return path.stat().st_mtime if path.is_file() else None
+
+
+@contextlib.contextmanager
+def reporting_op_builds():
+    """Around DeepSpeed's process-group start, where it loads (and, the first time, compiles) its JIT ops: its own
+    "built successfully" line, printed on every rank at every start whether or not anything was built, is dropped;
+    when an op was compiled now (its library is new or changed) local rank 0 says which, where and how long it took."""
+    from deepspeed.accelerator import get_accelerator
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    libraries = {op: Path(root) / op / f"{op}.so" for op in JIT_OPS.get(get_accelerator().device_name(), ())} \
+        if root else {}
+    before = {op: _built_at(path) for op, path in libraries.items()}
+    started = time.monotonic()
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
+    built = [op for op, path in libraries.items() if _built_at(path) != before[op]]
+    if built and os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"dpo-ds: built DeepSpeed op(s) {', '.join(built)} into {root} in {time.monotonic() - started:.0f} s",
+              file=sys.stderr, flush=True)

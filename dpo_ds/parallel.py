@@ -18,6 +18,7 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
+from dpo_ds.compiled_ops import reporting_op_builds
 from launcher import dist as comm
 
 T = TypeVar("T")
@@ -36,7 +37,8 @@ class Parallel:
     def init(cls, timeout_s: float, sequence_parallel_size: int = 1) -> Parallel:
         """Join the job's process group (launcher.dist.init_distributed: any launcher, bounded by `timeout_s`) and
         build the data- and sequence-parallel groups. `sequence_parallel_size` must divide the world size."""
-        env = comm.init_distributed(timeout_s=timeout_s)
+        with reporting_op_builds():  # DeepSpeed loads its JIT ops as the group starts
+            env = comm.init_distributed(timeout_s=timeout_s)
         s = sequence_parallel_size
         if env.world_size % s:
             raise ValueError(f"sequence_parallel_size {s} does not divide the {env.world_size} ranks")

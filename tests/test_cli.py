@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import launcher.__main__ as launcher_main
-from dpo_ds import cli, console, versions
+from dpo_ds import cli, compiled_ops, console, versions
 from helpers import launch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -71,15 +71,32 @@ def test_results_go_to_stdout_and_everything_else_to_stderr(capfd):
 
 def test_ops_build_once_per_environment_with_a_message(tmp_path, monkeypatch, capsys):
     """Item 7: outside `make` TORCH_EXTENSIONS_DIR was unset and the CPU op was compiled again, silently."""
-    assert cli.default_extensions_dir() == str(Path(sys.prefix) / "torch_extensions")  # the Makefile's .venv one
+    assert compiled_ops.default_extensions_dir() == str(Path(sys.prefix) / "torch_extensions")  # the Makefile's .venv one
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    cli.announce_op_build()
+    compiled_ops.announce_op_build()
     assert f"building DeepSpeed op(s) deepspeed_shm_comm into {tmp_path}" in capsys.readouterr().err
     (tmp_path / "deepspeed_shm_comm").mkdir()
     (tmp_path / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").write_bytes(b"")
-    cli.announce_op_build()
+    compiled_ops.announce_op_build()
     assert capsys.readouterr().err == ""
+
+
+def test_op_builds_are_reported_once_and_deepspeeds_per_start_line_dropped(tmp_path, monkeypatch, capsys):
+    """Issue 25 items 3 and 4: a start that compiled an op sat silent for a minute, and every start of every rank
+    printed DeepSpeed's 'built successfully' whether or not anything was built."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    library = tmp_path / "deepspeed_shm_comm" / "deepspeed_shm_comm.so"
+    with compiled_ops.reporting_op_builds():  # DeepSpeed compiles the op: the library appears
+        print("DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully")
+        library.parent.mkdir()
+        library.write_bytes(b"")
+    assert capsys.readouterr().err.splitlines() == [
+        f"dpo-ds: built DeepSpeed op(s) deepspeed_shm_comm into {tmp_path} in 0 s"]
+    with compiled_ops.reporting_op_builds():  # the next start loads it: nothing to say
+        print("DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully")
+    assert capsys.readouterr() == ("", "")
 
 
 @pytest.mark.distributed
@@ -87,7 +104,7 @@ def test_makefile_installs_deepspeed_from_the_range_in_setup_cfg():
     """Issue 14: setup.cfg put no upper bound on deepspeed while the Makefile did; now the Makefile reads it."""
     ranges = versions.tested_ranges()
     assert {name: versions.pip_spec(r) for name, r in ranges.items()} == {
-        "deepspeed": "deepspeed>=0.19.8,<0.20", "transformers": "transformers>=5.0,<6"}
+        "deepspeed": "deepspeed>=0.19.8,<0.20", "transformers": "transformers>=5.17,<6"}
     make = subprocess.run(["make", "-n", "-B", "install"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert f'install -q --no-build-isolation "{versions.pip_spec(ranges["deepspeed"])}"' in make.stdout
 
