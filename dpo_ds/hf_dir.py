@@ -15,13 +15,47 @@ import torch
 from safetensors import safe_open
 
 from dpo_ds.loading import SAFETENSORS_DTYPES
+from launcher.dist import on_rank0
 
 INDEX_NAME = "model.safetensors.index.json"
 SAFETENSORS_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
-class ExportError(RuntimeError):
+class AgreedError(RuntimeError):
+    """A failure every rank raises alike (`same_on_every_rank`: the ranks agreed on it, so rank 0 alone
+    reports it) or that one rank found (the default)."""
+
+    def __init__(self, message: str, same_on_every_rank: bool = False):
+        super().__init__(message)
+        self.same_on_every_rank = same_on_every_rank
+
+
+class ExportError(AgreedError):
     pass
+
+
+def describe_error(err: BaseException) -> str:
+    """'<path>: <reason>' for a file system error (as `dpo-ds train: error: <path>: No space left on
+    device`), the error's own text otherwise."""
+    if isinstance(err, OSError) and err.filename:
+        return f"{err.filename}: {err.strerror}"
+    return str(err)
+
+
+def write_on_rank0(what: str, work, tmp: Path) -> None:
+    """Rank 0 runs `work` (which writes `tmp` and publishes it) while the other ranks wait; if it fails, `tmp`
+    goes and every rank raises the same ExportError, naming the file (a collective: every rank calls it)."""
+    def attempt() -> str | None:
+        try:
+            work()
+        except (OSError, ExportError) as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return f"{describe_error(err)} (while {what}; nothing was published)"
+        return None
+
+    failure = on_rank0(what, attempt)
+    if failure is not None:
+        raise ExportError(failure, same_on_every_rank=True)
 
 
 def parse_size(text: str) -> int:

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from deepspeed import DeepSpeedEngine
 
 from dpo_ds import checkpoint as ckpt
-from dpo_ds import engines
+from dpo_ds import engines, run_dir
 from dpo_ds.config import (
     ConfigError,
     TrainConfig,
@@ -44,13 +44,13 @@ from dpo_ds.engines import attention_kernel, build_policy_engine, model_dtype, r
 from dpo_ds.families import check_model_family, load_model_config
 from dpo_ds.loading import LoadError
 from dpo_ds.losses import LossParams, PairLogps, compute_loss
-from dpo_ds.hf_dir import ConfigOverride
+from dpo_ds.hf_dir import ConfigOverride, ExportError
 from dpo_ds.lora import Adapters, merge_adapter, save_adapter
 from dpo_ds.metrics import MetricsWriter, PairStats, max_over_ranks, peak_memory_gib, setup_logging, untimed
 from dpo_ds.prepare import cache_dir_of, load_config_data
 from dpo_ds.reference import ReferenceSource, build_reference
 from dpo_ds.reference_check import check_reference_compatible
-from launcher.dist import all_reduce, barrier, check_shared_dirs, gather_objects, init_distributed
+from launcher.dist import all_reduce, barrier, check_shared_dirs, gather_objects, init_distributed, process_rank
 
 HELP = __doc__
 logger = logging.getLogger("dpo_ds")
@@ -230,6 +230,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     export(run, tokenizer)
     loop.writer.close()
     if env.rank == 0:
+        run_dir.mark_finished(cfg.output_dir, total_steps)
         print(run_summary(cfg, total_steps, last), file=sys.stderr, flush=True)
     return TrainResult(run, last)
 
@@ -246,9 +247,9 @@ class TrainData:
 
 
 def check_before_loading(cfg: TrainConfig) -> None:
-    """What can be refused before any model or data is loaded: an output_dir holding another run, directories
+    """What can be refused before any model or data is loaded: an output_dir holding a run's outputs, directories
     not shared by every rank, a model that cannot work, a reference that tokenizes differently."""
-    ckpt.refuse_to_overwrite(cfg.output_dir, cfg.resume_from)
+    run_dir.check_output_dir(cfg.output_dir, cfg.resume_from, cfg.overwrite)
     check_shared_dirs({"output_dir": cfg.output_dir, "cache_dir": cache_dir_of(cfg)})
     check_model_family(cfg)
     if cfg.ref_model_name_or_path and uses_reference(cfg):  # the seed's rule: one tokenization for both models
@@ -280,6 +281,7 @@ def trainer_state(cfg: TrainConfig, sampler: PairSampler, data: TrainData, step:
 
 def write_run_config(cfg: TrainConfig, rank: int) -> None:
     if rank == 0:
+        run_dir.clear_for_overwrite(cfg.output_dir, cfg.resume_from, cfg.overwrite)
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output_dir) / "run_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
@@ -329,6 +331,10 @@ class TrainingLoop:
 
     def run_steps(self) -> dict[str, float]:
         run, cfg = self.run, self.run.cfg
+        if ckpt.any_rank(self.stop_signal.received is not None):  # during start-up: no step of this run to save
+            self.writer.close()
+            raise Preempted(f"stopped by a signal before step {self.start_step + 1}; nothing new to checkpoint; "
+                            f"resume with --resume_from auto")
         progress = _progress(self.total_steps, self.start_step, run.rank)
         for step in range(self.start_step, self.total_steps):
             lr = run.policy.get_lr()[0]  # the rate this step uses (the scheduler advances inside the step)
@@ -386,6 +392,8 @@ class TrainingLoop:
         """A checkpoint every save_steps, and after a stop signal on any rank, which then ends the run (Preempted)."""
         cfg = self.run.cfg
         stop = ckpt.any_rank(self.stop_signal.received is not None)
+        if stop and self.run.rank == 0:
+            logger.warning("stop requested by a signal: checkpointing after step %d", done)
         if stop or (cfg.save_steps and done % cfg.save_steps == 0):
             save_checkpoint(self.run, trainer_state(cfg, self.sampler, self.data, done), self.tokenizer)
         if stop and done < self.total_steps:
@@ -481,12 +489,19 @@ def _progress(total: int, start: int, rank: int):
 def run(args: argparse.Namespace) -> int:
     try:
         train(config_from_args(args))
-    except (ConfigError, DataError, ckpt.CheckpointError, TrainingStopped, LoadError) as err:
-        print(f"dpo-ds train: error: {err}", file=sys.stderr)
+    except (ConfigError, DataError, ckpt.CheckpointError, ExportError, TrainingStopped, LoadError) as err:
+        shared = getattr(err, "same_on_every_rank", False)
+        if not shared or process_rank() == 0:  # a failure every rank raised: one line, from rank 0
+            print(f"dpo-ds train: error: {err}", file=sys.stderr, flush=True)
+        if shared:
+            barrier()  # under torchrun the first rank to exit gets the others killed: not before rank 0 has said why
         return 2
     except Preempted as stop:
         logger.warning("%s", stop)
         return ckpt.EXIT_PREEMPTED
+    except run_dir.RunFinished as finished:
+        logger.info("%s", finished)
+        return 0
     except KeyboardInterrupt:  # Ctrl-C before training started: nothing to checkpoint yet
         print("dpo-ds train: interrupted before training started (no checkpoint)", file=sys.stderr)
         return 130
