@@ -20,11 +20,12 @@ def check_nccl_helpers() -> dict:
     import launcher.dist as ld
     from dpo_ds.checkpoint import any_rank
     from dpo_ds.metrics import PairStats, max_over_ranks
+    from dpo_ds.parallel import Parallel
 
     ld.init_distributed(timeout_s=120)
     import torch.distributed as dist
 
-    stats = PairStats()
+    stats = PairStats(Parallel())
     stats.add_step_time(2.0)
     result = {"backend": dist.get_backend(), "comm_device": str(ld.comm_device()),
               "sum": ld.all_reduce(torch.tensor([1.0])).tolist(), "any_rank": any_rank(True),
@@ -46,10 +47,11 @@ def check_nccl_helpers() -> dict:
 
 
 def check_no_sync_per_micro_step() -> dict:
-    from dpo_ds.engines import _varlen_attention_kwargs, to_device
+    from dpo_ds.scoring import _varlen_attention_kwargs, to_device
     from dpo_ds.logprobs import head_sequence_logps, scored_positions, sequence_logps
     from dpo_ds.losses import LossOutput, PairLogps
     from dpo_ds.metrics import PairStats
+    from dpo_ds.parallel import Parallel
 
     dev = torch.device("cuda")
     lengths = [300, 500, 200, 400]
@@ -72,7 +74,7 @@ def check_no_sync_per_micro_step() -> dict:
         lp = PairLogps(sums[:2].detach(), sums[2:].detach(), full[:2], full[2:], tokens[:2], tokens[2:])
         out = LossOutput(losses=-torch.nn.functional.logsigmoid(lp.policy_chosen - lp.policy_rejected),
                          chosen_rewards=lp.policy_chosen - lp.ref_chosen, rejected_rewards=lp.policy_rejected - lp.ref_rejected)
-        stats = PairStats(dev)
+        stats = PairStats(Parallel(), dev)
         stats.add_pairs(lp, out, real_tokens=position_ids.numel(), padded_tokens=position_ids.numel())
     finally:
         torch.cuda.set_sync_debug_mode(0)

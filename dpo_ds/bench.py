@@ -18,21 +18,20 @@ import argparse
 import json
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from dpo_ds.cli import emit
 from dpo_ds.config import ConfigError, add_config_arguments, config_from_args, uses_lora, uses_reference
-from dpo_ds.data import PairLocations, PairSampler, TokenizedPairs
-from dpo_ds.metrics import SectionTimer, max_over_ranks, peak_memory_gib, setup_logging
+from dpo_ds.console import emit, setup_logging
+from dpo_ds.data import PairSampler, RowLocations, TokenizedPairs
+from dpo_ds.metrics import SectionTimer, max_over_ranks, peak_memory_gib
+from dpo_ds.parallel import Parallel
 from dpo_ds.plan import model_config_and_name, model_flops, shape_from_config
 from dpo_ds.prepare import cache_dir_of
-from launcher.dist import all_reduce, check_shared_dirs, init_distributed, on_rank0
+from launcher.dist import all_reduce
 
 HELP = __doc__
 # Dense bf16 peak TFLOP/s per device, for MFU when --peak_tflops is not given.
@@ -76,10 +75,10 @@ def synthetic_pairs(n: int, spec: str, max_length: int, vocab_size: int, seed: i
         columns["chosen"].append(ids(int(totals[i, 0]) - prompt_len))
         columns["rejected"].append(ids(int(totals[i, 1]) - prompt_len))
     return TokenizedPairs(fingerprint=f"synthetic-{spec}-{n}-{max_length}-{vocab_size}-{seed}",
-                          pair_ids=PairLocations("synthetic", "jsonl", np.arange(n)), **columns)
+                          pair_ids=RowLocations("synthetic", "jsonl", np.arange(n)), **columns)
 
 
-def _model_dir(model: str, output_dir: Path) -> tuple[Path, object]:
+def _model_dir(model: str, output_dir: Path, parallel: Parallel) -> tuple[Path, object]:
     """A random-init Hugging Face directory for `model` (rank 0 writes it once; the others wait)."""
     config, name = model_config_and_name(model)
     target = output_dir / "bench_model" / name
@@ -94,7 +93,7 @@ def _model_dir(model: str, output_dir: Path) -> tuple[Path, object]:
         AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
         tmp.rename(target)
 
-    on_rank0(f"writing the random-init {model} model to {target}", build)
+    parallel.on_rank0(f"writing the random-init {model} model to {target}", build)
     return target, config
 
 
@@ -110,9 +109,9 @@ def _peak_tflops(given: float | None) -> float | None:
 SECTIONS = ("reference_forward", "policy_forward", "backward", "optimizer")
 
 
-def _time_steps(run, train_step, sampler: PairSampler, pairs: TokenizedPairs, warmup: int,
+def _time_steps(ctx, train_step, sampler: PairSampler, pairs: TokenizedPairs, warmup: int,
                 total_steps: int) -> tuple[list[float], torch.Tensor, torch.Tensor]:
-    """Run the trainer's own steps (`train_step`, trainer.train_step); time those after `warmup`. Returns, over
+    """Run the trainer's own steps (`train_step`, step.train_step); time those after `warmup`. Returns, over
     all ranks: each timed step's time (its slowest rank), the timed steps' [real tokens, processed tokens, sum of
     squared sequence lengths] (for the FLOP model), and the slowest rank's total time in each of SECTIONS."""
     from deepspeed.accelerator import get_accelerator  # heavy, as in run: not imported for --help
@@ -121,9 +120,9 @@ def _time_steps(run, train_step, sampler: PairSampler, pairs: TokenizedPairs, wa
     times, real_tokens, processed_tokens, squared_lengths = [], 0, 0, 0.0
     for step in range(total_steps):
         timed = step >= warmup
-        run.timer = timer if timed else run.timer
+        ctx.timer = timer if timed else ctx.timer
         started = time.perf_counter()
-        result = train_step(run, sampler, pairs, step)
+        result = train_step(ctx, sampler, pairs, step)
         get_accelerator().synchronize()
         if timed:
             times.append(time.perf_counter() - started)
@@ -140,31 +139,28 @@ def _time_steps(run, train_step, sampler: PairSampler, pairs: TokenizedPairs, wa
 
 
 def run(args: argparse.Namespace) -> int:
-    from dpo_ds.trainer import build_run, train_step  # heavy (DeepSpeed): imported when the command runs, not for --help
+    from dpo_ds.step import build_step_context, train_step  # heavy (DeepSpeed): imported when the command runs
 
-    try:  # the model is a preset or a config until _model_dir writes it; the pairs are made here
-        cfg = config_from_args(args, fixed={"model_name_or_path": args.model, "train_file": "synthetic"},
-                               unchecked_paths=("model_name_or_path", "train_file"))
-    except ConfigError as err:
-        print(f"dpo-ds bench: error: {err}", file=sys.stderr)
-        return 2
-    env = init_distributed(timeout_s=cfg.dist_timeout_s)
-    setup_logging(env.rank)
-    check_shared_dirs({"output_dir": cfg.output_dir, "cache_dir": cache_dir_of(cfg)})
-    model_dir, config = _model_dir(args.model, Path(cfg.output_dir))
+    # the model is a preset or a config until _model_dir writes it; the pairs are made here
+    cfg = config_from_args(args, fixed={"model_name_or_path": args.model, "train_file": "synthetic"},
+                           unchecked_paths=("model_name_or_path", "train_file"))
+    parallel = Parallel.init(timeout_s=cfg.dist_timeout_s)
+    setup_logging(parallel.rank)
+    parallel.check_shared_dirs({"output_dir": cfg.output_dir, "cache_dir": cache_dir_of(cfg)})
+    model_dir, config = _model_dir(args.model, Path(cfg.output_dir), parallel)
     cfg.model_name_or_path, cfg.ref_model_name_or_path = str(model_dir), None
     shape = shape_from_config(config, args.model)
     total_steps = args.warmup + args.steps
     # Enough pairs for every step to see new ones, generous when a token budget packs micro-batches.
-    pairs_needed = total_steps * cfg.global_batch_pairs(env.world_size)
+    pairs_needed = total_steps * cfg.global_batch_pairs(parallel.data_parallel_size)
     if cfg.max_tokens_per_micro_batch:
         pairs_needed *= max(1, cfg.max_tokens_per_micro_batch // (2 * 16 * cfg.micro_batch_size))
     pairs = synthetic_pairs(pairs_needed, args.lengths, cfg.max_length, shape.vocab_size, cfg.seed)
-    sampler = PairSampler.for_config(cfg, pairs, env.world_size)
+    sampler = PairSampler.for_config(cfg, pairs, parallel.data_parallel_size)
     total_steps = min(total_steps, sampler.steps_per_epoch)
-    run = build_run(cfg, env.rank, env.world_size, total_steps, pad_id=0, datasets=[pairs])
+    ctx = build_step_context(cfg, parallel, total_steps, pad_id=0, datasets=[pairs])
 
-    times, totals, split = _time_steps(run, train_step, sampler, pairs, args.warmup, total_steps)
+    times, totals, split = _time_steps(ctx, train_step, sampler, pairs, args.warmup, total_steps)
     step_times = torch.tensor(times, dtype=torch.float64)
     live_reference = uses_reference(cfg) and not cfg.precompute_ref
     flops = model_flops(shape, float(totals[0]), float(totals[2]), uses_lora(cfg), live_reference).total  # plan's model
@@ -173,12 +169,12 @@ def run(args: argparse.Namespace) -> int:
     peak = _peak_tflops(args.peak_tflops)
     report = {
         "model": args.model, "params": shape.params, "active_params": shape.active_params,
-        "world_size": env.world_size, "precision": cfg.precision,
+        "world_size": parallel.world_size, "precision": cfg.precision,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "micro_batch_size": cfg.micro_batch_size, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "max_tokens_per_micro_batch": cfg.max_tokens_per_micro_batch, "group_by_length": cfg.group_by_length,
-        "padding_free": cfg.padding_free, "attention": run.policy.module.config._attn_implementation,
-        "fused_lm_head": run.policy_head is not None,
+        "padding_free": cfg.padding_free, "attention": ctx.policy.module.config._attn_implementation,
+        "fused_lm_head": ctx.policy_head is not None,
         "lengths": args.lengths, "reference": "live" if live_reference else "cached" if cfg.precompute_ref else "none",
         "gradient_checkpointing": cfg.gradient_checkpointing, "lora_r": cfg.lora_r,
         "lora_quantize": cfg.lora_quantize, "warmup_steps": args.warmup, "timed_steps": len(times),
@@ -186,15 +182,13 @@ def run(args: argparse.Namespace) -> int:
                         "max": float(step_times.max())},
         "tokens_per_s": float(totals[0]) / elapsed,
         "token_occupancy": float(totals[0]) / max(float(totals[1]), 1.0),
-        "tflops_per_s": achieved, "tflops_per_s_per_device": achieved / env.world_size,
-        "mfu": achieved / (peak * env.world_size) if peak else None, "peak_tflops_per_device": peak,
+        "tflops_per_s": achieved, "tflops_per_s_per_device": achieved / parallel.world_size,
+        "mfu": achieved / (peak * parallel.world_size) if peak else None, "peak_tflops_per_device": peak,
         "peak_memory_gib": max_over_ranks(peak_memory_gib()),
         "split_s_per_step": dict(zip(SECTIONS, (v / max(len(times), 1) for v in split.tolist()))),
     }
-    if env.rank == 0:
+    if parallel.is_main:
         emit(json.dumps(report) if args.json else _table(report))
-    if dist.is_initialized():
-        dist.destroy_process_group()
     return 0
 
 

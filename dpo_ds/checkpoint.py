@@ -40,9 +40,11 @@ import torch
 import xxhash
 from safetensors.torch import load_file, save_file
 
-from dpo_ds.hf_dir import AgreedError, ConfigOverride, describe_error, saved_config, write_hf_metadata
+from dpo_ds.errors import UsageError, describe_error
+from dpo_ds.hf_dir import ConfigOverride, saved_config, write_hf_metadata
 from dpo_ds.lora import save_adapter_config
-from launcher.dist import all_reduce, barrier, gather_objects, on_rank0, process_rank, process_world_size
+from dpo_ds.parallel import Parallel
+from launcher.dist import all_reduce, gather_objects
 
 logger = logging.getLogger("dpo_ds")
 
@@ -53,7 +55,6 @@ UNIVERSAL_TAG = "ds_universal"
 HF_METADATA = "hf"
 MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written after SIGTERM/SIGUSR1; the scheduler should requeue
 
 # Config fields whose change makes a resumed run a different run (data order, objective, numerics).
 RESUME_SENSITIVE_FIELDS = ("model_name_or_path", "ref_model_name_or_path", "loss_type", "beta", "label_smoothing",
@@ -70,7 +71,7 @@ _RANK_IN_NAME = re.compile(r"rank[_-]0*(\d+)")  # DeepSpeed's zero_pp_rank_R_...
 _verified: set[str] = set()
 
 
-class CheckpointError(AgreedError):
+class CheckpointError(UsageError, RuntimeError):
     pass
 
 
@@ -128,8 +129,8 @@ def _restore_rng(path: Path) -> None:
         torch.cuda.set_rng_state(state["torch_cuda"])
 
 
-def save_checkpoint(engine, output_dir: str, state: TrainerState, save_total_limit: int = 0, tokenizer=None,
-                    config_overrides: Sequence[ConfigOverride] = (), adapter_config=None) -> Path:
+def save_checkpoint(engine, output_dir: str, state: TrainerState, parallel: Parallel, save_total_limit: int = 0,
+                    tokenizer=None, config_overrides: Sequence[ConfigOverride] = (), adapter_config=None) -> Path:
     """Write checkpoint `step-N` atomically (every rank calls this). Raises CheckpointError on any rank's
     write failure, after removing the partial directory; earlier checkpoints are never touched then.
     `config_overrides`: what the run changed in the model's config (undone in hf/config.json);
@@ -137,13 +138,13 @@ def save_checkpoint(engine, output_dir: str, state: TrainerState, save_total_lim
     root = Path(output_dir) / CHECKPOINTS_DIR
     final = root / f"step-{state.step:08d}"
     tmp = root / f"step-{state.step:08d}.tmp"
-    rank = process_rank()
-    if rank == 0:
+    rank = parallel.rank
+    if parallel.is_main:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         (tmp / "rng").mkdir()
-    barrier()
+    parallel.barrier()
     errors: list[BaseException] = []
     digests: dict[str, str] = {}
     try:
@@ -152,17 +153,17 @@ def save_checkpoint(engine, output_dir: str, state: TrainerState, save_total_lim
             engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False, exclude_frozen_parameters=True)
         if not errors:
             save_file(_rng_state(), str(tmp / "rng" / f"rank-{rank:05d}.safetensors"))
-            digests = {rel: file_digest(tmp / rel) for rel in _files_of_rank(tmp, rank, process_world_size())}
+            digests = {rel: file_digest(tmp / rel) for rel in _files_of_rank(tmp, rank, parallel.world_size)}
     except (OSError, RuntimeError) as err:
         errors.append(err)
-    _fail_together(errors[0] if errors else None, tmp, final)
+    _fail_together(errors[0] if errors else None, tmp, final, parallel)
     digests = {rel: digest for part in gather_objects(digests) for rel, digest in part.items()}
-    failure = on_rank0(f"publishing checkpoint {final}", lambda: _publish(
+    failure = parallel.on_rank0(f"publishing checkpoint {final}", lambda: _publish(
         engine, tmp, final, root, state, save_total_limit, tokenizer, config_overrides, adapter_config, digests))
     if failure is not None:
         raise CheckpointError(failure, same_on_every_rank=True)
     _verified.add(final.name)
-    if rank == 0:
+    if parallel.is_main:
         logger.info("checkpoint written: %s", final)
     return final
 
@@ -268,7 +269,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _fail_together(error: BaseException | None, tmp: Path, final: Path) -> None:
+def _fail_together(error: BaseException | None, tmp: Path, final: Path, parallel: Parallel) -> None:
     """Collective: every rank says whether its writes succeeded; if any failed, every rank raises the same
     error (the first failing rank's, naming its file; none waits at a later barrier) and the partial
     directory goes. The previous checkpoint and `latest` are untouched."""
@@ -276,7 +277,7 @@ def _fail_together(error: BaseException | None, tmp: Path, final: Path) -> None:
     failed = [(rank, text) for rank, text in enumerate(reports) if text is not None]
     if not failed:
         return
-    if process_rank() == 0:
+    if parallel.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
     rank, text = failed[0]
     raise CheckpointError(f"{text} (rank {rank}, writing checkpoint {final.name}; {_kept(final.parent)})",
@@ -345,14 +346,14 @@ def verify_checkpoint(ckpt: Path, checksums: bool = True) -> TrainerState:
     return TrainerState(**json.loads((ckpt / STATE).read_text()))
 
 
-def verify_together(ckpt: Path) -> list[str]:
+def verify_together(ckpt: Path, parallel: Parallel) -> list[str]:
     """Collective: every rank checks its share of `ckpt`'s files (the ones it wrote), in parallel; every rank
     gets every problem found."""
-    mine = checkpoint_problems(ckpt, True, process_rank(), process_world_size())
+    mine = checkpoint_problems(ckpt, True, parallel.rank, parallel.world_size)
     return list(dict.fromkeys(problem for part in gather_objects(mine) for problem in part))
 
 
-def find_checkpoint(output_dir: str, resume_from: str | None) -> Path | None:
+def find_checkpoint(output_dir: str, resume_from: str | None, parallel: Parallel) -> Path | None:
     """The checkpoint to resume from, verified on every rank. `auto`: the one `latest` names, else the newest
     older one that verifies (with a warning naming what was wrong; `latest` is repaired to name it), None when
     the run has none. A given path that fails names the newest checkpoint beside it that verifies."""
@@ -362,9 +363,9 @@ def find_checkpoint(output_dir: str, resume_from: str | None) -> Path | None:
         path = Path(resume_from)
         if not path.is_dir():
             raise CheckpointError(f"resume_from: {path} is not a directory")
-        problems = verify_together(path)
+        problems = verify_together(path, parallel)
         if problems:
-            good = _newest_good(_complete_checkpoints(path.parent), skip=path)
+            good = _newest_good(_complete_checkpoints(path.parent), path, parallel)
             raise CheckpointError(f"cannot resume from {path}: " + "; ".join(problems) + (
                 f". The newest checkpoint beside it that verifies is {good}" if good else
                 ". No checkpoint beside it verifies"), same_on_every_rank=True)
@@ -380,7 +381,7 @@ def find_checkpoint(output_dir: str, resume_from: str | None) -> Path | None:
     else:
         skipped = []
     for candidate in candidates:
-        problems = verify_together(candidate)
+        problems = verify_together(candidate, parallel)
         if not problems:
             break
         skipped.append("; ".join(problems))
@@ -389,7 +390,7 @@ def find_checkpoint(output_dir: str, resume_from: str | None) -> Path | None:
             raise CheckpointError("no checkpoint to resume from verifies: " + "; ".join(skipped),
                                   same_on_every_rank=True)
         return None
-    if skipped and process_rank() == 0:
+    if skipped and parallel.is_main:
         logger.warning("%s; resuming from %s, the newest checkpoint that verifies (checkpoints/latest now names "
                        "it)", "; ".join(skipped), candidate)
         _write_text_atomic(latest, candidate.name)
@@ -397,19 +398,19 @@ def find_checkpoint(output_dir: str, resume_from: str | None) -> Path | None:
     return candidate
 
 
-def _newest_good(checkpoints: list[Path], skip: Path) -> Path | None:
+def _newest_good(checkpoints: list[Path], skip: Path, parallel: Parallel) -> Path | None:
     """The newest of `checkpoints` (besides `skip`) whose files all verify (collective)."""
     for candidate in reversed(checkpoints):
-        if candidate.resolve() != skip.resolve() and not verify_together(candidate):
+        if candidate.resolve() != skip.resolve() and not verify_together(candidate, parallel):
             return candidate
     return None
 
 
-def resume_point(output_dir: str, resume_from: str | None, current: TrainerState,
-                 ignore_mismatch: bool) -> tuple[Path | None, TrainerState | None]:
+def resume_point(output_dir: str, resume_from: str | None, current: TrainerState, ignore_mismatch: bool,
+                 parallel: Parallel) -> tuple[Path | None, TrainerState | None]:
     """(checkpoint dir, its trainer state) to resume from, or (None, None) to start fresh; verified, checked
     against the current run, and converted to the universal format when the world size changed."""
-    ckpt = find_checkpoint(output_dir, resume_from)
+    ckpt = find_checkpoint(output_dir, resume_from, parallel)
     if ckpt is None:
         return None, None
     saved = TrainerState(**json.loads((ckpt / STATE).read_text()))
@@ -418,7 +419,7 @@ def resume_point(output_dir: str, resume_from: str | None, current: TrainerState
         raise CheckpointError(f"cannot resume from {ckpt}: " + "; ".join(problems)
                               + " (pass --resume_ignore_mismatch true to resume anyway)", same_on_every_rank=True)
     if saved.world_size != current.world_size:
-        prepare_universal(ckpt)
+        prepare_universal(ckpt, parallel)
     return ckpt, saved
 
 
@@ -439,7 +440,7 @@ def check_compatible(saved: TrainerState, current: TrainerState) -> list[str]:
     return problems
 
 
-def prepare_universal(ckpt: Path) -> None:
+def prepare_universal(ckpt: Path, parallel: Parallel) -> None:
     """Convert the ZeRO checkpoint to DeepSpeed's universal format (rank 0, once) for another world size."""
     target = ckpt / UNIVERSAL_TAG
 
@@ -456,13 +457,13 @@ def prepare_universal(ckpt: Path) -> None:
             raise CheckpointError(f"{ckpt}: universal conversion failed:\n{proc.stderr[-3000:]}")
         os.replace(tmp, target)
 
-    on_rank0(f"converting {ckpt} to a universal checkpoint", convert, CheckpointError)
+    parallel.on_rank0(f"converting {ckpt} to a universal checkpoint", convert, CheckpointError)
 
 
-def load_checkpoint(engine, ckpt: Path, saved: TrainerState, world_size: int, adapter_only: bool = False) -> None:
+def load_checkpoint(engine, ckpt: Path, saved: TrainerState, parallel: Parallel, adapter_only: bool = False) -> None:
     """Restore DeepSpeed state (universal when the world size changed) and this rank's RNG. `adapter_only`: a
     LoRA run's checkpoint, which holds the adapter only."""
-    universal = saved.world_size != world_size
+    universal = saved.world_size != parallel.world_size
     tag = UNIVERSAL_TAG if universal else DS_TAG
     groups_as_built = [dict(group) for group in engine.optimizer.optimizer.param_groups]
     # a LoRA checkpoint holds the adapter only: the frozen base is already loaded from its files
@@ -473,7 +474,7 @@ def load_checkpoint(engine, ckpt: Path, saved: TrainerState, world_size: int, ad
         raise CheckpointError(f"{ckpt / tag}: DeepSpeed could not load this checkpoint")
     if universal:
         repair_universal_optimizer_state(engine.optimizer, groups_as_built)
-    rng = ckpt / "rng" / f"rank-{process_rank():05d}.safetensors"
+    rng = ckpt / "rng" / f"rank-{parallel.rank:05d}.safetensors"
     if rng.is_file():
         _restore_rng(rng)
 

@@ -2,16 +2,17 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
-import io
+import logging
 import os
 import sys
 import warnings
 from pathlib import Path
 
+from dpo_ds.console import stdout_for_results_only
+from dpo_ds.errors import EXIT_PREEMPTED, Preempted, UsageError
 from dpo_ds.versions import check_versions
-from launcher.dist import exit_process
+from launcher.dist import barrier, exit_process, process_rank
 from launcher.env import LauncherError, strip_local_rank
 
 # sub-command -> module exposing `HELP`, `add_arguments(parser)` and `run(args) -> int`
@@ -32,41 +33,6 @@ warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_sca
 # shared-memory collectives; FusedAdam (the policy's default AdamW) on GPUs.
 JIT_OPS = {"cpu": ("deepspeed_shm_comm",), "cuda": ("fused_adam",)}
 STARTS_DEEPSPEED = ("train", "eval", "bench")
-
-_results = sys.stdout
-
-
-def emit(text: str) -> None:
-    """Write a command's result (JSON, a table) to stdout. Everything else written to stdout while a command
-    runs (DeepSpeed prints its op build messages there, some from C++) goes to stderr, so that
-    `dpo-ds eval ... | jq` reads only the result."""
-    print(text, file=_results, flush=True)
-
-
-@contextlib.contextmanager
-def _stdout_for_results_only():
-    global _results
-    real_stdout = sys.stdout
-    real_stdout.flush()
-    try:
-        is_fd1 = real_stdout.fileno() == 1
-    except (AttributeError, OSError, io.UnsupportedOperation):  # replaced (pytest's capsys): results go there
-        is_fd1 = False
-    saved_fd = os.dup(1)
-    _results = os.fdopen(os.dup(saved_fd), "w") if is_fd1 else real_stdout
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    try:
-        yield
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved_fd, 1)
-        os.close(saved_fd)
-        sys.stdout = real_stdout
-        if is_fd1:
-            _results.close()
-        _results = real_stdout
-
 
 def default_extensions_dir() -> str:
     """Where torch builds DeepSpeed's ops when TORCH_EXTENSIONS_DIR is unset: inside this Python environment
@@ -111,12 +77,40 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", default_extensions_dir())
     if argv[0] in STARTS_DEEPSPEED:
         announce_op_build()
+    return run_command(argv[0], module, args)
+
+
+def run_command(name: str, module, args: argparse.Namespace) -> int:
+    """`module.run(args)`, with every way a command can fail turned into one line on stderr and an exit status
+    (dpo_ds.errors): here, once, for every command."""
     try:
-        with _stdout_for_results_only():
+        with stdout_for_results_only():
             return int(module.run(args) or 0)
+    except UsageError as err:
+        shared = getattr(err, "same_on_every_rank", False)
+        if not shared or process_rank() == 0:  # a failure every rank raised: one line, from rank 0
+            print(f"dpo-ds {name}: error: {err}", file=sys.stderr, flush=True)
+        if shared:
+            barrier()  # under torchrun the first rank to exit gets the others killed: not before rank 0 has said why
+        return 2
     except LauncherError as err:  # the rendezvous, or output_dir/cache_dir not shared by every rank
-        print(f"dpo-ds {argv[0]}: error: {err}", file=sys.stderr, flush=True)
+        print(f"dpo-ds {name}: error: {err}", file=sys.stderr, flush=True)
         return 1
+    except Preempted as stop:
+        logging.getLogger("dpo_ds").warning("%s", stop)
+        return EXIT_PREEMPTED
+    except KeyboardInterrupt:  # Ctrl-C before training started: nothing to checkpoint yet
+        print(f"dpo-ds {name}: interrupted (no checkpoint)", file=sys.stderr, flush=True)
+        return 130
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group a command joined (torch.distributed is only imported by commands that do)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def entry() -> None:

@@ -18,29 +18,27 @@ from __future__ import annotations
 import gc
 import logging
 import shutil
-import sys
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from dpo_ds import lora
-from dpo_ds.checkpoint import DS_TAG, HF_METADATA, CheckpointError, verify_checkpoint
-from dpo_ds.cli import emit
+from dpo_ds.checkpoint import DS_TAG, HF_METADATA, verify_checkpoint
+from dpo_ds.console import emit
 from dpo_ds.hf_dir import (
     ConfigOverride,
     ExportError,
-    ShardWriter,
     meta_model,
-    parse_size,
     publish_dir,
     saved_config,
     validate_hf_dir,
     write_hf_metadata,
     write_on_rank0,
 )
+from dpo_ds.families import load_model_config
 from dpo_ds.layout import saved_layout, state_tensors, to_saved_layout
-from dpo_ds.loading import checkpoint_files, read_headers, read_tensor
+from dpo_ds.safetensors_io import ShardWriter, checkpoint_files, parse_size, read_headers, read_tensor
 from launcher.dist import process_rank
 
 HELP = """Convert a dpo-ds checkpoint (checkpoints/step-N) to a Hugging Face safetensors directory for serving
@@ -96,7 +94,7 @@ def convert_checkpoint(checkpoint_dir: str, out_dir: str, dtype: str = "bf16", m
                        adapter_only: bool = False, checksums: bool = True) -> Path:
     """A dpo-ds checkpoint -> a validated Hugging Face directory (single process, any saved world size)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    from transformers import AutoTokenizer, GenerationConfig
 
 
     ckpt = Path(checkpoint_dir)
@@ -106,7 +104,7 @@ def convert_checkpoint(checkpoint_dir: str, out_dir: str, dtype: str = "bf16", m
     if adapter_only:
         raise ExportError(f"{ckpt}: --adapter_only needs a LoRA checkpoint; this one is a full fine-tune")
     meta = ckpt / HF_METADATA
-    config = AutoConfig.from_pretrained(meta)
+    config = load_model_config(str(meta))
     generation_config = GenerationConfig.from_pretrained(meta) if (meta / "generation_config.json").is_file() else None
     tokenizer = AutoTokenizer.from_pretrained(meta)
     model = meta_model(config)
@@ -173,7 +171,7 @@ def convert_lora_checkpoint(ckpt: Path, out_dir: str, dtype: torch.dtype, max_sh
     (write_merged_model; QLoRA too: the original base weights, never their nf4 approximation)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from peft import LoraConfig
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    from transformers import AutoTokenizer, GenerationConfig
 
     meta = ckpt / HF_METADATA
     config = LoraConfig.from_pretrained(str(meta))
@@ -186,7 +184,7 @@ def convert_lora_checkpoint(ckpt: Path, out_dir: str, dtype: torch.dtype, max_sh
         lora.write_adapter_dir(config, tensors, out)
         return out
     generation_config = GenerationConfig.from_pretrained(meta) if (meta / "generation_config.json").is_file() else None
-    write_merged_model(config, tensors, AutoConfig.from_pretrained(meta), generation_config,
+    write_merged_model(config, tensors, load_model_config(str(meta)), generation_config,
                        AutoTokenizer.from_pretrained(meta), out, dtype, max_shard_size)
     return out
 
@@ -245,11 +243,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    try:
-        out = convert_checkpoint(args.checkpoint_dir, args.out_dir, args.dtype, args.max_shard_size, args.adapter_only,
-                                 checksums=not args.skip_checksums)
-    except (CheckpointError, ExportError) as err:
-        print(f"dpo-ds convert: error: {err}", file=sys.stderr)
-        return 2
+    out = convert_checkpoint(args.checkpoint_dir, args.out_dir, args.dtype, args.max_shard_size, args.adapter_only,
+                             checksums=not args.skip_checksums)
     emit(f"wrote {out}")
     return 0

@@ -11,17 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
-import torch.distributed as dist
-
-from dpo_ds.cli import emit
-from dpo_ds.config import ConfigError, TrainConfig, config_from_args
-from dpo_ds.data import DataError, load_pairs
+from dpo_ds.config import TrainConfig, config_from_args
+from dpo_ds.console import emit, setup_logging
+from dpo_ds.data import load_pairs
 from dpo_ds.families import load_model_config
-from dpo_ds.metrics import setup_logging
-from launcher.dist import barrier, check_shared_dirs, init_distributed
+from dpo_ds.parallel import Parallel
 
 HELP = __doc__
 
@@ -84,27 +80,22 @@ def run(args: argparse.Namespace) -> int:
 
     from dpo_ds.engines import build_inference_engine, model_dtype, resolve_reference_config
     from dpo_ds.reference import build_reference
-    from dpo_ds.trainer import Run, evaluate_pairs, pad_id_of
+    from dpo_ds.step import StepContext, evaluate_pairs, pad_id_of
 
-    try:
-        cfg = eval_config(args)
-        env = init_distributed(timeout_s=cfg.dist_timeout_s)
-        setup_logging(env.rank)
-        cache_dir = args.cache_dir or default_cache_dir(args.model)
-        check_shared_dirs({"cache_dir": cache_dir})
-        tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-        pairs, _ = load_pairs(args.data, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-                              skip_bad_rows=cfg.skip_bad_rows, cache_dir=cache_dir, rank=env.rank, barrier=barrier)
-        hidden = load_model_config(args.model, args.trust_remote_code).hidden_size
-        model = build_inference_engine(args.model, resolve_reference_config(cfg, hidden), model_dtype(cfg),
-                                       args.trust_remote_code)
-        reference = build_reference(cfg, hidden)
-        metrics, records = evaluate_pairs(Run.create(cfg, env.rank, env.world_size, model, reference,
-                                                     pad_id_of(tokenizer)), pairs)
-    except (ConfigError, DataError) as err:
-        print(f"dpo-ds eval: error: {err}", file=sys.stderr)
-        return 2
-    if env.rank == 0:
+    cfg = eval_config(args)
+    parallel = Parallel.init(timeout_s=cfg.dist_timeout_s)
+    setup_logging(parallel.rank)
+    cache_dir = args.cache_dir or default_cache_dir(args.model)
+    parallel.check_shared_dirs({"cache_dir": cache_dir})
+    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    pairs, _ = load_pairs(args.data, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                          skip_bad_rows=cfg.skip_bad_rows, cache_dir=cache_dir, parallel=parallel)
+    hidden = load_model_config(args.model, args.trust_remote_code).hidden_size
+    model = build_inference_engine(args.model, resolve_reference_config(cfg, hidden), model_dtype(cfg),
+                                   args.trust_remote_code)
+    reference = build_reference(cfg, hidden, parallel)
+    metrics, records = evaluate_pairs(StepContext.create(cfg, parallel, model, reference, pad_id_of(tokenizer)), pairs)
+    if parallel.is_main:
         output = Path(args.output or Path(args.model).resolve().parent / f"eval_pairs_{Path(args.data).stem}.jsonl")
         output.parent.mkdir(parents=True, exist_ok=True)
         with output.open("w") as fh:
@@ -116,6 +107,4 @@ def run(args: argparse.Namespace) -> int:
                    "ties": sum(r["margin"] == 0 for r in records), "loss": metrics["eval/loss"],
                    "per_pair_file": str(output)}
         emit(json.dumps(summary))
-    if dist.is_initialized():
-        dist.destroy_process_group()
     return 0

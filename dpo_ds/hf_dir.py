@@ -14,32 +14,14 @@ from typing import Sequence
 import torch
 from safetensors import safe_open
 
-from dpo_ds.loading import SAFETENSORS_DTYPES
+from dpo_ds.errors import UsageError, describe_error
+from dpo_ds.safetensors_io import SAFE_INDEX
 from launcher.dist import on_rank0
 
-INDEX_NAME = "model.safetensors.index.json"
-SAFETENSORS_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
-class AgreedError(RuntimeError):
-    """A failure every rank raises alike (`same_on_every_rank`: the ranks agreed on it, so rank 0 alone
-    reports it) or that one rank found (the default)."""
-
-    def __init__(self, message: str, same_on_every_rank: bool = False):
-        super().__init__(message)
-        self.same_on_every_rank = same_on_every_rank
-
-
-class ExportError(AgreedError):
+class ExportError(UsageError, RuntimeError):
     pass
-
-
-def describe_error(err: BaseException) -> str:
-    """'<path>: <reason>' for a file system error (as `dpo-ds train: error: <path>: No space left on
-    device`), the error's own text otherwise."""
-    if isinstance(err, OSError) and err.filename:
-        return f"{err.filename}: {err.strerror}"
-    return str(err)
 
 
 def write_on_rank0(what: str, work, tmp: Path) -> None:
@@ -58,77 +40,9 @@ def write_on_rank0(what: str, work, tmp: Path) -> None:
         raise ExportError(failure, same_on_every_rank=True)
 
 
-def parse_size(text: str) -> int:
-    """'5GB', '500MB', '2GiB' or a byte count -> bytes."""
-    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
-    lowered = text.strip().lower()
-    for suffix, factor in units.items():
-        if lowered.endswith(suffix):
-            return int(float(lowered[: -len(suffix)]) * factor)
-    return int(lowered)
-
-
-class ShardWriter:
-    """Writes safetensors shards of at most `max_shard_bytes`, holding one tensor in memory at a time.
-
-    safetensors' own writer needs a whole shard in memory, so each tensor's bytes go straight to the shard's
-    data file as it arrives; when the shard is full, its header (8-byte length, JSON, padded to 8 bytes) is
-    written and the data streamed behind it. The result is read back by `validate_hf_dir`.
-    """
-
-    def __init__(self, out_dir: Path, max_shard_bytes: int):
-        self.out_dir = out_dir
-        self.max_shard_bytes = max_shard_bytes
-        self.entries: dict[str, dict] = {}  # the open shard's header entries
-        self.data = None                     # the open shard's data file
-        self.offset = 0
-        self.shards: list[list[str]] = []    # tensor names per written shard
-        self.total_bytes = 0
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        tensor = tensor.detach().cpu().contiguous()
-        size = tensor.numel() * tensor.element_size()
-        if self.entries and self.offset + size > self.max_shard_bytes:
-            self._close_shard()
-        if self.data is None:
-            self.data = (self.out_dir / f"shard-{len(self.shards):05d}.data").open("wb")
-        self.data.write(memoryview(tensor.view(-1).view(torch.uint8).numpy()))
-        self.entries[name] = {"dtype": SAFETENSORS_DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
-                              "data_offsets": [self.offset, self.offset + size]}
-        self.offset += size
-        self.total_bytes += size
-
-    def _close_shard(self) -> None:
-        data_path = Path(self.data.name)
-        self.data.close()
-        header = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
-        header += b" " * (-len(header) % 8)
-        with (self.out_dir / f"shard-{len(self.shards):05d}.tmp").open("wb") as out, data_path.open("rb") as data:
-            out.write(len(header).to_bytes(8, "little"))
-            out.write(header)
-            shutil.copyfileobj(data, out, 16 << 20)
-        data_path.unlink()
-        self.shards.append(list(self.entries))
-        self.entries, self.data, self.offset = {}, None, 0
-
-    def finish(self) -> dict[str, str]:
-        """Rename shards to model-0000i-of-0000n.safetensors and write the index; returns weight_map."""
-        if self.entries:
-            self._close_shard()
-        n = len(self.shards)
-        weight_map = {}
-        for i, names in enumerate(self.shards):
-            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(self.out_dir / f"shard-{i:05d}.tmp", self.out_dir / final)
-            weight_map.update({name: final for name in names})
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-        (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
-        return weight_map
-
-
 def validate_hf_dir(out_dir: Path, expected_shapes: dict[str, tuple[int, ...]]) -> None:
     """Every expected tensor present once, with its shape, non-empty and finite; every shard listed exists."""
-    index_path = out_dir / INDEX_NAME
+    index_path = out_dir / SAFE_INDEX
     if not index_path.is_file():
         raise ExportError(f"{index_path}: missing")
     weight_map = json.loads(index_path.read_text())["weight_map"]
@@ -139,7 +53,7 @@ def validate_hf_dir(out_dir: Path, expected_shapes: dict[str, tuple[int, ...]]) 
     for shard in sorted(set(weight_map.values())):
         path = out_dir / shard
         if not path.is_file():
-            raise ExportError(f"{path}: listed in {INDEX_NAME} but missing")
+            raise ExportError(f"{path}: listed in {SAFE_INDEX} but missing")
         try:
             with safe_open(str(path), "pt") as fh:
                 names = list(fh.keys())

@@ -33,160 +33,28 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
-import json
 import re
-import struct
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from dpo_ds.families import load_model_config
 from dpo_ds.layout import map_checkpoint
+from dpo_ds.safetensors_io import (
+    STAGING_BYTES,
+    LoadError,
+    TensorEntry,
+    checkpoint_files,
+    read_headers,
+    read_into,
+    read_range,
+    read_tensor,
+)
 from launcher.dist import all_reduce, broadcast_, process_rank, process_world_size, scatter_
 
-SAFE_INDEX = "model.safetensors.index.json"
-SAFE_SINGLE = "model.safetensors"
 _MAX_LISTED = 8
-
-
-class LoadError(RuntimeError):
-    pass
-
-
-def has_safetensors(path: str | Path) -> bool:
-    root = Path(path)
-    return (root / SAFE_INDEX).is_file() or (root / SAFE_SINGLE).is_file()
-
-
-def checkpoint_files(path: str | Path) -> dict[str, Path]:
-    """Checkpoint key -> the .safetensors file holding it (model.safetensors or the sharded index)."""
-    root = Path(path)
-    if (root / SAFE_INDEX).is_file():
-        weight_map = json.loads((root / SAFE_INDEX).read_text())["weight_map"]
-        return {key: root / name for key, name in weight_map.items()}
-    if (root / SAFE_SINGLE).is_file():
-        return {key: root / SAFE_SINGLE for key in read_header(root / SAFE_SINGLE)}
-    present = sorted(p.name for p in root.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".safetensors"))
-    raise LoadError(f"{root}: no {SAFE_SINGLE} or {SAFE_INDEX} (found {present or 'no weight files'}); "
-                    f"the streamed loader reads safetensors only")
-
-
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
-_STAGING_BYTES = 16 * 2**20  # largest read buffer when a tensor cannot be read in place
-
-
-class TensorEntry:
-    """Where one tensor's bytes lie in a safetensors file (from its header)."""
-
-    def __init__(self, file: Path, key: str, dtype: str, shape: tuple[int, ...], begin: int, end: int):
-        self.file, self.key, self.dtype, self.shape, self.begin, self.end = file, key, dtype, shape, begin, end
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        if self.dtype not in SAFETENSORS_DTYPES:
-            raise LoadError(f"{self.file}: {self.key} has dtype {self.dtype}, which this loader does not read")
-        return SAFETENSORS_DTYPES[self.dtype]
-
-
-def read_header(file: Path) -> dict[str, TensorEntry]:
-    """A safetensors header: u64 little-endian length, then JSON {key: {dtype, shape, data_offsets}}."""
-    try:
-        with open(file, "rb") as fh:
-            (length,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(length))
-        size = file.stat().st_size
-    except (OSError, struct.error, ValueError) as err:
-        raise LoadError(f"{file}: unreadable safetensors header ({err})") from None
-    data_start = 8 + length
-    out = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        begin, end = (data_start + int(x) for x in info["data_offsets"])
-        if end > size:
-            raise LoadError(f"{file}: {key} ends at byte {end} but the file has {size} (truncated?)")
-        out[key] = TensorEntry(file, key, info["dtype"], tuple(info["shape"]), begin, end)
-    return out
-
-
-def read_headers(files: dict[str, Path]) -> dict[str, TensorEntry]:
-    """Checkpoint key -> TensorEntry for every key of `files` (headers only, no tensor data read)."""
-    out: dict[str, TensorEntry] = {}
-    for file in sorted(set(files.values())):
-        if not file.is_file():
-            raise LoadError(f"{file}: listed in {SAFE_INDEX} but missing")
-        header = read_header(file)
-        for key, target_file in files.items():
-            if target_file == file:
-                if key not in header:
-                    raise LoadError(f"{file}: {SAFE_INDEX} maps {key} to this file but it does not hold it")
-                out[key] = header[key]
-    return out
-
-
-def _readinto(fh, buf: torch.Tensor, offset: int, entry: TensorEntry) -> None:
-    view = memoryview(buf.numpy()).cast("B")
-    fh.seek(offset)
-    got = 0
-    while got < len(view):
-        n = fh.readinto(view[got:])
-        if not n:
-            raise LoadError(f"{entry.file}: unexpected end of file reading {entry.key}")
-        got += n
-
-
-def read_into(entry: TensorEntry, target: torch.Tensor) -> None:
-    """Copy the tensor `entry` into `target` (same number of elements): straight into target's memory when
-    it is a contiguous CPU tensor of the file's dtype, else through a bounded staging buffer."""
-    if not isinstance(entry, TensorEntry):  # a layout.ConvertedTensor
-        target.copy_(entry.full().view(target.shape))
-        return
-    dtype = entry.torch_dtype
-    nbytes = entry.end - entry.begin
-    numel = target.numel()
-    if numel * torch.empty((), dtype=dtype).element_size() != nbytes:
-        raise LoadError(f"{entry.file}: {entry.key} holds {nbytes} bytes, not {numel} x {dtype}")
-    flat = target.view(-1) if target.is_contiguous() else None
-    with open(entry.file, "rb", buffering=0) as fh:
-        if flat is not None and flat.device.type == "cpu" and flat.dtype == dtype and numel:
-            _readinto(fh, flat.view(torch.uint8), entry.begin, entry)
-            return
-        item = nbytes // max(numel, 1)
-        step = max(1, _STAGING_BYTES // max(item, 1))
-        staging = torch.empty(min(step, numel), dtype=dtype)
-        dest = flat if flat is not None else torch.empty(numel, dtype=target.dtype, device=target.device)
-        for start in range(0, numel, step):
-            n = min(step, numel - start)
-            chunk = staging[:n]
-            _readinto(fh, chunk.view(torch.uint8), entry.begin + start * item, entry)
-            dest[start:start + n].copy_(chunk)
-        if flat is None:
-            target.copy_(dest.view(target.shape))
-
-
-def read_range(entry: TensorEntry, start: int, out: torch.Tensor) -> None:
-    """Flat elements [start, start + out.numel()) of `entry` into the contiguous CPU tensor `out` (file dtype)."""
-    if not isinstance(entry, TensorEntry):  # a layout.ConvertedTensor
-        entry.read_flat(start, out.view(-1))
-        return
-    dtype = entry.torch_dtype
-    item = torch.empty((), dtype=dtype).element_size()
-    if out.dtype != dtype or not out.is_contiguous() or out.device.type != "cpu":
-        raise ValueError("read_range needs a contiguous CPU tensor of the file's dtype")
-    if entry.begin + (start + out.numel()) * item > entry.end:
-        raise LoadError(f"{entry.file}: {entry.key}: elements [{start}, {start + out.numel()}) out of range")
-    if out.numel():
-        with open(entry.file, "rb", buffering=0) as fh:
-            _readinto(fh, out.view(-1).view(torch.uint8), entry.begin + start * item, entry)
-
-
-def read_tensor(entry: TensorEntry) -> torch.Tensor:
-    out = torch.empty(entry.shape, dtype=entry.torch_dtype)
-    read_into(entry, out)
-    return out
 
 
 _LIBC = None
@@ -368,7 +236,7 @@ def _load_into_partitions(param, entry: TensorEntry) -> None:
     size, numel = part.ds_numel, param.ds_numel
     file_dtype = entry.torch_dtype
     # rank 0 stages one chunk per rank
-    step = max(1, _STAGING_BYTES // (world * torch.empty((), dtype=file_dtype).element_size()))
+    step = max(1, STAGING_BYTES // (world * torch.empty((), dtype=file_dtype).element_size()))
     if world == 1 and part.device.type == "cpu" and part.dtype == file_dtype:
         read_range(entry, 0, part.narrow(0, 0, min(size, numel)))
         return
@@ -418,9 +286,9 @@ def load_sharded_pretrained(path: str, ds_config: dict[str, Any], dtype: torch.d
                             attn_implementation: str | None = None):
     """Drop-in for `engines.load_sharded_model`: the model at `path`, ZeRO-3 partitioned, with no rank ever
     holding more than its partition plus one tensor. Every rank must call it, in the same order."""
-    from transformers import AutoConfig, GenerationConfig
+    from transformers import GenerationConfig
 
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    config = load_model_config(path, trust_remote_code)
     files = checkpoint_files(path)
     checkpoint = read_headers(files)
     model = build_zero3_model(config, ds_config, dtype, trust_remote_code, attn_implementation)

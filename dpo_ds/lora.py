@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from dpo_ds.config import ConfigError, TrainConfig, uses_reference
 from dpo_ds.hf_dir import ExportError, publish_dir, write_on_rank0
-from dpo_ds.loading import has_safetensors
+from dpo_ds.safetensors_io import has_safetensors
 
 ADAPTER = "default"      # the trained adapter (peft's default name)
 REFERENCE = "reference"  # the frozen copy of the starting adapter (lora_adapter runs)

@@ -1,32 +1,23 @@
-"""Step metrics: per-pair sums accumulated on each rank, reduced over all ranks, written to
-metrics.jsonl and TensorBoard by rank 0; and the commands' log format (`setup_logging`)."""
+"""Step metrics: per-pair sums accumulated on each rank, reduced over the data-parallel ranks (each pair once),
+written to metrics.jsonl and TensorBoard by rank 0."""
 from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import resource
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 from dpo_ds.losses import LossOutput, PairLogps
-from launcher.dist import all_reduce, comm_device
+from dpo_ds.parallel import Parallel
+from launcher.dist import all_reduce
 
 # Quantities summed over pairs (or tokens) between two log lines; the names of the means derive from them.
 _SUMS = ("pairs", "loss", "reward_chosen", "reward_rejected", "correct", "logp_chosen", "logp_rejected",
          "kl_chosen", "kl_rejected", "tokens_chosen", "tokens_rejected", "real_tokens", "padded_tokens",
          "step_time", "steps")
-
-
-def setup_logging(rank: int) -> None:
-    """INFO on rank 0, warnings only on the others, each line tagged with its rank; the libraries' chatter off."""
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", stream=sys.stderr, force=True)
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 class SectionTimer:
@@ -66,8 +57,9 @@ class PairStats:
     """Running sums of one logging window on this rank, kept on the communication device (the GPU under NCCL):
     adding a micro-batch's device tensors never waits for the device; only `reduce` and `total` do."""
 
-    def __init__(self, device: torch.device | None = None):
-        self.sums = torch.zeros(len(_SUMS), dtype=torch.float64, device=comm_device() if device is None else device)
+    def __init__(self, parallel: Parallel, device: torch.device | None = None):
+        self.parallel = parallel
+        self.sums = torch.zeros(len(_SUMS), dtype=torch.float64, device=parallel.device if device is None else device)
 
     def _add(self, name: str, value) -> None:
         i = _SUMS.index(name)
@@ -102,8 +94,9 @@ class PairStats:
         self.sums += other.sums
 
     def reduce(self) -> dict[str, float]:
-        """Means over every pair of every rank in the window; token rates use the slowest rank's time."""
-        s = dict(zip(_SUMS, all_reduce(self.sums).tolist()))
+        """Means over every pair of the window (each once: summed over the data-parallel ranks); token rates use
+        the slowest rank's time."""
+        s = dict(zip(_SUMS, self.parallel.sum_over_data(self.sums).tolist()))
         # every rank runs the same steps: time and step count of the slowest rank, not summed over ranks
         window_time, steps = all_reduce(self.sums[[_SUMS.index("step_time"), _SUMS.index("steps")]], "max").tolist()
         pairs, steps = max(s["pairs"], 1.0), max(steps, 1.0)

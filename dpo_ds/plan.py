@@ -16,7 +16,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from dpo_ds.cli import emit
+from dpo_ds.console import emit
 from dpo_ds.config import FIELDS
 from dpo_ds.families import load_model_config
 

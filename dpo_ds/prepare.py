@@ -18,9 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-from dpo_ds.config import ConfigError, TrainConfig, add_config_arguments, config_from_args
-from dpo_ds.data import DataError, TokenizedPairs, format_report, load_pairs
-from dpo_ds.metrics import setup_logging
+from dpo_ds.config import TrainConfig, add_config_arguments, config_from_args
+from dpo_ds.console import setup_logging
+from dpo_ds.data import TokenizedPairs, format_report, load_pairs
+from dpo_ds.parallel import Parallel
 
 HELP = __doc__
 logger = logging.getLogger("dpo_ds")
@@ -34,12 +35,12 @@ def cache_dir_of(cfg: TrainConfig) -> str:
     return cfg.cache_dir or str(Path(cfg.output_dir) / "caches")
 
 
-def load_config_data(cfg: TrainConfig, tokenizer, rank: int = 0, barrier=lambda: None
+def load_config_data(cfg: TrainConfig, tokenizer, parallel: Parallel = Parallel()
                      ) -> tuple[TokenizedPairs, str, TokenizedPairs | None]:
     """(train pairs, train data fingerprint, eval pairs or None) of a config, prepared into its cache_dir when
     missing: the one place `train` and `prepare` get their data, so both use the same cache."""
     args = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, skip_bad_rows=cfg.skip_bad_rows,
-                cache_dir=cache_dir_of(cfg), rank=rank, barrier=barrier, workers=cfg.prepare_workers)
+                cache_dir=cache_dir_of(cfg), parallel=parallel, workers=cfg.prepare_workers)
     train_pairs, fingerprint = load_pairs(cfg.train_file, tokenizer, **args)
     eval_pairs = load_pairs(cfg.eval_file, tokenizer, **args)[0] if cfg.eval_file else None
     return train_pairs, fingerprint, eval_pairs
@@ -50,13 +51,9 @@ def run(args: argparse.Namespace) -> int:
 
     setup_logging(0)
     started = time.perf_counter()
-    try:
-        cfg = config_from_args(args)
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
-        train_pairs, _, eval_pairs = load_config_data(cfg, tokenizer)
-    except (ConfigError, DataError) as err:
-        print(f"dpo-ds prepare: error: {err}", file=sys.stderr)
-        return 2
+    cfg = config_from_args(args)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+    train_pairs, _, eval_pairs = load_config_data(cfg, tokenizer)
     for path, pairs in ((cfg.train_file, train_pairs), (cfg.eval_file, eval_pairs)):
         if pairs is not None:
             print(f"{format_report(pairs, path)}\n  cache: {pairs.cache_path}", file=sys.stderr)

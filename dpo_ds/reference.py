@@ -27,17 +27,16 @@ from dpo_ds.checkpoint import model_fingerprint
 from dpo_ds.config import TrainConfig, uses_reference
 from dpo_ds.data import MicroBatch, TokenizedPairs, rank_shares
 from dpo_ds.engines import (
+    PolicyEngine,
     attention_kernel,
     build_inference_engine,
-    forward_logps,
-    PolicyEngine,
     model_dtype,
     release_engine,
     resolve_reference_config,
-    scoring_head,
 )
+from dpo_ds.scoring import forward_logps, scoring_head
 from dpo_ds.lora import Adapters, adapter_fingerprint
-from launcher.dist import barrier
+from dpo_ds.parallel import Parallel
 
 logger = logging.getLogger("dpo_ds")
 
@@ -88,7 +87,7 @@ class CachedReference:
         self.tables = tables
 
     def logps(self, micro: MicroBatch) -> torch.Tensor:
-        table = self.tables[micro.pairs.fingerprint]
+        table = self.tables[micro.examples.fingerprint]
         rows = torch.as_tensor(micro.indices)
         return torch.cat([table[rows, 0], table[rows, 1]])
 
@@ -102,9 +101,8 @@ def _reference_engine(cfg: TrainConfig, hidden_size: int):
                                   cfg.trust_remote_code, cfg.weights_loader, attention_kernel(cfg), cfg)
 
 
-def build_reference(cfg: TrainConfig, hidden_size: int, datasets: list[TokenizedPairs] = (), cache_dir: str | None = None,
-                    pad_id: int = 0, rank: int = 0, world_size: int = 1,
-                    policy: PolicyEngine | None = None) -> ReferenceSource:
+def build_reference(cfg: TrainConfig, hidden_size: int, parallel: Parallel, datasets: list[TokenizedPairs] = (),
+                    cache_dir: str | None = None, pad_id: int = 0, policy: PolicyEngine | None = None) -> ReferenceSource:
     """The reference source the loss needs. With precompute_ref, every dataset's table is computed (or read
     from the cache) now; call it before building the policy so both engines never hold memory together.
     LoRA (`policy` given): the policy engine is the reference, with its trained adapter off."""
@@ -125,16 +123,16 @@ def build_reference(cfg: TrainConfig, hidden_size: int, datasets: list[Tokenized
     if missing:
         source = live_source()
         for pairs in missing:
-            _precompute(source, cfg, pairs, caches[pairs.fingerprint], pad_id, rank, world_size)
+            _precompute(source, cfg, pairs, caches[pairs.fingerprint], pad_id, parallel)
         if policy is None:
             release_engine(source.engine)
-    elif rank == 0:
+    elif parallel.is_main:
         logger.info("reference log-probs read from %s", ", ".join(str(p) for p in caches.values()))
     return CachedReference({fp: _load_table(path) for fp, path in caches.items()})
 
 
 def _cache_key(cfg: TrainConfig, pairs: TokenizedPairs) -> str:
-    parts = ["ref-v1", model_fingerprint(reference_path(cfg)), pairs.fingerprint, cfg.precision]
+    parts = ["ref-v2", model_fingerprint(reference_path(cfg)), pairs.fingerprint, cfg.precision]
     if cfg.lora_adapter is not None:  # the reference is base + the starting adapter
         parts.append(adapter_fingerprint(cfg.lora_adapter))
     if cfg.lora_quantize is not None:  # QLoRA: the reference is the quantized base
@@ -143,42 +141,41 @@ def _cache_key(cfg: TrainConfig, pairs: TokenizedPairs) -> str:
 
 
 @torch.no_grad()
-def _precompute(source: LiveReference, cfg: TrainConfig, pairs: TokenizedPairs, target: Path, pad_id: int, rank: int,
-                world_size: int) -> None:
-    """One pass over `pairs`, split over ranks (data.rank_shares); each rank writes its rows, rank 0 publishes
-    the directory once all are written."""
+def _precompute(source: LiveReference, cfg: TrainConfig, pairs: TokenizedPairs, target: Path, pad_id: int,
+                parallel: Parallel) -> None:
+    """One pass over `pairs`, split over the data-parallel ranks (data.rank_shares); each writes its rows, rank 0
+    publishes the directory once all are written."""
     tmp = target.with_name(target.name + ".tmp")
-    if rank == 0:
+    if parallel.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    barrier()
-    rows, chosen, rejected = [], [], []
-    for mine in rank_shares(len(pairs), cfg.micro_batch_size, rank, world_size):
-        logps = source.logps(MicroBatch.of(pairs, mine or [0], pad_id, cfg.padding_free)).float().cpu()
+    parallel.barrier()
+    rows, logps = [], []
+    slots = pairs.sequences_per_example()
+    for mine in rank_shares(len(pairs), cfg.micro_batch_size, parallel):
+        scored = source.logps(MicroBatch.of(pairs, mine or [0], pad_id, cfg.padding_free)).float().cpu()
         if mine:
             rows += mine
-            chosen.append(logps[: len(mine)])
-            rejected.append(logps[len(mine):])
+            logps.append(scored.reshape(slots, len(mine)).T)  # [examples, slots]
     save_file({"rows": torch.tensor(rows, dtype=torch.int64),
-               "chosen": torch.cat(chosen) if chosen else torch.zeros(0),
-               "rejected": torch.cat(rejected) if rejected else torch.zeros(0)},
-              str(tmp / f"rank-{rank:05d}-of-{world_size:05d}.safetensors"))
-    barrier()
-    if rank == 0:
-        (tmp / "complete.json").write_text(json.dumps({"pairs": len(pairs), "ranks": world_size}))
+               "logps": torch.cat(logps) if logps else torch.zeros(0, slots)},
+              str(tmp / f"rank-{parallel.rank:05d}-of-{parallel.world_size:05d}.safetensors"))
+    parallel.barrier()
+    if parallel.is_main:
+        (tmp / "complete.json").write_text(json.dumps({"examples": len(pairs), "sequences": slots,
+                                                      "ranks": parallel.world_size}))
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
         logger.info("reference log-probs of %d pairs written to %s", len(pairs), target)
-    barrier()
+    parallel.barrier()
 
 
 def _load_table(path: Path) -> torch.Tensor:
-    n = json.loads((path / "complete.json").read_text())["pairs"]
-    table = torch.full((n, 2), float("nan"))
+    complete = json.loads((path / "complete.json").read_text())
+    table = torch.full((complete["examples"], complete["sequences"]), float("nan"))
     for shard in sorted(path.glob("rank-*.safetensors")):
         part = load_file(str(shard))
-        table[part["rows"], 0] = part["chosen"]
-        table[part["rows"], 1] = part["rejected"]
+        table[part["rows"]] = part["logps"]
     if torch.isnan(table).any():
         raise RuntimeError(f"{path}: reference log-probs missing for some pairs; delete the directory to recompute")
     return table

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import itertools
 import json
 import logging
 import os
@@ -101,9 +100,9 @@ def comm_device():
     return torch.device(kind, index)
 
 
-def all_reduce(tensor, op: str = "sum"):
-    """The sum (or max) of `tensor` over every rank, as a new tensor on `tensor`'s device; `tensor` itself
-    without a process group. A collective: every rank must call it."""
+def all_reduce(tensor, op: str = "sum", group=None):
+    """The sum (or max) of `tensor` over every rank of `group` (default: all), as a new tensor on `tensor`'s
+    device; `tensor` itself without a process group. A collective: every rank of the group must call it."""
     import torch.distributed as dist
 
     if op not in _REDUCE_OPS:
@@ -111,7 +110,7 @@ def all_reduce(tensor, op: str = "sum"):
     if not _grouped():
         return tensor
     staged = tensor.to(comm_device(), copy=True)
-    dist.all_reduce(staged, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    dist.all_reduce(staged, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=group)
     return staged.to(tensor.device)
 
 
@@ -148,15 +147,23 @@ def scatter_(out, chunks=None, src: int = 0) -> None:
         out.copy_(staged)
 
 
-def gather_objects(obj) -> list:
-    """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects); [obj] without a process group."""
+def gather_objects(obj, group=None) -> list:
+    """[obj of each rank of `group` (default: all), in rank order] on every rank of it (picklable objects); [obj]
+    without a process group."""
     import torch.distributed as dist
 
     if not _grouped():
         return [obj]
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
+    gathered = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, obj, group=group)
     return gathered
+
+
+def new_group(ranks: list[int]):
+    """A process group of `ranks` (every rank of the job must create every group, in the same order)."""
+    import torch.distributed as dist
+
+    return dist.new_group(ranks)
 
 
 def barrier() -> None:
@@ -169,7 +176,7 @@ def barrier() -> None:
 
 
 # --------------------------------------------------------------------------- phases of rank 0 alone
-_phase_ids = itertools.count()
+PHASE_KEY = "dpo_ds/rank0"  # one phase at a time: the key is gone before any rank can start the next phase
 PROGRESS_S = 60.0  # rank 0 logs that it is still busy this often during a phase of its own
 
 
@@ -189,14 +196,13 @@ def on_rank0(what: str, work: Callable[[], T], failure: type[Exception] = Runtim
     For the phases only rank 0 does (universal-checkpoint conversion, writing an export, building the bench
     model, publishing a checkpoint): the waiting ranks poll the rendezvous store instead of sitting in a
     collective, so neither dist_timeout_s nor NCCL's watchdog can kill them, and rank 0 logs every
-    PROGRESS_S seconds that it is still at it; a short barrier, once all have the outcome, ends the phase.
+    PROGRESS_S seconds that it is still at it; two short barriers, once all have the outcome, end the phase.
     If rank 0 dies, its store goes with it and the others fail."""
     store = _store()
     if store is None:
         return work()
     import torch.distributed as dist
 
-    key = f"dpo_ds/rank0/{next(_phase_ids)}"
     if dist.get_rank() == 0:
         started, done = time.monotonic(), threading.Event()
 
@@ -208,24 +214,33 @@ def on_rank0(what: str, work: Callable[[], T], failure: type[Exception] = Runtim
         threading.Thread(target=progress, daemon=True).start()
         try:
             result = work()
-        except Exception as err:
-            store.set(key, json.dumps({"error": f"{type(err).__name__}: {err}"}))
-            barrier()  # rank 0 hosts the store under srun/MPI: it must not exit before every rank has read it
+        except Exception as err:  # the others raise `failure` with the message (and the type when it differs)
+            _end_phase(store, {"error": str(err) if isinstance(err, failure) else f"{type(err).__name__}: {err}"})
             raise
         finally:
             done.set()
-        store.set(key, json.dumps({"result": result}))
-        barrier()
+        _end_phase(store, {"result": result})
         return result
     pause = 0.01
-    while not store.check([key]):
+    while not store.check([PHASE_KEY]):
         time.sleep(pause)
         pause = min(2 * pause, 2.0)  # a short phase costs little latency, a long one few store requests
-    outcome = json.loads(store.get(key))
-    barrier()
+    outcome = json.loads(store.get(PHASE_KEY))
+    barrier()  # every rank has read the outcome
+    barrier()  # rank 0 has removed it
     if "error" in outcome:
         raise failure(f"rank 0 failed while {what}: {outcome['error']}")
     return outcome["result"]
+
+
+def _end_phase(store, outcome: dict) -> None:
+    """Rank 0: publish the phase's outcome, wait until every rank has read it, remove it (so the next phase starts
+    from a clean store: no phase counter that every rank must advance alike), and let the others go on. Rank 0
+    hosts the store under srun/MPI: it must not exit before every rank has read an error."""
+    store.set(PHASE_KEY, json.dumps(outcome))
+    barrier()
+    store.delete_key(PHASE_KEY)
+    barrier()
 
 
 SHARED_CHECK_FILE = ".dpo-ds-shared-check"

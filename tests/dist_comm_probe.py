@@ -12,9 +12,10 @@ import torch
 from safetensors.torch import save_file
 
 import launcher.dist as ld
-from dpo_ds import loading
+from dpo_ds import loading, safetensors_io
 from dpo_ds.checkpoint import any_rank
 from dpo_ds.metrics import PairStats, max_over_ranks
+from dpo_ds.parallel import Parallel
 from launcher.env import LauncherError
 
 logging.basicConfig(level=logging.INFO)
@@ -35,7 +36,7 @@ seen["scatter"] = received.tolist()
 seen["gathered"] = ld.gather_objects({"rank": rank})
 seen["any_rank"] = any_rank(rank == 1)
 seen["max_over_ranks"] = max_over_ranks(rank + 0.5)
-stats = PairStats()
+stats = PairStats(Parallel())
 stats.add_step_time(1.0 + rank)
 seen["stats_step_time_s"] = stats.reduce()["step_time_s"]
 
@@ -76,8 +77,8 @@ full = torch.arange(1001, dtype=torch.float32) * 0.5
 if rank == 0:
     save_file({"w": full}, str(out / "w.safetensors"))
 ld.barrier()
-entry = loading.read_headers({"w": out / "w.safetensors"})["w"]
-loading._STAGING_BYTES = 32 * 4 * world
+entry = safetensors_io.read_headers({"w": out / "w.safetensors"})["w"]
+loading.STAGING_BYTES = 32 * 4 * world
 size = 501
 part = torch.full((size,), float("nan"))
 part.ds_numel = size

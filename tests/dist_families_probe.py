@@ -45,7 +45,7 @@ def force_routing(model, rank: int) -> tuple[list, set]:
 def run_family(entry: dict) -> None:
     cfg = load_config(entry["config"])
     result = train(cfg)
-    run = result.run
+    run = result.ctx
     policy = run.policy
     report = {"family": entry["family"]}
     policy.eval()

@@ -21,8 +21,8 @@ import deepspeed
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
 import dpo_ds.checkpoint as ckpt
-import dpo_ds.engines as engines
-import dpo_ds.hf_dir as hf_dir
+import dpo_ds.safetensors_io as safetensors_io
+import dpo_ds.scoring as scoring
 from dpo_ds.cli import main
 from launcher.dist import exit_process
 from dpo_ds.data import PairSampler
@@ -52,15 +52,15 @@ PairSampler.micro_batches = micro_batches
 
 nan_steps = {int(k) for k in os.environ.get("FAULT_NAN_AT_STEPS", "").split(",") if k}
 if nan_steps:
-    original_forward_logps = engines.forward_logps
+    original_forward_logps = scoring.forward_logps
 
-    def forward_logps(engine, batch, chunk_size, head):
-        logps, tokens = original_forward_logps(engine, batch, chunk_size, head)
+    def forward_logps(engine, batch, chunk_size, head, router_aux=False):
+        logps, tokens, aux = original_forward_logps(engine, batch, chunk_size, head, router_aux)
         if logps.requires_grad and current_step[0] in nan_steps and rank() == 0:
             logps = logps + float("nan")
-        return logps, tokens
+        return logps, tokens, aux
 
-    engines.forward_logps = forward_logps
+    scoring.forward_logps = forward_logps
 
 kill_point, kill_step = os.environ.get("FAULT_KILL_POINT"), int(os.environ.get("FAULT_KILL_STEP", "0"))
 Engine = deepspeed.runtime.engine.DeepSpeedEngine
@@ -120,13 +120,13 @@ elif disk_full_step:
     Engine.save_checkpoint = save_checkpoint
 
 if os.environ.get("FAULT_EXPORT_DISK_FULL"):
-    original_add = hf_dir.ShardWriter.add
+    original_add = safetensors_io.ShardWriter.add
 
     def add(self, name, tensor):
         if self.entries:
             raise OSError(errno.ENOSPC, "No space left on device", str(self.data.name))
         return original_add(self, name, tensor)
 
-    hf_dir.ShardWriter.add = add
+    safetensors_io.ShardWriter.add = add
 
 exit_process(main(["train", *sys.argv[1:]]))  # as the dpo-ds entry point does

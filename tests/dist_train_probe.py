@@ -37,11 +37,11 @@ def probe_run(cfg, probe_out: str, release: bool) -> None:
     # engines of earlier runs in this process that DeepSpeed still holds are not this run's
     earlier = weakref.WeakSet(live_engines())
     result = train(cfg)
-    run = result.run
+    run = result.ctx
     policy = run.policy
     report = {"deepspeed_engines": sum(e not in earlier for e in live_engines()),
               "reference": type(run.reference).__name__,
-              # engines.scoring_head of the policy: the Linear scored inside, or None
+              # scoring.scoring_head of the policy: the Linear scored inside, or None
               "fused_head": run.policy_head is not None,
               "attention": [e.module.config._attn_implementation
                             for e in (policy, getattr(run.reference, "engine", None)) if e],

@@ -115,7 +115,7 @@ def plain_dpo(model_dir: str, train_file: str, settings: dict, world: int, steps
 
 
 def regex_bpe_tokenizer(kind: str, corpus: list[str], vocab_size: int = 600, chat_template: str | None = None):
-    """A small BPE tokenizer of one of the kinds dpo_ds.prompt_reuse tells apart, trained on `corpus` in well
+    """A small BPE tokenizer of one of the kinds dpo_ds.data.prompt_reuse tells apart, trained on `corpus` in well
     under a second: 'gpt2' (ByteLevel with its regex), 'llama3' (Llama-3's Split + ByteLevel), 'qwen2' (Qwen2's
     Split + ByteLevel, NFC normalizer), 'prefix_space' (ByteLevel adding a prefix space), 'dropout' (BPE
     dropout), 'appends_eos' (a post-processor appending </s>). Specials <s> (prepended), </s>, <pad>; added
@@ -123,7 +123,7 @@ def regex_bpe_tokenizer(kind: str, corpus: list[str], vocab_size: int = 600, cha
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from dpo_ds.prompt_reuse import SPLIT_PATTERNS
+    from dpo_ds.data.prompt_reuse import SPLIT_PATTERNS
 
     pattern = {name: p for p, name in SPLIT_PATTERNS.items()}
     tok = Tokenizer(models.BPE(dropout=0.3 if kind == "dropout" else None))

@@ -4,10 +4,10 @@ import os
 import sys
 import time
 
-from dpo_ds import data
+from dpo_ds.data.tokenize import ChunkTokenizer
 from dpo_ds.cli import entry
 
-tokenize_chunk = data.ChunkTokenizer.__call__
+tokenize_chunk = ChunkTokenizer.__call__
 
 
 def slow_chunk(self, chunk):
@@ -15,6 +15,6 @@ def slow_chunk(self, chunk):
     return tokenize_chunk(self, chunk)
 
 
-data.ChunkTokenizer.__call__ = slow_chunk  # tokenizer processes are forked: they inherit the patch
+ChunkTokenizer.__call__ = slow_chunk  # tokenizer processes are forked: they inherit the patch
 sys.argv = ["dpo-ds", *sys.argv[1:]]
 entry()

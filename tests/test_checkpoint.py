@@ -295,7 +295,7 @@ def test_truncated_newest_checkpoint_falls_back_across_requeues(config, baseline
     first = probe(config, out, env={"FAULT_SIGNAL_AT_STEP": "5"})
     assert first.returncode != 0 and "resumed from step 4" in first.stderr
     assert f"{shard}: truncated" in first.stderr and "checkpoints/latest now names it" in first.stderr
-    assert latest(out) == "step-00000005"
+    assert latest(out) == "step-00000005", first.stderr[-5000:]
     second = probe(config, out, check=True)
     assert "resumed from step 5" in second.stderr
     assert losses(out) == {s: loss for s, loss in losses(baseline).items() if s > 4}
@@ -311,7 +311,9 @@ def test_disk_full_on_one_rank_stops_at_once_with_one_line(config, tmp_path):
     out = tmp_path / "run"
     failed = probe(config, out, env={"FAULT_DISK_FULL_STEP": "4", "FAULT_DISK_FULL_RANK": "1"},
                    extra=("--dist_timeout_s", "3000"))
-    [line] = error_lines(failed.stderr)
+    lines = error_lines(failed.stderr)
+    assert len(lines) == 1, failed.stderr[-5000:]
+    line = lines[0]
     assert failed.returncode != 0 and failed.stderr.count("No space left on device") == 1, failed.stderr[-3000:]
     assert line.startswith(f"dpo-ds train: error: {out / 'checkpoints' / 'step-00000004.tmp' / 'ds'}")
     assert "zero_pp_rank_1_mp_rank_00_optim_states.pt: No space left on device (rank 1" in line
@@ -319,7 +321,9 @@ def test_disk_full_on_one_rank_stops_at_once_with_one_line(config, tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-00000002"]
     export_out = tmp_path / "export"
     failed = probe(config, export_out, env={"FAULT_EXPORT_DISK_FULL": "1"}, extra=("--dist_timeout_s", "3000"))
-    [line] = error_lines(failed.stderr)
+    lines = error_lines(failed.stderr)
+    assert len(lines) == 1, failed.stderr[-5000:]
+    line = lines[0]
     assert failed.returncode != 0 and failed.stderr.count("No space left on device") == 1, failed.stderr[-3000:]
     assert line.startswith(f"dpo-ds train: error: {export_out / 'final.tmp'}") and "No space left on device" in line
     assert not (export_out / "final").exists() and not (export_out / "final.tmp").exists()

@@ -11,6 +11,7 @@ import pytest
 import xxhash
 
 import dpo_ds.checkpoint as ckpt
+from dpo_ds.parallel import Parallel
 
 
 def make_checkpoint(root: Path, step: int, sizes_only: bool = False) -> Path:
@@ -84,7 +85,7 @@ def test_auto_falls_back_to_newest_good_and_repairs_latest(tmp_path, caplog):
     bad = root / "step-00000006" / "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt"
     overwrite_256_bytes(bad)
     with caplog.at_level(logging.WARNING, logger="dpo_ds"):
-        assert ckpt.find_checkpoint(str(root.parent), "auto") == root / "step-00000004"
+        assert ckpt.find_checkpoint(str(root.parent), "auto", Parallel()) == root / "step-00000004"
     assert f"{bad}: contents altered" in caplog.text and f"resuming from {root / 'step-00000004'}" in caplog.text
     assert (root / "latest").read_text().strip() == "step-00000004"
 
@@ -92,21 +93,21 @@ def test_auto_falls_back_to_newest_good_and_repairs_latest(tmp_path, caplog):
 def test_auto_when_latest_names_a_deleted_checkpoint(tmp_path, caplog):
     root = run_with(tmp_path, [2, 4], latest=6)
     with caplog.at_level(logging.WARNING, logger="dpo_ds"):
-        assert ckpt.find_checkpoint(str(root.parent), "auto") == root / "step-00000004"
+        assert ckpt.find_checkpoint(str(root.parent), "auto", Parallel()) == root / "step-00000004"
     assert "names step-00000006, which does not exist" in caplog.text
     assert (root / "latest").read_text().strip() == "step-00000004"
 
 
 def test_auto_ignores_a_checkpoint_latest_never_named(tmp_path):
     root = run_with(tmp_path, [2, 4], latest=2)  # killed after renaming step-4, before `latest` named it
-    assert ckpt.find_checkpoint(str(root.parent), "auto") == root / "step-00000002"
+    assert ckpt.find_checkpoint(str(root.parent), "auto", Parallel()) == root / "step-00000002"
 
 
 def test_auto_with_nothing_that_verifies_stops(tmp_path):
     root = run_with(tmp_path, [2], latest=2)
     (root / "step-00000002" / "trainer_state.json").write_text("{}")
     with pytest.raises(ckpt.CheckpointError, match="no checkpoint to resume from verifies: .*trainer_state.json"):
-        ckpt.find_checkpoint(str(root.parent), "auto")
+        ckpt.find_checkpoint(str(root.parent), "auto", Parallel())
 
 
 def test_explicit_path_that_fails_names_the_newest_good_one(tmp_path):
@@ -114,7 +115,7 @@ def test_explicit_path_that_fails_names_the_newest_good_one(tmp_path):
     for step in (4, 6):
         (root / f"step-{step:08d}" / "ds/zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
     with pytest.raises(ckpt.CheckpointError) as failed:
-        ckpt.find_checkpoint(str(root.parent), str(root / "step-00000006"))
+        ckpt.find_checkpoint(str(root.parent), str(root / "step-00000006"), Parallel())
     assert str(failed.value).endswith(f"The newest checkpoint beside it that verifies is {root / 'step-00000002'}")
 
 

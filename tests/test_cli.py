@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import launcher.__main__ as launcher_main
-from dpo_ds import cli, versions
+from dpo_ds import cli, console, versions
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -39,10 +39,10 @@ def test_eval_of_a_runs_model_uses_its_settings_and_prints_only_json(demo_assets
 
 def test_results_go_to_stdout_and_everything_else_to_stderr(capfd):
     """Item 6: what a command prints while it runs (Python or C) goes to stderr, its result to stdout."""
-    with cli._stdout_for_results_only():
+    with console.stdout_for_results_only():
         print("DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully")
         os.write(1, b"ninja output\n")
-        cli.emit('{"accuracy": 1.0}')
+        console.emit('{"accuracy": 1.0}')
     out, err = capfd.readouterr()
     assert out == '{"accuracy": 1.0}\n'
     assert "built successfully" in err and "ninja output" in err
@@ -85,8 +85,10 @@ def test_versions_outside_the_tested_ranges_stop_every_entry_point(monkeypatch, 
     monkeypatch.delenv(versions.ALLOW_ENV, raising=False)
     expected = ('error: deepspeed 0.20.1 is installed, but dpo-ds is tested with deepspeed>=0.19.8,<0.20: run '
                 '`make install`, or pip install --no-build-isolation "deepspeed>=0.19.8,<0.20"')
+    monkeypatch.setattr(cli, "exit_process", lambda code: sys.exit(code))  # in this process: no os._exit
+    # `python -m launcher` runs the dpo-ds program, whose own check stops it
     for entry, program in ((lambda: cli.main(["plan", "--model", "llama-7b"]), "dpo-ds plan"),
-                           (lambda: launcher_main.main(["plan", "--model", "llama-7b"]), "launcher")):
+                           (lambda: launcher_main.main(["plan", "--model", "llama-7b"]), "dpo-ds plan")):
         assert entry() == 2
         out, err = capsys.readouterr()
         assert f"{program}: {expected}" in err and out == ""  # stopped before the command ran

@@ -48,6 +48,7 @@ dist.init_process_group("cuda:gloo")  # like NCCL: a backend for CUDA tensors on
 import launcher.dist as ld
 from dpo_ds.checkpoint import any_rank
 from dpo_ds.metrics import PairStats, max_over_ranks
+from dpo_ds.parallel import Parallel
 from dpo_ds import loading
 result = {"comm_device": str(ld.comm_device())}
 calls = {
@@ -59,8 +60,8 @@ calls = {
     "barrier": ld.barrier,
     "checkpoint.any_rank": lambda: any_rank(True),
     "metrics.max_over_ranks": lambda: max_over_ranks(1.0),
-    "metrics.PairStats.reduce": lambda: PairStats(torch.device("cpu")).reduce(),
-    "metrics.PairStats()": PairStats,
+    "metrics.PairStats.reduce": lambda: PairStats(Parallel(), torch.device("cpu")).reduce(),
+    "metrics.PairStats()": lambda: PairStats(Parallel()),
     "launcher.dist check": lambda: ld.all_reduce(torch.tensor([1.0])),
 }
 for name, call in calls.items():

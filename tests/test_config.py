@@ -334,7 +334,7 @@ def test_train_help_lists_every_field_with_its_help():
 
 def test_configuration_reference_is_generated_from_train_config():
     """docs/configuration.md is `markdown_reference()` verbatim, and lists every field with its default."""
-    from dpo_ds.config import REFERENCE_COMMAND, markdown_reference
+    from dpo_ds.config.reference import REFERENCE_COMMAND, markdown_reference
 
     generated = markdown_reference()
     reference = (REPO / "docs" / "configuration.md").read_text()

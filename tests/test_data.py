@@ -18,6 +18,8 @@ import pytest
 import torch
 
 from dpo_ds import data as D
+from dpo_ds.data import rows as rows_module, store
+from dpo_ds.data.examples import STAT_KEYS
 from dpo_ds.data import DataError, PairSampler, PairTokenizer, TokenizedPairs, collate, load_pairs, tokenize_file
 
 BOS, EOS, PAD = 1, 2, 3  # the demo tokenizer's special ids (Llama layout, pad of its own)
@@ -97,7 +99,7 @@ def test_string_rows_tokenize_like_trl(tmp_path, tok, demo_rows):
         for comp, text in ((pairs.chosen[i].tolist(), row["chosen"]), (pairs.rejected[i].tolist(), row["rejected"])):
             assert comp[-1] == EOS and EOS not in comp[:-1]
             assert tok.decode(pairs.prompt[i].tolist() + comp, skip_special_tokens=True) == row["prompt"] + text
-    assert pairs.stats == dict.fromkeys(D.STAT_KEYS, 0) | {"rows": 24}
+    assert pairs.stats == dict.fromkeys(STAT_KEYS, 0) | {"rows": 24}
 
 
 def test_eos_not_doubled_when_the_completion_already_ends_with_it(tmp_path, tok):
@@ -336,6 +338,18 @@ def test_bad_row_in_columnar_formats(tmp_path, tok, writer):
     assert pairs.stats["skipped_bad_rows"] == 1 and len(pairs) == 3
 
 
+def test_json_error_column_with_byte_order_mark_and_indent(tmp_path, tok):
+    """Issue 24 item 6: a file starting with a UTF-8 byte order mark (Windows editors write one) failed on its
+    valid first line ("Unexpected UTF-8 BOM", column 1); the BOM is not part of the data. An error's column
+    counts the line's characters from 1, leading spaces included (30 below: the `x` after `"chosen": `)."""
+    path = tmp_path / "train.jsonl"
+    bad = '   {"prompt": "q", "chosen": x}'
+    path.write_bytes(b"\xef\xbb\xbf" + (json.dumps(GOOD) + "\n" + bad + "\n").encode())
+    with pytest.raises(DataError) as info:
+        tokenize(str(path), tok)
+    assert str(info.value) == f"{path}:2: invalid JSON: Expecting value (column {bad.index('x') + 1})"
+
+
 def test_skip_bad_rows_counts_every_case(tmp_path, tok):
     path = write_jsonl(tmp_path / "mixed.jsonl", [GOOD] + [b for b, _, _ in BAD_CASES] + [GOOD])
     pairs = tokenize(path, tok, skip_bad_rows=True)
@@ -368,14 +382,11 @@ def test_cache_is_written_once_and_reused(tmp_path, tok, demo_rows, monkeypatch)
     def boom(*a, **k):
         raise AssertionError("tokenized_chunks called although the cache exists")
 
-    monkeypatch.setattr(D, "tokenized_chunks", boom)
+    monkeypatch.setattr(store, "tokenized_chunks", boom)
     again, fp2 = _load(path, tok, caches)
     assert fp2 == fp
     assert_same_pairs(again, first)
     assert list(again.pair_ids) == list(first.pair_ids) and again.stats == first.stats
-    # another rank reads the same cache without tokenizing
-    other, _ = _load(path, tok, caches, rank=1)
-    assert_same_pairs(other, first)
     # without a cache dir it does tokenize (so the monkeypatch above is what stopped it)
     with pytest.raises(AssertionError, match="tokenized_chunks called"):
         load_pairs(path, tok, max_length=512, max_prompt_length=None, skip_bad_rows=False, cache_dir=None, workers=1)
@@ -424,33 +435,15 @@ def test_fingerprint_changes_with_inputs(tmp_path, tok, demo_rows, demo_assets):
     assert len(list(caches.glob("pairs-*.v2"))) == 8
 
 
-def test_data_error_on_rank0_reaches_other_ranks(tmp_path, tok, monkeypatch):
+def test_data_error_of_a_preparation_names_the_row(tmp_path, tok):
+    """Rank 0's error (raised on the other ranks by Parallel.on_rank0: tests/test_comm.py) names file, line and
+    field, and leaves no cache behind."""
     path = write_jsonl(tmp_path / "train.jsonl", [GOOD, {"prompt": "q", "rejected": " b"}])
     caches = tmp_path / "caches"
-    barriers = []
     with pytest.raises(DataError) as rank0:
-        _load(path, tok, caches, rank=0, barrier=lambda: barriers.append(0))
-    assert barriers == [0]  # rank 0 still meets the others at the barrier before raising
+        _load(path, tok, caches)
     assert f"{path}:2: field 'chosen': missing" in str(rank0.value)
-    assert len(list(caches.glob("pairs-*.error"))) == 1
-
-    monkeypatch.setattr(D, "tokenized_chunks", lambda *a, **k: pytest.fail("rank 1 must not tokenize"))
-    with pytest.raises(DataError) as rank1:
-        _load(path, tok, caches, rank=1, barrier=lambda: barriers.append(1))
-    assert barriers == [0, 1]
-    assert str(rank1.value) == str(rank0.value)
-    assert not list(caches.glob("pairs-*.v2"))
-
-
-def test_success_clears_a_stale_error_file(tmp_path, tok, demo_rows):
-    path = write_jsonl(tmp_path / "train.jsonl", demo_rows[:8])
-    caches = tmp_path / "caches"
-    fp = D.data_fingerprint(path, tok, 512, None, False)
-    caches.mkdir()
-    (caches / f"pairs-{fp}.error").write_text("old failure")
-    pairs, _ = _load(path, tok, caches)  # rank 0 removes it before the barrier
-    assert len(pairs) == 8
-    assert len(_load(path, tok, caches, rank=1)[0]) == 8
+    assert not list(caches.glob("pairs-*"))
 
 
 # ----------------------------------------------------------------------------------------- sampler
@@ -462,7 +455,7 @@ def step_pairs(s: PairSampler, step: int) -> list[int]:
     """Pairs of one optimizer step, in (micro-step, rank) order, checking every micro-batch has B pairs."""
     out = []
     for m in range(s.grad_accum):
-        for r in range(s.world_size):
+        for r in range(s.data_parallel_size):
             mb = s.micro_batches(step, r)[m]
             assert len(mb) == s.micro_batch_size
             out += mb
@@ -649,11 +642,11 @@ def test_parallel_preparation_gives_the_recipe_ids_in_file_order(tmp_path, tok, 
                                                                  which):
     """Token ids equal the TRL recipe on standard, conversational and implicit-prompt rows, with 1 or 2
     tokenizer processes and chunks smaller than the file (results come back in file order); for the byte-level
-    BPE, with prompts encoded once (dpo_ds.prompt_reuse) where they have a cut."""
+    BPE, with prompts encoded once (dpo_ds.data.prompt_reuse) where they have a cut."""
     tok = byte_level_tok if which == "byte-level BPE" else tok
     rows = mixed_rows(demo_rows)
     path = write_jsonl(tmp_path / "mixed.jsonl", rows)
-    monkeypatch.setattr(D, "CHUNK_ROWS", 4)
+    monkeypatch.setattr(rows_module, "CHUNK_ROWS", 4)
     expected = [recipe_ids(tok, r) for r in rows]
     pair_tokenizer = PairTokenizer(tok, 512)
     assert (pair_tokenizer.prompt_reuse is not None) == (which == "byte-level BPE")
@@ -669,7 +662,7 @@ def test_parallel_preparation_gives_the_recipe_ids_in_file_order(tmp_path, tok, 
 
 @pytest.mark.distributed
 def test_first_bad_row_in_file_order_with_parallel_workers(tmp_path, tok, demo_rows, monkeypatch):
-    monkeypatch.setattr(D, "CHUNK_ROWS", 3)
+    monkeypatch.setattr(rows_module, "CHUNK_ROWS", 3)
     rows = demo_rows[:12]
     rows[10] = {"prompt": "q", "chosen": " a"}  # chunk 4
     rows[4] = {"prompt": "q", "chosen": 5, "rejected": " b"}  # chunk 2: the first in file order
@@ -728,20 +721,10 @@ def test_damaged_cache_is_named_and_rebuilt_never_used(tmp_path, tok, demo_rows,
         offsets.tofile(cache / "prompt.offsets")
     assert D.cache_problem(cache, fp) is not None
     del good
-    # another rank never reads it: it waits until rank 0 has rebuilt the cache
-    import threading
-
-    waited = {}
-    waiter = threading.Thread(target=lambda: waited.update(pairs=_load(path, tok, caches, rank=1, poll_s=0.05)[0]))
-    waiter.start()
-    waiter.join(1.0)
-    assert waiter.is_alive()
     with caplog.at_level(logging.WARNING, logger="dpo_ds"):
         rebuilt, _ = _load(path, tok, caches)
     assert any(str(cache) in r.getMessage() and "preparing it again" in r.getMessage() for r in caplog.records)
     assert as_lists(rebuilt) == expected and D.cache_problem(cache, fp) is None
-    waiter.join(30)
-    assert as_lists(waited["pairs"]) == expected
     assert [p.name for p in caches.iterdir()] == [cache.name]  # no temporary directory left behind
 
 

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import torch
 
-from dpo_ds.engines import _varlen_attention_kwargs, forward_logps
+from dpo_ds.scoring import _varlen_attention_kwargs, forward_logps
 from dpo_ds.logprobs import head_sequence_logps, scored_positions, sequence_logps
 from dpo_ds.losses import LossOutput, PairLogps
 from dpo_ds.metrics import PairStats
+from dpo_ds.parallel import Parallel
 
 META = torch.device("meta")
 LOSS_MASK = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 0, 0, 0]], dtype=torch.bool)
@@ -63,7 +64,7 @@ def test_packed_forward_takes_sequence_metadata_from_the_cpu_batch():
              "loss_mask": torch.tensor([[p > 0 for n in lengths for p in range(n)]]),
              "sequence_ids": torch.tensor([[j for j, n in enumerate(lengths) for _ in range(n)]])}
     engine = _MetaEngine()
-    sums, tokens = forward_logps(engine, batch, chunk_size=4, head=None)
+    sums, tokens, _ = forward_logps(engine, batch, chunk_size=4, head=None)
     assert sums.shape == tokens.shape == (4,)
     assert set(engine.kwargs) == {"position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"}
     # the same values transformers would recompute from the position ids in every layer
@@ -87,10 +88,10 @@ def test_pair_stats_accumulate_on_the_device():
         out = LossOutput(losses=t(0.5, 0.25), chosen_rewards=t(0.2, 0.05), rejected_rewards=t(-0.1, -0.05))
         return lp, out
 
-    on_meta = PairStats(META)
+    on_meta = PairStats(Parallel(), META)
     on_meta.add_pairs(*pairs(META), real_tokens=14, padded_tokens=20)  # would raise on any float()/item()
     assert on_meta.sums.device == META
-    stats, (lp, out) = PairStats(torch.device("cpu")), pairs("cpu")
+    stats, (lp, out) = PairStats(Parallel(), torch.device("cpu")), pairs("cpu")
     stats.add_pairs(lp, out, real_tokens=14, padded_tokens=20)
     assert stats.total("loss") == 0.75 and stats.total("correct") == 2.0 and stats.total("real_tokens") == 14
     assert stats.total("kl_chosen") == float((lp.policy_chosen - lp.ref_chosen).sum())  # the same float32 sum

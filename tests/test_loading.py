@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpo_ds.loading import LoadError, TensorEntry, checkpoint_files, plan_loading, read_headers, read_range, read_tensor
+from dpo_ds.loading import plan_loading
+from dpo_ds.safetensors_io import LoadError, TensorEntry, checkpoint_files, read_headers, read_range, read_tensor
 
 
 def _tied_model(path: Path) -> Path:

@@ -295,7 +295,7 @@ def test_fused_head_only_where_the_model_returns_lm_head_output_unchanged(model_
     that, so those models keep the full-logits path."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from dpo_ds.engines import fused_head
+    from dpo_ds.scoring import fused_head
 
     config = AutoConfig.for_model(model_type, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                   num_attention_heads=2, num_key_value_heads=2, vocab_size=128, pad_token_id=0,

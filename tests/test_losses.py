@@ -15,6 +15,7 @@ import torch
 from dpo_ds.config import LOSS_TYPES
 from dpo_ds.losses import LOSSES, LossParams, PairLogps, compute_loss
 from dpo_ds.metrics import PairStats
+from dpo_ds.parallel import Parallel
 
 F64 = torch.float64
 MEAN_LOSSES = ("ipo", "simpo", "sft")  # always per-token means
@@ -101,7 +102,7 @@ def test_known_vector_sigmoid():
     assert out.rejected_rewards.tolist() == pytest.approx([-0.1, 0.025], abs=1e-12)
     assert out.losses.tolist() == pytest.approx([math.log1p(math.exp(-0.2)), math.log1p(math.exp(-0.025))], abs=1e-12)
     # and the same numbers through the logged metrics
-    stats = PairStats()
+    stats = PairStats(Parallel())
     stats.add_pairs(lp, out, real_tokens=22, padded_tokens=28)
     m = stats.reduce()
     assert abs(m["loss"] - 0.639432) < 1e-6

@@ -207,7 +207,7 @@ def test_every_supported_model_type_scores_inside_lm_head(model_type):
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    from dpo_ds.engines import _returns_head_output_unchanged
+    from dpo_ds.scoring import _returns_head_output_unchanged
 
     assert _returns_head_output_unchanged(getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]))
 

@@ -1,4 +1,4 @@
-"""Prompts encoded once (dpo_ds.prompt_reuse) give exactly the ids of encoding prompt, prompt + chosen and
+"""Prompts encoded once (dpo_ds.data.prompt_reuse) give exactly the ids of encoding prompt, prompt + chosen and
 prompt + rejected whole, on adversarial strings around the prompt/completion boundary; tokenizers the cut rule
 does not hold for are recognised and encoded whole."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import random
 import pytest
 
 from dpo_ds.data import PairTokenizer, PreferenceRow
-from dpo_ds.prompt_reuse import MARGIN, PromptReuse
+from dpo_ds.data.prompt_reuse import MARGIN, PromptReuse
 from helpers import regex_bpe_tokenizer
 
 # Pieces that make pre-tokenization depend on context: whitespace runs and newlines (\s+(?!\S)), contractions,

@@ -1,7 +1,9 @@
 """The run configuration: one typed dataclass, loaded from YAML with `--field value` overrides.
 
 Every field's YAML key is also its command-line flag. Values are checked here, before any model or data
-is touched, and a bad value is reported with the file, line and field it came from.
+is touched, and a bad value is reported with the file, line and field it came from (`errors`). The paths a run
+reads are checked by `paths`, what the device supports by `devices`; `reference` writes docs/configuration.md
+(`python -m dpo_ds.config --markdown`).
 """
 from __future__ import annotations
 
@@ -11,7 +13,6 @@ import difflib
 import importlib.util
 import json
 import math
-import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,13 +21,9 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration problem, already phrased for the user (where it came from, which field, why)."""
-
-    def __init__(self, message: str, field_name: str | None = None):
-        super().__init__(message)
-        self.field_name = field_name
+from dpo_ds.config.devices import expected_accelerator, resolve_precision
+from dpo_ds.config.errors import ConfigError
+from dpo_ds.config.paths import check_paths
 
 
 def _field(default: Any, help: str, group: str) -> Any:
@@ -308,24 +305,6 @@ def validate(cfg: TrainConfig) -> None:
         bad("length_normalize", f"loss_type {cfg.loss_type} is always length-normalised; the flag only applies to sigmoid, robust, hinge")
 
 
-def expected_accelerator() -> str:
-    """The device DeepSpeed will run on, known before it is imported: DS_ACCELERATOR when set, else cuda where a
-    CUDA device is visible, else cpu."""
-    import torch
-
-    return os.environ.get("DS_ACCELERATOR") or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def resolve_precision(precision: str) -> str:
-    """`auto` -> bf16 on a CUDA device that supports it (and DeepSpeed is not forced onto the CPU), else fp32."""
-    if precision != "auto":
-        return precision
-    import torch
-
-    gpu = expected_accelerator() == "cuda" and torch.cuda.is_available()
-    return "bf16" if gpu and torch.cuda.is_bf16_supported() else "fp32"
-
-
 def uses_lora(cfg: TrainConfig) -> bool:
     return cfg.lora_r > 0 or cfg.lora_adapter is not None
 
@@ -408,102 +387,6 @@ def config_from_args(args: argparse.Namespace, defaults: dict[str, Any] | None =
     return cfg
 
 
+
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
-
-
-# Fields naming a model directory (or a hub id) and fields naming a file or directory the run reads.
-MODEL_PATH_FIELDS = ("model_name_or_path", "ref_model_name_or_path")
-INPUT_PATH_FIELDS = ("train_file", "eval_file", "deepspeed_config", "ref_deepspeed_config", "resume_from")
-HUB_CHECK_TIMEOUT_S = 5.0
-
-
-def check_paths(cfg: TrainConfig, skip: tuple[str, ...] = ()) -> None:
-    """Every path the run reads exists and is readable: a ConfigError naming the field and the path before
-    any model, tokenizer or data is loaded (a missing path would otherwise surface as a library traceback,
-    after minutes of loading or a long hub retry). `skip`: fields the command fills itself (bench)."""
-    for name in INPUT_PATH_FIELDS:
-        value = getattr(cfg, name)
-        if value is None or name in skip or (name == "resume_from" and value == "auto"):
-            continue
-        if not Path(value).exists():
-            raise ConfigError(f"field '{name}': {value}: no such file or directory", name)
-        _check_readable(name, Path(value))
-    for name in MODEL_PATH_FIELDS:
-        value = getattr(cfg, name)
-        if value is not None and name not in skip:
-            check_model_path(name, value)
-
-
-def _check_readable(name: str, path: Path) -> None:
-    if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
-        raise ConfigError(f"field '{name}': {path}: not readable (permission denied)", name)
-
-
-def check_model_path(name: str, value: str) -> None:
-    """A model directory with a config.json, or a hub id that is in the local Hugging Face cache or that the
-    hub confirms within HUB_CHECK_TIMEOUT_S (transformers would otherwise retry for most of a minute)."""
-    path = Path(value)
-    if path.is_dir():
-        _check_readable(name, path)
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"field '{name}': {value}: not a Hugging Face model directory (no config.json)", name)
-        _check_readable(name, path / "config.json")
-        return
-    if path.exists():
-        raise ConfigError(f"field '{name}': {value}: not a directory (a model is a directory with config.json)", name)
-    parts = value.split("/")
-    if value.startswith((".", "/", "~")) or len(parts) > 2 or not all(parts):
-        raise ConfigError(f"field '{name}': {value}: no such directory", name)
-    import huggingface_hub
-    from huggingface_hub.errors import RepositoryNotFoundError
-
-    if isinstance(huggingface_hub.try_to_load_from_cache(value, "config.json"), str):
-        return
-    try:
-        huggingface_hub.model_info(value, timeout=HUB_CHECK_TIMEOUT_S)
-    except RepositoryNotFoundError:
-        raise ConfigError(f"field '{name}': {value}: no such directory, and no such model on the Hugging Face hub", name) from None
-    except Exception as err:  # offline mode, no network, timeout, gated repo: nothing to load either way
-        raise ConfigError(f"field '{name}': {value}: no such directory, not in the local Hugging Face cache, and the "
-                          f"hub could not confirm it ({type(err).__name__})", name) from None
-
-
-# ---------------------------------------------------------------------------- docs/configuration.md
-REFERENCE_COMMAND = "python -m dpo_ds.config --markdown > docs/configuration.md"
-GROUP_TITLES = {"model": "Model", "lora": "LoRA", "data": "Data", "loss": "Loss", "guards": "Drift and stability guards",
-                "optim": "Optimization", "engine": "Engine", "output": "Outputs and monitoring"}
-
-
-def markdown_reference() -> str:
-    """The configuration reference (docs/configuration.md): every TrainConfig field by group, with its default,
-    the values its flag takes and its help text, the same text `dpo-ds train --help` prints."""
-    parser = argparse.ArgumentParser()
-    add_config_arguments(parser)
-    metavars = {action.dest: action.metavar for action in parser._actions}
-    lines = ["# Configuration reference", "",
-             f"<!-- Generated from dpo_ds/config.py's TrainConfig by `{REFERENCE_COMMAND}`; do not edit. -->", "",
-             "Every field is a YAML key of the `--config` file and a `--field value` flag of `dpo-ds train`, "
-             "`prepare` and `bench` (flags win over the file); `dpo-ds train --help` prints the same text. Values "
-             "are checked before any model loads, and an error names the file, line and field "
-             "(`run.yaml:7: field 'beta': expected a number, got 'abc'`). A `—` default means unset.", ""]
-    by_group: dict[str, list[dataclasses.Field]] = {}
-    for f in dataclasses.fields(TrainConfig):
-        by_group.setdefault(f.metadata["group"], []).append(f)
-    for group, fields in by_group.items():
-        lines += [f"## {GROUP_TITLES[group]}", "", "| field | default | value | meaning |", "|---|---|---|---|"]
-        for f in fields:
-            default = "—" if f.default is None else str(f.default).lower() if isinstance(f.default, bool) else str(f.default)
-            cells = (f"`{f.name}`", f"`{default}`" if f.default is not None else default, f"`{metavars[f.name]}`",
-                     f.metadata["help"])
-            lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    cli = argparse.ArgumentParser(prog="python -m dpo_ds.config", description="Print the configuration reference.")
-    cli.add_argument("--markdown", action="store_true", required=True,
-                     help="as Markdown: the text of docs/configuration.md")
-    cli.parse_args()
-    print(markdown_reference(), end="")

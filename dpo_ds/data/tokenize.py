@@ -1,0 +1,224 @@
+"""Tokenization: validated pairs -> token ids as TRL computes them, in chunks of rows, in worker processes.
+
+ids(prompt) and ids(prompt + completion) are computed on whole strings and the completion is the tail after
+len(ids(prompt)); EOS is appended when missing. Conversational rows go through the tokenizer's chat template
+(generation prompt on the prompt). Where it is exact (dpo_ds.data.prompt_reuse), each prompt is encoded once.
+"""
+from __future__ import annotations
+
+import collections
+import functools
+import itertools
+import json
+import multiprocessing
+import os
+import signal
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from dpo_ds.data.examples import TokenColumn, empty_stats
+from dpo_ds.data.prompt_reuse import PromptReuse
+from dpo_ds.data.rows import DataError, PreferenceRow, location, row_chunks, source_kind, validate_row
+
+TOKENIZATION_VERSION = 1  # in the data fingerprint: bump when the token ids of a row change
+
+
+class PairTokenizer:
+    def __init__(self, tokenizer, max_length: int, max_prompt_length: int | None = None):
+        if tokenizer.eos_token_id is None:
+            raise DataError("tokenizer has no EOS token; set `eos_token` in its tokenizer_config.json")
+        self.tok = tokenizer
+        self.max_length = max_length
+        self.max_prompt_length = max_prompt_length
+        self.encoding_path = ""  # which encoding prompt_reuse chose, and why (set with it)
+
+    @functools.cached_property
+    def prompt_reuse(self) -> PromptReuse | None:
+        """Encodes each prompt once where that is exact for this tokenizer; None: prompts are encoded whole.
+        Decided on first use, so that loading a prepared cache does not pay for it."""
+        reuse, self.encoding_path = PromptReuse.for_tokenizer(self.tok)
+        return reuse
+
+    def _texts(self, row: PreferenceRow) -> tuple[str, str, str, bool]:
+        """(prompt text, chosen text, rejected text, special tokens already in the text?)."""
+        if isinstance(row.chosen, str):
+            return row.prompt, row.chosen, row.rejected, False
+        if not getattr(self.tok, "chat_template", None):
+            raise DataError("conversational rows need a tokenizer with a chat_template")
+        prompt = self.tok.apply_chat_template(row.prompt, tokenize=False, add_generation_prompt=True)
+
+        def completion(messages: list) -> str:
+            full = self.tok.apply_chat_template(row.prompt + messages, tokenize=False)
+            # the completion is what the template adds after the generation prompt
+            return full[len(prompt):] if full.startswith(prompt) else full[len(os.path.commonprefix([full, prompt])):]
+
+        return prompt, completion(row.chosen), completion(row.rejected), True
+
+    def _encode_triples(self, texts: list[tuple[str, str, str]], add_special_tokens: bool) -> tuple[list, int]:
+        """([ids(p), ids(p + c), ids(p + r)] of each (p, c, r), prompts encoded once)."""
+        if self.prompt_reuse is not None:
+            return self.prompt_reuse.encode(texts, add_special_tokens)
+        batch = [s for p, c, r in texts for s in (p, p + c, p + r)]
+        ids = self.tok(batch, add_special_tokens=add_special_tokens)["input_ids"]
+        return [ids[k:k + 3] for k in range(0, len(ids), 3)], 0
+
+    def encode(self, rows: Sequence[PreferenceRow]) -> tuple[list[tuple[list[int], list[int], list[int], bool]], int]:
+        """(untruncated (prompt ids, chosen ids, rejected ids, prompt-was-a-prefix) of each row, how many prompts
+        were encoded once), with one batched tokenizer call per kind of row (plain text / chat-templated)."""
+        texts = [self._texts(row) for row in rows]
+        out: list = [None] * len(rows)
+        eos = self.tok.eos_token_id
+        reused = 0
+        for templated in (False, True):
+            mine = [i for i, t in enumerate(texts) if t[3] == templated]
+            if not mine:
+                continue
+            triples, n = self._encode_triples([texts[i][:3] for i in mine], add_special_tokens=not templated)
+            reused += n
+            for i, (prompt_ids, *fulls) in zip(mine, triples):
+                is_prefix = True
+                completions = []
+                for full in fulls:
+                    is_prefix &= full[: len(prompt_ids)] == prompt_ids
+                    tail = full[len(prompt_ids):]
+                    if not tail or tail[-1] != eos:
+                        tail = tail + [eos]
+                    completions.append(tail)
+                out[i] = (prompt_ids, completions[0], completions[1], is_prefix)
+        return out, reused
+
+    def truncate(self, prompt_ids: list[int], chosen: list[int], rejected: list[int]
+                 ) -> tuple[list[int], list[int], list[int]] | None:
+        """Keep the last max_prompt_length prompt tokens and cut completions to max_length; None when the prompt
+        leaves no completion token."""
+        if self.max_prompt_length is not None and len(prompt_ids) > self.max_prompt_length:
+            prompt_ids = prompt_ids[-self.max_prompt_length:]
+        room = self.max_length - len(prompt_ids)
+        if room < 1:
+            return None
+        return prompt_ids, chosen[:room], rejected[:room]
+
+
+@dataclass
+class ChunkResult:
+    """What tokenizing one chunk of rows gives, in file order: kept pairs as flat arrays, untruncated lengths
+    of every tokenized pair (for the length report), counters, and the chunk's first bad row (when not skipped)."""
+    numbers: np.ndarray
+    columns: dict[str, tuple[np.ndarray, np.ndarray]]  # name -> (flat int32 ids, int64 lengths)
+    raw_lengths: np.ndarray  # [pairs tokenized, 3] int32: prompt, chosen, rejected before truncation
+    stats: dict[str, int]
+    error: str | None = None
+    prompts_encoded_once: int = 0  # of the chunk's tokenized rows (dpo_ds.data.prompt_reuse)
+
+
+class ChunkTokenizer:
+    """Rows of one chunk -> ChunkResult: parse (JSONL), validate, batch-tokenize, truncate, count. Runs in the
+    tokenizer processes; a bad row ends the chunk there unless skip_bad_rows."""
+
+    def __init__(self, path: str, kind: str, pair_tokenizer: PairTokenizer, skip_bad_rows: bool):
+        self.path, self.kind, self.pair_tokenizer, self.skip_bad_rows = path, kind, pair_tokenizer, skip_bad_rows
+
+    def _row(self, number: int, raw: Any) -> PreferenceRow:
+        where = location(self.path, self.kind, number)
+        if self.kind == "jsonl":
+            try:
+                raw = json.loads(raw)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{where}: invalid JSON: {err.msg} (column {err.colno})") from None
+        return validate_row(where, raw)
+
+    def __call__(self, chunk: list[tuple[int, Any]]) -> ChunkResult:
+        stats = empty_stats()
+        rows, numbers, error = [], [], None
+        for number, raw in chunk:
+            stats["rows"] += 1
+            try:
+                rows.append(self._row(number, raw))
+                numbers.append(number)
+            except DataError as err:
+                if not self.skip_bad_rows:
+                    error = str(err)
+                    break
+                stats["skipped_bad_rows"] += 1
+        reused = 0
+        try:
+            encoded, reused = self.pair_tokenizer.encode(rows)
+        except DataError as err:  # e.g. chat rows without a chat template: not a property of one row
+            encoded, error = [], error or f"{self.path}: {err}"
+        kept = {"prompt": [], "chosen": [], "rejected": []}
+        kept_numbers = []
+        raw_lengths = np.zeros((len(encoded), 3), dtype=np.int32)
+        for j, (number, (prompt_ids, chosen, rejected, is_prefix)) in enumerate(zip(numbers, encoded)):
+            raw_lengths[j] = (len(prompt_ids), len(chosen), len(rejected))
+            stats["prompt_not_prefix"] += not is_prefix
+            cut = self.pair_tokenizer.truncate(prompt_ids, chosen, rejected)
+            if cut is None:
+                stats["dropped_truncated"] += 1
+                continue
+            if cut[1] == cut[2]:  # no preference signal: both completions are the same ids
+                stats["identical_completions"] += 1
+                stats["identical_after_truncation"] += chosen != rejected
+                continue
+            stats["truncated"] += (len(cut[0]), len(cut[1]), len(cut[2])) != tuple(raw_lengths[j])
+            for name, ids in zip(("prompt", "chosen", "rejected"), cut):
+                kept[name].append(ids)
+            kept_numbers.append(number)
+        return ChunkResult(np.asarray(kept_numbers, dtype=np.int64), {k: TokenColumn.flatten(v) for k, v in kept.items()},
+                           raw_lengths, stats, error, reused)
+
+
+_worker: ChunkTokenizer | None = None  # this tokenizer process's ChunkTokenizer (set once, by fork inheritance)
+
+
+def _init_worker(chunk_tokenizer: ChunkTokenizer) -> None:
+    global _worker
+    # Stop signals are the parent's business (the trainer's handlers would make a forked worker ignore the
+    # pool's terminate); the parent ends the pool when it stops.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for sig in (signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already; no nested thread pools
+    torch.set_num_threads(1)
+    _worker = chunk_tokenizer
+
+
+def _run_worker(chunk: list[tuple[int, Any]]) -> ChunkResult:
+    return _worker(chunk)
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def tokenized_chunks(path: str, pair_tokenizer: PairTokenizer, skip_bad_rows: bool, workers: int = 0
+                     ) -> Iterator[ChunkResult]:
+    """ChunkResults of the whole file in file order, from `workers` processes (0: one per available core).
+
+    At most 4 chunks per process are in flight, so a fast reader never queues the file in memory. The first bad
+    row in file order is raised (as DataError) even when a later chunk finished first."""
+    kind = source_kind(path)
+    chunk_tokenizer = ChunkTokenizer(path, kind, pair_tokenizer, skip_bad_rows)
+    chunks = row_chunks(path, kind)
+    workers = workers or default_workers()
+
+    def checked(result: ChunkResult) -> ChunkResult:
+        if result.error:
+            raise DataError(result.error)
+        return result
+
+    if workers == 1:
+        for chunk in chunks:
+            yield checked(chunk_tokenizer(chunk))
+        return
+    # fork: the processes inherit the loaded tokenizer instead of unpickling it (and re-importing torch)
+    with multiprocessing.get_context("fork").Pool(workers, _init_worker, (chunk_tokenizer,)) as pool:
+        pending = collections.deque()
+        for chunk in itertools.chain(chunks, [None]):
+            if chunk is not None:
+                pending.append(pool.apply_async(_run_worker, (chunk,)))
+            while pending and (chunk is None or len(pending) >= 4 * workers):
+                yield checked(pending.popleft().get())
+

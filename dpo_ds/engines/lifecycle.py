@@ -1,0 +1,111 @@
+"""The engines' lifecycle: the ZeRO-3 policy engine (trained: optimizer groups, learning-rate schedule,
+gradient checkpointing, LoRA adapters) and frozen inference engines, built in the same order on every rank (ZeRO-3
+hangs when ranks build or run modules in different orders or counts), and released when no longer needed."""
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+from typing import Any
+
+import deepspeed
+import torch
+from deepspeed.accelerator import get_accelerator
+
+from dpo_ds.config import TrainConfig, uses_lora
+from dpo_ds.engines.models import attention_kernel, load_sharded_model, mark_expert_blocks, model_dtype, prepare_model
+from dpo_ds.hf_dir import ConfigOverride
+from dpo_ds.lora import Adapters, attach_adapters, load_quantized_base
+
+
+def _optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only; norms and biases (1-D) are not decayed."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            shape = getattr(p, "ds_shape", p.shape)  # ZeRO-3 parameters are flat partitions; ds_shape is the real one
+            (decay if len(shape) >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# lr_scheduler field -> transformers' schedule of the same shape (linear warm-up from 0, then the named decay)
+SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+
+
+def lr_scheduler(schedule: str, warmup_steps: int, total_steps: int):
+    """The schedule as DeepSpeed takes it (a function of the optimizer): transformers' own, so the rates are the
+    ones a transformers/TRL run of the same settings uses."""
+    from transformers import get_scheduler
+
+    return lambda optimizer: get_scheduler(SCHEDULES[schedule], optimizer, num_warmup_steps=warmup_steps,
+                                           num_training_steps=total_steps)
+
+
+@dataclass
+class PolicyEngine:
+    """The policy's engine and what the run did to its model, declared here rather than stored on the model."""
+    engine: deepspeed.DeepSpeedEngine
+    config_overrides: list[ConfigOverride]  # undone in the config files the run writes (hf_dir.saved_config)
+    adapters: Adapters | None               # LoRA: the peft handle; None for full fine-tuning
+
+
+def build_policy_engine(cfg: TrainConfig, ds_config: dict[str, Any], total_steps: int) -> PolicyEngine:
+    if cfg.lora_quantize is not None:  # QLoRA: the frozen base in 4 bits, partitioned by deepspeed.initialize
+        model = load_quantized_base(cfg, model_dtype(cfg), attention_kernel(cfg))
+    else:
+        model = load_sharded_model(cfg.model_name_or_path, ds_config, model_dtype(cfg), cfg.trust_remote_code,
+                                   cfg.weights_loader, attention_kernel(cfg))
+    overrides = prepare_model(model, cfg)
+    model.train()
+    if cfg.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    # LoRA: base frozen, only adapter parameters reach the optimizer
+    adapters = attach_adapters(model, cfg) if uses_lora(cfg) else None
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=_optimizer_groups(model, cfg.weight_decay), config=ds_config,
+        lr_scheduler=lr_scheduler(cfg.lr_scheduler, cfg.warmup_steps, total_steps))
+    # NaN/Inf gradients on any rank make the all-reduced gradient norm non-finite; DeepSpeed (>= 0.19.8) then
+    # skips the update on every rank in every precision and `was_step_applied()` is False.
+    return PolicyEngine(engine, overrides, adapters)
+
+
+def build_inference_engine(path: str, ds_config: dict[str, Any], dtype: torch.dtype, trust_remote_code: bool,
+                           weights_loader: str = "streamed", attn_implementation: str | None = None,
+                           cfg: TrainConfig | None = None):
+    """A frozen ZeRO-3 engine without optimizer, in eval mode (prepared as `cfg` says when given)."""
+    model = load_sharded_model(path, ds_config, dtype, trust_remote_code, weights_loader, attn_implementation)
+    if cfg is not None:
+        prepare_model(model, cfg)
+    else:
+        mark_expert_blocks(model)
+    model.requires_grad_(False)
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config)
+    engine.eval()
+    return engine
+
+
+def release_engine(engine) -> None:
+    """Free an engine that is no longer needed (the reference after precomputing its log-probs)."""
+    from deepspeed.runtime.zero import parameter_offload
+
+    engine.destroy()
+    # DeepSpeed 0.19 appends every ZeRO-3 model's root module to this module-level stack and never removes it,
+    # which keeps the model, its hooks and so the whole engine alive.
+    parameter_offload.FWD_MODULE_STACK[:] = [m for m in parameter_offload.FWD_MODULE_STACK if m is not engine.module]
+    # Something else in DeepSpeed can still hold the engine object; its weights must go regardless.
+    for param in engine.module.parameters():
+        if hasattr(param, "ds_tensor"):
+            param.ds_tensor.data = torch.empty(0, dtype=param.ds_tensor.dtype, device=param.ds_tensor.device)
+        param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+    del engine
+    gc.collect()
+    get_accelerator().empty_cache()
+    release_host_cache()
+
+
+def release_host_cache() -> None:
+    """Give torch's cached pinned host memory back to the system (empty_cache frees only device memory): after
+    the reference's precompute, its offloaded (pinned) weights would otherwise stay allocated all run."""
+    if torch.cuda.is_available():
+        empty = getattr(torch.accelerator, "empty_host_cache", None) or torch._C._host_emptyCache
+        empty()
+
