@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from dpo_ds import data as D
-from dpo_ds.data import rows as rows_module, store
+from dpo_ds.data import rows as rows_module, store, tokenize as tokenize_module
 from dpo_ds.data.examples import STAT_KEYS
 from dpo_ds.data import DataError, PairSampler, PairTokenizer, TokenizedPairs, collate, load_pairs, tokenize_file
 
@@ -673,6 +673,31 @@ def test_first_bad_row_in_file_order_with_parallel_workers(tmp_path, tok, demo_r
         assert str(info.value).startswith(f"{path}:5: field 'chosen':")
         pairs = tokenize_file(path, PairTokenizer(tok, 512), True, workers=workers)
         assert pairs.stats["skipped_bad_rows"] == 2 and len(pairs) == 10
+
+
+def test_small_file_is_tokenized_without_processes(tmp_path, tok, demo_rows):
+    """Issue 24 item 5: a file of one chunk started a pool of forked processes anyway (a unit test: starting one
+    fails it, tests/conftest.py)."""
+    path = write_jsonl(tmp_path / "small.jsonl", demo_rows[:8])
+    pairs = tokenize_file(path, PairTokenizer(tok, 512), False, workers=4)
+    assert list(pairs.pair_ids) == [f"{path}:{i + 1}" for i in range(8)]
+
+
+@pytest.mark.distributed
+def test_stuck_tokenizer_process_is_named_and_ended(tmp_path, tok, demo_rows, monkeypatch):
+    """Issue 24 item 5: the tokenization pool hung the job (a forked worker holding the trainer's SIGTERM handler
+    did not heed terminate). Workers now start from a fresh forkserver process with the default SIGTERM; a chunk
+    not finished within CHUNK_TIMEOUT_S is named, and the pool's terminate ends the stuck process."""
+    monkeypatch.setattr(rows_module, "CHUNK_ROWS", 3)
+    monkeypatch.setattr(tokenize_module, "CHUNK_TIMEOUT_S", 30)
+    rows = demo_rows[:12]
+    rows[7] = {**rows[7], "prompt": "stuck here"}  # line 8: the third chunk, lines 7-9
+    path = write_jsonl(tmp_path / "stuck.jsonl", rows)
+    from helpers import StuckOnRow  # tests/ is on the path of the test process, not of a module import
+
+    with pytest.raises(DataError) as info:
+        tokenize_file(path, StuckOnRow(tok, 512, "stuck here"), False, workers=2)
+    assert str(info.value).startswith(f"{path}:7: rows 7-9 are still being tokenized after 30 s in a tokenizer process")
 
 
 def test_cache_is_flat_memory_mapped_arrays(tmp_path, tok, demo_rows):
