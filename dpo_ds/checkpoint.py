@@ -161,7 +161,7 @@ def save_checkpoint(engine, output_dir: str, state: TrainerState, parallel: Para
     failure = parallel.on_rank0(f"publishing checkpoint {final}", lambda: _publish(
         engine, tmp, final, root, state, save_total_limit, tokenizer, config_overrides, adapter_config, digests))
     if failure is not None:
-        raise CheckpointError(failure, same_on_every_rank=True)
+        raise CheckpointError(failure)
     _verified.add(final.name)
     if parallel.is_main:
         logger.info("checkpoint written: %s", final)
@@ -280,8 +280,7 @@ def _fail_together(error: BaseException | None, tmp: Path, final: Path, parallel
     if parallel.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
     rank, text = failed[0]
-    raise CheckpointError(f"{text} (rank {rank}, writing checkpoint {final.name}; {_kept(final.parent)})",
-                          same_on_every_rank=True) from error
+    raise CheckpointError(f"{text} (rank {rank}, writing checkpoint {final.name}; {_kept(final.parent)})") from error
 
 
 def _prune(root: Path, save_total_limit: int, keep: str) -> None:
@@ -368,7 +367,7 @@ def find_checkpoint(output_dir: str, resume_from: str | None, parallel: Parallel
             good = _newest_good(_complete_checkpoints(path.parent), path, parallel)
             raise CheckpointError(f"cannot resume from {path}: " + "; ".join(problems) + (
                 f". The newest checkpoint beside it that verifies is {good}" if good else
-                ". No checkpoint beside it verifies"), same_on_every_rank=True)
+                ". No checkpoint beside it verifies"))
         _verified.add(path.name)
         return path
     root = Path(output_dir) / CHECKPOINTS_DIR
@@ -387,8 +386,7 @@ def find_checkpoint(output_dir: str, resume_from: str | None, parallel: Parallel
         skipped.append("; ".join(problems))
     else:
         if skipped:
-            raise CheckpointError("no checkpoint to resume from verifies: " + "; ".join(skipped),
-                                  same_on_every_rank=True)
+            raise CheckpointError("no checkpoint to resume from verifies: " + "; ".join(skipped))
         return None
     if skipped and parallel.is_main:
         logger.warning("%s; resuming from %s, the newest checkpoint that verifies (checkpoints/latest now names "
@@ -417,7 +415,7 @@ def resume_point(output_dir: str, resume_from: str | None, current: TrainerState
     problems = check_compatible(saved, current)
     if problems and not ignore_mismatch:
         raise CheckpointError(f"cannot resume from {ckpt}: " + "; ".join(problems)
-                              + " (pass --resume_ignore_mismatch true to resume anyway)", same_on_every_rank=True)
+                              + " (pass --resume_ignore_mismatch true to resume anyway)")
     if saved.world_size != current.world_size:
         prepare_universal(ckpt, parallel)
     return ckpt, saved

@@ -2,17 +2,22 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
+import json
 import logging
 import os
+import re
 import sys
+import tempfile
+import time
 import warnings
 from pathlib import Path
 
 from dpo_ds.console import stdout_for_results_only
 from dpo_ds.errors import EXIT_PREEMPTED, Preempted, UsageError
 from dpo_ds.versions import check_versions
-from launcher.dist import barrier, exit_process, process_rank
+from launcher.dist import exit_process
 from launcher.env import LauncherError, strip_local_rank
 
 # sub-command -> module exposing `HELP`, `add_arguments(parser)` and `run(args) -> int`
@@ -58,6 +63,38 @@ def announce_op_build() -> None:
               f"minute)", file=sys.stderr, flush=True)
 
 
+class CommandParser(argparse.ArgumentParser):
+    """A command's flags, spelled out: no prefix abbreviations (argparse would take `--learning_rat` for
+    `--learning_rate`), and an unknown flag is one line naming it, with the closest flag, as YAML fields are."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
+
+    def parse_args(self, args=None, namespace=None):
+        # an unknown flag first: it is often why a required one looks missing (`--modl` for `--model`)
+        required = [action for action in self._actions if action.required]
+        for action in required:
+            action.required = False
+        try:
+            _, unknown = self.parse_known_args(args)
+        finally:
+            for action in required:
+                action.required = True
+        if unknown:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return super().parse_args(args, namespace)
+
+    def error(self, message: str):
+        unknown = re.match(r"unrecognized arguments: (.*)", message)
+        if unknown:
+            flags = [option for action in self._actions for option in action.option_strings]
+            words = [w for w in unknown.group(1).split() if w.startswith("-")] or unknown.group(1).split()
+            close = difflib.get_close_matches(words[0].split("=")[0], flags, n=1)
+            message = f"unknown flag {words[0]}" + (f" (did you mean {close[0]}?)" if close else "") + \
+                      f"; `{self.prog} --help` lists the flags"
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     argv, local_rank = strip_local_rank(argv)  # `deepspeed --module dpo_ds ...` appends --local_rank=N
@@ -70,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     if not check_versions(f"dpo-ds {argv[0]}"):  # before the command's module imports deepspeed/transformers
         return 2
     module = importlib.import_module(COMMANDS[argv[0]])
-    sub = argparse.ArgumentParser(prog=f"dpo-ds {argv[0]}", description=module.HELP,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = CommandParser(prog=f"dpo-ds {argv[0]}", description=module.HELP,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(sub)
     args = sub.parse_args(argv[1:])
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", default_extensions_dir())
@@ -86,15 +123,11 @@ def run_command(name: str, module, args: argparse.Namespace) -> int:
     try:
         with stdout_for_results_only():
             return int(module.run(args) or 0)
-    except UsageError as err:
-        shared = getattr(err, "same_on_every_rank", False)
-        if not shared or process_rank() == 0:  # a failure every rank raised: one line, from rank 0
-            print(f"dpo-ds {name}: error: {err}", file=sys.stderr, flush=True)
-        if shared:
-            barrier()  # under torchrun the first rank to exit gets the others killed: not before rank 0 has said why
+    except UsageError as err:  # every rank finds the same bad input: one says it
+        report_error(f"dpo-ds {name}: error: {err}", every_rank=False)
         return 2
     except LauncherError as err:  # the rendezvous, or output_dir/cache_dir not shared by every rank
-        print(f"dpo-ds {name}: error: {err}", file=sys.stderr, flush=True)
+        report_error(f"dpo-ds {name}: error: {err}", every_rank=True)
         return 1
     except Preempted as stop:
         logging.getLogger("dpo_ds").warning("%s", stop)
@@ -104,6 +137,35 @@ def run_command(name: str, module, args: argparse.Namespace) -> int:
         return 130
     finally:
         _leave_process_group()
+
+
+def report_error(line: str, every_rank: bool) -> None:
+    """The one line a failed command ends with: on stderr from the first rank of the node to fail (or from each
+    rank, for an error only that rank may see), and in the error file torchrun's agent reads
+    (TORCHELASTIC_ERROR_FILE), so that the agent's failure summary shows this line instead of a traceback."""
+    if every_rank or _first_failure_on_node():
+        print(line, file=sys.stderr, flush=True)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        info = {"py_callstack": line, "timestamp": str(int(time.time()))}
+        Path(error_file).write_text(json.dumps({"message": {"message": line, "extraInfo": info}}))
+
+
+def _first_failure_on_node() -> bool:
+    """Whether this rank is the first of its node to report an error that every rank finds alike (bad input). Not
+    simply rank 0: torchrun, mpirun and srun stop the other ranks once one has failed, so rank 0 may be stopped
+    before it prints. The first rank creates a marker named after the job (master port) and the process that
+    started the node's ranks (torchrun's agent, Open MPI's or Slurm's daemon)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return True
+    marker = Path(tempfile.gettempdir()) / f"dpo-ds-error-{os.environ.get('MASTER_PORT', '')}-{os.getppid()}"
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    except OSError:  # no writable temporary directory: better twice than never
+        return True
+    return True
 
 
 def _leave_process_group() -> None:

@@ -12,12 +12,7 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written after SIGTERM/SIGUSR1; th
 
 
 class UsageError(Exception):
-    """Bad input or a refused run, phrased for the user: `dpo-ds COMMAND: error: <message>`, exit 2.
-    `same_on_every_rank`: every rank raises it alike (a failure the ranks agreed on), so rank 0 alone reports it."""
-
-    def __init__(self, message: str = "", *args, same_on_every_rank: bool = False):
-        super().__init__(message, *args)
-        self.same_on_every_rank = same_on_every_rank
+    """Bad input or a refused run, phrased for the user: `dpo-ds COMMAND: error: <message>`, exit 2."""
 
 
 def describe_error(err: BaseException) -> str:

@@ -1,19 +1,22 @@
 """`dpo-ds eval`: preference accuracy and mean reward margin of a model on held-out pairs.
 
 The implicit reward is r(x, y) = beta * (log pi(y|x) - log pi_ref(y|x)); a pair counts as correct when
-r(chosen) > r(rejected). Without --ref_model, log pi_ref is taken as 0, so the comparison is the model's
-own likelihood of chosen versus rejected. Runs single-process or under any launcher (ZeRO-3 inference
-engines, so models larger than one device work too). Writes one JSON line per pair (log-probs, rewards,
-margin, correct) and prints a JSON summary.
+r(chosen) > r(rejected). A model inside a run folder (<run>/final, a converted checkpoint next to the run's
+run_config.json) is scored as the run trained it: against the run's reference model, with its loss settings,
+unless flags say otherwise. With `--ref_model none` (the default for a model outside a run), log pi_ref is 0 and
+the comparison is the model's own likelihood of chosen versus rejected. Runs single-process or under any launcher
+(ZeRO-3 inference engines, so models larger than one device work too). Writes one JSON line per pair (log-probs,
+rewards, margin, correct) to a new file and prints a JSON summary.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 from pathlib import Path
 
-from dpo_ds.config import TrainConfig, config_from_args
+from dpo_ds.config import ConfigError, TrainConfig, config_from_args
 from dpo_ds.console import emit, setup_logging
 from dpo_ds.data import load_pairs
 from dpo_ds.families import load_model_config
@@ -24,10 +27,14 @@ HELP = __doc__
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="Hugging Face model directory to score.")
-    parser.add_argument("--ref_model", help="Reference model directory (default: none, log pi_ref = 0).")
+    parser.add_argument("--ref_model", help="Reference model directory, or `none` (log pi_ref = 0). Default: the reference "
+                                            "of the run --model belongs to (its ref_model_name_or_path, else its "
+                                            "starting model; none for a reference-free loss), else none.")
     parser.add_argument("--data", required=True, help="Preference pairs (JSONL, Parquet or save_to_disk dir).")
-    parser.add_argument("--output", help="Per-pair JSONL to write (default: eval_pairs_<data file name>.jsonl next to "
-                                         "the model directory, e.g. in the run folder for <run>/final).")
+    parser.add_argument("--output", help="Per-pair JSONL to write (default: a new eval_pairs_<data file name>[-N].jsonl "
+                                         "in the run folder of --model, else in the current directory). An existing "
+                                         "file is refused unless --overwrite.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing --output file.")
     parser.add_argument("--beta", type=float, help="beta of the implicit reward (default: the training run's when --model "
                                                    "is inside a run folder, else 0.1); the loss settings come from the "
                                                    "run too.")
@@ -63,15 +70,48 @@ def default_cache_dir(model: str) -> str:
     return str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dpo-ds")
 
 
+def reference_model(args: argparse.Namespace, trained: tuple[Path, dict] | None) -> str | None:
+    """The reference --model is scored against: --ref_model (`none`: no reference), else the reference of the run
+    it belongs to (that run's ref_model_name_or_path, else its starting model; none for a reference-free loss)."""
+    if args.ref_model is not None:
+        return None if args.ref_model.lower() == "none" else args.ref_model
+    if trained is None:
+        return None
+    folder, run = trained
+    if run.get("reference_free") or run.get("loss_type") in ("simpo", "sft"):
+        return None
+    path = run.get("ref_model_name_or_path") or run.get("model_name_or_path")
+    if path is None or not Path(path).exists():
+        raise ConfigError(f"{folder / 'run_config.json'}: the run's reference model {path!r} is not here; pass "
+                          f"--ref_model DIR (or --ref_model none to score without a reference)", "ref_model")
+    return path
+
+
 def eval_config(args: argparse.Namespace) -> TrainConfig:
     """The run configuration of `dpo-ds eval`, built as every command builds it (config.config_from_args): the
     loss settings of the run that trained --model, then the flags named like config fields (--beta,
     --max_length, --precision, ...), then what --model, --ref_model and --data say."""
     trained = trained_by(args.model)
     loss_settings = {name: trained[1][name] for name in LOSS_FIELDS if name in trained[1]} if trained else {}
+    reference = reference_model(args, trained)
     return config_from_args(args, defaults=loss_settings,
-                            fixed={"model_name_or_path": args.model, "ref_model_name_or_path": args.ref_model,
-                                   "train_file": args.data, "reference_free": args.ref_model is None})
+                            fixed={"model_name_or_path": args.model, "ref_model_name_or_path": reference,
+                                   "train_file": args.data, "reference_free": reference is None})
+
+
+def output_path(args: argparse.Namespace) -> Path:
+    """Where the per-pair records go: --output (an existing file only with --overwrite), else a new file named
+    after the data in the run folder of --model, or in the current directory."""
+    if args.output:
+        output = Path(args.output)
+        if output.exists() and not args.overwrite:
+            raise ConfigError(f"--output {output}: the file exists; pass --overwrite to replace it", "output")
+        return output
+    trained = trained_by(args.model)
+    folder = trained[0] if trained else Path.cwd()
+    stem = f"eval_pairs_{Path(args.data).stem}"
+    candidates = (folder / (f"{stem}.jsonl" if n == 1 else f"{stem}-{n}.jsonl") for n in itertools.count(1))
+    return next(path for path in candidates if not path.exists())
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
     from dpo_ds.step import StepContext, evaluate_pairs, pad_id_of
 
     cfg = eval_config(args)
+    output = output_path(args)  # refused before anything loads when it would overwrite
     parallel = Parallel.init(timeout_s=cfg.dist_timeout_s)
     setup_logging(parallel.rank)
     cache_dir = args.cache_dir or default_cache_dir(args.model)
@@ -96,12 +137,11 @@ def run(args: argparse.Namespace) -> int:
     reference = build_reference(cfg, hidden, parallel)
     metrics, records = evaluate_pairs(StepContext.create(cfg, parallel, model, reference, pad_id_of(tokenizer)), pairs)
     if parallel.is_main:
-        output = Path(args.output or Path(args.model).resolve().parent / f"eval_pairs_{Path(args.data).stem}.jsonl")
         output.parent.mkdir(parents=True, exist_ok=True)
         with output.open("w") as fh:
             for record in records:
                 fh.write(json.dumps(record) + "\n")
-        summary = {"model": args.model, "ref_model": args.ref_model, "data": args.data, "beta": cfg.beta,
+        summary = {"model": args.model, "ref_model": cfg.ref_model_name_or_path, "data": args.data, "beta": cfg.beta,
                    "loss_type": cfg.loss_type, "pairs": len(records),
                    "accuracy": metrics["eval/rewards/accuracies"], "mean_margin": metrics["eval/rewards/margins"],
                    "ties": sum(r["margin"] == 0 for r in records), "loss": metrics["eval/loss"],

@@ -37,7 +37,7 @@ def write_on_rank0(what: str, work, tmp: Path) -> None:
 
     failure = on_rank0(what, attempt)
     if failure is not None:
-        raise ExportError(failure, same_on_every_rank=True)
+        raise ExportError(failure)
 
 
 def validate_hf_dir(out_dir: Path, expected_shapes: dict[str, tuple[int, ...]]) -> None:

@@ -1,6 +1,6 @@
 """ZeRO-3 loading of a Hugging Face causal LM with memory bounded by one tensor, on every rank.
 
-`load_sharded_pretrained` is a drop-in replacement for `engines.load_sharded_model`. transformers'
+`load_sharded_pretrained` is a drop-in replacement for `engines.models.load_sharded_model`. transformers'
 own ZeRO-3 path (`from_pretrained` under `HfDeepSpeedConfig`) partitions the model at construction but
 then has rank 0 open every safetensors file and keep all of its tensors referenced until loading ends:
 rank 0 holds the whole checkpoint (as memory-mapped file pages, counted in its RSS) on top of its
@@ -284,7 +284,7 @@ def load_weights(plan, checkpoint: dict[str, TensorEntry]) -> None:
 
 def load_sharded_pretrained(path: str, ds_config: dict[str, Any], dtype: torch.dtype, trust_remote_code: bool,
                             attn_implementation: str | None = None):
-    """Drop-in for `engines.load_sharded_model`: the model at `path`, ZeRO-3 partitioned, with no rank ever
+    """Drop-in for `engines.models.load_sharded_model`: the model at `path`, ZeRO-3 partitioned, with no rank ever
     holding more than its partition plus one tensor. Every rank must call it, in the same order."""
     from transformers import GenerationConfig
 

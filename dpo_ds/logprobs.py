@@ -12,6 +12,8 @@ Token log-prob = logit[target] - logsumexp(logits). Two paths compute it:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -99,23 +101,63 @@ def scored_positions(loss_mask: torch.Tensor) -> torch.Tensor:
     return _scored_mask(loss_mask).reshape(-1).nonzero().squeeze(-1)
 
 
-def _scoring(input_ids: torch.Tensor, loss_mask: torch.Tensor, sequence_ids: torch.Tensor | None,
-             num_sequences: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """(next-token targets, scored-position mask, sequence of each position, number of sequences), all [N, T].
+@dataclass
+class Scoring:
+    """What every position [N, T] of a batch scores: the logits at a position predict `targets` there, the
+    position counts when `mask` is set, and its log-prob adds to sequence `segments` (of `num_sequences`).
 
-    The logits at position t predict input_ids[:, t + 1]; the position is scored when that token is a
-    completion token. A score belongs to the sequence of the token it predicts."""
+    `scoring_of` derives it from a collated batch; a sequence-parallel shard carries the slice of its whole
+    batch's Scoring (dpo_ds.sequence_parallel), since its last position predicts the next shard's first token."""
+    targets: torch.Tensor
+    mask: torch.Tensor
+    segments: torch.Tensor
+    num_sequences: int
+
+    def positions(self) -> torch.Tensor:
+        """Flat indices of the scored positions (`scored_positions` of this Scoring)."""
+        return self.mask.reshape(-1).nonzero().squeeze(-1)
+
+
+def scoring_of(input_ids: torch.Tensor, loss_mask: torch.Tensor, sequence_ids: torch.Tensor | None = None,
+               num_sequences: int | None = None) -> Scoring:
+    """The Scoring of a collated batch: the logits at position t predict input_ids[:, t + 1]; the position is
+    scored when that token is a completion token, and the score belongs to the sequence of the token it
+    predicts. Right-padded (no `sequence_ids`): one sequence per row."""
     next_ids = torch.cat([input_ids[:, 1:], torch.zeros_like(input_ids[:, :1])], dim=1)
     mask = _scored_mask(loss_mask)
-    if sequence_ids is None:  # right-padded: one sequence per row
+    if sequence_ids is None:
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-        return next_ids, mask, rows[:, None].expand_as(input_ids), input_ids.shape[0]
+        return Scoring(next_ids, mask, rows[:, None].expand_as(input_ids), input_ids.shape[0])
     segments = torch.cat([sequence_ids[:, 1:], sequence_ids[:, -1:]], dim=1)
-    return next_ids, mask, segments, num_sequences
+    return Scoring(next_ids, mask, segments, num_sequences)
 
 
-def _counts(mask: torch.Tensor, segments: torch.Tensor, n: int) -> torch.Tensor:
-    return torch.zeros(n, device=mask.device).index_add_(0, segments.reshape(-1), mask.reshape(-1).float())
+def _counts(scoring: Scoring) -> torch.Tensor:
+    return torch.zeros(scoring.num_sequences, device=scoring.mask.device).index_add_(
+        0, scoring.segments.reshape(-1), scoring.mask.reshape(-1).float())
+
+
+def score_logits(logits: torch.Tensor, scoring: Scoring, chunk_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of scored token log-probs, scored-token counts) per sequence, from logits [N, T, V]."""
+    # Score every position (the last against a dummy, never counted) so the logits are used whole: a slice
+    # would make autograd build a full-size zero gradient for them. `where`, not multiply: a NaN/Inf at a
+    # padding position must not reach the sum (0 * NaN = NaN).
+    scored = torch.where(scoring.mask, token_logps(logits, scoring.targets, chunk_size), 0.0)
+    sums = scored.new_zeros(scoring.num_sequences).index_add(0, scoring.segments.reshape(-1), scored.reshape(-1))
+    return sums, _counts(scoring)
+
+
+def score_hidden(hidden: torch.Tensor, weight: torch.Tensor, scoring: Scoring, chunk_size: int = 256,
+                 scored: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """As `score_logits`, from the last hidden states [N, T, d] and the output projection's weight [V, d]
+    (logits = hidden @ weight.T), projecting only the scored positions (`scoring.positions()`, computed here
+    when `scored` is not given)."""
+    if scored is None:
+        scored = scoring.positions()
+    tokens = _HeadTokenLogps.apply(hidden.reshape(-1, hidden.shape[-1]).index_select(0, scored), weight,
+                                   scoring.targets.reshape(-1)[scored], chunk_size)
+    sums = tokens.new_zeros(scoring.num_sequences).index_add(0, scoring.segments.reshape(-1)[scored], tokens)
+    return sums, _counts(scoring)
 
 
 def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor, chunk_size: int = 256,
@@ -127,13 +169,7 @@ def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: tor
     Right-padded batches: one sequence per row, results [N]. Packed batches (`sequence_ids` [N, T] gives each
     position's sequence): results [num_sequences].
     """
-    next_ids, mask, segments, n = _scoring(input_ids, loss_mask, sequence_ids, num_sequences)
-    # Score every position (the last against a dummy, never counted) so the logits are used whole: a slice
-    # would make autograd build a full-size zero gradient for them. `where`, not multiply: a NaN/Inf at a
-    # padding position must not reach the sum (0 * NaN = NaN).
-    scored = torch.where(mask, token_logps(logits, next_ids, chunk_size), 0.0)
-    sums = scored.new_zeros(n).index_add(0, segments.reshape(-1), scored.reshape(-1))
-    return sums, _counts(mask, segments, n)
+    return score_logits(logits, scoring_of(input_ids, loss_mask, sequence_ids, num_sequences), chunk_size)
 
 
 def head_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor,
@@ -143,10 +179,7 @@ def head_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, input_ids: t
     """As `sequence_logps`, from the last hidden states [N, T, d] and the output projection's weight [V, d]
     (logits = hidden @ weight.T), projecting only the scored positions (`scored_positions(loss_mask)`, computed
     here when not given)."""
-    next_ids, mask, segments, n = _scoring(input_ids, loss_mask, sequence_ids, num_sequences)
     if scored is None:
         scored = scored_positions(loss_mask)
-    tokens = _HeadTokenLogps.apply(hidden.reshape(-1, hidden.shape[-1]).index_select(0, scored), weight,
-                                   next_ids.reshape(-1)[scored], chunk_size)
-    sums = tokens.new_zeros(n).index_add(0, segments.reshape(-1)[scored], tokens)
-    return sums, _counts(mask, segments, n)
+    return score_hidden(hidden, weight, scoring_of(input_ids, loss_mask, sequence_ids, num_sequences), chunk_size,
+                        scored)

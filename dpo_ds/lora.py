@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import logging
 import shutil
 import warnings
 from pathlib import Path
@@ -33,6 +34,11 @@ REFERENCE = "reference"  # the frozen copy of the starting adapter (lora_adapter
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PeftModel's path to the transformers model
+
+# peft imports bitsandbytes whenever it is installed, also for plain LoRA; on CPUs with AVX512-BF16 bitsandbytes then
+# looks for a hub kernel (the `kernels` package) and warns on every rank when it cannot have it, before falling back to
+# its own kernel: nothing a dpo-ds user can act on.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 class Adapters:

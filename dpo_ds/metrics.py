@@ -115,6 +115,7 @@ class PairStats:
             "token_occupancy": s["real_tokens"] / max(s["padded_tokens"], 1.0),
             "tokens_per_s": s["real_tokens"] / window_time if window_time > 0 else 0.0,
             "step_time_s": window_time / steps,
+            "window_steps": steps,  # optimizer steps this row covers (fewer in the first window after a resume)
         }
 
 

@@ -4,7 +4,8 @@ Runs without a process group (a CPU node is enough: slurm/prepare.sbatch CONFIG.
 node's cores (`prepare_workers`), and writes the same cache `train` and `eval` look for (same fingerprint:
 file contents, tokenizer, max_length, max_prompt_length, skip_bad_rows), so training then starts without
 tokenizing. Prints, per file: pairs kept / dropped / cut, bad rows skipped, pairs skipped for identical
-chosen/rejected ids, token totals, length percentiles and the time taken. With a byte-level BPE tokenizer
+chosen/rejected ids, token totals, length percentiles and the time taken; `--show N` prints N pairs as the model
+will see them. With a byte-level BPE tokenizer
 (GPT-2's, Llama-3's or Qwen2's regex split) each prompt is encoded once, with the same ids as encoding
 prompt + completion whole (the log says which path ran).
 
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 
 from dpo_ds.config import TrainConfig, add_config_arguments, config_from_args
-from dpo_ds.console import setup_logging
+from dpo_ds.console import emit, setup_logging
 from dpo_ds.data import TokenizedPairs, format_report, load_pairs
 from dpo_ds.parallel import Parallel
 
@@ -28,7 +29,22 @@ logger = logging.getLogger("dpo_ds")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--show", type=int, default=0, metavar="N",
+                        help="Print the first N training pairs as the model will see them: prompt and completions "
+                             "decoded separately (the completion boundary), special tokens and whitespace visible.")
     add_config_arguments(parser)
+
+
+def show_pairs(pairs: TokenizedPairs, tokenizer, n: int) -> str:
+    """The first `n` pairs decoded as the model sees them, one labelled line per part, quoted so that special
+    tokens and whitespace (a template's newline, a doubled end token) are visible."""
+    lines = []
+    for i in range(min(n, len(pairs))):
+        parts = {name: pairs.column(name)[i].tolist() for name in pairs.COLUMNS}
+        sizes = " + ".join(f"{len(ids)} {name}" for name, ids in parts.items())
+        lines.append(f"pair {i + 1} of {len(pairs)} ({pairs.pair_ids[i]}): {sizes} tokens")
+        lines += [f"  {name:<9}{tokenizer.decode(ids, skip_special_tokens=False)!r}" for name, ids in parts.items()]
+    return "\n".join(lines)
 
 
 def cache_dir_of(cfg: TrainConfig) -> str:
@@ -57,5 +73,7 @@ def run(args: argparse.Namespace) -> int:
     for path, pairs in ((cfg.train_file, train_pairs), (cfg.eval_file, eval_pairs)):
         if pairs is not None:
             print(f"{format_report(pairs, path)}\n  cache: {pairs.cache_path}", file=sys.stderr)
+    if args.show:
+        emit(show_pairs(train_pairs, tokenizer, args.show))
     print(f"dpo-ds prepare: done in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return 0

@@ -52,7 +52,7 @@ class LiveReference:
     def __init__(self, engine, chunk_size: int, head: torch.nn.Linear | None):
         self.engine = engine
         self.chunk_size = chunk_size
-        self.head = head  # engines.scoring_head of the engine's model
+        self.head = head  # scoring.scoring_head of the engine's model
 
     @torch.no_grad()
     def logps(self, micro: MicroBatch) -> torch.Tensor:

@@ -6,7 +6,7 @@ chat template, or whose embedding table has a different number of rows, would sc
 (or index out of range) and silently corrupt every reward. `check_reference_compatible` refuses such a
 pair before any engine is built, naming the first difference it finds.
 
-Only tokenizers and configs are loaded (`AutoTokenizer`, `AutoConfig`), never weights: the embedding size
+Only tokenizers and configs are loaded (`AutoTokenizer`, `families.load_model_config`), never weights: the embedding size
 is taken from the config's `vocab_size`, which is the row count of `get_input_embeddings()` for a model
 that was saved consistently. Hidden sizes may differ; only the vocabulary has to match.
 """
@@ -16,6 +16,7 @@ import os
 from typing import Any
 
 from dpo_ds.config import ConfigError
+from dpo_ds.families import load_model_config
 
 # Texts whose encodings must agree: catches tokenizers with equal vocabularies that still split text
 # differently (merges, normalizer, pre-tokenizer, automatic BOS/EOS).
@@ -72,11 +73,11 @@ def _same_location(a: str, b: str) -> bool:
 
 
 def _load(kind: str, path: str, trust_remote_code: bool) -> Any:
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    loader = AutoTokenizer if kind == "tokenizer" else AutoConfig
+    loader = AutoTokenizer.from_pretrained if kind == "tokenizer" else load_model_config
     try:
-        return loader.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return loader(path, trust_remote_code=trust_remote_code)
     except Exception as err:  # noqa: BLE001 - re-raised with the path and what was being loaded
         raise ReferenceMismatch(f"cannot load the {kind} of {path} to check reference compatibility: "
                                 f"{type(err).__name__}: {err}") from err

@@ -52,11 +52,11 @@ def check_output_dir(output_dir: str, resume_from: str | None, overwrite: bool) 
             raise RunFinished(f"{what}: nothing to do (with --overwrite true it trains again, from its last "
                               f"checkpoint if it has one, and exports final/ again)")
         raise CheckpointError(f"{what}: choose another output_dir, or pass --overwrite true to replace "
-                              f"{', '.join(present)}", same_on_every_rank=True)
+                              f"{', '.join(present)}")
     if resume_from is None:
         raise CheckpointError(f"{output_dir} already holds a run's outputs ({', '.join(present)}): pass "
                               f"--resume_from auto to continue it, --overwrite true to replace them, or choose "
-                              f"another output_dir", same_on_every_rank=True)
+                              f"another output_dir")
 
 
 def clear_for_overwrite(output_dir: str, resume_from: str | None, overwrite: bool) -> None:

@@ -10,7 +10,7 @@ import textwrap
 
 import torch
 
-from dpo_ds.logprobs import head_sequence_logps, scored_positions, sequence_logps
+from dpo_ds.logprobs import Scoring, score_hidden, score_logits, scored_positions, scoring_of
 
 logger = logging.getLogger("dpo_ds")
 
@@ -99,20 +99,32 @@ def forward_logps(engine, batch: dict[str, torch.Tensor], chunk_size: int, head:
     # Sequence metadata comes from the CPU batch: read back from the device, it would cost a sync per micro-step.
     if "sequence_ids" in batch:  # packed: no attention mask, position ids mark where each sequence starts
         inputs = {"position_ids": to_device(batch["position_ids"], device)}
-        scoring = (to_device(batch["sequence_ids"], device), int(batch["sequence_ids"].max()) + 1)
+        scoring = scoring_of(input_ids, loss_mask, to_device(batch["sequence_ids"], device),
+                             int(batch["sequence_ids"].max()) + 1)
         if str(engine.module.config._attn_implementation).startswith("flash_attention"):
             inputs.update(_varlen_attention_kwargs(batch["position_ids"], device))
     else:
-        inputs, scoring = {"attention_mask": to_device(batch["attention_mask"], device)}, (None, None)
+        inputs = {"attention_mask": to_device(batch["attention_mask"], device)}
+        scoring = scoring_of(input_ids, loss_mask)
+    return score_forward(engine, input_ids, inputs, scoring, scored_positions(batch["loss_mask"]), chunk_size, head,
+                         router_aux)
+
+
+def score_forward(engine, input_ids: torch.Tensor, inputs: dict, scoring: Scoring, scored: torch.Tensor,
+                  chunk_size: int, head: torch.nn.Linear | None, router_aux: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One forward of `engine` on `input_ids` (on its device) with the model inputs `inputs`, scored as
+    `scoring` says: (per-sequence log-prob sums, token counts, router loss or None). `scored`: the CPU
+    Scoring's flat scored positions (the fused head projects only those)."""
     if router_aux:
-        inputs["output_router_logits"] = True
+        inputs = {**inputs, "output_router_logits": True}
     if head is None:
         out = engine(input_ids=input_ids, use_cache=False, **inputs)
-        return (*sequence_logps(out.logits, input_ids, loss_mask, chunk_size, *scoring), _aux_loss(out, router_aux))
-    counts, scored = [], to_device(scored_positions(batch["loss_mask"]), device)
+        return (*score_logits(out.logits, scoring, chunk_size), _aux_loss(out, router_aux))
+    counts, scored = [], to_device(scored, engine.device)
 
     def score(hidden: torch.Tensor) -> torch.Tensor:
-        sums, tokens = head_sequence_logps(hidden, head.weight, input_ids, loss_mask, chunk_size, *scoring, scored=scored)
+        sums, tokens = score_hidden(hidden, head.weight, scoring, chunk_size, scored)
         counts.append(tokens)
         return sums
 

@@ -18,13 +18,13 @@ import torch
 
 from dpo_ds import checkpoint as ckpt
 from dpo_ds import run_dir
-from dpo_ds.config import TrainConfig, add_config_arguments, config_from_args, to_dict, uses_reference
-from dpo_ds.console import setup_logging
+from dpo_ds.config import TrainConfig, add_config_arguments, config_from_args, to_dict, uses_lora, uses_reference
+from dpo_ds.console import Progress, emit, setup_logging
 from dpo_ds.convert import export_engine, export_merged_from_base
 from dpo_ds.data import DataError, PairSampler, TokenizedPairs
-from dpo_ds.engines import model_dtype
+from dpo_ds.engines import model_dtype, resolve_policy_config, resolve_reference_config
 from dpo_ds.errors import Preempted, UsageError
-from dpo_ds.families import check_model_family
+from dpo_ds.families import check_model_family, load_model_config
 from dpo_ds.lora import merge_adapter, save_adapter
 from dpo_ds.metrics import MetricsWriter, PairStats, max_over_ranks, peak_memory_gib
 from dpo_ds.parallel import Parallel
@@ -37,6 +37,11 @@ logger = logging.getLogger("dpo_ds")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--check", action="store_true",
+                        help="Check the run without training, in one process (before an sbatch): config and paths, "
+                             "the output folder, the model family, the reference's tokenization, the DeepSpeed "
+                             "configs, the data (prepared into cache_dir, as train would) and the checkpoint to "
+                             "resume from; print what the run would train on. Exit 2 with the first problem.")
     add_config_arguments(parser)
 
 
@@ -149,6 +154,7 @@ class TrainingLoop:
         self.ctx, self.sampler, self.data, self.tokenizer = ctx, sampler, data, tokenizer
         self.stop_signal, self.total_steps, self.start_step = stop_signal, total_steps, start_step
         self.writer = MetricsWriter(ctx.cfg.output_dir, enabled=ctx.parallel.is_main, after_step=start_step)
+        self.progress = Progress(total_steps, start_step, enabled=ctx.parallel.is_main)
         self.window = PairStats(ctx.parallel)  # applied steps since the last log line
         self.skipped = 0           # steps skipped for NaN/Inf so far
         self.bad_in_a_row = 0
@@ -161,27 +167,20 @@ class TrainingLoop:
             self.writer.close()
             raise Preempted(f"stopped by a signal before step {self.start_step + 1}; nothing new to checkpoint; "
                             f"resume with --resume_from auto")
-        progress = _progress(self.total_steps, self.start_step, ctx.parallel)
-        try:
-            for step in range(self.start_step, self.total_steps):
-                lr = ctx.policy.get_lr()[0]  # the rate this step uses (the scheduler advances inside the step)
-                result = train_step(ctx, self.sampler, self.data.train, step)
-                done = step + 1
-                if step == self.start_step and ctx.parallel.is_main:
-                    logger.info("step %d done %.1f s after the process started", done, _seconds_since_process_start())
-                self.guard_bad_step(done, result)
-                if done % cfg.logging_steps == 0 or done == self.total_steps:
-                    self.log(done, lr)
-                if self.data.eval is not None and (done == self.total_steps or (cfg.eval_steps and done % cfg.eval_steps == 0)):
-                    self.evaluate(done)
-                if progress is not None:
-                    progress.update(1)
-                    if "loss" in self.last:
-                        progress.set_postfix(loss=f"{self.last['loss']:.4f}")
-                self.checkpoint_or_stop(done)
-        finally:  # also when a step fails: its error line then starts on a line of its own, not after the bar
-            if progress is not None:
-                progress.close()
+        for step in range(self.start_step, self.total_steps):
+            lr = ctx.policy.get_lr()[0]  # the rate this step uses (the scheduler advances inside the step)
+            result = train_step(ctx, self.sampler, self.data.train, step)
+            done = step + 1
+            if step == self.start_step and ctx.parallel.is_main:
+                logger.info("step %d done %.1f s after the process started", done, _seconds_since_process_start())
+            self.guard_bad_step(done, result)
+            if done % cfg.logging_steps == 0 or done == self.total_steps:
+                self.log(done, lr)
+            if self.data.eval is not None and (done == self.total_steps or (cfg.eval_steps and done % cfg.eval_steps == 0)):
+                self.evaluate(done)
+            self.progress.step_done(self.last.get("loss"))
+            self.checkpoint_or_stop(done)
+        self.progress.close()
         return self.last
 
     def guard_bad_step(self, done: int, result: StepResult) -> None:
@@ -203,6 +202,7 @@ class TrainingLoop:
         last.update({"grad_norm": _grad_norm(ctx.policy), "lr": lr, "skipped_steps": self.skipped,
                      "memory/peak_gib": max_over_ranks(peak_memory_gib()), "epoch": done / self.sampler.steps_per_epoch})
         self.writer.write(done, last)
+        self.progress.logged(done, last, int(last["window_steps"]), cfg.logging_steps)
         self.last, self.window = last, PairStats(ctx.parallel)
         if _kl_exceeded(cfg, last, done, ctx.parallel):
             save_checkpoint(ctx, trainer_state(cfg, self.sampler, self.data, ctx.parallel, done), self.tokenizer)
@@ -215,6 +215,9 @@ class TrainingLoop:
         self.ctx.policy.train()
         self.writer.write(done, eval_metrics)
         self.last.update(eval_metrics)
+        if self.ctx.parallel.is_main:  # on the console when it runs, not only in metrics.jsonl
+            logger.info("eval at step %d: loss %.4g | accuracy %.3f | margin %.4g", done, eval_metrics["eval/loss"],
+                        eval_metrics["eval/rewards/accuracies"], eval_metrics["eval/rewards/margins"])
 
     def checkpoint_or_stop(self, done: int) -> None:
         """A checkpoint every save_steps, and after a stop signal on any rank, which then ends the run (Preempted)."""
@@ -307,17 +310,39 @@ def _grad_norm(engine) -> float:
     return float(norm) if norm is not None else float("nan")
 
 
-def _progress(total: int, start: int, parallel: Parallel):
-    if not parallel.is_main:
-        return None
-    from tqdm import tqdm
+def check_run(cfg: TrainConfig) -> str:
+    """`dpo-ds train --check`: what `train` refuses before it starts engines, found in this process without a
+    process group; the summary of what the run would train on."""
+    from transformers import AutoTokenizer
 
-    return tqdm(total=total, initial=start, desc="dpo", dynamic_ncols=True, file=sys.stderr)
+    parallel = Parallel()
+    check_before_loading(cfg, parallel)
+    hidden = load_model_config(cfg.model_name_or_path, cfg.trust_remote_code).hidden_size
+    resolve_policy_config(cfg, 1, hidden)
+    if uses_reference(cfg) and not uses_lora(cfg):
+        resolve_reference_config(cfg, hidden)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+    data = TrainData(*load_config_data(cfg, tokenizer, parallel))
+    resume_dir = ckpt.find_checkpoint(cfg.output_dir, cfg.resume_from)
+    if resume_dir is not None:
+        ckpt.verify_checkpoint(resume_dir)
+    per_rank = cfg.micro_batch_size * cfg.gradient_accumulation_steps
+    lines = [f"check passed: {cfg.train_file}: {len(data.train)} pairs; {per_rank} pairs per data-parallel rank per "
+             f"optimizer step: {len(data.train) // per_rank} steps per epoch on 1 rank, "
+             f"{len(data.train) // (8 * per_rank)} on 8"]
+    if data.eval is not None:
+        lines.append(f"  eval: {cfg.eval_file}: {len(data.eval)} pairs")
+    lines.append(f"  resume: {resume_dir}" if resume_dir is not None else f"  a new run in {cfg.output_dir}")
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    if args.check:
+        emit(check_run(cfg))
+        return 0
     try:
-        train(config_from_args(args))
+        train(cfg)
     except run_dir.RunFinished as finished:
         logger.info("%s", finished)
     return 0

@@ -19,6 +19,9 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ["MASTER_ADDR"] = "127.0.0.1"
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
+# The tests' models are tiny: one thread per process runs them fastest (torchrun's ranks get the same by default),
+# and leaves the other core to the next process on a 2-core machine.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 PROCESS_MARKERS = ("distributed", "mpi", "slurm")
 

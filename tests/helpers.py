@@ -147,6 +147,51 @@ def regex_bpe_tokenizer(kind: str, corpus: list[str], vocab_size: int = 600, cha
                                    chat_template=chat_template)
 
 
+TINY_SIZES = dict(num_hidden_layers=2, hidden_size=16, intermediate_size=24, num_attention_heads=2,
+                  num_key_value_heads=1, vocab_size=40, max_position_embeddings=64)
+TINY_MOE = {"qwen3_moe": dict(num_experts=3, num_experts_per_tok=2, moe_intermediate_size=8),
+            "mixtral": dict(num_local_experts=3, num_experts_per_tok=2)}
+
+
+def tiny_causal_lm(model_type: str = "llama", seed: int = 0, **overrides) -> torch.nn.Module:
+    """A randomly initialised fp32 model of `model_type` small enough for unit tests, in eval mode."""
+    from transformers import AutoConfig
+
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(model_type, **{**TINY_SIZES, **TINY_MOE.get(model_type, {}), **overrides})
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+class FakeEngine:
+    """The slice of a DeepSpeedEngine the step, the reference and the export use, over a plain module on the CPU:
+    each step() applies the optimizer at once (no accumulation boundary) and records the forwards' inputs."""
+
+    def __init__(self, module: torch.nn.Module, lr: float = 0.05):
+        self.module = module
+        self.device = torch.device("cpu")
+        self.optimizer = torch.optim.SGD(module.parameters(), lr=lr)
+        self.forwards: list[dict[str, torch.Tensor]] = []
+        self.steps = 0
+
+    def __call__(self, **inputs):
+        self.forwards.append(inputs)
+        return self.module(**inputs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.steps += 1
+
+    def was_step_applied(self) -> bool:
+        return True
+
+    def get_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+
 class StuckOnRow(PairTokenizer):
     """A pair tokenizer (tests/test_data.py) whose process hangs on a row whose prompt is `stuck_prompt`;
     importable by name, so a tokenizer process can unpickle it."""

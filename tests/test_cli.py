@@ -12,29 +12,49 @@ import pytest
 
 import launcher.__main__ as launcher_main
 from dpo_ds import cli, console, versions
+from helpers import launch
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.distributed
 def test_eval_of_a_runs_model_uses_its_settings_and_prints_only_json(demo_assets, tmp_path):
-    """Items 6 and 10: DeepSpeed's 'built successfully' line came before the JSON on stdout; eval scored with beta
-    0.1 unless the training beta was repeated, and wrote eval_pairs.jsonl into the current directory."""
+    """Items 6 and 10 of issue 16: DeepSpeed's 'built successfully' line came before the JSON on stdout; eval scored
+    with beta 0.1 unless the training beta was repeated, and wrote eval_pairs.jsonl into the current directory.
+    Issue 25 item 2: without --ref_model it scored without the run's reference (accuracy 0.02 for a model that
+    scores 1.0 with it), and a second eval overwrote the first one's file."""
     run = tmp_path / "run"
     shutil.copytree(demo_assets.model_dir, run / "final")
-    (run / "run_config.json").write_text(json.dumps({"beta": 0.5, "loss_type": "sigmoid", "label_smoothing": 0.0}))
+    (run / "run_config.json").write_text(json.dumps({"beta": 0.5, "loss_type": "sigmoid", "label_smoothing": 0.0,
+                                                     "model_name_or_path": demo_assets.model_dir}))
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "dpo_ds", "eval", "--model", str(run / "final"), "--data",
-                           demo_assets.heldout_file], cwd=cwd, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(proc.stdout)  # nothing else on stdout
-    assert summary["beta"] == 0.5 and summary["per_pair_file"] == str(run / "eval_pairs_heldout.jsonl")
-    records = [json.loads(line) for line in (run / "eval_pairs_heldout.jsonl").read_text().splitlines()]
-    assert len(records) == summary["pairs"] > 0
-    assert all(abs(r["chosen_reward"] - 0.5 * r["policy_chosen_logp"]) < 1e-4 for r in records)  # no reference: r = beta logp
+
+    def evaluate(*extra):
+        return subprocess.run([sys.executable, "-m", "dpo_ds", "eval", "--model", str(run / "final"), "--data",
+                               demo_assets.heldout_file, *extra], cwd=cwd, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
+
+    for extra, name, with_reference in (((), "eval_pairs_heldout.jsonl", True),
+                                        (("--ref_model", "none"), "eval_pairs_heldout-2.jsonl", False)):
+        proc = evaluate(*extra)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        summary = json.loads(proc.stdout)  # nothing else on stdout
+        assert summary["beta"] == 0.5 and summary["per_pair_file"] == str(run / name)  # a new file each time
+        assert summary["ref_model"] == (demo_assets.model_dir if with_reference else None)
+        records = [json.loads(line) for line in (run / name).read_text().splitlines()]
+        assert len(records) == summary["pairs"] > 0
+        for r in records:  # r = beta (logp - ref logp); the run's reference is the model itself here
+            ref = r["ref_chosen_logp"] if with_reference else 0.0
+            assert abs(r["chosen_reward"] - 0.5 * (r["policy_chosen_logp"] - ref)) < 1e-4
+            assert (abs(r["chosen_reward"]) < 1e-4) == with_reference
     assert list(cwd.iterdir()) == []
+    first = (run / "eval_pairs_heldout.jsonl").read_text()
+    refused = evaluate("--output", str(run / "eval_pairs_heldout.jsonl"))
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1] == (
+        f"dpo-ds eval: error: --output {run / 'eval_pairs_heldout.jsonl'}: the file exists; pass --overwrite to "
+        f"replace it")
+    assert (run / "eval_pairs_heldout.jsonl").read_text() == first
 
 
 def test_results_go_to_stdout_and_everything_else_to_stderr(capfd):
@@ -100,3 +120,53 @@ def test_versions_outside_the_tested_ranges_stop_every_entry_point(monkeypatch, 
     assert cli.main(["plan", "--model", "llama-7b"]) == 2
     assert ('error: transformers is not installed; dpo-ds needs transformers>=5.0,<6: run `make install`'
             in capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("argv,flag,suggestion", [
+    (["train", "--learning_rat", "1e-6"], "--learning_rat", "--learning_rate"),  # a prefix of a flag: not taken
+    (["eval", "--modl", "m", "--data", "d"], "--modl", "--model"),  # named before the missing --model
+    (["plan", "--model", "llama-7b", "--node", "2"], "--node", "--nodes"),
+])
+def test_a_mistyped_flag_is_one_line_with_the_closest_flag(argv, flag, suggestion, capsys):
+    """Issue 25 item 6: argparse printed the whole usage and took `--learning_rat` as `--learning_rate`."""
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2
+    assert err.splitlines() == [f"dpo-ds {argv[0]}: error: unknown flag {flag} (did you mean {suggestion}?); "
+                                f"`dpo-ds {argv[0]} --help` lists the flags"]
+
+
+@pytest.mark.distributed
+def test_bad_input_under_torchrun_is_one_line_and_the_agents_summary_carries_it(tmp_path):
+    """Issue 25 item 1: each rank printed the error, and torchrun's summary showed no cause. Now the first rank to
+    fail prints the line (the agent stops the others) and every failed rank's error file (TORCHELASTIC_ERROR_FILE)
+    holds it for the agent's summary."""
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model_name_or_path: {tmp_path / 'no_model'}\ntrain_file: {tmp_path / 'no.jsonl'}\n")
+    proc = launch(["-m", "dpo_ds", "train", "--config", str(config)], check=False, timeout=300)
+    line = f"dpo-ds train: error: field 'train_file': {tmp_path / 'no.jsonl'}: no such file or directory"
+    assert proc.returncode != 0
+    assert [x for x in proc.stderr.splitlines() if x.startswith("dpo-ds train: error:")] == [line]
+    summary = proc.stderr[proc.stderr.index("Root Cause"):]
+    assert f"traceback : {line}" in summary
+
+
+def test_train_check_validates_everything_before_engines_and_trains_nothing(demo_assets, tmp_path, capsys):
+    """Issue 25: `dpo-ds train --check` (before an sbatch) finds config, data and checkpoint problems in one
+    process and says what the run would train on; it starts no engine and writes no run."""
+    out = tmp_path / "run"
+    flags = ["--model_name_or_path", demo_assets.model_dir, "--eval_file", demo_assets.heldout_file,
+             "--output_dir", str(out), "--micro_batch_size", "4", "--prepare_workers", "1"]
+    assert cli.main(["train", "--check", "--train_file", demo_assets.train_file, *flags]) == 0
+    n = sum(1 for line in open(demo_assets.train_file) if line.strip())
+    assert capsys.readouterr().out.splitlines() == [
+        f"check passed: {demo_assets.train_file}: {n} pairs; 4 pairs per data-parallel rank per optimizer step: "
+        f"{n // 4} steps per epoch on 1 rank, {n // 32} on 8",
+        f"  eval: {demo_assets.heldout_file}: {sum(1 for line in open(demo_assets.heldout_file) if line.strip())} pairs",
+        f"  a new run in {out}"]
+    assert sorted(p.name for p in out.iterdir()) == ["caches"]  # the prepared data only: no run_config, no model
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(open(demo_assets.train_file).readline() + '{"prompt": "q", "chosen": "a"}\n')
+    assert cli.main(["train", "--check", "--train_file", str(bad), *flags]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"dpo-ds train: error: {bad}:2: field 'rejected': missing"

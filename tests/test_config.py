@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import json
 import os
 import re
 import subprocess
@@ -472,14 +473,21 @@ def test_eval_and_prepare_build_their_config_as_train_does(tmp_path, capsys):
     run_dir = tmp_path / "run"
     (run_dir / "final").mkdir(parents=True)
     (run_dir / "final" / "config.json").write_text("{}")
-    (run_dir / "run_config.json").write_text('{"beta": 0.3, "loss_type": "ipo", "label_smoothing": 0.0}')
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text("{}")
+    (run_dir / "run_config.json").write_text(json.dumps({"beta": 0.3, "loss_type": "ipo", "label_smoothing": 0.0,
+                                                         "model_name_or_path": str(tmp_path / "base")}))
     data = tmp_path / "held_out.jsonl"
     data.write_text("")
     parser = argparse.ArgumentParser()
     evaluate.add_arguments(parser)
     cfg = evaluate.eval_config(parser.parse_args(["--model", str(run_dir / "final"), "--data", str(data)]))
     assert (cfg.precision, cfg.loss_type, cfg.beta, cfg.micro_batch_size) == (resolve_precision("auto"), "ipo", 0.3, 8)
-    assert cfg.reference_free and cfg.train_file == str(data)
+    assert cfg.ref_model_name_or_path == str(tmp_path / "base") and not cfg.reference_free  # the run's reference
+    assert cfg.train_file == str(data)
+    cfg = evaluate.eval_config(parser.parse_args(["--model", str(run_dir / "final"), "--data", str(data),
+                                                  "--ref_model", "none"]))
+    assert cfg.reference_free and cfg.ref_model_name_or_path is None
     cfg = evaluate.eval_config(parser.parse_args(["--model", str(run_dir / "final"), "--data", str(data),
                                                   "--beta", "0.5"]))
     assert cfg.beta == 0.5  # the flag over the run's value

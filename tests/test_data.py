@@ -791,3 +791,44 @@ def test_identical_completion_ids_are_counted_and_skipped(tmp_path, tok, caplog)
     assert pairs.stats["identical_completions"] == 3 and pairs.stats["identical_after_truncation"] == 0
     warning = next(r.getMessage() for r in caplog.records if "same token ids" in r.getMessage())
     assert f"skipped 3 pairs" in warning and path in warning
+
+
+# ---------------------------------------------------------------------------------- chat template endings
+CHAT_TEMPLATES = {  # name -> (template, end-of-turn token, EOS of the instruct model, EOS of the base model)
+    "chatml": ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}", "<|im_end|>", "<|endoftext|>"),
+    "llama3": ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+               "{{ m['content'] }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant"
+               "<|end_header_id|>\n\n{% endif %}", "<|eot_id|>", "<|end_of_text|>"),
+    "gemma": ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else "
+              "m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}"
+              "<start_of_turn>model\n{% endif %}", "<end_of_turn>", "<eos>"),
+}
+
+
+@pytest.mark.parametrize("eos_is_end_of_turn", [True, False], ids=["instruct_eos", "base_eos"])
+@pytest.mark.parametrize("name", sorted(CHAT_TEMPLATES))
+def test_templated_completions_end_with_exactly_one_end_of_turn_token(name, eos_is_end_of_turn):
+    """Issue 25 item 7: with ChatML's newline after <|im_end|>, completions ended `<|im_end|>\\n<|im_end|>` (EOS
+    appended after the template's own end). A completion ends with the template's end-of-turn token, once, and
+    nothing after it; EOS is not appended when that token closes it."""
+    from helpers import regex_bpe_tokenizer
+
+    template, end, base_eos = CHAT_TEMPLATES[name]
+    words = "the model answers with a fruit apple plum pear name one please try".split()
+    tok = regex_bpe_tokenizer("gpt2", [" ".join(words)] * 4, chat_template=template)
+    markers = ["<|im_start|>", "<|start_header_id|>", "<|end_header_id|>", "<start_of_turn>", end, base_eos]
+    tok.add_special_tokens({"additional_special_tokens": markers})
+    tok.eos_token = end if eos_is_end_of_turn else base_eos
+    end_id = tok.convert_tokens_to_ids(end)
+    user = {"role": "user", "content": "name one fruit please"}
+    row = D.validate_row("x:1", {"prompt": [user], "chosen": [{"role": "assistant", "content": "try apple"}],
+                                 "rejected": [{"role": "assistant", "content": "try plum"}]})
+    (prompt_ids, chosen, rejected, _), = PairTokenizer(tok, 512).encode([row])[0]
+    prompt_text = tok.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
+    for ids, answer in ((chosen, "try apple"), (rejected, "try plum")):
+        assert ids[-1] == end_id and end_id not in ids[:-1]
+        assert tok.eos_token_id not in ids[:-1]  # no EOS after (or before) the end-of-turn token
+        full = tok.apply_chat_template([user, {"role": "assistant", "content": answer}], tokenize=False)
+        assert tok.decode(prompt_ids + ids) == full.rstrip()  # the template's text, its trailing whitespace cut
+        assert tok.decode(prompt_ids) == prompt_text

@@ -34,6 +34,11 @@ def test_readme_maps_every_module_and_folder():
     for package in ("dpo_ds", "launcher"):
         missing = [p.name for p in sorted((REPO / package).glob("*.py")) if f"`{p.name}`" not in code_map]
         assert not missing, f"README.md's map of the code lacks {package}/{missing}"
+        for sub in sorted(p for p in (REPO / package).iterdir() if (p / "__init__.py").is_file()):
+            row = next((line for line in code_map.splitlines() if line.startswith(f"| `{sub.name}/`")), None)
+            assert row is not None, f"README.md's map of the code lacks {package}/{sub.name}/"
+            missing = [p.name for p in sorted(sub.glob("*.py")) if p.name != "__init__.py" and f"`{p.name}`" not in row]
+            assert not missing, f"README.md's map row of {package}/{sub.name}/ lacks {missing}"
     tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
     folders = sorted({path.split("/")[0] for path in tracked.splitlines() if "/" in path})
     missing = [name for name in folders if f"`{name}/`" not in code_map]

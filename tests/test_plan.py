@@ -10,7 +10,9 @@ from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
 from dpo_ds import plan as P
+from dpo_ds.plan import memory as M
 from dpo_ds.cli import main
+from dpo_ds.families import SUPPORTED_FAMILIES
 
 NODE = dict(gpus_per_node=8, gpu_memory_gb=80, cpu_memory_gb=P.DEFAULT_CPU_MEMORY_GB)
 
@@ -28,6 +30,12 @@ def meta_model(config):
 # ------------------------------------------------------------------------------ parameter counts
 SMALL = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=96, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=100)
+FAMILY_SIZES = {  # families whose configs name their sizes differently
+    "gpt2": dict(n_layer=2, n_embd=64, n_head=4, vocab_size=100),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=40, **SMALL),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, **SMALL),
+    "phi3": dict(SMALL, vocab_size=32064),  # its default pad and eos ids (32000) must be in the vocabulary
+}
 
 
 @pytest.mark.parametrize("config", [
@@ -73,10 +81,35 @@ def test_moe_active_params_count_only_the_routed_experts(model_type, experts):
     assert shape.active_params == shape.params - expert_params * 6 // 8
 
 
-def test_moe_with_dense_layers_is_refused_by_name():
-    config = AutoConfig.for_model("qwen3_moe", num_experts=4, mlp_only_layers=[0], **SMALL)
-    with pytest.raises(SystemExit, match=r"'m' mixes dense MLP layers \[0\]"):
-        P.shape_from_config(config, "m")
+def test_moe_with_dense_layers_counts_each_layer_as_built():
+    """Qwen3-MoE with a dense first layer: the count is the built model's, and only the sparse layers' experts are
+    left out of the active parameters."""
+    config = AutoConfig.for_model("qwen3_moe", num_experts=4, num_experts_per_tok=1, mlp_only_layers=[0],
+                                  moe_intermediate_size=40, **SMALL)
+    model = meta_model(config)
+    expert_params = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
+    shape = P.shape_from_config(config, "m")
+    assert shape.params == sum(p.numel() for p in model.parameters())
+    assert shape.active_params == shape.params - expert_params * 3 // 4
+
+
+@pytest.mark.parametrize("model_type", sorted(SUPPORTED_FAMILIES))
+def test_every_tested_family_is_counted_as_built(model_type):
+    """Every family dpo-ds trains has a plan: parameters, LoRA adapter size and the log-probs path as the trainer
+    takes them (scored inside lm_head where dpo_ds.scoring.fused_head says so, full logits otherwise)."""
+    from dpo_ds.scoring import fused_head
+
+    config = AutoConfig.for_model(model_type, **FAMILY_SIZES.get(model_type, SMALL))
+    model = meta_model(config)
+    shape = P.shape_from_config(config, "m")
+    assert shape.params == sum(p.numel() for p in model.parameters())
+    assert shape.fused_head == (fused_head(model) is not None)
+    head = model.get_output_embeddings()
+    linear = [m for m in model.modules() if m is not head and type(m).__name__ in ("Linear", "Conv1D")]
+    assert shape.lora_params(8) == 8 * sum(m.weight.shape[0] + m.weight.shape[1] for m in linear)
+    result = P.plan(shape, setup())
+    logits = "logits + chunked fp32 log-softmax" in {item.name for item in result.items}
+    assert logits == (not shape.fused_head)
 
 
 # ------------------------------------------------------------------ DeepSpeed's ZeRO-3 estimator
@@ -99,7 +132,7 @@ def test_model_states_agree_with_deepspeed_estimator(name, nodes, offload_optimi
         total_params=shape.params, largest_layer_params=shape.largest_module_params,
         num_gpus_per_node=8, num_nodes=nodes, cpu_offload=offload_optimizer, cpu_offload_params=offload_params,
         zero_init=True, additional_buffer_factor=1.0)
-    ours, grads = result.policy_states, result.item(P.POLICY_GRADS)
+    ours, grads = result.policy_states, result.item(M.POLICY_GRADS)
 
     assert ours.gpu_bytes - grads.gpu_bytes == pytest.approx(ds_gpu, abs=1)
     # the documented difference is small: at most 2 of the estimator's 18 B/param
@@ -115,7 +148,7 @@ def test_sixteen_bytes_per_param_without_offload():
     """bf16 params 2 + bf16 grads 2 + fp32 master, m, v 12 = 16 B/param over all GPUs (the ZeRO paper's 16Psi)."""
     shape = P.load_shape("llama-70b")
     result = P.plan(shape, setup(4))
-    sixteen = sum(result.item(n).gpu_bytes for n in (P.POLICY_PARAMS, P.POLICY_GRADS, P.POLICY_OPTIMIZER))
+    sixteen = sum(result.item(n).gpu_bytes for n in (M.POLICY_PARAMS, M.POLICY_GRADS, M.POLICY_OPTIMIZER))
     assert sixteen == pytest.approx(16 * shape.params / 32)
 
 
@@ -201,17 +234,6 @@ def test_cli_unknown_preset_lists_presets():
     assert "llama-999b" in str(exit_info.value) and all(name in str(exit_info.value) for name in P.PRESETS)
 
 
-@pytest.mark.parametrize("model_type", P.SUPPORTED_TYPES)
-def test_every_supported_model_type_scores_inside_lm_head(model_type):
-    """plan budgets the fused log-probs by default: the trainer uses them for all of plan's model types."""
-    import transformers
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    from dpo_ds.scoring import _returns_head_output_unchanged
-
-    assert _returns_head_output_unchanged(getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]))
-
-
 def test_fused_log_probs_budget_less_than_full_logits():
     model = P.load_shape("llama3-8b")
     fused, full = (P.plan(model, setup(1, fused_lm_head=flag)) for flag in (True, False))
@@ -256,9 +278,9 @@ def test_llama_70b_lora_fits_one_node_of_eight_80gb_gpus():
     lora = P.plan(shape, setup(1, lora_r=16))
     assert not full.fits and lora.fits
     assert lora.cpu_bytes_per_node == 0  # nothing offloaded, no reference model anywhere
-    assert lora.item(P.POLICY_PARAMS).gpu_bytes == pytest.approx(2 * (shape.params + shape.lora_params(16)) / 8)
+    assert lora.item(M.POLICY_PARAMS).gpu_bytes == pytest.approx(2 * (shape.params + shape.lora_params(16)) / 8)
     # grads, fp32 master and Adam for the adapter only: 2 + 4 + 8 B per adapter param
-    states = sum(lora.item(n).gpu_bytes for n in (P.POLICY_GRADS, P.POLICY_OPTIMIZER))
+    states = sum(lora.item(n).gpu_bytes for n in (M.POLICY_GRADS, M.POLICY_OPTIMIZER))
     assert states == pytest.approx(14 * shape.lora_params(16) / 8)
     assert not any(item.name.startswith("reference") for item in lora.items)
     # frozen base: no weight gradients, so 2N forward + 2N backward, + 2N for the reference forward
@@ -271,13 +293,13 @@ def test_llama_70b_qlora_budgets_the_4bit_base_and_fits_one_80gb_gpu():
     assert one_gpu.fits and not P.plan(shape, setup(1, gpus_per_node=1, lora_r=16)).fits
     quantized, rest, adapter = shape.linear_weight_params, shape.params - shape.linear_weight_params, shape.lora_params(16)
     constants = quantized * (1 / 64 + 4 / (64 * 256))  # double quantization: 8-bit absmax / 64, fp32 / 256 absmax
-    assert one_gpu.item(P.POLICY_PARAMS).gpu_bytes == pytest.approx(0.5 * quantized + 2 * rest + 2 * adapter)
-    assert one_gpu.item(P.NF4_CONSTANTS).gpu_bytes == pytest.approx(constants)
+    assert one_gpu.item(M.POLICY_PARAMS).gpu_bytes == pytest.approx(0.5 * quantized + 2 * rest + 2 * adapter)
+    assert one_gpu.item(M.NF4_CONSTANTS).gpu_bytes == pytest.approx(constants)
     assert one_gpu.load_gpu_bytes == pytest.approx(0.5 * quantized + 2 * rest + constants)
     # on 8 GPUs ZeRO-3 shards the packed weights, not the constants; FLOPs are LoRA's
     eight = P.plan(shape, setup(1, lora_r=16, lora_quantize="nf4"))
-    assert eight.item(P.POLICY_PARAMS).gpu_bytes == pytest.approx(one_gpu.item(P.POLICY_PARAMS).gpu_bytes / 8)
-    assert eight.item(P.NF4_CONSTANTS).gpu_bytes == pytest.approx(constants)
+    assert eight.item(M.POLICY_PARAMS).gpu_bytes == pytest.approx(one_gpu.item(M.POLICY_PARAMS).gpu_bytes / 8)
+    assert eight.item(M.NF4_CONSTANTS).gpu_bytes == pytest.approx(constants)
     assert eight.flops == P.plan(shape, setup(1, lora_r=16)).flops
 
 
@@ -285,7 +307,7 @@ def test_cli_qlora(capsys):
     assert main(["plan", "--model", "llama-70b", "--gpus_per_node", "1", "--lora_r", "16", "--lora_quantize", "nf4",
                  "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["fits"] and out["load_gpu_gib_per_gpu"] > 30 and P.NF4_CONSTANTS in out["memory_gib"]
+    assert out["fits"] and out["load_gpu_gib_per_gpu"] > 30 and M.NF4_CONSTANTS in out["memory_gib"]
     assert out["smallest_fit"]["train_flags"][-4:] == ["--lora_r", "16", "--lora_quantize", "nf4"]
     with pytest.raises(SystemExit, match="give --lora_r too"):
         main(["plan", "--model", "llama-70b", "--lora_quantize", "nf4"])

@@ -18,10 +18,10 @@ def test_slow_preparation_outlives_dist_timeout_and_prepare_train_eval_share_one
                           train_file=demo_assets.train_file, output_dir=str(out), precision="fp32",
                           micro_batch_size=2, max_steps=2, max_length=64, logging_steps=1, prepare_workers=2,
                           dist_timeout_s=10)
-    # rank 0 tokenizes for 25 s (> dist_timeout_s): rank 1 must wait on the file system, not in a collective
+    # rank 0 tokenizes for 25 s (> dist_timeout_s): rank 1 must wait on the rendezvous store, not in a collective
     proc = launch(["tests/slow_prepare_probe.py", "train", "--config", str(config)], env={"SLOW_PREPARE_S": "25"})
     log = proc.stderr
-    assert "waiting for rank 0 to prepare" in log and "Timed out" not in log
+    assert "Timed out" not in log
     prepared = re.search(r"prepared (\d+) pairs \((\d+) tokens\) in ([\d.]+) s \(\d+ pairs/s\) -> (\S+)", log)
     assert prepared and float(prepared[3]) > 10 and int(prepared[1]) == 96, log[-3000:]
     assert re.search(r"step 1 done [\d.]+ s after the process started", log)
@@ -43,3 +43,23 @@ def test_slow_preparation_outlives_dist_timeout_and_prepare_train_eval_share_one
     assert json.loads(proc.stdout.strip().splitlines()[-1])["pairs"] == 96
     assert f"in {cache}" in proc.stderr and "prepared 96" not in proc.stderr
     assert [str(p) for p in caches.glob("pairs-*")] == [cache]
+
+
+def test_show_prints_each_part_decoded_with_its_whitespace(demo_assets):
+    """Issue 25: `dpo-ds prepare --show N` lets a user check what a chat template made of the pairs."""
+    from transformers import AutoTokenizer
+
+    from dpo_ds.data import TokenizedPairs
+    from dpo_ds.prepare import show_pairs
+
+    tok = AutoTokenizer.from_pretrained(demo_assets.model_dir)
+    ids = {name: tok(text, add_special_tokens=False)["input_ids"]
+           for name, text in (("prompt", "Question: a fruit?"), ("chosen", " apple\n"), ("rejected", " cat"))}
+    pairs = TokenizedPairs(prompt=[ids["prompt"]] * 3, chosen=[ids["chosen"] + [tok.eos_token_id]] * 3,
+                           rejected=[ids["rejected"]] * 3, pair_ids=["f:1", "f:2", "f:3"])
+    lines = show_pairs(pairs, tok, 2).splitlines()
+    assert len(lines) == 8 and lines[0] == (f"pair 1 of 3 (f:1): {len(ids['prompt'])} prompt + "
+                                            f"{len(ids['chosen']) + 1} chosen + {len(ids['rejected'])} rejected tokens")
+    chosen = tok.decode(ids["chosen"] + [tok.eos_token_id], skip_special_tokens=False)
+    assert lines[2] == f"  chosen   {chosen!r}" and lines[2].endswith(f"{tok.eos_token}'")
+    assert lines[4].startswith("pair 2 of 3 (f:2)")

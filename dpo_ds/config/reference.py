@@ -19,7 +19,7 @@ def markdown_reference() -> str:
     add_config_arguments(parser)
     metavars = {action.dest: action.metavar for action in parser._actions}
     lines = ["# Configuration reference", "",
-             f"<!-- Generated from dpo_ds/config.py's TrainConfig by `{REFERENCE_COMMAND}`; do not edit. -->", "",
+             f"<!-- Generated from dpo_ds/config's TrainConfig by `{REFERENCE_COMMAND}`; do not edit. -->", "",
              "Every field is a YAML key of the `--config` file and a `--field value` flag of `dpo-ds train`, "
              "`prepare` and `bench` (flags win over the file); `dpo-ds train --help` prints the same text. Values "
              "are checked before any model loads, and an error names the file, line and field "

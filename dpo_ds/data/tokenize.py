@@ -23,7 +23,8 @@ from dpo_ds.data.examples import TokenColumn, empty_stats
 from dpo_ds.data.prompt_reuse import PromptReuse
 from dpo_ds.data.rows import DataError, PreferenceRow, location, row_chunks, source_kind, validate_row
 
-TOKENIZATION_VERSION = 1  # in the data fingerprint: bump when the token ids of a row change
+TOKENIZATION_VERSION = 2  # in the data fingerprint: bump when the token ids of a row change
+SENTINEL = "\x00dpo-ds completion\x00"  # stands for an assistant message when reading a chat template
 
 
 class PairTokenizer:
@@ -42,6 +43,20 @@ class PairTokenizer:
         reuse, self.encoding_path = PromptReuse.for_tokenizer(self.tok)
         return reuse
 
+    @functools.cached_property
+    def end_of_turn(self) -> tuple[str, int | None]:
+        """(the text the chat template closes an assistant message with, without the whitespace it may add after
+        it; that text's token id when it is one token, e.g. ChatML's <|im_end|>, Llama-3's <|eot_id|>, Gemma's
+        <end_of_turn>). ("", None) when the template closes it with nothing (or cannot render a sample turn)."""
+        try:
+            rendered = self.tok.apply_chat_template([{"role": "user", "content": "q"},
+                                                     {"role": "assistant", "content": SENTINEL}], tokenize=False)
+        except Exception:  # a template with rules of its own (roles, system turns): no ending read from it
+            return "", None
+        suffix = rendered[rendered.rfind(SENTINEL) + len(SENTINEL):].rstrip() if SENTINEL in rendered else ""
+        ids = self.tok(suffix, add_special_tokens=False)["input_ids"] if suffix else []
+        return suffix, ids[0] if len(ids) == 1 else None
+
     def _texts(self, row: PreferenceRow) -> tuple[str, str, str, bool]:
         """(prompt text, chosen text, rejected text, special tokens already in the text?)."""
         if isinstance(row.chosen, str):
@@ -50,10 +65,14 @@ class PairTokenizer:
             raise DataError("conversational rows need a tokenizer with a chat_template")
         prompt = self.tok.apply_chat_template(row.prompt, tokenize=False, add_generation_prompt=True)
 
+        end, _ = self.end_of_turn
+
         def completion(messages: list) -> str:
             full = self.tok.apply_chat_template(row.prompt + messages, tokenize=False)
-            # the completion is what the template adds after the generation prompt
-            return full[len(prompt):] if full.startswith(prompt) else full[len(os.path.commonprefix([full, prompt])):]
+            # the completion is what the template adds after the generation prompt, up to its end-of-turn text:
+            # whitespace the template puts after that (ChatML's newline) is not part of the answer
+            text = full[len(prompt):] if full.startswith(prompt) else full[len(os.path.commonprefix([full, prompt])):]
+            return text.rstrip() if end and text.rstrip().endswith(end) else text
 
         return prompt, completion(row.chosen), completion(row.rejected), True
 
@@ -72,6 +91,9 @@ class PairTokenizer:
         out: list = [None] * len(rows)
         eos = self.tok.eos_token_id
         reused = 0
+        # A completion ends with exactly one end-of-turn token: the template's own (templated rows) or EOS, which
+        # is appended when the completion does not already end with one of them.
+        ends = {False: {eos}, True: {eos, self.end_of_turn[1]} - {None}}
         for templated in (False, True):
             mine = [i for i, t in enumerate(texts) if t[3] == templated]
             if not mine:
@@ -84,7 +106,7 @@ class PairTokenizer:
                 for full in fulls:
                     is_prefix &= full[: len(prompt_ids)] == prompt_ids
                     tail = full[len(prompt_ids):]
-                    if not tail or tail[-1] != eos:
+                    if not tail or tail[-1] not in ends[templated]:
                         tail = tail + [eos]
                     completions.append(tail)
                 out[i] = (prompt_ids, completions[0], completions[1], is_prefix)

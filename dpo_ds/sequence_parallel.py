@@ -1,0 +1,345 @@
+"""Sequence parallelism for DPO on DeepSpeed's Ulysses (ALST): S ranks share every sequence.
+
+With `sequence_parallel_size: S`, the world is cut into data-parallel groups of S consecutive ranks (ranks
+[i*S, (i+1)*S) form sequence-parallel group i: DeepSpeed's `parallel_state_sp`, the mpu that
+`UlyssesSPAttentionHF.register_with_transformers` returns). Every rank of a group holds the same micro-batch;
+each runs the model on one contiguous 1/S of the sequence dimension. Inside each attention layer DeepSpeed's
+`UlyssesSPAttentionHF` exchanges query/key/value by all-to-all so that every rank attends over the whole
+sequence for 1/S of the heads, then exchanges the outputs back. Everything else (embeddings, MLP, norms, the
+fused lm_head scoring) is per token and runs on the rank's shard only.
+
+The pieces, in the order a run uses them:
+
+1. `check_settings` (before anything loads): S divides the world size and the attention heads, the key/value
+   heads follow DeepSpeed's rule, no eager attention, a model family the patch covers; `check_deepspeed_config`
+   on the resolved policy DeepSpeed config; a ConfigError naming `sequence_parallel_size` otherwise.
+2. `setup` (once per process, after `Parallel.init`, before any model is built): DeepSpeed's sequence-parallel
+   groups, and `ALL_ATTENTION_FUNCTIONS[kernel]` routed through `UlyssesSPAttentionHF`; returns the `mpu` every
+   `deepspeed.initialize` (policy and reference) is given.
+3. `shard_batch` (CPU, after `collate`): the rank's contiguous shard of the collated micro-batch, with its
+   position ids and its slice of the whole batch's `Scoring` (a shard's last position predicts the next
+   shard's first token, so targets, scored mask and sequence of each position are computed before cutting).
+4. `shard_forward_logps`: the forward on the shard and the per-sequence log-prob sums and token counts summed
+   over the group (`sum_over_group`), differentiably: whole-sequence values, equal on every rank of the group.
+5. Optional `enable_tiled_mlp` (the `tiled_mlp` setting): dense MLPs in sequence tiles (DeepSpeed's TiledMLP).
+
+How the trainer calls it (the integration contract):
+
+- Settings: `check_settings(S, world_size, load_model_config(...), attention_kernel(cfg), cfg.max_length)` in
+  check_before_loading, `check_deepspeed_config(resolve_policy_config(...), S, source)`. Build both models with
+  `ulysses_kernel(attention_kernel(cfg))` as attn_implementation (S > 1).
+- Groups: `parallel = Parallel.init(timeout, S)`, then `mpu = setup(parallel, model_config, kernel)` (S > 1).
+  Shards and sums use `parallel.sequence_parallel_rank` / `parallel.sequence_parallel_group`; DeepSpeed's
+  Ulysses attention uses the mpu's own group of the same ranks.
+- DeepSpeed: `deepspeed.initialize(..., mpu=mpu)` for the policy and the reference engine, and
+  `train_batch_size` = micro_batch_size x gradient_accumulation_steps x parallel.data_parallel_size
+  (DeepSpeed divides the world by S when an mpu is given). ZeRO-3 still partitions over all world ranks.
+- Sampler, pair weighting, eval shares, metrics and the NaN/max_kl guards: by data-parallel rank and size
+  (Parallel), so the S ranks of a group read the same micro-batches in the same order (same indices, same
+  loss_scale); the whole-sequence log-probs are equal on the S ranks, so a pair counts once per
+  data-parallel group (Parallel.sum_over_data).
+- Step (step.pair_step): `micro = MicroBatch.of(...)` as now; `shard = shard_batch(micro.tensors, S,
+  parallel.sequence_parallel_rank, pad_id)`; policy: `logps, tokens, aux = shard_forward_logps(policy, shard,
+  chunk, head, parallel.sequence_parallel_group, router_aux)`; the loss as without S, `policy.backward(loss)`,
+  no other scaling ("Gradients" below). Under S > 1 no attention_mask and no flash-attention cu_seq_lens are
+  passed: position ids carry the layout (the full row's, gathered inside each attention layer).
+- Reference: the live engine runs `shard_forward_logps` on the same shard under torch.no_grad; LoRA: the same
+  call with the adapter off; precompute_ref: computed the same way and written once per data-parallel group
+  (sequence-parallel rank 0). Its log-probs are whole-sequence values: the cache does not depend on S.
+- MoE router loss: `aux` is the load-balancing loss of the rank's shard (its routers see 1/S of the tokens);
+  its gradient is averaged over the S ranks by ZeRO-3 like any per-rank term.
+
+Gradients (why `sum_over_group`'s backward is an all-reduce too). Rank r computes partial sums s_r; the
+forward all-reduce gives s = sum_r s_r on every rank, and every rank computes the same loss L(s). Seeding
+dL/ds into each rank's own s_r, the all-to-alls' backward carries every contribution back to the rank that
+computed it, and the parts g_r of the S ranks add up to the exact gradient: sum_r g_r = dL/dtheta. ZeRO-3
+(0.19.8, its default reduce-scatter path: coalesced_collectives.reduce_scatter_coalesced) divides every
+rank's gradient by the world size S x DP and sums over all ranks, so it needs S x g_r from each rank to give
+(1/DP) sum over data-parallel groups of their exact micro-batch gradients, the gradient of a run without S.
+The backward all-reduce gives that factor: each rank receives sum_q dL_q/ds = S x dL/ds. With an identity
+backward the gradient would be 1/S of the right one. (ZeRO-3's other path, `reduce_scatter: false`, divides
+by DP instead, for buckets up to reduce_bucket_size only: `check_deepspeed_config` refuses it under S > 1.)
+tests/dist_sequence_parallel_probe.py measures this with a ZeRO-3 engine, and both alternatives.
+
+Attention: DeepSpeed's `register_with_transformers` builds one `UlyssesSPAttentionHF` for one batch size
+(its shapes are asserted), and under sdpa it drops the mask and attends causally over the whole row, across
+the sequences of a packed row. DPO micro-batches change their row count (2B padded rows, 1 packed row,
+smaller eval and token-budget batches) and pack sequences, so `setup` builds the same `UlyssesSPAttentionHF`
+and groups itself, sets the row count per call, and under sdpa attends each packed sequence separately
+(flash attention finds the sequences in the gathered position ids itself).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dpo_ds.config import ConfigError
+from dpo_ds.logprobs import Scoring, scoring_of
+from dpo_ds.parallel import Parallel
+
+FIELD = "sequence_parallel_size"
+ATTENTION_LAYER_KINDS = ("full_attention", "sliding_attention")  # layer_types entries attention kernels compute
+FLASH_KERNELS = ("flash_attention_2", "flash_attention_3")
+
+
+# --------------------------------------------------------------------------- settings
+def ulysses_kernel(attn_implementation: str | None) -> str:
+    """The attention kernel models are built with under S > 1: the one asked for, or sdpa for the model's
+    default (None), since the patch must know which kernel it wraps."""
+    return attn_implementation or "sdpa"
+
+
+def check_settings(sequence_parallel_size: int, world_size: int, model_config: Any, attn_implementation: str | None,
+                   max_length: int) -> None:
+    """Raise ConfigError naming `sequence_parallel_size` for settings sequence parallelism cannot run with.
+
+    `model_config`: the policy's transformers config; `attn_implementation`: engines.attention_kernel's answer
+    (None: the model's default); `max_length`: the longest sequence (prompt + completion)."""
+    size = sequence_parallel_size
+
+    def refuse(why: str):
+        raise ConfigError(f"field '{FIELD}': {why}", FIELD)
+
+    if size < 1:
+        refuse(f"must be at least 1, not {size}")
+    if world_size % size:
+        refuse(f"{size} does not divide the world size {world_size} (data-parallel groups are S consecutive ranks)")
+    if size == 1:
+        return
+    kernel = ulysses_kernel(attn_implementation)
+    if kernel == "eager":
+        refuse(f"{size} needs attn_implementation sdpa or flash_attention_2/3: eager attention builds the full "
+               f"[T, T] mask, which DeepSpeed's Ulysses attention does not take")
+    if kernel not in ("sdpa", *FLASH_KERNELS):
+        refuse(f"{size} runs with attn_implementation sdpa or flash_attention_2/3, not {kernel} (under "
+               f"flex_attention DeepSpeed rebuilds a plain causal mask, which ignores packed sequences)")
+    text = model_config.get_text_config()
+    why = uncovered_reason(text, kernel, max_length)
+    if why:
+        refuse(f"{size} cannot shard a {model_config.model_type} model: {why}")
+    heads, kv_heads = text.num_attention_heads, text.num_key_value_heads
+    if heads % size:
+        refuse(f"{size} does not divide the model's {heads} attention heads (each rank attends with heads / S)")
+    if kv_heads % size and size % kv_heads:
+        refuse(f"{size} and the model's {kv_heads} key/value heads must divide one another (DeepSpeed's Ulysses "
+               f"splits the key/value heads over the ranks, or replicates them when there are fewer than S)")
+
+
+def uncovered_reason(text_config: Any, kernel: str, max_length: int) -> str | None:
+    """Why DeepSpeed's Ulysses attention would compute something else than the model does, or None."""
+    missing = [name for name in ("num_attention_heads", "num_key_value_heads")
+               if getattr(text_config, name, None) is None]
+    if missing:
+        return (f"its config has no {' / '.join(missing)}, which the Ulysses attention reads to split the heads "
+                f"(models of this layout do not route attention through the kernel it wraps)")
+    layer_types = getattr(text_config, "layer_types", None) or ()
+    other = sorted({kind for kind in layer_types if kind not in ATTENTION_LAYER_KINDS})
+    if other:
+        return (f"its {', '.join(other)} layers mix the sequence outside an attention kernel, so each rank would "
+                f"see only its own shard there")
+    v_head_dim = getattr(text_config, "v_head_dim", None)
+    if v_head_dim is not None and v_head_dim != head_size(text_config):
+        return "its value heads are narrower or wider than its query heads; the Ulysses exchange assumes one head size"
+    window = getattr(text_config, "sliding_window", None)
+    sliding = "sliding_attention" in layer_types if layer_types else True  # no layer types: every layer slides
+    if window is not None and sliding and window < max_length and kernel not in FLASH_KERNELS:
+        return (f"its sliding-window attention (window {window} < max_length {max_length}) is a mask under "
+                f"{kernel}, which the Ulysses attention drops; use flash_attention_2/3 (it takes the window as "
+                f"an argument) or max_length <= {window}")
+    return None
+
+
+def head_size(text_config: Any) -> int:
+    """Width of one attention head: head_dim where the config sets it (some set it to None), else hidden / heads."""
+    return getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+
+
+def check_deepspeed_config(ds_config: dict, sequence_parallel_size: int, source: str) -> None:
+    """Refuse a policy DeepSpeed config (resolved, from `source`) whose ZeRO-3 gradient averaging under S > 1
+    is not the one `sum_over_group` is scaled for (module docstring, "Gradients")."""
+    if sequence_parallel_size > 1 and ds_config.get("zero_optimization", {}).get("reduce_scatter", True) is False:
+        raise ConfigError(f"field '{FIELD}': {sequence_parallel_size} needs zero_optimization.reduce_scatter true "
+                          f"in {source}: without it ZeRO-3 averages a gradient over the data-parallel ranks or over "
+                          f"all ranks depending on its bucket's size", FIELD)
+
+
+# --------------------------------------------------------------------------- groups and the attention patch
+def setup(parallel: Parallel, model_config: Any, kernel: str):
+    """Build DeepSpeed's sequence-parallel groups (`parallel_state_sp`, the mpu register_with_transformers
+    returns, to be given to deepspeed.initialize) and route attention kernel `kernel` (ulysses_kernel's answer)
+    through DeepSpeed's UlyssesSPAttentionHF, for every model this process runs with that kernel. Once per
+    process (DeepSpeed keeps the groups in module globals), for a `parallel` (dpo_ds.parallel.Parallel) with
+    sequence_parallel_size > 1."""
+    import deepspeed.runtime.sequence_parallel.parallel_state_sp as mpu
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    mpu.initialize_sequence_parallel(sequence_parallel_size=parallel.sequence_parallel_size)
+    text = model_config.get_text_config()
+    core = ALL_ATTENTION_FUNCTIONS[kernel]
+    ulysses = UlyssesSPAttentionHF(
+        attn=_per_sequence_sdpa(core) if kernel == "sdpa" else core, batch_size=1,
+        attn_head_count=text.num_attention_heads, attn_head_size=head_size(text),
+        kv_head_count=text.num_key_value_heads, num_hidden_layers=text.num_hidden_layers,
+        process_group=mpu.get_sequence_parallel_group(), seq_length_is_variable=True)
+    ulysses.core_attn_implementation = kernel
+    ALL_ATTENTION_FUNCTIONS[kernel] = _UlyssesAttention(ulysses)
+    return mpu
+
+
+class _UlyssesAttention:
+    """What transformers calls as the attention kernel: DeepSpeed's Ulysses attention for this call's row count.
+
+    The mask is dropped, as in register_with_transformers: it was built for the local shard; causality and
+    packing come from the gathered position ids."""
+
+    def __init__(self, ulysses):
+        self.ulysses = ulysses
+
+    def __call__(self, module, query, key, value, attention_mask, *args, **kwargs):
+        rows = query.shape[0]
+        u = self.ulysses
+        if u.batch_size != rows:  # the shapes it asserts hold the row count (the sequence length it updates itself)
+            u.batch_size = rows
+            u.required_query_shape = torch.Size([1, rows, *u.required_query_shape[2:]])
+            u.required_key_value_shape = torch.Size([1, rows, *u.required_key_value_shape[2:]])
+            u.required_context_shape = torch.Size([1, rows, *u.required_context_shape[2:]])
+        return u(module, query, key, value, None, *args, **kwargs)
+
+
+def _per_sequence_sdpa(sdpa):
+    """sdpa over a gathered packed row (one row, position ids restarting per sequence), causal within each
+    sequence: transformers' sdpa path encodes packing in the mask, which the Ulysses attention drops. Finding
+    the sequences reads the position ids on the host once per layer (a device sync on a GPU, where flash
+    attention is the kernel for packed rows)."""
+    def attend(module, query, key, value, attention_mask, *args, position_ids=None, **kwargs):
+        if query.shape[0] != 1 or position_ids is None:
+            return sdpa(module, query, key, value, attention_mask, *args, **kwargs)
+        # a sequence starts where the position does not continue the previous one (as transformers' packing test)
+        starts = (torch.diff(position_ids[0], prepend=position_ids[0, :1] - 2) != 1).nonzero().squeeze(-1).tolist()
+        bounds = [*starts, position_ids.shape[1]]
+        if len(starts) == 1:
+            return sdpa(module, query, key, value, None, *args, **kwargs)
+        parts = [sdpa(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, *args, **kwargs)[0]
+                 for a, b in zip(bounds, bounds[1:])]
+        return torch.cat(parts, dim=1), None  # sdpa returns [rows, seq, heads, head size]
+    return attend
+
+
+# --------------------------------------------------------------------------- sharding
+@dataclass
+class SequenceShard:
+    """One rank's contiguous 1/S of a collated micro-batch's sequence dimension: [N, T / S] each."""
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    scoring: Scoring  # this shard's slice of the whole batch's Scoring
+
+
+def shard_batch(batch: dict[str, torch.Tensor], size: int, rank: int, pad_id: int) -> SequenceShard:
+    """Shard `rank` of `size` of a collated batch (data.collate: right-padded rows, or one packed row).
+
+    The sequence dimension is padded to a multiple of `size` with `pad_id` tokens that are never scored
+    (padded rows: positions continue; a packed row: one more sequence, positions from 0, so it attends to
+    nothing before it). Scoring is computed on the whole batch before cutting, so the last position of a
+    shard scores the first token of the next one; summed over the shards, each sequence's log-probs and
+    token counts are the unsharded batch's."""
+    input_ids, loss_mask = batch["input_ids"], batch["loss_mask"]
+    rows, length = input_ids.shape
+    if "sequence_ids" in batch:
+        sequence_ids = batch["sequence_ids"]
+        scoring = scoring_of(input_ids, loss_mask, sequence_ids, int(sequence_ids.max()) + 1)
+        positions = batch["position_ids"]
+    else:
+        scoring = scoring_of(input_ids, loss_mask)
+        positions = torch.arange(length).expand(rows, length)
+    width = math.ceil(length / size) * size
+    extra = width - length
+    if extra:
+        filler = torch.arange(extra).expand(rows, extra)
+        padded_positions = filler if "sequence_ids" in batch else filler + length
+        input_ids = torch.cat([input_ids, input_ids.new_full((rows, extra), pad_id)], dim=1)
+        positions = torch.cat([positions, padded_positions.to(positions.dtype)], dim=1)
+        scoring = Scoring(torch.cat([scoring.targets, scoring.targets.new_zeros(rows, extra)], dim=1),
+                          torch.cat([scoring.mask, scoring.mask.new_zeros(rows, extra)], dim=1),
+                          torch.cat([scoring.segments, scoring.segments[:, -1:].expand(rows, extra)], dim=1),
+                          scoring.num_sequences)
+    part = slice(rank * width // size, (rank + 1) * width // size)
+    return SequenceShard(input_ids[:, part].contiguous(), positions[:, part].contiguous(),
+                         Scoring(scoring.targets[:, part].contiguous(), scoring.mask[:, part].contiguous(),
+                                 scoring.segments[:, part].contiguous(), scoring.num_sequences))
+
+
+# --------------------------------------------------------------------------- the reduction
+class _SumOverGroup(torch.autograd.Function):
+    """Forward: the sum over the group's ranks. Backward: the sum of the incoming gradients over the group's
+    ranks, S x dL/dsum since every rank computes the same loss: the factor ZeRO-3's average over all S x DP
+    ranks takes back out (module docstring, "Gradients")."""
+
+    @staticmethod
+    def forward(ctx, partial: torch.Tensor, group) -> torch.Tensor:
+        from launcher.dist import all_reduce
+
+        ctx.group = group
+        return all_reduce(partial, group=group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        from launcher.dist import all_reduce
+
+        return all_reduce(grad, group=ctx.group), None
+
+
+def sum_over_group(sums: torch.Tensor, tokens: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence log-prob sums and token counts of the shards, summed over the group's ranks (one
+    all-reduce; differentiable in `sums`)."""
+    total = _SumOverGroup.apply(torch.stack([sums, tokens.to(sums.dtype)]), group)
+    return total[0], total[1].to(tokens.dtype)
+
+
+def shard_forward_logps(engine, shard: SequenceShard, chunk_size: int, head: torch.nn.Linear | None, group,
+                        router_aux: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`scoring.forward_logps` for a shard: the forward on the rank's shard, then the whole-sequence log-prob
+    sums and token counts (summed over `group`, the sequence-parallel group), and the shard's router loss when
+    `router_aux`."""
+    from dpo_ds.scoring import score_forward, to_device
+
+    device = engine.device
+    scoring = Scoring(to_device(shard.scoring.targets, device), to_device(shard.scoring.mask, device),
+                      to_device(shard.scoring.segments, device), shard.scoring.num_sequences)
+    sums, tokens, aux = score_forward(engine, to_device(shard.input_ids, device),
+                                      {"position_ids": to_device(shard.position_ids, device)}, scoring,
+                                      shard.scoring.positions(), chunk_size, head, router_aux)
+    return (*sum_over_group(sums, tokens, group), aux)
+
+
+# --------------------------------------------------------------------------- tiled MLP
+def enable_tiled_mlp(model: torch.nn.Module, tile_tokens: int | None = None) -> int:
+    """Compute every dense MLP block (`*.mlp` modules without experts) of `model` in sequence tiles with
+    DeepSpeed's TiledMLP: the [tokens, intermediate] activations exist one tile at a time, and the backward
+    recomputes each tile. Returns the number of blocks patched; before deepspeed.initialize or after, the same.
+
+    Tiles: ceil(tokens / tile_tokens), tile_tokens = hidden_size by default (DeepSpeed's choice: a tile's
+    activations about a hidden x hidden block); the largest count over all ranks, since under ZeRO-3 every
+    rank must gather the block's parameters the same number of times."""
+    tile_tokens = tile_tokens or model.config.get_text_config().hidden_size
+    patched = 0
+    for name, module in model.named_modules():
+        if name.endswith(".mlp") and not hasattr(module, "experts"):
+            module.forward = _tiled_forward(module, type(module).forward, tile_tokens)
+            patched += 1
+    return patched
+
+
+def _tiled_forward(module: torch.nn.Module, forward, tile_tokens: int):
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
+
+    from launcher.dist import all_reduce
+
+    def tiled(x: torch.Tensor) -> torch.Tensor:
+        tiles = all_reduce(torch.tensor([math.ceil(x.shape[-2] / tile_tokens)]), op="max")
+        params = [p for p in module.parameters() if p.requires_grad]
+        return TiledMLP.apply(forward, module, x, int(tiles), params)
+    return tiled
