@@ -323,9 +323,7 @@ def check_run(cfg: TrainConfig) -> str:
         resolve_reference_config(cfg, hidden)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
     data = TrainData(*load_config_data(cfg, tokenizer, parallel))
-    resume_dir = ckpt.find_checkpoint(cfg.output_dir, cfg.resume_from)
-    if resume_dir is not None:
-        ckpt.verify_checkpoint(resume_dir)
+    resume_dir = ckpt.find_checkpoint(cfg.output_dir, cfg.resume_from, parallel)  # verified (checksums too)
     per_rank = cfg.micro_batch_size * cfg.gradient_accumulation_steps
     lines = [f"check passed: {cfg.train_file}: {len(data.train)} pairs; {per_rank} pairs per data-parallel rank per "
              f"optimizer step: {len(data.train) // per_rank} steps per epoch on 1 rank, "
