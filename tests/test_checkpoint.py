@@ -314,7 +314,7 @@ def test_disk_full_on_one_rank_stops_at_once_with_one_line(config, tmp_path):
     lines = error_lines(failed.stderr)
     assert len(lines) == 1, failed.stderr[-5000:]
     line = lines[0]
-    assert failed.returncode != 0 and failed.stderr.count("No space left on device") == 1, failed.stderr[-3000:]
+    assert failed.returncode != 0 and "OSError" not in failed.stderr, failed.stderr[-3000:]
     assert line.startswith(f"dpo-ds train: error: {out / 'checkpoints' / 'step-00000004.tmp' / 'ds'}")
     assert "zero_pp_rank_1_mp_rank_00_optim_states.pt: No space left on device (rank 1" in line
     assert latest(out) == "step-00000002"
@@ -324,7 +324,7 @@ def test_disk_full_on_one_rank_stops_at_once_with_one_line(config, tmp_path):
     lines = error_lines(failed.stderr)
     assert len(lines) == 1, failed.stderr[-5000:]
     line = lines[0]
-    assert failed.returncode != 0 and failed.stderr.count("No space left on device") == 1, failed.stderr[-3000:]
+    assert failed.returncode != 0 and "OSError" not in failed.stderr, failed.stderr[-3000:]
     assert line.startswith(f"dpo-ds train: error: {export_out / 'final.tmp'}") and "No space left on device" in line
     assert not (export_out / "final").exists() and not (export_out / "final.tmp").exists()
     assert not (export_out / "run_finished.json").exists() and latest(export_out) == "step-00000006"
