@@ -9,13 +9,16 @@ Layout under `<output_dir>/checkpoints/`:
                                    `dpo-ds convert` needs nothing else (LoRA: the base model's directory too)
         rng/rank-00000.safetensors RNG states of each rank (tensors, no pickle)
         trainer_state.json         step, sampler position, world size, fingerprints, the run config
-        manifest.json              every file above with its size, written last
+        manifest.json              every file above with its size and xxh3-128 digest, written last
     latest                         name of the newest complete checkpoint, replaced atomically
 
 A checkpoint is written as `step-N.tmp/` and renamed to `step-N/` only after every rank has finished
-writing and the manifest is on disk; `latest` is updated after the rename and old checkpoints are pruned
-after that. A kill at any moment therefore leaves the previous good checkpoint or the new one. Loading
-checks the manifest first, so a truncated or missing file is reported by name instead of half-loading.
+writing and hashing its own files and the manifest is on disk; `latest` is updated after the rename and old
+checkpoints are pruned after that. A kill at any moment therefore leaves the previous good checkpoint or the
+new one. A write that fails on any rank is agreed on by every rank before any of them waits for another, so
+the run stops at once with the failing file named. Loading checks the manifest first (every rank the files
+it wrote, in parallel), so a truncated, missing or altered file is reported by name instead of half-loading,
+and `resume_from: auto` falls back to the newest checkpoint that verifies.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -33,14 +37,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+import xxhash
 from safetensors.torch import load_file, save_file
 
-from dpo_ds.errors import UsageError
+from dpo_ds.errors import UsageError, describe_error
 from dpo_ds.hf_dir import ConfigOverride, saved_config, write_hf_metadata
 from dpo_ds.losses import OBJECTIVE_FIELDS, PARAMS
 from dpo_ds.lora import save_adapter_config
 from dpo_ds.parallel import Parallel
-from launcher.dist import all_reduce
+from launcher.dist import all_reduce, gather_objects
 
 logger = logging.getLogger("dpo_ds")
 
@@ -57,6 +62,13 @@ RESUME_SENSITIVE_FIELDS = ("model_name_or_path", "ref_model_name_or_path", *OBJE
                            "max_prompt_length", "max_tokens_per_micro_batch", "shuffle", "group_by_length", "seed", "precision", "lr_scheduler",
                            "warmup_steps", "learning_rate", "weight_decay", "disable_dropout", "router_aux_loss_coef",
                            "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_adapter", "lora_quantize")
+
+
+HASH = "xxh3_128"  # ~6.7 GB/s on one core (BENCHMARKS.md, section 12): hashing costs far less than writing
+HASH_BLOCK = 8 << 20
+_RANK_IN_NAME = re.compile(r"rank[_-]0*(\d+)")  # DeepSpeed's zero_pp_rank_R_..., mp_rank_00_...; our rng/rank-R
+# Checkpoints this process wrote or verified: pruning counts only these (see _prune).
+_verified: set[str] = set()
 
 
 class CheckpointError(UsageError, RuntimeError):
@@ -134,26 +146,89 @@ def save_checkpoint(engine, output_dir: str, state: TrainerState, parallel: Para
         tmp.mkdir()
         (tmp / "rng").mkdir()
     parallel.barrier()
-    error: BaseException | None = None
+    errors: list[BaseException] = []
+    digests: dict[str, str] = {}
     try:
-        # frozen parameters (a LoRA run's base) are rebuilt from their files on resume, never saved
-        engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False, exclude_frozen_parameters=True)
-        save_file(_rng_state(), str(tmp / "rng" / f"rank-{rank:05d}.safetensors"))
+        with _write_errors_recorded(engine, errors):
+            # frozen parameters (a LoRA run's base) are rebuilt from their files on resume, never saved
+            engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False, exclude_frozen_parameters=True)
+        if not errors:
+            save_file(_rng_state(), str(tmp / "rng" / f"rank-{rank:05d}.safetensors"))
+            digests = {rel: file_digest(tmp / rel) for rel in _files_of_rank(tmp, rank, parallel.world_size)}
     except (OSError, RuntimeError) as err:
-        error = err
-    _fail_together(error, tmp, f"writing checkpoint {final}", parallel)
-    parallel.on_rank0(f"publishing checkpoint {final}", lambda: _publish(engine, tmp, final, root, state, save_total_limit,
-                                                                  tokenizer, config_overrides, adapter_config),
-             CheckpointError)
+        errors.append(err)
+    _fail_together(errors[0] if errors else None, tmp, final, parallel)
+    digests = {rel: digest for part in gather_objects(digests) for rel, digest in part.items()}
+    failure = parallel.on_rank0(f"publishing checkpoint {final}", lambda: _publish(
+        engine, tmp, final, root, state, save_total_limit, tokenizer, config_overrides, adapter_config, digests))
+    if failure is not None:
+        raise CheckpointError(failure)
+    _verified.add(final.name)
     if parallel.is_main:
         logger.info("checkpoint written: %s", final)
     return final
 
 
+class _write_errors_recorded:
+    """While DeepSpeed saves: a rank whose file write fails records the error and writes nothing more instead
+    of raising, so it still reaches DeepSpeed's closing barrier with the others and the failure is agreed on
+    afterwards (`_fail_together`); raised there, one rank would wait in DeepSpeed's barrier and the other in
+    ours until dist_timeout_s. Files are written through a Python file object, so disk full surfaces as
+    OSError(ENOSPC) naming the file rather than as a RuntimeError of torch's zip writer."""
+
+    def __init__(self, engine, errors: list[BaseException]):
+        self.engine, self.errors = engine, errors
+
+    def __enter__(self):
+        checkpoint_engine = self.engine.checkpoint_engine
+        original = checkpoint_engine.save
+
+        def save(state_dict, path):
+            if self.errors:
+                return
+            try:
+                with open(path, "wb") as fh:
+                    original(state_dict, fh)
+            except OSError as err:
+                self.errors.append(err if err.filename else OSError(err.errno, err.strerror, str(path)))
+            except RuntimeError as err:
+                self.errors.append(err)
+
+        checkpoint_engine.save = save
+        return self
+
+    def __exit__(self, *exc):
+        del self.engine.checkpoint_engine.save  # back to the class's method
+        return False
+
+
+def file_digest(path: Path) -> str:
+    h = xxhash.xxh3_128()
+    with path.open("rb", buffering=0) as fh:
+        while block := fh.read(HASH_BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _owner(rel: str, world_size: int) -> int:
+    """The rank that hashes a checkpoint file at save and checks it at load: the rank in its name (the rank
+    that wrote it, so the file is still in that rank's page cache), rank 0 for files without one."""
+    match = _RANK_IN_NAME.search(Path(rel).name)
+    return int(match.group(1)) % world_size if match else 0
+
+
+def _files_of_rank(tmp: Path, rank: int, world_size: int) -> list[str]:
+    """The files under ds/ and rng/ this rank hashes (every rank has finished its own writes)."""
+    rels = [str(p.relative_to(tmp)) for sub in (DS_TAG, "rng") for p in sorted((tmp / sub).rglob("*")) if p.is_file()]
+    return [rel for rel in rels if _owner(rel, world_size) == rank]
+
+
 def _publish(engine, tmp: Path, final: Path, root: Path, state: TrainerState, save_total_limit: int,
-             tokenizer, config_overrides: Sequence[ConfigOverride], adapter_config) -> None:
-    """Rank 0, once every rank's files are in `tmp`: metadata, state, manifest, rename, `latest`, pruning.
-    On failure the partial directory goes; the previous checkpoint and `latest` are untouched."""
+             tokenizer, config_overrides: Sequence[ConfigOverride], adapter_config,
+             digests: dict[str, str]) -> str | None:
+    """Rank 0, once every rank's files are in `tmp` and hashed (`digests`): metadata, state, manifest, rename,
+    `latest`, pruning. Returns None, or on failure what went wrong (every rank raises it) after removing the
+    partial directory; the previous checkpoint and `latest` are untouched."""
     try:
         model = engine.module
         write_hf_metadata(tmp / HF_METADATA, saved_config(model, config_overrides),
@@ -161,17 +236,29 @@ def _publish(engine, tmp: Path, final: Path, root: Path, state: TrainerState, sa
         if adapter_config is not None:
             save_adapter_config(adapter_config, tmp / HF_METADATA)
         _write_text_atomic(tmp / STATE, json.dumps(asdict(state), indent=2))
-        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        files = {}
+        for path in sorted(tmp.rglob("*")):
+            if path.is_file():
+                rel = str(path.relative_to(tmp))
+                files[rel] = {"size": path.stat().st_size, HASH: digests.get(rel) or file_digest(path)}
         _fsync_tree(tmp)
-        _write_text_atomic(tmp / MANIFEST, json.dumps({"files": files}, indent=2))
+        _write_text_atomic(tmp / MANIFEST, json.dumps({"hash": HASH, "files": files}, indent=2))
         if final.exists():  # a checkpoint of the same step from an earlier attempt
             shutil.rmtree(final)
         os.replace(tmp, final)
         _write_text_atomic(root / LATEST, final.name)
         _prune(root, save_total_limit, keep=final.name)
-    except OSError as err:
+    except (OSError, RuntimeError) as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"publishing checkpoint {final} failed ({err}); the previous checkpoint is kept") from err
+        return f"{describe_error(err)} (publishing checkpoint {final.name}; {_kept(root)})"
+    return None
+
+
+def _kept(root: Path) -> str:
+    latest = root / LATEST
+    if latest.is_file():
+        return f"removed; checkpoints/latest still names {latest.read_text().strip()}"
+    return "removed; the run has no earlier checkpoint"
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -183,72 +270,149 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _fail_together(error: BaseException | None, tmp: Path, what: str, parallel: Parallel) -> None:
-    """Collective: if any rank failed, every rank raises (none waits at a later barrier) and the partial
-    directory goes; the previous checkpoint and `latest` are untouched."""
-    if any_rank(error is not None):
-        if parallel.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"{what} failed ({error or 'on another rank'}); the previous checkpoint is kept") from error
+def _fail_together(error: BaseException | None, tmp: Path, final: Path, parallel: Parallel) -> None:
+    """Collective: every rank says whether its writes succeeded; if any failed, every rank raises the same
+    error (the first failing rank's, naming its file; none waits at a later barrier) and the partial
+    directory goes. The previous checkpoint and `latest` are untouched."""
+    reports = gather_objects(None if error is None else describe_error(error))
+    failed = [(rank, text) for rank, text in enumerate(reports) if text is not None]
+    if not failed:
+        return
+    if parallel.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    rank, text = failed[0]
+    raise CheckpointError(f"{text} (rank {rank}, writing checkpoint {final.name}; {_kept(final.parent)})") from error
 
 
 def _prune(root: Path, save_total_limit: int, keep: str) -> None:
-    """Keep the newest `save_total_limit` complete checkpoints (0 = keep all); remove stale .tmp dirs."""
+    """Keep the newest `save_total_limit` checkpoints this process wrote or verified (0 = keep all); remove
+    stale .tmp dirs. A checkpoint it never verified (one a fallback skipped, say) does not count towards the
+    limit, so the last good checkpoint is never removed in its favour; it goes once it is older than all kept."""
     for stale in root.glob("step-*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)
     if save_total_limit <= 0:
         return
-    complete = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
-    for old in complete[:-save_total_limit]:
-        if old.name != keep:
+    complete = _complete_checkpoints(root)
+    kept = [p for p in complete if p.name in _verified or p.name == keep][-save_total_limit:]
+    for old in complete:
+        if old not in kept and (old.name in _verified or old < kept[0]):
             shutil.rmtree(old, ignore_errors=True)
 
 
-def verify_checkpoint(ckpt: Path) -> TrainerState:
-    """Check every file the manifest lists is present with its size; return the trainer state."""
+def _complete_checkpoints(root: Path) -> list[Path]:
+    """step-N directories (not .tmp), oldest first."""
+    return sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+
+
+def _manifest_entries(ckpt: Path) -> dict[str, dict[str, Any]]:
+    """file -> {"size": bytes[, HASH: digest]} from the manifest (manifests before issue 24 held sizes only)."""
     manifest = ckpt / MANIFEST
     if not manifest.is_file():
         raise CheckpointError(f"{ckpt}: not a complete checkpoint ({MANIFEST} missing)")
-    for rel, size in json.loads(manifest.read_text())["files"].items():
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, OSError) as err:
+        raise CheckpointError(f"{manifest}: unreadable ({err})") from err
+    return {rel: entry if isinstance(entry, dict) else {"size": entry} for rel, entry in files.items()}
+
+
+def checkpoint_problems(ckpt: Path, checksums: bool = True, rank: int = 0, world_size: int = 1) -> list[str]:
+    """What is wrong with the files of `ckpt` that `rank` of `world_size` checks (all of them for 0 of 1):
+    missing, another size, or (with `checksums`) contents that no longer match the manifest's digest."""
+    try:
+        entries = _manifest_entries(ckpt)
+    except CheckpointError as err:
+        return [str(err)]
+    problems = []
+    for rel, entry in entries.items():
+        if _owner(rel, world_size) != rank:
+            continue
         path = ckpt / rel
         if not path.is_file():
-            raise CheckpointError(f"{path}: missing from checkpoint {ckpt}")
-        if path.stat().st_size != size:
-            raise CheckpointError(f"{path}: truncated or altered ({path.stat().st_size} bytes, expected {size})")
+            problems.append(f"{path}: missing from checkpoint {ckpt}")
+        elif path.stat().st_size != entry["size"]:
+            problems.append(f"{path}: truncated or altered ({path.stat().st_size} bytes, expected {entry['size']})")
+        elif checksums and HASH in entry and file_digest(path) != entry[HASH]:
+            problems.append(f"{path}: contents altered (same size, {HASH} digest differs from the manifest's)")
+    return problems
+
+
+def verify_checkpoint(ckpt: Path, checksums: bool = True) -> TrainerState:
+    """Check every file the manifest lists (present, its size, its digest unless `checksums` is False) in
+    this process; return the trainer state."""
+    problems = checkpoint_problems(ckpt, checksums)
+    if problems:
+        raise CheckpointError("; ".join(problems))
     return TrainerState(**json.loads((ckpt / STATE).read_text()))
 
 
-def find_checkpoint(output_dir: str, resume_from: str | None) -> Path | None:
-    """The checkpoint to resume from: `auto` = the one `latest` names (None when the run has none yet)."""
+def verify_together(ckpt: Path, parallel: Parallel) -> list[str]:
+    """Collective: every rank checks its share of `ckpt`'s files (the ones it wrote), in parallel; every rank
+    gets every problem found."""
+    mine = checkpoint_problems(ckpt, True, parallel.rank, parallel.world_size)
+    return list(dict.fromkeys(problem for part in gather_objects(mine) for problem in part))
+
+
+def find_checkpoint(output_dir: str, resume_from: str | None, parallel: Parallel) -> Path | None:
+    """The checkpoint to resume from, verified on every rank. `auto`: the one `latest` names, else the newest
+    older one that verifies (with a warning naming what was wrong; `latest` is repaired to name it), None when
+    the run has none. A given path that fails names the newest checkpoint beside it that verifies."""
     if not resume_from:
         return None
     if resume_from != "auto":
         path = Path(resume_from)
         if not path.is_dir():
             raise CheckpointError(f"resume_from: {path} is not a directory")
+        problems = verify_together(path, parallel)
+        if problems:
+            good = _newest_good(_complete_checkpoints(path.parent), path, parallel)
+            raise CheckpointError(f"cannot resume from {path}: " + "; ".join(problems) + (
+                f". The newest checkpoint beside it that verifies is {good}" if good else
+                ". No checkpoint beside it verifies"))
+        _verified.add(path.name)
         return path
-    latest = Path(output_dir) / CHECKPOINTS_DIR / LATEST
-    if not latest.is_file():
+    root = Path(output_dir) / CHECKPOINTS_DIR
+    latest = root / LATEST
+    # the checkpoint `latest` names and older ones: a newer directory was never published by `latest`
+    named = latest.read_text().strip() if latest.is_file() else None
+    candidates = [p for p in reversed(_complete_checkpoints(root)) if named is None or p.name <= named]
+    if named is not None and not (root / named).is_dir():
+        skipped = [f"{latest} names {named}, which does not exist"]
+    else:
+        skipped = []
+    for candidate in candidates:
+        problems = verify_together(candidate, parallel)
+        if not problems:
+            break
+        skipped.append("; ".join(problems))
+    else:
+        if skipped:
+            raise CheckpointError("no checkpoint to resume from verifies: " + "; ".join(skipped))
         return None
-    return latest.parent / latest.read_text().strip()
+    if skipped and parallel.is_main:
+        logger.warning("%s; resuming from %s, the newest checkpoint that verifies (checkpoints/latest now names "
+                       "it)", "; ".join(skipped), candidate)
+        _write_text_atomic(latest, candidate.name)
+    _verified.add(candidate.name)
+    return candidate
 
 
-def refuse_to_overwrite(output_dir: str, resume_from: str | None) -> None:
-    """A fresh start (no resume_from) in a folder that holds a run's checkpoints is refused."""
-    if resume_from is None and (Path(output_dir) / CHECKPOINTS_DIR / LATEST).exists():
-        raise CheckpointError(f"{output_dir} already holds checkpoints of a run: pass --resume_from auto to "
-                              f"continue it, or choose another output_dir")
+def _newest_good(checkpoints: list[Path], skip: Path, parallel: Parallel) -> Path | None:
+    """The newest of `checkpoints` (besides `skip`) whose files all verify (collective)."""
+    for candidate in reversed(checkpoints):
+        if candidate.resolve() != skip.resolve() and not verify_together(candidate, parallel):
+            return candidate
+    return None
 
 
 def resume_point(output_dir: str, resume_from: str | None, current: TrainerState, ignore_mismatch: bool,
                  parallel: Parallel) -> tuple[Path | None, TrainerState | None]:
     """(checkpoint dir, its trainer state) to resume from, or (None, None) to start fresh; verified, checked
     against the current run, and converted to the universal format when the world size changed."""
-    refuse_to_overwrite(output_dir, resume_from)
-    ckpt = find_checkpoint(output_dir, resume_from)
+    ckpt = find_checkpoint(output_dir, resume_from, parallel)
     if ckpt is None:
         return None, None
-    saved = verify_checkpoint(ckpt)
+    saved = TrainerState(**json.loads((ckpt / STATE).read_text()))
     problems = check_compatible(saved, current)
     if problems and not ignore_mismatch:
         raise CheckpointError(f"cannot resume from {ckpt}: " + "; ".join(problems)
@@ -367,5 +531,7 @@ class StopSignal:
                 return
             self._interrupted_at = now
         self.received = signum
-        logger.warning("received %s: checkpointing at the end of this step%s", signal.Signals(signum).name,
+        # what happens next is said where it happens (TrainingLoop): a signal during start-up, the export, or a
+        # torchrun teardown after another rank died is followed by no step and no checkpoint
+        logger.warning("received %s%s", signal.Signals(signum).name,
                        " (Ctrl-C again to stop at once, without a checkpoint)" if signum == signal.SIGINT else "")

@@ -36,11 +36,12 @@ from dpo_ds.hf_dir import (
     saved_config,
     validate_hf_dir,
     write_hf_metadata,
+    write_on_rank0,
 )
 from dpo_ds.families import load_model_config
 from dpo_ds.layout import saved_layout, state_tensors, to_saved_layout
 from dpo_ds.safetensors_io import ShardWriter, checkpoint_files, parse_size, read_headers, read_tensor
-from launcher.dist import on_rank0, process_rank
+from launcher.dist import process_rank
 
 HELP = """Convert a dpo-ds checkpoint (checkpoints/step-N) to a Hugging Face safetensors directory for serving
 (vLLM, transformers): shards + model.safetensors.index.json, config.json, generation_config.json and the
@@ -69,31 +70,37 @@ def export_engine(engine, out_dir: str, tokenizer=None, dtype: torch.dtype | Non
     writer = ShardWriter(tmp, parse_size(max_shard_size)) if rank == 0 else None
     groups, expected = saved_layout(model)
     live = state_tensors(model)
+    write_errors: list[OSError] = []
     for names in groups:  # the tensors one saved group is made of, gathered together (one expert block at most)
         zero_params = list({id(live[n]): live[n] for n in names if hasattr(live[n], "ds_id")}.values())
         with deepspeed.zero.GatheredParameters(zero_params, modifier_rank=None, enabled=bool(zero_params)):
-            if writer is not None:
-                for name, tensor in to_saved_layout(model, {n: live[n].detach() for n in names}).items():
-                    writer.add(name, tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor)
+            if writer is not None and not write_errors:
+                try:
+                    for name, tensor in to_saved_layout(model, {n: live[n].detach() for n in names}).items():
+                        writer.add(name, tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor)
+                except OSError as err:  # rank 0 keeps taking part in every gather; publish() reports it
+                    write_errors.append(err)
 
     def publish() -> None:
+        if write_errors:
+            raise write_errors[0]
         writer.finish()
         write_hf_metadata(tmp, saved_config(model, config_overrides), getattr(model, "generation_config", None), tokenizer, dtype)
         validate_hf_dir(tmp, expected)
         publish_dir(tmp, out)
 
-    on_rank0(f"writing the model to {out}", publish)
+    write_on_rank0(f"writing the model to {out}", publish, tmp)
 
 
 def convert_checkpoint(checkpoint_dir: str, out_dir: str, dtype: str = "bf16", max_shard_size: str = "5GB",
-                       adapter_only: bool = False) -> Path:
+                       adapter_only: bool = False, checksums: bool = True) -> Path:
     """A dpo-ds checkpoint -> a validated Hugging Face directory (single process, any saved world size)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoTokenizer, GenerationConfig
 
 
     ckpt = Path(checkpoint_dir)
-    verify_checkpoint(ckpt)
+    verify_checkpoint(ckpt, checksums)
     if is_lora_checkpoint(ckpt):
         return convert_lora_checkpoint(ckpt, out_dir, DTYPES[dtype], max_shard_size, adapter_only)
     if adapter_only:
@@ -157,7 +164,7 @@ def export_merged_from_base(engine, adapters: lora.Adapters, out_dir: str, token
         write_merged_model(adapters.config, tensors, saved_config(model, config_overrides),
                            getattr(model, "generation_config", None), tokenizer, Path(out_dir), dtype, "5GB")
 
-    on_rank0(f"writing {out_dir}", write, ExportError)
+    write_on_rank0(f"writing {out_dir}", write, Path(out_dir).with_name(Path(out_dir).name + ".tmp"))
 
 
 def convert_lora_checkpoint(ckpt: Path, out_dir: str, dtype: torch.dtype, max_shard_size: str,
@@ -232,9 +239,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max_shard_size", default="5GB", help="Largest safetensors shard, e.g. 5GB, 500MB (default 5GB).")
     parser.add_argument("--adapter_only", action="store_true",
                         help="LoRA checkpoints: write the PEFT adapter (fp32) instead of the merged model.")
+    parser.add_argument("--skip_checksums", action="store_true",
+                        help="Check the checkpoint's files against the manifest by size only, without reading them "
+                             "for their xxh3-128 digests (faster; a same-size corruption goes unnoticed).")
 
 
 def run(args) -> int:
-    out = convert_checkpoint(args.checkpoint_dir, args.out_dir, args.dtype, args.max_shard_size, args.adapter_only)
+    out = convert_checkpoint(args.checkpoint_dir, args.out_dir, args.dtype, args.max_shard_size, args.adapter_only,
+                             checksums=not args.skip_checksums)
     emit(f"wrote {out}")
     return 0

@@ -50,7 +50,8 @@ def main() -> int:
     assets = build_demo_assets(str(root / "assets"))
     before = _evaluate(assets.model_dir, assets.heldout_file, str(root / "eval_before.jsonl"))
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-          f"--master_port={free_port()}", "-m", "dpo_ds", "train", "--config", str(CONFIG)])
+          f"--master_port={free_port()}", "-m", "dpo_ds", "train", "--config", str(CONFIG),
+          "--overwrite", "true"])  # every `make demo` trains the demo again
     final = str(root / "dpo" / "final")
     after = _evaluate(final, assets.heldout_file, str(root / "eval_after.jsonl"))
     rewards = _evaluate(final, assets.heldout_file, str(root / "eval_after_rewards.jsonl"), ref_model=assets.model_dir)

@@ -15,5 +15,13 @@ class UsageError(Exception):
     """Bad input or a refused run, phrased for the user: `dpo-ds COMMAND: error: <message>`, exit 2."""
 
 
+def describe_error(err: BaseException) -> str:
+    """'<path>: <reason>' for a file system error (as in `dpo-ds train: error: <path>: No space left on
+    device`), the error's own text otherwise."""
+    if isinstance(err, OSError) and err.filename:
+        return f"{err.filename}: {err.strerror}"
+    return str(err)
+
+
 class Preempted(Exception):
     """A stop signal arrived; the checkpoint is written and the process exits with EXIT_PREEMPTED."""

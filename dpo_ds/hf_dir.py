@@ -14,13 +14,30 @@ from typing import Sequence
 import torch
 from safetensors import safe_open
 
-from dpo_ds.errors import UsageError
+from dpo_ds.errors import UsageError, describe_error
 from dpo_ds.safetensors_io import SAFE_INDEX
+from launcher.dist import on_rank0
 
 
 
 class ExportError(UsageError, RuntimeError):
     pass
+
+
+def write_on_rank0(what: str, work, tmp: Path) -> None:
+    """Rank 0 runs `work` (which writes `tmp` and publishes it) while the other ranks wait; if it fails, `tmp`
+    goes and every rank raises the same ExportError, naming the file (a collective: every rank calls it)."""
+    def attempt() -> str | None:
+        try:
+            work()
+        except (OSError, ExportError) as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return f"{describe_error(err)} (while {what}; nothing was published)"
+        return None
+
+    failure = on_rank0(what, attempt)
+    if failure is not None:
+        raise ExportError(failure)
 
 
 def validate_hf_dir(out_dir: Path, expected_shapes: dict[str, tuple[int, ...]]) -> None:

@@ -26,9 +26,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dpo_ds.config import ConfigError, TrainConfig, uses_reference
-from dpo_ds.hf_dir import ExportError, publish_dir
+from dpo_ds.hf_dir import ExportError, publish_dir, write_on_rank0
 from dpo_ds.safetensors_io import has_safetensors
-from launcher.dist import on_rank0
 
 ADAPTER = "default"      # the trained adapter (peft's default name)
 REFERENCE = "reference"  # the frozen copy of the starting adapter (lora_adapter runs)
@@ -217,8 +216,8 @@ def save_adapter_config(config, out_dir: Path) -> None:
 def save_adapter(engine, adapters: Adapters, out_dir: str) -> None:
     """`final_adapter/`: the trained adapter as a PEFT directory (rank 0 writes; every rank must call)."""
     tensors = gather_adapter(engine)
-    on_rank0(f"writing {out_dir}", lambda: write_adapter_dir(adapters.config, tensors, Path(out_dir)),
-             ExportError)
+    write_on_rank0(f"writing {out_dir}", lambda: write_adapter_dir(adapters.config, tensors, Path(out_dir)),
+                   Path(out_dir).with_name(Path(out_dir).name + ".tmp"))
 
 
 def lora_delta(a: torch.Tensor, b: torch.Tensor, scaling: float, fan_in_fan_out: bool) -> torch.Tensor:

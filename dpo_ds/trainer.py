@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from dpo_ds import checkpoint as ckpt
+from dpo_ds import run_dir
 from dpo_ds.config import TrainConfig, add_config_arguments, config_from_args, to_dict, uses_lora, uses_reference
 from dpo_ds.console import Progress, emit, setup_logging
 from dpo_ds.convert import export_engine, export_merged_from_base
@@ -81,6 +82,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     export(ctx, tokenizer)
     loop.writer.close()
     if parallel.is_main:
+        run_dir.mark_finished(cfg.output_dir, total_steps)
         print(finished_summary(cfg, total_steps, last), file=sys.stderr, flush=True)
     return TrainResult(ctx, last)
 
@@ -97,9 +99,9 @@ class TrainData:
 
 
 def check_before_loading(cfg: TrainConfig, parallel: Parallel) -> None:
-    """What can be refused before any model or data is loaded: an output_dir holding another run, directories
+    """What can be refused before any model or data is loaded: an output_dir holding a run's outputs, directories
     not shared by every rank, a model that cannot work, a reference that tokenizes differently."""
-    ckpt.refuse_to_overwrite(cfg.output_dir, cfg.resume_from)
+    run_dir.check_output_dir(cfg.output_dir, cfg.resume_from, cfg.overwrite)
     parallel.check_shared_dirs({"output_dir": cfg.output_dir, "cache_dir": cache_dir_of(cfg)})
     check_model_family(cfg)
     if cfg.ref_model_name_or_path and uses_reference(cfg):  # the seed's rule: one tokenization for both models
@@ -130,6 +132,7 @@ def trainer_state(cfg: TrainConfig, sampler: PairSampler, data: TrainData, paral
 
 def write_run_config(cfg: TrainConfig, parallel: Parallel) -> None:
     if parallel.is_main:
+        run_dir.clear_for_overwrite(cfg.output_dir, cfg.resume_from, cfg.overwrite)
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output_dir) / "run_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
@@ -163,6 +166,10 @@ class TrainingLoop:
     def train(self) -> dict[str, float]:
         """Train steps start_step..total_steps; the last logged metrics."""
         ctx, cfg = self.ctx, self.ctx.cfg
+        if ckpt.any_rank(self.stop_signal.received is not None):  # during start-up: no step of this run to save
+            self.writer.close()
+            raise Preempted(f"stopped by a signal before step {self.start_step + 1}; nothing new to checkpoint; "
+                            f"resume with --resume_from auto")
         for step in range(self.start_step, self.total_steps):
             lr = ctx.policy.get_lr()[0]  # the rate this step uses (the scheduler advances inside the step)
             result = train_step(ctx, self.sampler, self.data.train, step)
@@ -221,6 +228,8 @@ class TrainingLoop:
         """A checkpoint every save_steps, and after a stop signal on any rank, which then ends the run (Preempted)."""
         cfg = self.ctx.cfg
         stop = ckpt.any_rank(self.stop_signal.received is not None)
+        if stop and self.ctx.parallel.is_main:
+            logger.warning("stop requested by a signal: checkpointing after step %d", done)
         if stop or (cfg.save_steps and done % cfg.save_steps == 0):
             save_checkpoint(self.ctx, trainer_state(cfg, self.sampler, self.data, self.ctx.parallel, done,
                                                     self.ctx.objective), self.tokenizer)
@@ -319,9 +328,7 @@ def check_run(cfg: TrainConfig) -> str:
         resolve_reference_config(cfg, hidden)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
     data = TrainData(*load_config_data(cfg, tokenizer, parallel))
-    resume_dir = ckpt.find_checkpoint(cfg.output_dir, cfg.resume_from)
-    if resume_dir is not None:
-        ckpt.verify_checkpoint(resume_dir)
+    resume_dir = ckpt.find_checkpoint(cfg.output_dir, cfg.resume_from, parallel)  # verified (checksums too)
     per_rank = cfg.micro_batch_size * cfg.gradient_accumulation_steps
     lines = [f"check passed: {cfg.train_file}: {len(data.train)} pairs; {per_rank} pairs per data-parallel rank per "
              f"optimizer step: {len(data.train) // per_rank} steps per epoch on 1 rank, "
@@ -337,5 +344,8 @@ def run(args: argparse.Namespace) -> int:
     if args.check:
         emit(check_run(cfg))
         return 0
-    train(cfg)
+    try:
+        train(cfg)
+    except run_dir.RunFinished as finished:
+        logger.info("%s", finished)
     return 0

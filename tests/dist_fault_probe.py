@@ -7,6 +7,9 @@ FAULT_KILL_POINT=P FAULT_KILL_STEP=K
                                   before_publish (all files written, no manifest, not renamed),
                                   before_latest (renamed, `latest` still names the previous one)
 FAULT_DISK_FULL_STEP=K            every rank's DeepSpeed save of step K fails with ENOSPC
+FAULT_DISK_FULL_STEP=K FAULT_DISK_FULL_RANK=R
+                                  only rank R's optimizer file of step K: part written, then ENOSPC
+FAULT_EXPORT_DISK_FULL=1          the final export's second tensor fails with ENOSPC (rank 0 writes it)
 FAULT_NAN_AT_STEPS=K[,K...]       rank 0's policy log-probs become NaN in the training forwards of these steps
 """
 import errno
@@ -15,8 +18,10 @@ import signal
 import sys
 
 import deepspeed
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
 import dpo_ds.checkpoint as ckpt
+import dpo_ds.safetensors_io as safetensors_io
 import dpo_ds.scoring as scoring
 from dpo_ds.cli import main
 from launcher.dist import exit_process
@@ -88,7 +93,23 @@ elif kill_point == "before_latest":
     ckpt._write_text_atomic = write_text
 
 disk_full_step = int(os.environ.get("FAULT_DISK_FULL_STEP", "0"))
-if disk_full_step:
+disk_full_rank = os.environ.get("FAULT_DISK_FULL_RANK")
+if disk_full_step and disk_full_rank is not None:
+    original_engine_save = TorchCheckpointEngine.save
+
+    def engine_save(self, state_dict, path):
+        name = getattr(path, "name", path)  # dpo-ds hands DeepSpeed an open file, DeepSpeed alone a path
+        if rank() == int(disk_full_rank) and saving_step(name) == disk_full_step and "optim_states" in str(name):
+            if hasattr(path, "write"):
+                path.write(b"\0" * 4096)
+            else:
+                with open(path, "wb") as fh:
+                    fh.write(b"\0" * 4096)
+            raise OSError(errno.ENOSPC, "No space left on device")  # as a write through a file object raises it
+        return original_engine_save(self, state_dict, path)
+
+    TorchCheckpointEngine.save = engine_save
+elif disk_full_step:
     original_save = Engine.save_checkpoint
 
     def save_checkpoint(self, save_dir, *args, **kwargs):
@@ -97,5 +118,15 @@ if disk_full_step:
         return original_save(self, save_dir, *args, **kwargs)
 
     Engine.save_checkpoint = save_checkpoint
+
+if os.environ.get("FAULT_EXPORT_DISK_FULL"):
+    original_add = safetensors_io.ShardWriter.add
+
+    def add(self, name, tensor):
+        if self.entries:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.data.name))
+        return original_add(self, name, tensor)
+
+    safetensors_io.ShardWriter.add = add
 
 exit_process(main(["train", *sys.argv[1:]]))  # as the dpo-ds entry point does

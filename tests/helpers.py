@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from dpo_ds.data import PairTokenizer
 from launcher.env import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -217,3 +219,18 @@ class FakeEngine:
 
     def get_lr(self) -> list[float]:
         return [group["lr"] for group in self.optimizer.param_groups]
+
+
+class StuckOnRow(PairTokenizer):
+    """A pair tokenizer (tests/test_data.py) whose process hangs on a row whose prompt is `stuck_prompt`;
+    importable by name, so a tokenizer process can unpickle it."""
+
+    def __init__(self, tokenizer, max_length: int, stuck_prompt: str):
+        super().__init__(tokenizer, max_length)
+        self.stuck_prompt = stuck_prompt
+
+    def encode(self, rows):
+        if any(row.prompt == self.stuck_prompt for row in rows):
+            while True:
+                time.sleep(1)
+        return super().encode(rows)

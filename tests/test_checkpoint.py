@@ -220,3 +220,111 @@ def test_second_ctrl_c_stops_at_once(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 130 and proc.stdout == f"first: {int(signal.SIGINT)}\n", (proc.stdout, proc.stderr)
     assert "stopping now, without a checkpoint" in proc.stderr
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("dpo-ds train: error:")]
+
+
+def test_finished_run_is_never_overwritten(config, tmp_path):
+    """Issue 24 item 1: a finished run without checkpoints (save_steps 0) was replaced by the same command
+    (final/, run_config.json, metrics.jsonl truncated, a second TensorBoard file) and retrained by
+    --resume_from auto. Now: refused, or 'finished' with exit 0, the folder byte for byte as it was; only
+    --overwrite true replaces it, saying what it replaces."""
+    out = tmp_path / "run"
+    command = ["-m", "dpo_ds", "train", "--config", str(config), "--output_dir", str(out), "--save_steps", "0",
+               "--max_steps", "2"]
+    launch(command)
+    before = snapshot(out)
+    again = launch(command, check=False)
+    assert again.returncode != 0 and len(error_lines(again.stderr)) == 1, again.stderr[-3000:]
+    assert "holds a finished run (2 steps" in again.stderr and "--overwrite true" in again.stderr
+    resumed = launch([*command, "--resume_from", "auto"], check=False)
+    assert resumed.returncode == 0 and "holds a finished run" in resumed.stderr and "nothing to do" in resumed.stderr
+    assert snapshot(out) == before
+    assert json.loads((out / "run_finished.json").read_text())["steps"] == 2
+    replaced = launch([*command, "--overwrite", "true"])
+    assert "--overwrite true: removing the previous run's final/, run_config.json, metrics.jsonl, tensorboard/" \
+        in replaced.stderr
+    assert len(list((out / "tensorboard").iterdir())) == 1
+    assert [m["step"] for m in read_metrics(out) if "loss" in m] == [1, 2]
+
+
+def optimizer_file(ckpt: Path, rank: int) -> Path:
+    return next((ckpt / "ds").glob(f"*zero_pp_rank_{rank}_*optim_states.pt"))
+
+
+def test_same_size_corruption_is_refused_by_convert_and_skipped_by_resume(config, baseline, tmp_path):
+    """Issue 24 item 2: 256 bytes overwritten inside a rank's optimizer file (size unchanged) resumed silently
+    and exported garbage. Now convert refuses it, naming the file, and --resume_from auto falls back to the
+    previous checkpoint and continues the run exactly."""
+    out = tmp_path / "run"
+    shutil.copytree(baseline / "checkpoints", out / "checkpoints")
+    bad = optimizer_file(out / "checkpoints" / "step-00000006", 1)
+    data = bytearray(bad.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 256] = bytes(256)
+    bad.write_bytes(bytes(data))
+    refused = run_cli(["convert", str(bad.parent.parent), str(tmp_path / "hf")], check=False)
+    assert refused.returncode == 2 and f"{bad}: contents altered" in refused.stderr, refused.stderr[-2000:]
+    assert not (tmp_path / "hf").exists()
+    resumed = probe(config, out, check=True)
+    assert f"{bad}: contents altered" in resumed.stderr and "resuming from" in resumed.stderr
+    assert "resumed from step 4" in resumed.stderr
+    assert losses(out) == {s: loss for s, loss in losses(baseline).items() if s > 4}
+    base = weights(baseline)
+    assert all(torch.equal(t, base[n]) for n, t in weights(out).items())
+
+
+def test_truncated_newest_checkpoint_falls_back_across_requeues(config, baseline, tmp_path):
+    """Issue 24 item 3: a truncated newest checkpoint failed every restart of a requeued job. An explicit path
+    to it names the newest good one; auto falls back to it, repairs `latest`, and the requeued restarts that
+    follow (stopped by a signal, started again) end as the uninterrupted run."""
+    out = tmp_path / "run"
+    shutil.copytree(baseline / "checkpoints", out / "checkpoints")
+    newest = out / "checkpoints" / "step-00000006"
+    shard = optimizer_file(newest, 0)
+    shard.write_bytes(shard.read_bytes()[:1000])
+    explicit = probe(config, out, extra=("--resume_from", str(newest)))
+    assert explicit.returncode != 0 and len(error_lines(explicit.stderr)) == 1, explicit.stderr[-3000:]
+    assert f"{shard}: truncated" in explicit.stderr
+    assert f"newest checkpoint beside it that verifies is {out / 'checkpoints' / 'step-00000004'}" in explicit.stderr
+    first = probe(config, out, env={"FAULT_SIGNAL_AT_STEP": "5"})
+    assert first.returncode != 0 and "resumed from step 4" in first.stderr
+    assert f"{shard}: truncated" in first.stderr and "checkpoints/latest now names it" in first.stderr
+    assert latest(out) == "step-00000005", first.stderr[-5000:]
+    second = probe(config, out, check=True)
+    assert "resumed from step 5" in second.stderr
+    assert losses(out) == {s: loss for s, loss in losses(baseline).items() if s > 4}
+    base = weights(baseline)
+    assert all(torch.equal(t, base[n]) for n, t in weights(out).items())
+
+
+def test_disk_full_on_one_rank_stops_at_once_with_one_line(config, tmp_path):
+    """Issue 24 item 4: ENOSPC on one rank's checkpoint file left the other rank in a barrier until
+    dist_timeout_s, then raw gloo errors. Now every rank agrees on the failure first: one error line naming the
+    file, the partial directory gone, `latest` intact. dist_timeout_s is far above the launch's time limit, so
+    a rank left waiting fails the test. The same for the final export."""
+    out = tmp_path / "run"
+    failed = probe(config, out, env={"FAULT_DISK_FULL_STEP": "4", "FAULT_DISK_FULL_RANK": "1"},
+                   extra=("--dist_timeout_s", "3000"))
+    lines = error_lines(failed.stderr)
+    assert len(lines) == 1, failed.stderr[-5000:]
+    line = lines[0]
+    assert failed.returncode != 0 and "OSError" not in failed.stderr, failed.stderr[-3000:]
+    assert line.startswith(f"dpo-ds train: error: {out / 'checkpoints' / 'step-00000004.tmp' / 'ds'}")
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt: No space left on device (rank 1" in line
+    assert latest(out) == "step-00000002"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-00000002"]
+    export_out = tmp_path / "export"
+    failed = probe(config, export_out, env={"FAULT_EXPORT_DISK_FULL": "1"}, extra=("--dist_timeout_s", "3000"))
+    lines = error_lines(failed.stderr)
+    assert len(lines) == 1, failed.stderr[-5000:]
+    line = lines[0]
+    assert failed.returncode != 0 and "OSError" not in failed.stderr, failed.stderr[-3000:]
+    assert line.startswith(f"dpo-ds train: error: {export_out / 'final.tmp'}") and "No space left on device" in line
+    assert not (export_out / "final").exists() and not (export_out / "final.tmp").exists()
+    assert not (export_out / "run_finished.json").exists() and latest(export_out) == "step-00000006"

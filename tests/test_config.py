@@ -452,7 +452,7 @@ def test_refused_start_leaves_the_run_folder_untouched(fake_run_inputs, tmp_path
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     proc = train_cli(["--model_name_or_path", str(model), "--train_file", str(pairs), "--output_dir", str(out),
                       "--beta", "0.5"])
-    assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 2 and "already holds a run's outputs (run_config.json, checkpoints/)" in proc.stderr, proc.stderr[-3000:]
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 

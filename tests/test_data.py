@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from dpo_ds import data as D
-from dpo_ds.data import rows as rows_module, store
+from dpo_ds.data import rows as rows_module, store, tokenize as tokenize_module
 from dpo_ds.data.examples import STAT_KEYS
 from dpo_ds.data import DataError, PairSampler, PairTokenizer, TokenizedPairs, collate, load_pairs, tokenize_file
 
@@ -336,6 +336,18 @@ def test_bad_row_in_columnar_formats(tmp_path, tok, writer):
     assert f"{path}:row 3: field 'chosen': missing" in str(info.value)
     pairs = tokenize(path, tok, skip_bad_rows=True)
     assert pairs.stats["skipped_bad_rows"] == 1 and len(pairs) == 3
+
+
+def test_json_error_column_with_byte_order_mark_and_indent(tmp_path, tok):
+    """Issue 24 item 6: a file starting with a UTF-8 byte order mark (Windows editors write one) failed on its
+    valid first line ("Unexpected UTF-8 BOM", column 1); the BOM is not part of the data. An error's column
+    counts the line's characters from 1, leading spaces included (30 below: the `x` after `"chosen": `)."""
+    path = tmp_path / "train.jsonl"
+    bad = '   {"prompt": "q", "chosen": x}'
+    path.write_bytes(b"\xef\xbb\xbf" + (json.dumps(GOOD) + "\n" + bad + "\n").encode())
+    with pytest.raises(DataError) as info:
+        tokenize(str(path), tok)
+    assert str(info.value) == f"{path}:2: invalid JSON: Expecting value (column {bad.index('x') + 1})"
 
 
 def test_skip_bad_rows_counts_every_case(tmp_path, tok):
@@ -661,6 +673,31 @@ def test_first_bad_row_in_file_order_with_parallel_workers(tmp_path, tok, demo_r
         assert str(info.value).startswith(f"{path}:5: field 'chosen':")
         pairs = tokenize_file(path, PairTokenizer(tok, 512), True, workers=workers)
         assert pairs.stats["skipped_bad_rows"] == 2 and len(pairs) == 10
+
+
+def test_small_file_is_tokenized_without_processes(tmp_path, tok, demo_rows):
+    """Issue 24 item 5: a file of one chunk started a pool of forked processes anyway (a unit test: starting one
+    fails it, tests/conftest.py)."""
+    path = write_jsonl(tmp_path / "small.jsonl", demo_rows[:8])
+    pairs = tokenize_file(path, PairTokenizer(tok, 512), False, workers=4)
+    assert list(pairs.pair_ids) == [f"{path}:{i + 1}" for i in range(8)]
+
+
+@pytest.mark.distributed
+def test_stuck_tokenizer_process_is_named_and_ended(tmp_path, tok, demo_rows, monkeypatch):
+    """Issue 24 item 5: the tokenization pool hung the job (a forked worker holding the trainer's SIGTERM handler
+    did not heed terminate). Workers now start from a fresh forkserver process with the default SIGTERM; a chunk
+    not finished within CHUNK_TIMEOUT_S is named, and the pool's terminate ends the stuck process."""
+    monkeypatch.setattr(rows_module, "CHUNK_ROWS", 3)
+    monkeypatch.setattr(tokenize_module, "CHUNK_TIMEOUT_S", 30)
+    rows = demo_rows[:12]
+    rows[7] = {**rows[7], "prompt": "stuck here"}  # line 8: the third chunk, lines 7-9
+    path = write_jsonl(tmp_path / "stuck.jsonl", rows)
+    from helpers import StuckOnRow  # tests/ is on the path of the test process, not of a module import
+
+    with pytest.raises(DataError) as info:
+        tokenize_file(path, StuckOnRow(tok, 512, "stuck here"), False, workers=2)
+    assert str(info.value).startswith(f"{path}:7: rows 7-9 are still being tokenized after 30 s in a tokenizer process")
 
 
 def test_cache_is_flat_memory_mapped_arrays(tmp_path, tok, demo_rows):

@@ -120,6 +120,7 @@ class TrainConfig:
     save_steps: int = _field(0, "Save a resumable checkpoint every N optimizer steps (0 = only the final export; SIGTERM/SIGUSR1 always checkpoint).", "output")
     save_total_limit: int = _field(0, "Keep only the newest N checkpoints (0 = keep all).", "output")
     resume_from: Optional[str] = _field(None, "`auto` (the latest checkpoint in output_dir; start fresh when there is none) or a checkpoint directory.", "output")
+    overwrite: bool = _field(False, "Start in an output_dir that holds a run's outputs (final/, final_adapter/, run_config.json, metrics.jsonl, tensorboard/, checkpoints/), replacing them (logged by name); with resume_from, continue a finished run and export it again. Without it such a start is refused, and `resume_from: auto` on a finished run reports it finished and exits 0.", "output")
     resume_ignore_mismatch: bool = _field(False, "Resume even when the model, data fingerprint or a run-defining field differs from the checkpoint's.", "output")
 
     def global_batch_pairs(self, world_size: int) -> int:

@@ -38,7 +38,7 @@ def row_chunks(path: str, kind: str, chunk_rows: int | None = None) -> Iterator[
     Parquet is read by row groups, a `datasets` directory in batches of its memory-mapped Arrow table."""
     chunk_rows = chunk_rows or CHUNK_ROWS
     if kind == "jsonl":
-        with open(path, encoding="utf-8") as fh:
+        with open(path, encoding="utf-8-sig") as fh:  # a byte order mark at the start is not part of line 1
             numbered = ((n, line) for n, line in enumerate(fh, start=1) if line.strip())
             while chunk := list(itertools.islice(numbered, chunk_rows)):
                 yield chunk

@@ -192,13 +192,14 @@ class ChunkTokenizer:
                            raw_lengths, stats, error, reused)
 
 
-_worker: ChunkTokenizer | None = None  # this tokenizer process's ChunkTokenizer (set once, by fork inheritance)
+_worker: ChunkTokenizer | None = None  # this tokenizer process's ChunkTokenizer (set once, by its initializer)
+# A chunk of rows/CHUNK_ROWS takes well under a second to tokenize; one still unfinished after this is stuck.
+CHUNK_TIMEOUT_S = 600.0
 
 
 def _init_worker(chunk_tokenizer: ChunkTokenizer) -> None:
     global _worker
-    # Stop signals are the parent's business (the trainer's handlers would make a forked worker ignore the
-    # pool's terminate); the parent ends the pool when it stops.
+    # Stop signals are the parent's business; the parent ends the pool when it stops.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     for sig in (signal.SIGINT, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
@@ -220,11 +221,15 @@ def tokenized_chunks(path: str, pair_tokenizer: PairTokenizer, skip_bad_rows: bo
     """ChunkResults of the whole file in file order, from `workers` processes (0: one per available core).
 
     At most 4 chunks per process are in flight, so a fast reader never queues the file in memory. The first bad
-    row in file order is raised (as DataError) even when a later chunk finished first."""
+    row in file order is raised (as DataError) even when a later chunk finished first. A file of one chunk is
+    tokenized here, without processes; a chunk a process has not finished after CHUNK_TIMEOUT_S is named in a
+    DataError and the pool is ended."""
     kind = source_kind(path)
     chunk_tokenizer = ChunkTokenizer(path, kind, pair_tokenizer, skip_bad_rows)
     chunks = row_chunks(path, kind)
-    workers = workers or default_workers()
+    head = list(itertools.islice(chunks, 2))
+    chunks = itertools.chain(head, chunks)
+    workers = 1 if len(head) < 2 else workers or default_workers()
 
     def checked(result: ChunkResult) -> ChunkResult:
         if result.error:
@@ -235,12 +240,23 @@ def tokenized_chunks(path: str, pair_tokenizer: PairTokenizer, skip_bad_rows: bo
         for chunk in chunks:
             yield checked(chunk_tokenizer(chunk))
         return
-    # fork: the processes inherit the loaded tokenizer instead of unpickling it (and re-importing torch)
-    with multiprocessing.get_context("fork").Pool(workers, _init_worker, (chunk_tokenizer,)) as pool:
+    # forkserver: the processes are forks of a fresh server process (which imports this module once), not of
+    # this one, so they inherit neither the trainer's signal handlers (a forked worker holding its SIGTERM
+    # handler swallowed the pool's terminate and hung the job, issue 24) nor the threads of torch, gloo or the
+    # tokenizers, which a fork copies in whatever state they are
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    with context.Pool(workers, _init_worker, (chunk_tokenizer,)) as pool:
         pending = collections.deque()
         for chunk in itertools.chain(chunks, [None]):
             if chunk is not None:
-                pending.append(pool.apply_async(_run_worker, (chunk,)))
+                pending.append((chunk[0][0], chunk[-1][0], pool.apply_async(_run_worker, (chunk,))))
             while pending and (chunk is None or len(pending) >= 4 * workers):
-                yield checked(pending.popleft().get())
+                first, last, result = pending.popleft()
+                try:
+                    yield checked(result.get(timeout=CHUNK_TIMEOUT_S))
+                except multiprocessing.TimeoutError:
+                    raise DataError(f"{location(path, kind, first)}: rows {first}-{last} are still being tokenized "
+                                    f"after {CHUNK_TIMEOUT_S:g} s in a tokenizer process: stopped (stuck process; "
+                                    f"prepare_workers 1 tokenizes without processes)") from None
 
