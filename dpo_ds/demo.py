@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -44,9 +43,6 @@ def _evaluate(model: str, heldout: str, out: str, ref_model: str = "none") -> di
 def main() -> int:
     started = time.time()
     root = REPO / "demo_runs"
-    if (root / "dpo").exists():  # the demo's own run folder: each `make demo` trains afresh
-        print(f"demo: removing the previous demo run {root / 'dpo'}", file=sys.stderr)
-        shutil.rmtree(root / "dpo")
     assets = build_demo_assets(str(root / "assets"))
     before = _evaluate(assets.model_dir, assets.heldout_file, str(root / "eval_before.jsonl"))
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
