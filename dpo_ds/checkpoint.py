@@ -353,10 +353,11 @@ def verify_together(ckpt: Path, parallel: Parallel) -> list[str]:
     return list(dict.fromkeys(problem for part in gather_objects(mine) for problem in part))
 
 
-def find_checkpoint(output_dir: str, resume_from: str | None, parallel: Parallel) -> Path | None:
+def find_checkpoint(output_dir: str, resume_from: str | None, parallel: Parallel, repair: bool = True) -> Path | None:
     """The checkpoint to resume from, verified on every rank. `auto`: the one `latest` names, else the newest
-    older one that verifies (with a warning naming what was wrong; `latest` is repaired to name it), None when
-    the run has none. A given path that fails names the newest checkpoint beside it that verifies."""
+    older one that verifies (with a warning naming what was wrong; `latest` is repaired to name it unless `repair`
+    is off, as for `train --check`), None when the run has none. A given path that fails names the newest
+    checkpoint beside it that verifies."""
     if not resume_from:
         return None
     if resume_from != "auto":
@@ -390,9 +391,10 @@ def find_checkpoint(output_dir: str, resume_from: str | None, parallel: Parallel
             raise CheckpointError("no checkpoint to resume from verifies: " + "; ".join(skipped))
         return None
     if skipped and parallel.is_main:
-        logger.warning("%s; resuming from %s, the newest checkpoint that verifies (checkpoints/latest now names "
-                       "it)", "; ".join(skipped), candidate)
-        _write_text_atomic(latest, candidate.name)
+        logger.warning("%s; resuming from %s, the newest checkpoint that verifies (%s)", "; ".join(skipped), candidate,
+                       "checkpoints/latest now names it" if repair else "train will make checkpoints/latest name it")
+        if repair:
+            _write_text_atomic(latest, candidate.name)
     _verified.add(candidate.name)
     return candidate
 

@@ -328,7 +328,7 @@ def check_run(cfg: TrainConfig) -> str:
         resolve_reference_config(cfg, hidden)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
     data = TrainData(*load_config_data(cfg, tokenizer, parallel))
-    resume_dir = ckpt.find_checkpoint(cfg.output_dir, cfg.resume_from, parallel)  # verified (checksums too)
+    resume_dir = ckpt.find_checkpoint(cfg.output_dir, cfg.resume_from, parallel, repair=False)  # checksums too
     per_rank = cfg.micro_batch_size * cfg.gradient_accumulation_steps
     lines = [f"check passed: {cfg.train_file}: {len(data.train)} pairs; {per_rank} pairs per data-parallel rank per "
              f"optimizer step: {len(data.train) // per_rank} steps per epoch on 1 rank, "
@@ -341,11 +341,14 @@ def check_run(cfg: TrainConfig) -> str:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    if args.check:
-        emit(check_run(cfg))
-        return 0
     try:
-        train(cfg)
-    except run_dir.RunFinished as finished:
-        logger.info("%s", finished)
+        if args.check:
+            emit(check_run(cfg))
+        else:
+            train(cfg)
+    except run_dir.RunFinished as finished:  # resume_from auto on a run that finished: nothing to do
+        if args.check:
+            emit(f"check passed: {finished}")
+        else:
+            logger.info("%s", finished)
     return 0
