@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -221,10 +222,12 @@ def prepare_pairs(path: str, pair_tokenizer: PairTokenizer, skip_bad_rows: bool,
 
 
 def _progress(path: str):
+    """A bar on a terminal only: in a log file (a Slurm job's) its carriage returns would make one long line; the
+    `prepared N pairs` line that follows says the same."""
     from tqdm import tqdm
 
     return tqdm(desc=f"preparing {Path(path).name}", unit=" pairs", dynamic_ncols=True, mininterval=2.0,
-                disable=not logger.isEnabledFor(logging.INFO))
+                disable=not (logger.isEnabledFor(logging.INFO) and sys.stderr.isatty()))
 
 
 def tokenize_file(path: str, pair_tokenizer: PairTokenizer, skip_bad_rows: bool, workers: int = 1) -> TokenizedPairs:
