@@ -28,10 +28,8 @@ import logging
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -45,6 +43,7 @@ from dpo_ds.hf_dir import ConfigOverride, saved_config, write_hf_metadata
 from dpo_ds.losses import OBJECTIVE_FIELDS, PARAMS
 from dpo_ds.lora import save_adapter_config
 from dpo_ds.parallel import Parallel
+from dpo_ds.universal_resume import repair_universal_optimizer_state
 from launcher.dist import all_reduce, gather_objects
 
 logger = logging.getLogger("dpo_ds")
@@ -480,60 +479,3 @@ def load_checkpoint(engine, ckpt: Path, saved: TrainerState, parallel: Parallel,
     rng = ckpt / "rng" / f"rank-{parallel.rank:05d}.safetensors"
     if rng.is_file():
         _restore_rng(rng)
-
-
-def repair_universal_optimizer_state(zero_optimizer, groups_as_built: list[dict[str, Any]]) -> None:
-    """Undo two defects of DeepSpeed's ZeRO-3 universal-checkpoint load (checked in deepspeed 0.19.8,
-    `DeepSpeedZeroOptimizer_Stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3`) that make a run resumed
-    at another world size drift from the run it continues (issue 15):
-
-    - every sub-group's Adam state receives the same `step` tensor object. torch's AdamW (fused or foreach)
-      increments `step` in place and DeepSpeed steps one sub-group at a time, so with two sub-groups (our decay
-      and no-decay groups) the shared count advances twice per optimizer step and the bias correction of every
-      update after the resume is wrong;
-    - every param group receives param group 0's hyperparameters, so the no-decay group (norms, biases) is
-      decayed with weight_decay > 0.
-
-    Each sub-group gets its own copy of the step count, and the hyperparameters that differ between our groups
-    are set back to the values this run built them with (the resume check has verified that the fields they
-    come from did not change). Both repairs are no-ops on a state that is already right."""
-    torch_optimizer = zero_optimizer.optimizer
-    for flat in zero_optimizer.fp32_partitioned_groups_flat:
-        state = torch_optimizer.state.get(flat, {})
-        if torch.is_tensor(state.get("step")):
-            state["step"] = state["step"].clone()
-    per_group = {key for key in groups_as_built[0] if key != "params"
-                 and any(group.get(key) != groups_as_built[0][key] for group in groups_as_built)}
-    for group, built in zip(torch_optimizer.param_groups, groups_as_built):
-        for key in per_group:
-            group[key] = built[key]
-
-
-class StopSignal:
-    """Remembers SIGTERM/SIGUSR1/SIGINT so the trainer can checkpoint at the next step boundary and exit.
-
-    Ctrl-C (SIGINT) does the same; a second one aborts at once, without a checkpoint. A SIGINT within
-    REPEAT_WINDOW_S of the first is the same Ctrl-C: the terminal sends it to torchrun's workers and torchrun
-    forwards its own copy to them."""
-    REPEAT_WINDOW_S = 2.0
-
-    def __init__(self):
-        self.received: int | None = None
-        self._interrupted_at: float | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        if signum == signal.SIGINT:
-            now = time.monotonic()
-            if self._interrupted_at is not None:
-                if now - self._interrupted_at > self.REPEAT_WINDOW_S:
-                    os.write(2, b"second interrupt: stopping now, without a checkpoint\n")
-                    os._exit(130)
-                return
-            self._interrupted_at = now
-        self.received = signum
-        # what happens next is said where it happens (TrainingLoop): a signal during start-up, the export, or a
-        # torchrun teardown after another rank died is followed by no step and no checkpoint
-        logger.warning("received %s%s", signal.Signals(signum).name,
-                       " (Ctrl-C again to stop at once, without a checkpoint)" if signum == signal.SIGINT else "")

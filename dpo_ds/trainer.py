@@ -31,6 +31,7 @@ from dpo_ds.metrics import MetricsWriter, PairStats, max_over_ranks, peak_memory
 from dpo_ds.parallel import Parallel
 from dpo_ds.prepare import cache_dir_of, load_config_data
 from dpo_ds.reference_check import check_reference_compatible
+from dpo_ds.stop_signal import StopSignal
 from dpo_ds.step import StepContext, StepResult, build_step_context, evaluate_pairs, pad_id_of, train_step
 
 HELP = __doc__
@@ -64,7 +65,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     parallel = Parallel.init(timeout_s=cfg.dist_timeout_s)
     setup_logging(parallel.rank)
-    stop_signal = ckpt.StopSignal()
+    stop_signal = StopSignal()
     torch.manual_seed(cfg.seed)
     check_before_loading(cfg, parallel)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
@@ -152,7 +153,7 @@ class TrainingLoop:
     """Steps start_step..total_steps with what happens between them: the NaN/Inf and max_kl guards, metrics,
     evaluation, periodic and preemption checkpoints."""
 
-    def __init__(self, ctx: StepContext, sampler: PairSampler, data: TrainData, tokenizer, stop_signal: ckpt.StopSignal,
+    def __init__(self, ctx: StepContext, sampler: PairSampler, data: TrainData, tokenizer, stop_signal: StopSignal,
                  total_steps: int, start_step: int):
         self.ctx, self.sampler, self.data, self.tokenizer = ctx, sampler, data, tokenizer
         self.stop_signal, self.total_steps, self.start_step = stop_signal, total_steps, start_step

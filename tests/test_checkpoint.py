@@ -110,7 +110,7 @@ def uninterrupted(config, out, ranks):
 def test_resume_at_another_world_size_continues_the_run(config, baseline, demo_assets, tmp_path):
     """2 -> 1, 1 -> 2 and 2 -> 4 ranks through the universal checkpoint, resumed after step 2: every later loss
     within 1e-6 relative of the uninterrupted run at the new world size, and final weights within 1e-4 of the
-    total update (DeepSpeed 0.19.8 alone gives ~1e-2: see checkpoint.repair_universal_optimizer_state)."""
+    total update (DeepSpeed 0.19.8 alone gives ~1e-2: see universal_resume.repair_universal_optimizer_state)."""
     initial = load_file(str(next(Path(demo_assets.model_dir).glob("*.safetensors"))))
     runs = {2: baseline, 1: uninterrupted(config, tmp_path / "whole-1", 1), 4: uninterrupted(config, tmp_path / "whole-4", 4)}
     for saved_at, resumed_at in ((2, 1), (1, 2), (2, 4)):
@@ -206,7 +206,7 @@ def test_second_ctrl_c_stops_at_once(tmp_path):
     """Issue 13 item 5: the first Ctrl-C (and torchrun's copy of it) asks for a checkpoint; a second one exits now."""
     script = "\n".join([
         "import os, signal, time",
-        "from dpo_ds.checkpoint import StopSignal",
+        "from dpo_ds.stop_signal import StopSignal",
         "stop = StopSignal()",
         "os.kill(os.getpid(), signal.SIGINT)",
         "os.kill(os.getpid(), signal.SIGINT)  # torchrun's forwarded copy of the same Ctrl-C",
