@@ -89,9 +89,17 @@ def load_quantized_base(cfg: TrainConfig, dtype: torch.dtype, attn_implementatio
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.lora_quantize,
                                       bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
                                       bnb_4bit_quant_storage=dtype)
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         cfg.model_name_or_path, dtype=dtype, quantization_config=quantization, trust_remote_code=cfg.trust_remote_code,
         attn_implementation=attn_implementation, device_map={"": get_accelerator().current_device_name()})
+    # On CPUs with AVX512-BF16, bitsandbytes repacks a layer's 4-bit weight in place for its own kernel the first time
+    # the layer runs in eval mode without gradients (the reference pass, evaluation), and undoes it in state_dict
+    # assuming uint8 storage; ours is the compute dtype (so that ZeRO-3 shards it), and the next checkpoint would
+    # fail. The weights stay as ZeRO-3 holds them.
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 @contextlib.contextmanager

@@ -207,10 +207,16 @@ QLORA = dict(SETTINGS, save_steps=2, lora_quantize="nf4")
 
 
 def _nf4_base(model_dir):
-    """The base as transformers' QLoRA recipe loads it: nf4, double quantization, fp32 compute and storage."""
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, quantization_config=BitsAndBytesConfig(
+    """The base as transformers' QLoRA recipe loads it: nf4, double quantization, fp32 compute and storage; without
+    bitsandbytes' AVX512-BF16 CPU kernel, as dpo-ds runs it (lora.load_quantized_base): on CPUs that have it, that
+    kernel serves only eval-mode forwards without gradients (the reference's), with other rounding than the policy's."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, quantization_config=BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32))
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 @pytest.fixture(scope="module")
