@@ -156,6 +156,8 @@ def test_time_limit_signal_requeues_and_resumes_stub(slurm, tmp_path, mode):
     stub.mkdir(parents=True)
     (stub / "__init__.py").write_text("")
     (stub / "cli.py").write_text(STUB_CLI)
+    # the program `python -m launcher` (srun) and torchrun start: `python -m dpo_ds`, whose status is the job step's
+    (stub / "__main__.py").write_text("import sys\nfrom dpo_ds.cli import main\nsys.exit(main(sys.argv[1:]))\n")
     out = tmp_path / "out"
     out.mkdir()
     job = submit(slurm, tmp_path, ["-N", "2", DPO_SBATCH, "unused.yaml", "--output_dir", out,
