@@ -322,11 +322,6 @@ def init_distributed(timeout_s: float = 600) -> DistEnv:
     import torch
 
     device, backend = pick_backend()
-    if device == "cpu":
-        # DeepSpeed's CPU accelerator counts its devices by running `numactl` in a subprocess on every
-        # device_count() call (several per step, inside the gradient reduction) unless LOCAL_SIZE says how many
-        # processes share the node, as DeepSpeed's own launcher sets it.
-        os.environ.setdefault("LOCAL_SIZE", str(env.local_world_size))
     if device == "cuda":
         # Before any CUDA work, so NCCL and every allocation land on this rank's GPU.
         bound = bind_gpu(env, torch.cuda.device_count(), os.environ)

@@ -3,7 +3,6 @@ their users, with a process-group timeout of 3 s. Usage: dist_comm_probe.py OUT_
 Each rank writes OUT_DIR/rank-R.json with what it saw."""
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ TIMEOUT_S = 3.0
 out = Path(sys.argv[1])
 env = ld.init_distributed(timeout_s=TIMEOUT_S)
 rank, world = env.rank, env.world_size
-seen: dict = {"comm_device": str(ld.comm_device()), "local_size": os.environ.get("LOCAL_SIZE")}
+seen: dict = {"comm_device": str(ld.comm_device())}
 
 seen["sum"] = ld.all_reduce(torch.tensor([rank + 1.0])).tolist()
 seen["max"] = ld.all_reduce(torch.tensor([float(rank), -float(rank)]), "max").tolist()

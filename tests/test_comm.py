@@ -96,7 +96,6 @@ def test_helpers_two_ranks(tmp_path):
     ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(2)]
     for rank, seen in enumerate(ranks):
         assert seen["comm_device"] == "cpu"
-        assert seen["local_size"] == "2"  # DeepSpeed's CPU accelerator counts devices from it, not with numactl
         assert seen["sum"] == [3.0] and seen["max"] == [1.0, 0.0]
         assert seen["broadcast"] == [7.0, 8.0] and seen["scatter"] == [float(rank)] * 3
         assert seen["gathered"] == [{"rank": 0}, {"rank": 1}]
