@@ -103,8 +103,8 @@ def run_command(name: str, module, args: argparse.Namespace) -> int:
     except UsageError as err:  # every rank finds the same bad input: one says it
         report_error(f"dpo-ds {name}: error: {err}", every_rank=False)
         return 2
-    except LauncherError as err:  # the rendezvous, or output_dir/cache_dir not shared by every rank
-        report_error(f"dpo-ds {name}: error: {err}", every_rank=True)
+    except LauncherError as err:  # the rendezvous, directories not shared by every rank, rank 0 lost
+        report_error(f"dpo-ds {name}: error: {err}", every_rank=err.every_rank)
         return 1
     except Preempted as stop:
         logging.getLogger("dpo_ds").warning("%s", stop)

@@ -4,7 +4,7 @@ Two sources share one writer and one validator (dpo_ds.hf_dir):
 - `export_engine`: a live ZeRO-3 engine (the run's `final/`). The parameters of one saved group (one
   tensor, or the fused tensors of one expert block) are gathered at a time, so no rank holds more than
   that; rank 0 appends each group's bytes to a data file, and puts the shards together (headers, multi-GB
-  copies) only after the gathering loop, in `on_rank0`, where the other ranks wait without a time limit
+  copies) only after the gathering loop, in `on_rank0`, where the other ranks wait for as long as rank 0 lives
   rather than in a collective that dist_timeout_s bounds.
 - `convert_checkpoint` (`dpo-ds convert`): a dpo-ds checkpoint saved by any world size. DeepSpeed's
   fp32 partitions are memory-mapped and merged one tensor at a time (zero_to_fp32 lazy mode), so peak

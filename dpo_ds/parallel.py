@@ -83,7 +83,7 @@ class Parallel:
         comm.barrier()
 
     def on_rank0(self, what: str, work: Callable[[], T], failure: type[Exception] = RuntimeError) -> T:
-        """`work()` on rank 0 alone, the others waiting without a time limit (launcher.dist.on_rank0)."""
+        """`work()` on rank 0 alone, the others waiting while rank 0 lives (launcher.dist.on_rank0)."""
         return comm.on_rank0(what, work, failure)
 
     def check_shared_dirs(self, dirs: dict[str, str]) -> None:

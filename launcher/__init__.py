@@ -4,7 +4,8 @@
 - `launcher.dist.init_distributed(timeout_s)`: resolve, export, pick device/backend, rendezvous.
 - `launcher.dist.all_reduce / broadcast_ / scatter_ / gather_objects / barrier`: every collective of dpo-ds,
   on the device the process group communicates (`comm_device()`: the GPU under NCCL, CPU under gloo).
-- `launcher.dist.on_rank0(what, work)`: a phase rank 0 does alone, the others waiting without a time limit.
+- `launcher.dist.on_rank0(what, work)`: a phase rank 0 does alone, the others waiting as long as rank 0's heartbeat
+  goes on.
 - `launcher.dist.check_shared_dirs({field: path})`: stop unless every rank sees the same directories.
 - `python -m launcher <dpo-ds args>`: resolve + export, then run the dpo-ds CLI.
 """

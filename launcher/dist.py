@@ -178,6 +178,32 @@ def barrier() -> None:
 # --------------------------------------------------------------------------- phases of rank 0 alone
 PHASE_KEY = "dpo_ds/rank0"  # one phase at a time: the key is gone before any rank can start the next phase
 PROGRESS_S = 60.0  # rank 0 logs that it is still busy this often during a phase of its own
+BEAT_KEY = "dpo_ds/rank0_beat"  # a counter rank 0 increments every BEAT_S seconds for the whole run
+BEAT_S = 5.0
+# The waiting ranks of a phase stop when rank 0's heartbeat has not moved, or its store has not answered, for this
+# long: rank 0 is frozen (SIGSTOP, swapping, a hung file system) or its node is gone. Far above any pause of a live
+# process's heartbeat thread; LAUNCHER_RANK0_SILENCE_S overrides it (the beat then comes at least 5 times per bound).
+RANK0_SILENCE_S = 300.0
+_heartbeat_started = False
+
+
+class Rank0Lost(LauncherError):
+    """Rank 0 died or froze while the others waited for a phase of its own. Every waiting rank sees it alike, so
+    one rank per node says it (as for bad input); the exit status is a launcher failure's (1), which
+    dpo.sbatch's RESTART_ON_FAILURE may restart."""
+    every_rank = False
+
+
+def silence_bound_s() -> float:
+    """RANK0_SILENCE_S, or LAUNCHER_RANK0_SILENCE_S when set."""
+    value = os.environ.get("LAUNCHER_RANK0_SILENCE_S")
+    try:
+        bound = float(value) if value else RANK0_SILENCE_S
+    except ValueError:
+        raise LauncherError(f"LAUNCHER_RANK0_SILENCE_S={value!r} is not a number of seconds") from None
+    if bound <= 0:
+        raise LauncherError(f"LAUNCHER_RANK0_SILENCE_S={value!r} must be positive")
+    return bound
 
 
 def _store():
@@ -188,16 +214,41 @@ def _store():
     return dist.distributed_c10d._get_default_store()
 
 
-def on_rank0(what: str, work: Callable[[], T], failure: type[Exception] = RuntimeError) -> T:
-    """Run `work()` on rank 0 alone while the other ranks wait for it, however long it takes, and return its
-    result (JSON-serialisable) on every rank; if it raises on rank 0, the other ranks raise `failure` with
-    rank 0's message. Every rank must call it, in the same order.
+def start_heartbeat() -> None:
+    """Rank 0 (of more than one): from now until the process ends, increment BEAT_KEY in the rendezvous store
+    every BEAT_S seconds (more often under a short LAUNCHER_RANK0_SILENCE_S), from a thread of its own, so the
+    ranks waiting in on_rank0 can tell a busy rank 0 from a dead or frozen one."""
+    global _heartbeat_started
+    store = _store()
+    if store is None or process_rank() != 0 or _heartbeat_started:
+        return
+    interval = min(BEAT_S, silence_bound_s() / 5)
+    store.add(BEAT_KEY, 1)  # the first beat before any rank can start waiting for one
 
-    For the phases only rank 0 does (universal-checkpoint conversion, writing an export, building the bench
-    model, publishing a checkpoint): the waiting ranks poll the rendezvous store instead of sitting in a
-    collective, so neither dist_timeout_s nor NCCL's watchdog can kill them, and rank 0 logs every
+    def beat() -> None:
+        while True:
+            time.sleep(interval)
+            try:
+                store.add(BEAT_KEY, 1)
+            except Exception:  # the store is gone: the job is ending
+                return
+
+    threading.Thread(target=beat, name="dpo-ds-rank0-heartbeat", daemon=True).start()
+    _heartbeat_started = True
+
+
+def on_rank0(what: str, work: Callable[[], T], failure: type[Exception] = RuntimeError) -> T:
+    """Run `work()` on rank 0 alone while the other ranks wait for it, however long it takes while rank 0 lives,
+    and return its result (JSON-serialisable) on every rank; if it raises on rank 0, the other ranks raise
+    `failure` with rank 0's message. Every rank must call it, in the same order.
+
+    For the phases only rank 0 does (preparing the data, universal-checkpoint conversion, writing an export,
+    building the bench model, publishing a checkpoint): the waiting ranks poll the rendezvous store instead of
+    sitting in a collective, so neither dist_timeout_s nor NCCL's watchdog can kill them, and rank 0 logs every
     PROGRESS_S seconds that it is still at it; two short barriers, once all have the outcome, end the phase.
-    If rank 0 dies, its store goes with it and the others fail."""
+    The wait watches rank 0 (start_heartbeat): when rank 0 dies (its store, which it hosts under srun and
+    mpirun, refuses connections) or stops beating or answering for silence_bound_s(), the waiting ranks raise
+    Rank0Lost, saying so."""
     store = _store()
     if store is None:
         return work()
@@ -208,7 +259,7 @@ def on_rank0(what: str, work: Callable[[], T], failure: type[Exception] = Runtim
 
         def progress() -> None:
             while not done.wait(PROGRESS_S):
-                logger.info("rank 0 still %s (%.0f s); the other ranks wait for it without a time limit",
+                logger.info("rank 0 still %s (%.0f s); the other ranks wait for it as long as it lives",
                             what, time.monotonic() - started)
 
         threading.Thread(target=progress, daemon=True).start()
@@ -221,16 +272,70 @@ def on_rank0(what: str, work: Callable[[], T], failure: type[Exception] = Runtim
             done.set()
         _end_phase(store, {"result": result})
         return result
-    pause = 0.01
-    while not store.check([PHASE_KEY]):
-        time.sleep(pause)
-        pause = min(2 * pause, 2.0)  # a short phase costs little latency, a long one few store requests
-    outcome = json.loads(store.get(PHASE_KEY))
+    outcome = _wait_for_rank0(store, what)
     barrier()  # every rank has read the outcome
     barrier()  # rank 0 has removed it
     if "error" in outcome:
         raise failure(f"rank 0 failed while {what}: {outcome['error']}")
     return outcome["result"]
+
+
+def _wait_for_rank0(store, what: str) -> dict:
+    """A waiting rank: poll the store for the phase's outcome (backing off to every 2 s: a short phase costs little
+    latency, a long one few store requests) while watching rank 0's heartbeat; Rank0Lost when it is gone."""
+    bound, waiting_since = silence_bound_s(), time.monotonic()
+    beat, beat_seen_at, pause = None, waiting_since, 0.01
+    while True:
+        outcome, new_beat = _ask_store(store, bound, what, waiting_since)
+        if outcome is not None:
+            return outcome
+        now = time.monotonic()
+        if new_beat != beat:
+            beat, beat_seen_at = new_beat, now
+        elif now - beat_seen_at > bound:
+            raise _lost(what, waiting_since, f"its heartbeat has not moved for {now - beat_seen_at:.0f} s")
+        time.sleep(pause)
+        pause = min(2 * pause, 2.0)
+
+
+def _ask_store(store, bound: float, what: str, waiting_since: float) -> tuple[dict | None, int | None]:
+    """(the phase's outcome or None, rank 0's heartbeat count), asked in a thread of its own: a store request to
+    a frozen rank 0 hosting the store never returns (the socket stays open), so no answer within `bound` means
+    rank 0 is lost. A store that refuses connections means rank 0 has died: checked with a plain connection
+    first, since the store client's own failure comes with a C++ stack dump on stderr."""
+    answer: dict = {}
+
+    def ask() -> None:
+        try:
+            host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+            if host and port:  # where the process group's store is (exported by init_distributed)
+                socket.create_connection((host, int(port)), timeout=bound).close()
+            if store.check([PHASE_KEY]):
+                answer["outcome"] = json.loads(store.get(PHASE_KEY))
+            else:
+                answer["beat"] = store.add(BEAT_KEY, 0)
+        except Exception as err:
+            answer["error"] = err
+
+    asking = threading.Thread(target=ask, name="dpo-ds-wait-for-rank0", daemon=True)
+    asking.start()
+    asking.join(bound)
+    if asking.is_alive():
+        raise _lost(what, waiting_since, f"its store has not answered for {bound:.0f} s")
+    if "error" in answer:
+        err = answer["error"]
+        raise _lost(what, waiting_since, f"its store at {os.environ.get('MASTER_ADDR')}:"
+                    f"{os.environ.get('MASTER_PORT')} fails ({type(err).__name__}: {err})", died=True)
+    return answer.get("outcome"), answer.get("beat")
+
+
+def _lost(what: str, waiting_since: float, why: str, died: bool = False) -> Rank0Lost:
+    likely = ("rank 0 has probably died (killed, out of memory, its node lost: see its last lines and the "
+              "node's kernel log)" if died else
+              "rank 0 is probably frozen (stopped, swapping, a hung file system) or its node is gone")
+    return Rank0Lost(f"rank 0 was lost while {what}: {why} (after {time.monotonic() - waiting_since:.0f} s of "
+                     f"waiting for it; the bound is {silence_bound_s():g} s, LAUNCHER_RANK0_SILENCE_S); {likely}. "
+                     f"Rank {process_rank()} stops instead of waiting forever")
 
 
 def _end_phase(store, outcome: dict) -> None:
@@ -348,6 +453,7 @@ def init_distributed(timeout_s: float = 600) -> DistEnv:
             f"host {socket.gethostname()}, {env.source}) waited {waited:.0f}s (timeout {timeout_s:g}s) {what}; "
             f"backend {backend}. Did every rank start, and can all hosts reach that address? "
             f"Cause: {type(e).__name__}: {e}") from e
+    start_heartbeat()
     return env
 
 

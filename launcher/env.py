@@ -63,6 +63,7 @@ STEP_LAUNCHER_MARKERS = ("TORCHELASTIC_RUN_ID", "LOCAL_SIZE", SOURCE_VAR)
 
 class LauncherError(RuntimeError):
     """The environment does not describe a usable distributed job."""
+    every_rank = True  # an error only some ranks may see (their environment, their rendezvous): each one says it
 
 
 @dataclass(frozen=True)
