@@ -82,6 +82,39 @@ def test_ops_build_once_per_environment_with_a_message(tmp_path, monkeypatch, ca
     assert capsys.readouterr().err == ""
 
 
+USERS_SHELL_LOADS_THE_OP = r"""
+import os, sys
+from deepspeed.accelerator import get_accelerator
+from dpo_ds import cli
+seen = {}
+cli.run_command = lambda name, module, args: seen.update(dir=os.environ["TORCH_EXTENSIONS_DIR"]) or 0
+cli.main(["prepare", "--config", "run.yaml"])  # what every command sets up before it runs
+op = get_accelerator().create_op_builder("ShareMemCommBuilder").load()  # what DeepSpeed's process group loads
+print(seen["dir"])
+print(op.__file__)
+"""
+
+
+@pytest.mark.distributed
+def test_a_users_shell_reuses_the_op_that_make_built(tmp_path):
+    """Issue 25 item 3: `make demo` built DeepSpeed's shm op into TORCH_EXTENSIONS_DIR, which the Makefile exports
+    (.venv/torch_extensions); the user's own `dpo-ds train` from a shell without it compiled the op again into
+    ~/.cache/torch_extensions. A process without TORCH_EXTENSIONS_DIR, started elsewhere, loads the environment's
+    build (building it here only if no test built it yet) and leaves it as it was."""
+    built_by_make = Path(sys.prefix) / "torch_extensions"
+    library = built_by_make / "deepspeed_shm_comm" / "deepspeed_shm_comm.so"
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"}
+    env.update(DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
+    runs = []
+    for _ in range(2):  # the first may build it (a fresh environment); the second must load that build
+        proc = subprocess.run([sys.executable, "-c", USERS_SHELL_LOADS_THE_OP], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs.append((proc.stdout.strip().splitlines()[-2:], library.stat().st_mtime_ns))
+    assert runs[0][0] == runs[1][0] == [str(built_by_make), str(library)]
+    assert runs[1][1] == runs[0][1]  # not rebuilt
+
+
 def test_op_builds_are_reported_once_and_deepspeeds_per_start_line_dropped(tmp_path, monkeypatch, capsys):
     """Issue 25 items 3 and 4: a start that compiled an op sat silent for a minute, and every start of every rank
     printed DeepSpeed's 'built successfully' whether or not anything was built."""
@@ -186,6 +219,26 @@ def test_bad_input_under_torchrun_is_one_line_and_the_agents_summary_carries_it(
     assert [x for x in proc.stderr.splitlines() if x.startswith("dpo-ds train: error:")] == [line]
     summary = proc.stderr[proc.stderr.index("Root Cause"):]
     assert f"traceback : {line}" in summary
+
+
+@pytest.mark.distributed
+def test_bad_input_under_the_deepspeed_launcher_is_one_line_and_exit_status_2(tmp_path):
+    """Issue 25 item 1 under `deepspeed` (the launcher stops the other ranks and exits with the failed rank's
+    status): dpo-ds's one line, then the launcher's one `exits with return code = 2` line; no traceback."""
+    from launcher.env import free_port
+
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model_name_or_path: {tmp_path / 'no_model'}\ntrain_file: {tmp_path / 'no.jsonl'}\n")
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", str(free_port()), "--module", "dpo_ds", "train", "--config",
+                           str(config)], capture_output=True, text=True, timeout=300)
+    lines = (proc.stdout + proc.stderr).splitlines()
+    line = f"dpo-ds train: error: field 'train_file': {tmp_path / 'no.jsonl'}: no such file or directory"
+    assert proc.returncode == 2, "\n".join(lines[-30:])
+    assert [x for x in lines if x.startswith("dpo-ds train: error:")] == [line]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == line  # the launcher logs to stdout
+    assert proc.stdout.strip().splitlines()[-1].endswith("exits with return code = 2"), proc.stdout[-3000:]
 
 
 def test_train_check_validates_everything_before_engines_and_trains_nothing(demo_assets, tmp_path, capsys):

@@ -6,12 +6,14 @@ failed); a cluster that is installed but does not come up is a failure.
     smoke        a 2-node sbatch job with srun; the launcher's rendezvous through srun
     stub         dpo.sbatch's signal forwarding and self-requeue, with a stub trainer
                  that honours the preemption contract (independent of dpo_ds)
-    train        the real trainer: 2 nodes via srun, 2 nodes via torchrun, and an
-                 external `scontrol requeue` mid-run that must resume, not restart
+    train        the real trainer: 2 nodes via srun, 2 nodes via torchrun, an
+                 external `scontrol requeue` mid-run that must resume, not restart, a rank
+                 killed after a checkpoint (RESTART_ON_FAILURE), and bad input under srun
 """
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import time
@@ -228,6 +230,63 @@ def test_preempted_job_requeues_and_resumes(slurm, tmp_path, demo_assets):
     resumed = [int(k) for k in re.findall(r"resumed from step (\d+)", log)]
     assert resumed and seen <= resumed[0] < max_steps, log[-8000:]
     assert_trained(out, max_steps, log)
+
+
+CRASHING_RANK = '''"""Test hook on PYTHONPATH (tests/test_slurm.py): in Slurm task 1 of the launcher (`python -m launcher`)
+during the job's first CRASH_STARTS starts, SIGKILL this process once a checkpoint newer than the process is
+published in CRASH_OUTPUT_DIR: a rank that dies mid-run, as on a crashed node."""
+import os, signal, sys, threading, time
+from pathlib import Path
+
+latest = Path(os.environ["CRASH_OUTPUT_DIR"]) / "checkpoints" / "latest"
+if os.environ.get("SLURM_PROCID") == "1" and sys.argv[:1] == ["-m"] \
+        and int(os.environ.get("SLURM_RESTART_COUNT") or 0) < int(os.environ["CRASH_STARTS"]):
+    before = latest.read_text() if latest.is_file() else None
+
+    def watch():
+        while not latest.is_file() or latest.read_text() == before:
+            time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, daemon=True).start()
+'''
+
+
+def test_a_rank_killed_after_a_checkpoint_restarts_the_job_up_to_n_times(slurm, tmp_path, demo_assets):
+    """Issue 24: RESTART_ON_FAILURE=1. Start 0: a rank dies after the step-2 checkpoint -> the job requeues itself
+    and resumes from it. Start 1: the rank dies again after the step-4 checkpoint -> not restarted a second
+    time: the job ends failed."""
+    config, out = write_run_config(tmp_path, demo_assets, max_steps=40, save_steps=2)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(CRASHING_RANK)
+    job = submit(slurm, tmp_path, ["-N", "2", DPO_SBATCH, config], RESTART_ON_FAILURE="1", RESTART_BACKOFF_S="1",
+                 CRASH_OUTPUT_DIR=str(out), CRASH_STARTS="2",
+                 PYTHONPATH=os.pathsep.join([str(hook), str(REPO)]))
+    info = slurm.wait(job, timeout_s=900)
+    log = job_log(tmp_path, job)
+    assert info["JobState"] == "FAILED" and int(info["Restarts"]) == 1, f"{info}\n{log[-8000:]}"
+    statuses = [int(s) for s in re.findall(r"training step exited with status (\d+)", log)]
+    assert len(statuses) == 2 and all(s not in (0, 2, 75, 130) for s in statuses), log[-8000:]
+    assert "automatic restart 1 of 1 in 1s" in log and "requeueing job" in log, log[-8000:]
+    assert re.findall(r"resumed from step (\d+)", log) == ["2"], log[-8000:]
+    assert "not restarting: already restarted 1 time(s)" in log, log[-8000:]
+    assert (out / "checkpoints" / "latest").read_text().strip().endswith("4"), log[-8000:]
+
+
+def test_bad_input_under_srun_is_one_line_and_exit_status_2(slurm, tmp_path):
+    """Issue 25 item 1 under srun (`python -m launcher`, as dpo.sbatch runs it): one line from one rank of each
+    node, and the step's status is dpo-ds's 2 (no automatic restart, no requeue)."""
+    config = tmp_path / "bad.yaml"
+    config.write_text(f"model_name_or_path: {tmp_path / 'no_model'}\ntrain_file: {tmp_path / 'no.jsonl'}\n")
+    job = submit(slurm, tmp_path, ["-N", "2", DPO_SBATCH, config], RESTART_ON_FAILURE="3", RESTART_BACKOFF_S="1")
+    info = slurm.wait(job, timeout_s=300)
+    log = job_log(tmp_path, job)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0" and int(info["Restarts"]) == 0, log[-8000:]
+    line = f"dpo-ds train: error: field 'train_file': {tmp_path / 'no.jsonl'}: no such file or directory"
+    errors = [x for x in log.splitlines() if x.startswith("dpo-ds train: error:")]
+    assert errors and errors == [line] * len(errors) and len(errors) <= 2, log[-8000:]  # at most one per node
+    assert "Traceback" not in log and "training step exited with status 2" in log, log[-8000:]
 
 
 def test_convert_sbatch_runs_convert(slurm, tmp_path):
