@@ -19,7 +19,8 @@ from dpo_ds.console import stdout_for_results_only
 from dpo_ds.errors import EXIT_PREEMPTED, Preempted, UsageError
 from dpo_ds.versions import check_versions
 from launcher.dist import exit_process
-from launcher.env import LauncherError, strip_local_rank
+from launcher.env import LauncherError, detect, strip_local_rank
+from launcher.local import run_local_ranks
 
 # sub-command -> module exposing `HELP`, `add_arguments(parser)` and `run(args) -> int`
 COMMANDS = {
@@ -87,11 +88,32 @@ def main(argv: list[str] | None = None) -> int:
     sub = CommandParser(prog=f"dpo-ds {argv[0]}", description=module.HELP,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(sub)
+    if argv[0] == "train":
+        sub.add_argument("--nproc_per_node", type=int, metavar="N",
+                         help="Start N ranks of this training on this machine (one per GPU) and exit with "
+                              "dpo-ds's status: what `torchrun --nproc_per_node N -m dpo_ds train` starts, "
+                              "without the agent's traceback and summary, and its status 1 for every failure")
     args = sub.parse_args(argv[1:])
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", default_extensions_dir())
+    if getattr(args, "nproc_per_node", None) is not None and not args.check:
+        return start_local_ranks(argv, args.nproc_per_node)
     if argv[0] in STARTS_DEEPSPEED:
         announce_op_build()
     return run_command(argv[0], module, args)
+
+
+def start_local_ranks(argv: list[str], nproc: int) -> int:
+    """`dpo-ds train --nproc_per_node N ...`: the same command, without the flag, as N ranks (launcher.local)."""
+    if nproc < 1:
+        print(f"dpo-ds {argv[0]}: error: --nproc_per_node must be at least 1, not {nproc}", file=sys.stderr)
+        return 2
+    if detect(os.environ) != "single":
+        print(f"dpo-ds {argv[0]}: error: --nproc_per_node starts the ranks itself, and this process is already a "
+              f"rank of a launcher (torchrun, srun, mpirun): drop the flag", file=sys.stderr)
+        return 2
+    rest = [arg for i, arg in enumerate(argv) if not (arg == "--nproc_per_node" or arg.startswith(
+        "--nproc_per_node=") or (i > 0 and argv[i - 1] == "--nproc_per_node"))]
+    return run_local_ranks(nproc, [sys.executable, "-m", "dpo_ds", *rest])
 
 
 def run_command(name: str, module, args: argparse.Namespace) -> int:

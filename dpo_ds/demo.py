@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 from dpo_ds.demo_data import build_demo_assets
-from launcher.env import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "examples" / "demo.yaml"
@@ -45,8 +44,7 @@ def main() -> int:
     root = REPO / "demo_runs"
     assets = build_demo_assets(str(root / "assets"))
     before = _evaluate(assets.model_dir, assets.heldout_file, str(root / "eval_before.jsonl"))
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-          f"--master_port={free_port()}", "-m", "dpo_ds", "train", "--config", str(CONFIG),
+    _run([sys.executable, "-m", "dpo_ds", "train", "--nproc_per_node", "2", "--config", str(CONFIG),
           "--overwrite", "true"])  # every `make demo` trains the demo again
     final = str(root / "dpo" / "final")
     after = _evaluate(final, assets.heldout_file, str(root / "eval_after.jsonl"))

@@ -46,7 +46,7 @@ from typing import Callable, Mapping, Protocol, Sequence
 # where the values originally came from instead of "torchrun".
 SOURCE_VAR = "DPO_DS_DIST_SOURCE"
 
-SOURCES = ("single", "torchrun", "slurm", "mpi")
+SOURCES = ("single", "torchrun", "slurm", "mpi", "local")  # local: launcher.local
 
 # Slurm jobs get a port derived from the job id so every task computes the same one
 # without talking to the others; keep it above the privileged range and below the

@@ -4,16 +4,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 import launcher.__main__ as launcher_main
 from dpo_ds import cli, compiled_ops, console, versions
-from helpers import launch
+from helpers import launch, write_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -239,6 +242,59 @@ def test_bad_input_under_the_deepspeed_launcher_is_one_line_and_exit_status_2(tm
     assert "Traceback" not in proc.stdout + proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == line  # the launcher logs to stdout
     assert proc.stdout.strip().splitlines()[-1].endswith("exits with return code = 2"), proc.stdout[-3000:]
+
+
+def test_nproc_per_node_is_refused_inside_a_launcher_and_leaves_the_ranks_command_without_it(monkeypatch, capsys):
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):  # LOCAL_RANK: set by an earlier test's --local_rank
+        monkeypatch.delenv(name, raising=False)
+    started = []
+    monkeypatch.setattr(cli, "run_local_ranks", lambda nproc, command: started.append((nproc, command)) or 0)
+    assert cli.main(["train", "--config", "run.yaml", "--nproc_per_node", "4", "--beta", "0.2"]) == 0
+    assert cli.main(["train", "--nproc_per_node=2", "--config", "run.yaml"]) == 0
+    assert started == [(4, [sys.executable, "-m", "dpo_ds", "train", "--config", "run.yaml", "--beta", "0.2"]),
+                       (2, [sys.executable, "-m", "dpo_ds", "train", "--config", "run.yaml"])]
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main(["train", "--config", "run.yaml", "--nproc_per_node", "2"]) == 2
+    assert capsys.readouterr().err.startswith("dpo-ds train: error: --nproc_per_node starts the ranks itself, and "
+                                              "this process is already a rank of a launcher")
+    assert len(started) == 2
+
+
+@pytest.mark.distributed
+def test_nproc_per_node_starts_the_ranks_and_returns_dpo_ds_status(demo_assets, tmp_path):
+    """Issue 25: `dpo-ds train --nproc_per_node N` launches the ranks itself. Bad input: one line, status 2. A
+    SIGTERM to the command (Slurm's, or a kill) reaches every rank: they checkpoint after their step and the
+    command exits 75."""
+    config = tmp_path / "bad.yaml"
+    config.write_text(f"model_name_or_path: {tmp_path / 'no_model'}\ntrain_file: {tmp_path / 'no.jsonl'}\n")
+    proc = subprocess.run([sys.executable, "-m", "dpo_ds", "train", "--nproc_per_node", "2", "--config", str(config)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    line = f"dpo-ds train: error: field 'train_file': {tmp_path / 'no.jsonl'}: no such file or directory"
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == line, proc.stderr[-3000:]
+    assert [x for x in proc.stderr.splitlines() if "error:" in x] == [line] and "Traceback" not in proc.stderr
+
+    out = tmp_path / "run"
+    run = subprocess.Popen([sys.executable, "-m", "dpo_ds", "train", "--nproc_per_node=2", "--config",
+                            str(write_config(tmp_path / "run.yaml", model_name_or_path=demo_assets.model_dir,
+                                             train_file=demo_assets.train_file, output_dir=str(out),
+                                             precision="fp32", micro_batch_size=1, max_steps=500, logging_steps=1,
+                                             max_length=64))],
+                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text().strip():
+            assert run.poll() is None, run.communicate()[1][-3000:]
+            time.sleep(0.2)
+        run.send_signal(signal.SIGTERM)
+        _, err = run.communicate(timeout=300)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 75, err[-3000:]
+    step = int(re.search(r"stopped by a signal after step (\d+)", err)[1])
+    state = json.loads((out / "checkpoints" / f"step-{step:08d}" / "trainer_state.json").read_text())
+    assert state["step"] == step and state["world_size"] == 2 and "Traceback" not in err, err[-3000:]
 
 
 def test_train_check_validates_everything_before_engines_and_trains_nothing(demo_assets, tmp_path, capsys):
