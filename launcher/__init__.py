@@ -8,6 +8,8 @@
   goes on.
 - `launcher.dist.check_shared_dirs({field: path})`: stop unless every rank sees the same directories.
 - `python -m launcher <dpo-ds args>`: resolve + export, then run the dpo-ds CLI.
+- `launcher.local.run_local_ranks(n, command)`: N ranks of a command on this machine (`dpo-ds train
+  --nproc_per_node N`), ending with its status.
 """
 from launcher.env import DistEnv, LauncherError
 
