@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -225,12 +226,14 @@ class StuckOnRow(PairTokenizer):
     """A pair tokenizer (tests/test_data.py) whose process hangs on a row whose prompt is `stuck_prompt`;
     importable by name, so a tokenizer process can unpickle it."""
 
-    def __init__(self, tokenizer, max_length: int, stuck_prompt: str):
+    def __init__(self, tokenizer, max_length: int, stuck_prompt: str, ignore_terminate: bool = False):
         super().__init__(tokenizer, max_length)
-        self.stuck_prompt = stuck_prompt
+        self.stuck_prompt, self.ignore_terminate = stuck_prompt, ignore_terminate
 
     def encode(self, rows):
         if any(row.prompt == self.stuck_prompt for row in rows):
+            if self.ignore_terminate:  # as a process stuck in native code, or holding a handler that swallows it
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
             while True:
                 time.sleep(1)
         return super().encode(rows)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import math
 import os
 import re
@@ -684,20 +685,25 @@ def test_small_file_is_tokenized_without_processes(tmp_path, tok, demo_rows):
 
 
 @pytest.mark.distributed
-def test_stuck_tokenizer_process_is_named_and_ended(tmp_path, tok, demo_rows, monkeypatch):
+@pytest.mark.parametrize("ignores_terminate", [False, True])
+def test_stuck_tokenizer_process_is_named_and_ended(tmp_path, tok, demo_rows, monkeypatch, ignores_terminate):
     """Issue 24 item 5: the tokenization pool hung the job (a forked worker holding the trainer's SIGTERM handler
     did not heed terminate). Workers now start from a fresh forkserver process with the default SIGTERM; a chunk
-    not finished within CHUNK_TIMEOUT_S is named, and the pool's terminate ends the stuck process."""
+    not finished within CHUNK_TIMEOUT_S is named, and the pool's terminate ends the stuck process; one that ignores
+    SIGTERM is killed after POOL_END_S (Pool.terminate alone joins it forever)."""
     monkeypatch.setattr(rows_module, "CHUNK_ROWS", 3)
     monkeypatch.setattr(tokenize_module, "CHUNK_TIMEOUT_S", 30)
+    monkeypatch.setattr(tokenize_module, "POOL_END_S", 5)
+    before = set(multiprocessing.active_children())
     rows = demo_rows[:12]
     rows[7] = {**rows[7], "prompt": "stuck here"}  # line 8: the third chunk, lines 7-9
     path = write_jsonl(tmp_path / "stuck.jsonl", rows)
     from helpers import StuckOnRow  # tests/ is on the path of the test process, not of a module import
 
     with pytest.raises(DataError) as info:
-        tokenize_file(path, StuckOnRow(tok, 512, "stuck here"), False, workers=2)
+        tokenize_file(path, StuckOnRow(tok, 512, "stuck here", ignores_terminate), False, workers=2)
     assert str(info.value).startswith(f"{path}:7: rows 7-9 are still being tokenized after 30 s in a tokenizer process")
+    assert [p for p in multiprocessing.active_children() if p not in before] == []  # every tokenizer process ended
 
 
 def test_cache_is_flat_memory_mapped_arrays(tmp_path, tok, demo_rows):

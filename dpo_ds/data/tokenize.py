@@ -13,6 +13,7 @@ import json
 import multiprocessing
 import os
 import signal
+import threading
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -195,6 +196,7 @@ class ChunkTokenizer:
 _worker: ChunkTokenizer | None = None  # this tokenizer process's ChunkTokenizer (set once, by its initializer)
 # A chunk of rows/CHUNK_ROWS takes well under a second to tokenize; one still unfinished after this is stuck.
 CHUNK_TIMEOUT_S = 600.0
+POOL_END_S = 10.0  # how long the tokenizer processes get to heed SIGTERM before they are killed
 
 
 def _init_worker(chunk_tokenizer: ChunkTokenizer) -> None:
@@ -246,7 +248,10 @@ def tokenized_chunks(path: str, pair_tokenizer: PairTokenizer, skip_bad_rows: bo
     # tokenizers, which a fork copies in whatever state they are
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__])
-    with context.Pool(workers, _init_worker, (chunk_tokenizer,)) as pool:
+    started_before = set(multiprocessing.active_children())
+    pool = context.Pool(workers, _init_worker, (chunk_tokenizer,))
+    processes = [p for p in multiprocessing.active_children() if p not in started_before]
+    try:
         pending = collections.deque()
         for chunk in itertools.chain(chunks, [None]):
             if chunk is not None:
@@ -259,4 +264,20 @@ def tokenized_chunks(path: str, pair_tokenizer: PairTokenizer, skip_bad_rows: bo
                     raise DataError(f"{location(path, kind, first)}: rows {first}-{last} are still being tokenized "
                                     f"after {CHUNK_TIMEOUT_S:g} s in a tokenizer process: stopped (stuck process; "
                                     f"prepare_workers 1 tokenizes without processes)") from None
+    finally:
+        _end_pool(pool, processes)
+
+
+def _end_pool(pool, processes: list) -> None:
+    """Pool.terminate, bounded: it sends SIGTERM and then joins every process without a limit, so a process that
+    does not heed SIGTERM (stuck in native code, or a handler that swallows it) would hang the job; after
+    POOL_END_S such processes are killed."""
+    ending = threading.Thread(target=pool.terminate, name="dpo-ds-end-tokenizer-pool", daemon=True)
+    ending.start()
+    ending.join(POOL_END_S)
+    if ending.is_alive():
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+        ending.join(POOL_END_S)
 
