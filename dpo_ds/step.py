@@ -90,11 +90,13 @@ def build_step_context(cfg: TrainConfig, parallel: Parallel, total_steps: int, p
                               policy.adapters)
 
 
-def split_pairs(logps: torch.Tensor, tokens: torch.Tensor, ref_logps: torch.Tensor) -> PairLogps:
-    """Rows [0, B) of the 2B batch are chosen, rows [B, 2B) rejected."""
+def split_pairs(logps: torch.Tensor, tokens: torch.Tensor, ref_logps: torch.Tensor,
+                wpo: torch.Tensor | None = None) -> PairLogps:
+    """Rows [0, B) of the 2B batch are chosen, rows [B, 2B) rejected. `wpo`: the WPO sums (use_weighting)."""
     b = logps.shape[0] // 2
     ref_logps = scoring.to_device(ref_logps, logps.device)
-    return PairLogps(logps[:b], logps[b:], ref_logps[:b], ref_logps[b:], tokens[:b], tokens[b:])
+    wpo_halves = (None, None) if wpo is None else (wpo[:b], wpo[b:])
+    return PairLogps(logps[:b], logps[b:], ref_logps[:b], ref_logps[b:], tokens[:b], tokens[b:], *wpo_halves)
 
 
 def pair_step(ctx: StepContext, pairs: TokenizedPairs, indices: list[int], stats: PairStats | None, train: bool,
@@ -112,9 +114,9 @@ def pair_step(ctx: StepContext, pairs: TokenizedPairs, indices: list[int], stats
     with ctx.timer("policy_forward"), torch.set_grad_enabled(train):
         aux_coef = ctx.cfg.router_aux_loss_coef if train else 0.0  # evaluation scores preferences only
         # called through the module: tests/dist_fault_probe.py replaces scoring.forward_logps to inject NaN
-        logps, tokens, aux = scoring.forward_logps(ctx.policy, batch, ctx.cfg.logprob_chunk_size, ctx.policy_head,
-                                                   router_aux=aux_coef > 0)
-        lp = split_pairs(logps, tokens, ref_logps)
+        logps, tokens, aux, *wpo = scoring.forward_logps(ctx.policy, batch, ctx.cfg.logprob_chunk_size,
+                                                         ctx.policy_head, aux_coef > 0, ctx.cfg.use_weighting)
+        lp = split_pairs(logps, tokens, ref_logps, *wpo)
         out = ctx.objective(lp, train=train, reduce=ctx.parallel.sum_over_data)
         loss = out.losses.mean() if loss_scale is None else out.losses.sum() * loss_scale
         if aux_coef > 0:  # as TRL: the micro-batch's load-balancing loss, weighted, on top of the preference loss

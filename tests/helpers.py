@@ -77,7 +77,8 @@ def plain_dpo(model_dir: str, train_file: str, settings: dict, world: int, steps
     The loss: `pair_losses(micro_step, beta)` -> per-pair losses of each rank's micro-batch, where a micro-step
     is what the `world` ranks each score at once: a list (by rank) of dicts of [B] tensors pc, pr, rc, rr
     (policy / reference log-probs of chosen / rejected: sums, or LD-DPO's shared + ld_alpha x tail when
-    settings has ld_alpha) and nc, nr (completion token counts). With the default order the micro-batch of
+    settings has ld_alpha), nc, nr (completion token counts) and wc, wr (WPO: sums over the completion's
+    tokens of log p(y_t) - log sum_v p_v^2 under the policy, detached). With the default order the micro-batch of
     rank r at micro-step m of a step is pairs [(m*world + r)*B, (m*world + r + 1)*B) of the step's pairs, as
     the sampler cuts them with shuffle off."""
     torch.manual_seed(0)
@@ -86,32 +87,38 @@ def plain_dpo(model_dir: str, train_file: str, settings: dict, world: int, steps
     reference = (reference or AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)).eval()
     rows = [json.loads(line) for line in open(train_file)]
 
-    def token_logps(model, prompt: str, completion: str) -> torch.Tensor:
+    def token_logps(model, prompt: str, completion: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each completion token's log-prob and, for WPO, log sum_v p_v^2 of its next-token distribution."""
         prompt_ids = tok(prompt)["input_ids"]
         full = tok(prompt + completion)["input_ids"]
         completion_ids = full[len(prompt_ids):]
         if completion_ids[-1] != tok.eos_token_id:
             completion_ids = completion_ids + [tok.eos_token_id]
         ids = torch.tensor([prompt_ids + completion_ids])
-        token_logps = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1).gather(
-            -1, ids[0, 1:, None])[:, 0]
-        return token_logps[len(prompt_ids) - 1:]
+        log_probs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+        token_logps = log_probs.gather(-1, ids[0, 1:, None])[:, 0]
+        sum_squares = torch.log((log_probs.detach().exp() ** 2).sum(-1))
+        return token_logps[len(prompt_ids) - 1:], sum_squares[len(prompt_ids) - 1:]
 
-    def pair_logps(model, row: dict) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-        chosen, rejected = token_logps(model, row["prompt"], row["chosen"]), token_logps(model, row["prompt"], row["rejected"])
+    def pair_logps(model, row: dict) -> tuple[torch.Tensor, ...]:
+        (chosen, chosen_sq), (rejected, rejected_sq) = (token_logps(model, row["prompt"], row["chosen"]),
+                                                        token_logps(model, row["prompt"], row["rejected"]))
         counts = len(chosen), len(rejected)
+        wpo = [(t.detach() - sq).sum() for t, sq in ((chosen, chosen_sq), (rejected, rejected_sq))]
         if settings.get("ld_alpha") is None:
-            return chosen.sum(), rejected.sum(), *counts
+            return chosen.sum(), rejected.sum(), *counts, *wpo
         shared = min(counts)  # LD-DPO: the longer completion's tail weighs ld_alpha
-        return (*(t[:shared].sum() + settings["ld_alpha"] * t[shared:].sum() for t in (chosen, rejected)), *counts)
+        return (*(t[:shared].sum() + settings["ld_alpha"] * t[shared:].sum() for t in (chosen, rejected)), *counts,
+                *wpo)
 
     def micro_batch(indices: list[int]) -> dict[str, torch.Tensor]:
-        batch = {"pc": [], "pr": [], "rc": [], "rr": [], "nc": [], "nr": []}
+        batch = {"pc": [], "pr": [], "rc": [], "rr": [], "nc": [], "nr": [], "wc": [], "wr": []}
         for row in (rows[i] for i in indices):
             with torch.no_grad():
-                ref_c, ref_r, _, _ = pair_logps(reference, row)
-            pol_c, pol_r, nc, nr = pair_logps(policy, row)
-            for key, value in zip(batch, (pol_c, pol_r, ref_c, ref_r, torch.tensor(float(nc)), torch.tensor(float(nr)))):
+                ref_c, ref_r, _, _, _, _ = pair_logps(reference, row)
+            pol_c, pol_r, nc, nr, wc, wr = pair_logps(policy, row)
+            for key, value in zip(batch, (pol_c, pol_r, ref_c, ref_r, torch.tensor(float(nc)), torch.tensor(float(nr)),
+                                          wc, wr)):
                 batch[key].append(value)
         return {key: torch.stack(values) for key, values in batch.items()}
 

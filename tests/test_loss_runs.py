@@ -111,6 +111,10 @@ MENU = {
     "sft": ({}, _per_pair(lambda b, beta: -b["pc"] / b["nc"])),
     "mpo": (dict(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0]), _mpo),
     "ld_dpo": (dict(loss_type="sigmoid", ld_alpha=0.5), _per_pair(lambda b, beta: -F.logsigmoid(beta * _d(b)))),
+    # WPO (use_weighting) with the RPO term, which its weights also scale
+    "wpo": (dict(loss_type="sigmoid", use_weighting=True, rpo_alpha=0.5),
+            _per_pair(lambda b, beta: (-F.logsigmoid(beta * _d(b)) + 0.5 * -b["pc"] / b["nc"])
+                      * torch.clamp(torch.exp(b["wc"] / b["nc"] + b["wr"] / b["nr"]), max=1.0))),
 }
 MENU_SETTINGS = dict(precision="fp32", micro_batch_size=2, gradient_accumulation_steps=2, max_steps=2, shuffle=False,
                      learning_rate=2e-3, warmup_steps=0, lr_scheduler="linear", weight_decay=0.0, max_grad_norm=1.0,

@@ -516,3 +516,29 @@ def test_training_docs_hold_the_table_of_the_specs():
     assert markdown_table() in docs, "docs/training.md's loss table is out of date: paste dpo_ds.losses.markdown_table()"
     for name in LOSS_TYPES:
         assert f"| `{name}` |" in docs
+
+
+# ---------------------------------------------------------------------------- WPO weighting
+@pytest.mark.parametrize("loss_type,rpo_alpha", [("sigmoid", 0.0), ("ipo", 0.5), ("hinge", 0.0)])
+def test_wpo_weighting_scales_each_pair_by_its_clamped_probability_weight(loss_type, rpo_alpha):
+    """use_weighting (WPO, TRL): loss_i x min(1, exp(wc_i / nc_i + wr_i / nr_i)), the RPO term included; the
+    weights carry no gradient, so d loss / d pc is the weight times the unweighted gradient."""
+    pc, pr, rc, rr, nc, nr = _random_inputs(31, n=8)
+    rng = random.Random(5)
+    # wpo sums ~ per-token terms in (-1.5, 1.5): some pairs' weights clamp at 1, others are small
+    wc = [rng.uniform(-1.5, 1.5) * n for n in nc]
+    wr = [rng.uniform(-1.5, 1.5) * n for n in nr]
+    lp = _pairs(pc, pr, rc, rr, nc, nr, requires_grad=True)
+    lp.wpo_chosen, lp.wpo_rejected = torch.tensor(wc, dtype=F64), torch.tensor(wr, dtype=F64)
+    params = LossParams(beta=0.3, rpo_alpha=rpo_alpha, use_weighting=True)
+    out = Objective(loss_type, params)(lp)
+    (gc,) = torch.autograd.grad(out.losses.sum(), lp.policy_chosen)
+    weights = [min(1.0, math.exp(wc[i] / nc[i] + wr[i] / nr[i])) for i in range(len(pc))]
+    assert min(weights) < 0.5 and max(weights) == 1.0
+    h = 1e-6
+    for i in range(len(pc)):
+        loss, _, _ = _expected(loss_type, pc[i], pr[i], rc[i], rr[i], nc[i], nr[i], 0.3, alpha=rpo_alpha)
+        assert out.losses[i].item() == pytest.approx(weights[i] * loss, rel=1e-12, abs=1e-12)
+        up, _, _ = _expected(loss_type, pc[i] + h, pr[i], rc[i], rr[i], nc[i], nr[i], 0.3, alpha=rpo_alpha)
+        down, _, _ = _expected(loss_type, pc[i] - h, pr[i], rc[i], rr[i], nc[i], nr[i], 0.3, alpha=rpo_alpha)
+        assert gc[i].item() == pytest.approx(weights[i] * (up - down) / (2 * h), rel=1e-6, abs=1e-9)

@@ -131,6 +131,8 @@ class Objective:
             components[spec.name] = out.losses.detach()
         if self.params.rpo_alpha > 0:
             total = total - self.params.rpo_alpha * lp.policy_chosen / lp.chosen_tokens.clamp(min=1)
+        if self.params.use_weighting:  # as TRL: the weights scale the whole per-pair loss, RPO term included
+            total = total * lp.wpo_weights
         return LossOutput(total, first.chosen_rewards, first.rejected_rewards,
                           components if self.logged_components else {})
 

@@ -39,6 +39,9 @@ PARAMS = {p.name: p for p in (
                             "0 = off.", lambda v: None if v >= 0 else f"must be >= 0, got {v}"),
     Param("length_normalize", False, "Use per-token mean log-probs instead of sums for the losses that read sums "
                                      "(every loss but ipo, sigmoid_norm, simpo, sft, which always use means)."),
+    Param("use_weighting", False, "WPO: weight each pair's loss (RPO term included) by min(1, exp(w(y+) + w(y-))), "
+                                  "w(y) = mean over y's tokens of log pi(y_t) - log sum_v pi(v)^2 under the policy, "
+                                  "no gradient (TRL's use_weighting)."),
     Param("ld_alpha", None, "LD-DPO: each completion's log-prob is its first L tokens' sum plus ld_alpha x the "
                             "rest's, L = the shorter completion of the pair (policy and reference alike); "
                             "1 = plain sums, unset = off.", _in_range(0.0, 1.0)),

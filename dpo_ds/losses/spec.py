@@ -23,12 +23,24 @@ class PairLogps:
     ref_rejected: torch.Tensor
     chosen_tokens: torch.Tensor
     rejected_tokens: torch.Tensor
+    # use_weighting: per completion, the sum over its tokens of log pi(y_t) - log sum_v pi(v)^2 (no gradient)
+    wpo_chosen: Optional[torch.Tensor] = None
+    wpo_rejected: Optional[torch.Tensor] = None
 
     def normalized(self) -> "PairLogps":
         """The same pairs with every log-prob divided by its completion's token count."""
         c, r = self.chosen_tokens.clamp(min=1), self.rejected_tokens.clamp(min=1)
         return PairLogps(self.policy_chosen / c, self.policy_rejected / r, self.ref_chosen / c,
-                         self.ref_rejected / r, self.chosen_tokens, self.rejected_tokens)
+                         self.ref_rejected / r, self.chosen_tokens, self.rejected_tokens, self.wpo_chosen,
+                         self.wpo_rejected)
+
+    @property
+    def wpo_weights(self) -> torch.Tensor:
+        """WPO's pair weights [B] (arXiv 2406.11827, as TRL's use_weighting): min(1, exp(w(y+) + w(y-))), w(y) the
+        mean over y's tokens of log pi(y_t) - log sum_v pi(v)^2: the pair's probability under the policy,
+        normalised per token by the probability that the policy's own samples agree there."""
+        c, r = self.chosen_tokens.clamp(min=1), self.rejected_tokens.clamp(min=1)
+        return torch.exp(self.wpo_chosen / c + self.wpo_rejected / r).clamp(max=1.0)
 
     @property
     def chosen_logratio(self) -> torch.Tensor:
@@ -72,6 +84,7 @@ class LossParams:
     discopop_tau: float = 0.05
     rpo_alpha: float = 0.0
     length_normalize: bool = False
+    use_weighting: bool = False
 
 
 class RunningMean:
