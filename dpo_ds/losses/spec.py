@@ -57,11 +57,36 @@ class PairLogps:
 
 
 @dataclass
+class UnpairedLogps:
+    """Per-example inputs [B] of an unpaired loss (KTO): each example's completion, and its mismatched completion
+    (another example's completion after this example's prompt, for the KL reference point), as summed log-probs
+    and token counts; `labels`: desirable (True) or undesirable."""
+    policy: torch.Tensor
+    reference: torch.Tensor
+    tokens: torch.Tensor
+    kl_policy: torch.Tensor
+    kl_reference: torch.Tensor
+    kl_tokens: torch.Tensor
+    labels: torch.Tensor
+
+    def normalized(self) -> "UnpairedLogps":
+        """The same examples with every log-prob divided by its completion's token count."""
+        n, k = self.tokens.clamp(min=1), self.kl_tokens.clamp(min=1)
+        return UnpairedLogps(self.policy / n, self.reference / n, self.tokens, self.kl_policy / k,
+                             self.kl_reference / k, self.kl_tokens, self.labels)
+
+    @property
+    def logratio(self) -> torch.Tensor:
+        return self.policy - self.reference
+
+
+@dataclass
 class LossOutput:
-    losses: torch.Tensor            # per pair [B]; the step minimises their mean
-    chosen_rewards: torch.Tensor    # beta * (log pi - log pi_ref) of chosen, detached [B]
-    rejected_rewards: torch.Tensor
+    losses: torch.Tensor            # per pair (or unpaired example) [B]; the step minimises their mean
+    chosen_rewards: torch.Tensor    # beta * (log pi - log pi_ref) of chosen, detached [B] (unpaired: of each example)
+    rejected_rewards: torch.Tensor  # (unpaired: the same as chosen_rewards; `labels` tell them apart)
     components: dict[str, torch.Tensor] = field(default_factory=dict)  # loss_type list: each one's per-pair loss, detached
+    reference_point: Optional[torch.Tensor] = None  # KTO: the KL estimate z0 of the micro-step (over all ranks), detached
 
 
 @dataclass(frozen=True)
@@ -85,6 +110,8 @@ class LossParams:
     rpo_alpha: float = 0.0
     length_normalize: bool = False
     use_weighting: bool = False
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
 
 
 class RunningMean:
@@ -132,11 +159,11 @@ class LossSpec:
     """One entry of the loss menu. The config's choices and checks, the trainer, `dpo-ds eval`, checkpoints and
     the docs read these facts; nothing else names a loss.
 
-    unit: what one example of the loss is; every loss here is trained on preference pairs ("pair"). An
-    unpaired loss (KTO: labelled single completions) declares its own unit, and the data path that feeds it.
+    unit: what one example of the loss is: a preference pair ("pair", PairLogps) or a labelled single completion
+    ("unpaired", UnpairedLogps: KTO); the data path and the step feed each unit its own inputs.
     """
     name: str
-    fn: Callable[[PairLogps, LossContext], LossOutput]
+    fn: Callable[[Any, LossContext], LossOutput]  # PairLogps or UnpairedLogps (unit) -> LossOutput
     formula: str                         # the per-pair loss, for docs/training.md
     use_when: str
     params: tuple[str, ...] = ("beta",)  # PARAMS entries it reads
