@@ -68,7 +68,7 @@ def sigmoid_pair_losses(micro_step: list[dict[str, torch.Tensor]], beta: float) 
 
 def plain_dpo(model_dir: str, train_file: str, settings: dict, world: int, steps: list[list[int]] | None = None,
               policy: torch.nn.Module | None = None, reference: torch.nn.Module | None = None,
-              pair_losses=sigmoid_pair_losses) -> tuple[list[float], dict[str, torch.Tensor]]:
+              pair_losses=sigmoid_pair_losses, unpaired: bool = False) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Per-step losses and final weights of textbook DPO (AdamW, warm-up + linear decay, global norm clipping),
     sequence by sequence without padding or DeepSpeed. Step k uses the pair indices steps[k] (default: pairs
     [k*G, (k+1)*G) of the file); its loss is the mean over them. `policy` / `reference` (default: the model at
@@ -80,7 +80,13 @@ def plain_dpo(model_dir: str, train_file: str, settings: dict, world: int, steps
     settings has ld_alpha), nc, nr (completion token counts) and wc, wr (WPO: sums over the completion's
     tokens of log p(y_t) - log sum_v p_v^2 under the policy, detached). With the default order the micro-batch of
     rank r at micro-step m of a step is pairs [(m*world + r)*B, (m*world + r + 1)*B) of the step's pairs, as
-    the sampler cuts them with shuffle off."""
+    the sampler cuts them with shuffle off.
+
+    `unpaired` (KTO): the file's pairs split into examples in pair order, chosen (label True) then rejected of
+    each pair, and the micro-batches hold examples; each example's mismatched completion is the completion of
+    the example two before it (cyclic: the previous pair's completion of the same side) after its own prompt.
+    A micro-batch is then a dict of [B] tensors p, r (policy / reference log-prob sums of the completion), n
+    (tokens), kp, kr, kn (the same of the mismatched completion) and label (bool)."""
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(model_dir)
     policy = policy or AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -121,6 +127,22 @@ def plain_dpo(model_dir: str, train_file: str, settings: dict, world: int, steps
                                           wc, wr)):
                 batch[key].append(value)
         return {key: torch.stack(values) for key, values in batch.items()}
+
+    if unpaired:
+        examples = [(row["prompt"], row[side], side == "chosen") for row in rows for side in ("chosen", "rejected")]
+
+        def micro_batch(indices: list[int]) -> dict[str, torch.Tensor]:  # noqa: F811 (the unpaired examples')
+            batch = {"p": [], "r": [], "n": [], "kp": [], "kr": [], "kn": [], "label": []}
+            for i in indices:
+                prompt, completion, label = examples[i]
+                mismatched = examples[(i - 2) % len(examples)][1]
+                with torch.no_grad():
+                    ref, ref_kl = (token_logps(reference, prompt, c)[0].sum() for c in (completion, mismatched))
+                pol, pol_kl = (token_logps(policy, prompt, c)[0] for c in (completion, mismatched))
+                for key, value in zip(batch, (pol.sum(), ref, torch.tensor(float(len(pol))), pol_kl.sum(), ref_kl,
+                                              torch.tensor(float(len(pol_kl))), torch.tensor(label))):
+                    batch[key].append(value)
+            return {key: torch.stack(values) for key, values in batch.items()}
 
     trained = [p for p in policy.parameters() if p.requires_grad]
     decay = [p for p in trained if p.dim() >= 2]

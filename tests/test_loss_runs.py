@@ -11,6 +11,8 @@ import torch.nn.functional as F
 
 from helpers import launch, launch_probe_runs, plain_dpo, read_metrics, write_config
 
+from dpo_ds.losses import loss_unit
+
 pytestmark = pytest.mark.distributed  # starts ranks or the CLI in subprocesses (tests/conftest.py)
 
 
@@ -88,6 +90,16 @@ def _discopop(b, beta, tau=0.05):
     return -F.logsigmoid(z) * (1 - torch.sigmoid(z / tau)) + torch.exp(-z) * torch.sigmoid(z / tau)
 
 
+def _kto(lambda_d: float, lambda_u: float):
+    """KTO on the unpaired examples of a micro-step (plain_dpo's unpaired dicts): z0 = max(0, mean over every
+    rank's mismatched completions of log pi - log pi_ref), detached."""
+    def losses(micro_step, beta):
+        z0 = torch.cat([(b["kp"] - b["kr"]).detach() for b in micro_step]).mean().clamp(min=0)
+        return [torch.where(b["label"], lambda_d * (1 - torch.sigmoid(beta * (b["p"] - b["r"] - z0))),
+                            lambda_u * (1 - torch.sigmoid(beta * (z0 - (b["p"] - b["r"]))))) for b in micro_step]
+    return lambda: losses
+
+
 # run name -> (config fields, plain loss factory)
 MENU = {
     "sigmoid": (dict(label_smoothing=0.1), _per_pair(lambda b, beta: _smoothed(beta * _d(b), 0.1))),
@@ -112,6 +124,8 @@ MENU = {
     "mpo": (dict(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0]), _mpo),
     "ld_dpo": (dict(loss_type="sigmoid", ld_alpha=0.5), _per_pair(lambda b, beta: -F.logsigmoid(beta * _d(b)))),
     # WPO (use_weighting) with the RPO term, which its weights also scale
+    # paired data split into desirable/undesirable examples (unpaired rows: test_kto.py)
+    "kto": (dict(desirable_weight=1.2, undesirable_weight=0.9, learning_rate=2e-2), _kto(1.2, 0.9)),
     "wpo": (dict(loss_type="sigmoid", use_weighting=True, rpo_alpha=0.5),
             _per_pair(lambda b, beta: (-F.logsigmoid(beta * _d(b)) + 0.5 * -b["pc"] / b["nc"])
                       * torch.clamp(torch.exp(b["wc"] / b["nc"] + b["wr"] / b["nr"]), max=1.0))),
@@ -147,7 +161,8 @@ def test_every_loss_trains_as_plain_pytorch_does(probe_runs, demo_assets, name):
     every step within 1e-6 relative."""
     fields, plain_loss = MENU[name]
     settings = {**MENU_SETTINGS, **fields}
-    want, _ = plain_dpo(demo_assets.model_dir, demo_assets.train_file, settings, WORLD, pair_losses=plain_loss())
+    want, _ = plain_dpo(demo_assets.model_dir, demo_assets.train_file, settings, WORLD, pair_losses=plain_loss(),
+                        unpaired=loss_unit(settings.get("loss_type", name)) == "unpaired")
     got = train_losses(probe_runs[name][0])
     assert len(got) == MENU_SETTINGS["max_steps"]
     for g, w in zip(got, want):

@@ -645,3 +645,18 @@ def test_kto_reference_point_is_clamped_at_zero():
     want = [1 - sigmoid_(0.3 * (p - q)) if lab else 1 - sigmoid_(-0.3 * (p - q))
             for p, q, lab in zip(policy, reference, labels)]
     assert out.losses.tolist() == pytest.approx(want, rel=1e-12)
+
+
+def test_kto_weight_advice_follows_the_papers_ratio_bounds():
+    """lambda_D n_D / (lambda_U n_U) in [1, 4/3] (KTO paper eq. 8): no advice; outside, weights that bring it in."""
+    from dpo_ds.losses import kto_weight_advice
+
+    assert kto_weight_advice(100, 100, 1.0, 1.0) is None
+    assert kto_weight_advice(100, 100, 1.3, 1.0) is None
+    advice = kto_weight_advice(100, 400, 1.0, 1.0)  # ratio 1/4
+    assert "0.25" in advice and "desirable_weight in [4, 5.33]" in advice and "undesirable_weight in [0.188, 0.25]" in advice
+    for d in (4.0, 5.33):
+        assert kto_weight_advice(100, 400, d, 1.0) is None
+    for u in (0.188, 0.25):
+        assert kto_weight_advice(100, 400, 1.0, u) is None
+    assert kto_weight_advice(10, 0, 1.0, 1.0) is None  # one label only: no ratio to balance

@@ -21,7 +21,7 @@ OBJECTIVE_FIELDS = ("loss_type", "loss_weights", *PARAMS)
 
 __all__ = ["ALIASES", "LOSS_TYPES", "OBJECTIVE_FIELDS", "PARAMS", "SPECS", "LossContext", "LossOutput", "LossParams",
            "LossSpec", "Objective", "PairLogps", "Param", "RunningMean", "UnpairedLogps", "check_objective",
-           "compute_loss", "loss_names", "loss_unit", "markdown_table", "needs_reference", "parse_loss_type",
+           "compute_loss", "kto_weight_advice", "loss_names", "loss_unit", "markdown_table", "needs_reference", "parse_loss_type",
            "parse_loss_weights", "uses_reference"]
 
 
@@ -170,6 +170,24 @@ class Objective:
     def metrics(self) -> dict[str, float]:
         """What the losses report from their state (spec.metrics), as `<loss>/<name>`."""
         return {f"{s.name}/{m}": self.states[s.name].metrics()[m] for s in self.specs for m in s.metrics}
+
+
+def kto_weight_advice(desirable: int, undesirable: int, desirable_weight: float, undesirable_weight: float
+                      ) -> Optional[str]:
+    """The KTO paper's advice (arXiv 2402.01306, eq. 8) when desirable_weight x desirable examples over
+    undesirable_weight x undesirable examples is outside [1, 4/3], with the weights that bring it in (one or the
+    other, as TRL suggests); None when it is inside."""
+    if not desirable or not undesirable:
+        return None
+    ratio = desirable_weight * desirable / (undesirable_weight * undesirable)
+    if 1 <= ratio <= 4 / 3:
+        return None
+    d_low = undesirable_weight * undesirable / desirable
+    u_high = desirable_weight * desirable / undesirable
+    return (f"kto: {desirable} desirable and {undesirable} undesirable examples with desirable_weight "
+            f"{desirable_weight:g} and undesirable_weight {undesirable_weight:g} give lambda_D n_D / (lambda_U n_U) = "
+            f"{ratio:.3g}, outside the KTO paper's [1, 4/3]; set EITHER desirable_weight in [{d_low:.3g}, "
+            f"{4 / 3 * d_low:.3g}] OR undesirable_weight in [{3 / 4 * u_high:.3g}, {u_high:.3g}]")
 
 
 def markdown_table() -> str:
