@@ -82,9 +82,10 @@ def plain_dpo(model_dir: str, train_file: str, settings: dict, world: int, steps
     rank r at micro-step m of a step is pairs [(m*world + r)*B, (m*world + r + 1)*B) of the step's pairs, as
     the sampler cuts them with shuffle off.
 
-    `unpaired` (KTO): the file's pairs split into examples in pair order, chosen (label True) then rejected of
-    each pair, and the micro-batches hold examples; each example's mismatched completion is the completion of
-    the example two before it (cyclic: the previous pair's completion of the same side) after its own prompt.
+    `unpaired` (KTO): the file's unpaired rows (prompt, completion, label), or its pairs split into examples in
+    pair order, chosen (label True) then rejected of each pair; the micro-batches hold examples. Each example's
+    mismatched completion is the completion of the row before it (of split pairs: the example two before it,
+    the previous pair's completion of the same side; cyclic), after its own prompt.
     A micro-batch is then a dict of [B] tensors p, r (policy / reference log-prob sums of the completion), n
     (tokens), kp, kr, kn (the same of the mismatched completion) and label (bool)."""
     torch.manual_seed(0)
@@ -129,13 +130,17 @@ def plain_dpo(model_dir: str, train_file: str, settings: dict, world: int, steps
         return {key: torch.stack(values) for key, values in batch.items()}
 
     if unpaired:
-        examples = [(row["prompt"], row[side], side == "chosen") for row in rows for side in ("chosen", "rejected")]
+        if "completion" in rows[0]:  # an unpaired file: its rows in file order, the mismatched one the row before
+            examples, shift = [(row["prompt"], row["completion"], row["label"]) for row in rows], 1
+        else:
+            examples, shift = [(row["prompt"], row[side], side == "chosen") for row in rows
+                               for side in ("chosen", "rejected")], 2
 
         def micro_batch(indices: list[int]) -> dict[str, torch.Tensor]:  # noqa: F811 (the unpaired examples')
             batch = {"p": [], "r": [], "n": [], "kp": [], "kr": [], "kn": [], "label": []}
             for i in indices:
                 prompt, completion, label = examples[i]
-                mismatched = examples[(i - 2) % len(examples)][1]
+                mismatched = examples[(i - shift) % len(examples)][1]
                 with torch.no_grad():
                     ref, ref_kl = (token_logps(reference, prompt, c)[0].sum() for c in (completion, mismatched))
                 pol, pol_kl = (token_logps(policy, prompt, c)[0] for c in (completion, mismatched))

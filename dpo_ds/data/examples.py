@@ -174,6 +174,8 @@ class TokenizedUnpaired(TokenizedExamples):
     Built from preference pairs by `split_pairs` (TRL's unpair_preference_dataset: chosen -> desirable, rejected
     -> undesirable), the token columns are the pairs' own (no copy)."""
     KIND: ClassVar[str] = "unpaired"
+    # an unpaired file's cache: its label is a one-id column (1 = desirable), so the store's files stay token columns
+    COLUMNS: ClassVar[tuple[str, ...]] = ("prompt", "completion", "label")
     SEQUENCES: ClassVar[tuple[tuple[str, str], ...]] = (("prompt", "completion"), ("prompt", "mismatched"))
 
     def __init__(self, prompt: TokenColumn, completions: tuple[TokenColumn, ...], source: np.ndarray,
@@ -182,6 +184,21 @@ class TokenizedUnpaired(TokenizedExamples):
         self.pair_ids = pair_ids  # each example's name, as TokenizedPairs names its pairs
         self.fingerprint = fingerprint
         self.stats, self.report, self.cache_path = info.get("stats", empty_stats()), info.get("report", {}), info.get("cache_path")
+
+    @classmethod
+    def from_store(cls, columns: dict[str, TokenColumn], ids: Sequence[str], **info) -> "TokenizedUnpaired":
+        n = len(columns["completion"])
+        source = np.stack([np.zeros(n, np.int64), np.arange(n, dtype=np.int64)], axis=1)
+        return cls(columns["prompt"], (columns["completion"],), source, np.asarray(columns["label"].flat, bool), 1,
+                   ids, info.pop("fingerprint"), **info)
+
+    def column(self, name: str) -> TokenColumn:
+        """A stored column (COLUMNS) of an unpaired file's examples; split pairs store none of their own."""
+        if len(self.completions) != 1:
+            raise ValueError("split pairs have no unpaired columns: read their pairs' columns")
+        if name == "label":
+            return TokenColumn.from_lists([[int(v)] for v in self.labels])
+        return {"prompt": self.prompt, "completion": self.completions[0]}[name]
 
     @classmethod
     def split_pairs(cls, pairs: TokenizedPairs) -> "TokenizedUnpaired":
@@ -216,7 +233,8 @@ class TokenizedUnpaired(TokenizedExamples):
 
     @property
     def stored_tokens(self) -> int:
-        return len(self.prompt.flat) + sum(len(c.flat) for c in self.completions)
+        labels = len(self) if len(self.completions) == 1 else 0  # an unpaired file's one-id label column
+        return len(self.prompt.flat) + sum(len(c.flat) for c in self.completions) + labels
 
 
 def for_unit(examples: TokenizedExamples, unit: str, path: str, loss_type: str) -> TokenizedExamples:
@@ -231,4 +249,5 @@ def for_unit(examples: TokenizedExamples, unit: str, path: str, loss_type: str) 
 
 
 # kind -> class, for caches that record which kind of example they hold
-EXAMPLE_KINDS: dict[str, type[TokenizedExamples]] = {TokenizedPairs.KIND: TokenizedPairs}
+EXAMPLE_KINDS: dict[str, type[TokenizedExamples]] = {TokenizedPairs.KIND: TokenizedPairs,
+                                                     TokenizedUnpaired.KIND: TokenizedUnpaired}
