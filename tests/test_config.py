@@ -290,6 +290,12 @@ def test_invalid_combination_fails_before_any_model_or_data_is_touched(tmp_path)
     (dict(loss_type="apo_zero", label_smoothing=0.1), "label_smoothing", "exo_pair"),
     (dict(loss_type="simpo,sft", ref_model_name_or_path="/r"), "ref_model_name_or_path", "simpo,sft"),
     (dict(loss_type="ipo,sigmoid_norm", length_normalize=True), "length_normalize", "ipo,sigmoid_norm"),
+    (dict(loss_type="kto,sigmoid"), "loss_type", "kto trains on unpaired examples"),
+    (dict(loss_type="kto", rpo_alpha=0.5), "rpo_alpha", "only applies to losses on preference pairs"),
+    (dict(loss_type="kto", use_weighting=True), "use_weighting", "only applies to losses on preference pairs"),
+    (dict(loss_type="kto", ld_alpha=0.5), "ld_alpha", "only applies to losses on preference pairs"),
+    (dict(loss_type="kto", desirable_weight=0.0), "desirable_weight", "> 0"),
+    (dict(loss_type="sigmoid", undesirable_weight=2.0), "undesirable_weight", "kto"),
 ])
 def test_validate_rejects(fields, field, words):
     msg = config_error(validate, cfg_of(**fields))
