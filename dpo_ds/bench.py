@@ -131,7 +131,8 @@ def _time_steps(ctx, train_step, sampler: PairSampler, pairs: TokenizedPairs, wa
             processed_tokens += result.stats.total("padded_tokens")
             for indices in result.micro_batches:
                 for i in indices:
-                    for prompt, completion in (pairs.sequence(slot, i) for slot in range(pairs.sequences_per_example())):
+                    for slot in range(pairs.sequences_per_example()):
+                        prompt, completion = pairs.sequence(slot, i)
                         squared_lengths += (len(prompt) + len(completion)) ** 2
     step_times = all_reduce(torch.tensor(times, dtype=torch.float64), "max")  # a step takes as long as its slowest rank
     totals = all_reduce(torch.tensor([real_tokens, processed_tokens, squared_lengths], dtype=torch.float64))

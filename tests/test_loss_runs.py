@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 
 from helpers import launch, launch_probe_runs, plain_dpo, read_metrics, write_config
 
-from dpo_ds.losses import loss_unit
+from dpo_ds.losses import loss_unit, parse_loss_type
 
 pytestmark = pytest.mark.distributed  # starts ranks or the CLI in subprocesses (tests/conftest.py)
 
@@ -162,7 +163,7 @@ def test_every_loss_trains_as_plain_pytorch_does(probe_runs, demo_assets, name):
     fields, plain_loss = MENU[name]
     settings = {**MENU_SETTINGS, **fields}
     want, _ = plain_dpo(demo_assets.model_dir, demo_assets.train_file, settings, WORLD, pair_losses=plain_loss(),
-                        unpaired=loss_unit(settings.get("loss_type", name)) == "unpaired")
+                        unpaired=loss_unit(parse_loss_type(settings.get("loss_type", name))) == "unpaired")
     got = train_losses(probe_runs[name][0])
     assert len(got) == MENU_SETTINGS["max_steps"]
     for g, w in zip(got, want):
@@ -195,8 +196,23 @@ def test_bco_pair_resumed_after_a_stop_equals_the_uninterrupted_run(probe_runs, 
     assert "stopped by a signal after step 1" in stopped.stderr, stopped.stderr[-3000:]
     state = json.loads((tmp_path / "out" / "checkpoints" / "step-00000001" / "trainer_state.json").read_text())
     assert state["loss_state"]["bco_pair"]["count"] == 2 * MENU_SETTINGS["micro_batch_size"] * 2 * WORLD
+    saved = tmp_path / "at-one-rank" / "checkpoints"
+    shutil.copytree(tmp_path / "out" / "checkpoints" / "step-00000001", saved / "step-00000001")
+    (saved / "latest").write_text("step-00000001\n")
     assert "resumed from step 1" in launch(args).stderr
     assert train_losses(tmp_path / "out") == train_losses(probe_runs["bco_pair"][0])
+    # universal resume: the 2-rank checkpoint resumed on 1 rank (twice the accumulation: the same pairs per
+    # step) carries the running mean: it logs what an uninterrupted 1-rank run logs (within fp32 reduction
+    # order); a fresh mean would leave out step 1's 16 zero rewards and move step 2's delta by ~its own size
+    one_rank = ["--gradient_accumulation_steps", str(2 * MENU_SETTINGS["gradient_accumulation_steps"])]
+    resumed = launch(["tests/dist_fault_probe.py", "--config", str(config), "--output_dir", str(saved.parent),
+                      "--resume_from", "auto", *one_rank], nproc=1)
+    assert "resumed from step 1" in resumed.stderr and (saved / "step-00000001" / "ds_universal").is_dir()
+    launch(["-m", "dpo_ds", "train", "--config", str(config), "--output_dir", str(tmp_path / "whole-1"), *one_rank],
+           nproc=1)
+    got, want = train_losses(saved.parent), train_losses(tmp_path / "whole-1")  # got: the steps after the resume
+    assert len(got) == len(want) - 1 == MENU_SETTINGS["max_steps"] - 1
+    assert got == pytest.approx(want[1:], rel=1e-6)
 
 
 def test_ipo_first_step_is_its_target_squared(probe_runs):

@@ -167,7 +167,7 @@ class TokenizedUnpaired(TokenizedExamples):
     """Labelled single completions (KTO). Example i is prompt row source[i, 1] with the completion of column
     source[i, 0] of that row, and `labels[i]` (True: desirable). It is scored as [prompt+completion,
     prompt+mismatched completion], the mismatched completion being the completion of example i - `shift`
-    (cyclic; `shift` = examples per data row, so it comes from another row's prompt): a fixed partner per
+    (cyclic; `shift` = examples per data row, so it comes from another data row): a fixed partner per
     example, as TRL's KTO fixes its KL dataset before training, so precompute_ref caches the mismatched pairs'
     reference log-probs too and a resumed run sees the same ones.
 
@@ -183,7 +183,8 @@ class TokenizedUnpaired(TokenizedExamples):
         self.prompt, self.completions, self.source, self.labels, self.shift = prompt, completions, source, labels, shift
         self.pair_ids = pair_ids  # each example's name, as TokenizedPairs names its pairs
         self.fingerprint = fingerprint
-        self.stats, self.report, self.cache_path = info.get("stats", empty_stats()), info.get("report", {}), info.get("cache_path")
+        self.stats = info.get("stats", empty_stats())
+        self.report, self.cache_path = info.get("report", {}), info.get("cache_path")
 
     @classmethod
     def from_store(cls, columns: dict[str, TokenColumn], ids: Sequence[str], **info) -> "TokenizedUnpaired":
