@@ -26,7 +26,8 @@ import torch
 
 from dpo_ds.config import ConfigError, add_config_arguments, config_from_args, uses_lora, uses_reference
 from dpo_ds.console import emit, setup_logging
-from dpo_ds.data import PairSampler, RowLocations, TokenizedPairs
+from dpo_ds.data import PairSampler, RowLocations, TokenizedPairs, for_unit
+from dpo_ds.losses import loss_unit
 from dpo_ds.metrics import SectionTimer, max_over_ranks, peak_memory_gib
 from dpo_ds.parallel import Parallel
 from dpo_ds.plan import model_config_and_name, model_flops, shape_from_config
@@ -130,8 +131,9 @@ def _time_steps(ctx, train_step, sampler: PairSampler, pairs: TokenizedPairs, wa
             processed_tokens += result.stats.total("padded_tokens")
             for indices in result.micro_batches:
                 for i in indices:
-                    for completion in (pairs.chosen[i], pairs.rejected[i]):
-                        squared_lengths += (len(pairs.prompt[i]) + len(completion)) ** 2
+                    for slot in range(pairs.sequences_per_example()):
+                        prompt, completion = pairs.sequence(slot, i)
+                        squared_lengths += (len(prompt) + len(completion)) ** 2
     step_times = all_reduce(torch.tensor(times, dtype=torch.float64), "max")  # a step takes as long as its slowest rank
     totals = all_reduce(torch.tensor([real_tokens, processed_tokens, squared_lengths], dtype=torch.float64))
     split = all_reduce(torch.tensor([timer.totals.get(k, 0.0) for k in SECTIONS], dtype=torch.float64), "max")
@@ -155,7 +157,9 @@ def run(args: argparse.Namespace) -> int:
     pairs_needed = total_steps * cfg.global_batch_pairs(parallel.data_parallel_size)
     if cfg.max_tokens_per_micro_batch:
         pairs_needed *= max(1, cfg.max_tokens_per_micro_batch // (2 * 16 * cfg.micro_batch_size))
-    pairs = synthetic_pairs(pairs_needed, args.lengths, cfg.max_length, shape.vocab_size, cfg.seed)
+    # the examples the loss trains on (KTO: each synthetic pair split into a desirable and an undesirable one)
+    pairs = for_unit(synthetic_pairs(pairs_needed, args.lengths, cfg.max_length, shape.vocab_size, cfg.seed),
+                     loss_unit(cfg.loss_type), "synthetic", cfg.loss_type)
     sampler = PairSampler.for_config(cfg, pairs, parallel.data_parallel_size)
     total_steps = min(total_steps, sampler.steps_per_epoch)
     ctx = build_step_context(cfg, parallel, total_steps, pad_id=0, datasets=[pairs])

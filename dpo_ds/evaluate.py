@@ -19,9 +19,9 @@ from pathlib import Path
 
 from dpo_ds.config import ConfigError, TrainConfig, config_from_args
 from dpo_ds.console import emit, setup_logging
-from dpo_ds.data import load_pairs
+from dpo_ds.data import for_unit, load_pairs
 from dpo_ds.families import load_model_config
-from dpo_ds.losses import OBJECTIVE_FIELDS, needs_reference
+from dpo_ds.losses import OBJECTIVE_FIELDS, loss_unit, needs_reference
 from dpo_ds.parallel import Parallel
 
 HELP = __doc__
@@ -139,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     pairs, _ = load_pairs(args.data, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                           skip_bad_rows=cfg.skip_bad_rows, cache_dir=cache_dir, parallel=parallel)
+    pairs = for_unit(pairs, loss_unit(cfg.loss_type), args.data, cfg.loss_type)
     hidden = load_model_config(args.model, args.trust_remote_code).hidden_size
     model = build_inference_engine(args.model, scored_model_config(cfg, hidden), model_dtype(cfg),
                                    args.trust_remote_code)
@@ -152,7 +153,11 @@ def run(args: argparse.Namespace) -> int:
         summary = {"model": args.model, "ref_model": cfg.ref_model_name_or_path, "data": args.data, "beta": cfg.beta,
                    "loss_type": cfg.loss_type, "pairs": len(records),
                    "accuracy": metrics["eval/rewards/accuracies"], "mean_margin": metrics["eval/rewards/margins"],
-                   "ties": sum(r["margin"] == 0 for r in records), "loss": metrics["eval/loss"],
-                   "per_pair_file": str(output)}
+                   "loss": metrics["eval/loss"], "per_pair_file": str(output)}
+        if "eval/kl" in metrics:  # KTO: unpaired examples; accuracy = on their label's side of the reference point
+            summary.update(examples=summary.pop("pairs"), kl=metrics["eval/kl"],
+                           desirable=sum(r["label"] for r in records))
+        else:
+            summary["ties"] = sum(r["margin"] == 0 for r in records)
         emit(json.dumps(summary))
     return 0

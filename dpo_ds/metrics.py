@@ -10,14 +10,16 @@ from pathlib import Path
 
 import torch
 
-from dpo_ds.losses import LossOutput, PairLogps
+from dpo_ds.losses import LossOutput, PairLogps, UnpairedLogps
 from dpo_ds.parallel import Parallel
 from launcher.dist import all_reduce
 
 # Quantities summed over pairs (or tokens) between two log lines; the names of the means derive from them.
 _SUMS = ("pairs", "loss", "reward_chosen", "reward_rejected", "correct", "logp_chosen", "logp_rejected",
          "kl_chosen", "kl_rejected", "tokens_chosen", "tokens_rejected", "real_tokens", "padded_tokens",
-         "step_time", "steps")
+         "step_time", "steps",
+         # unpaired examples (KTO): how many of each label (chosen = desirable), and KTO's reference point z0
+         "desirable", "undesirable", "reference_point", "micro_steps")
 
 
 class SectionTimer:
@@ -90,6 +92,27 @@ class PairStats:
         for i, name in enumerate(self.components, start=len(_SUMS)):
             self._add_at(i, out.components[name].sum())
 
+    def add_unpaired(self, u: UnpairedLogps, out: LossOutput, real_tokens: int, padded_tokens: int) -> None:
+        """An unpaired micro-batch: the chosen/rejected sums hold the desirable/undesirable examples'; "correct"
+        counts the examples on their label's side of the reference point (log-ratio above z0 when desirable)."""
+        desirable = u.labels
+        logratio = u.policy.detach() - u.reference
+        self._add("pairs", len(out.losses))
+        self._add("loss", out.losses.sum())
+        self._add("desirable", desirable.sum())
+        self._add("undesirable", (~desirable).sum())
+        self._add("reward_chosen", torch.where(desirable, out.chosen_rewards, 0.0).sum())
+        self._add("reward_rejected", torch.where(desirable, 0.0, out.chosen_rewards).sum())
+        self._add("correct", torch.where(desirable, logratio > out.reference_point, logratio < out.reference_point).sum())
+        for side, mine in (("chosen", desirable), ("rejected", ~desirable)):
+            self._add(f"logp_{side}", torch.where(mine, u.policy.detach(), 0.0).sum())
+            self._add(f"kl_{side}", torch.where(mine, logratio, 0.0).sum())
+            self._add(f"tokens_{side}", torch.where(mine, u.tokens, 0).sum())
+        self._add("reference_point", out.reference_point)
+        self._add("micro_steps", 1)
+        self._add("real_tokens", real_tokens)
+        self._add("padded_tokens", padded_tokens)
+
     def add_step_time(self, seconds: float) -> None:
         self._add("step_time", seconds)
         self._add("steps", 1)
@@ -108,14 +131,16 @@ class PairStats:
         # every rank runs the same steps: time and step count of the slowest rank, not summed over ranks
         window_time, steps = all_reduce(self.sums[[_SUMS.index("step_time"), _SUMS.index("steps")]], "max").tolist()
         pairs, steps = max(s["pairs"], 1.0), max(steps, 1.0)
+        unpaired = s["micro_steps"] > 0  # KTO: chosen/rejected means are over the desirable/undesirable examples
+        chosen, rejected = (max(s["desirable"], 1.0), max(s["undesirable"], 1.0)) if unpaired else (pairs, pairs)
         return {
             "loss": s["loss"] / pairs,
-            "rewards/chosen": s["reward_chosen"] / pairs,
-            "rewards/rejected": s["reward_rejected"] / pairs,
-            "rewards/margins": (s["reward_chosen"] - s["reward_rejected"]) / pairs,
+            "rewards/chosen": s["reward_chosen"] / chosen,
+            "rewards/rejected": s["reward_rejected"] / rejected,
+            "rewards/margins": s["reward_chosen"] / chosen - s["reward_rejected"] / rejected,
             "rewards/accuracies": s["correct"] / pairs,
-            "logps/chosen": s["logp_chosen"] / pairs,
-            "logps/rejected": s["logp_rejected"] / pairs,
+            "logps/chosen": s["logp_chosen"] / chosen,
+            "logps/rejected": s["logp_rejected"] / rejected,
             # mean per-token log pi - log pi_ref over completions: the seed's drift monitor
             "kl/chosen": s["kl_chosen"] / max(s["tokens_chosen"], 1.0),
             "kl/rejected": s["kl_rejected"] / max(s["tokens_rejected"], 1.0),
@@ -125,6 +150,8 @@ class PairStats:
             "step_time_s": window_time / steps,
             "window_steps": steps,  # optimizer steps this row covers (fewer in the first window after a resume)
             **{f"loss/{name}": total / pairs for name, total in zip(self.components, reduced[len(_SUMS):])},
+            # KTO's reference point z0, mean over the window's micro-steps (the same value on every rank)
+            **({"kl": s["reference_point"] / s["micro_steps"]} if unpaired else {}),
         }
 
 

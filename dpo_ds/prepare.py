@@ -21,7 +21,8 @@ from pathlib import Path
 
 from dpo_ds.config import TrainConfig, add_config_arguments, config_from_args
 from dpo_ds.console import emit, setup_logging
-from dpo_ds.data import TokenizedPairs, format_report, load_pairs
+from dpo_ds.data import TokenizedExamples, TokenizedPairs, for_unit, format_report, load_pairs
+from dpo_ds.losses import kto_weight_advice, loss_unit
 from dpo_ds.parallel import Parallel
 
 HELP = __doc__
@@ -60,6 +61,22 @@ def load_config_data(cfg: TrainConfig, tokenizer, parallel: Parallel = Parallel(
     train_pairs, fingerprint = load_pairs(cfg.train_file, tokenizer, **args)
     eval_pairs = load_pairs(cfg.eval_file, tokenizer, **args)[0] if cfg.eval_file else None
     return train_pairs, fingerprint, eval_pairs
+
+
+def load_config_examples(cfg: TrainConfig, tokenizer, parallel: Parallel = Parallel()
+                         ) -> tuple[TokenizedExamples, str, TokenizedExamples | None]:
+    """`load_config_data` as the examples the loss trains on (data.for_unit: pairs split into unpaired examples
+    for KTO): what `train` scores."""
+    train, fingerprint, held_out = load_config_data(cfg, tokenizer, parallel)
+    unit = loss_unit(cfg.loss_type)
+    train = for_unit(train, unit, cfg.train_file, cfg.loss_type)
+    if unit == "unpaired" and parallel.is_main:
+        desirable = int(train.labels.sum())
+        advice = kto_weight_advice(desirable, len(train) - desirable, cfg.desirable_weight, cfg.undesirable_weight)
+        if advice:
+            logger.warning("%s: %s", cfg.train_file, advice)
+    return (train, fingerprint,
+            None if held_out is None else for_unit(held_out, unit, cfg.eval_file, cfg.loss_type))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -86,9 +86,9 @@ def _varlen_attention_kwargs(position_ids: torch.Tensor, device) -> dict:
 
 
 def forward_logps(engine, batch: dict[str, torch.Tensor], chunk_size: int, head: torch.nn.Linear | None,
-                  router_aux: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                  router_aux: bool = False, wpo: bool = False) -> tuple[torch.Tensor, ...]:
     """(summed completion log-probs, completion token counts, router loss or None) of every sequence of a collated
-    batch, from one forward.
+    batch, from one forward; with `wpo`, a fourth: the per-sequence sums of WPO's token terms (Scoring.wpo).
 
     `head` (fused_lm_head: `fused_head` of the engine's model): scored inside this output projection; None: from
     the full logits. `router_aux`: also the model's router load-balancing loss of the same forward
@@ -102,37 +102,38 @@ def forward_logps(engine, batch: dict[str, torch.Tensor], chunk_size: int, head:
     if "sequence_ids" in batch:  # packed: no attention mask, position ids mark where each sequence starts
         inputs = {"position_ids": to_device(batch["position_ids"], device)}
         scoring = scoring_of(input_ids, loss_mask, to_device(batch["sequence_ids"], device),
-                             int(batch["sequence_ids"].max()) + 1, weights)
+                             int(batch["sequence_ids"].max()) + 1, weights, wpo)
         if str(engine.module.config._attn_implementation).startswith("flash_attention"):
             inputs.update(_varlen_attention_kwargs(batch["position_ids"], device))
     else:
         inputs = {"attention_mask": to_device(batch["attention_mask"], device)}
-        scoring = scoring_of(input_ids, loss_mask, token_weights=weights)
+        scoring = scoring_of(input_ids, loss_mask, token_weights=weights, wpo=wpo)
     return score_forward(engine, input_ids, inputs, scoring, scored_positions(batch["loss_mask"]), chunk_size, head,
                          router_aux)
 
 
 def score_forward(engine, input_ids: torch.Tensor, inputs: dict, scoring: Scoring, scored: torch.Tensor,
                   chunk_size: int, head: torch.nn.Linear | None, router_aux: bool
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                  ) -> tuple[torch.Tensor, ...]:
     """One forward of `engine` on `input_ids` (on its device) with the model inputs `inputs`, scored as
-    `scoring` says: (per-sequence log-prob sums, token counts, router loss or None). `scored`: the CPU
-    Scoring's flat scored positions (the fused head projects only those)."""
+    `scoring` says: (per-sequence log-prob sums, token counts, router loss or None), plus the WPO sums with
+    `scoring.wpo`. `scored`: the CPU Scoring's flat scored positions (the fused head projects only those)."""
     if router_aux:
         inputs = {**inputs, "output_router_logits": True}
     if head is None:
         out = engine(input_ids=input_ids, use_cache=False, **inputs)
-        return (*score_logits(out.logits, scoring, chunk_size), _aux_loss(out, router_aux))
-    counts, scored = [], to_device(scored, engine.device)
+        sums, counts, *wpo = score_logits(out.logits, scoring, chunk_size)
+        return sums, counts, _aux_loss(out, router_aux), *wpo
+    extras, scored = [], to_device(scored, engine.device)
 
     def score(hidden: torch.Tensor) -> torch.Tensor:
-        sums, tokens = score_hidden(hidden, head.weight, scoring, chunk_size, scored)
-        counts.append(tokens)
+        sums, *rest = score_hidden(hidden, head.weight, scoring, chunk_size, scored)
+        extras.extend(rest)  # token counts (and the WPO sums)
         return sums
 
     with _scoring_head(head, score):
         out = engine(input_ids=input_ids, use_cache=False, **inputs)
-    return out.logits, counts[0], _aux_loss(out, router_aux)
+    return out.logits, extras[0], _aux_loss(out, router_aux), *extras[1:]
 
 
 def _aux_loss(out, router_aux: bool) -> torch.Tensor | None:

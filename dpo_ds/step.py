@@ -29,7 +29,7 @@ from dpo_ds.families import load_model_config
 from dpo_ds.hf_dir import ConfigOverride
 from dpo_ds.lora import Adapters
 from dpo_ds.logprobs import ld_token_weights
-from dpo_ds.losses import Objective, PairLogps
+from dpo_ds.losses import Objective, PairLogps, UnpairedLogps
 from dpo_ds.metrics import PairStats, untimed
 from dpo_ds.parallel import Parallel
 from dpo_ds.prepare import cache_dir_of
@@ -90,19 +90,32 @@ def build_step_context(cfg: TrainConfig, parallel: Parallel, total_steps: int, p
                               policy.adapters)
 
 
-def split_pairs(logps: torch.Tensor, tokens: torch.Tensor, ref_logps: torch.Tensor) -> PairLogps:
-    """Rows [0, B) of the 2B batch are chosen, rows [B, 2B) rejected."""
+def split_pairs(logps: torch.Tensor, tokens: torch.Tensor, ref_logps: torch.Tensor,
+                wpo: torch.Tensor | None = None) -> PairLogps:
+    """Rows [0, B) of the 2B batch are chosen, rows [B, 2B) rejected. `wpo`: the WPO sums (use_weighting)."""
     b = logps.shape[0] // 2
     ref_logps = scoring.to_device(ref_logps, logps.device)
-    return PairLogps(logps[:b], logps[b:], ref_logps[:b], ref_logps[b:], tokens[:b], tokens[b:])
+    wpo_halves = (None, None) if wpo is None else (wpo[:b], wpo[b:])
+    return PairLogps(logps[:b], logps[b:], ref_logps[:b], ref_logps[b:], tokens[:b], tokens[b:], *wpo_halves)
+
+
+def split_unpaired(logps: torch.Tensor, tokens: torch.Tensor, ref_logps: torch.Tensor, examples,
+                   indices: list[int]) -> UnpairedLogps:
+    """Unpaired examples (data.TokenizedUnpaired): rows [0, B) are the completions, [B, 2B) the mismatched ones."""
+    b = logps.shape[0] // 2
+    ref_logps = scoring.to_device(ref_logps, logps.device)
+    labels = scoring.to_device(torch.from_numpy(examples.labels[indices]), logps.device)
+    return UnpairedLogps(logps[:b], ref_logps[:b], tokens[:b], logps[b:], ref_logps[b:], tokens[b:], labels)
 
 
 def pair_step(ctx: StepContext, pairs: TokenizedPairs, indices: list[int], stats: PairStats | None, train: bool,
-              loss_scale: float | None = None):
-    """Loss of one micro-batch of pairs (backward + step when training); adds its numbers to `stats`.
+              loss_scale: float | None = None, counted: bool = True):
+    """Loss of one micro-batch of pairs (or of unpaired examples, for an unpaired loss: KTO) (backward + step when
+    training); adds its numbers to `stats`.
 
     The loss is the pairs' mean, or their sum x `loss_scale` (PairSampler.loss_scale) when micro-batches hold
-    different numbers of pairs."""
+    different numbers of pairs. `counted` False: a stand-in micro-batch of a rank with nothing left to score,
+    which adds zeros to what the loss sums over ranks."""
     micro = MicroBatch.of(pairs, indices, ctx.pad_id, ctx.cfg.padding_free)
     batch = micro.tensors
     if ctx.cfg.ld_alpha is not None:  # LD-DPO: policy and reference sums weight the longer completion's tail
@@ -112,10 +125,13 @@ def pair_step(ctx: StepContext, pairs: TokenizedPairs, indices: list[int], stats
     with ctx.timer("policy_forward"), torch.set_grad_enabled(train):
         aux_coef = ctx.cfg.router_aux_loss_coef if train else 0.0  # evaluation scores preferences only
         # called through the module: tests/dist_fault_probe.py replaces scoring.forward_logps to inject NaN
-        logps, tokens, aux = scoring.forward_logps(ctx.policy, batch, ctx.cfg.logprob_chunk_size, ctx.policy_head,
-                                                   router_aux=aux_coef > 0)
-        lp = split_pairs(logps, tokens, ref_logps)
-        out = ctx.objective(lp, train=train, reduce=ctx.parallel.sum_over_data)
+        logps, tokens, aux, *wpo = scoring.forward_logps(ctx.policy, batch, ctx.cfg.logprob_chunk_size,
+                                                         ctx.policy_head, aux_coef > 0, ctx.cfg.use_weighting)
+        unpaired = ctx.objective.unit == "unpaired"
+        lp = (split_unpaired(logps, tokens, ref_logps, pairs, indices) if unpaired
+              else split_pairs(logps, tokens, ref_logps, *wpo))
+        reduce = ctx.parallel.sum_over_data if counted else lambda t: ctx.parallel.sum_over_data(torch.zeros_like(t))
+        out = ctx.objective(lp, train=train, reduce=reduce)
         loss = out.losses.mean() if loss_scale is None else out.losses.sum() * loss_scale
         if aux_coef > 0:  # as TRL: the micro-batch's load-balancing loss, weighted, on top of the preference loss
             loss = loss + aux_coef * aux.to(loss.dtype)
@@ -128,7 +144,7 @@ def pair_step(ctx: StepContext, pairs: TokenizedPairs, indices: list[int], stats
     if stats is not None:
         processed = batch["input_ids"].numel()
         real = int(batch["attention_mask"].sum()) if "attention_mask" in batch else processed
-        stats.add_pairs(lp, out, real_tokens=real, padded_tokens=processed)
+        (stats.add_unpaired if unpaired else stats.add_pairs)(lp, out, real_tokens=real, padded_tokens=processed)
     return lp, out
 
 
@@ -162,14 +178,18 @@ def evaluate_pairs(ctx: StepContext, pairs: TokenizedPairs) -> tuple[dict[str, f
     stats = PairStats(ctx.parallel, components=ctx.objective.logged_components)
     records = []
     for mine in rank_shares(len(pairs), ctx.cfg.micro_batch_size, ctx.parallel):
-        lp, out = pair_step(ctx, pairs, mine or [0], None, train=False)
-        if mine:
+        lp, out = pair_step(ctx, pairs, mine or [0], None, train=False, counted=bool(mine))
+        if mine and ctx.objective.unit == "unpaired":
+            stats.add_unpaired(lp, out, 0, 0)
+            records += _unpaired_records(pairs, mine, lp, out)
+        elif mine:
             stats.add_pairs(lp, out, 0, 0)
             records += _pair_records(pairs, mine, lp, out)
     metrics = stats.reduce()
     records = [r for part in ctx.parallel.gather_over_data(records) for r in part]
     records.sort(key=lambda r: r["index"])
-    return {f"eval/{k}": metrics[k] for k in (*EVAL_KEYS, *(f"loss/{n}" for n in ctx.objective.logged_components))}, records
+    keys = (*EVAL_KEYS, *(f"loss/{n}" for n in ctx.objective.logged_components), *(("kl",) if "kl" in metrics else ()))
+    return {f"eval/{k}": metrics[k] for k in keys}, records
 
 
 def _pair_records(pairs: TokenizedPairs, indices: list[int], lp: PairLogps, out) -> list[dict]:
@@ -183,3 +203,10 @@ def _pair_records(pairs: TokenizedPairs, indices: list[int], lp: PairLogps, out)
                      "margin": float(out.chosen_rewards[j] - out.rejected_rewards[j]),
                      "correct": bool(out.chosen_rewards[j] > out.rejected_rewards[j]), "loss": float(out.losses[j])})
     return rows
+
+
+def _unpaired_records(examples, indices: list[int], u: UnpairedLogps, out) -> list[dict]:
+    return [{"index": i, "example_id": examples.pair_ids[i], "label": bool(u.labels[j]),
+             "policy_logp": float(u.policy[j]), "ref_logp": float(u.reference[j]), "tokens": int(u.tokens[j]),
+             "reward": float(out.chosen_rewards[j]), "reference_point": float(out.reference_point),
+             "loss": float(out.losses[j])} for j, i in enumerate(indices)]

@@ -29,7 +29,7 @@ from dpo_ds.lora import merge_adapter, save_adapter
 from dpo_ds.losses import Objective
 from dpo_ds.metrics import MetricsWriter, PairStats, max_over_ranks, peak_memory_gib
 from dpo_ds.parallel import Parallel
-from dpo_ds.prepare import cache_dir_of, load_config_data
+from dpo_ds.prepare import cache_dir_of, load_config_examples
 from dpo_ds.reference_check import check_reference_compatible
 from dpo_ds.stop_signal import StopSignal
 from dpo_ds.step import StepContext, StepResult, build_step_context, evaluate_pairs, pad_id_of, train_step
@@ -69,7 +69,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     torch.manual_seed(cfg.seed)
     check_before_loading(cfg, parallel)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
-    data = TrainData(*load_config_data(cfg, tokenizer, parallel))
+    data = TrainData(*load_config_examples(cfg, tokenizer, parallel))
     sampler, total_steps = cut_into_steps(cfg, data.train, parallel)
     current = trainer_state(cfg, sampler, data, parallel, 0)
     resume_dir, saved = ckpt.resume_point(cfg.output_dir, cfg.resume_from, current, cfg.resume_ignore_mismatch,
@@ -328,7 +328,7 @@ def check_run(cfg: TrainConfig) -> str:
     if uses_reference(cfg) and not uses_lora(cfg):
         resolve_reference_config(cfg, hidden)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
-    data = TrainData(*load_config_data(cfg, tokenizer, parallel))
+    data = TrainData(*load_config_examples(cfg, tokenizer, parallel))
     resume_dir = ckpt.find_checkpoint(cfg.output_dir, cfg.resume_from, parallel, repair=False)  # checksums too
     per_rank = cfg.micro_batch_size * cfg.gradient_accumulation_steps
     lines = [f"check passed: {cfg.train_file}: {len(data.train)} pairs; {per_rank} pairs per data-parallel rank per "

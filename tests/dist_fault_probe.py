@@ -54,11 +54,11 @@ nan_steps = {int(k) for k in os.environ.get("FAULT_NAN_AT_STEPS", "").split(",")
 if nan_steps:
     original_forward_logps = scoring.forward_logps
 
-    def forward_logps(engine, batch, chunk_size, head, router_aux=False):
-        logps, tokens, aux = original_forward_logps(engine, batch, chunk_size, head, router_aux)
+    def forward_logps(engine, batch, chunk_size, head, router_aux=False, wpo=False):
+        logps, *rest = original_forward_logps(engine, batch, chunk_size, head, router_aux, wpo)
         if logps.requires_grad and current_step[0] in nan_steps and rank() == 0:
             logps = logps + float("nan")
-        return logps, tokens, aux
+        return logps, *rest
 
     scoring.forward_logps = forward_logps
 

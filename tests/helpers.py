@@ -69,7 +69,7 @@ def sigmoid_pair_losses(micro_step: list[dict[str, torch.Tensor]], beta: float) 
 
 def plain_dpo(model_dir: str, train_file: str, settings: dict, world: int, steps: list[list[int]] | None = None,
               policy: torch.nn.Module | None = None, reference: torch.nn.Module | None = None,
-              pair_losses=sigmoid_pair_losses) -> tuple[list[float], dict[str, torch.Tensor]]:
+              pair_losses=sigmoid_pair_losses, unpaired: bool = False) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Per-step losses and final weights of textbook DPO (AdamW, warm-up + linear decay, global norm clipping),
     sequence by sequence without padding or DeepSpeed. Step k uses the pair indices steps[k] (default: pairs
     [k*G, (k+1)*G) of the file); its loss is the mean over them. `policy` / `reference` (default: the model at
@@ -78,43 +78,77 @@ def plain_dpo(model_dir: str, train_file: str, settings: dict, world: int, steps
     The loss: `pair_losses(micro_step, beta)` -> per-pair losses of each rank's micro-batch, where a micro-step
     is what the `world` ranks each score at once: a list (by rank) of dicts of [B] tensors pc, pr, rc, rr
     (policy / reference log-probs of chosen / rejected: sums, or LD-DPO's shared + ld_alpha x tail when
-    settings has ld_alpha) and nc, nr (completion token counts). With the default order the micro-batch of
+    settings has ld_alpha), nc, nr (completion token counts) and wc, wr (WPO: sums over the completion's
+    tokens of log p(y_t) - log sum_v p_v^2 under the policy, detached). With the default order the micro-batch of
     rank r at micro-step m of a step is pairs [(m*world + r)*B, (m*world + r + 1)*B) of the step's pairs, as
-    the sampler cuts them with shuffle off."""
+    the sampler cuts them with shuffle off.
+
+    `unpaired` (KTO): the file's unpaired rows (prompt, completion, label), or its pairs split into examples in
+    pair order, chosen (label True) then rejected of each pair; the micro-batches hold examples. Each example's
+    mismatched completion is the completion of the row before it (of split pairs: the example two before it,
+    the previous pair's completion of the same side; cyclic), after its own prompt.
+    A micro-batch is then a dict of [B] tensors p, r (policy / reference log-prob sums of the completion), n
+    (tokens), kp, kr, kn (the same of the mismatched completion) and label (bool)."""
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(model_dir)
     policy = policy or AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     reference = (reference or AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)).eval()
     rows = [json.loads(line) for line in open(train_file)]
 
-    def token_logps(model, prompt: str, completion: str) -> torch.Tensor:
+    def token_logps(model, prompt: str, completion: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each completion token's log-prob and, for WPO, log sum_v p_v^2 of its next-token distribution."""
         prompt_ids = tok(prompt)["input_ids"]
         full = tok(prompt + completion)["input_ids"]
         completion_ids = full[len(prompt_ids):]
         if completion_ids[-1] != tok.eos_token_id:
             completion_ids = completion_ids + [tok.eos_token_id]
         ids = torch.tensor([prompt_ids + completion_ids])
-        token_logps = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1).gather(
-            -1, ids[0, 1:, None])[:, 0]
-        return token_logps[len(prompt_ids) - 1:]
+        log_probs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+        token_logps = log_probs.gather(-1, ids[0, 1:, None])[:, 0]
+        sum_squares = torch.log((log_probs.detach().exp() ** 2).sum(-1))
+        return token_logps[len(prompt_ids) - 1:], sum_squares[len(prompt_ids) - 1:]
 
-    def pair_logps(model, row: dict) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-        chosen, rejected = token_logps(model, row["prompt"], row["chosen"]), token_logps(model, row["prompt"], row["rejected"])
+    def pair_logps(model, row: dict) -> tuple[torch.Tensor, ...]:
+        (chosen, chosen_sq), (rejected, rejected_sq) = (token_logps(model, row["prompt"], row["chosen"]),
+                                                        token_logps(model, row["prompt"], row["rejected"]))
         counts = len(chosen), len(rejected)
+        wpo = [(t.detach() - sq).sum() for t, sq in ((chosen, chosen_sq), (rejected, rejected_sq))]
         if settings.get("ld_alpha") is None:
-            return chosen.sum(), rejected.sum(), *counts
+            return chosen.sum(), rejected.sum(), *counts, *wpo
         shared = min(counts)  # LD-DPO: the longer completion's tail weighs ld_alpha
-        return (*(t[:shared].sum() + settings["ld_alpha"] * t[shared:].sum() for t in (chosen, rejected)), *counts)
+        return (*(t[:shared].sum() + settings["ld_alpha"] * t[shared:].sum() for t in (chosen, rejected)), *counts,
+                *wpo)
 
     def micro_batch(indices: list[int]) -> dict[str, torch.Tensor]:
-        batch = {"pc": [], "pr": [], "rc": [], "rr": [], "nc": [], "nr": []}
+        batch = {"pc": [], "pr": [], "rc": [], "rr": [], "nc": [], "nr": [], "wc": [], "wr": []}
         for row in (rows[i] for i in indices):
             with torch.no_grad():
-                ref_c, ref_r, _, _ = pair_logps(reference, row)
-            pol_c, pol_r, nc, nr = pair_logps(policy, row)
-            for key, value in zip(batch, (pol_c, pol_r, ref_c, ref_r, torch.tensor(float(nc)), torch.tensor(float(nr)))):
+                ref_c, ref_r, _, _, _, _ = pair_logps(reference, row)
+            pol_c, pol_r, nc, nr, wc, wr = pair_logps(policy, row)
+            for key, value in zip(batch, (pol_c, pol_r, ref_c, ref_r, torch.tensor(float(nc)), torch.tensor(float(nr)),
+                                          wc, wr)):
                 batch[key].append(value)
         return {key: torch.stack(values) for key, values in batch.items()}
+
+    if unpaired:
+        if "completion" in rows[0]:  # an unpaired file: its rows in file order, the mismatched one the row before
+            examples, shift = [(row["prompt"], row["completion"], row["label"]) for row in rows], 1
+        else:
+            examples, shift = [(row["prompt"], row[side], side == "chosen") for row in rows
+                               for side in ("chosen", "rejected")], 2
+
+        def micro_batch(indices: list[int]) -> dict[str, torch.Tensor]:  # noqa: F811 (the unpaired examples')
+            batch = {"p": [], "r": [], "n": [], "kp": [], "kr": [], "kn": [], "label": []}
+            for i in indices:
+                prompt, completion, label = examples[i]
+                mismatched = examples[(i - shift) % len(examples)][1]
+                with torch.no_grad():
+                    ref, ref_kl = (token_logps(reference, prompt, c)[0].sum() for c in (completion, mismatched))
+                pol, pol_kl = (token_logps(policy, prompt, c)[0] for c in (completion, mismatched))
+                for key, value in zip(batch, (pol.sum(), ref, torch.tensor(float(len(pol))), pol_kl.sum(), ref_kl,
+                                              torch.tensor(float(len(pol_kl))), torch.tensor(label))):
+                    batch[key].append(value)
+            return {key: torch.stack(values) for key, values in batch.items()}
 
     trained = [p for p in policy.parameters() if p.requires_grad]
     decay = [p for p in trained if p.dim() >= 2]

@@ -96,10 +96,11 @@ def test_choice_error_lists_the_choices(tmp_path):
 def test_trl_dpo_config_loss_fields_load_unchanged(tmp_path):
     """The loss fields of a TRL DPOConfig YAML (MPO's recipe) are dpo-ds fields of the same names and meaning."""
     path = write(tmp_path, "model_name_or_path: m\ntrain_file: t.jsonl\nloss_type: [sigmoid, bco_pair, sft]\n"
-                           "loss_weights: [0.8, 0.2, 1.0]\nbeta: 0.05\nlabel_smoothing: 0.1\nld_alpha: null\n")
+                           "loss_weights: [0.8, 0.2, 1.0]\nbeta: 0.05\nlabel_smoothing: 0.1\nld_alpha: null\n"
+                           "use_weighting: true\n")
     cfg = load_config(str(path))
-    assert (cfg.loss_type, cfg.loss_weights, cfg.beta, cfg.label_smoothing, cfg.ld_alpha) == (
-        "sigmoid,bco_pair,sft", "0.8,0.2,1.0", 0.05, 0.1, None)
+    assert (cfg.loss_type, cfg.loss_weights, cfg.beta, cfg.label_smoothing, cfg.ld_alpha, cfg.use_weighting) == (
+        "sigmoid,bco_pair,sft", "0.8,0.2,1.0", 0.05, 0.1, None, True)
     assert load_config(str(write(tmp_path, "model_name_or_path: m\ntrain_file: t.jsonl\nloss_type: aot_pair\n"
                                            "ld_alpha: 0.5\n"))).loss_type == "aot_unpaired"  # older TRL name
     assert load_config(None, {"model_name_or_path": "m", "train_file": "t", "loss_type": "sigmoid,sft",
@@ -289,6 +290,12 @@ def test_invalid_combination_fails_before_any_model_or_data_is_touched(tmp_path)
     (dict(loss_type="apo_zero", label_smoothing=0.1), "label_smoothing", "exo_pair"),
     (dict(loss_type="simpo,sft", ref_model_name_or_path="/r"), "ref_model_name_or_path", "simpo,sft"),
     (dict(loss_type="ipo,sigmoid_norm", length_normalize=True), "length_normalize", "ipo,sigmoid_norm"),
+    (dict(loss_type="kto,sigmoid"), "loss_type", "kto trains on unpaired examples"),
+    (dict(loss_type="kto", rpo_alpha=0.5), "rpo_alpha", "only applies to losses on preference pairs"),
+    (dict(loss_type="kto", use_weighting=True), "use_weighting", "only applies to losses on preference pairs"),
+    (dict(loss_type="kto", ld_alpha=0.5), "ld_alpha", "only applies to losses on preference pairs"),
+    (dict(loss_type="kto", desirable_weight=0.0), "desirable_weight", "> 0"),
+    (dict(loss_type="sigmoid", undesirable_weight=2.0), "undesirable_weight", "kto"),
 ])
 def test_validate_rejects(fields, field, words):
     msg = config_error(validate, cfg_of(**fields))

@@ -338,3 +338,41 @@ def test_ld_weighted_sums_are_shared_part_plus_alpha_times_the_tail(packed, alph
         torch.testing.assert_close(from_logits[s], expected, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(from_head[s], expected, rtol=1e-12, atol=1e-12)
     assert counts.tolist() == [3.0, 2.0, 2.0, 4.0]
+
+
+# ------------------------------------------------------------------ WPO: per-sequence sums of log p - log sum p^2
+@pytest.mark.parametrize("packed", [False, True])
+def test_wpo_sums_match_full_softmax_in_both_scoring_paths(packed):
+    """use_weighting's per-sequence sums of log p(y_t) - log sum_v p_v^2 (unweighted by LD-DPO's token weights,
+    without gradient), from the logits path and from inside the output projection, against probabilities
+    written out per token; the log-prob sums and their gradients are those of the scoring without WPO."""
+    from dpo_ds.logprobs import ld_token_weights, score_hidden, score_logits, scoring_of
+
+    pairs = TokenizedPairs(prompt=[[1, 5, 6], [1, 7]], chosen=[[8, 9, 2], [10, 2]], rejected=[[11, 2], [12, 4, 5, 2]],
+                           pair_ids=["a", "b"])
+    batch = collate(pairs, [0, 1], pad_id=3, packed=packed)
+    seqs = [(pairs.prompt[0], pairs.chosen[0]), (pairs.prompt[1], pairs.chosen[1]),
+            (pairs.prompt[0], pairs.rejected[0]), (pairs.prompt[1], pairs.rejected[1])]
+    g = torch.Generator().manual_seed(9)
+    table, weight = torch.randn(V, D, generator=g, dtype=torch.float64) * 2, torch.randn(V, D, generator=g, dtype=torch.float64)
+    hidden = table[batch["input_ids"]]
+    layout = (batch["sequence_ids"], 4) if packed else (None, None)
+    token_weights = ld_token_weights(batch["loss_mask"], 0.5, batch.get("sequence_ids"))
+    expected = []
+    for prompt, completion in seqs:
+        row_ids = torch.tensor(list(prompt) + list(completion))
+        probs = torch.softmax(table[row_ids] @ weight.T, -1)
+        expected.append(sum(torch.log(probs[len(prompt) + j - 1, tok]) - torch.log((probs[len(prompt) + j - 1] ** 2).sum())
+                            for j, tok in enumerate(completion)))
+    plain = scoring_of(batch["input_ids"], batch["loss_mask"], *layout, token_weights)
+    with_wpo = scoring_of(batch["input_ids"], batch["loss_mask"], *layout, token_weights, wpo=True)
+    for score in (lambda h, s: score_logits(h @ weight.T, s, 2), lambda h, s: score_hidden(h, weight, s, 2)):
+        h_plain, h_wpo = hidden.clone().requires_grad_(True), hidden.clone().requires_grad_(True)
+        want_sums, want_counts = score(h_plain, plain)
+        sums, counts, wpo = score(h_wpo, with_wpo)
+        torch.testing.assert_close(wpo, torch.stack(expected), rtol=1e-12, atol=1e-12)
+        assert not wpo.requires_grad
+        assert torch.equal(sums, want_sums) and torch.equal(counts, want_counts)
+        sums.sum().backward()
+        want_sums.sum().backward()
+        assert torch.equal(h_wpo.grad, h_plain.grad)

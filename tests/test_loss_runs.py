@@ -4,12 +4,15 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from helpers import launch, launch_probe_runs, plain_dpo, read_metrics, write_config
+
+from dpo_ds.losses import loss_unit, parse_loss_type
 
 pytestmark = pytest.mark.distributed  # starts ranks or the CLI in subprocesses (tests/conftest.py)
 
@@ -88,6 +91,16 @@ def _discopop(b, beta, tau=0.05):
     return -F.logsigmoid(z) * (1 - torch.sigmoid(z / tau)) + torch.exp(-z) * torch.sigmoid(z / tau)
 
 
+def _kto(lambda_d: float, lambda_u: float):
+    """KTO on the unpaired examples of a micro-step (plain_dpo's unpaired dicts): z0 = max(0, mean over every
+    rank's mismatched completions of log pi - log pi_ref), detached."""
+    def losses(micro_step, beta):
+        z0 = torch.cat([(b["kp"] - b["kr"]).detach() for b in micro_step]).mean().clamp(min=0)
+        return [torch.where(b["label"], lambda_d * (1 - torch.sigmoid(beta * (b["p"] - b["r"] - z0))),
+                            lambda_u * (1 - torch.sigmoid(beta * (z0 - (b["p"] - b["r"]))))) for b in micro_step]
+    return lambda: losses
+
+
 # run name -> (config fields, plain loss factory)
 MENU = {
     "sigmoid": (dict(label_smoothing=0.1), _per_pair(lambda b, beta: _smoothed(beta * _d(b), 0.1))),
@@ -111,6 +124,12 @@ MENU = {
     "sft": ({}, _per_pair(lambda b, beta: -b["pc"] / b["nc"])),
     "mpo": (dict(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0]), _mpo),
     "ld_dpo": (dict(loss_type="sigmoid", ld_alpha=0.5), _per_pair(lambda b, beta: -F.logsigmoid(beta * _d(b)))),
+    # WPO (use_weighting) with the RPO term, which its weights also scale
+    # paired data split into desirable/undesirable examples (unpaired rows: test_kto.py)
+    "kto": (dict(desirable_weight=1.2, undesirable_weight=0.9, learning_rate=2e-2), _kto(1.2, 0.9)),
+    "wpo": (dict(loss_type="sigmoid", use_weighting=True, rpo_alpha=0.5),
+            _per_pair(lambda b, beta: (-F.logsigmoid(beta * _d(b)) + 0.5 * -b["pc"] / b["nc"])
+                      * torch.clamp(torch.exp(b["wc"] / b["nc"] + b["wr"] / b["nr"]), max=1.0))),
 }
 MENU_SETTINGS = dict(precision="fp32", micro_batch_size=2, gradient_accumulation_steps=2, max_steps=2, shuffle=False,
                      learning_rate=2e-3, warmup_steps=0, lr_scheduler="linear", weight_decay=0.0, max_grad_norm=1.0,
@@ -143,7 +162,8 @@ def test_every_loss_trains_as_plain_pytorch_does(probe_runs, demo_assets, name):
     every step within 1e-6 relative."""
     fields, plain_loss = MENU[name]
     settings = {**MENU_SETTINGS, **fields}
-    want, _ = plain_dpo(demo_assets.model_dir, demo_assets.train_file, settings, WORLD, pair_losses=plain_loss())
+    want, _ = plain_dpo(demo_assets.model_dir, demo_assets.train_file, settings, WORLD, pair_losses=plain_loss(),
+                        unpaired=loss_unit(parse_loss_type(settings.get("loss_type", name))) == "unpaired")
     got = train_losses(probe_runs[name][0])
     assert len(got) == MENU_SETTINGS["max_steps"]
     for g, w in zip(got, want):
@@ -176,8 +196,23 @@ def test_bco_pair_resumed_after_a_stop_equals_the_uninterrupted_run(probe_runs, 
     assert "stopped by a signal after step 1" in stopped.stderr, stopped.stderr[-3000:]
     state = json.loads((tmp_path / "out" / "checkpoints" / "step-00000001" / "trainer_state.json").read_text())
     assert state["loss_state"]["bco_pair"]["count"] == 2 * MENU_SETTINGS["micro_batch_size"] * 2 * WORLD
+    saved = tmp_path / "at-one-rank" / "checkpoints"
+    shutil.copytree(tmp_path / "out" / "checkpoints" / "step-00000001", saved / "step-00000001")
+    (saved / "latest").write_text("step-00000001\n")
     assert "resumed from step 1" in launch(args).stderr
     assert train_losses(tmp_path / "out") == train_losses(probe_runs["bco_pair"][0])
+    # universal resume: the 2-rank checkpoint resumed on 1 rank (twice the accumulation: the same pairs per
+    # step) carries the running mean: it logs what an uninterrupted 1-rank run logs (within fp32 reduction
+    # order); a fresh mean would leave out step 1's 16 zero rewards and move step 2's delta by ~its own size
+    one_rank = ["--gradient_accumulation_steps", str(2 * MENU_SETTINGS["gradient_accumulation_steps"])]
+    resumed = launch(["tests/dist_fault_probe.py", "--config", str(config), "--output_dir", str(saved.parent),
+                      "--resume_from", "auto", *one_rank], nproc=1)
+    assert "resumed from step 1" in resumed.stderr and (saved / "step-00000001" / "ds_universal").is_dir()
+    launch(["-m", "dpo_ds", "train", "--config", str(config), "--output_dir", str(tmp_path / "whole-1"), *one_rank],
+           nproc=1)
+    got, want = train_losses(saved.parent), train_losses(tmp_path / "whole-1")  # got: the steps after the resume
+    assert len(got) == len(want) - 1 == MENU_SETTINGS["max_steps"] - 1
+    assert got == pytest.approx(want[1:], rel=1e-6)
 
 
 def test_ipo_first_step_is_its_target_squared(probe_runs):

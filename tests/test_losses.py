@@ -21,6 +21,7 @@ from dpo_ds.parallel import Parallel
 F64 = torch.float64
 MEAN_LOSSES = ("ipo", "simpo", "sft", "sigmoid_norm")  # always per-token means
 BATCH_LOSSES = ("aot", "aot_unpaired", "bco_pair")      # couple the pairs of a batch: tested on whole batches below
+UNPAIRED_LOSSES = ("kto",)                              # on labelled single completions: tested below
 REFERENCE_FREE = ("simpo", "sft")      # rewards are beta * mean log pi (no reference)
 
 
@@ -185,10 +186,10 @@ def test_loss_matches_formula(loss_type, kwargs, rpo_alpha):
 
 
 def test_every_loss_type_covered_by_cases():
-    assert {t for t, _ in CASES} | set(BATCH_LOSSES) == set(LOSS_TYPES)
+    assert {t for t, _ in CASES} | set(BATCH_LOSSES) | set(UNPAIRED_LOSSES) == set(LOSS_TYPES)
 
 
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", [t for t in LOSS_TYPES if t not in UNPAIRED_LOSSES])
 def test_rewards_are_detached_and_losses_carry_grad(loss_type):
     pc, pr, rc, rr, nc, nr = _random_inputs(5, n=4)
     out = compute_loss(loss_type, _pairs(pc, pr, rc, rr, nc, nr, requires_grad=True), LossParams(beta=0.1))
@@ -198,7 +199,7 @@ def test_rewards_are_detached_and_losses_carry_grad(loss_type):
 
 def test_rpo_term_is_alpha_times_mean_nll_of_chosen():
     pc, pr, rc, rr, nc, nr = _random_inputs(11)
-    for loss_type in LOSS_TYPES:
+    for loss_type in (t for t in LOSS_TYPES if t not in UNPAIRED_LOSSES):  # config refuses rpo_alpha with those
         for ln in ((False, True) if loss_type in ("sigmoid", "robust", "hinge") else (False,)):
             base = compute_loss(loss_type, _pairs(pc, pr, rc, rr, nc, nr), LossParams(beta=0.1, length_normalize=ln))
             rpo = compute_loss(loss_type, _pairs(pc, pr, rc, rr, nc, nr), LossParams(beta=0.1, rpo_alpha=0.25, length_normalize=ln))
@@ -495,7 +496,7 @@ def test_one_loss_logs_no_components():
 def test_registry_covers_every_config_loss_type():
     assert tuple(SPECS) == LOSS_TYPES
     for name, spec in SPECS.items():
-        assert spec.name == name and callable(spec.fn) and spec.unit == "pair"
+        assert spec.name == name and callable(spec.fn) and spec.unit == ("unpaired" if name == "kto" else "pair")
     assert [n for n, s in SPECS.items() if not s.reference] == ["simpo", "sft"]
     assert [n for n, s in SPECS.items() if s.state is not None] == ["bco_pair"]
     assert [n for n, s in SPECS.items() if s.batch_level] == ["aot", "aot_unpaired"]
@@ -516,3 +517,146 @@ def test_training_docs_hold_the_table_of_the_specs():
     assert markdown_table() in docs, "docs/training.md's loss table is out of date: paste dpo_ds.losses.markdown_table()"
     for name in LOSS_TYPES:
         assert f"| `{name}` |" in docs
+
+
+# ---------------------------------------------------------------------------- WPO weighting
+@pytest.mark.parametrize("loss_type,rpo_alpha", [("sigmoid", 0.0), ("ipo", 0.5), ("hinge", 0.0)])
+def test_wpo_weighting_scales_each_pair_by_its_clamped_probability_weight(loss_type, rpo_alpha):
+    """use_weighting (WPO, TRL): loss_i x min(1, exp(wc_i / nc_i + wr_i / nr_i)), the RPO term included; the
+    weights carry no gradient, so d loss / d pc is the weight times the unweighted gradient."""
+    pc, pr, rc, rr, nc, nr = _random_inputs(31, n=8)
+    rng = random.Random(5)
+    # wpo sums ~ per-token terms in (-1.5, 1.5): some pairs' weights clamp at 1, others are small
+    wc = [rng.uniform(-1.5, 1.5) * n for n in nc]
+    wr = [rng.uniform(-1.5, 1.5) * n for n in nr]
+    lp = _pairs(pc, pr, rc, rr, nc, nr, requires_grad=True)
+    lp.wpo_chosen, lp.wpo_rejected = torch.tensor(wc, dtype=F64), torch.tensor(wr, dtype=F64)
+    params = LossParams(beta=0.3, rpo_alpha=rpo_alpha, use_weighting=True)
+    out = Objective(loss_type, params)(lp)
+    (gc,) = torch.autograd.grad(out.losses.sum(), lp.policy_chosen)
+    weights = [min(1.0, math.exp(wc[i] / nc[i] + wr[i] / nr[i])) for i in range(len(pc))]
+    assert min(weights) < 0.5 and max(weights) == 1.0
+    h = 1e-6
+    for i in range(len(pc)):
+        loss, _, _ = _expected(loss_type, pc[i], pr[i], rc[i], rr[i], nc[i], nr[i], 0.3, alpha=rpo_alpha)
+        assert out.losses[i].item() == pytest.approx(weights[i] * loss, rel=1e-12, abs=1e-12)
+        up, _, _ = _expected(loss_type, pc[i] + h, pr[i], rc[i], rr[i], nc[i], nr[i], 0.3, alpha=rpo_alpha)
+        down, _, _ = _expected(loss_type, pc[i] - h, pr[i], rc[i], rr[i], nc[i], nr[i], 0.3, alpha=rpo_alpha)
+        assert gc[i].item() == pytest.approx(weights[i] * (up - down) / (2 * h), rel=1e-6, abs=1e-9)
+
+
+# ---------------------------------------------------------------------------- KTO
+def _kto_inputs(seed: int, n: int):
+    rng = random.Random(seed)
+    tokens = [rng.randint(1, 30) for _ in range(n)]
+    kl_tokens = [rng.randint(1, 30) for _ in range(n)]
+    policy = [-rng.uniform(0.5, 3.0) * k for k in tokens]
+    reference = [v + rng.gauss(0, 2.0) for v in policy]
+    kl_policy = [-rng.uniform(0.5, 3.0) * k for k in kl_tokens]
+    kl_reference = [v + rng.gauss(0.5, 2.0) for v in kl_policy]
+    labels = [rng.random() < 0.6 for _ in range(n)]
+    return policy, reference, tokens, kl_policy, kl_reference, kl_tokens, labels
+
+
+def _unpaired(policy, reference, tokens, kl_policy, kl_reference, kl_tokens, labels, requires_grad=False):
+    from dpo_ds.losses import UnpairedLogps
+
+    t = lambda v, g=False: torch.tensor(v, dtype=F64, requires_grad=g)  # noqa: E731
+    return UnpairedLogps(t(policy, requires_grad), t(reference), torch.tensor(tokens), t(kl_policy, requires_grad),
+                         t(kl_reference), torch.tensor(kl_tokens), torch.tensor(labels))
+
+
+def _kto_expected(rank_inputs, beta, lambda_d, lambda_u, means=False):
+    """Per-example KTO losses of every rank (KTO paper eq. 7, TRL's KTOTrainer): z0 = max(0, mean over every
+    rank's mismatched completions of log pi - log pi_ref); desirable lambda_D (1 - s(beta (r - z0))),
+    undesirable lambda_U (1 - s(beta (z0 - r))), r = log pi - log pi_ref of the example."""
+    scale = (lambda v, k: v / k) if means else (lambda v, k: v)
+    mismatched = [scale(kp - kr, k) for inputs in rank_inputs for kp, kr, k in zip(inputs[3], inputs[4], inputs[5])]
+    z0 = max(0.0, sum(mismatched) / len(mismatched))
+    out = []
+    for policy, reference, tokens, _, _, _, labels in rank_inputs:
+        r = [scale(p - q, k) for p, q, k in zip(policy, reference, tokens)]
+        out.append([lambda_d * (1 - sigmoid_(beta * (x - z0))) if label else lambda_u * (1 - sigmoid_(beta * (z0 - x)))
+                    for x, label in zip(r, labels)])
+    return out, z0
+
+
+def _two_rank_reduce(other: torch.Tensor):
+    """The sum over two ranks as this rank sees it: its own tensor plus the other rank's (given)."""
+    return lambda mine: mine + other
+
+
+@pytest.mark.parametrize("beta,lambda_d,lambda_u,means", [(0.1, 1.0, 1.0, False), (0.5, 1.33, 0.7, False),
+                                                          (2.0, 1.0, 1.5, True)])
+def test_kto_matches_its_formula_with_the_reference_point_over_ranks(beta, lambda_d, lambda_u, means):
+    from dpo_ds.losses import LossContext
+    from dpo_ds.losses.menu import kto
+
+    ranks = [_kto_inputs(seed, n=6) for seed in (3, 4)]
+    want, z0 = _kto_expected(ranks, beta, lambda_d, lambda_u, means)
+    assert z0 > 0
+    params = LossParams(beta=beta, desirable_weight=lambda_d, undesirable_weight=lambda_u, length_normalize=means)
+    # rank 0's call, with rank 1's (sum, count) of mismatched log-ratios arriving through the reduce
+    other = ranks[1]
+    other_sum = sum((kp - kr) / (k if means else 1) for kp, kr, k in zip(other[3], other[4], other[5]))
+    out = Objective("kto", params)(_unpaired(*ranks[0]), reduce=_two_rank_reduce(
+        torch.tensor([other_sum, float(len(other[3]))], dtype=F64)))
+    assert out.losses.tolist() == pytest.approx(want[0], rel=1e-12, abs=1e-14)
+    assert float(out.reference_point) == pytest.approx(z0, rel=1e-12)
+    assert out.chosen_rewards.tolist() == pytest.approx(
+        [beta * (p - q) / (k if means else 1) for p, q, k in zip(*ranks[0][:3])], rel=1e-12)
+    # alone, rank 0 would have another z0: the reduce is what couples the ranks
+    alone, _ = _kto_expected(ranks[:1], beta, lambda_d, lambda_u, means)
+    assert Objective("kto", params)(_unpaired(*ranks[0])).losses.tolist() == pytest.approx(alone[0], rel=1e-12)
+    assert alone[0] != pytest.approx(want[0], rel=1e-6)
+    _ = kto  # the menu's function is what Objective ran (the spec's fn)
+    assert SPECS["kto"].fn is kto
+
+
+def test_kto_gradients_match_the_formula_and_the_reference_point_has_none():
+    """d loss_i / d log pi(y_i): -lambda_D beta s'(beta (r - z0)) for desirable, +lambda_U beta s'(beta (z0 - r))
+    for undesirable; the mismatched completions' log-probs get no gradient (z0 is detached)."""
+    inputs = _kto_inputs(7, n=8)
+    beta, lambda_d, lambda_u = 0.4, 1.2, 0.8
+    u = _unpaired(*inputs, requires_grad=True)
+    out = Objective("kto", LossParams(beta=beta, desirable_weight=lambda_d, undesirable_weight=lambda_u))(u)
+    grad_policy, grad_kl = torch.autograd.grad(out.losses.sum(), (u.policy, u.kl_policy), allow_unused=True)
+    assert grad_kl is None or torch.count_nonzero(grad_kl) == 0
+    (want, _), z0 = _kto_expected([inputs], beta, lambda_d, lambda_u), _kto_expected([inputs], beta, 1, 1)[1]
+    h = 1e-6
+    for i, label in enumerate(inputs[6]):
+        bumped = [list(v) for v in inputs]
+        bumped[0][i] += h
+        up = _kto_expected([bumped], beta, lambda_d, lambda_u)[0][0][i]
+        bumped[0][i] -= 2 * h
+        down = _kto_expected([bumped], beta, lambda_d, lambda_u)[0][0][i]
+        assert grad_policy[i].item() == pytest.approx((up - down) / (2 * h), rel=1e-6, abs=1e-10)
+        s = sigmoid_(beta * ((inputs[0][i] - inputs[1][i]) - z0))
+        closed = -lambda_d * beta * s * (1 - s) if label else lambda_u * beta * s * (1 - s)
+        assert grad_policy[i].item() == pytest.approx(closed, rel=1e-9)
+
+
+def test_kto_reference_point_is_clamped_at_zero():
+    policy, reference, tokens, kl_policy, _, kl_tokens, labels = _kto_inputs(9, n=5)
+    kl_reference = [v + 5.0 for v in kl_policy]  # the policy below the reference on mismatched pairs: z0 < 0
+    u = _unpaired(policy, reference, tokens, kl_policy, kl_reference, kl_tokens, labels)
+    out = Objective("kto", LossParams(beta=0.3))(u)
+    assert float(out.reference_point) == 0.0
+    want = [1 - sigmoid_(0.3 * (p - q)) if lab else 1 - sigmoid_(-0.3 * (p - q))
+            for p, q, lab in zip(policy, reference, labels)]
+    assert out.losses.tolist() == pytest.approx(want, rel=1e-12)
+
+
+def test_kto_weight_advice_follows_the_papers_ratio_bounds():
+    """lambda_D n_D / (lambda_U n_U) in [1, 4/3] (KTO paper eq. 8): no advice; outside, weights that bring it in."""
+    from dpo_ds.losses import kto_weight_advice
+
+    assert kto_weight_advice(100, 100, 1.0, 1.0) is None
+    assert kto_weight_advice(100, 100, 1.3, 1.0) is None
+    advice = kto_weight_advice(100, 400, 1.0, 1.0)  # ratio 1/4
+    assert "0.25" in advice and "desirable_weight in [4, 5.33]" in advice and "undesirable_weight in [0.188, 0.25]" in advice
+    for d in (4.0, 5.33):
+        assert kto_weight_advice(100, 400, d, 1.0) is None
+    for u in (0.188, 0.25):
+        assert kto_weight_advice(100, 400, 1.0, u) is None
+    assert kto_weight_advice(10, 0, 1.0, 1.0) is None  # one label only: no ratio to balance

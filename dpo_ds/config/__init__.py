@@ -81,6 +81,9 @@ class TrainConfig:
     reference_free: bool = _field(False, "Treat log pi_ref as 0 (no reference model is built).", "loss")
     length_normalize: bool = _loss_field("length_normalize")
     ld_alpha: Optional[float] = _loss_field("ld_alpha")
+    use_weighting: bool = _loss_field("use_weighting")
+    desirable_weight: float = _loss_field("desirable_weight")
+    undesirable_weight: float = _loss_field("undesirable_weight")
     router_aux_loss_coef: float = _field(0.0, "Mixture-of-experts models only: add this times the model's router load-balancing loss (transformers' output_router_logits) to the DPO loss, as TRL does; logged as aux_loss. 0 = off.", "loss")
     # --- drift and stability guards
     max_kl: Optional[float] = _field(None, "Warn when the mean per-token log pi - log pi_ref over completions (a logging window) exceeds this.", "guards")

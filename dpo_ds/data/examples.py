@@ -3,8 +3,10 @@
 Storage, the sampler, collation and the reference cache work on `TokenizedExamples`; a kind of example declares
 its token COLUMNS and the SEQUENCES it is scored as, each a (prompt column, completion column). A preference
 pair (`TokenizedPairs`) stores prompt, chosen and rejected and is scored as [prompt+chosen, prompt+rejected]; an
-unpaired, labelled completion would store prompt and completion and be scored as [prompt+completion]. What the
-step does with the scored sequences (split them into chosen and rejected, say) is the step's business.
+unpaired, labelled completion (`TokenizedUnpaired`, KTO) is scored as [prompt+completion, prompt+another
+example's completion] (the mismatched pair of KTO's KL reference point). What the step does with the scored
+sequences (split them into chosen and rejected, or into completion and mismatched completion) is the step's
+business.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
-from dpo_ds.data.rows import location
+from dpo_ds.data.rows import DataError, location
 
 # Counters of a preparation (dpo_ds.data.tokenize), kept with the prepared examples.
 STAT_KEYS = ("rows", "skipped_bad_rows", "dropped_truncated", "truncated", "prompt_not_prefix",
@@ -145,5 +147,108 @@ class TokenizedPairs(TokenizedExamples):
                 setattr(self, name, TokenColumn.from_lists(getattr(self, name)))
 
 
+class _SplitNames(SequenceABC):
+    """Names of split pairs' examples: 'file:line (chosen)' / 'file:line (rejected)'."""
+
+    def __init__(self, names: Sequence[str], source: np.ndarray, completions: tuple[str, ...]):
+        self.names, self.source, self.completions = names, source, completions
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        column, row = self.source[i]
+        return f"{self.names[int(row)]} ({self.completions[int(column)]})"
+
+
+class TokenizedUnpaired(TokenizedExamples):
+    """Labelled single completions (KTO). Example i is prompt row source[i, 1] with the completion of column
+    source[i, 0] of that row, and `labels[i]` (True: desirable). It is scored as [prompt+completion,
+    prompt+mismatched completion], the mismatched completion being the completion of example i - `shift`
+    (cyclic; `shift` = examples per data row, so it comes from another data row): a fixed partner per
+    example, as TRL's KTO fixes its KL dataset before training, so precompute_ref caches the mismatched pairs'
+    reference log-probs too and a resumed run sees the same ones.
+
+    Built from preference pairs by `split_pairs` (TRL's unpair_preference_dataset: chosen -> desirable, rejected
+    -> undesirable), the token columns are the pairs' own (no copy)."""
+    KIND: ClassVar[str] = "unpaired"
+    # an unpaired file's cache: its label is a one-id column (1 = desirable), so the store's files stay token columns
+    COLUMNS: ClassVar[tuple[str, ...]] = ("prompt", "completion", "label")
+    SEQUENCES: ClassVar[tuple[tuple[str, str], ...]] = (("prompt", "completion"), ("prompt", "mismatched"))
+
+    def __init__(self, prompt: TokenColumn, completions: tuple[TokenColumn, ...], source: np.ndarray,
+                 labels: np.ndarray, shift: int, pair_ids: Sequence[str], fingerprint: str, **info):
+        self.prompt, self.completions, self.source, self.labels, self.shift = prompt, completions, source, labels, shift
+        self.pair_ids = pair_ids  # each example's name, as TokenizedPairs names its pairs
+        self.fingerprint = fingerprint
+        self.stats = info.get("stats", empty_stats())
+        self.report, self.cache_path = info.get("report", {}), info.get("cache_path")
+
+    @classmethod
+    def from_store(cls, columns: dict[str, TokenColumn], ids: Sequence[str], **info) -> "TokenizedUnpaired":
+        n = len(columns["completion"])
+        source = np.stack([np.zeros(n, np.int64), np.arange(n, dtype=np.int64)], axis=1)
+        return cls(columns["prompt"], (columns["completion"],), source, np.asarray(columns["label"].flat, bool), 1,
+                   ids, info.pop("fingerprint"), **info)
+
+    def column(self, name: str) -> TokenColumn:
+        """A stored column (COLUMNS) of an unpaired file's examples; split pairs store none of their own."""
+        if len(self.completions) != 1:
+            raise ValueError("split pairs have no unpaired columns: read their pairs' columns")
+        if name == "label":
+            return TokenColumn.from_lists([[int(v)] for v in self.labels])
+        return {"prompt": self.prompt, "completion": self.completions[0]}[name]
+
+    @classmethod
+    def split_pairs(cls, pairs: TokenizedPairs) -> "TokenizedUnpaired":
+        """Each pair as two examples in pair order: its chosen completion (desirable), its rejected (undesirable)."""
+        n = len(pairs)
+        source = np.stack([np.tile([0, 1], n), np.repeat(np.arange(n), 2)], axis=1).astype(np.int64)
+        labels = np.tile([True, False], n)
+        return cls(pairs.prompt, (pairs.chosen, pairs.rejected), source, labels, 2,
+                   _SplitNames(pairs.pair_ids, source, ("chosen", "rejected")), f"{pairs.fingerprint}-split-unpaired",
+                   stats=pairs.stats, report=pairs.report, cache_path=pairs.cache_path)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def mismatched(self, i: int) -> int:
+        """The example whose completion is example i's mismatched completion."""
+        return (i - self.shift) % len(self)
+
+    def _completion(self, i: int) -> np.ndarray:
+        column, row = self.source[i]
+        return self.completions[column][row]
+
+    def sequence(self, slot: int, i: int) -> tuple[np.ndarray, np.ndarray]:
+        prompt = self.prompt[self.source[i, 1]]
+        return prompt, self._completion(i if slot == 0 else self.mismatched(i))
+
+    def _sequence_lengths(self) -> np.ndarray:
+        prompts = self.prompt.lengths[self.source[:, 1]]
+        completions = np.stack([c.lengths for c in self.completions])[self.source[:, 0], self.source[:, 1]]
+        mismatched = np.roll(completions, self.shift)  # example i's mismatched completion is example i - shift's
+        return np.stack([prompts + completions, prompts + mismatched], axis=1)
+
+    @property
+    def stored_tokens(self) -> int:
+        labels = len(self) if len(self.completions) == 1 else 0  # an unpaired file's one-id label column
+        return len(self.prompt.flat) + sum(len(c.flat) for c in self.completions) + labels
+
+
+def for_unit(examples: TokenizedExamples, unit: str, path: str, loss_type: str) -> TokenizedExamples:
+    """The examples a loss of `unit` (LossSpec.unit) trains on: preference pairs as they are, or split into
+    unpaired examples for an unpaired loss; unpaired rows for a loss on pairs are refused (DataError)."""
+    if unit == "unpaired" and isinstance(examples, TokenizedPairs):
+        return TokenizedUnpaired.split_pairs(examples)
+    if unit == "pair" and examples.KIND == "unpaired":
+        raise DataError(f"{path}: field 'label': the rows are unpaired (prompt, completion, label); loss_type "
+                        f"{loss_type} trains on preference pairs (prompt, chosen, rejected): use loss_type kto")
+    return examples
+
+
 # kind -> class, for caches that record which kind of example they hold
-EXAMPLE_KINDS: dict[str, type[TokenizedExamples]] = {TokenizedPairs.KIND: TokenizedPairs}
+EXAMPLE_KINDS: dict[str, type[TokenizedExamples]] = {TokenizedPairs.KIND: TokenizedPairs,
+                                                     TokenizedUnpaired.KIND: TokenizedUnpaired}

@@ -35,8 +35,8 @@ def format_report(pairs: "TokenizedPairs", path: str) -> str:
     lines = [f"{path}: {s['rows']} rows -> {len(pairs)} pairs kept; {s['skipped_bad_rows']} bad rows skipped, "
              f"{s['dropped_truncated']} pairs dropped (prompt fills max_length), {s['truncated']} cut to fit, "
              f"{s['identical_completions']} skipped for identical chosen/rejected ids",
-             f"  tokens stored: {len(pairs.prompt.flat)} prompt + {len(pairs.chosen.flat)} chosen + "
-             f"{len(pairs.rejected.flat)} rejected = {pairs.stored_tokens}"]
+             f"  tokens stored: {' + '.join(f'{len(pairs.column(c).flat)} {c}' for c in pairs.COLUMNS)} = "
+             f"{pairs.stored_tokens}"]
     if r:
         lines.append(_percentile_table(r))
     return "\n".join(lines)

@@ -1,5 +1,6 @@
 """Rows and their formats: where a data file's rows come from (JSONL, Parquet, `datasets` directories), how a
-row is named in messages ('file:line' / 'file:row N'), and the validated preference pair a row must hold."""
+row is named in messages ('file:line' / 'file:row N'), and what a row must hold: a validated preference pair
+(prompt, chosen, rejected) or an unpaired, labelled completion (prompt, completion, label: KTO)."""
 from __future__ import annotations
 
 import itertools
@@ -139,3 +140,44 @@ def validate_row(where: str, row: Any) -> PreferenceRow:
         raise DataError(f"{where}: field 'rejected': identical to 'chosen'")
     return PreferenceRow(prompt, chosen, rejected)
 
+
+
+@dataclass(frozen=True)
+class UnpairedRow:
+    """One validated unpaired row: a completion of the prompt and whether it is desirable (`label`, KTO)."""
+    prompt: Any
+    completion: Any
+    label: bool
+
+
+def is_unpaired(row: Any) -> bool:
+    """Whether a row is meant as an unpaired one (it has a completion or a label, and no chosen)."""
+    return isinstance(row, dict) and "chosen" not in row and ("completion" in row or "label" in row)
+
+
+def validate_unpaired_row(where: str, row: dict) -> UnpairedRow:
+    """Check an unpaired row's fields (TRL's unpaired format: prompt, completion, boolean label; strings or chat
+    messages); raise DataError naming the field."""
+    for name in ("prompt", "completion", "label"):
+        if row.get(name) is None:
+            raise DataError(f"{where}: field '{name}': missing" + (" (true: a desirable completion, false: an "
+                                                                  "undesirable one)" if name == "label" else ""))
+    prompt, completion, label = row["prompt"], row["completion"], row["label"]
+    if not isinstance(label, bool):
+        raise DataError(f"{where}: field 'label': expected true or false, got {label!r}")
+    if _is_messages(completion):
+        _check_messages(where, "completion", completion)
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        if not _is_messages(prompt):
+            raise DataError(f"{where}: field 'prompt': expected a list of messages (completion is messages)")
+        _check_messages(where, "prompt", prompt)
+    elif not isinstance(completion, str):
+        raise DataError(f"{where}: field 'completion': expected a string or a list of messages, "
+                        f"got {type(completion).__name__}")
+    elif not isinstance(prompt, str):
+        raise DataError(f"{where}: field 'prompt': expected a string, got {type(prompt).__name__}")
+    text = completion if isinstance(completion, str) else "".join(m["content"] for m in completion)
+    if not text.strip():
+        raise DataError(f"{where}: field 'completion': empty completion")
+    return UnpairedRow(prompt, completion, label)

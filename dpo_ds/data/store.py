@@ -22,7 +22,7 @@ import numpy as np
 
 from dpo_ds.data.examples import EXAMPLE_KINDS, RowLocations, TokenColumn, TokenizedExamples, TokenizedPairs, empty_stats
 from dpo_ds.data.report import length_report, warn_about
-from dpo_ds.data.rows import DataError, source_kind
+from dpo_ds.data.rows import DataError, location, source_kind
 from dpo_ds.parallel import Parallel
 from dpo_ds.data.tokenize import TOKENIZATION_VERSION, ChunkResult, PairTokenizer, tokenized_chunks
 
@@ -180,12 +180,21 @@ def prepare_pairs(path: str, pair_tokenizer: PairTokenizer, skip_bad_rows: bool,
     reuse = pair_tokenizer.prompt_reuse
     logger.info("%s: %s", path, f"each prompt encoded once ({reuse.description})" if reuse else
                 f"prompts encoded whole with each completion ({pair_tokenizer.encoding_path})")
-    writer = CacheWriter(tmp)
+    writer = None  # made at the first chunk, for the kind of example its rows are
     try:
         stats, raw, encoded_once = empty_stats(), [], 0
         with _progress(path) as bar:
             for result in tokenized_chunks(path, pair_tokenizer, skip_bad_rows, workers):
-                writer.add(result)
+                if writer is None and result.kind is not None:
+                    writer = CacheWriter(tmp, EXAMPLE_KINDS[result.kind])
+                elif result.kind is not None and result.kind != writer.example.KIND:
+                    raise DataError(f"{location(path, source_kind(path), result.first_row)}: field "
+                                    f"'{'label' if result.kind == 'unpaired' else 'chosen'}': rows of kind "
+                                    f"{result.kind} after rows of kind {writer.example.KIND}; a file holds "
+                                    f"preference pairs (prompt, chosen, rejected) or unpaired rows (prompt, "
+                                    f"completion, label), not both")
+                if result.kind is not None:
+                    writer.add(result)
                 raw.append(result.raw_lengths)
                 for k, v in result.stats.items():
                     stats[k] += v
@@ -193,10 +202,11 @@ def prepare_pairs(path: str, pair_tokenizer: PairTokenizer, skip_bad_rows: bool,
                 bar.update(len(result.numbers))
         report = length_report(np.concatenate(raw) if raw else np.zeros((0, 3), np.int32), pair_tokenizer.max_length,
                                pair_tokenizer.max_prompt_length)
-        if not writer.examples:  # say why (truncation, identical completions, bad rows) before failing
-            writer.close(None)
+        if writer is None or not writer.examples:  # say why (truncation, identical completions, bad rows) before failing
+            if writer is not None:
+                writer.close(None)
             warn_about(TokenizedPairs(stats=stats, report=report), path)
-            raise DataError(f"{path}: no usable preference pairs")
+            raise DataError(f"{path}: no usable examples")
         writer.close({"fingerprint": fingerprint, "source": path, "kind": source_kind(path), "stats": stats,
                       "report": report, "seconds": time.perf_counter() - started})
         if cache.exists():  # the unusable one named above
@@ -207,7 +217,8 @@ def prepare_pairs(path: str, pair_tokenizer: PairTokenizer, skip_bad_rows: bool,
             if cache_problem(cache, fingerprint) is not None:
                 raise
     except BaseException:
-        writer.close(None)
+        if writer is not None:
+            writer.close(None)
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -22,7 +22,8 @@ import torch
 
 from dpo_ds.data.examples import TokenColumn, empty_stats
 from dpo_ds.data.prompt_reuse import PromptReuse
-from dpo_ds.data.rows import DataError, PreferenceRow, location, row_chunks, source_kind, validate_row
+from dpo_ds.data.rows import (DataError, PreferenceRow, UnpairedRow, is_unpaired, location, row_chunks, source_kind,
+                              validate_row, validate_unpaired_row)
 
 TOKENIZATION_VERSION = 2  # in the data fingerprint: bump when the token ids of a row change
 SENTINEL = "\x00dpo-ds completion\x00"  # stands for an assistant message when reading a chat template
@@ -135,23 +136,35 @@ class ChunkResult:
     stats: dict[str, int]
     error: str | None = None
     prompts_encoded_once: int = 0  # of the chunk's tokenized rows (dpo_ds.data.prompt_reuse)
+    kind: str | None = "pair"  # the kind of example (data.examples.EXAMPLE_KINDS) its rows are; None: no valid row
+    first_row: int = 0  # line or row number of the chunk's first row
 
 
 class ChunkTokenizer:
     """Rows of one chunk -> ChunkResult: parse (JSONL), validate, batch-tokenize, truncate, count. Runs in the
-    tokenizer processes; a bad row ends the chunk there unless skip_bad_rows."""
+    tokenizer processes; a bad row ends the chunk there unless skip_bad_rows.
+
+    The chunk's rows are preference pairs (columns prompt, chosen, rejected) or unpaired rows (prompt,
+    completion, label: the label stored as a one-id column, 1 = desirable), as its first row is; an unpaired
+    row's completion goes through the pair encoder's two completion slots (encoded twice, with the same ids)."""
 
     def __init__(self, path: str, kind: str, pair_tokenizer: PairTokenizer, skip_bad_rows: bool):
         self.path, self.kind, self.pair_tokenizer, self.skip_bad_rows = path, kind, pair_tokenizer, skip_bad_rows
 
-    def _row(self, number: int, raw: Any) -> PreferenceRow:
+    def _row(self, number: int, raw: Any, first: PreferenceRow | UnpairedRow | None) -> PreferenceRow | UnpairedRow:
         where = location(self.path, self.kind, number)
         if self.kind == "jsonl":
             try:
                 raw = json.loads(raw)
             except json.JSONDecodeError as err:
                 raise DataError(f"{where}: invalid JSON: {err.msg} (column {err.colno})") from None
-        return validate_row(where, raw)
+        row = validate_unpaired_row(where, raw) if is_unpaired(raw) else validate_row(where, raw)
+        if first is not None and type(row) is not type(first):
+            raise DataError(f"{where}: field 'label': an unpaired row (prompt, completion, label) among preference "
+                            f"pairs (prompt, chosen, rejected)" if isinstance(row, UnpairedRow) else
+                            f"{where}: field 'chosen': a preference pair among unpaired rows (prompt, completion, "
+                            f"label)")
+        return row
 
     def __call__(self, chunk: list[tuple[int, Any]]) -> ChunkResult:
         stats = empty_stats()
@@ -159,7 +172,7 @@ class ChunkTokenizer:
         for number, raw in chunk:
             stats["rows"] += 1
             try:
-                rows.append(self._row(number, raw))
+                rows.append(self._row(number, raw, rows[0] if rows else None))
                 numbers.append(number)
             except DataError as err:
                 if not self.skip_bad_rows:
@@ -167,11 +180,13 @@ class ChunkTokenizer:
                     break
                 stats["skipped_bad_rows"] += 1
         reused = 0
+        unpaired = bool(rows) and isinstance(rows[0], UnpairedRow)
         try:
-            encoded, reused = self.pair_tokenizer.encode(rows)
+            encoded, reused = self.pair_tokenizer.encode(
+                [PreferenceRow(r.prompt, r.completion, r.completion) for r in rows] if unpaired else rows)
         except DataError as err:  # e.g. chat rows without a chat template: not a property of one row
             encoded, error = [], error or f"{self.path}: {err}"
-        kept = {"prompt": [], "chosen": [], "rejected": []}
+        kept = {name: [] for name in (("prompt", "completion", "label") if unpaired else ("prompt", "chosen", "rejected"))}
         kept_numbers = []
         raw_lengths = np.zeros((len(encoded), 3), dtype=np.int32)
         for j, (number, (prompt_ids, chosen, rejected, is_prefix)) in enumerate(zip(numbers, encoded)):
@@ -181,16 +196,17 @@ class ChunkTokenizer:
             if cut is None:
                 stats["dropped_truncated"] += 1
                 continue
-            if cut[1] == cut[2]:  # no preference signal: both completions are the same ids
+            if not unpaired and cut[1] == cut[2]:  # no preference signal: both completions are the same ids
                 stats["identical_completions"] += 1
                 stats["identical_after_truncation"] += chosen != rejected
                 continue
             stats["truncated"] += (len(cut[0]), len(cut[1]), len(cut[2])) != tuple(raw_lengths[j])
-            for name, ids in zip(("prompt", "chosen", "rejected"), cut):
+            for name, ids in zip(kept, (*cut[:2], [int(rows[j].label)]) if unpaired else cut):
                 kept[name].append(ids)
             kept_numbers.append(number)
         return ChunkResult(np.asarray(kept_numbers, dtype=np.int64), {k: TokenColumn.flatten(v) for k, v in kept.items()},
-                           raw_lengths, stats, error, reused)
+                           raw_lengths, stats, error, reused, ("unpaired" if unpaired else "pair") if rows else None,
+                           chunk[0][0] if chunk else 0)
 
 
 _worker: ChunkTokenizer | None = None  # this tokenizer process's ChunkTokenizer (set once, by its initializer)

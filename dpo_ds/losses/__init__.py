@@ -10,7 +10,8 @@ from typing import Any, Callable, Optional
 import torch
 
 from dpo_ds.losses.menu import PARAMS, SPECS
-from dpo_ds.losses.spec import LossContext, LossOutput, LossParams, LossSpec, PairLogps, Param, RunningMean
+from dpo_ds.losses.spec import (LossContext, LossOutput, LossParams, LossSpec, PairLogps, Param, RunningMean,
+                                UnpairedLogps)
 
 LOSS_TYPES = tuple(SPECS)
 ALIASES = {alias: spec.name for spec in SPECS.values() for alias in spec.aliases}
@@ -19,8 +20,9 @@ ALIASES = {alias: spec.name for spec in SPECS.values() for alias in spec.aliases
 OBJECTIVE_FIELDS = ("loss_type", "loss_weights", *PARAMS)
 
 __all__ = ["ALIASES", "LOSS_TYPES", "OBJECTIVE_FIELDS", "PARAMS", "SPECS", "LossContext", "LossOutput", "LossParams",
-           "LossSpec", "Objective", "PairLogps", "Param", "RunningMean", "check_objective", "compute_loss",
-           "loss_names", "markdown_table", "needs_reference", "parse_loss_type", "parse_loss_weights", "uses_reference"]
+           "LossSpec", "Objective", "PairLogps", "Param", "RunningMean", "UnpairedLogps", "check_objective",
+           "compute_loss", "kto_weight_advice", "loss_names", "loss_unit", "markdown_table", "needs_reference", "parse_loss_type",
+           "parse_loss_weights", "uses_reference"]
 
 
 def parse_loss_type(value: Any) -> str:
@@ -67,6 +69,15 @@ def needs_reference(loss_type: str) -> bool:
     return any(SPECS[name].reference for name in loss_names(loss_type))
 
 
+def loss_unit(loss_type: str) -> str:
+    """What one training example of `loss_type` is: "pair" or "unpaired" (LossSpec.unit; one unit per run)."""
+    return SPECS[loss_names(loss_type)[0]].unit
+
+
+# Settings that only apply to losses on pairs (an unpaired loss refuses them)
+_PAIR_ONLY = {"rpo_alpha": 0.0, "use_weighting": False, "ld_alpha": None}
+
+
 def uses_reference(cfg) -> bool:
     """Whether the run needs log pi_ref: some loss of loss_type does and reference_free is off."""
     return not cfg.reference_free and needs_reference(cfg.loss_type)
@@ -87,9 +98,19 @@ def check_objective(cfg) -> Optional[tuple[str, str]]:
                                     f"{cfg.loss_type}; give one weight per loss")
         if any(w < 0 for w in weights):
             return "loss_weights", f"must be >= 0, got {cfg.loss_weights}"
-    if cfg.label_smoothing > 0 and not any("label_smoothing" in s.params for s in specs):
-        readers = [s.name for s in SPECS.values() if "label_smoothing" in s.params]
-        return "label_smoothing", f"only applies to loss_type {', '.join(readers)}, not {cfg.loss_type}"
+    units = {s.unit for s in specs}
+    if len(units) > 1:
+        unpaired = [s.name for s in specs if s.unit == "unpaired"]
+        return "loss_type", (f"{', '.join(unpaired)} trains on unpaired examples and cannot be combined with losses "
+                             f"on preference pairs ({cfg.loss_type})")
+    if units == {"unpaired"}:
+        for name, off in _PAIR_ONLY.items():
+            if getattr(cfg, name) != off:
+                return name, f"only applies to losses on preference pairs, not {cfg.loss_type}"
+    for name in ("label_smoothing", "desirable_weight", "undesirable_weight"):
+        if getattr(cfg, name) != PARAMS[name].default and not any(name in s.params for s in specs):
+            readers = [s.name for s in SPECS.values() if name in s.params]
+            return name, f"only applies to loss_type {', '.join(readers)}, not {cfg.loss_type}"
     if cfg.length_normalize and all(s.per_token_means for s in specs):
         sums = [s.name for s in SPECS.values() if not s.per_token_means]
         return "length_normalize", (f"loss_type {cfg.loss_type} is always length-normalised; the flag only applies "
@@ -106,6 +127,7 @@ class Objective:
         self.weights = _weights(loss_type, loss_weights)
         self.params = params
         self.states = {s.name: s.state() for s in self.specs if s.state is not None}
+        self.unit = self.specs[0].unit
 
     @classmethod
     def from_config(cls, cfg) -> "Objective":
@@ -117,10 +139,11 @@ class Objective:
         """The losses logged one by one (`loss/<name>`): those of a loss_type list."""
         return tuple(s.name for s in self.specs) if len(self.specs) > 1 else ()
 
-    def __call__(self, lp: PairLogps, train: bool = True,
+    def __call__(self, lp: PairLogps | UnpairedLogps, train: bool = True,
                  reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> LossOutput:
-        """Per-pair losses and rewards of one micro-batch. `train`: a training micro-step (the losses' states
-        advance); `reduce`: the sum over ranks (the identity in one process). The rewards are the first loss's."""
+        """Per-pair (or per unpaired example) losses and rewards of one micro-batch. `train`: a training
+        micro-step (the losses' states advance); `reduce`: the sum over ranks (the identity in one process); every
+        rank calls it at every micro-step. The rewards are the first loss's."""
         total, first, components = None, None, {}
         for spec, weight in zip(self.specs, self.weights):
             means = spec.per_token_means or self.params.length_normalize
@@ -131,8 +154,10 @@ class Objective:
             components[spec.name] = out.losses.detach()
         if self.params.rpo_alpha > 0:
             total = total - self.params.rpo_alpha * lp.policy_chosen / lp.chosen_tokens.clamp(min=1)
+        if self.params.use_weighting:  # as TRL: the weights scale the whole per-pair loss, RPO term included
+            total = total * lp.wpo_weights
         return LossOutput(total, first.chosen_rewards, first.rejected_rewards,
-                          components if self.logged_components else {})
+                          components if self.logged_components else {}, first.reference_point)
 
     def state_dict(self) -> dict[str, dict]:
         return {name: state.state_dict() for name, state in self.states.items()}
@@ -147,6 +172,24 @@ class Objective:
         return {f"{s.name}/{m}": self.states[s.name].metrics()[m] for s in self.specs for m in s.metrics}
 
 
+def kto_weight_advice(desirable: int, undesirable: int, desirable_weight: float, undesirable_weight: float
+                      ) -> Optional[str]:
+    """The KTO paper's advice (arXiv 2402.01306, eq. 8) when desirable_weight x desirable examples over
+    undesirable_weight x undesirable examples is outside [1, 4/3], with the weights that bring it in (one or the
+    other, as TRL suggests); None when it is inside."""
+    if not desirable or not undesirable:
+        return None
+    ratio = desirable_weight * desirable / (undesirable_weight * undesirable)
+    if 1 <= ratio <= 4 / 3:
+        return None
+    d_low = undesirable_weight * undesirable / desirable
+    u_high = desirable_weight * desirable / undesirable
+    return (f"kto: {desirable} desirable and {undesirable} undesirable examples with desirable_weight "
+            f"{desirable_weight:g} and undesirable_weight {undesirable_weight:g} give lambda_D n_D / (lambda_U n_U) = "
+            f"{ratio:.3g}, outside the KTO paper's [1, 4/3]; set EITHER desirable_weight in [{d_low:.3g}, "
+            f"{4 / 3 * d_low:.3g}] OR undesirable_weight in [{3 / 4 * u_high:.3g}, {u_high:.3g}]")
+
+
 def markdown_table() -> str:
     """docs/training.md's table of the loss menu, from the specs (tests/test_docs.py keeps the page in step)."""
     lines = ["| `loss_type` | per-pair loss | parameters | use it when | TRL name |", "|---|---|---|---|---|"]
@@ -156,13 +199,14 @@ def markdown_table() -> str:
         notes += ["per-token means"] if spec.per_token_means else []
         notes += ["state: running mean, checkpointed"] if spec.state is not None else []
         notes += ["sorts the micro-batch"] if spec.batch_level else []
+        notes += ["unpaired rows"] if spec.unit == "unpaired" else []
         trl = spec.trl_name or "same" + "".join(f" (older: `{alias}`)" for alias in spec.aliases)
         cells = (f"`{spec.name}`", spec.formula, ", ".join(notes), spec.use_when, trl)
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     return "\n".join(lines)
 
 
-def compute_loss(loss_type: str, lp: PairLogps, params: LossParams) -> LossOutput:
+def compute_loss(loss_type: str, lp: PairLogps | UnpairedLogps, params: LossParams) -> LossOutput:
     """The per-pair losses of `loss_type` (one name or a comma-separated list with weights 1) on one batch."""
     if any(name not in SPECS for name in loss_names(loss_type)):
         raise KeyError(loss_type)

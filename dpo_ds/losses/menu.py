@@ -9,7 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from dpo_ds.losses.spec import LossContext, LossOutput, LossSpec, PairLogps, Param, RunningMean
+from dpo_ds.losses.spec import LossContext, LossOutput, LossSpec, PairLogps, Param, RunningMean, UnpairedLogps
 
 
 def _in_range(low: float, high: float, low_open: bool = False, high_open: bool = False):
@@ -39,6 +39,13 @@ PARAMS = {p.name: p for p in (
                             "0 = off.", lambda v: None if v >= 0 else f"must be >= 0, got {v}"),
     Param("length_normalize", False, "Use per-token mean log-probs instead of sums for the losses that read sums "
                                      "(every loss but ipo, sigmoid_norm, simpo, sft, which always use means)."),
+    Param("desirable_weight", 1.0, "`kto`: weight lambda_D of the desirable examples' losses.",
+          lambda v: None if v > 0 else f"must be > 0, got {v}"),
+    Param("undesirable_weight", 1.0, "`kto`: weight lambda_U of the undesirable examples' losses.",
+          lambda v: None if v > 0 else f"must be > 0, got {v}"),
+    Param("use_weighting", False, "WPO: weight each pair's loss (RPO term included) by min(1, exp(w(y+) + w(y-))), "
+                                  "w(y) = mean over y's tokens of log pi(y_t) - log sum_v pi(v)^2 under the policy, "
+                                  "no gradient (TRL's use_weighting)."),
     Param("ld_alpha", None, "LD-DPO: each completion's log-prob is its first L tokens' sum plus ld_alpha x the "
                             "rest's, L = the shorter completion of the pair (policy and reference alike); "
                             "1 = plain sums, unset = off.", _in_range(0.0, 1.0)),
@@ -139,6 +146,19 @@ def sft(lp: PairLogps, ctx: LossContext) -> LossOutput:
     return LossOutput(-lp.policy_chosen, (beta * lp.policy_chosen).detach(), (beta * lp.policy_rejected).detach())
 
 
+def kto(u: UnpairedLogps, ctx: LossContext) -> LossOutput:
+    beta, params = ctx.params.beta, ctx.params
+    # z0: mean log-ratio of the mismatched completions of this micro-step on every rank, detached, at least 0
+    mismatched = (u.kl_policy - u.kl_reference).detach().double()
+    total = ctx.reduce(torch.stack([mismatched.sum(), torch.tensor(float(mismatched.numel()), dtype=torch.float64,
+                                                                   device=mismatched.device)]))
+    z0 = (total[0] / total[1].clamp(min=1.0)).clamp(min=0.0).to(u.policy.dtype)
+    desirable = params.desirable_weight * (1 - torch.sigmoid(beta * (u.logratio - z0)))
+    undesirable = params.undesirable_weight * (1 - torch.sigmoid(beta * (z0 - u.logratio)))
+    rewards = (beta * u.logratio).detach()
+    return LossOutput(torch.where(u.labels, desirable, undesirable), rewards, rewards, reference_point=z0)
+
+
 _SMOOTHED = ("beta", "label_smoothing")
 SPECS = {s.name: s for s in (
     LossSpec("sigmoid", sigmoid, "−log σ(βd); with ε > 0 (conservative DPO) −(1−ε) log σ(βd) − ε log σ(−βd)",
@@ -174,6 +194,12 @@ SPECS = {s.name: s for s in (
     LossSpec("simpo", simpo, "−log σ(β(mean log π(y⁺) − mean log π(y⁻)) − γ), γ = `simpo_gamma`",
              "no reference model at all", params=("beta", "simpo_gamma"), reference=False, per_token_means=True,
              trl_name="CPOTrainer's `simpo`"),
+    LossSpec("kto", kto, "λ_D (1 − σ(β(cl − z₀))) for a desirable completion, λ_U (1 − σ(β(z₀ − cl))) for an "
+             "undesirable one; z₀ = max(0, mean log-ratio of mismatched prompt/completion pairs of the micro-step, "
+             "all ranks), no gradient",
+             "unpaired thumbs-up/down data (rows with a boolean `label`); paired data is split into a desirable and "
+             "an undesirable row", params=("beta", "desirable_weight", "undesirable_weight"), unit="unpaired",
+             trl_name="KTOTrainer's `kto`"),
     LossSpec("sft", sft, "mean per-token NLL of the chosen completion (TRL: over all chosen tokens of the batch)",
              "train the SFT model that becomes the reference; MPO's generation term", params=(), reference=False,
              per_token_means=True),

@@ -23,12 +23,24 @@ class PairLogps:
     ref_rejected: torch.Tensor
     chosen_tokens: torch.Tensor
     rejected_tokens: torch.Tensor
+    # use_weighting: per completion, the sum over its tokens of log pi(y_t) - log sum_v pi(v)^2 (no gradient)
+    wpo_chosen: Optional[torch.Tensor] = None
+    wpo_rejected: Optional[torch.Tensor] = None
 
     def normalized(self) -> "PairLogps":
         """The same pairs with every log-prob divided by its completion's token count."""
         c, r = self.chosen_tokens.clamp(min=1), self.rejected_tokens.clamp(min=1)
         return PairLogps(self.policy_chosen / c, self.policy_rejected / r, self.ref_chosen / c,
-                         self.ref_rejected / r, self.chosen_tokens, self.rejected_tokens)
+                         self.ref_rejected / r, self.chosen_tokens, self.rejected_tokens, self.wpo_chosen,
+                         self.wpo_rejected)
+
+    @property
+    def wpo_weights(self) -> torch.Tensor:
+        """WPO's pair weights [B] (arXiv 2406.11827, as TRL's use_weighting): min(1, exp(w(y+) + w(y-))), w(y) the
+        mean over y's tokens of log pi(y_t) - log sum_v pi(v)^2: the pair's probability under the policy,
+        normalised per token by the probability that the policy's own samples agree there."""
+        c, r = self.chosen_tokens.clamp(min=1), self.rejected_tokens.clamp(min=1)
+        return torch.exp(self.wpo_chosen / c + self.wpo_rejected / r).clamp(max=1.0)
 
     @property
     def chosen_logratio(self) -> torch.Tensor:
@@ -45,11 +57,36 @@ class PairLogps:
 
 
 @dataclass
+class UnpairedLogps:
+    """Per-example inputs [B] of an unpaired loss (KTO): each example's completion, and its mismatched completion
+    (another example's completion after this example's prompt, for the KL reference point), as summed log-probs
+    and token counts; `labels`: desirable (True) or undesirable."""
+    policy: torch.Tensor
+    reference: torch.Tensor
+    tokens: torch.Tensor
+    kl_policy: torch.Tensor
+    kl_reference: torch.Tensor
+    kl_tokens: torch.Tensor
+    labels: torch.Tensor
+
+    def normalized(self) -> "UnpairedLogps":
+        """The same examples with every log-prob divided by its completion's token count."""
+        n, k = self.tokens.clamp(min=1), self.kl_tokens.clamp(min=1)
+        return UnpairedLogps(self.policy / n, self.reference / n, self.tokens, self.kl_policy / k,
+                             self.kl_reference / k, self.kl_tokens, self.labels)
+
+    @property
+    def logratio(self) -> torch.Tensor:
+        return self.policy - self.reference
+
+
+@dataclass
 class LossOutput:
-    losses: torch.Tensor            # per pair [B]; the step minimises their mean
-    chosen_rewards: torch.Tensor    # beta * (log pi - log pi_ref) of chosen, detached [B]
-    rejected_rewards: torch.Tensor
+    losses: torch.Tensor            # per pair (or unpaired example) [B]; the step minimises their mean
+    chosen_rewards: torch.Tensor    # beta * (log pi - log pi_ref) of chosen, detached [B] (unpaired: of each example)
+    rejected_rewards: torch.Tensor  # (unpaired: the same as chosen_rewards; `labels` tell them apart)
     components: dict[str, torch.Tensor] = field(default_factory=dict)  # loss_type list: each one's per-pair loss, detached
+    reference_point: Optional[torch.Tensor] = None  # KTO: the KL estimate z0 of the micro-step (over all ranks), detached
 
 
 @dataclass(frozen=True)
@@ -72,6 +109,9 @@ class LossParams:
     discopop_tau: float = 0.05
     rpo_alpha: float = 0.0
     length_normalize: bool = False
+    use_weighting: bool = False
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
 
 
 class RunningMean:
@@ -119,11 +159,11 @@ class LossSpec:
     """One entry of the loss menu. The config's choices and checks, the trainer, `dpo-ds eval`, checkpoints and
     the docs read these facts; nothing else names a loss.
 
-    unit: what one example of the loss is; every loss here is trained on preference pairs ("pair"). An
-    unpaired loss (KTO: labelled single completions) declares its own unit, and the data path that feeds it.
+    unit: what one example of the loss is: a preference pair ("pair", PairLogps) or a labelled single completion
+    ("unpaired", UnpairedLogps: KTO); the data path and the step feed each unit its own inputs.
     """
     name: str
-    fn: Callable[[PairLogps, LossContext], LossOutput]
+    fn: Callable[[Any, LossContext], LossOutput]  # PairLogps or UnpairedLogps (unit) -> LossOutput
     formula: str                         # the per-pair loss, for docs/training.md
     use_when: str
     params: tuple[str, ...] = ("beta",)  # PARAMS entries it reads
