@@ -76,7 +76,7 @@ from typing import Any
 
 import torch
 
-from dpo_ds.config import ConfigError
+from dpo_ds.config import ConfigError, TrainConfig
 from dpo_ds.logprobs import Scoring, scoring_of
 from dpo_ds.parallel import Parallel
 
@@ -167,19 +167,27 @@ def check_deepspeed_config(ds_config: dict, sequence_parallel_size: int, source:
 
 
 # --------------------------------------------------------------------------- groups and the attention patch
+_CORE_KERNELS: dict[str, Any] = {}  # the attention kernels `setup` routed through the Ulysses attention, by name
+
+
 def setup(parallel: Parallel, model_config: Any, kernel: str):
     """Build DeepSpeed's sequence-parallel groups (`parallel_state_sp`, the mpu register_with_transformers
     returns, to be given to deepspeed.initialize) and route attention kernel `kernel` (ulysses_kernel's answer)
-    through DeepSpeed's UlyssesSPAttentionHF, for every model this process runs with that kernel. Once per
-    process (DeepSpeed keeps the groups in module globals), for a `parallel` (dpo_ds.parallel.Parallel) with
-    sequence_parallel_size > 1."""
+    through DeepSpeed's UlyssesSPAttentionHF for `model_config`'s heads, for every model this process runs with
+    that kernel. For a `parallel` (dpo_ds.parallel.Parallel) with sequence_parallel_size > 1, once per run: the
+    groups are built once per process (DeepSpeed keeps them in module globals), the routing is rebuilt from the
+    original kernel for each run's model."""
     import deepspeed.runtime.sequence_parallel.parallel_state_sp as mpu
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    mpu.initialize_sequence_parallel(sequence_parallel_size=parallel.sequence_parallel_size)
+    if mpu._SEQUENCE_PARALLEL_GROUP is None:
+        mpu.initialize_sequence_parallel(sequence_parallel_size=parallel.sequence_parallel_size)
+    elif mpu.get_sequence_parallel_world_size() != parallel.sequence_parallel_size:
+        raise ValueError(f"this process already runs sequence parallelism of size "
+                         f"{mpu.get_sequence_parallel_world_size()}, not {parallel.sequence_parallel_size}")
     text = model_config.get_text_config()
-    core = ALL_ATTENTION_FUNCTIONS[kernel]
+    core = _CORE_KERNELS.setdefault(kernel, ALL_ATTENTION_FUNCTIONS[kernel])
     ulysses = UlyssesSPAttentionHF(
         attn=_per_sequence_sdpa(core) if kernel == "sdpa" else core, batch_size=1,
         attn_head_count=text.num_attention_heads, attn_head_size=head_size(text),
@@ -188,6 +196,23 @@ def setup(parallel: Parallel, model_config: Any, kernel: str):
     ulysses.core_attn_implementation = kernel
     ALL_ATTENTION_FUNCTIONS[kernel] = _UlyssesAttention(ulysses)
     return mpu
+
+
+def attention_for_run(cfg: TrainConfig, parallel: Parallel, kernel: str | None):
+    """Before a run builds its models: `setup`'s mpu for deepspeed.initialize under S > 1 (`kernel`:
+    engines.attention_kernel's answer); None at S = 1, with the original attention kernels back where an
+    earlier run of this process routed them."""
+    if parallel.sequence_parallel_size > 1:
+        from dpo_ds.families import load_model_config
+
+        return setup(parallel, load_model_config(cfg.model_name_or_path, cfg.trust_remote_code), ulysses_kernel(kernel))
+    if _CORE_KERNELS:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        for name, core in _CORE_KERNELS.items():
+            ALL_ATTENTION_FUNCTIONS[name] = core
+        _CORE_KERNELS.clear()
+    return None
 
 
 class _UlyssesAttention:
@@ -246,14 +271,14 @@ def shard_batch(batch: dict[str, torch.Tensor], size: int, rank: int, pad_id: in
     nothing before it). Scoring is computed on the whole batch before cutting, so the last position of a
     shard scores the first token of the next one; summed over the shards, each sequence's log-probs and
     token counts are the unsharded batch's."""
-    input_ids, loss_mask = batch["input_ids"], batch["loss_mask"]
+    input_ids, loss_mask, weights = batch["input_ids"], batch["loss_mask"], batch.get("token_weights")
     rows, length = input_ids.shape
     if "sequence_ids" in batch:
         sequence_ids = batch["sequence_ids"]
-        scoring = scoring_of(input_ids, loss_mask, sequence_ids, int(sequence_ids.max()) + 1)
+        scoring = scoring_of(input_ids, loss_mask, sequence_ids, int(sequence_ids.max()) + 1, weights)
         positions = batch["position_ids"]
     else:
-        scoring = scoring_of(input_ids, loss_mask)
+        scoring = scoring_of(input_ids, loss_mask, token_weights=weights)
         positions = torch.arange(length).expand(rows, length)
     width = math.ceil(length / size) * size
     extra = width - length
@@ -265,11 +290,14 @@ def shard_batch(batch: dict[str, torch.Tensor], size: int, rank: int, pad_id: in
         scoring = Scoring(torch.cat([scoring.targets, scoring.targets.new_zeros(rows, extra)], dim=1),
                           torch.cat([scoring.mask, scoring.mask.new_zeros(rows, extra)], dim=1),
                           torch.cat([scoring.segments, scoring.segments[:, -1:].expand(rows, extra)], dim=1),
-                          scoring.num_sequences)
+                          scoring.num_sequences,
+                          None if weights is None else
+                          torch.cat([scoring.weights, scoring.weights.new_zeros(rows, extra)], dim=1))
     part = slice(rank * width // size, (rank + 1) * width // size)
-    return SequenceShard(input_ids[:, part].contiguous(), positions[:, part].contiguous(),
-                         Scoring(scoring.targets[:, part].contiguous(), scoring.mask[:, part].contiguous(),
-                                 scoring.segments[:, part].contiguous(), scoring.num_sequences))
+    cut = lambda t: None if t is None else t[:, part].contiguous()  # noqa: E731
+    return SequenceShard(cut(input_ids), cut(positions), Scoring(cut(scoring.targets), cut(scoring.mask),
+                                                                 cut(scoring.segments), scoring.num_sequences,
+                                                                 cut(scoring.weights)))
 
 
 # --------------------------------------------------------------------------- the reduction
@@ -307,12 +335,33 @@ def shard_forward_logps(engine, shard: SequenceShard, chunk_size: int, head: tor
     from dpo_ds.scoring import score_forward, to_device
 
     device = engine.device
+    weights = shard.scoring.weights
     scoring = Scoring(to_device(shard.scoring.targets, device), to_device(shard.scoring.mask, device),
-                      to_device(shard.scoring.segments, device), shard.scoring.num_sequences)
+                      to_device(shard.scoring.segments, device), shard.scoring.num_sequences,
+                      None if weights is None else to_device(weights, device))
     sums, tokens, aux = score_forward(engine, to_device(shard.input_ids, device),
                                       {"position_ids": to_device(shard.position_ids, device)}, scoring,
                                       shard.scoring.positions(), chunk_size, head, router_aux)
     return (*sum_over_group(sums, tokens, group), aux)
+
+
+@dataclass(frozen=True)
+class BatchScorer:
+    """How this run's engines score a collated batch (scoring.forward_logps's signature and results): the whole
+    batch at S = 1; this rank's shard, summed over its sequence-parallel group, at S > 1. The policy and the
+    reference are scored through it, so both see the same shards."""
+    parallel: Parallel
+    pad_id: int  # the filler of a sequence dimension padded to a multiple of S
+
+    def __call__(self, engine, batch: dict[str, torch.Tensor], chunk_size: int, head: torch.nn.Linear | None,
+                 router_aux: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        from dpo_ds import scoring  # through the module: tests/dist_fault_probe.py replaces forward_logps
+
+        size = self.parallel.sequence_parallel_size
+        if size == 1:
+            return scoring.forward_logps(engine, batch, chunk_size, head, router_aux)
+        shard = shard_batch(batch, size, self.parallel.sequence_parallel_rank, self.pad_id)
+        return shard_forward_logps(engine, shard, chunk_size, head, self.parallel.sequence_parallel_group, router_aux)
 
 
 # --------------------------------------------------------------------------- tiled MLP
