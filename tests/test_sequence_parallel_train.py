@@ -1,7 +1,7 @@
 """`sequence_parallel_size: 2` end to end: `dpo-ds train` on 2 ranks sharing every sequence (one data-parallel
 group) against a plain single-process PyTorch DPO of the same data (tests/helpers.plain_dpo: pair by pair,
 without padding, sequence parallelism or DeepSpeed): padded rows with an offloaded live reference, packed rows
-(padding_free) with precompute_ref, LD-DPO's token weights, LoRA from an adapter, on the demo pairs with one
+(padding_free) with precompute_ref, LD-DPO's token weights, LoRA from an adapter; the padded run's checkpoint resumed at S = 2 and S = 1; on the demo pairs with one
 word more in every third rejected completion (the demo's chosen and rejected completions have equal lengths, so
 packed rows would always have even widths). All runs share one launch (tests/dist_train_probe.py --runs)."""
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -121,6 +122,44 @@ def test_s2_lora_matches_plain_peft_dpo(runs, demo_assets, train_file, starting_
     _assert_matches(out, expected_losses, load_file(str(out / "final_adapter" / "adapter_model.safetensors")),
                     get_peft_model_state_dict(policy), load_file(str(starting_adapter / "adapter_model.safetensors")))
     assert probe["reference"] == "AdapterReference" and probe["deepspeed_engines"] == 1
+
+
+@pytest.fixture(scope="module")
+def resumed(runs, tmp_path_factory):
+    """The padded run's step-2 checkpoint resumed to step 3: at S = 2 and at S = 1 on 2 data-parallel ranks
+    (gradient accumulation halved: the same pairs per step) in one launch, at S = 1 on 1 rank (another world size:
+    the universal checkpoint) in another."""
+    out, _ = runs["padded"]
+    tmp = tmp_path_factory.mktemp("sequence_parallel_resume")
+    base = yaml.safe_load((out / "run_config.json").read_text())
+    resumes = {"s2": (2, {}), "s1_two_ranks": (2, dict(sequence_parallel_size=1, gradient_accumulation_steps=1)),
+               "s1_one_rank": (1, dict(sequence_parallel_size=1))}
+    for nproc in (2, 1):
+        spec = []
+        for name, (ranks, fields) in resumes.items():
+            if ranks == nproc:
+                cfg = write_config(tmp / f"{name}.yaml", **{**base, **fields, "output_dir": str(tmp / name),
+                                                            "resume_from": str(out / "checkpoints" / "step-00000002"),
+                                                            "cache_dir": str(out / "caches")})
+                spec.append((cfg, tmp / f"{name}.pt"))
+        launch_probe_runs(spec, tmp / f"spec{nproc}.json", nproc=nproc)
+    return {name: tmp / name for name in resumes}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", ["s2", "s1_two_ranks", "s1_one_rank"])
+def test_an_s2_checkpoint_resumes_exactly(runs, resumed, name):
+    out, _ = runs["padded"]
+    full = {m["step"]: m["loss"] for m in read_metrics(out) if "loss" in m}
+    again = {m["step"]: m["loss"] for m in read_metrics(resumed[name]) if "loss" in m}
+    assert sorted(again) == [3]
+    expected, got = _weights(out / "final"), _weights(resumed[name] / "final")
+    if name == "s2":  # the same ranks doing the same work: bit for bit
+        assert again[3] == full[3]
+        assert all(torch.equal(got[k], expected[k]) for k in expected)
+    else:  # gradients reduced over other groups (and the universal checkpoint's reload): rounding only
+        assert abs(again[3] - full[3]) <= 1e-6 * full[3]
+        assert max(float((got[k] - expected[k]).abs().max()) for k in expected) < 1e-6
 
 
 @pytest.mark.distributed
