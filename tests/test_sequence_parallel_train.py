@@ -1,7 +1,9 @@
 """`sequence_parallel_size: 2` end to end: `dpo-ds train` on 2 ranks sharing every sequence (one data-parallel
 group) against a plain single-process PyTorch DPO of the same data (tests/helpers.plain_dpo: pair by pair,
 without padding, sequence parallelism or DeepSpeed): padded rows with an offloaded live reference, packed rows
-(padding_free) with precompute_ref, LD-DPO's token weights, LoRA from an adapter; the padded run's checkpoint resumed at S = 2 and S = 1; on the demo pairs with one
+(padding_free) with precompute_ref, LD-DPO's token weights, LoRA from an adapter, a mixture-of-experts and a
+tied-embedding family; the padded run's checkpoint resumed at S = 2 and S = 1; 4 ranks as 2 data-parallel groups
+of S = 2; on the demo pairs with one
 word more in every third rejected completion (the demo's chosen and rejected completions have equal lengths, so
 packed rows would always have even widths). All runs share one launch (tests/dist_train_probe.py --runs)."""
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dpo_ds.config import ConfigError, TrainConfig
 from dpo_ds.lora import peft_model_built
 from dpo_ds.trainer import check_sequence_parallel
 from helpers import launch_probe_runs, plain_dpo, read_metrics, write_config
+from test_families import tiny_model
 
 SETTINGS = dict(precision="fp32", micro_batch_size=2, gradient_accumulation_steps=2, max_steps=3, shuffle=False,
                 learning_rate=2e-3, warmup_steps=1, lr_scheduler="linear", weight_decay=0.01, max_grad_norm=0.5,
@@ -33,6 +36,11 @@ RUNS = {  # name -> fields over SETTINGS
     "packed_ld_dpo": dict(padding_free=True, ld_alpha=0.5),
     "lora": dict(learning_rate=5e-3),  # + lora_adapter (the fixture's)
 }
+# tiny models of tests/test_families.py (4 attention heads, 2 key/value heads) trained at S = 2 in the same launch;
+# Adam epsilon as there (near-zero embedding gradients); the reference precomputed under S = 2 (the probe compares
+# a live reference engine's parameters with the files by name, which MoE checkpoints store per expert)
+FAMILIES = {"mixtral": "mixture of experts", "gemma3_text": "tied embeddings, sliding-window layers"}
+FAMILY_FIELDS = dict(adam_epsilon=1e-5, max_length=64, precompute_ref=True)
 
 
 def _weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -70,17 +78,36 @@ def train_file(demo_assets, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def runs(demo_assets, train_file, starting_adapter, tmp_path_factory):
+def family_models(demo_assets, tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("sp_families")
+    tokenizer = AutoTokenizer.from_pretrained(demo_assets.model_dir)
+    return {family: tiny_model(family, tokenizer, tmp / family) for family in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def runs(demo_assets, train_file, starting_adapter, family_models, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sequence_parallel_train")
-    spec = []
-    for name, extra in RUNS.items():
+    spec, models = [], {}
+    runs = {**{name: (demo_assets.model_dir, fields) for name, fields in RUNS.items()},
+            **{family: (str(path), FAMILY_FIELDS) for family, path in family_models.items()}}
+    for name, (model, extra) in runs.items():
         if name == "lora":
             extra = dict(extra, lora_adapter=str(starting_adapter))
-        cfg = write_config(tmp / f"{name}.yaml", model_name_or_path=demo_assets.model_dir,
-                           train_file=train_file, output_dir=str(tmp / name), **{**SETTINGS, **extra})
+        cfg = write_config(tmp / f"{name}.yaml", model_name_or_path=model, train_file=train_file,
+                           output_dir=str(tmp / name), **{**SETTINGS, **extra})
         spec.append((cfg, tmp / f"{name}.pt"))
     launch_probe_runs(spec, tmp / "spec.json", nproc=WORLD)
-    return {name: (tmp / name, torch.load(tmp / f"{name}.pt", weights_only=True)) for name in RUNS}
+    return {name: (tmp / name, torch.load(tmp / f"{name}.pt", weights_only=True)) for name in runs}
+
+
+@pytest.fixture(scope="module")
+def four_ranks(demo_assets, train_file, tmp_path_factory):
+    """4 ranks: 2 data-parallel groups of S = 2 (ranks 0, 1 and 2, 3)."""
+    tmp = tmp_path_factory.mktemp("sequence_parallel_4_ranks")
+    cfg = write_config(tmp / "run.yaml", model_name_or_path=demo_assets.model_dir, train_file=train_file,
+                       output_dir=str(tmp / "out"), **SETTINGS)
+    launch_probe_runs([(cfg, tmp / "probe.pt")], tmp / "spec.json", nproc=4)
+    return tmp / "out", torch.load(tmp / "probe.pt", weights_only=True)
 
 
 def _assert_matches(out: Path, expected_losses: list[float], got_weights: dict, expected_weights: dict,
@@ -106,6 +133,29 @@ def test_s2_matches_plain_single_process_dpo(runs, demo_assets, train_file, name
     _assert_matches(out, expected_losses, _weights(out / "final"), expected_weights,
                     load_file(f"{demo_assets.model_dir}/model.safetensors"))
     assert set(probe["attention"]) == {"sdpa"}  # the kernel the Ulysses attention wraps (auto under S > 1)
+
+
+@pytest.mark.distributed
+def test_two_data_parallel_groups_of_s2_match_plain_dpo_on_two_ranks(four_ranks, demo_assets, train_file):
+    out, probe = four_ranks
+    expected_losses, expected_weights = plain_dpo(demo_assets.model_dir, train_file, SETTINGS, 2)
+    _assert_matches(out, expected_losses, _weights(out / "final"), expected_weights,
+                    load_file(f"{demo_assets.model_dir}/model.safetensors"))
+    # DeepSpeed counts 2 data-parallel ranks: 2 pairs x 2 micro-steps x 2
+    assert probe["policy_resolved"]["train_batch"] == 8
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_s2_families_match_plain_dpo(runs, family_models, train_file, family, tmp_path):
+    out, _ = runs[family]
+    model_dir = family_models[family]
+    expected_losses, trained = plain_dpo(str(model_dir), train_file, {**SETTINGS, **FAMILY_FIELDS}, 1)
+    # compared as saved (MoE experts on disk are per-expert tensors; a tied embedding is saved once)
+    plain = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    plain.load_state_dict(trained, strict=False)
+    plain.save_pretrained(tmp_path / "plain")
+    _assert_matches(out, expected_losses, _weights(out / "final"), _weights(tmp_path / "plain"), _weights(model_dir))
 
 
 @pytest.mark.distributed
