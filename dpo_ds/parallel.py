@@ -41,7 +41,8 @@ class Parallel:
         with reporting_op_builds():  # DeepSpeed loads its JIT ops as the group starts
             env = comm.init_distributed(timeout_s=timeout_s)
         s = sequence_parallel_size
-        if env.world_size % s:  # the other settings S needs are checked before loading (sequence_parallel.check_settings)
+        # the other settings S needs are checked before loading (sequence_parallel.check_settings)
+        if env.world_size % s:
             raise ConfigError(f"field 'sequence_parallel_size': {s} does not divide the world size {env.world_size} "
                               f"(data-parallel groups are S consecutive ranks)", "sequence_parallel_size")
         if s == 1:

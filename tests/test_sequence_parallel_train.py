@@ -229,12 +229,14 @@ def test_the_runs_cut_sequences_whose_length_is_not_a_multiple_of_s(demo_assets,
     rows = [json.loads(line) for line in open(train_file)]
 
     def length(prompt: str, completion: str) -> int:  # as plain_dpo tokenizes: completion + EOS
-        prompt_ids, full = tok(prompt)["input_ids"], tok(prompt + completion)["input_ids"]
+        full = tok(prompt + completion)["input_ids"]
         return len(full) + (full[-1] != tok.eos_token_id)
 
     b = SETTINGS["micro_batch_size"]
-    micro_batches = [rows[i:i + b] for i in range(0, b * SETTINGS["gradient_accumulation_steps"] * SETTINGS["max_steps"], b)]
-    lengths = [[length(r["prompt"], r[side]) for r in batch for side in ("chosen", "rejected")] for batch in micro_batches]
+    trained = b * SETTINGS["gradient_accumulation_steps"] * SETTINGS["max_steps"]
+    micro_batches = [rows[i:i + b] for i in range(0, trained, b)]
+    lengths = [[length(r["prompt"], r[side]) for r in batch for side in ("chosen", "rejected")]
+               for batch in micro_batches]
     assert any(max(seqs) % 2 for seqs in lengths)  # padded rows: the longest sequence
     assert any(sum(seqs) % 2 for seqs in lengths)  # packed: the row of all sequences
 
