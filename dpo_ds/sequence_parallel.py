@@ -13,22 +13,25 @@ The pieces, in the order a run uses them:
 1. `check_settings` (before anything loads): S divides the world size and the attention heads, the key/value
    heads follow DeepSpeed's rule, no eager attention, a model family the patch covers; `check_deepspeed_config`
    on the resolved policy DeepSpeed config; a ConfigError naming `sequence_parallel_size` otherwise.
-2. `setup` (once per process, after `Parallel.init`, before any model is built): DeepSpeed's sequence-parallel
-   groups, and `ALL_ATTENTION_FUNCTIONS[kernel]` routed through `UlyssesSPAttentionHF`; returns the `mpu` every
-   `deepspeed.initialize` (policy and reference) is given.
+2. `setup` (once per run, after `Parallel.init`, before any model is built; `attention_for_run` calls it):
+   DeepSpeed's sequence-parallel groups, and `ALL_ATTENTION_FUNCTIONS[kernel]` routed through
+   `UlyssesSPAttentionHF`; returns the `mpu` every `deepspeed.initialize` (policy and reference) is given.
 3. `shard_batch` (CPU, after `collate`): the rank's contiguous shard of the collated micro-batch, with its
    position ids and its slice of the whole batch's `Scoring` (a shard's last position predicts the next
    shard's first token, so targets, scored mask and sequence of each position are computed before cutting).
 4. `shard_forward_logps`: the forward on the shard and the per-sequence log-prob sums and token counts summed
    over the group (`sum_over_group`), differentiably: whole-sequence values, equal on every rank of the group.
-5. Optional `enable_tiled_mlp` (the `tiled_mlp` setting): dense MLPs in sequence tiles (DeepSpeed's TiledMLP).
+5. `BatchScorer`: how the step scores a collated batch with an engine, whole at S = 1, through 3 and 4 at S > 1.
+6. `enable_tiled_mlp`: dense MLPs in sequence tiles (DeepSpeed's TiledMLP), for the longest sequences (no
+   config field yet).
 
 How the trainer calls it (the integration contract):
 
 - Settings: `check_settings(S, world_size, load_model_config(...), attention_kernel(cfg), cfg.max_length)` in
   check_before_loading, `check_deepspeed_config(resolve_policy_config(...), S, source)`. Build both models with
   `ulysses_kernel(attention_kernel(cfg))` as attn_implementation (S > 1).
-- Groups: `parallel = Parallel.init(timeout, S)`, then `mpu = setup(parallel, model_config, kernel)` (S > 1).
+- Groups: `parallel = Parallel.init(timeout, S)`, then `mpu = attention_for_run(cfg, parallel, kernel)` in
+  step.build_step_context (setup at S > 1; None at S = 1).
   Shards and sums use `parallel.sequence_parallel_rank` / `parallel.sequence_parallel_group`; DeepSpeed's
   Ulysses attention uses the mpu's own group of the same ranks.
 - DeepSpeed: `deepspeed.initialize(..., mpu=mpu)` for the policy and the reference engine, and
@@ -38,12 +41,12 @@ How the trainer calls it (the integration contract):
   (Parallel), so the S ranks of a group read the same micro-batches in the same order (same indices, same
   loss_scale); the whole-sequence log-probs are equal on the S ranks, so a pair counts once per
   data-parallel group (Parallel.sum_over_data).
-- Step (step.pair_step): `micro = MicroBatch.of(...)` as now; `shard = shard_batch(micro.tensors, S,
-  parallel.sequence_parallel_rank, pad_id)`; policy: `logps, tokens, aux = shard_forward_logps(policy, shard,
+- Step (step.pair_step): `BatchScorer(parallel, pad_id)(policy, micro.tensors, chunk, head, router_aux)`,
+  which at S > 1 is `shard_forward_logps(policy, shard_batch(micro.tensors, S, sequence-parallel rank, pad_id),
   chunk, head, parallel.sequence_parallel_group, router_aux)`; the loss as without S, `policy.backward(loss)`,
   no other scaling ("Gradients" below). Under S > 1 no attention_mask and no flash-attention cu_seq_lens are
   passed: position ids carry the layout (the full row's, gathered inside each attention layer).
-- Reference: the live engine runs `shard_forward_logps` on the same shard under torch.no_grad; LoRA: the same
+- Reference: the live engine runs the same BatchScorer under torch.no_grad; LoRA: the same
   call with the adapter off; precompute_ref: computed the same way and written once per data-parallel group
   (sequence-parallel rank 0). Its log-probs are whole-sequence values: the cache does not depend on S.
 - MoE router loss: `aux` is the load-balancing loss of the rank's shard (its routers see 1/S of the tokens);
