@@ -9,8 +9,8 @@ the 8*N*tokens basis plus causal attention (6*N without a live reference; LoRA: 
 base has no weight gradients), peak memory (GPU allocator, or
 process RSS on CPU), and the split of the step into reference forward / policy forward / backward /
 optimizer. Every train field (`--micro_batch_size`, `--precision`, `--precompute_ref`, `--group_by_length`,
-`--max_tokens_per_micro_batch`, `--deepspeed_config`, ...) works as in `dpo-ds train`. Runs single-process
-or under any launcher.
+`--max_tokens_per_micro_batch`, `--deepspeed_config`, `--sequence_parallel_size`, ...) works as in `dpo-ds train`.
+Runs single-process or under any launcher.
 """
 from __future__ import annotations
 
@@ -135,7 +135,9 @@ def _time_steps(ctx, train_step, sampler: PairSampler, pairs: TokenizedPairs, wa
                         prompt, completion = pairs.sequence(slot, i)
                         squared_lengths += (len(prompt) + len(completion)) ** 2
     step_times = all_reduce(torch.tensor(times, dtype=torch.float64), "max")  # a step takes as long as its slowest rank
-    totals = all_reduce(torch.tensor([real_tokens, processed_tokens, squared_lengths], dtype=torch.float64))
+    # the S ranks of a sequence-parallel group share each micro-batch: count it once
+    totals = all_reduce(torch.tensor([real_tokens, processed_tokens, squared_lengths], dtype=torch.float64)
+                        ) / ctx.parallel.sequence_parallel_size
     split = all_reduce(torch.tensor([timer.totals.get(k, 0.0) for k in SECTIONS], dtype=torch.float64), "max")
     return step_times.tolist(), totals, split
 
@@ -146,11 +148,15 @@ def run(args: argparse.Namespace) -> int:
     # the model is a preset or a config until _model_dir writes it; the pairs are made here
     cfg = config_from_args(args, fixed={"model_name_or_path": args.model, "train_file": "synthetic"},
                            unchecked_paths=("model_name_or_path", "train_file"))
-    parallel = Parallel.init(timeout_s=cfg.dist_timeout_s)
+    parallel = Parallel.init(timeout_s=cfg.dist_timeout_s, sequence_parallel_size=cfg.sequence_parallel_size)
     setup_logging(parallel.rank)
     parallel.check_shared_dirs({"output_dir": cfg.output_dir, "cache_dir": cache_dir_of(cfg)})
     model_dir, config = _model_dir(args.model, Path(cfg.output_dir), parallel)
     cfg.model_name_or_path, cfg.ref_model_name_or_path = str(model_dir), None
+    if cfg.sequence_parallel_size > 1:
+        from dpo_ds.trainer import check_sequence_parallel
+
+        check_sequence_parallel(cfg, parallel.world_size)
     shape = shape_from_config(config, args.model)
     total_steps = args.warmup + args.steps
     # Enough pairs for every step to see new ones, generous when a token budget packs micro-batches.
@@ -173,7 +179,8 @@ def run(args: argparse.Namespace) -> int:
     peak = _peak_tflops(args.peak_tflops)
     report = {
         "model": args.model, "params": shape.params, "active_params": shape.active_params,
-        "world_size": parallel.world_size, "precision": cfg.precision,
+        "world_size": parallel.world_size, "sequence_parallel_size": cfg.sequence_parallel_size,
+        "precision": cfg.precision,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "micro_batch_size": cfg.micro_batch_size, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "max_tokens_per_micro_batch": cfg.max_tokens_per_micro_batch, "group_by_length": cfg.group_by_length,
@@ -199,7 +206,9 @@ def run(args: argparse.Namespace) -> int:
 def _table(r: dict) -> str:
     t = r["step_time_s"]
     lines = [
-        f"model        {r['model']} ({r['params'] / 1e6:.1f} M params), {r['world_size']} rank(s), {r['precision']}, "
+        f"model        {r['model']} ({r['params'] / 1e6:.1f} M params), {r['world_size']} rank(s)"
+        + (f" (sequence parallel {r['sequence_parallel_size']})" if r["sequence_parallel_size"] > 1 else "")
+        + f", {r['precision']}, "
         f"{r['device']}, reference {r['reference']}" + (f", LoRA r={r['lora_r']}" if r["lora_r"] else "")
         + (f" over an {r['lora_quantize']} base (QLoRA)" if r["lora_quantize"] else ""),
         f"batch        {r['micro_batch_size']} pairs x {r['gradient_accumulation_steps']} accumulation per rank, "

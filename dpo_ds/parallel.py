@@ -5,8 +5,8 @@
 Ranks are laid out data-parallel x sequence-parallel: the S ranks of one sequence-parallel group (consecutive
 global ranks) share every sequence of the micro-batches they read, and the world / S data-parallel groups read
 different micro-batches. "Which data a rank reads" is its data-parallel rank; a quantity summed over examples
-(metrics, guards) is summed over one data-parallel group, so that every example counts once. With S = 1 (today's
-only size) the data-parallel group is the whole job and the sequence-parallel group is each rank alone.
+(metrics, guards) is summed over one data-parallel group, so that every example counts once. With S = 1 (the
+default) the data-parallel group is the whole job and the sequence-parallel group is each rank alone.
 
 The collectives themselves are launcher.dist's (on the device the process group communicates); the context only
 says which group a reduction runs over.
@@ -19,6 +19,7 @@ from typing import Any, Callable, TypeVar
 import torch
 
 from dpo_ds.compiled_ops import reporting_op_builds
+from dpo_ds.config.errors import ConfigError
 from launcher import dist as comm
 
 T = TypeVar("T")
@@ -40,8 +41,10 @@ class Parallel:
         with reporting_op_builds():  # DeepSpeed loads its JIT ops as the group starts
             env = comm.init_distributed(timeout_s=timeout_s)
         s = sequence_parallel_size
+        # the other settings S needs are checked before loading (sequence_parallel.check_settings)
         if env.world_size % s:
-            raise ValueError(f"sequence_parallel_size {s} does not divide the {env.world_size} ranks")
+            raise ConfigError(f"field 'sequence_parallel_size': {s} does not divide the world size {env.world_size} "
+                              f"(data-parallel groups are S consecutive ranks)", "sequence_parallel_size")
         if s == 1:
             return cls(env.rank, env.world_size)
         # every rank creates every group, in the same order (torch.distributed.new_group's rule)

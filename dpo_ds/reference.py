@@ -34,9 +34,10 @@ from dpo_ds.engines import (
     release_engine,
     resolve_reference_config,
 )
-from dpo_ds.scoring import forward_logps, scoring_head
+from dpo_ds.scoring import scoring_head
 from dpo_ds.lora import Adapters, adapter_fingerprint
 from dpo_ds.parallel import Parallel
+from dpo_ds.sequence_parallel import BatchScorer
 
 logger = logging.getLogger("dpo_ds")
 
@@ -49,21 +50,23 @@ class ReferenceSource(Protocol):
 class LiveReference:
     """Reference log-probs from a ZeRO-3 inference engine, recomputed for every micro-batch (its tensors)."""
 
-    def __init__(self, engine, chunk_size: int, head: torch.nn.Linear | None):
+    def __init__(self, engine, chunk_size: int, head: torch.nn.Linear | None, score: BatchScorer):
         self.engine = engine
         self.chunk_size = chunk_size
         self.head = head  # scoring.scoring_head of the engine's model
+        self.score = score  # the run's scoring: under sequence parallelism this rank's shard, as the policy's
 
     @torch.no_grad()
     def logps(self, micro: MicroBatch) -> torch.Tensor:
-        return forward_logps(self.engine, micro.tensors, self.chunk_size, self.head)[0]
+        return self.score(self.engine, micro.tensors, self.chunk_size, self.head)[0]
 
 
 class AdapterReference(LiveReference):
     """LoRA: reference log-probs from the policy engine itself, its trained adapter switched off."""
 
-    def __init__(self, engine, adapters: Adapters, chunk_size: int, head: torch.nn.Linear | None):
-        super().__init__(engine, chunk_size, head)
+    def __init__(self, engine, adapters: Adapters, chunk_size: int, head: torch.nn.Linear | None,
+                 score: BatchScorer):
+        super().__init__(engine, chunk_size, head, score)
         self.adapters = adapters
 
     @torch.no_grad()
@@ -96,25 +99,28 @@ def reference_path(cfg: TrainConfig) -> str:
     return cfg.ref_model_name_or_path or cfg.model_name_or_path
 
 
-def _reference_engine(cfg: TrainConfig, hidden_size: int):
+def _reference_engine(cfg: TrainConfig, hidden_size: int, mpu=None):
     return build_inference_engine(reference_path(cfg), resolve_reference_config(cfg, hidden_size), model_dtype(cfg),
-                                  cfg.trust_remote_code, cfg.weights_loader, attention_kernel(cfg), cfg)
+                                  cfg.trust_remote_code, cfg.weights_loader, attention_kernel(cfg), cfg, mpu)
 
 
 def build_reference(cfg: TrainConfig, hidden_size: int, parallel: Parallel, datasets: list[TokenizedPairs] = (),
-                    cache_dir: str | None = None, pad_id: int = 0, policy: PolicyEngine | None = None) -> ReferenceSource:
+                    cache_dir: str | None = None, pad_id: int = 0, policy: PolicyEngine | None = None,
+                    mpu=None) -> ReferenceSource:
     """The reference source the loss needs. With precompute_ref, every dataset's table is computed (or read
     from the cache) now; call it before building the policy so both engines never hold memory together.
-    LoRA (`policy` given): the policy engine is the reference, with its trained adapter off."""
+    LoRA (`policy` given): the policy engine is the reference, with its trained adapter off. `mpu`: the
+    sequence-parallel groups (sequence_parallel.setup) under S > 1."""
     if not uses_reference(cfg):
         return NoReference()
+    score = BatchScorer(parallel, pad_id)
 
     def live_source():
         if policy is not None:
             return AdapterReference(policy.engine, policy.adapters, cfg.logprob_chunk_size,
-                                    scoring_head(policy.engine.module, cfg.fused_lm_head))
-        engine = _reference_engine(cfg, hidden_size)
-        return LiveReference(engine, cfg.logprob_chunk_size, scoring_head(engine.module, cfg.fused_lm_head))
+                                    scoring_head(policy.engine.module, cfg.fused_lm_head), score)
+        engine = _reference_engine(cfg, hidden_size, mpu)
+        return LiveReference(engine, cfg.logprob_chunk_size, scoring_head(engine.module, cfg.fused_lm_head), score)
 
     if not cfg.precompute_ref:
         return live_source()
@@ -143,8 +149,9 @@ def _cache_key(cfg: TrainConfig, pairs: TokenizedPairs) -> str:
 @torch.no_grad()
 def _precompute(source: LiveReference, cfg: TrainConfig, pairs: TokenizedPairs, target: Path, pad_id: int,
                 parallel: Parallel) -> None:
-    """One pass over `pairs`, split over the data-parallel ranks (data.rank_shares); each writes its rows, rank 0
-    publishes the directory once all are written."""
+    """One pass over `pairs`, split over the data-parallel ranks (data.rank_shares); each data-parallel group
+    writes its rows once (its sequence-parallel rank 0: the S ranks hold the same whole-sequence log-probs),
+    rank 0 publishes the directory once all are written."""
     tmp = target.with_name(target.name + ".tmp")
     if parallel.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -157,13 +164,14 @@ def _precompute(source: LiveReference, cfg: TrainConfig, pairs: TokenizedPairs, 
         if mine:
             rows += mine
             logps.append(scored.reshape(slots, len(mine)).T)  # [examples, slots]
-    save_file({"rows": torch.tensor(rows, dtype=torch.int64),
-               "logps": torch.cat(logps) if logps else torch.zeros(0, slots)},
-              str(tmp / f"rank-{parallel.rank:05d}-of-{parallel.world_size:05d}.safetensors"))
+    if parallel.sequence_parallel_rank == 0:
+        save_file({"rows": torch.tensor(rows, dtype=torch.int64),
+                   "logps": torch.cat(logps) if logps else torch.zeros(0, slots)},
+                  str(tmp / f"rank-{parallel.data_parallel_rank:05d}-of-{parallel.data_parallel_size:05d}.safetensors"))
     parallel.barrier()
     if parallel.is_main:
         (tmp / "complete.json").write_text(json.dumps({"examples": len(pairs), "sequences": slots,
-                                                      "ranks": parallel.world_size}))
+                                                      "ranks": parallel.data_parallel_size}))
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
         logger.info("reference log-probs of %d pairs written to %s", len(pairs), target)

@@ -13,22 +13,25 @@ The pieces, in the order a run uses them:
 1. `check_settings` (before anything loads): S divides the world size and the attention heads, the key/value
    heads follow DeepSpeed's rule, no eager attention, a model family the patch covers; `check_deepspeed_config`
    on the resolved policy DeepSpeed config; a ConfigError naming `sequence_parallel_size` otherwise.
-2. `setup` (once per process, after `Parallel.init`, before any model is built): DeepSpeed's sequence-parallel
-   groups, and `ALL_ATTENTION_FUNCTIONS[kernel]` routed through `UlyssesSPAttentionHF`; returns the `mpu` every
-   `deepspeed.initialize` (policy and reference) is given.
+2. `setup` (once per run, after `Parallel.init`, before any model is built; `attention_for_run` calls it):
+   DeepSpeed's sequence-parallel groups, and `ALL_ATTENTION_FUNCTIONS[kernel]` routed through
+   `UlyssesSPAttentionHF`; returns the `mpu` every `deepspeed.initialize` (policy and reference) is given.
 3. `shard_batch` (CPU, after `collate`): the rank's contiguous shard of the collated micro-batch, with its
    position ids and its slice of the whole batch's `Scoring` (a shard's last position predicts the next
    shard's first token, so targets, scored mask and sequence of each position are computed before cutting).
 4. `shard_forward_logps`: the forward on the shard and the per-sequence log-prob sums and token counts summed
    over the group (`sum_over_group`), differentiably: whole-sequence values, equal on every rank of the group.
-5. Optional `enable_tiled_mlp` (the `tiled_mlp` setting): dense MLPs in sequence tiles (DeepSpeed's TiledMLP).
+5. `BatchScorer`: how the step scores a collated batch with an engine, whole at S = 1, through 3 and 4 at S > 1.
+6. `enable_tiled_mlp`: dense MLPs in sequence tiles (DeepSpeed's TiledMLP), for the longest sequences (no
+   config field yet).
 
 How the trainer calls it (the integration contract):
 
 - Settings: `check_settings(S, world_size, load_model_config(...), attention_kernel(cfg), cfg.max_length)` in
   check_before_loading, `check_deepspeed_config(resolve_policy_config(...), S, source)`. Build both models with
   `ulysses_kernel(attention_kernel(cfg))` as attn_implementation (S > 1).
-- Groups: `parallel = Parallel.init(timeout, S)`, then `mpu = setup(parallel, model_config, kernel)` (S > 1).
+- Groups: `parallel = Parallel.init(timeout, S)`, then `mpu = attention_for_run(cfg, parallel, kernel)` in
+  step.build_step_context (setup at S > 1; None at S = 1).
   Shards and sums use `parallel.sequence_parallel_rank` / `parallel.sequence_parallel_group`; DeepSpeed's
   Ulysses attention uses the mpu's own group of the same ranks.
 - DeepSpeed: `deepspeed.initialize(..., mpu=mpu)` for the policy and the reference engine, and
@@ -38,12 +41,12 @@ How the trainer calls it (the integration contract):
   (Parallel), so the S ranks of a group read the same micro-batches in the same order (same indices, same
   loss_scale); the whole-sequence log-probs are equal on the S ranks, so a pair counts once per
   data-parallel group (Parallel.sum_over_data).
-- Step (step.pair_step): `micro = MicroBatch.of(...)` as now; `shard = shard_batch(micro.tensors, S,
-  parallel.sequence_parallel_rank, pad_id)`; policy: `logps, tokens, aux = shard_forward_logps(policy, shard,
+- Step (step.pair_step): `BatchScorer(parallel, pad_id)(policy, micro.tensors, chunk, head, router_aux)`,
+  which at S > 1 is `shard_forward_logps(policy, shard_batch(micro.tensors, S, sequence-parallel rank, pad_id),
   chunk, head, parallel.sequence_parallel_group, router_aux)`; the loss as without S, `policy.backward(loss)`,
   no other scaling ("Gradients" below). Under S > 1 no attention_mask and no flash-attention cu_seq_lens are
   passed: position ids carry the layout (the full row's, gathered inside each attention layer).
-- Reference: the live engine runs `shard_forward_logps` on the same shard under torch.no_grad; LoRA: the same
+- Reference: the live engine runs the same BatchScorer under torch.no_grad; LoRA: the same
   call with the adapter off; precompute_ref: computed the same way and written once per data-parallel group
   (sequence-parallel rank 0). Its log-probs are whole-sequence values: the cache does not depend on S.
 - MoE router loss: `aux` is the load-balancing loss of the rank's shard (its routers see 1/S of the tokens);
@@ -71,12 +74,12 @@ and groups itself, sets the row count per call, and under sdpa attends each pack
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from dpo_ds.config import ConfigError
+from dpo_ds.config import ConfigError, TrainConfig
 from dpo_ds.logprobs import Scoring, scoring_of
 from dpo_ds.parallel import Parallel
 
@@ -167,19 +170,27 @@ def check_deepspeed_config(ds_config: dict, sequence_parallel_size: int, source:
 
 
 # --------------------------------------------------------------------------- groups and the attention patch
+_CORE_KERNELS: dict[str, Any] = {}  # the attention kernels `setup` routed through the Ulysses attention, by name
+
+
 def setup(parallel: Parallel, model_config: Any, kernel: str):
     """Build DeepSpeed's sequence-parallel groups (`parallel_state_sp`, the mpu register_with_transformers
     returns, to be given to deepspeed.initialize) and route attention kernel `kernel` (ulysses_kernel's answer)
-    through DeepSpeed's UlyssesSPAttentionHF, for every model this process runs with that kernel. Once per
-    process (DeepSpeed keeps the groups in module globals), for a `parallel` (dpo_ds.parallel.Parallel) with
-    sequence_parallel_size > 1."""
+    through DeepSpeed's UlyssesSPAttentionHF for `model_config`'s heads, for every model this process runs with
+    that kernel. For a `parallel` (dpo_ds.parallel.Parallel) with sequence_parallel_size > 1, once per run: the
+    groups are built once per process (DeepSpeed keeps them in module globals), the routing is rebuilt from the
+    original kernel for each run's model."""
     import deepspeed.runtime.sequence_parallel.parallel_state_sp as mpu
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    mpu.initialize_sequence_parallel(sequence_parallel_size=parallel.sequence_parallel_size)
+    if mpu._SEQUENCE_PARALLEL_GROUP is None:
+        mpu.initialize_sequence_parallel(sequence_parallel_size=parallel.sequence_parallel_size)
+    elif mpu.get_sequence_parallel_world_size() != parallel.sequence_parallel_size:
+        raise ValueError(f"this process already runs sequence parallelism of size "
+                         f"{mpu.get_sequence_parallel_world_size()}, not {parallel.sequence_parallel_size}")
     text = model_config.get_text_config()
-    core = ALL_ATTENTION_FUNCTIONS[kernel]
+    core = _CORE_KERNELS.setdefault(kernel, ALL_ATTENTION_FUNCTIONS[kernel])
     ulysses = UlyssesSPAttentionHF(
         attn=_per_sequence_sdpa(core) if kernel == "sdpa" else core, batch_size=1,
         attn_head_count=text.num_attention_heads, attn_head_size=head_size(text),
@@ -188,6 +199,23 @@ def setup(parallel: Parallel, model_config: Any, kernel: str):
     ulysses.core_attn_implementation = kernel
     ALL_ATTENTION_FUNCTIONS[kernel] = _UlyssesAttention(ulysses)
     return mpu
+
+
+def attention_for_run(cfg: TrainConfig, parallel: Parallel, kernel: str | None):
+    """Before a run builds its models: `setup`'s mpu for deepspeed.initialize under S > 1 (`kernel`:
+    engines.attention_kernel's answer); None at S = 1, with the original attention kernels back where an
+    earlier run of this process routed them."""
+    if parallel.sequence_parallel_size > 1:
+        from dpo_ds.families import load_model_config
+
+        return setup(parallel, load_model_config(cfg.model_name_or_path, cfg.trust_remote_code), ulysses_kernel(kernel))
+    if _CORE_KERNELS:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        for name, core in _CORE_KERNELS.items():
+            ALL_ATTENTION_FUNCTIONS[name] = core
+        _CORE_KERNELS.clear()
+    return None
 
 
 class _UlyssesAttention:
@@ -238,22 +266,23 @@ class SequenceShard:
     scoring: Scoring  # this shard's slice of the whole batch's Scoring
 
 
-def shard_batch(batch: dict[str, torch.Tensor], size: int, rank: int, pad_id: int) -> SequenceShard:
+def shard_batch(batch: dict[str, torch.Tensor], size: int, rank: int, pad_id: int, wpo: bool = False
+                ) -> SequenceShard:
     """Shard `rank` of `size` of a collated batch (data.collate: right-padded rows, or one packed row).
 
     The sequence dimension is padded to a multiple of `size` with `pad_id` tokens that are never scored
     (padded rows: positions continue; a packed row: one more sequence, positions from 0, so it attends to
     nothing before it). Scoring is computed on the whole batch before cutting, so the last position of a
     shard scores the first token of the next one; summed over the shards, each sequence's log-probs and
-    token counts are the unsharded batch's."""
-    input_ids, loss_mask = batch["input_ids"], batch["loss_mask"]
+    token counts are the unsharded batch's. `wpo`: the shard's Scoring also sums WPO's token terms."""
+    input_ids, loss_mask, weights = batch["input_ids"], batch["loss_mask"], batch.get("token_weights")
     rows, length = input_ids.shape
     if "sequence_ids" in batch:
         sequence_ids = batch["sequence_ids"]
-        scoring = scoring_of(input_ids, loss_mask, sequence_ids, int(sequence_ids.max()) + 1)
+        scoring = scoring_of(input_ids, loss_mask, sequence_ids, int(sequence_ids.max()) + 1, weights, wpo)
         positions = batch["position_ids"]
     else:
-        scoring = scoring_of(input_ids, loss_mask)
+        scoring = scoring_of(input_ids, loss_mask, token_weights=weights, wpo=wpo)
         positions = torch.arange(length).expand(rows, length)
     width = math.ceil(length / size) * size
     extra = width - length
@@ -262,14 +291,16 @@ def shard_batch(batch: dict[str, torch.Tensor], size: int, rank: int, pad_id: in
         padded_positions = filler if "sequence_ids" in batch else filler + length
         input_ids = torch.cat([input_ids, input_ids.new_full((rows, extra), pad_id)], dim=1)
         positions = torch.cat([positions, padded_positions.to(positions.dtype)], dim=1)
-        scoring = Scoring(torch.cat([scoring.targets, scoring.targets.new_zeros(rows, extra)], dim=1),
-                          torch.cat([scoring.mask, scoring.mask.new_zeros(rows, extra)], dim=1),
-                          torch.cat([scoring.segments, scoring.segments[:, -1:].expand(rows, extra)], dim=1),
-                          scoring.num_sequences)
+        scoring = replace(scoring, targets=torch.cat([scoring.targets, scoring.targets.new_zeros(rows, extra)], dim=1),
+                          mask=torch.cat([scoring.mask, scoring.mask.new_zeros(rows, extra)], dim=1),
+                          segments=torch.cat([scoring.segments, scoring.segments[:, -1:].expand(rows, extra)], dim=1),
+                          weights=None if weights is None else
+                          torch.cat([scoring.weights, scoring.weights.new_zeros(rows, extra)], dim=1))
     part = slice(rank * width // size, (rank + 1) * width // size)
-    return SequenceShard(input_ids[:, part].contiguous(), positions[:, part].contiguous(),
-                         Scoring(scoring.targets[:, part].contiguous(), scoring.mask[:, part].contiguous(),
-                                 scoring.segments[:, part].contiguous(), scoring.num_sequences))
+    cut = lambda t: None if t is None else t[:, part].contiguous()  # noqa: E731
+    return SequenceShard(cut(input_ids), cut(positions), replace(scoring, targets=cut(scoring.targets),
+                                                                 mask=cut(scoring.mask), segments=cut(scoring.segments),
+                                                                 weights=cut(scoring.weights)))
 
 
 # --------------------------------------------------------------------------- the reduction
@@ -292,27 +323,51 @@ class _SumOverGroup(torch.autograd.Function):
         return all_reduce(grad, group=ctx.group), None
 
 
-def sum_over_group(sums: torch.Tensor, tokens: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
+def sum_over_group(sums: torch.Tensor, tokens: torch.Tensor, group, *detached: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Per-sequence log-prob sums and token counts of the shards, summed over the group's ranks (one
-    all-reduce; differentiable in `sums`)."""
-    total = _SumOverGroup.apply(torch.stack([sums, tokens.to(sums.dtype)]), group)
-    return total[0], total[1].to(tokens.dtype)
+    all-reduce; differentiable in `sums`), and any further per-sequence sums without gradient (`detached`: WPO's)."""
+    rows = [sums, tokens.to(sums.dtype), *(d.to(sums.dtype) for d in detached)]
+    total = _SumOverGroup.apply(torch.stack(rows), group)
+    return (total[0], total[1].to(tokens.dtype),
+            *(row.detach().to(d.dtype) for row, d in zip(total[2:], detached)))
 
 
 def shard_forward_logps(engine, shard: SequenceShard, chunk_size: int, head: torch.nn.Linear | None, group,
-                        router_aux: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                        router_aux: bool = False) -> tuple[torch.Tensor, ...]:
     """`scoring.forward_logps` for a shard: the forward on the rank's shard, then the whole-sequence log-prob
-    sums and token counts (summed over `group`, the sequence-parallel group), and the shard's router loss when
-    `router_aux`."""
+    sums and token counts (summed over `group`, the sequence-parallel group), the shard's router loss when
+    `router_aux`, and the whole-sequence WPO sums when the shard's Scoring asks for them."""
     from dpo_ds.scoring import score_forward, to_device
 
     device = engine.device
-    scoring = Scoring(to_device(shard.scoring.targets, device), to_device(shard.scoring.mask, device),
-                      to_device(shard.scoring.segments, device), shard.scoring.num_sequences)
-    sums, tokens, aux = score_forward(engine, to_device(shard.input_ids, device),
-                                      {"position_ids": to_device(shard.position_ids, device)}, scoring,
-                                      shard.scoring.positions(), chunk_size, head, router_aux)
-    return (*sum_over_group(sums, tokens, group), aux)
+    weights = shard.scoring.weights
+    scoring = replace(shard.scoring, targets=to_device(shard.scoring.targets, device),
+                      mask=to_device(shard.scoring.mask, device), segments=to_device(shard.scoring.segments, device),
+                      weights=None if weights is None else to_device(weights, device))
+    sums, tokens, aux, *wpo = score_forward(engine, to_device(shard.input_ids, device),
+                                            {"position_ids": to_device(shard.position_ids, device)}, scoring,
+                                            shard.scoring.positions(), chunk_size, head, router_aux)
+    sums, tokens, *wpo = sum_over_group(sums, tokens, group, *wpo)
+    return sums, tokens, aux, *wpo
+
+
+@dataclass(frozen=True)
+class BatchScorer:
+    """How this run's engines score a collated batch (scoring.forward_logps's signature and results): the whole
+    batch at S = 1; this rank's shard, summed over its sequence-parallel group, at S > 1. The policy and the
+    reference are scored through it, so both see the same shards."""
+    parallel: Parallel
+    pad_id: int  # the filler of a sequence dimension padded to a multiple of S
+
+    def __call__(self, engine, batch: dict[str, torch.Tensor], chunk_size: int, head: torch.nn.Linear | None,
+                 router_aux: bool = False, wpo: bool = False) -> tuple[torch.Tensor, ...]:
+        from dpo_ds import scoring  # through the module: tests/dist_fault_probe.py replaces forward_logps
+
+        size = self.parallel.sequence_parallel_size
+        if size == 1:
+            return scoring.forward_logps(engine, batch, chunk_size, head, router_aux, wpo)
+        shard = shard_batch(batch, size, self.parallel.sequence_parallel_rank, self.pad_id, wpo)
+        return shard_forward_logps(engine, shard, chunk_size, head, self.parallel.sequence_parallel_group, router_aux)
 
 
 # --------------------------------------------------------------------------- tiled MLP

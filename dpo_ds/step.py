@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from deepspeed import DeepSpeedEngine
 
-from dpo_ds import scoring
+from dpo_ds import scoring, sequence_parallel
 from dpo_ds.config import TrainConfig, uses_lora
 from dpo_ds.data import MicroBatch, PairSampler, TokenizedPairs, rank_shares
 from dpo_ds.engines import attention_kernel, build_policy_engine, resolve_policy_config
@@ -34,6 +34,7 @@ from dpo_ds.metrics import PairStats, untimed
 from dpo_ds.parallel import Parallel
 from dpo_ds.prepare import cache_dir_of
 from dpo_ds.reference import ReferenceSource, build_reference
+from dpo_ds.sequence_parallel import BatchScorer
 
 logger = logging.getLogger("dpo_ds")
 
@@ -80,12 +81,13 @@ def build_step_context(cfg: TrainConfig, parallel: Parallel, total_steps: int, p
     ds_config = resolve_policy_config(cfg, parallel.data_parallel_size, hidden)
     if load_universal:  # resuming a checkpoint saved by another world size
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
+    mpu = sequence_parallel.attention_for_run(cfg, parallel, kernel)
     if uses_lora(cfg):  # the reference is the policy engine itself (adapter off): no second model
-        policy = build_policy_engine(cfg, ds_config, total_steps)
+        policy = build_policy_engine(cfg, ds_config, total_steps, mpu)
         reference = build_reference(cfg, hidden, parallel, datasets, cache_dir_of(cfg), pad_id, policy)
     else:
-        reference = build_reference(cfg, hidden, parallel, datasets, cache_dir_of(cfg), pad_id)
-        policy = build_policy_engine(cfg, ds_config, total_steps)
+        reference = build_reference(cfg, hidden, parallel, datasets, cache_dir_of(cfg), pad_id, mpu=mpu)
+        policy = build_policy_engine(cfg, ds_config, total_steps, mpu)
     return StepContext.create(cfg, parallel, policy.engine, reference, pad_id, policy.config_overrides,
                               policy.adapters)
 
@@ -124,9 +126,9 @@ def pair_step(ctx: StepContext, pairs: TokenizedPairs, indices: list[int], stats
         ref_logps = ctx.reference.logps(micro)
     with ctx.timer("policy_forward"), torch.set_grad_enabled(train):
         aux_coef = ctx.cfg.router_aux_loss_coef if train else 0.0  # evaluation scores preferences only
-        # called through the module: tests/dist_fault_probe.py replaces scoring.forward_logps to inject NaN
-        logps, tokens, aux, *wpo = scoring.forward_logps(ctx.policy, batch, ctx.cfg.logprob_chunk_size,
-                                                         ctx.policy_head, aux_coef > 0, ctx.cfg.use_weighting)
+        # the whole batch, or under sequence parallelism this rank's shard with whole-sequence sums
+        logps, tokens, aux, *wpo = BatchScorer(ctx.parallel, ctx.pad_id)(
+            ctx.policy, batch, ctx.cfg.logprob_chunk_size, ctx.policy_head, aux_coef > 0, ctx.cfg.use_weighting)
         unpaired = ctx.objective.unit == "unpaired"
         lp = (split_unpaired(logps, tokens, ref_logps, pairs, indices) if unpaired
               else split_pairs(logps, tokens, ref_logps, *wpo))

@@ -17,12 +17,13 @@ from pathlib import Path
 import torch
 
 from dpo_ds import checkpoint as ckpt
-from dpo_ds import run_dir
+from dpo_ds import run_dir, sequence_parallel
 from dpo_ds.config import TrainConfig, add_config_arguments, config_from_args, to_dict, uses_lora, uses_reference
 from dpo_ds.console import Progress, emit, setup_logging
 from dpo_ds.convert import export_engine, export_merged_from_base
 from dpo_ds.data import DataError, PairSampler, TokenizedPairs
-from dpo_ds.engines import model_dtype, resolve_policy_config, resolve_reference_config
+from dpo_ds.engines import attention_kernel, model_dtype, resolve_policy_config, resolve_reference_config
+from dpo_ds.engines.ds_config import default_config_path
 from dpo_ds.errors import Preempted, UsageError
 from dpo_ds.families import check_model_family, load_model_config
 from dpo_ds.lora import merge_adapter, save_adapter
@@ -63,11 +64,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     build the engines; train (guards, evaluation and preemption checkpoints inside the loop); export."""
     from transformers import AutoTokenizer  # heavy: kept out of `dpo-ds train --help`
 
-    parallel = Parallel.init(timeout_s=cfg.dist_timeout_s)
+    parallel = Parallel.init(timeout_s=cfg.dist_timeout_s, sequence_parallel_size=cfg.sequence_parallel_size)
     setup_logging(parallel.rank)
     stop_signal = StopSignal()
     torch.manual_seed(cfg.seed)
-    check_before_loading(cfg, parallel)
+    check_before_loading(cfg, parallel, parallel.world_size)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
     data = TrainData(*load_config_examples(cfg, tokenizer, parallel))
     sampler, total_steps = cut_into_steps(cfg, data.train, parallel)
@@ -99,14 +100,32 @@ class TrainData:
         return [p for p in (self.train, self.eval) if p is not None]
 
 
-def check_before_loading(cfg: TrainConfig, parallel: Parallel) -> None:
+def check_before_loading(cfg: TrainConfig, parallel: Parallel, world_size: int) -> None:
     """What can be refused before any model or data is loaded: an output_dir holding a run's outputs, directories
-    not shared by every rank, a model that cannot work, a reference that tokenizes differently."""
+    not shared by every rank, a model that cannot work, a reference that tokenizes differently, settings
+    sequence parallelism cannot run with on `world_size` ranks."""
     run_dir.check_output_dir(cfg.output_dir, cfg.resume_from, cfg.overwrite)
     parallel.check_shared_dirs({"output_dir": cfg.output_dir, "cache_dir": cache_dir_of(cfg)})
     check_model_family(cfg)
     if cfg.ref_model_name_or_path and uses_reference(cfg):  # the seed's rule: one tokenization for both models
         check_reference_compatible(cfg.model_name_or_path, cfg.ref_model_name_or_path, cfg.trust_remote_code)
+    if cfg.sequence_parallel_size > 1:
+        check_sequence_parallel(cfg, world_size)
+
+
+def check_sequence_parallel(cfg: TrainConfig, world_size: int) -> None:
+    """ConfigError naming sequence_parallel_size for a model (policy or separate reference) or policy DeepSpeed
+    config it cannot run with (dpo_ds.sequence_parallel.check_settings / check_deepspeed_config)."""
+    size = cfg.sequence_parallel_size
+    paths = [cfg.model_name_or_path]
+    if cfg.ref_model_name_or_path and uses_reference(cfg):
+        paths.append(cfg.ref_model_name_or_path)
+    for path in paths:
+        sequence_parallel.check_settings(size, world_size, load_model_config(path, cfg.trust_remote_code),
+                                         attention_kernel(cfg), cfg.max_length)
+    hidden = load_model_config(cfg.model_name_or_path, cfg.trust_remote_code).hidden_size
+    sequence_parallel.check_deepspeed_config(resolve_policy_config(cfg, world_size // size, hidden), size,
+                                             str(cfg.deepspeed_config or default_config_path("policy")))
 
 
 def cut_into_steps(cfg: TrainConfig, pairs: TokenizedPairs, parallel: Parallel) -> tuple[PairSampler, int]:
@@ -322,7 +341,7 @@ def check_run(cfg: TrainConfig) -> str:
     from transformers import AutoTokenizer
 
     parallel = Parallel()
-    check_before_loading(cfg, parallel)
+    check_before_loading(cfg, parallel, cfg.sequence_parallel_size)  # the smallest world the run can have
     hidden = load_model_config(cfg.model_name_or_path, cfg.trust_remote_code).hidden_size
     resolve_policy_config(cfg, 1, hidden)
     if uses_reference(cfg) and not uses_lora(cfg):

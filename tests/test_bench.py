@@ -25,14 +25,11 @@ def report(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def test_single_process_bench_reports_the_padding_it_really_ran(demo_assets, tmp_path):
-    r = report(run_cli(bench_args(demo_assets.model_dir, tmp_path)).stdout)
-    assert (r["world_size"], r["timed_steps"], r["reference"], r["padding_free"]) == (1, 2, "live", False)
-    assert r["fused_lm_head"] is True and r["attention"] == "sdpa"
-    assert r["active_params"] == r["params"] > 0  # a dense model: every token passes through all of it
-    # occupancy of the timed steps (1 and 2) from the same synthetic pairs and sampler, written out here:
-    # a right-padded micro-batch processes 2B rows as wide as its longest sequence
-    vocab = json.load(open(f"{demo_assets.model_dir}/config.json"))["vocab_size"]
+def one_group_tokens(model_dir: str) -> tuple[int, int]:
+    """(real, processed) tokens of bench_args' timed steps (1 and 2) on one data-parallel group, from the same
+    synthetic pairs and sampler, written out here: a right-padded micro-batch processes 2B rows as wide as its
+    longest sequence."""
+    vocab = json.load(open(f"{model_dir}/config.json"))["vocab_size"]
     cfg = TrainConfig(micro_batch_size=3)
     pairs = synthetic_pairs(3 * 3, "lognormal:24,0.5", 64, vocab, cfg.seed)
     sampler = PairSampler.for_config(cfg, pairs, 1)
@@ -41,6 +38,15 @@ def test_single_process_bench_reports_the_padding_it_really_ran(demo_assets, tmp
         for batch in sampler.micro_batches(step, 0):
             seqs = [len(pairs.prompt[i]) + len(c[i]) for c in (pairs.chosen, pairs.rejected) for i in batch]
             real, processed = real + sum(seqs), processed + len(seqs) * max(seqs)
+    return real, processed
+
+
+def test_single_process_bench_reports_the_padding_it_really_ran(demo_assets, tmp_path):
+    r = report(run_cli(bench_args(demo_assets.model_dir, tmp_path)).stdout)
+    assert (r["world_size"], r["timed_steps"], r["reference"], r["padding_free"]) == (1, 2, "live", False)
+    assert r["fused_lm_head"] is True and r["attention"] == "sdpa"
+    assert r["active_params"] == r["params"] > 0  # a dense model: every token passes through all of it
+    real, processed = one_group_tokens(demo_assets.model_dir)
     assert r["token_occupancy"] == pytest.approx(real / processed)
     assert r["token_occupancy"] < 1.0  # log-normal lengths do pad
     times = r["step_time_s"]
@@ -59,3 +65,15 @@ def test_two_rank_bench_with_cached_reference_and_packing(demo_assets, tmp_path)
     split = r["split_s_per_step"]
     assert split["reference_forward"] < split["policy_forward"] / 10  # a cache lookup: no reference engine runs
     assert r["mfu"] == pytest.approx(r["tflops_per_s"] / 2)  # two devices of 1 TFLOP/s each
+
+
+def test_sequence_parallel_bench_counts_each_pair_once(demo_assets, tmp_path):
+    """2 ranks at S = 2: one data-parallel group, whose 2 ranks share every micro-batch; the tokens are those of
+    one group's pairs, not twice as many."""
+    proc = launch(["-m", "dpo_ds", *bench_args(demo_assets.model_dir, tmp_path, "--sequence_parallel_size", "2")])
+    r = report(proc.stdout)
+    assert (r["world_size"], r["sequence_parallel_size"], r["attention"]) == (2, 2, "sdpa")
+    real, processed = one_group_tokens(demo_assets.model_dir)
+    assert r["token_occupancy"] == pytest.approx(real / processed)
+    times = r["step_time_s"]  # two timed steps: their total time is min + max
+    assert r["tokens_per_s"] * (times["min"] + times["max"]) == pytest.approx(real, rel=1e-9)

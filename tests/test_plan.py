@@ -318,3 +318,50 @@ def test_cli_lora(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["fits"] and out["setup"]["lora_r"] == 16 and out["lora_params"] == P.load_shape("llama-70b").lora_params(16)
     assert out["smallest_fit"]["train_flags"][-2:] == ["--lora_r", "16"]
+
+
+# --- sequence parallelism (Ulysses) --------------------------------------------------------------------------------
+def test_sequence_parallelism_divides_the_activations_and_adds_one_layers_all_to_all():
+    model = P.load_shape("llama3-8b")
+    alone, shared = (M.plan(model, setup(seq_len=65536, sequence_parallel_size=s)) for s in (1, 8))
+    for name in ("activation checkpoints", "layer recompute + its grads"):
+        assert shared.item(name).gpu_bytes == alone.item(name).gpu_bytes / 8
+    # the model states do not depend on S: ZeRO-3 partitions over all GPUs
+    assert shared.policy_states == alone.policy_states
+    exchange = shared.item("Ulysses all-to-all buffers (one layer)").gpu_bytes
+    assert exchange == 2 * (2 * model.q_dim + 2 * model.kv_dim) * (2 * 65536 // 8) * 2
+    assert all(item.name != "Ulysses all-to-all buffers (one layer)" for item in alone.items)
+    # a micro-step on all GPUs: 8 data-parallel groups of one pair each, or one group of 8 sharing its pair
+    assert shared.flops.tokens == alone.flops.tokens / 8 and shared.flops.total == alone.flops.total / 8
+
+
+def test_issue_21_targets_long_responses_fit_with_sequence_parallelism():
+    """Llama-3-8B with 64k-token responses (+ a 1k prompt) on one node of 8 x 80 GB; Llama-70B with 32k-token
+    responses on 4 such nodes; neither without sequence parallelism."""
+    for name, nodes, seq_len in (("llama3-8b", 1, 66560), ("llama-70b", 4, 33792)):
+        model = P.load_shape(name)
+        assert M.plan(model, setup(nodes=nodes, seq_len=seq_len, sequence_parallel_size=8, reference="offload")).fits
+        assert not M.plan(model, setup(nodes=nodes, seq_len=seq_len, reference="offload")).fits_gpu
+
+
+def test_longest_seq_len_is_the_boundary_of_fitting():
+    model = P.load_shape("llama3-8b")
+    for size in (1, 8):
+        given = setup(seq_len=4096, sequence_parallel_size=size, reference="offload")
+        longest = P.longest_seq_len(model, given)
+        assert longest % size == 0
+        assert M.plan(model, dataclasses.replace(given, seq_len=longest)).fits
+        assert not M.plan(model, dataclasses.replace(given, seq_len=longest + size)).fits
+    longest_alone = P.longest_seq_len(model, setup(reference="offload"))
+    assert P.longest_seq_len(model, setup(reference="offload", sequence_parallel_size=8)) > 6 * longest_alone
+
+
+def test_cli_sequence_parallel(capsys):
+    assert main(["plan", "--model", "llama3-8b", "--seq_len", "66560", "--sequence_parallel_size", "8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["fits"] and out["setup"]["sequence_parallel_size"] == 8
+    assert out["longest_seq_len"] >= 66560
+    flags = out["smallest_fit"]["train_flags"]
+    assert flags[flags.index("--sequence_parallel_size") + 1] == "8"
+    with pytest.raises(SystemExit, match="must divide the 8 GPUs and the model's 32 attention heads"):
+        main(["plan", "--model", "llama3-8b", "--sequence_parallel_size", "3"])

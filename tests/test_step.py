@@ -14,6 +14,7 @@ from dpo_ds.metrics import PairStats
 from dpo_ds.parallel import Parallel
 from dpo_ds.reference import LiveReference, NoReference
 from dpo_ds.scoring import scoring_head
+from dpo_ds.sequence_parallel import BatchScorer
 from dpo_ds.step import StepContext, evaluate_pairs, pair_step, split_pairs, train_step
 from helpers import FakeEngine, tiny_causal_lm
 
@@ -68,7 +69,8 @@ def context(padding_free: bool, live_reference: bool, fused: bool = True, **fiel
                       micro_batch_size=2, **fields)
     policy = FakeEngine(tiny_causal_lm(seed=1))
     reference_model = tiny_causal_lm(seed=2) if live_reference else None
-    reference = (LiveReference(FakeEngine(reference_model), 3, scoring_head(reference_model, fused))
+    reference = (LiveReference(FakeEngine(reference_model), 3, scoring_head(reference_model, fused),
+                               BatchScorer(Parallel(), PAD))
                  if live_reference else NoReference())
     return StepContext.create(cfg, Parallel(), policy, reference, PAD), reference_model
 

@@ -111,6 +111,7 @@ class TrainConfig:
     ref_deepspeed_config: Optional[str] = _field(None, "Reference DeepSpeed JSON; default ds_configs/reference_zero3.json.", "engine")
     weights_loader: WeightsLoader = _field("streamed", "How ZeRO-3 ranks read a local safetensors model: streamed (rank 0 reads each rank's slice of each tensor and scatters it chunk by chunk: no rank holds more than its partition plus a chunk) or transformers (from_pretrained under HfDeepSpeedConfig: rank 0 maps the whole checkpoint). Other formats always use transformers.", "engine")
     attn_implementation: AttnImplementation = _field("auto", "Attention kernel transformers builds the models with: eager, sdpa, flash_attention_2, flash_attention_3 or flex_attention. auto: flash_attention_2 when padding_free is on with bf16 on a GPU and the flash_attn package is installed (varlen: each packed sequence costs what it would alone); otherwise the model's own default (sdpa for most; under padding_free it attends over the packed row through a block-diagonal mask, quadratic in the micro-batch's total tokens).", "engine")
+    sequence_parallel_size: int = _field(1, "Sequence parallelism (DeepSpeed's Ulysses): S consecutive ranks share every sequence, each running the model on 1/S of its tokens (attention exchanges heads by all-to-all); data parallel = world size / S. S must divide the world size and the model's attention heads, attn_implementation sdpa or flash_attention_2/3 (auto picks sdpa where it would pick the model's default). 1 = off. How to pick S: docs/training.md, Long context.", "engine")
     precompute_ref: bool = _field(False, "Compute the reference log-probs of the train and eval pairs once before training (cached on disk under caches/, reused by later runs); training then runs no reference model.", "engine")
     fused_lm_head: bool = _field(True, "Compute completion-token log-probs inside the output projection, chunk by chunk and only at completion positions, so the [tokens, vocab] logits and their gradient never exist whole. Used where the model returns lm_head(hidden) unchanged (Llama, Mistral, Mixtral, Qwen2/3, Phi-3, Gemma, ...); other models (logit soft-capping or scaling) score from the full logits.", "engine")
     logprob_chunk_size: int = _field(256, "Sequence positions per chunk when turning hidden states or logits into token log-probs (bounds the fp32 block to chunk x vocab).", "engine")
@@ -276,7 +277,7 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.train_file is None:
         bad("train_file", "required")
     for name in ("max_length", "micro_batch_size", "gradient_accumulation_steps", "num_epochs", "logprob_chunk_size",
-                 "max_bad_steps"):
+                 "max_bad_steps", "sequence_parallel_size"):
         if getattr(cfg, name) < 1:
             bad(name, f"must be >= 1, got {getattr(cfg, name)}")
     for name in ("max_steps", "warmup_steps", "logging_steps", "eval_steps", "save_steps", "save_total_limit"):

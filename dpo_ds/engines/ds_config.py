@@ -67,6 +67,7 @@ def resolve_policy_config(cfg: TrainConfig, world_size: int, hidden_size: int) -
     _fill(params, "eps", cfg.adam_epsilon)
     _fill(params, "weight_decay", cfg.weight_decay)
     fill_zero_buckets(ds, hidden_size, "deepspeed_config")
+    set_sequence_parallel_size(ds, cfg)
     if ds["zero_optimization"].get("stage") != 3:
         raise ConfigError(f"{source}: zero_optimization.stage must be 3 for the policy")
     _check_no_auto(ds, "", str(source))
@@ -92,8 +93,16 @@ def resolve_reference_config(cfg: TrainConfig, hidden_size: int) -> dict[str, An
     if on_cpu():
         offload["pin_memory"] = False  # no pinned memory without a GPU
     fill_zero_buckets(ds, hidden_size, "ref_deepspeed_config")
+    set_sequence_parallel_size(ds, cfg)
     _check_no_auto(ds, "", str(source))
     return ds
+
+
+def set_sequence_parallel_size(ds: dict, cfg: TrainConfig) -> None:
+    # DeepSpeed counts the data-parallel ranks (the batch-size check) as world / S: from the engine's mpu, and
+    # from this key where a config is read without one (zero.Init while the model is built, HfDeepSpeedConfig)
+    if cfg.sequence_parallel_size > 1:
+        ds["sequence_parallel_size"] = cfg.sequence_parallel_size
 
 
 def fill_zero_buckets(ds: dict, hidden_size: int, field_name: str) -> None:

@@ -49,7 +49,9 @@ class PolicyEngine:
     adapters: Adapters | None               # LoRA: the peft handle; None for full fine-tuning
 
 
-def build_policy_engine(cfg: TrainConfig, ds_config: dict[str, Any], total_steps: int) -> PolicyEngine:
+def build_policy_engine(cfg: TrainConfig, ds_config: dict[str, Any], total_steps: int, mpu=None) -> PolicyEngine:
+    """`mpu`: sequence_parallel.setup's groups under sequence parallelism (DeepSpeed then counts data-parallel
+    ranks as world / S), else None."""
     if cfg.lora_quantize is not None:  # QLoRA: the frozen base in 4 bits, partitioned by deepspeed.initialize
         model = load_quantized_base(cfg, model_dtype(cfg), attention_kernel(cfg))
     else:
@@ -63,7 +65,7 @@ def build_policy_engine(cfg: TrainConfig, ds_config: dict[str, Any], total_steps
     adapters = attach_adapters(model, cfg) if uses_lora(cfg) else None
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=_optimizer_groups(model, cfg.weight_decay), config=ds_config,
-        lr_scheduler=lr_scheduler(cfg.lr_scheduler, cfg.warmup_steps, total_steps))
+        lr_scheduler=lr_scheduler(cfg.lr_scheduler, cfg.warmup_steps, total_steps), mpu=mpu)
     # NaN/Inf gradients on any rank make the all-reduced gradient norm non-finite; DeepSpeed (>= 0.19.8) then
     # skips the update on every rank in every precision and `was_step_applied()` is False.
     return PolicyEngine(engine, overrides, adapters)
@@ -71,15 +73,16 @@ def build_policy_engine(cfg: TrainConfig, ds_config: dict[str, Any], total_steps
 
 def build_inference_engine(path: str, ds_config: dict[str, Any], dtype: torch.dtype, trust_remote_code: bool,
                            weights_loader: str = "streamed", attn_implementation: str | None = None,
-                           cfg: TrainConfig | None = None):
-    """A frozen ZeRO-3 engine without optimizer, in eval mode (prepared as `cfg` says when given)."""
+                           cfg: TrainConfig | None = None, mpu=None):
+    """A frozen ZeRO-3 engine without optimizer, in eval mode (prepared as `cfg` says when given; `mpu` as
+    build_policy_engine's)."""
     model = load_sharded_model(path, ds_config, dtype, trust_remote_code, weights_loader, attn_implementation)
     if cfg is not None:
         prepare_model(model, cfg)
     else:
         mark_expert_blocks(model)
     model.requires_grad_(False)
-    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config, mpu=mpu)
     engine.eval()
     return engine
 

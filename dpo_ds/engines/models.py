@@ -10,6 +10,7 @@ from dpo_ds.config import TrainConfig
 from dpo_ds.hf_dir import ConfigOverride
 from dpo_ds.loading import load_sharded_pretrained
 from dpo_ds.safetensors_io import has_safetensors
+from dpo_ds.sequence_parallel import ulysses_kernel
 
 
 def model_dtype(cfg: TrainConfig) -> torch.dtype:
@@ -17,14 +18,15 @@ def model_dtype(cfg: TrainConfig) -> torch.dtype:
 
 
 def attention_kernel(cfg: TrainConfig) -> str | None:
-    """The `attn_implementation` to build models with; None leaves the model's default (see the field's help)."""
+    """The `attn_implementation` to build models with; None leaves the model's default (see the field's help).
+    Under sequence parallelism never None: the Ulysses attention must know which kernel it wraps."""
     if cfg.attn_implementation != "auto":
         return cfg.attn_implementation
     from transformers.utils import is_flash_attn_2_available
 
     if cfg.padding_free and cfg.precision == "bf16" and torch.cuda.is_available() and is_flash_attn_2_available():
         return "flash_attention_2"
-    return None
+    return ulysses_kernel(None) if cfg.sequence_parallel_size > 1 else None
 
 
 def load_sharded_model(path: str, ds_config: dict[str, Any], dtype: torch.dtype, trust_remote_code: bool,

@@ -21,12 +21,12 @@ from dpo_ds.plan.memory import (
     model_flops,
     plan,
 )
-from dpo_ds.plan.search import NODE_COUNTS_CAP, smallest_fit, train_flags
+from dpo_ds.plan.search import NODE_COUNTS_CAP, longest_seq_len, smallest_fit, train_flags
 from dpo_ds.plan.shapes import PRESETS, ModelShape, load_shape, model_config_and_name, shape_from_config
 
 __all__ = ["DEFAULT_CPU_MEMORY_GB", "GIB", "HEADROOM", "NODE_COUNTS_CAP", "PRESETS", "REFERENCE_MODES", "SUB_GROUP",
-           "ModelShape", "Plan", "Setup", "load_shape", "model_config_and_name", "model_flops", "plan",
-           "shape_from_config", "smallest_fit", "train_flags"]
+           "ModelShape", "Plan", "Setup", "load_shape", "longest_seq_len", "model_config_and_name", "model_flops",
+           "plan", "shape_from_config", "smallest_fit", "train_flags"]
 
 HELP = """Estimate per-GPU and per-node memory and the FLOPs of one DPO micro-step on DeepSpeed ZeRO-3,
 from a model's config alone (a preset name, a config.json, or a model directory; nothing is downloaded).
@@ -35,12 +35,15 @@ sharded over all GPUs or offloaded to CPU), the ZeRO-3 gather/bucket buffers, th
 (on GPU, offloaded to CPU, or precomputed), gradient-checkpointed activations and the log-probs (inside
 lm_head, or from full logits); --lora_r R budgets LoRA instead: the frozen base as a sharded bf16 shard,
 grads and optimizer states for the adapter only, no reference model (the base with the adapter off), and with
---lora_quantize nf4 QLoRA: the base's Linear weights at 0.5 byte/param (sharded) plus their absmax constants. It says
+--lora_quantize nf4 QLoRA: the base's Linear weights at 0.5 byte/param (sharded) plus their absmax constants;
+--sequence_parallel_size S: S GPUs share every sequence (DeepSpeed's Ulysses), each holding the activations of
+1/S of its tokens plus one layer's all-to-all buffers, and it reports the longest seq_len that fits. It says
 whether that fits in GPU memory and CPU memory per node, keeping 10% of each as headroom; and searches for a
 setting that fits, on the given machines first (optimizer offload, then parameter offload, then halving the
 micro batch down to 1), then on 2, 4, ... times the nodes up to --max_nodes, and prints the `dpo-ds train`
 flags and ds_configs preset of the answer. The reference defaults to train's: offloaded to CPU.
-Example: dpo-ds plan --model llama-70b --nodes 4 --gpus_per_node 8 --seq_len 4096 --reference offload"""
+Example: dpo-ds plan --model llama-70b --nodes 4 --gpus_per_node 8 --seq_len 4096 --reference offload
+Long context: dpo-ds plan --model llama3-8b --seq_len 65536 --sequence_parallel_size 8"""
 
 
 def _positive_int(text: str) -> int:
@@ -76,6 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --lora_r, as the train field: QLoRA, the base's Linear weights in nf4 (0.5 byte per "
                              "param, sharded) plus their quantization constants (whole on every GPU), and the whole "
                              "4-bit base on each GPU while it loads, before ZeRO-3 partitions it")
+    parser.add_argument("--sequence_parallel_size", type=_positive_int, default=1,
+                        help="as the train field: S GPUs share every sequence (DeepSpeed's Ulysses), each holding 1/S "
+                             "of its tokens; S divides the GPUs and the attention heads (default 1)")
     parser.add_argument("--max_nodes", type=_positive_int, default=NODE_COUNTS_CAP,
                         help=f"largest node count the fit search tries (default {NODE_COUNTS_CAP})")
     parser.add_argument("--json", action="store_true", help="print a JSON object instead of the table")
@@ -88,7 +94,7 @@ def _setting(result: Plan) -> str:
             f"micro batch {s.micro_batch_size}")
 
 
-def render(result: Plan, fit: Plan | None, max_nodes: int) -> str:
+def render(result: Plan, fit: Plan | None, max_nodes: int, longest: int | None) -> str:
     m, s, gpn = result.model, result.setup, result.setup.gpus_per_node
     active = f", {m.active_params / 1e9:.2f} B active" if m.active_params != m.params else ""
 
@@ -106,7 +112,9 @@ def render(result: Plan, fit: Plan | None, max_nodes: int) -> str:
     return "\n".join([
         f"model     {m.name} ({m.model_type}): N = {m.params:,} params ({m.params / 1e9:.2f} B{active}), "
         f"largest module {m.largest_module_params / 1e6:.1f} M",
-        f"setup     {_setting(result)} ({s.total_gpus} GPUs), seq {s.seq_len}, {s.precision}, "
+        f"setup     {_setting(result)} ({s.total_gpus} GPUs), seq {s.seq_len}"
+        + (f" shared by {s.sequence_parallel_size} GPUs (Ulysses)" if s.sequence_parallel_size > 1 else "")
+        + f", {s.precision}, "
         f"reference {s.reference}" + (" (LoRA: the base with the adapter off)" if s.lora_r else ""),
         *([f"LoRA      r = {s.lora_r} on all linear layers: {m.lora_params(s.lora_r):,} trained params "
            f"({m.lora_params(s.lora_r) / m.params:.2%} of N); base frozen"
@@ -123,6 +131,8 @@ def render(result: Plan, fit: Plan | None, max_nodes: int) -> str:
         f"fits      {'yes' if result.fits else 'NO'} (GPU {'yes' if result.fits_gpu else 'no'}, "
         f"CPU {'yes' if result.fits_cpu else 'no'})",
         f"smallest  {smallest}",
+        f"longest   seq_len {longest:,} fits with this setting" if longest else
+        "longest   no seq_len fits with this setting",
         "",
         f"compute   one micro-step on all GPUs: {result.flops.tokens:,} tokens, dense {result.flops.dense:.3e} "
         f"+ attention {result.flops.attention:.3e} = {result.flops.total:.3e} FLOPs "
@@ -136,20 +146,26 @@ def run(args: argparse.Namespace) -> int:
                   cpu_memory_gb=args.cpu_memory_gb, seq_len=args.seq_len, micro_batch_size=args.micro_batch_size,
                   precision=args.precision, reference=args.reference,
                   offload_optimizer=args.offload_optimizer, offload_params=args.offload_params,
-                  fused_lm_head=args.fused_lm_head == "true", lora_r=args.lora_r, lora_quantize=args.lora_quantize)
+                  fused_lm_head=args.fused_lm_head == "true", lora_r=args.lora_r, lora_quantize=args.lora_quantize,
+                  sequence_parallel_size=args.sequence_parallel_size)
     if args.lora_r < 0:
         raise SystemExit(f"dpo-ds plan: --lora_r must be >= 0 (0 = full fine-tuning), got {args.lora_r}")
     if args.lora_quantize and not args.lora_r:
         raise SystemExit("dpo-ds plan: --lora_quantize quantizes the frozen base of a LoRA run; give --lora_r too")
     model = load_shape(args.model)
+    size = args.sequence_parallel_size
+    if setup.total_gpus % size or model.num_heads % size:
+        raise SystemExit(f"dpo-ds plan: --sequence_parallel_size {size} must divide the {setup.total_gpus} GPUs and "
+                         f"the model's {model.num_heads} attention heads")
     result = plan(model, setup)
     fit = smallest_fit(model, setup, args.max_nodes)
+    longest = longest_seq_len(model, setup)
     if not args.json:
-        emit(render(result, fit, args.max_nodes))
+        emit(render(result, fit, args.max_nodes, longest))
         return 0
     smallest = fit and {"nodes": fit.setup.nodes, "offload_optimizer": fit.setup.offload_optimizer,
                         "offload_params": fit.setup.offload_params, "micro_batch_size": fit.setup.micro_batch_size,
                         "gpu_gib_per_gpu": round(fit.gpu_bytes / GIB, 3),
                         "cpu_gib_per_node": round(fit.cpu_bytes_per_node / GIB, 3), "train_flags": train_flags(fit)}
-    emit(json.dumps({**result.to_dict(), "smallest_fit": smallest}, indent=2))
+    emit(json.dumps({**result.to_dict(), "smallest_fit": smallest, "longest_seq_len": longest}, indent=2))
     return 0

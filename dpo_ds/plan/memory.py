@@ -42,6 +42,7 @@ class Setup:
     fused_lm_head: bool = True  # the trainer's default: used where the model returns lm_head's output as is
     lora_r: int = 0  # > 0: LoRA adapters of this rank on all-linear, base frozen; the reference is the base itself
     lora_quantize: str | None = None  # "nf4" (with lora_r): QLoRA, the frozen base's Linear weights in 4 bits
+    sequence_parallel_size: int = 1  # S GPUs share every sequence (Ulysses): each holds 1/S of its tokens
 
     @property
     def total_gpus(self) -> int:
@@ -52,8 +53,10 @@ class Setup:
         return 2 if self.precision == "bf16" else 4
 
     @property
-    def tokens_per_gpu(self) -> int:  # each pair is a chosen and a rejected sequence, padded to seq_len
-        return 2 * self.micro_batch_size * self.seq_len
+    def tokens_per_gpu(self) -> int:
+        """Each pair is a chosen and a rejected sequence, padded to seq_len; under sequence parallelism a GPU
+        holds its 1/S of them (the sequence padded to a multiple of S)."""
+        return 2 * self.micro_batch_size * -(-self.seq_len // self.sequence_parallel_size)
 
 
 @dataclass(frozen=True)
@@ -215,15 +218,22 @@ def plan(model: ModelShape, setup: Setup) -> Plan:
     if setup.reference in ("gpu", "offload") and not setup.lora_r:
         items += [placed("reference params", p * shard, setup.reference == "offload"),
                   Item("reference gathered module + prefetch", p * (largest + PREFETCH_BUCKET), 0.0)]
-    # Activations with gradient checkpointing, for T = 2 * micro_batch * seq_len tokens per GPU: each layer
+    # Activations with gradient checkpointing, for T = 2 * micro_batch * seq_len / S tokens per GPU: each layer
     # keeps only its input hidden state (L * T * h * p), and backward recomputes one layer at a time; we add
     # that layer's saved tensors and budget as much again for the gradients flowing through it.
     # The reference forward runs under no_grad before the policy's and frees everything but its log-probs.
+    # Under Ulysses (S > 1) everything outside attention is per token (the rank's T); attention sees the whole
+    # sequence for 1/S of the heads, as many elements as T tokens of all heads.
     tokens = setup.tokens_per_gpu
     items += [
         Item("activation checkpoints", model.num_layers * tokens * model.hidden_size * p, 0.0),
         Item("layer recompute + its grads", 2 * tokens * model.layer_activation_bytes_per_token(p), 0.0),
     ]
+    if setup.sequence_parallel_size > 1:
+        # DeepSpeed's all-to-all of one attention layer: q, k, v exchanged in and the output back (a copy of each
+        # next to the exchanged tensor), in the backward as well: 2 x (2 q_dim + 2 kv_dim) x T elements
+        exchanged = 2 * (2 * model.q_dim + 2 * model.kv_dim) * tokens
+        items.append(Item("Ulysses all-to-all buffers (one layer)", exchanged * p, 0.0))
     if setup.fused_lm_head and model.fused_head:
         # Log-probs inside lm_head (logprobs.head_sequence_logps): no [T, V] logits. At a time two fp32 blocks of
         # LOGPROB_CHUNK x V elements (logits/softmax and their gradient) and a p-byte copy; plus the scored
@@ -235,7 +245,8 @@ def plan(model: ModelShape, setup: Setup) -> Plan:
         # LOGPROB_CHUNK sequence positions of all 2*mb rows at a time: the fp32 upcast and its log-softmax.
         items.append(Item("logits + chunked fp32 log-softmax",
                           2 * tokens * model.vocab_size * p
-                          + 2 * 2 * setup.micro_batch_size * min(LOGPROB_CHUNK, setup.seq_len) * model.vocab_size * 4,
+                          + 2 * 2 * setup.micro_batch_size * min(LOGPROB_CHUNK, tokens // (2 * setup.micro_batch_size))
+                          * model.vocab_size * 4,
                           0.0))
     return Plan(model, setup, tuple(items), flops(model, setup))
 

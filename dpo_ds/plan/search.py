@@ -29,6 +29,23 @@ def smallest_fit(model: ModelShape, setup: Setup, max_nodes: int = NODE_COUNTS_C
     return None
 
 
+def longest_seq_len(model: ModelShape, setup: Setup, limit: int = 1 << 24) -> int | None:
+    """The longest seq_len (tokens per sequence, a multiple of S) with which `setup` as given fits (memory grows
+    with seq_len), up to `limit`; None when not even S tokens fit."""
+    step = setup.sequence_parallel_size
+
+    def fits(units: int) -> bool:
+        return plan(model, dataclasses.replace(setup, seq_len=units * step)).fits
+
+    low, high = 0, limit // step  # fits(low) (or low = 0), and nothing above high is tried
+    if not fits(1):
+        return None
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle - 1)
+    return low * step
+
+
 # ds_configs preset of each (offload_optimizer, offload_params) setting; params alone have none.
 PRESETS_BY_OFFLOAD = {(False, False): "ds_configs/zero3.json", (True, False): "ds_configs/zero3_offload_optimizer.json",
                       (True, True): "ds_configs/zero3_offload_all.json"}
@@ -41,6 +58,7 @@ def train_flags(result: Plan) -> list[str]:
     s = result.setup
     preset = PRESETS_BY_OFFLOAD.get((s.offload_optimizer, s.offload_params))
     flags = ["--micro_batch_size", str(s.micro_batch_size), "--max_length", str(s.seq_len), "--precision", s.precision]
+    flags += ["--sequence_parallel_size", str(s.sequence_parallel_size)] if s.sequence_parallel_size > 1 else []
     flags += ["--deepspeed_config", preset] if preset else []
     if s.lora_r:  # the reference is the policy's own base: no reference engine to place
         flags += ["--lora_r", str(s.lora_r)] + (["--lora_quantize", s.lora_quantize] if s.lora_quantize else [])
