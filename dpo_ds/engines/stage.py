@@ -30,10 +30,10 @@ def zero_stage_choice(cfg: TrainConfig, data_parallel_size: int) -> StageChoice:
     if uses_lora(cfg):
         return StageChoice(3, "LoRA/QLoRA runs use ZeRO-3 (zero_stage auto)")
     if on_cpu():
-        # Measured on the CPU benchmark (BENCHMARKS.md, "ZeRO stage on CPU"): stage 0 ran the small shape slower
-        # than ZeRO-3, not faster, so auto does not pick it on CPU until that is understood.
-        return StageChoice(3, "zero_stage auto on CPU: ZeRO-3 (the lower stages measured slower on CPU; set "
-                              "zero_stage to choose)")
+        # BENCHMARKS.md §13: on a shared 2-core machine stage 0 ran the small shape 1.3x faster than ZeRO-3 at
+        # load 2 but several times slower under contention; auto does not pick it on CPU until that is understood.
+        return StageChoice(3, "zero_stage auto on CPU: ZeRO-3 (stage 0 is faster on an idle CPU but degrades "
+                              "under contention: BENCHMARKS.md; set zero_stage to choose)")
     return _fitting_stage(cfg.model_name_or_path, cfg.trust_remote_code, cfg.precision, cfg.max_length, cfg.micro_batch_size,
                           uses_reference(cfg) and not cfg.precompute_ref, cfg.fused_lm_head, data_parallel_size)
 
