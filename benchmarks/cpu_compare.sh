@@ -1,9 +1,10 @@
 #!/bin/bash
-# dpo-ds vs a plain-PyTorch DPO step vs TRL DPOTrainer: CPU, 1 process, llama-60m (58.5M params, 32k vocab),
-# fp32, micro batch 4 pairs, identical synthetic pairs (dpo_ds.bench.synthetic_pairs, same sampler order).
+# dpo-ds vs a plain-PyTorch DPO step vs TRL DPOTrainer: CPU, 1 process, llama-60m (58.5M params, 32k vocab) or
+# MODEL, fp32, micro batch 4 pairs, identical synthetic pairs (dpo_ds.bench.synthetic_pairs, same sampler order).
 # Runs one at a time; each process under /usr/bin/time -v (peak RSS, same method for all).
 #   benchmarks/cpu_compare.sh [results_dir]
-# env: LOGN, FIXED, MAXLEN, MBS, WARMUP, STEPS, BUDGET, SKIP_FIXED=1, ROWS=<regex of row names>,
+# env: MODEL (a preset or a config.json directory, e.g. benchmarks/configs/llama-small-160), LOGN, FIXED, MAXLEN,
+#      MBS, WARMUP, STEPS, BUDGET, SKIP_FIXED=1, ROWS=<regex of row names>, PASSES=N (the rows N times, interleaved),
 #      QUIET_IDLE=90 (start a run only when the machine is >= this % idle), QUIET_WAIT=300 (max wait, s)
 set -u
 cd "$(dirname "$0")/.."
@@ -14,9 +15,11 @@ PY=.venv/bin/python
 LOGN=${LOGN:-lognormal:128,0.6}; FIXED=${FIXED:-fixed:128}; MAXLEN=${MAXLEN:-512}
 MBS=${MBS:-4}; WARMUP=${WARMUP:-1}; STEPS=${STEPS:-3}; BUDGET=${BUDGET:-2048}
 OUT=${BENCH_OUT:-/tmp/dpo-ds-bench}
-MODEL_DIR=$OUT/bench_model/llama-60m
+MODEL=${MODEL:-llama-60m}
+MODEL_DIR=$OUT/bench_model/$(basename "$MODEL")
 benchmarks/setup_trl_venv.sh >/dev/null
 TRL_PY=${TRL_VENV:-$HOME/.cache/dpo-ds-bench/venv-trl}/bin/python
+VOCAB=$($PY -c "from dpo_ds.plan import model_config_and_name as m; print(m('$MODEL')[0].vocab_size)")
 
 idle_pct() {  # % of CPU time idle over the next 2 s (whole machine)
   local a b; a=($(head -1 /proc/stat)); sleep 2; b=($(head -1 /proc/stat))
@@ -31,9 +34,10 @@ quiet() {  # wait (up to QUIET_WAIT s) until the shared VM is idle (other engine
   done
   echo "   machine idle ${idle}% before start (waited ${waited}s)" | tee -a "$R/commands.txt"
 }
-run() {  # name, command...
+run() {  # name, command... (pass p > 1 of PASSES: name.p)
   local name=$1; shift
   if [[ -n ${ROWS:-} && ! $name =~ $ROWS ]]; then return; fi
+  (( pass > 1 )) && name=$name.$pass
   quiet
   echo "$name" >> "$R/order.txt"
   echo "== $name: $*" | tee -a "$R/commands.txt"
@@ -42,18 +46,21 @@ run() {  # name, command...
 }
 dpods() {  # name, lengths, extra args
   local name=$1 lengths=$2; shift 2
-  run "$name" $PY -m dpo_ds bench --model llama-60m --lengths "$lengths" --max_length "$MAXLEN" --precision fp32 \
+  run "$name" $PY -m dpo_ds bench --model "$MODEL" --lengths "$lengths" --max_length "$MAXLEN" --precision fp32 \
       --micro_batch_size "$MBS" --warmup "$WARMUP" --steps "$STEPS" --json --output_dir "$OUT" "$@"
 }
 LIST="$LOGN"; [[ -z ${SKIP_FIXED:-} ]] && LIST="$LIST $FIXED"
+for pass in $(seq 1 "${PASSES:-1}"); do
 for lengths in $LIST; do
   tag=${lengths%%:*}
   dpods "dpo-ds_${tag}_default" "$lengths"
   [[ -d $MODEL_DIR ]] || { echo "no $MODEL_DIR (run the dpo-ds default row once)"; exit 1; }
-  $PY benchmarks/make_pairs.py --lengths "$lengths" --max_length "$MAXLEN" --micro_batch_size "$MBS" \
-      --warmup "$WARMUP" --steps "$STEPS" --out "$R/pairs_$tag.json" >> "$R/commands.txt"
+  [[ -f $R/pairs_$tag.json ]] || $PY benchmarks/make_pairs.py --lengths "$lengths" --max_length "$MAXLEN" \
+      --micro_batch_size "$MBS" --warmup "$WARMUP" --steps "$STEPS" --vocab_size "$VOCAB" --out "$R/pairs_$tag.json" \
+      >> "$R/commands.txt"
   run "plain_${tag}" $PY benchmarks/plain_dpo.py --model_dir "$MODEL_DIR" --pairs "$R/pairs_$tag.json"
   run "trl_${tag}" "$TRL_PY" benchmarks/trl_dpo.py --model_dir "$MODEL_DIR" --pairs "$R/pairs_$tag.json" --max_length "$MAXLEN"
+  dpods "dpo-ds_${tag}_zero_stage0" "$lengths" --zero_stage 0  # the whole model, no ZeRO partitioning
   if [[ $tag == lognormal ]]; then
     dpods "dpo-ds_${tag}_logits_path" "$lengths" --fused_lm_head false
     dpods "dpo-ds_${tag}_group_by_length" "$lengths" --group_by_length true
@@ -62,5 +69,6 @@ for lengths in $LIST; do
     dpods "dpo-ds_${tag}_precompute_ref" "$lengths" --precompute_ref true
   fi
   dpods "dpo-ds_${tag}_padding_free+precompute_ref" "$lengths" --padding_free true --precompute_ref true
+done
 done
 $PY benchmarks/summarize.py "$R" | tee "$R/summary.md"

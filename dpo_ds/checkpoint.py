@@ -84,6 +84,13 @@ class TrainerState:
     model_fingerprint: str
     config: dict[str, Any]
     loss_state: dict[str, dict] = field(default_factory=dict)  # losses.Objective.state_dict(): reduced over ranks
+    zero_stage: int = 3          # the policy engine's ZeRO stage (checkpoints from before zero_stage: 3)
+
+    def needs_universal(self, world_size: int) -> bool:
+        """Resuming at `world_size` needs the universal format: the world size changed and the saved optimizer
+        state is partitioned over the ranks (every ZeRO stage but fp32 stage 0, where each rank holds it all)."""
+        whole = self.zero_stage == 0 and self.config.get("precision") != "bf16"
+        return self.world_size != world_size and not whole
 
 
 def model_fingerprint(path: str) -> str:
@@ -418,7 +425,11 @@ def resume_point(output_dir: str, resume_from: str | None, current: TrainerState
     if problems and not ignore_mismatch:
         raise CheckpointError(f"cannot resume from {ckpt}: " + "; ".join(problems)
                               + " (pass --resume_ignore_mismatch true to resume anyway)")
-    if saved.world_size != current.world_size:
+    if saved.zero_stage != current.zero_stage:
+        raise CheckpointError(f"cannot resume from {ckpt}: it was saved by a ZeRO stage {saved.zero_stage} engine and "
+                              f"this run's policy engine is stage {current.zero_stage}; DeepSpeed loads a checkpoint "
+                              f"into the stage that wrote it only: set zero_stage: {saved.zero_stage} to resume it")
+    if saved.needs_universal(current.world_size):
         prepare_universal(ckpt, parallel)
     return ckpt, saved
 
@@ -465,16 +476,16 @@ def prepare_universal(ckpt: Path, parallel: Parallel) -> None:
 def load_checkpoint(engine, ckpt: Path, saved: TrainerState, parallel: Parallel, adapter_only: bool = False) -> None:
     """Restore DeepSpeed state (universal when the world size changed) and this rank's RNG. `adapter_only`: a
     LoRA run's checkpoint, which holds the adapter only."""
-    universal = saved.world_size != parallel.world_size
+    universal = saved.needs_universal(parallel.world_size)
     tag = UNIVERSAL_TAG if universal else DS_TAG
-    groups_as_built = [dict(group) for group in engine.optimizer.optimizer.param_groups]
+    groups_as_built = [dict(group) for group in engine.basic_optimizer.param_groups]
     # a LoRA checkpoint holds the adapter only: the frozen base is already loaded from its files
     load_path, _ = engine.load_checkpoint(str(ckpt), tag=tag, load_module_strict=not adapter_only,
                                           load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
     if load_path is None:
         raise CheckpointError(f"{ckpt / tag}: DeepSpeed could not load this checkpoint")
-    if universal:
+    if universal and engine.zero_optimization_stage() == 3:
         repair_universal_optimizer_state(engine.optimizer, groups_as_built)
     rng = ckpt / "rng" / f"rank-{parallel.rank:05d}.safetensors"
     if rng.is_file():

@@ -8,7 +8,7 @@ Two sources share one writer and one validator (dpo_ds.hf_dir):
   rather than in a collective that dist_timeout_s bounds.
 - `convert_checkpoint` (`dpo-ds convert`): a dpo-ds checkpoint saved by any world size. DeepSpeed's
   fp32 partitions are memory-mapped and merged one tensor at a time (zero_to_fp32 lazy mode), so peak
-  memory is a few shards, not the model. A LoRA checkpoint (adapter only) gives the PEFT adapter, or the base
+  memory is a few shards, not the model (fp32 ZeRO stage 0 saves no partitions: its whole weights are read). A LoRA checkpoint (adapter only) gives the PEFT adapter, or the base
   model's own files streamed with the adapter merged in (`convert_lora_checkpoint`).
 Both write what `save_pretrained` writes (dpo_ds.layout): the checkpoint layout transformers loads from
 (per-expert MoE tensors, not the fused in-memory ones), no tied aliases, dropout as the config had it.
@@ -113,6 +113,9 @@ def convert_checkpoint(checkpoint_dir: str, out_dir: str, dtype: str = "bf16", m
     groups, shapes = saved_layout(model)
 
     def open_partitions():
+        if not any((ckpt / DS_TAG).glob("*optim_states.pt")):  # fp32 ZeRO stage 0: the weights are whole
+            return torch.load(ckpt / DS_TAG / "mp_rank_00_model_states.pt", map_location="cpu",
+                              weights_only=False)["module"]
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DS_TAG, lazy_mode=True)
 
     lazy = open_partitions()

@@ -31,6 +31,7 @@ from dpo_ds.engines import (
     attention_kernel,
     build_inference_engine,
     model_dtype,
+    policy_zero_stage,
     release_engine,
     resolve_reference_config,
 )
@@ -99,8 +100,9 @@ def reference_path(cfg: TrainConfig) -> str:
     return cfg.ref_model_name_or_path or cfg.model_name_or_path
 
 
-def _reference_engine(cfg: TrainConfig, hidden_size: int, mpu=None):
-    return build_inference_engine(reference_path(cfg), resolve_reference_config(cfg, hidden_size), model_dtype(cfg),
+def _reference_engine(cfg: TrainConfig, hidden_size: int, data_parallel_size: int, mpu=None):
+    ds_config = resolve_reference_config(cfg, hidden_size, policy_zero_stage(cfg, data_parallel_size))
+    return build_inference_engine(reference_path(cfg), ds_config, model_dtype(cfg),
                                   cfg.trust_remote_code, cfg.weights_loader, attention_kernel(cfg), cfg, mpu)
 
 
@@ -119,7 +121,7 @@ def build_reference(cfg: TrainConfig, hidden_size: int, parallel: Parallel, data
         if policy is not None:
             return AdapterReference(policy.engine, policy.adapters, cfg.logprob_chunk_size,
                                     scoring_head(policy.engine.module, cfg.fused_lm_head), score)
-        engine = _reference_engine(cfg, hidden_size, mpu)
+        engine = _reference_engine(cfg, hidden_size, parallel.data_parallel_size, mpu)
         return LiveReference(engine, cfg.logprob_chunk_size, scoring_head(engine.module, cfg.fused_lm_head), score)
 
     if not cfg.precompute_ref:

@@ -22,7 +22,8 @@ from dpo_ds.config import TrainConfig, add_config_arguments, config_from_args, t
 from dpo_ds.console import Progress, emit, setup_logging
 from dpo_ds.convert import export_engine, export_merged_from_base
 from dpo_ds.data import DataError, PairSampler, TokenizedPairs
-from dpo_ds.engines import attention_kernel, model_dtype, resolve_policy_config, resolve_reference_config
+from dpo_ds.engines import (attention_kernel, model_dtype, policy_zero_stage, resolve_policy_config,
+                            resolve_reference_config)
 from dpo_ds.engines.ds_config import default_config_path
 from dpo_ds.errors import Preempted, UsageError
 from dpo_ds.families import check_model_family, load_model_config
@@ -77,7 +78,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                                           parallel)
     write_run_config(cfg, parallel)  # only once every check has passed: a refused start leaves the folder as it was
     ctx = build_step_context(cfg, parallel, total_steps, pad_id_of(tokenizer), data.datasets,
-                             load_universal=saved is not None and saved.world_size != parallel.world_size)
+                             load_universal=saved is not None and saved.needs_universal(parallel.world_size))
     start_step = resume(ctx, resume_dir, saved)
     loop = TrainingLoop(ctx, sampler, data, tokenizer, stop_signal, total_steps, start_step)
     last = loop.train()
@@ -147,7 +148,8 @@ def trainer_state(cfg: TrainConfig, sampler: PairSampler, data: TrainData, paral
     return ckpt.TrainerState(step=step, sampler=sampler.state(step), world_size=parallel.world_size,
                              pairs_per_step=sampler.pairs_per_step, data_fingerprint=data.fingerprint,
                              model_fingerprint=ckpt.model_fingerprint(cfg.model_name_or_path), config=to_dict(cfg),
-                             loss_state=objective.state_dict() if objective is not None else {})
+                             loss_state=objective.state_dict() if objective is not None else {},
+                             zero_stage=policy_zero_stage(cfg, parallel.data_parallel_size))
 
 
 def write_run_config(cfg: TrainConfig, parallel: Parallel) -> None:

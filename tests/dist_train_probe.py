@@ -78,7 +78,8 @@ def probe_run(cfg, probe_out: str, release: bool) -> None:
                        "ref_requires_grad": any(p.requires_grad for p in ref.module.parameters()),
                        # DeepSpeed's ZeRO-3 parameter manager (DeepSpeedZeRoOffload) holds no optimizer state
                        "ref_optimizer": type(ref.optimizer).__name__ if ref.basic_optimizer is None else "optimizer",
-                       "ref_offload_device": str(ref.zero_offload_param().device)})
+                       "ref_offload_device": str(getattr(ref.zero_offload_param(), "device", None)),
+                       "ref_zero_stage": ref.zero_optimization_stage()})
     if ref is not None:
         probe = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29], [1, 30, 31, 32, 33, 34, 35, 36]])
         policy.eval()

@@ -24,7 +24,8 @@ pytestmark = pytest.mark.distributed  # starts ranks or the CLI in subprocesses 
 
 
 SETTINGS = dict(precision="fp32", micro_batch_size=2, gradient_accumulation_steps=2, max_steps=6, save_steps=2,
-                shuffle=True, learning_rate=2e-3, weight_decay=0.1, warmup_steps=1, lr_scheduler="cosine", logging_steps=1, seed=3)
+                shuffle=True, learning_rate=2e-3, weight_decay=0.1, warmup_steps=1, lr_scheduler="cosine", logging_steps=1, seed=3,
+                zero_stage="3")  # ZeRO-3's checkpoints here; the other stages' in test_stage_checkpoint_resume_and_convert
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -328,3 +329,32 @@ def test_disk_full_on_one_rank_stops_at_once_with_one_line(config, tmp_path):
     assert line.startswith(f"dpo-ds train: error: {export_out / 'final.tmp'}") and "No space left on device" in line
     assert not (export_out / "final").exists() and not (export_out / "final.tmp").exists()
     assert not (export_out / "run_finished.json").exists() and latest(export_out) == "step-00000006"
+
+
+@pytest.mark.parametrize("stage", ["0", "2"])
+def test_stage_checkpoint_resume_and_convert(config, baseline, tmp_path, stage):
+    """The whole-model stages' checkpoints (0: no ZeRO optimizer; 2: ZeRO-1/2's partitioned optimizer): stopped
+    after step 3 and resumed, the run is ZeRO-3's uninterrupted one (same math, other reduction order: 1e-6);
+    `dpo-ds convert` of its last checkpoint is its final export exactly; another stage refuses to resume it."""
+    out = tmp_path / "run"
+    stage_flag = ("--zero_stage", stage)
+    stopped = probe(config, out, env={"FAULT_SIGNAL_AT_STEP": "3"}, extra=stage_flag)
+    assert stopped.returncode != 0 and "stopped by a signal after step 3" in stopped.stderr
+    assert f"policy engine: ZeRO stage {stage} (set by zero_stage)" in stopped.stderr
+    other = "2" if stage == "0" else "0"
+    refused = probe(config, out, extra=("--zero_stage", other))
+    assert refused.returncode != 0
+    assert (f"saved by a ZeRO stage {stage} engine and this run's policy engine is stage {other}; DeepSpeed loads a "
+            f"checkpoint into the stage that wrote it only: set zero_stage: {stage} to resume it") in refused.stderr
+    resumed = probe(config, out, check=True, extra=stage_flag)
+    assert "resumed from step 3" in resumed.stderr
+    got, want = losses(out), losses(baseline)
+    assert sorted(got) == sorted(want) and all(abs(got[s] - want[s]) <= 1e-6 for s in got), (got, want)
+    final, base = weights(out), weights(baseline)
+    assert max(float((final[n] - base[n]).abs().max()) for n in base) < 1e-5
+    hf = tmp_path / "hf"
+    run_cli(["convert", str(out / "checkpoints" / "step-00000006"), str(hf), "--dtype", "fp32"])
+    converted = {}
+    for shard in hf.glob("*.safetensors"):
+        converted.update(load_file(str(shard)))
+    assert converted.keys() == final.keys() and all(torch.equal(converted[n], final[n]) for n in final)

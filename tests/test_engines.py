@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from helpers import tiny_causal_lm
 
 HIDDEN = 48
 CFG = dict(micro_batch_size=3, gradient_accumulation_steps=5, max_grad_norm=0.7, precision="bf16", learning_rate=2e-5,
-           adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-7, weight_decay=0.01)
+           adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-7, weight_decay=0.01, zero_stage="3")
 
 
 def ds_json(tmp_path, config: dict, name: str = "ds.json") -> str:
@@ -61,12 +62,17 @@ def test_policy_explicit_values_win_and_missing_ones_are_filled(tmp_path):
 
 @pytest.mark.parametrize("config,message", [
     ({"zero_optimization": {"stage": 3, "sub_group_size": "auto"}}, "'zero_optimization.sub_group_size' is \"auto\""),
-    ({"zero_optimization": {"stage": 2}}, "stage must be 3"),
-    ({}, None),  # no zero_optimization block at all: stage 3 is the default written in
+    ({"zero_optimization": {"stage": 4}}, "stage must be 0, 1, 2, 3"),
+    ({"zero_optimization": {"stage": 2}}, "field 'zero_stage': 3 but .* sets zero_optimization.stage 2"),
+    ({"zero_optimization": {"stage": 1, "offload_param": {"device": "cpu"}}}, None),  # refused below: zero_stage 3
+    ({}, None),  # no zero_optimization block at all: zero_stage's stage is written in
 ])
 def test_policy_config_refusals_name_the_file(tmp_path, config, message):
     source = ds_json(tmp_path, config)
-    cfg = TrainConfig(deepspeed_config=source)
+    cfg = TrainConfig(deepspeed_config=source, zero_stage="3")
+    if config.get("zero_optimization", {}).get("stage") == 1:
+        cfg = TrainConfig(deepspeed_config=source)
+        message = "offload_param needs ZeRO stage 3"
     if message is None:
         assert resolve_policy_config(cfg, 1, HIDDEN)["zero_optimization"]["stage"] == 3
         return
@@ -168,3 +174,93 @@ def test_lr_schedule_rates(schedule, warmup):
     assert rates[warmup] == pytest.approx(peak)
     if schedule != "constant":
         assert rates[total] == pytest.approx(0, abs=1e-12)
+
+
+def test_reference_beside_a_whole_model_policy_is_whole_too():
+    cfg = TrainConfig(micro_batch_size=4, precision="fp32", ref_offload=True)
+    for stage in (0, 1, 2):
+        zero = resolve_reference_config(cfg, HIDDEN, policy_stage=stage)["zero_optimization"]
+        assert zero["stage"] == 0 and "offload_param" not in zero  # no partitions, nothing to offload
+    assert resolve_reference_config(cfg, HIDDEN, policy_stage=3)["zero_optimization"]["stage"] == 3
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    from transformers import AutoConfig
+
+    from helpers import TINY_SIZES
+
+    AutoConfig.for_model("llama", **TINY_SIZES).save_pretrained(tmp_path / "model")
+    return str(tmp_path / "model")
+
+
+def test_zero_stage_auto_picks_the_lowest_stage_that_fits_the_gpu(model_dir, monkeypatch):
+    from dpo_ds.engines import stage as stage_module
+    from dpo_ds.families import load_model_config
+    from dpo_ds.plan.memory import HEADROOM, Setup, replicated_bytes
+    from dpo_ds.plan.shapes import shape_from_config
+
+    cfg = TrainConfig(model_name_or_path=model_dir, precision="bf16", micro_batch_size=2, max_length=64)
+    world = 4
+    shape = shape_from_config(load_model_config(model_dir), model_dir)
+    setup = Setup(nodes=1, gpus_per_node=world, gpu_memory_gb=1, cpu_memory_gb=0, seq_len=64, micro_batch_size=2,
+                  precision="bf16", reference="gpu")
+    need = [replicated_bytes(shape, setup, s) for s in (0, 1, 2)]
+    assert need[0] > need[1] > need[2]  # each stage partitions more
+    # by hand: bf16 params (2) + grads (2, /world from stage 2) + fp32 master, Adam m, v, fp32 grads (16, /world
+    # from stage 1) + the reference's bf16 copy (2) per parameter; the activations are the same at every stage
+    n = shape.params
+    assert need[0] - need[1] == pytest.approx(16 * n * (1 - 1 / world))
+    assert need[1] - need[2] == pytest.approx(2 * n * (1 - 1 / world))
+    activations = need[0] - (2 + 2 + 16 + 2) * n
+    assert activations > 0
+    assert resolve_policy_config(cfg, world, HIDDEN)["zero_optimization"]["stage"] == 3  # on CPU (the documented rule)
+    monkeypatch.setattr(stage_module, "on_cpu", lambda: False)
+    for budget_of, want in [(need[0], 0), ((need[0] + need[1]) / 2, 1), ((need[1] + need[2]) / 2, 2), (need[2] / 2, 3)]:
+        stage_module._fitting_stage.cache_clear()
+        monkeypatch.setattr(stage_module, "device_memory_bytes", lambda b=budget_of: (b / (1 - HEADROOM), "a test device"))
+        ds = resolve_policy_config(cfg, world, HIDDEN)
+        assert ds["zero_optimization"]["stage"] == want
+        reason = stage_module.stage_reason(cfg, ds)
+        assert ("stage 2 needs" in reason) if want == 3 else (f"fits one rank at stage {want}" in reason)
+    stage_module._fitting_stage.cache_clear()
+
+
+def test_zero_stage_lora_keeps_3_and_refuses_lower(model_dir):
+    lora = TrainConfig(model_name_or_path=model_dir, lora_r=4)
+    assert resolve_policy_config(lora, 1, HIDDEN)["zero_optimization"]["stage"] == 3
+    with pytest.raises(ConfigError, match="field 'zero_stage': LoRA and QLoRA runs need ZeRO stage 3"):
+        resolve_policy_config(TrainConfig(model_name_or_path=model_dir, lora_r=4, zero_stage="0"), 1, HIDDEN)
+
+
+@pytest.mark.parametrize("value,want", [(2, "2"), ("0", "0"), ("auto", "auto")])
+def test_zero_stage_field_takes_yaml_integers(value, want):
+    from dpo_ds.config import coerce
+
+    assert coerce("zero_stage", value) == want
+    with pytest.raises(ConfigError, match="field 'zero_stage'"):
+        coerce("zero_stage", 4)
+
+
+def test_cpu_device_count_runs_numactl_once(monkeypatch):
+    """DeepSpeed's CPU accelerator would run numactl on every device_count() (per gradient bucket, per step)."""
+    import deepspeed.utils.numa as numa
+    from deepspeed.accelerator import get_accelerator
+
+    from dpo_ds.engines.accelerator import count_cpu_devices_once
+
+    accelerator = get_accelerator()
+    before = vars(accelerator).pop("device_count", None)  # the class's own method again
+    monkeypatch.delenv("LOCAL_SIZE", raising=False)
+    calls = []
+    monkeypatch.setattr(numa, "get_numa_cores", lambda: calls.append(1) or [[0, 1]])
+    try:
+        count_cpu_devices_once()
+        count_cpu_devices_once()
+        assert [accelerator.device_count() for _ in range(5)] == [1] * 5
+    finally:
+        vars(accelerator).pop("device_count", None)
+        if before is not None:
+            accelerator.device_count = before
+    assert len(calls) == 1
+    assert "LOCAL_SIZE" not in os.environ  # it would switch on DeepSpeed's leaking shared-memory allreduce

@@ -42,6 +42,7 @@ LrScheduler = Literal["constant", "linear", "cosine"]
 Precision = Literal["auto", "bf16", "fp32"]
 WeightsLoader = Literal["streamed", "transformers"]
 LoraQuantize = Literal["nf4"]
+ZeroStage = Literal["auto", "0", "1", "2", "3"]
 AttnImplementation = Literal["auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"]
 
 
@@ -106,6 +107,7 @@ class TrainConfig:
     # --- engine
     precision: Precision = _field("auto", "bf16 (mixed precision) or fp32; auto: bf16 where the device supports it (a CUDA GPU with bf16), fp32 on CPU. run_config.json records the resolved value.", "engine")
     gradient_checkpointing: bool = _field(True, "Recompute activations in the backward pass (non-reentrant).", "engine")
+    zero_stage: ZeroStage = _field("auto", "DeepSpeed ZeRO stage of the policy engine: 0 (every rank holds the whole model, gradients all-reduced), 1 (optimizer state partitioned), 2 (gradients too) or 3 (parameters too: the model never whole on one rank). auto: on a GPU the lowest stage whose per-rank memory (dpo-ds plan's memory model: weights, gradients, optimizer state, a live reference's weights, activations) fits the GPU's memory less dpo-ds plan's headroom, else 3; on CPU 3 (stage 0 measured faster on an idle CPU but far slower under contention: BENCHMARKS.md); LoRA and QLoRA runs keep 3. The log says which stage and why. Below 3 the reference is an unpartitioned inference engine (ref_offload applies to a ZeRO-3 reference only). A deepspeed_config that sets zero_optimization.stage decides instead of auto.", "engine")
     ref_offload: bool = _field(True, "Keep the reference model's ZeRO-3 parameters on CPU (`offload_param: cpu`).", "engine")
     deepspeed_config: Optional[str] = _field(None, "Policy DeepSpeed JSON (see ds_configs/). Values it leaves out or sets to \"auto\" are filled from this config; default: ds_configs/zero3.json on GPU, ds_configs/zero3_cpu.json on CPU.", "engine")
     ref_deepspeed_config: Optional[str] = _field(None, "Reference DeepSpeed JSON; default ds_configs/reference_zero3.json.", "engine")
@@ -194,6 +196,8 @@ def coerce(name: str, value: Any) -> Any:
             return _LIST_FIELDS[name](value)
         except ValueError as err:
             raise ConfigError(f"field '{name}': {err}") from None
+    if name == "zero_stage" and isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)  # YAML `zero_stage: 2`
     if name == "lora_target_modules" and isinstance(value, list) and value and all(isinstance(v, str) for v in value):
         value = ",".join(value)  # a YAML list of module names
     if not isinstance(value, str):

@@ -7,16 +7,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from deepspeed.accelerator import get_accelerator
-
 from dpo_ds.compiled_ops import check_compiled_ops
-from dpo_ds.config import ConfigError, TrainConfig
+from dpo_ds.config import ConfigError, TrainConfig, uses_lora
+from dpo_ds.engines.accelerator import on_cpu
+from dpo_ds.engines.stage import zero_stage_choice
 
 DS_CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "ds_configs"
-
-
-def on_cpu() -> bool:
-    return get_accelerator().device_name() == "cpu"
 
 
 def default_config_path(kind: str) -> Path:
@@ -68,15 +64,42 @@ def resolve_policy_config(cfg: TrainConfig, world_size: int, hidden_size: int) -
     _fill(params, "weight_decay", cfg.weight_decay)
     fill_zero_buckets(ds, hidden_size, "deepspeed_config")
     set_sequence_parallel_size(ds, cfg)
-    if ds["zero_optimization"].get("stage") != 3:
-        raise ConfigError(f"{source}: zero_optimization.stage must be 3 for the policy")
+    _fill_policy_stage(ds["zero_optimization"], cfg, world_size, source)
     _check_no_auto(ds, "", str(source))
     check_compiled_ops(ds, str(source), on_gpu=not on_cpu())
     return ds
 
 
-def resolve_reference_config(cfg: TrainConfig, hidden_size: int) -> dict[str, Any]:
-    """The reference engine's config: ZeRO-3 inference, no optimizer, parameters on CPU when ref_offload."""
+def policy_zero_stage(cfg: TrainConfig, world_size: int) -> int:
+    """The policy's ZeRO stage: a deepspeed_config's explicit zero_optimization.stage, else the zero_stage field's."""
+    source = cfg.deepspeed_config or default_config_path("policy")
+    zero = dict(_load_json(source, "deepspeed_config").get("zero_optimization") or {})
+    _fill_policy_stage(zero, cfg, world_size, source)
+    return zero["stage"]
+
+
+def _fill_policy_stage(zero: dict, cfg: TrainConfig, world_size: int, source: str | Path) -> None:
+    stage = zero.get("stage", "auto")
+    if stage == "auto":
+        zero["stage"] = zero_stage_choice(cfg, world_size).stage
+    elif stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{source}: zero_optimization.stage must be 0, 1, 2, 3 or \"auto\", got {stage!r}")
+    elif cfg.zero_stage not in ("auto", str(stage)):
+        raise ConfigError(f"field 'zero_stage': {cfg.zero_stage} but {source} sets zero_optimization.stage {stage}; "
+                          f"set one of them")
+    if zero["stage"] < 3 and cfg.sequence_parallel_size > 1:  # auto never picks it (engines/stage.py)
+        raise ConfigError(f"field 'zero_stage': sequence_parallel_size {cfg.sequence_parallel_size} is built and "
+                          f"tested on ZeRO stage 3 only (its gradient scaling is ZeRO-3's), got {zero['stage']}")
+    if zero["stage"] < 3 and uses_lora(cfg):
+        raise ConfigError(f"field 'zero_stage': LoRA and QLoRA runs need ZeRO stage 3, got {zero['stage']}")
+    if zero["stage"] < 3 and zero.get("offload_param", {}).get("device", "none") != "none":
+        raise ConfigError(f"{source}: offload_param needs ZeRO stage 3, the policy runs stage {zero['stage']}")
+
+
+def resolve_reference_config(cfg: TrainConfig, hidden_size: int, policy_stage: int = 3) -> dict[str, Any]:
+    """The reference engine's config: inference, no optimizer. Beside a ZeRO-3 policy it is partitioned too
+    (ZeRO-3, parameters on CPU when ref_offload); beside a policy that holds the whole model on every rank
+    (stages 0-2) it is whole too (stage 0): one copy of the weights, no per-module gathers."""
     source = cfg.ref_deepspeed_config or default_config_path("reference")
     ds = copy.deepcopy(_load_json(source, "ref_deepspeed_config"))
     if "optimizer" in ds:
@@ -87,11 +110,15 @@ def resolve_reference_config(cfg: TrainConfig, hidden_size: int) -> dict[str, An
         del ds["train_batch_size"]  # DeepSpeed derives it from the two above and the world size
     ds.setdefault("bf16", {})
     _fill(ds["bf16"], "enabled", cfg.precision == "bf16")
-    zero = ds.setdefault("zero_optimization", {"stage": 3})
-    offload = zero.setdefault("offload_param", {"device": "auto"})
-    _fill(offload, "device", "cpu" if cfg.ref_offload else "none")
-    if on_cpu():
-        offload["pin_memory"] = False  # no pinned memory without a GPU
+    zero = ds.setdefault("zero_optimization", {"stage": "auto"})
+    _fill(zero, "stage", 3 if policy_stage == 3 else 0)
+    if zero["stage"] == 3:
+        offload = zero.setdefault("offload_param", {"device": "auto"})
+        _fill(offload, "device", "cpu" if cfg.ref_offload else "none")
+        if on_cpu():
+            offload["pin_memory"] = False  # no pinned memory without a GPU
+    elif zero.get("offload_param", {}).get("device") == "auto":
+        del zero["offload_param"]  # ref_offload is the ZeRO-3 reference's
     fill_zero_buckets(ds, hidden_size, "ref_deepspeed_config")
     set_sequence_parallel_size(ds, cfg)
     _check_no_auto(ds, "", str(source))
@@ -108,7 +135,7 @@ def set_sequence_parallel_size(ds: dict, cfg: TrainConfig) -> None:
 def fill_zero_buckets(ds: dict, hidden_size: int, field_name: str) -> None:
     # Bucket sizes follow the model's width (the HF Trainer convention): one hidden x hidden matrix per bucket,
     # and parameters under 10 x hidden elements (norms, biases) stay unpartitioned.
-    zero = ds.setdefault("zero_optimization", {"stage": 3})
+    zero = ds.setdefault("zero_optimization", {"stage": "auto"})
     _fill(zero, "reduce_bucket_size", hidden_size * hidden_size)
     _fill(zero, "stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size))
     _fill(zero, "stage3_param_persistence_threshold", 10 * hidden_size)

@@ -4,6 +4,7 @@ hangs when ranks build or run modules in different orders or counts), and releas
 from __future__ import annotations
 
 import gc
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,9 +14,13 @@ from deepspeed.accelerator import get_accelerator
 
 from dpo_ds.compat import enable_activation_checkpointing
 from dpo_ds.config import TrainConfig, uses_lora
+from dpo_ds.engines.accelerator import count_cpu_devices_once
+from dpo_ds.engines.stage import stage_reason
 from dpo_ds.engines.models import attention_kernel, load_sharded_model, mark_expert_blocks, model_dtype, prepare_model
 from dpo_ds.hf_dir import ConfigOverride
 from dpo_ds.lora import Adapters, attach_adapters, load_quantized_base
+
+logger = logging.getLogger(__name__)
 
 
 def _optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -52,6 +57,8 @@ class PolicyEngine:
 def build_policy_engine(cfg: TrainConfig, ds_config: dict[str, Any], total_steps: int, mpu=None) -> PolicyEngine:
     """`mpu`: sequence_parallel.setup's groups under sequence parallelism (DeepSpeed then counts data-parallel
     ranks as world / S), else None."""
+    count_cpu_devices_once()
+    logger.info("policy engine: ZeRO stage %d (%s)", ds_config["zero_optimization"]["stage"], stage_reason(cfg, ds_config))
     if cfg.lora_quantize is not None:  # QLoRA: the frozen base in 4 bits, partitioned by deepspeed.initialize
         model = load_quantized_base(cfg, model_dtype(cfg), attention_kernel(cfg))
     else:
@@ -74,8 +81,9 @@ def build_policy_engine(cfg: TrainConfig, ds_config: dict[str, Any], total_steps
 def build_inference_engine(path: str, ds_config: dict[str, Any], dtype: torch.dtype, trust_remote_code: bool,
                            weights_loader: str = "streamed", attn_implementation: str | None = None,
                            cfg: TrainConfig | None = None, mpu=None):
-    """A frozen ZeRO-3 engine without optimizer, in eval mode (prepared as `cfg` says when given; `mpu` as
-    build_policy_engine's)."""
+    """A frozen engine without optimizer (ZeRO-3, or stage 0 beside a policy below stage 3), in eval mode
+    (prepared as `cfg` says when given; `mpu` as build_policy_engine's)."""
+    count_cpu_devices_once()
     model = load_sharded_model(path, ds_config, dtype, trust_remote_code, weights_loader, attn_implementation)
     if cfg is not None:
         prepare_model(model, cfg)

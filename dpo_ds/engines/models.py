@@ -31,12 +31,15 @@ def attention_kernel(cfg: TrainConfig) -> str | None:
 
 def load_sharded_model(path: str, ds_config: dict[str, Any], dtype: torch.dtype, trust_remote_code: bool,
                        weights_loader: str = "streamed", attn_implementation: str | None = None):
-    """The model at `path`, ZeRO-3 partitioned as it is built, so no rank ever holds the whole model.
+    """The model at `path`, ZeRO-3 partitioned as it is built, so no rank ever holds the whole model (below
+    stage 3, whole: every rank loads it).
 
     `streamed` (local safetensors directories): dpo_ds.loading reads each rank's slice of each tensor on
     rank 0 and sends it, so a rank holds its partition plus one chunk. Otherwise (`transformers`, hub ids,
     .bin files): `from_pretrained` under HfDeepSpeedConfig, where rank 0 maps the whole checkpoint.
     """
+    if ds_config["zero_optimization"]["stage"] < 3:  # every rank holds the whole model: plain loading
+        return _load_with_transformers(path, ds_config, dtype, trust_remote_code, attn_implementation)
     if weights_loader == "streamed" and has_safetensors(path):
         return load_sharded_pretrained(path, ds_config, dtype, trust_remote_code, attn_implementation)
     return _load_with_transformers(path, ds_config, dtype, trust_remote_code, attn_implementation)

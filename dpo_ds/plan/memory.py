@@ -168,7 +168,11 @@ POLICY_FP32_GRADS = "policy fp32 grads (optimizer step)"
 ZERO3_GATHERED = "ZeRO-3 gathered module (params + grads)"
 ZERO3_BUCKETS = "ZeRO-3 prefetch + reduce buckets"
 NF4_CONSTANTS = "nf4 quantization constants (every GPU)"
+REFERENCE_PARAMS = "reference params"
+REFERENCE_GATHERED = "reference gathered module + prefetch"
 MODEL_STATES = (POLICY_PARAMS, POLICY_GRADS, POLICY_OPTIMIZER, POLICY_FP32_GRADS, ZERO3_GATHERED)
+# every item that is not an activation (what depends on the ZeRO stage, not on the batch)
+NOT_ACTIVATIONS = MODEL_STATES + (ZERO3_BUCKETS, NF4_CONSTANTS, REFERENCE_PARAMS, REFERENCE_GATHERED)
 
 
 def plan(model: ModelShape, setup: Setup) -> Plan:
@@ -216,8 +220,8 @@ def plan(model: ModelShape, setup: Setup) -> Plan:
     # memory, plus its gathered largest module and prefetch bucket on GPU while it runs. With LoRA the reference
     # is the policy's own base (adapter off): nothing more to hold.
     if setup.reference in ("gpu", "offload") and not setup.lora_r:
-        items += [placed("reference params", p * shard, setup.reference == "offload"),
-                  Item("reference gathered module + prefetch", p * (largest + PREFETCH_BUCKET), 0.0)]
+        items += [placed(REFERENCE_PARAMS, p * shard, setup.reference == "offload"),
+                  Item(REFERENCE_GATHERED, p * (largest + PREFETCH_BUCKET), 0.0)]
     # Activations with gradient checkpointing, for T = 2 * micro_batch * seq_len / S tokens per GPU: each layer
     # keeps only its input hidden state (L * T * h * p), and backward recomputes one layer at a time; we add
     # that layer's saved tensors and budget as much again for the gradients flowing through it.
@@ -249,6 +253,22 @@ def plan(model: ModelShape, setup: Setup) -> Plan:
                           * model.vocab_size * 4,
                           0.0))
     return Plan(model, setup, tuple(items), flops(model, setup))
+
+
+def replicated_bytes(model: ModelShape, setup: Setup, stage: int) -> float:
+    """Bytes one rank holds in a full fine-tune at ZeRO stage 0, 1 or 2, where every rank holds the whole model
+    (`setup.total_gpus` data-parallel ranks). Following `deepspeed/runtime/zero/stage_1_and_2.py` and
+    `bf16_optimizer.py`: p-byte params; p-byte gradients, partitioned from stage 2; fp32 master (bf16 only) and
+    Adam m, v, partitioned from stage 1, and in bf16 the fp32 gradients the optimizer steps on, partitioned with
+    them. A live reference is a whole p-byte copy (an unpartitioned inference engine). Activations as in `plan`."""
+    p, n, ranks = setup.dtype_bytes, model.params, setup.total_gpus
+    bf16 = setup.precision == "bf16"
+    optimizer_share = n / (ranks if stage >= 1 else 1)
+    grads = p * n / (ranks if stage >= 2 else 1)
+    optimizer = ((4 if bf16 else 0) + 8 + (4 if bf16 else 0)) * optimizer_share
+    reference = p * n if setup.reference in ("gpu", "offload") else 0.0
+    activations = sum(item.gpu_bytes for item in plan(model, setup).items if item.name not in NOT_ACTIVATIONS)
+    return p * n + grads + optimizer + reference + activations
 
 
 def flops(model: ModelShape, setup: Setup) -> Flops:
