@@ -233,6 +233,26 @@ def test_zero_stage_lora_keeps_3_and_refuses_lower(model_dir):
         resolve_policy_config(TrainConfig(model_name_or_path=model_dir, lora_r=4, zero_stage="0"), 1, HIDDEN)
 
 
+def test_zero_stage_sequence_parallel_keeps_3_and_refuses_lower(model_dir, monkeypatch):
+    """The Ulysses gradient scaling (dpo_ds/sequence_parallel.py, "Gradients") is ZeRO-3's: auto keeps stage 3 even
+    where a lower stage would fit the GPU, and a lower explicit stage is refused."""
+    from dpo_ds.engines import stage as stage_module
+
+    monkeypatch.setattr(stage_module, "on_cpu", lambda: False)
+    monkeypatch.setattr(stage_module, "device_memory_bytes", lambda: (1e15, "a test device"))
+    stage_module._fitting_stage.cache_clear()
+    plain = TrainConfig(model_name_or_path=model_dir, precision="bf16")
+    assert resolve_policy_config(plain, 2, HIDDEN)["zero_optimization"]["stage"] == 0  # it would fit at stage 0
+    sp = TrainConfig(model_name_or_path=model_dir, precision="bf16", sequence_parallel_size=2)
+    ds = resolve_policy_config(sp, 1, HIDDEN)
+    assert ds["zero_optimization"]["stage"] == 3 and "sequence parallelism" in stage_module.stage_reason(sp, ds)
+    with pytest.raises(ConfigError, match="field 'zero_stage': sequence_parallel_size 2 is built and tested on ZeRO "
+                                          "stage 3 only"):
+        resolve_policy_config(TrainConfig(model_name_or_path=model_dir, sequence_parallel_size=2, zero_stage="2"),
+                              1, HIDDEN)
+    stage_module._fitting_stage.cache_clear()
+
+
 @pytest.mark.parametrize("value,want", [(2, "2"), ("0", "0"), ("auto", "auto")])
 def test_zero_stage_field_takes_yaml_integers(value, want):
     from dpo_ds.config import coerce
