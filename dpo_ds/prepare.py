@@ -41,10 +41,12 @@ def show_pairs(pairs: TokenizedPairs, tokenizer, n: int) -> str:
     tokens and whitespace (a template's newline, a doubled end token) are visible."""
     lines = []
     for i in range(min(n, len(pairs))):
-        parts = {name: pairs.column(name)[i].tolist() for name in pairs.COLUMNS}
+        parts = {name: pairs.column(name)[i].tolist() for name in pairs.COLUMNS if name != "label"}
         sizes = " + ".join(f"{len(ids)} {name}" for name, ids in parts.items())
-        lines.append(f"pair {i + 1} of {len(pairs)} ({pairs.pair_ids[i]}): {sizes} tokens")
-        lines += [f"  {name:<9}{tokenizer.decode(ids, skip_special_tokens=False)!r}" for name, ids in parts.items()]
+        label = "" if pairs.KIND == "pair" else f", {'desirable' if pairs.labels[i] else 'undesirable'}"
+        lines.append(f"{pairs.NOUN} {i + 1} of {len(pairs)} ({pairs.pair_ids[i]}{label}): {sizes} tokens")
+        width = max(9, 1 + max(map(len, parts)))
+        lines += [f"  {name:<{width}}{tokenizer.decode(ids, skip_special_tokens=False)!r}" for name, ids in parts.items()]
     return "\n".join(lines)
 
 

@@ -133,12 +133,12 @@ def cut_into_steps(cfg: TrainConfig, pairs: TokenizedPairs, parallel: Parallel) 
     """The sampler (which pairs each data-parallel rank uses at each step) and the number of optimizer steps."""
     sampler = PairSampler.for_config(cfg, pairs, parallel.data_parallel_size)
     if sampler.steps_per_epoch == 0:
-        raise DataError(f"{cfg.train_file}: {len(pairs)} usable pairs, fewer than one optimizer step's "
+        raise DataError(f"{cfg.train_file}: {pairs.counted()} usable, fewer than one optimizer step's "
                         f"{sampler.pairs_per_step} (micro_batch_size x gradient_accumulation_steps x "
                         f"{parallel.data_parallel_size} ranks)")
     total_steps = cfg.max_steps or sampler.total_steps(cfg.num_epochs)
     if parallel.is_main:
-        logger.info("%d pairs, %d per step on %d ranks, %d steps", len(pairs), sampler.pairs_per_step,
+        logger.info("%s, %d per step on %d data-parallel ranks, %d steps", pairs.counted(), sampler.pairs_per_step,
                     parallel.data_parallel_size, total_steps)
     return sampler, total_steps
 
@@ -352,11 +352,11 @@ def check_run(cfg: TrainConfig) -> str:
     data = TrainData(*load_config_examples(cfg, tokenizer, parallel))
     resume_dir = ckpt.find_checkpoint(cfg.output_dir, cfg.resume_from, parallel, repair=False)  # checksums too
     per_rank = cfg.micro_batch_size * cfg.gradient_accumulation_steps
-    lines = [f"check passed: {cfg.train_file}: {len(data.train)} pairs; {per_rank} pairs per data-parallel rank per "
+    lines = [f"check passed: {cfg.train_file}: {data.train.counted()}; {data.train.counted(per_rank)} per data-parallel rank per "
              f"optimizer step: {len(data.train) // per_rank} steps per epoch on 1 rank, "
              f"{len(data.train) // (8 * per_rank)} on 8"]
     if data.eval is not None:
-        lines.append(f"  eval: {cfg.eval_file}: {len(data.eval)} pairs")
+        lines.append(f"  eval: {cfg.eval_file}: {data.eval.counted()}")
     lines.append(f"  resume: {resume_dir}" if resume_dir is not None else f"  a new run in {cfg.output_dir}")
     return "\n".join(lines)
 

@@ -63,3 +63,25 @@ def test_show_prints_each_part_decoded_with_its_whitespace(demo_assets):
     chosen = tok.decode(ids["chosen"] + [tok.eos_token_id], skip_special_tokens=False)
     assert lines[2] == f"  chosen   {chosen!r}" and lines[2].endswith(f"{tok.eos_token}'")
     assert lines[4].startswith("pair 2 of 3 (f:2)")
+
+
+def test_show_and_counts_name_unpaired_examples_with_their_label(demo_assets):
+    """KTO's unpaired rows are examples with a label, not pairs: `--show` prints the label in words (not its stored
+    id decoded as a token) and the messages count examples."""
+    from transformers import AutoTokenizer
+
+    from dpo_ds.data import TokenColumn, TokenizedPairs, TokenizedUnpaired
+    from dpo_ds.prepare import show_pairs
+
+    tok = AutoTokenizer.from_pretrained(demo_assets.model_dir)
+    prompt, completion = (tok(text, add_special_tokens=False)["input_ids"] for text in ("Question: a fruit?", " pear"))
+    examples = TokenizedUnpaired.from_store({"prompt": TokenColumn.from_lists([prompt] * 2),
+                                             "completion": TokenColumn.from_lists([completion] * 2),
+                                             "label": TokenColumn.from_lists([[1], [0]])}, ["u:1", "u:2"],
+                                            fingerprint="test")
+    lines = show_pairs(examples, tok, 2).splitlines()
+    assert lines[0] == f"example 1 of 2 (u:1, desirable): {len(prompt)} prompt + {len(completion)} completion tokens"
+    assert lines[2] == f"  completion {tok.decode(completion)!r}" and len(lines) == 6
+    assert lines[3].startswith("example 2 of 2 (u:2, undesirable)")
+    assert examples.counted() == "2 examples" and examples.counted(1) == "1 example"
+    assert TokenizedPairs(prompt=[prompt], chosen=[completion], rejected=[completion]).counted() == "1 pair"

@@ -75,6 +75,7 @@ class RowLocations(SequenceABC):
 class TokenizedExamples:
     """Token ids of all examples of one file, in file order (see the module docstring)."""
     KIND: ClassVar[str]
+    NOUN: ClassVar[str]                                # what one example is called in messages
     COLUMNS: ClassVar[tuple[str, ...]]                 # token columns stored per example
     SEQUENCES: ClassVar[tuple[tuple[str, str], ...]]   # (prompt column, completion column) of each scored sequence
 
@@ -89,6 +90,11 @@ class TokenizedExamples:
 
     def __len__(self) -> int:
         return len(self.column(self.COLUMNS[0]))
+
+    def counted(self, n: int | None = None) -> str:
+        """'12 pairs', '1 example': `n` (default: all of them) of these examples, named."""
+        n = len(self) if n is None else n
+        return f"{n} {self.NOUN}{'' if n == 1 else 's'}"
 
     @classmethod
     def sequences_per_example(cls) -> int:
@@ -125,6 +131,7 @@ class TokenizedPairs(TokenizedExamples):
     """Preference pairs: prompt, chosen and rejected TokenColumns (lists of id lists are converted, for tests and
     synthetic data); `pair_ids` name the rows they came from."""
     KIND: ClassVar[str] = "pair"
+    NOUN: ClassVar[str] = "pair"
     COLUMNS: ClassVar[tuple[str, ...]] = ("prompt", "chosen", "rejected")
     SEQUENCES: ClassVar[tuple[tuple[str, str], ...]] = (("prompt", "chosen"), ("prompt", "rejected"))
 
@@ -174,6 +181,7 @@ class TokenizedUnpaired(TokenizedExamples):
     Built from preference pairs by `split_pairs` (TRL's unpair_preference_dataset: chosen -> desirable, rejected
     -> undesirable), the token columns are the pairs' own (no copy)."""
     KIND: ClassVar[str] = "unpaired"
+    NOUN: ClassVar[str] = "example"
     # an unpaired file's cache: its label is a one-id column (1 = desirable), so the store's files stay token columns
     COLUMNS: ClassVar[tuple[str, ...]] = ("prompt", "completion", "label")
     SEQUENCES: ClassVar[tuple[tuple[str, str], ...]] = (("prompt", "completion"), ("prompt", "mismatched"))

@@ -32,9 +32,10 @@ def length_report(raw_lengths: np.ndarray, max_length: int, max_prompt_length: i
 def format_report(pairs: "TokenizedPairs", path: str) -> str:
     """The human summary `dpo-ds prepare` prints: pairs kept / dropped / cut, tokens, length percentiles."""
     s, r = pairs.stats, pairs.report
-    lines = [f"{path}: {s['rows']} rows -> {len(pairs)} pairs kept; {s['skipped_bad_rows']} bad rows skipped, "
-             f"{s['dropped_truncated']} pairs dropped (prompt fills max_length), {s['truncated']} cut to fit, "
-             f"{s['identical_completions']} skipped for identical chosen/rejected ids",
+    lines = [f"{path}: {s['rows']} rows -> {pairs.counted()} kept; {s['skipped_bad_rows']} bad rows skipped, "
+             f"{pairs.counted(s['dropped_truncated'])} dropped (prompt fills max_length), {s['truncated']} cut to fit"
+             + (f", {s['identical_completions']} skipped for identical chosen/rejected ids" if pairs.KIND == "pair"
+                else ""),
              f"  tokens stored: {' + '.join(f'{len(pairs.column(c).flat)} {c}' for c in pairs.COLUMNS)} = "
              f"{pairs.stored_tokens}"]
     if r:
