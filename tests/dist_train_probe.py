@@ -22,10 +22,16 @@ import deepspeed
 from safetensors.torch import load_file
 
 from dpo_ds.config import load_config
+from dpo_ds.engines import models as engine_models
 from dpo_ds.engines import release_engine
 from dpo_ds.trainer import train
 from helpers import PROBE_RUN_MARKER
 from launcher.dist import barrier, exit_process
+
+
+if os.environ.get("PROBE_TILE_TOKENS"):  # tiled_mlp with tiles this small, so that the tests' short sequences are cut
+    _enable_tiled_mlp = engine_models.enable_tiled_mlp
+    engine_models.enable_tiled_mlp = lambda model: _enable_tiled_mlp(model, int(os.environ["PROBE_TILE_TOKENS"]))
 
 
 def live_engines() -> list:
@@ -47,6 +53,8 @@ def probe_run(cfg, probe_out: str, release: bool) -> None:
                             for e in (policy, getattr(run.reference, "engine", None)) if e],
               # HF checkpoints activations only in train mode
               "policy_checkpointing": policy.module.is_gradient_checkpointing and policy.module.training,
+              # MLP blocks computed in sequence tiles (tiled_mlp: sequence_parallel.enable_tiled_mlp's wrapper)
+              "tiled_mlp_blocks": sum(getattr(m.forward, "__name__", "") == "tiled" for m in policy.module.modules()),
               # what DeepSpeed itself resolved from our "auto" values
               "policy_resolved": {"reduce_bucket_size": policy.zero_reduce_bucket_size(),
                                   "prefetch_bucket_size": policy.zero_prefetch_bucket_size(),

@@ -30,6 +30,7 @@ SETTINGS = dict(precision="fp32", micro_batch_size=2, gradient_accumulation_step
                 learning_rate=2e-3, warmup_steps=1, lr_scheduler="linear", weight_decay=0.01, max_grad_norm=0.5,
                 beta=0.1, logging_steps=1, gradient_checkpointing=True, ref_offload=True, seed=0,
                 sequence_parallel_size=2)
+TILE_TOKENS = 4  # tiled_mlp's tile in the tests (the default, hidden_size tokens, exceeds a demo sequence)
 WORLD = 2  # one data-parallel group of S = 2 ranks: the pairs of a step are those of a 1-rank run
 RUNS = {  # name -> fields over SETTINGS
     "padded": dict(save_steps=2),
@@ -39,6 +40,7 @@ RUNS = {  # name -> fields over SETTINGS
     # summed over the shards too) with the RPO term; KTO on the pairs split into examples (at this run's rate)
     "packed_wpo": dict(padding_free=True, **MENU["wpo"][0]),
     "kto": dict(MENU["kto"][0], loss_type="kto", learning_rate=2e-3),
+    "tiled_mlp": dict(tiled_mlp=True),  # in tiles of PROBE_TILE_TOKENS tokens: several per shard
     "lora": dict(learning_rate=5e-3),  # + lora_adapter (the fixture's)
 }
 # tiny models of tests/test_families.py (4 attention heads, 2 key/value heads) trained at S = 2 in the same launch;
@@ -92,7 +94,7 @@ def family_models(demo_assets, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def runs(demo_assets, train_file, starting_adapter, family_models, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sequence_parallel_train")
-    spec, models = [], {}
+    spec = []
     runs = {**{name: (demo_assets.model_dir, fields) for name, fields in RUNS.items()},
             **{family: (str(path), FAMILY_FIELDS) for family, path in family_models.items()}}
     for name, (model, extra) in runs.items():
@@ -101,7 +103,7 @@ def runs(demo_assets, train_file, starting_adapter, family_models, tmp_path_fact
         cfg = write_config(tmp / f"{name}.yaml", model_name_or_path=model, train_file=train_file,
                            output_dir=str(tmp / name), **{**SETTINGS, **extra})
         spec.append((cfg, tmp / f"{name}.pt"))
-    launch_probe_runs(spec, tmp / "spec.json", nproc=WORLD)
+    launch_probe_runs(spec, tmp / "spec.json", nproc=WORLD, env={"PROBE_TILE_TOKENS": str(TILE_TOKENS)})
     return {name: (tmp / name, torch.load(tmp / f"{name}.pt", weights_only=True)) for name in runs}
 
 
@@ -130,7 +132,7 @@ def _assert_matches(out: Path, expected_losses: list[float], got_weights: dict, 
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("name", ["padded", "packed_precompute_ref", "packed_ld_dpo", "packed_wpo", "kto"])
+@pytest.mark.parametrize("name", ["padded", "packed_precompute_ref", "packed_ld_dpo", "packed_wpo", "kto", "tiled_mlp"])
 def test_s2_matches_plain_single_process_dpo(runs, demo_assets, train_file, name):
     out, probe = runs[name]
     settings = {**SETTINGS, **RUNS[name]}
@@ -140,6 +142,7 @@ def test_s2_matches_plain_single_process_dpo(runs, demo_assets, train_file, name
     _assert_matches(out, expected_losses, _weights(out / "final"), expected_weights,
                     load_file(f"{demo_assets.model_dir}/model.safetensors"))
     assert set(probe["attention"]) == {"sdpa"}  # the kernel the Ulysses attention wraps (auto under S > 1)
+    assert probe["tiled_mlp_blocks"] == (2 if name == "tiled_mlp" else 0)  # the demo model's 2 layers
 
 
 @pytest.mark.distributed

@@ -2,6 +2,7 @@
 as ZeRO-3 leaves) before DeepSpeed wraps them."""
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -10,7 +11,9 @@ from dpo_ds.config import TrainConfig
 from dpo_ds.hf_dir import ConfigOverride
 from dpo_ds.loading import load_sharded_pretrained
 from dpo_ds.safetensors_io import has_safetensors
-from dpo_ds.sequence_parallel import ulysses_kernel
+from dpo_ds.sequence_parallel import enable_tiled_mlp, ulysses_kernel
+
+logger = logging.getLogger(__name__)
 
 
 def model_dtype(cfg: TrainConfig) -> torch.dtype:
@@ -110,5 +113,7 @@ def prepare_model(model: torch.nn.Module, cfg: TrainConfig) -> list[ConfigOverri
     the config values it changed."""
     overrides = disable_dropout(model) if cfg.disable_dropout else []
     mark_expert_blocks(model)
+    if cfg.tiled_mlp:
+        logger.info("tiled_mlp: %d MLP blocks computed in sequence tiles", enable_tiled_mlp(model))
     return overrides
 
