@@ -20,6 +20,25 @@ from launcher.env import free_port
 REPO = Path(__file__).resolve().parent.parent
 
 
+def write_starting_adapter(model_dir: str, path: Path, target_modules: list[str], r: int = 4, alpha: int = 8) -> Path:
+    """A PEFT adapter as an SFT stage would leave it, with B non-zero (a fresh adapter's B = 0 would leave its A
+    untrained at the first step): the LoRA tests start the run and the plain PEFT model from it."""
+    from peft import LoraConfig, get_peft_model
+
+    from dpo_ds.lora import peft_model_built
+
+    torch.manual_seed(1)
+    with peft_model_built():
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                               LoraConfig(r=r, lora_alpha=alpha, target_modules=target_modules, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    model.save_pretrained(path)
+    return path
+
+
 def write_config(path: Path, **fields) -> Path:
     path.write_text(yaml.safe_dump(fields))
     return path

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from helpers import launch, launch_probe_runs, plain_dpo, read_metrics, write_config
+from helpers import launch, launch_probe_runs, plain_dpo, read_metrics, write_config, write_starting_adapter
 
 pytestmark = pytest.mark.distributed  # starts ranks or the CLI in subprocesses (tests/conftest.py)
 
@@ -31,24 +31,6 @@ SETTINGS = dict(precision="fp32", micro_batch_size=2, gradient_accumulation_step
 # whose gradient is near 0 turns on the last bits of the gradient (1e-4 apart after 3 steps, in either run)
 RUNS = {"live": {}, "packed_precomputed": dict(padding_free=True, precompute_ref=True), "lora": {}}
 LORA_TARGETS = ["q_proj", "v_proj"]
-
-
-def starting_adapter(model_dir: str, path: Path) -> Path:
-    """A PEFT adapter as an SFT stage would leave it (B non-zero): policy and reference start from it."""
-    from peft import LoraConfig, get_peft_model
-
-    from dpo_ds.lora import peft_model_built
-
-    torch.manual_seed(1)
-    with peft_model_built():
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
-                               LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    model.save_pretrained(path)
-    return path
 
 
 def unpaired_rows(train_file: str) -> list[dict]:
@@ -79,7 +61,7 @@ def kto_runs(demo_assets, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("kto")
     data = tmp / "unpaired.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in unpaired_rows(demo_assets.train_file)))
-    adapter = starting_adapter(demo_assets.model_dir, tmp / "sft_adapter")
+    adapter = write_starting_adapter(demo_assets.model_dir, tmp / "sft_adapter", LORA_TARGETS)
     fields_of = {**RUNS, "lora": dict(lora_adapter=str(adapter))}
     runs = {name: (write_config(tmp / f"{name}.yaml", model_name_or_path=demo_assets.model_dir, train_file=str(data),
                                 output_dir=str(tmp / name), **{**SETTINGS, **fields}), tmp / f"{name}.pt")

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from dpo_ds.lora import peft_model_built
-from helpers import launch, plain_dpo, read_metrics, run_cli, write_config
+from helpers import launch, plain_dpo, read_metrics, run_cli, write_config, write_starting_adapter
 
 # starts ranks or the CLI in subprocesses (tests/conftest.py). peft's PeftModel.__init__ reads transformers'
 # deprecated `is_gradient_checkpointing`: every PeftModel here (and in dpo_ds) is built under lora.peft_model_built,
@@ -63,17 +63,8 @@ def _merged(base: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor], sca
 @pytest.fixture(scope="module")
 def starting_adapter(demo_assets, tmp_path_factory):
     """A PEFT adapter (as an SFT stage would leave it): non-default r, alpha and targets, B non-zero."""
-    path = tmp_path_factory.mktemp("lora") / "sft_adapter"
-    torch.manual_seed(1)
-    with peft_model_built():
-        model = get_peft_model(_base(demo_assets.model_dir), LoraConfig(
-            r=ADAPTER_R, lora_alpha=ADAPTER_ALPHA, target_modules=ADAPTER_TARGETS, task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    model.save_pretrained(path)
-    return path
+    return write_starting_adapter(demo_assets.model_dir, tmp_path_factory.mktemp("lora") / "sft_adapter",
+                                  ADAPTER_TARGETS, ADAPTER_R, ADAPTER_ALPHA)
 
 
 def _probed_run_from_adapter(tmp: Path, demo_assets, starting_adapter, settings: dict):

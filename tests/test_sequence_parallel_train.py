@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dpo_ds.config import ConfigError, TrainConfig
 from dpo_ds.lora import peft_model_built
 from dpo_ds.trainer import check_sequence_parallel
-from helpers import launch_probe_runs, plain_dpo, read_metrics, write_config
+from helpers import launch_probe_runs, plain_dpo, read_metrics, write_config, write_starting_adapter
 from test_families import tiny_model
 from test_loss_runs import MENU
 
@@ -60,18 +60,8 @@ def _weights(directory: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def starting_adapter(demo_assets, tmp_path_factory):
     """A PEFT adapter with non-zero B, so the LoRA run starts where a plain PEFT model can start too."""
-    path = tmp_path_factory.mktemp("sp_lora") / "adapter"
-    torch.manual_seed(1)
-    with peft_model_built():
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(demo_assets.model_dir, dtype=torch.float32),
-                               LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                                          task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    model.save_pretrained(path)
-    return path
+    return write_starting_adapter(demo_assets.model_dir, tmp_path_factory.mktemp("sp_lora") / "adapter",
+                                  ["q_proj", "v_proj", "down_proj"])
 
 
 @pytest.fixture(scope="module")
