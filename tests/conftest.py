@@ -23,6 +23,17 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extens
 PROCESS_MARKERS = ("distributed", "mpi", "slurm")
 
 
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """Each test starts from the same environment: code that runs in-process may export variables by design (the
+    launcher exports RANK, LOCAL_RANK, WORLD_SIZE), and a later test's subprocess would inherit them (one started
+    `dpo-ds train --nproc_per_node` inside what looked like a rank of a launcher)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if not any(item.get_closest_marker(name) for name in PROCESS_MARKERS):
