@@ -159,7 +159,7 @@ def save_checkpoint(engine, output_dir: str, state: TrainerState, parallel: Para
             # frozen parameters (a LoRA run's base) are rebuilt from their files on resume, never saved
             engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False, exclude_frozen_parameters=True)
         if not errors:
-            save_file(_rng_state(), str(tmp / "rng" / f"rank-{rank:05d}.safetensors"))
+            save_file(_rng_state(), str(tmp / "rng" / f"rank-{rank:05d}.safetensors"))  # as _files_of_rank names it
             digests = {rel: file_digest(tmp / rel) for rel in _files_of_rank(tmp, rank, parallel.world_size)}
     except (OSError, RuntimeError) as err:
         errors.append(err)
@@ -224,9 +224,11 @@ def _owner(rel: str, world_size: int) -> int:
 
 
 def _files_of_rank(tmp: Path, rank: int, world_size: int) -> list[str]:
-    """The files under ds/ and rng/ this rank hashes (every rank has finished its own writes)."""
-    rels = [str(p.relative_to(tmp)) for sub in (DS_TAG, "rng") for p in sorted((tmp / sub).rglob("*")) if p.is_file()]
-    return [rel for rel in rels if _owner(rel, world_size) == rank]
+    """The files this rank hashes: its own under ds/ (DeepSpeed's save_checkpoint ends in a barrier, so every
+    rank's are complete) and its RNG file. rng/ is not listed: another rank may still be writing there, through
+    a temporary file without a rank in its name (safetensors writes atomically)."""
+    ds = [str(p.relative_to(tmp)) for p in sorted((tmp / DS_TAG).rglob("*")) if p.is_file()]
+    return [rel for rel in ds if _owner(rel, world_size) == rank] + [f"rng/rank-{rank:05d}.safetensors"]
 
 
 def _publish(engine, tmp: Path, final: Path, root: Path, state: TrainerState, save_total_limit: int,

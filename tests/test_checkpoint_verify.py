@@ -80,6 +80,19 @@ def test_owner_is_the_rank_in_the_file_name():
     assert ckpt._owner("hf/config.json", 4) == 0
 
 
+def test_a_rank_hashes_only_its_own_files_while_others_still_write(tmp_path):
+    """Seen in a QLoRA run: rank 0 listed rng/ while rank 1's RNG file was still a safetensors temporary
+    (rng/.tmpXXXXXX, no rank in its name, so rank 0's), which was renamed before rank 0 opened it."""
+    for rel in ("ds/zero_pp_rank_0_mp_rank_00_optim_states.pt", "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+                "rng/rank-00000.safetensors", "rng/.tmpKLO3cg"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    assert ckpt._files_of_rank(tmp_path, 0, 2) == ["ds/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                                   "rng/rank-00000.safetensors"]
+    assert ckpt._files_of_rank(tmp_path, 1, 2) == ["ds/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+                                                   "rng/rank-00001.safetensors"]
+
+
 def test_auto_falls_back_to_newest_good_and_repairs_latest(tmp_path, caplog):
     root = run_with(tmp_path, [2, 4, 6], latest=6)
     bad = root / "step-00000006" / "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt"
