@@ -125,11 +125,7 @@ def validate_row(where: str, row: Any) -> PreferenceRow:
             n = _common_prefix_text(chosen, rejected)
             prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
     elif conversational:
-        if isinstance(prompt, str):
-            prompt = [{"role": "user", "content": prompt}]
-        if not _is_messages(prompt):
-            raise DataError(f"{where}: field 'prompt': expected a list of messages (chosen/rejected are messages)")
-        _check_messages(where, "prompt", prompt)
+        prompt = _prompt_messages(where, prompt, "chosen/rejected are messages")
     elif not isinstance(prompt, str):
         raise DataError(f"{where}: field 'prompt': expected a string, got {type(prompt).__name__}")
     for name, value in (("chosen", chosen), ("rejected", rejected)):
@@ -140,6 +136,16 @@ def validate_row(where: str, row: Any) -> PreferenceRow:
         raise DataError(f"{where}: field 'rejected': identical to 'chosen'")
     return PreferenceRow(prompt, chosen, rejected)
 
+
+
+def _prompt_messages(where: str, prompt: Any, why: str) -> list:
+    """The prompt of a conversational row as messages: a plain string is one user message."""
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if not _is_messages(prompt):
+        raise DataError(f"{where}: field 'prompt': expected a list of messages ({why})")
+    _check_messages(where, "prompt", prompt)
+    return prompt
 
 
 @dataclass(frozen=True)
@@ -167,11 +173,7 @@ def validate_unpaired_row(where: str, row: dict) -> UnpairedRow:
         raise DataError(f"{where}: field 'label': expected true or false, got {label!r}")
     if _is_messages(completion):
         _check_messages(where, "completion", completion)
-        if isinstance(prompt, str):
-            prompt = [{"role": "user", "content": prompt}]
-        if not _is_messages(prompt):
-            raise DataError(f"{where}: field 'prompt': expected a list of messages (completion is messages)")
-        _check_messages(where, "prompt", prompt)
+        prompt = _prompt_messages(where, prompt, "completion is messages")
     elif not isinstance(completion, str):
         raise DataError(f"{where}: field 'completion': expected a string or a list of messages, "
                         f"got {type(completion).__name__}")
