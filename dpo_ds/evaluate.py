@@ -5,7 +5,8 @@ r(chosen) > r(rejected). A model inside a run folder (<run>/final, a converted c
 run_config.json) is scored as the run trained it: against the run's reference model, with its loss settings,
 unless flags say otherwise. With `--ref_model none` (the default for a model outside a run), log pi_ref is 0 and
 the comparison is the model's own likelihood of chosen versus rejected. Runs single-process or under any launcher
-(ZeRO-3 inference engines, so models larger than one device work too). Writes one JSON line per pair (log-probs,
+(ZeRO-3 inference engines, so models larger than one device work too); with --sequence_parallel_size S, S ranks
+share every sequence as in `train` (pairs too long for one device). Writes one JSON line per pair (log-probs,
 rewards, margin, correct) to a new file and prints a JSON summary.
 """
 from __future__ import annotations
@@ -16,8 +17,10 @@ import itertools
 import json
 import os
 from pathlib import Path
+from typing import get_args
 
-from dpo_ds.config import ConfigError, TrainConfig, config_from_args
+from dpo_ds import sequence_parallel
+from dpo_ds.config import AttnImplementation, ConfigError, TrainConfig, config_from_args
 from dpo_ds.console import emit, setup_logging
 from dpo_ds.data import for_unit, load_pairs
 from dpo_ds.families import load_model_config
@@ -42,7 +45,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                    "run too.")
     parser.add_argument("--max_length", type=int, default=1024, help="Maximum tokens of prompt + completion.")
     parser.add_argument("--max_prompt_length", type=int, help="Keep only the last N prompt tokens.")
-    parser.add_argument("--micro_batch_size", type=int, default=8, help="Pairs per rank per forward.")
+    parser.add_argument("--micro_batch_size", type=int, default=8, help="Pairs per forward of each data-parallel "
+                                                                       "rank (of each group of S ranks under "
+                                                                       "--sequence_parallel_size S).")
+    parser.add_argument("--sequence_parallel_size", type=int, help="S ranks share every sequence (DeepSpeed's Ulysses, "
+                        "as `train`'s field of this name): each group of S consecutive ranks scores its share of the "
+                        "pairs, each rank 1/S of every sequence. S must divide the number of ranks and the model's "
+                        "attention heads. Default 1.")
+    parser.add_argument("--attn_implementation", choices=get_args(AttnImplementation),
+                        help="Attention kernel, as `train`'s field of this name (default auto).")
+    parser.add_argument("--precompute_ref", action="store_true", default=None,
+                        help="Score the reference over all pairs first (as `train`'s precompute_ref: cached in "
+                             "--cache_dir, reused when present), then build the scored model: the two models are "
+                             "never in memory together.")
     parser.add_argument("--precision", choices=("bf16", "fp32"), help="Default: as `train`'s precision auto (bf16 on a "
                                                                       "CUDA GPU that supports it, else fp32).")
     parser.add_argument("--skip_bad_rows", action="store_true", help="Skip and count invalid rows.")
@@ -126,14 +141,16 @@ def run(args: argparse.Namespace) -> int:
     # heavy (transformers, DeepSpeed): imported when the command runs, so `dpo-ds eval --help` stays fast
     from transformers import AutoTokenizer
 
-    from dpo_ds.engines import build_inference_engine, model_dtype
+    from dpo_ds.engines import attention_kernel, build_inference_engine, model_dtype
     from dpo_ds.reference import build_reference
     from dpo_ds.step import StepContext, evaluate_pairs, pad_id_of
 
     cfg = eval_config(args)
     output = output_path(args)  # refused before anything loads when it would overwrite
-    parallel = Parallel.init(timeout_s=cfg.dist_timeout_s)
+    parallel = Parallel.init(timeout_s=cfg.dist_timeout_s, sequence_parallel_size=cfg.sequence_parallel_size)
     setup_logging(parallel.rank)
+    if cfg.sequence_parallel_size > 1:  # train's refusals, before anything loads
+        sequence_parallel.check_models(cfg, parallel.world_size)
     cache_dir = args.cache_dir or default_cache_dir(args.model)
     parallel.check_shared_dirs({"cache_dir": cache_dir})
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
@@ -141,10 +158,15 @@ def run(args: argparse.Namespace) -> int:
                           skip_bad_rows=cfg.skip_bad_rows, cache_dir=cache_dir, parallel=parallel)
     pairs = for_unit(pairs, loss_unit(cfg.loss_type), args.data, cfg.loss_type)
     hidden = load_model_config(args.model, args.trust_remote_code).hidden_size
+    pad_id, kernel = pad_id_of(tokenizer), attention_kernel(cfg)
+    mpu = sequence_parallel.attention_for_run(cfg, parallel, kernel)  # the groups and the Ulysses attention (S > 1)
+    # as `train` builds them: the reference first (with precompute_ref its engine is gone before the scored model
+    # exists), both scored through the same BatchScorer (step.pair_step, reference.LiveReference)
+    reference = build_reference(cfg, hidden, parallel, [pairs], cache_dir, pad_id, mpu=mpu)
     model = build_inference_engine(args.model, scored_model_config(cfg, hidden), model_dtype(cfg),
-                                   args.trust_remote_code)
-    reference = build_reference(cfg, hidden, parallel)
-    metrics, records = evaluate_pairs(StepContext.create(cfg, parallel, model, reference, pad_id_of(tokenizer)), pairs)
+                                   args.trust_remote_code, attn_implementation=kernel, mpu=mpu)
+    # every data-parallel group scores its share; records and metrics hold each pair once (step.evaluate_pairs)
+    metrics, records = evaluate_pairs(StepContext.create(cfg, parallel, model, reference, pad_id), pairs)
     if parallel.is_main:
         output.parent.mkdir(parents=True, exist_ok=True)
         with output.open("w") as fh:

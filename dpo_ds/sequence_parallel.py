@@ -27,11 +27,14 @@ The pieces, in the order a run uses them:
 
 How the trainer calls it (the integration contract):
 
-- Settings: `check_settings(S, world_size, load_model_config(...), attention_kernel(cfg), cfg.max_length)` in
+- Settings: `check_models(cfg, world_size)` (check_settings for the policy and a separate reference) in
   check_before_loading, `check_deepspeed_config(resolve_policy_config(...), S, source)`. Build both models with
   `ulysses_kernel(attention_kernel(cfg))` as attn_implementation (S > 1).
 - Groups: `parallel = Parallel.init(timeout, S)`, then `mpu = attention_for_run(cfg, parallel, kernel)` in
   step.build_step_context (setup at S > 1; None at S = 1).
+- `dpo-ds eval` (evaluate.run) does the same without training: Parallel.init with S, check_models,
+  attention_for_run, the reference (build_reference, given the mpu) and the scored inference engine (given the
+  mpu and the kernel), then step.evaluate_pairs, whose pair_step scores through BatchScorer as training does.
   Shards and sums use `parallel.sequence_parallel_rank` / `parallel.sequence_parallel_group`; DeepSpeed's
   Ulysses attention uses the mpu's own group of the same ranks.
 - DeepSpeed: `deepspeed.initialize(..., mpu=mpu)` for the policy and the reference engine, and
@@ -79,7 +82,7 @@ from typing import Any
 
 import torch
 
-from dpo_ds.config import ConfigError, TrainConfig
+from dpo_ds.config import ConfigError, TrainConfig, uses_reference
 from dpo_ds.logprobs import Scoring, scoring_of
 from dpo_ds.parallel import Parallel
 
@@ -129,6 +132,20 @@ def check_settings(sequence_parallel_size: int, world_size: int, model_config: A
     if kv_heads % size and size % kv_heads:
         refuse(f"{size} and the model's {kv_heads} key/value heads must divide one another (DeepSpeed's Ulysses "
                f"splits the key/value heads over the ranks, or replicates them when there are fewer than S)")
+
+
+def check_models(cfg: TrainConfig, world_size: int) -> None:
+    """`check_settings` for every model a run builds under `cfg` on `world_size` ranks: the policy (the model
+    `dpo-ds eval` scores) and a separate reference; shared by train, eval and bench, so each refuses alike."""
+    from dpo_ds.engines.models import attention_kernel
+    from dpo_ds.families import load_model_config
+
+    paths = [cfg.model_name_or_path]
+    if cfg.ref_model_name_or_path and uses_reference(cfg):
+        paths.append(cfg.ref_model_name_or_path)
+    for path in paths:
+        check_settings(cfg.sequence_parallel_size, world_size, load_model_config(path, cfg.trust_remote_code),
+                       attention_kernel(cfg), cfg.max_length)
 
 
 def uncovered_reason(text_config: Any, kernel: str, max_length: int) -> str | None:

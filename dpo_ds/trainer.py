@@ -22,8 +22,7 @@ from dpo_ds.config import TrainConfig, add_config_arguments, config_from_args, t
 from dpo_ds.console import Progress, emit, setup_logging
 from dpo_ds.convert import export_engine, export_merged_from_base
 from dpo_ds.data import DataError, PairSampler, TokenizedPairs
-from dpo_ds.engines import (attention_kernel, model_dtype, policy_zero_stage, resolve_policy_config,
-                            resolve_reference_config)
+from dpo_ds.engines import model_dtype, policy_zero_stage, resolve_policy_config, resolve_reference_config
 from dpo_ds.engines.ds_config import default_config_path
 from dpo_ds.errors import Preempted, UsageError
 from dpo_ds.families import check_model_family, load_model_config
@@ -116,14 +115,9 @@ def check_before_loading(cfg: TrainConfig, parallel: Parallel, world_size: int) 
 
 def check_sequence_parallel(cfg: TrainConfig, world_size: int) -> None:
     """ConfigError naming sequence_parallel_size for a model (policy or separate reference) or policy DeepSpeed
-    config it cannot run with (dpo_ds.sequence_parallel.check_settings / check_deepspeed_config)."""
+    config it cannot run with (dpo_ds.sequence_parallel.check_models / check_deepspeed_config)."""
     size = cfg.sequence_parallel_size
-    paths = [cfg.model_name_or_path]
-    if cfg.ref_model_name_or_path and uses_reference(cfg):
-        paths.append(cfg.ref_model_name_or_path)
-    for path in paths:
-        sequence_parallel.check_settings(size, world_size, load_model_config(path, cfg.trust_remote_code),
-                                         attention_kernel(cfg), cfg.max_length)
+    sequence_parallel.check_models(cfg, world_size)
     hidden = load_model_config(cfg.model_name_or_path, cfg.trust_remote_code).hidden_size
     sequence_parallel.check_deepspeed_config(resolve_policy_config(cfg, world_size // size, hidden), size,
                                              str(cfg.deepspeed_config or default_config_path("policy")))

@@ -4,11 +4,14 @@ Usage: dist_train_probe.py CONFIG OUT [field value ...] (config overrides), or
        dist_train_probe.py --runs SPEC.json, SPEC = [[CONFIG, OUT], ...]: train each config in turn in the one
        process group (one launch instead of one per config); before each run rank 0 writes the line
        PROBE_RUN_MARKER + OUT to stderr so that a test can read each run's own output (helpers.launch_probe_runs).
+       An entry [["eval", ARG, ...], OUT] runs `dpo-ds eval ARG ...` there instead (its command function, in the
+       same process group); OUT then holds its summary and its sharded forwards (probe_eval).
 Writes (rank 0) a torch file with: how many DeepSpeed engines the run left in the process, the reference source's
 type and, when there is a reference engine, the largest change of any reference parameter against the files
 it was loaded from, whether any reference parameter requires grad, the reference engine's optimizer type and
 offload device, and the trained policy engine's logits on a probe batch.
 """
+import argparse
 import gc
 import json
 import os
@@ -21,6 +24,7 @@ import torch.distributed as dist
 import deepspeed
 from safetensors.torch import load_file
 
+from dpo_ds import evaluate, sequence_parallel
 from dpo_ds.config import load_config
 from dpo_ds.engines import models as engine_models
 from dpo_ds.engines import release_engine
@@ -103,12 +107,38 @@ def probe_run(cfg, probe_out: str, release: bool) -> None:
     barrier()
 
 
+def probe_eval(argv: list[str], probe_out: str) -> None:
+    """`dpo-ds eval ARGV`; rank 0 saves the summary it printed and how many of its forwards scored a shard of a
+    sequence-parallel group (sequence_parallel.BatchScorer at S > 1)."""
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    printed, sharded = [], []
+    evaluate.emit = printed.append
+    shard_forward = sequence_parallel.shard_forward_logps
+
+    def counted(engine, shard, *args, **kwargs):
+        sharded.append(tuple(shard.input_ids.shape))
+        return shard_forward(engine, shard, *args, **kwargs)
+
+    sequence_parallel.shard_forward_logps = counted
+    try:
+        evaluate.run(parser.parse_args(argv))
+    finally:
+        sequence_parallel.shard_forward_logps = shard_forward
+    if dist.get_rank() == 0:
+        torch.save({"summary": json.loads(printed[0]), "sharded_forwards": sharded}, probe_out)
+    barrier()
+
+
 if sys.argv[1] == "--runs":
     for config, probe_out in json.load(open(sys.argv[2])):
         barrier()  # every rank has written all of the previous run's output
         if os.environ["RANK"] == "0":  # from the environment: no process group before the first run
             print(PROBE_RUN_MARKER + probe_out, file=sys.stderr, flush=True)
-        probe_run(load_config(config), probe_out, release=True)
+        if isinstance(config, list) and config[0] == "eval":
+            probe_eval(config[1:], probe_out)
+        else:
+            probe_run(load_config(config), probe_out, release=True)
 else:
     probe_run(load_config(sys.argv[1], dict(zip(sys.argv[3::2], sys.argv[4::2]))), sys.argv[2], release=False)
 dist.destroy_process_group()

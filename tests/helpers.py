@@ -62,10 +62,12 @@ def launch(args: list[str], nproc: int = 2, timeout: int = 600, check: bool = Tr
 PROBE_RUN_MARKER = "=== dist_train_probe run: "  # written to stderr before each run of tests/dist_train_probe.py --runs
 
 
-def launch_probe_runs(runs: list[tuple[Path, Path]], spec: Path, **kwargs) -> list[str]:
-    """One launch of tests/dist_train_probe.py training each (config, probe file) of `runs` in turn in one process
-    group; returns each run's own part of the ranks' stderr, in order."""
-    spec.write_text(json.dumps([[str(config), str(out)] for config, out in runs]))
+def launch_probe_runs(runs: list[tuple[Path | list[str], Path]], spec: Path, **kwargs) -> list[str]:
+    """One launch of tests/dist_train_probe.py running each (config, probe file) of `runs` in turn in one process
+    group: a config file is trained, a list ["eval", ARG, ...] is `dpo-ds eval ARG ...`; returns each run's own
+    part of the ranks' stderr, in order."""
+    spec.write_text(json.dumps([[config if isinstance(config, list) else str(config), str(out)]
+                                for config, out in runs]))
     proc = launch(["tests/dist_train_probe.py", "--runs", str(spec)], **kwargs)
     parts = proc.stderr.split(PROBE_RUN_MARKER)[1:]
     assert [part.split("\n", 1)[0] for part in parts] == [str(out) for _, out in runs], proc.stderr[-6000:]
@@ -84,6 +86,21 @@ def run_cli(args: list[str], timeout: int = 600, check: bool = True):
 def sigmoid_pair_losses(micro_step: list[dict[str, torch.Tensor]], beta: float) -> list[torch.Tensor]:
     """Textbook DPO, -log sigma(beta d), of each pair of each rank's micro-batch (plain_dpo's default loss)."""
     return [-F.logsigmoid(beta * ((b["pc"] - b["rc"]) - (b["pr"] - b["rr"]))) for b in micro_step]
+
+
+def completion_token_logps(model, tok, prompt: str, completion: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain PyTorch, one sequence without padding: each completion token's log-prob (the completion as dpo-ds
+    tokenizes it: prompt + completion, EOS appended) and, for WPO, log sum_v p_v^2 of its next-token distribution."""
+    prompt_ids = tok(prompt)["input_ids"]
+    full = tok(prompt + completion)["input_ids"]
+    completion_ids = full[len(prompt_ids):]
+    if completion_ids[-1] != tok.eos_token_id:
+        completion_ids = completion_ids + [tok.eos_token_id]
+    ids = torch.tensor([prompt_ids + completion_ids])
+    log_probs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+    token_logps = log_probs.gather(-1, ids[0, 1:, None])[:, 0]
+    sum_squares = torch.log((log_probs.detach().exp() ** 2).sum(-1))
+    return token_logps[len(prompt_ids) - 1:], sum_squares[len(prompt_ids) - 1:]
 
 
 def plain_dpo(model_dir: str, train_file: str, settings: dict, world: int, steps: list[list[int]] | None = None,
@@ -115,17 +132,7 @@ def plain_dpo(model_dir: str, train_file: str, settings: dict, world: int, steps
     rows = [json.loads(line) for line in open(train_file)]
 
     def token_logps(model, prompt: str, completion: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each completion token's log-prob and, for WPO, log sum_v p_v^2 of its next-token distribution."""
-        prompt_ids = tok(prompt)["input_ids"]
-        full = tok(prompt + completion)["input_ids"]
-        completion_ids = full[len(prompt_ids):]
-        if completion_ids[-1] != tok.eos_token_id:
-            completion_ids = completion_ids + [tok.eos_token_id]
-        ids = torch.tensor([prompt_ids + completion_ids])
-        log_probs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
-        token_logps = log_probs.gather(-1, ids[0, 1:, None])[:, 0]
-        sum_squares = torch.log((log_probs.detach().exp() ** 2).sum(-1))
-        return token_logps[len(prompt_ids) - 1:], sum_squares[len(prompt_ids) - 1:]
+        return completion_token_logps(model, tok, prompt, completion)
 
     def pair_logps(model, row: dict) -> tuple[torch.Tensor, ...]:
         (chosen, chosen_sq), (rejected, rejected_sq) = (token_logps(model, row["prompt"], row["chosen"]),

@@ -3,11 +3,13 @@ group) against a plain single-process PyTorch DPO of the same data (tests/helper
 without padding, sequence parallelism or DeepSpeed): padded rows with an offloaded live reference, packed rows
 (padding_free) with precompute_ref, LD-DPO's token weights, LoRA from an adapter, a mixture-of-experts and a
 tied-embedding family; the padded run's checkpoint resumed at S = 2 and S = 1; 4 ranks as 2 data-parallel groups
-of S = 2; on the demo pairs with one
+of S = 2; `dpo-ds eval` of the padded run's model at S = 2 (live and precomputed reference) against S = 1 and
+plain PyTorch, and the run's own evaluation at S = 2; on the demo pairs with one
 word more in every third rejected completion (the demo's chosen and rejected completions have equal lengths, so
 packed rows would always have even widths). All runs share one launch (tests/dist_train_probe.py --runs)."""
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 from pathlib import Path
@@ -19,10 +21,13 @@ from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from dpo_ds import evaluate
 from dpo_ds.config import ConfigError, TrainConfig
 from dpo_ds.lora import peft_model_built
+from dpo_ds.parallel import Parallel
 from dpo_ds.trainer import check_sequence_parallel
-from helpers import launch_probe_runs, plain_dpo, read_metrics, write_config, write_starting_adapter
+from helpers import (completion_token_logps, launch_probe_runs, plain_dpo, read_metrics, write_config,
+                     write_starting_adapter)
 from test_families import tiny_model
 from test_loss_runs import MENU
 
@@ -48,6 +53,12 @@ RUNS = {  # name -> fields over SETTINGS
 # a live reference engine's parameters with the files by name, which MoE checkpoints store per expert)
 FAMILIES = {"mixtral": "mixture of experts", "gemma3_text": "tied embeddings, sliding-window layers"}
 FAMILY_FIELDS = dict(adam_epsilon=1e-5, max_length=64, precompute_ref=True)
+# `dpo-ds eval` of the padded run's final model (against the run's reference) on EVAL_PAIRS pairs, in the same launch
+# after the runs: name -> flags. At S = 1 the 2 ranks are 2 data-parallel ranks, and the last forward of rank 1 has
+# no pairs left (a stand-in); the padded run evaluates the same pairs itself at its end (eval_file), at S = 2.
+EVALS = {"eval_s1": [], "eval_s2": ["--sequence_parallel_size", "2"],
+         "eval_s2_precompute_ref": ["--sequence_parallel_size", "2", "--precompute_ref"]}  # + a --cache_dir of its own
+EVAL_PAIRS, EVAL_MICRO_BATCH = 20, 4
 
 
 def _weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -75,6 +86,13 @@ def train_file(demo_assets, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
+def eval_file(train_file, tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("sp_eval_data") / "eval.jsonl"
+    path.write_text("".join(open(train_file).readlines()[:EVAL_PAIRS]))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
 def family_models(demo_assets, tmp_path_factory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("sp_families")
     tokenizer = AutoTokenizer.from_pretrained(demo_assets.model_dir)
@@ -82,7 +100,8 @@ def family_models(demo_assets, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def runs(demo_assets, train_file, starting_adapter, family_models, tmp_path_factory):
+def runs(demo_assets, train_file, eval_file, starting_adapter, family_models, tmp_path_factory):
+    """name -> (output_dir, probe) of each run; of each of EVALS: (its per-pair file, probe)."""
     tmp = tmp_path_factory.mktemp("sequence_parallel_train")
     spec = []
     runs = {**{name: (demo_assets.model_dir, fields) for name, fields in RUNS.items()},
@@ -90,11 +109,19 @@ def runs(demo_assets, train_file, starting_adapter, family_models, tmp_path_fact
     for name, (model, extra) in runs.items():
         if name == "lora":
             extra = dict(extra, lora_adapter=str(starting_adapter))
+        if name == "padded":
+            extra = dict(extra, eval_file=eval_file)
         cfg = write_config(tmp / f"{name}.yaml", model_name_or_path=model, train_file=train_file,
                            output_dir=str(tmp / name), **{**SETTINGS, **extra})
         spec.append((cfg, tmp / f"{name}.pt"))
+    for name, flags in EVALS.items():
+        cache = ["--cache_dir", str(tmp / f"{name}_cache")] if "--precompute_ref" in flags else []
+        spec.append((["eval", "--model", str(tmp / "padded" / "final"), "--data", eval_file, "--micro_batch_size",
+                      str(EVAL_MICRO_BATCH), "--output", str(tmp / f"{name}.jsonl"), *flags, *cache],
+                     tmp / f"{name}.pt"))
     launch_probe_runs(spec, tmp / "spec.json", nproc=WORLD, env={"PROBE_TILE_TOKENS": str(TILE_TOKENS)})
-    return {name: (tmp / name, torch.load(tmp / f"{name}.pt", weights_only=True)) for name in runs}
+    return {**{name: (tmp / name, torch.load(tmp / f"{name}.pt", weights_only=True)) for name in runs},
+            **{name: (tmp / f"{name}.jsonl", torch.load(tmp / f"{name}.pt", weights_only=True)) for name in EVALS}}
 
 
 @pytest.fixture(scope="module")
@@ -222,35 +249,135 @@ def test_precomputed_reference_is_written_once_per_data_parallel_group(runs):
     assert json.loads((caches[0] / "complete.json").read_text())["ranks"] == 1
 
 
+SCORES = ("policy_chosen_logp", "policy_rejected_logp", "ref_chosen_logp", "ref_rejected_logp", "chosen_reward",
+          "rejected_reward", "margin", "loss")  # of a per-pair record; its other fields are compared exactly
+
+
+def _close(got: float, want: float) -> bool:
+    """Within 1e-6 relative; rewards and margins are differences of log-probs that nearly cancel, so their
+    rounding is bounded by the log-probs' (1e-6 of a log-prob of about 10) rather than by their own size."""
+    return abs(got - want) <= 1e-6 * max(abs(want), 1e-2)
+
+
+@pytest.fixture(scope="module")
+def plain_eval(runs, demo_assets, eval_file) -> list[dict]:
+    """The per-pair records of `dpo-ds eval` in plain PyTorch: the padded run's final model and its reference (the
+    starting model), sequence by sequence without padding, sharding or DeepSpeed; the sigmoid loss at beta."""
+    tok = AutoTokenizer.from_pretrained(demo_assets.model_dir)
+    policy = AutoModelForCausalLM.from_pretrained(runs["padded"][0] / "final", dtype=torch.float32).eval()
+    reference = AutoModelForCausalLM.from_pretrained(demo_assets.model_dir, dtype=torch.float32).eval()
+    beta, records = SETTINGS["beta"], []
+    with torch.no_grad():
+        for row in map(json.loads, open(eval_file)):
+            (pc, pr), (rc, rr) = ([completion_token_logps(m, tok, row["prompt"], row[side])[0].double()
+                                   for side in ("chosen", "rejected")] for m in (policy, reference))
+            chosen, rejected = beta * (pc.sum() - rc.sum()), beta * (pr.sum() - rr.sum())
+            records.append({"policy_chosen_logp": pc.sum(), "policy_rejected_logp": pr.sum(), "ref_chosen_logp": rc.sum(),
+                            "ref_rejected_logp": rr.sum(), "chosen_tokens": len(pc), "rejected_tokens": len(pr),
+                            "chosen_reward": chosen, "rejected_reward": rejected, "margin": chosen - rejected,
+                            "loss": -torch.nn.functional.logsigmoid(chosen - rejected)})
+    return [{k: float(v) if k in SCORES else v for k, v in r.items()} for r in records]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", list(EVALS))
+def test_eval_records_each_pair_once_as_plain_pytorch_scores_it(runs, plain_eval, name):
+    """`dpo-ds eval` at S = 2 (one data-parallel group: every forward on a shard of each sequence) and at S = 1 (2
+    data-parallel ranks): one record per pair, in pair order, with plain PyTorch's log-probs, rewards, margin and
+    loss; the summary counts each pair once."""
+    path, probe = runs[name]
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["index"] for r in records] == list(range(EVAL_PAIRS))
+    for got, want in zip(records, plain_eval):
+        assert (got["chosen_tokens"], got["rejected_tokens"]) == (want["chosen_tokens"], want["rejected_tokens"])
+        assert got["correct"] == (want["margin"] > 0)
+        assert all(_close(got[key], want[key]) for key in SCORES), (got, want)
+    summary = probe["summary"]
+    assert summary["pairs"] == EVAL_PAIRS
+    assert _close(summary["loss"], sum(r["loss"] for r in plain_eval) / EVAL_PAIRS)
+    assert _close(summary["mean_margin"], sum(r["margin"] for r in plain_eval) / EVAL_PAIRS)
+    assert _close(summary["accuracy"], sum(r["margin"] > 0 for r in plain_eval) / EVAL_PAIRS)
+    # S = 2: each rank scored half of every sequence, the policy's and (live, or once for the cache) the reference's
+    forwards = 2 * -(-EVAL_PAIRS // EVAL_MICRO_BATCH)
+    assert len(probe["sharded_forwards"]) == (0 if name == "eval_s1" else forwards)
+
+
+@pytest.mark.distributed
+def test_eval_at_s2_matches_s1_and_the_runs_own_evaluation(runs, demo_assets, eval_file):
+    """S = 2 against S = 1 record by record (1e-6 relative), on micro-batches some of whose widths S does not
+    divide; the padded run's evaluation of the same pairs at its end (S = 2, the final weights) has the summary's
+    numbers; the precomputed reference is written once (one data-parallel group)."""
+    s1 = [json.loads(line) for line in runs["eval_s1"][0].read_text().splitlines()]
+    for name in ("eval_s2", "eval_s2_precompute_ref"):
+        s2 = [json.loads(line) for line in runs[name][0].read_text().splitlines()]
+        for got, want in zip(s2, s1, strict=True):
+            assert {k: v for k, v in got.items() if k not in SCORES} == {k: v for k, v in want.items() if k not in SCORES}
+            assert all(_close(got[key], want[key]) for key in SCORES), (got, want)
+    assert any(max(seqs) % 2 for seqs in _micro_batch_lengths(demo_assets, eval_file, EVAL_MICRO_BATCH, EVAL_PAIRS))
+    summary = runs["eval_s1"][1]["summary"]
+    (in_run,) = [m for m in read_metrics(runs["padded"][0]) if "eval/loss" in m]
+    assert _close(in_run["eval/loss"], summary["loss"]) and _close(in_run["eval/rewards/margins"], summary["mean_margin"])
+    assert _close(in_run["eval/rewards/accuracies"], summary["accuracy"])
+    (cache,) = (runs["eval_s2_precompute_ref"][0].parent / "eval_s2_precompute_ref_cache").glob("ref-*")
+    assert sorted(p.name for p in cache.glob("rank-*")) == ["rank-00000-of-00001.safetensors"]
+
+
 @pytest.mark.distributed
 def test_the_runs_cut_sequences_whose_length_is_not_a_multiple_of_s(demo_assets, train_file):
     """The micro-batches above include widths S does not divide (shard_batch pads them), in both layouts."""
-    tok = AutoTokenizer.from_pretrained(demo_assets.model_dir)
-    rows = [json.loads(line) for line in open(train_file)]
+    b = SETTINGS["micro_batch_size"]
+    lengths = _micro_batch_lengths(demo_assets, train_file, b, b * SETTINGS["gradient_accumulation_steps"] *
+                                   SETTINGS["max_steps"])
+    assert any(max(seqs) % 2 for seqs in lengths)  # padded rows: the longest sequence
+    assert any(sum(seqs) % 2 for seqs in lengths)  # packed: the row of all sequences
 
-    def length(prompt: str, completion: str) -> int:  # as plain_dpo tokenizes: completion + EOS
+
+def _micro_batch_lengths(demo_assets, data_file: str, micro_batch_size: int, pairs: int) -> list[list[int]]:
+    """The sequence lengths (prompt + completion + EOS, as plain_dpo tokenizes) of each micro-batch of the first
+    `pairs` pairs of `data_file`, cut in file order."""
+    tok = AutoTokenizer.from_pretrained(demo_assets.model_dir)
+    rows = [json.loads(line) for line in open(data_file)][:pairs]
+
+    def length(prompt: str, completion: str) -> int:
         full = tok(prompt + completion)["input_ids"]
         return len(full) + (full[-1] != tok.eos_token_id)
 
-    b = SETTINGS["micro_batch_size"]
-    trained = b * SETTINGS["gradient_accumulation_steps"] * SETTINGS["max_steps"]
-    micro_batches = [rows[i:i + b] for i in range(0, trained, b)]
-    lengths = [[length(r["prompt"], r[side]) for r in batch for side in ("chosen", "rejected")]
-               for batch in micro_batches]
-    assert any(max(seqs) % 2 for seqs in lengths)  # padded rows: the longest sequence
-    assert any(sum(seqs) % 2 for seqs in lengths)  # packed: the row of all sequences
+    return [[length(r["prompt"], r[side]) for r in rows[i:i + micro_batch_size] for side in ("chosen", "rejected")]
+            for i in range(0, len(rows), micro_batch_size)]
 
 
 def _config(demo_assets, **fields) -> TrainConfig:
     return TrainConfig(model_name_or_path=demo_assets.model_dir, train_file=demo_assets.train_file, **fields)
 
 
-@pytest.mark.parametrize("fields, world, message", [
+BAD_SETTINGS = [
     (dict(sequence_parallel_size=3), 6, "does not divide the model's 4 attention heads"),
     (dict(sequence_parallel_size=2), 3, "does not divide the world size 3"),
     (dict(sequence_parallel_size=2, attn_implementation="eager"), 2, "eager attention"),
-])
+]
+
+
+@pytest.mark.parametrize("fields, world, message", BAD_SETTINGS)
 def test_bad_settings_are_refused_before_loading_with_the_field_named(demo_assets, fields, world, message):
     with pytest.raises(ConfigError, match=message) as err:
         check_sequence_parallel(_config(demo_assets, **fields), world)
     assert str(err.value).startswith("field 'sequence_parallel_size': ") and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("fields, world, message", BAD_SETTINGS)
+def test_eval_refuses_what_train_refuses_before_loading(demo_assets, fields, world, message, tmp_path, monkeypatch):
+    """`dpo-ds eval --sequence_parallel_size S` on `world` ranks (the process group faked: the world size Parallel
+    would find): train's one-line error, before the tokenizer, the pairs or a model load; nothing written."""
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    args = parser.parse_args(["--model", demo_assets.model_dir, "--data", demo_assets.heldout_file, "--output",
+                              str(tmp_path / "pairs.jsonl"), "--cache_dir", str(tmp_path / "cache"),
+                              *(str(a) for field, value in fields.items() for a in (f"--{field}", value))])
+    monkeypatch.setattr(Parallel, "init", classmethod(lambda cls, timeout_s, sequence_parallel_size=1:
+                                                      cls(0, world, sequence_parallel_size)))
+    monkeypatch.setattr(evaluate, "setup_logging", lambda rank: None)
+    monkeypatch.setattr(evaluate, "load_pairs", None)  # reached only past the checks
+    with pytest.raises(ConfigError, match=message) as err:
+        evaluate.run(args)
+    assert str(err.value).startswith("field 'sequence_parallel_size': ") and "\n" not in str(err.value)
+    assert list(tmp_path.iterdir()) == []
