@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--micro_batch_size", type=int, default=8, help="Pairs per forward of each data-parallel "
                                                                        "rank (of each group of S ranks under "
                                                                        "--sequence_parallel_size S).")
-    parser.add_argument("--sequence_parallel_size", type=int, help="S ranks share every sequence (DeepSpeed's Ulysses, "
+    parser.add_argument("--sequence_parallel_size", type=int, metavar="S", help="S ranks share every sequence (DeepSpeed's Ulysses, "
                         "as `train`'s field of this name): each group of S consecutive ranks scores its share of the "
                         "pairs, each rank 1/S of every sequence. S must divide the number of ranks and the model's "
                         "attention heads. Default 1.")
