@@ -92,7 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gradient_accumulation_steps", type=_positive_int, default=1,
                         help="as the train field: micro-steps per optimizer step (counted in the step's FLOPs and time)")
     parser.add_argument("--mfu", type=_fraction, default=ASSUMED_MFU,
-                        help=f"the model FLOPs utilization the projected step time assumes (default {ASSUMED_MFU}: "
+                        help=f"the FLOPs utilization (MFU, the checkpoint recompute counted) the projected step time "
+                             f"assumes (default {ASSUMED_MFU}: "
                              f"{ASSUMED_MFU_WHY.replace('%', '%%')})")
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     parser.add_argument("--reference", choices=REFERENCE_MODES, default="offload",
