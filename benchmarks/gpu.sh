@@ -1,29 +1,48 @@
 #!/bin/bash
-# GPU checks and benchmarks, in phases, each with its own time budget; nothing is compiled (the default preset
-# is torch's fused AdamW; DeepSpeed's FusedAdam is measured only where nvcc can build it).
+# GPU checks and benchmarks, in phases, each with its own time budget; nothing is compiled but DeepSpeed's
+# FusedAdam, measured only where nvcc can build it (the default preset is torch's fused AdamW).
 #
 #   bash benchmarks/gpu.sh [--dry-run] [PHASE ...]      PHASE: checks train bench trl (default: all four)
 #
-# checks (90 s)  NCCL through `python -m launcher.dist`; benchmarks/gpu_checks.py (NCCL helpers, no device sync per
-#                micro-step, pinned-memory release)
-# train (300 s)  a short run on the demo assets (checkpoints, eval pairs, final/), a precompute_ref + padding_free
-#                run, one QLoRA step (when bitsandbytes is importable), `dpo-ds convert`, `dpo-ds eval`
-# bench (70 s each)  llama-1b, 2k tokens, bf16, ZeRO-3, micro batch 4: live offloaded reference | precompute_ref |
-#                the same with full logits | LoRA r 16 | log-normal lengths, padding_free; then torch fused AdamW
-#                (the default) against DeepSpeed's FusedAdam (ds_configs/zero3_fused_adam.json; skipped without nvcc)
-# trl (100 s)    TRL's DPOTrainer on the same model and pairs (needs trl + datasets)
+# checks (60 s)   NCCL through `python -m launcher.dist`; benchmarks/gpu_checks.py (NCCL helpers, no device sync per
+#                 micro-step, pinned-memory release)
+# bench (395 s)   `dpo-ds bench` on llama-1b, bf16, zero_stage auto, 2 warm-up + 3 timed steps, one phase each:
+#   mfu_2k_live_ref, mfu_2k_precompute_ref (50 s each)     2048-token sequences, micro batch 4 (16k tokens a
+#                 micro-step), live reference | precompute_ref
+#   mfu_8k_live_ref, mfu_8k_precompute_ref (55 s each)     8192-token sequences, micro batch 1 (16k tokens)
+#   zero3_2k_precompute_ref (45 s)       as mfu_2k_precompute_ref at zero_stage 3 (auto picks a lower stage on one
+#                 GPU), with torch's fused AdamW (ds_configs/zero3.json)
+#   long_32k_pair_tiled_mlp (70 s)       issue 21: one 32k-token pair (two 16384-token sequences) on one GPU, S=1,
+#                 tiled_mlp, precompute_ref; 1 warm-up + 2 timed steps: tokens/s and peak memory
+#   zero3_fused_adam_2k_precompute_ref (70 s)   the zero3 run with DeepSpeed's FusedAdam
+#                 (ds_configs/zero3_fused_adam.json; its build is in the time; skipped without nvcc)
+# trl (60 s)      TRL's DPOTrainer on the bench phase's model and 2k pairs (needs trl + datasets)
+# train (120 s)   a short run on the demo assets (checkpoints, eval pairs, final/), `dpo-ds convert`, `dpo-ds eval`,
+#                 one QLoRA step (when bitsandbytes is importable), a precompute_ref + padding_free run
 # A step's time limit is the smaller of its own and what is left of its phase; a step that cannot start with
-# 30 s left writes a "skipped" line. Every step writes one JSON line to $OUT/results.jsonl (its output goes
-# to $OUT/steps/NAME.log and $OUT/log.txt); the summary at the end (benchmarks/gpu_summary.py) reads them back,
-# with each benchmark's and check's own JSON result, into $OUT/summary.json and a table on stdout.
-# All phases take at most 16 minutes: split them over device calls (each at most 10 minutes; trl reads the
-# model directory the bench phase wrote, so they go together):
-#   run(command="bash benchmarks/gpu.sh checks train", carry=[".whl"], timeout_s=420)
-#   run(command="bash benchmarks/gpu.sh bench trl", carry=[".whl"], timeout_s=600)
+# 30 s left writes a "skipped" line. Every step writes one JSON line to $OUT/results.jsonl (its output goes to
+# $WORK/steps/NAME.log and $OUT/log.txt); the summary at the end (benchmarks/gpu_summary.py) reads them back, with
+# each benchmark's and check's own JSON result, into $OUT/summary.json and a table on stdout, each benchmark's
+# measured MFU and step time next to `dpo-ds plan`'s projection for its shape (its FLOPs at the assumed MFU).
+# The budgets are estimates (no GPU has run this script yet): a bench step is mostly start-up (imports, the
+# random-init model written once to $WORK/bench and shared by all, DeepSpeed's initialization), its few steps
+# take seconds.
+#
+# The device tool gives a session 15 minutes of device time in all (the machine's start-up of a few minutes
+# included) and 10 minutes a call: one call holds what matters most (checks, bench and trl: 515 s of budgets,
+# plus the wheel install, `dpo-ds env` and the summary), and the train phase follows only if that leaves time, at
+# once (while the machine is still warm, 30 s), when status says budget_left_s >= 200:
+#   run(command="bash benchmarks/gpu.sh checks bench trl", carry=[".whl"], timeout_s=600)
+#   run(command="bash benchmarks/gpu.sh train", carry=[".whl"], timeout_s=170)
+# Left out to fit that time (earlier versions had them): the full-logits path (--fused_lm_head false), LoRA r 16
+# and log-normal lengths with padding_free as benchmarks, whose CPU measurements are in BENCHMARKS.md.
+# Work files (the 2 GB bench model, checkpoints, step logs) go to $WORK, by default outside $OUT
+# (/tmp/dpo-ds-gpu-work), since the device tool brings back at most 8 files from $OUT.
 #
 # --dry-run: the same phases and steps on the CPU (DS_ACCELERATOR=cpu, gloo, one rank, the tiny demo model,
-# llama-tiny-8k at 64 tokens for the benchmarks): proves the plumbing before a GPU runs it
-# (tests/test_gpu_sh.py). It uses the calling Python ($PYTHON) as it is; nothing is installed. Every budget is
+# llama-tiny-8k at 64/128/256 tokens for the benchmarks, MFU against a nominal 1 TFLOP/s peak so the
+# projection is computed too): proves the plumbing before a GPU runs it (tests/test_gpu_sh.py). It uses the
+# calling Python ($PYTHON) as it is; nothing is installed; $WORK defaults to $OUT/work. Every budget is
 # multiplied by BUDGET_SCALE (default 1; 4 in a dry run: a 2-core CPU runs the tiny steps slower than a GPU
 # runs the real ones).
 #
@@ -36,30 +55,32 @@
 set -u
 DRY=0
 if [[ ${1:-} == --dry-run ]]; then DRY=1; shift; fi
-PHASES=("$@"); (( ${#PHASES[@]} )) || PHASES=(checks train bench trl)
+PHASES=("$@"); (( ${#PHASES[@]} )) || PHASES=(checks bench trl train)
 PYTHON=${PYTHON:-python3}
 OUT=${OUT:-/tmp/dpo-ds-gpu-bench}; mkdir -p "$OUT"
 RES=$OUT/results.jsonl; LOG=$OUT/log.txt; : > "$RES"; : > "$LOG"
-WORK=$OUT/work; STEPS_DIR=$OUT/steps; mkdir -p "$WORK" "$STEPS_DIR"  # steps/NAME.log: one step's output
 T0=$(date +%s)
 export TOKENIZERS_PARALLELISM=false
 
 SCALE=${BUDGET_SCALE:-$(( DRY ? 4 : 1 ))}
 if (( DRY )); then
   export DS_ACCELERATOR=cpu MASTER_ADDR=127.0.0.1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+  WORK=${WORK:-$OUT/work}
   export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$WORK/torch_extensions}
-  NGPU=1; PRECISION=fp32; MODEL=benchmarks/configs/llama-tiny-8k; LEN=64; MBS=1; WARMUP=1; STEPS=1
-  LOGNORMAL=lognormal:48,0.5; TORCH_ADAMW=ds_configs/zero3_cpu.json; TRAIN_STEPS=2
+  NGPU=1; PRECISION=fp32; MODEL=benchmarks/configs/llama-tiny-8k; LEN=64; MBS=1; LEN_8K=128; LEN_32K_PAIR=256
+  WARMUP=1; STEPS=1; PEAK=(--peak_tflops 1); TRAIN_STEPS=2
 else
+  WORK=${WORK:-/tmp/dpo-ds-gpu-work}
   "$PYTHON" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >> "$LOG" 2>&1 \
     || echo "wheel install failed" | tee -a "$LOG"
   export PYTHONPATH=/tmp/site:$PWD TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/torch_extensions}
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$LOG" 2>&1
   # NCCL allows one rank per GPU: 2 ranks with two GPUs, else 1
   NGPU=$("$PYTHON" -c "import torch; print(max(1, min(torch.cuda.device_count(), 2)))" 2>> "$LOG" || echo 1)
-  PRECISION=bf16; MODEL=llama-1b; LEN=2048; MBS=4; WARMUP=2; STEPS=4; LOGNORMAL=lognormal:1024,0.6
-  TORCH_ADAMW=ds_configs/zero3.json; TRAIN_STEPS=4
+  PRECISION=bf16; MODEL=llama-1b; LEN=2048; MBS=4; LEN_8K=8192; LEN_32K_PAIR=16384
+  WARMUP=2; STEPS=3; PEAK=(); TRAIN_STEPS=4  # the peak: looked up from the device's name (dpo_ds.plan.compute)
 fi
+STEPS_DIR=$WORK/steps; mkdir -p "$WORK" "$STEPS_DIR"  # steps/NAME.log: one step's output
 "$PYTHON" -m dpo_ds env >> "$LOG" 2>&1
 TORCHRUN=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NGPU")
 
@@ -84,83 +105,80 @@ step() {  # name, own limit in seconds (times SCALE), command...: one JSON line 
 skip() {  # name, reason
   echo "{\"phase\": \"$PHASE\", \"run\": \"$1\", \"skipped\": \"$2\"}" | tee -a "$RES"
 }
-bench() {  # name, extra args: the step's line carries dpo-ds bench's JSON result
-  local name=$1; shift
-  step "$name" 70 "$PYTHON" -m dpo_ds bench --model "$MODEL" --lengths "fixed:$LEN" --max_length "$LEN" \
-      --precision "$PRECISION" --micro_batch_size "$MBS" --warmup "$WARMUP" --steps "$STEPS" --json \
-      --output_dir "$WORK/bench_$name" "$@"
+bench() {  # name (also its phase, bench_NAME), budget, sequence length, micro batch, extra args: the step's line
+  # carries dpo-ds bench's JSON result. One output_dir for all: the random-init model is written once, and runs on
+  # the same pairs share their precompute_ref cache (computed before the timed steps).
+  local name=$1 budget=$2 length=$3 micro_batch=$4; shift 4
+  phase "bench_$name" "$budget"
+  step "$name" "$budget" "$PYTHON" -m dpo_ds bench --model "$MODEL" --lengths "fixed:$length" --max_length "$length" \
+      --precision "$PRECISION" --micro_batch_size "$micro_batch" --warmup "$WARMUP" --steps "$STEPS" --json \
+      --output_dir "$WORK/bench" ${PEAK[@]+"${PEAK[@]}"} "$@"
 }
 
 D=$WORK/demo
 run_checks() {
-  phase checks 90
-  step launcher.dist 45 "${TORCHRUN[@]}" -m launcher.dist
-  step gpu_checks 45 "${TORCHRUN[@]}" benchmarks/gpu_checks.py
+  phase checks 60
+  step launcher.dist 25 "${TORCHRUN[@]}" -m launcher.dist
+  step gpu_checks 35 "${TORCHRUN[@]}" benchmarks/gpu_checks.py
+}
+run_bench() {
+  bench mfu_2k_live_ref 50 "$LEN" "$MBS"
+  bench mfu_2k_precompute_ref 50 "$LEN" "$MBS" --precompute_ref true
+  bench mfu_8k_live_ref 55 "$LEN_8K" 1
+  bench mfu_8k_precompute_ref 55 "$LEN_8K" 1 --precompute_ref true
+  bench zero3_2k_precompute_ref 45 "$LEN" "$MBS" --precompute_ref true --zero_stage 3
+  WARMUP=1 STEPS=2 bench long_32k_pair_tiled_mlp 70 "$LEN_32K_PAIR" 1 --precompute_ref true --tiled_mlp true
+  # FusedAdam compiles a CUDA op: only where nvcc can build it (dpo-ds checks before loading), with its own
+  # extensions folder, so a build the step limit kills leaves no lock another step waits on
+  if (( DRY )); then
+    phase bench_zero3_fused_adam_2k_precompute_ref 70
+    skip zero3_fused_adam_2k_precompute_ref "dry run: FusedAdam compiles an op"
+  elif command -v nvcc > /dev/null; then
+    TORCH_EXTENSIONS_DIR=$WORK/fused_adam_extensions bench zero3_fused_adam_2k_precompute_ref 70 "$LEN" "$MBS" \
+        --precompute_ref true --deepspeed_config ds_configs/zero3_fused_adam.json
+  else
+    phase bench_zero3_fused_adam_2k_precompute_ref 70
+    skip zero3_fused_adam_2k_precompute_ref "no nvcc"
+  fi
+}
+run_trl() {
+  phase trl 60
+  if ! "$PYTHON" -c "import trl" >> "$LOG" 2>&1; then skip trl "trl not installed"; return; fi
+  local model_dir
+  model_dir=$(find "$WORK/bench/bench_model" -mindepth 1 -maxdepth 1 -type d 2> /dev/null | head -n 1)
+  if [[ -z $model_dir ]]; then skip trl "no bench model directory (run the bench phase first)"; return; fi
+  "$PYTHON" benchmarks/make_pairs.py --lengths "fixed:$LEN" --max_length "$LEN" --micro_batch_size "$MBS" \
+      --warmup "$WARMUP" --steps "$STEPS" --out "$WORK/pairs.json" >> "$LOG" 2>&1
+  step trl 60 "$PYTHON" benchmarks/trl_dpo.py --model_dir "$model_dir" --pairs "$WORK/pairs.json" \
+      --precision "$PRECISION" --max_length "$LEN"
 }
 run_train() {
-  phase train 300
+  phase train 120
   "$PYTHON" -c "from dpo_ds.demo_data import build_demo_assets; build_demo_assets('$D', n_train=128, n_heldout=16)" \
       >> "$LOG" 2>&1
   local train=(-m dpo_ds train --model_name_or_path "$D/model" --train_file "$D/train.jsonl" --eval_file
                "$D/heldout.jsonl" --max_length 64 --micro_batch_size 4 --max_steps "$TRAIN_STEPS" --save_steps 2 --logging_steps 1
                --precision "$PRECISION")
-  step train_live_ref 90 "${TORCHRUN[@]}" "${train[@]}" --output_dir "$WORK/train"
-  step train_precompute_ref_padding_free 90 "${TORCHRUN[@]}" "${train[@]}" --output_dir "$WORK/train_pf" \
-      --precompute_ref true --padding_free true
+  step train_live_ref 45 "${TORCHRUN[@]}" "${train[@]}" --output_dir "$WORK/train"
+  step convert 20 "$PYTHON" -m dpo_ds convert "$WORK/train/checkpoints/$(printf 'step-%08d' "$TRAIN_STEPS")" "$WORK/convert"
+  step eval 25 "$PYTHON" -m dpo_ds eval --model "$WORK/convert" --data "$D/heldout.jsonl" --output "$WORK/eval.jsonl" \
+      --precision "$PRECISION"
   # QLoRA: the packed nf4 weights ZeRO-3 sharded, final/ merged into the original base (needs bitsandbytes)
   if "$PYTHON" -c "import bitsandbytes" >> "$LOG" 2>&1; then
-    step train_qlora_nf4 60 "${TORCHRUN[@]}" "${train[@]}" --output_dir "$WORK/qlora" --lora_r 8 \
+    step train_qlora_nf4 35 "${TORCHRUN[@]}" "${train[@]}" --output_dir "$WORK/qlora" --lora_r 8 \
         --lora_quantize nf4 --max_steps 1 --save_steps 1
   else
     skip train_qlora_nf4 "bitsandbytes not installed"
   fi
-  step convert 45 "$PYTHON" -m dpo_ds convert "$WORK/train/checkpoints/$(printf 'step-%08d' "$TRAIN_STEPS")" "$WORK/convert"
-  step eval 45 "$PYTHON" -m dpo_ds eval --model "$WORK/convert" --data "$D/heldout.jsonl" --output "$WORK/eval.jsonl" \
-      --precision "$PRECISION"
-}
-run_bench() {
-  local one
-  for one in live_ref_offload precompute_ref logits_path lora_r16 lognormal_padding_free adamw_torch_fused \
-             adamw_deepspeed_fused; do
-    phase "bench_$one" 70
-    case $one in
-      live_ref_offload) bench dpo-ds_live_ref_offload --ref_offload true ;;
-      precompute_ref) bench dpo-ds_precompute_ref --precompute_ref true ;;
-      logits_path) bench dpo-ds_logits_path+precompute_ref --precompute_ref true --fused_lm_head false ;;
-      lora_r16) bench dpo-ds_lora_r16 --lora_r 16 ;;
-      lognormal_padding_free) bench dpo-ds_lognormal_padding_free+precompute_ref --lengths "$LOGNORMAL" \
-          --max_length $(( LEN * 2 )) --padding_free true --precompute_ref true ;;
-      adamw_torch_fused) bench adamw_torch_fused --precompute_ref true --deepspeed_config "$TORCH_ADAMW" ;;
-      adamw_deepspeed_fused)  # compiles a CUDA op: only where nvcc can build it (dpo-ds checks before loading),
-        # with its own extensions folder, so a build the step limit kills leaves no lock another step waits on
-        if (( DRY )); then
-          skip adamw_deepspeed_fused "dry run: FusedAdam compiles an op"
-        elif command -v nvcc > /dev/null; then
-          TORCH_EXTENSIONS_DIR=$WORK/fused_adam_extensions \
-            bench adamw_deepspeed_fused --precompute_ref true --deepspeed_config ds_configs/zero3_fused_adam.json
-        else
-          skip adamw_deepspeed_fused "no nvcc"
-        fi ;;
-    esac
-  done
-}
-run_trl() {
-  phase trl 100
-  if ! "$PYTHON" -c "import trl" >> "$LOG" 2>&1; then skip trl "trl not installed"; return; fi
-  local model_dir
-  model_dir=$(find "$WORK/bench_dpo-ds_precompute_ref/bench_model" -mindepth 1 -maxdepth 1 -type d 2> /dev/null | head -n 1)
-  if [[ -z $model_dir ]]; then skip trl "no bench model directory (run the bench phase first)"; return; fi
-  "$PYTHON" benchmarks/make_pairs.py --lengths "fixed:$LEN" --max_length "$LEN" --micro_batch_size "$MBS" \
-      --warmup "$WARMUP" --steps "$STEPS" --out "$WORK/pairs.json" >> "$LOG" 2>&1
-  step trl 100 "$PYTHON" benchmarks/trl_dpo.py --model_dir "$model_dir" --pairs "$WORK/pairs.json" \
-      --precision "$PRECISION" --max_length "$LEN"
+  step train_precompute_ref_padding_free 35 "${TORCHRUN[@]}" "${train[@]}" --output_dir "$WORK/train_pf" \
+      --precompute_ref true --padding_free true
 }
 
 for name in "${PHASES[@]}"; do
   case $name in
-    checks) run_checks ;; train) run_train ;; bench) run_bench ;; trl) run_trl ;;
-    *) echo "gpu.sh: unknown phase '$name' (checks, train, bench, trl)" >&2; exit 2 ;;
+    checks) run_checks ;; bench) run_bench ;; trl) run_trl ;; train) run_train ;;
+    *) echo "gpu.sh: unknown phase '$name' (checks, bench, trl, train)" >&2; exit 2 ;;
   esac
 done
-"$PYTHON" benchmarks/gpu_summary.py "$OUT" | tee -a "$LOG"
+"$PYTHON" benchmarks/gpu_summary.py "$OUT" "$STEPS_DIR" | tee -a "$LOG"
 echo "total $(( $(date +%s) - T0 )) s" | tee -a "$LOG"

@@ -4,10 +4,10 @@ The step is the trainer's own (same engines, sampler, collation, log-probs, loss
 data is synthetic (random token ids with a chosen length distribution) and the model is random-init from a
 preset or config.json (written once to <output_dir>/bench_model, no download). After --warmup steps it
 times --steps steps and reports: step time (median, min, max over steps, slowest rank), real tokens/s
-(non-padding tokens of all ranks), token occupancy (real / processed tokens), achieved TFLOP/s and MFU on
-the 8*N*tokens basis plus causal attention (6*N without a live reference; LoRA: 6*N and 4*N, the frozen
-base has no weight gradients), peak memory (GPU allocator, or
-process RSS on CPU), and the split of the step into reference forward / policy forward / backward /
+(non-padding tokens of all ranks), token occupancy (real / processed tokens), achieved TFLOP/s and MFU from
+`dpo-ds plan`'s FLOP count of the real tokens (dpo_ds.plan.compute.step_flops: 6*N per token for the policy,
+4*N with LoRA, + 2*N for the gradient-checkpoint recompute, + 2*N for a live reference's forward, + causal
+attention) and its table of dense bf16 peaks, peak memory (GPU allocator, or process RSS on CPU), and the split of the step into reference forward / policy forward / backward /
 optimizer. Every train field (`--micro_batch_size`, `--precision`, `--precompute_ref`, `--group_by_length`,
 `--max_tokens_per_micro_batch`, `--deepspeed_config`, `--sequence_parallel_size`, ...) works as in `dpo-ds train`.
 Runs single-process or under any launcher.
@@ -30,13 +30,11 @@ from dpo_ds.data import PairSampler, RowLocations, TokenizedPairs, for_unit
 from dpo_ds.losses import loss_unit
 from dpo_ds.metrics import SectionTimer, max_over_ranks, peak_memory_gib
 from dpo_ds.parallel import Parallel
-from dpo_ds.plan import model_config_and_name, model_flops, shape_from_config
+from dpo_ds.plan import GPUS, gpu_of_device, model_config_and_name, shape_from_config, step_flops
 from dpo_ds.prepare import cache_dir_of
 from launcher.dist import all_reduce
 
 HELP = __doc__
-# Dense bf16 peak TFLOP/s per device, for MFU when --peak_tflops is not given.
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0, "A10G": 125.0, "L40S": 362.0}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="Untimed steps first (default 2).")
     parser.add_argument("--steps", type=int, default=5, help="Timed optimizer steps (default 5).")
     parser.add_argument("--peak_tflops", type=float,
-                        help=f"Peak TFLOP/s of one device for MFU (default: looked up for {', '.join(PEAK_TFLOPS)}).")
+                        help=f"Peak TFLOP/s of one device for MFU (default: dpo-ds plan's dense bf16 peak of the "
+                             f"device: {', '.join(GPUS)}).")
     parser.add_argument("--json", action="store_true", help="Print one JSON object instead of a table.")
     add_config_arguments(parser)
 
@@ -101,10 +100,8 @@ def _model_dir(model: str, output_dir: Path, parallel: Parallel) -> tuple[Path, 
 def _peak_tflops(given: float | None) -> float | None:
     if given:
         return given
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-    return None
+    gpu = gpu_of_device(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
+    return gpu and gpu.peak_tflops
 
 
 SECTIONS = ("reference_forward", "policy_forward", "backward", "optimizer")
@@ -173,7 +170,8 @@ def run(args: argparse.Namespace) -> int:
     times, totals, split = _time_steps(ctx, train_step, sampler, pairs, args.warmup, total_steps)
     step_times = torch.tensor(times, dtype=torch.float64)
     live_reference = uses_reference(cfg) and not cfg.precompute_ref
-    flops = model_flops(shape, float(totals[0]), float(totals[2]), uses_lora(cfg), live_reference).total  # plan's model
+    flops = step_flops(shape, float(totals[0]), float(totals[2]), lora=uses_lora(cfg),  # plan's count
+                       recompute=cfg.gradient_checkpointing, live_reference=live_reference).total
     elapsed = float(step_times.sum())
     achieved = flops / elapsed / 1e12
     peak = _peak_tflops(args.peak_tflops)
@@ -193,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
                         "max": float(step_times.max())},
         "tokens_per_s": float(totals[0]) / elapsed,
         "token_occupancy": float(totals[0]) / max(float(totals[1]), 1.0),
-        "tflops_per_s": achieved, "tflops_per_s_per_device": achieved / parallel.world_size,
+        "flops_per_step": flops / max(len(times), 1), "tflops_per_s": achieved, "tflops_per_s_per_device": achieved / parallel.world_size,
         "mfu": achieved / (peak * parallel.world_size) if peak else None, "peak_tflops_per_device": peak,
         "peak_memory_gib": max_over_ranks(peak_memory_gib()),
         "split_s_per_step": dict(zip(SECTIONS, (v / max(len(times), 1) for v in split.tolist()))),

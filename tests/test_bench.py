@@ -25,20 +25,21 @@ def report(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def one_group_tokens(model_dir: str) -> tuple[int, int]:
+def one_group_tokens(model_dir: str) -> tuple[int, int, int]:
     """(real, processed) tokens of bench_args' timed steps (1 and 2) on one data-parallel group, from the same
-    synthetic pairs and sampler, written out here: a right-padded micro-batch processes 2B rows as wide as its
-    longest sequence."""
+    synthetic pairs and sampler, written out here (a right-padded micro-batch processes 2B rows as wide as its
+    longest sequence), and the sum of their sequences' squared lengths."""
     vocab = json.load(open(f"{model_dir}/config.json"))["vocab_size"]
     cfg = TrainConfig(micro_batch_size=3)
     pairs = synthetic_pairs(3 * 3, "lognormal:24,0.5", 64, vocab, cfg.seed)
     sampler = PairSampler.for_config(cfg, pairs, 1)
-    real = processed = 0
+    real = processed = squared = 0
     for step in (1, 2):
         for batch in sampler.micro_batches(step, 0):
             seqs = [len(pairs.prompt[i]) + len(c[i]) for c in (pairs.chosen, pairs.rejected) for i in batch]
             real, processed = real + sum(seqs), processed + len(seqs) * max(seqs)
-    return real, processed
+            squared += sum(n * n for n in seqs)
+    return real, processed, squared
 
 
 def test_single_process_bench_reports_the_padding_it_really_ran(demo_assets, tmp_path):
@@ -46,9 +47,15 @@ def test_single_process_bench_reports_the_padding_it_really_ran(demo_assets, tmp
     assert (r["world_size"], r["timed_steps"], r["reference"], r["padding_free"]) == (1, 2, "live", False)
     assert r["fused_lm_head"] is True and r["attention"] == "sdpa"
     assert r["active_params"] == r["params"] > 0  # a dense model: every token passes through all of it
-    real, processed = one_group_tokens(demo_assets.model_dir)
+    real, processed, squared = one_group_tokens(demo_assets.model_dir)
     assert r["token_occupancy"] == pytest.approx(real / processed)
     assert r["token_occupancy"] < 1.0  # log-normal lengths do pad
+    # plan's FLOP count of the real tokens, per timed step: 2 FLOPs per parameter per token for each of the policy
+    # forward, the checkpoint recompute and the live reference's forward, twice that for the backward; causal
+    # attention 2 x layers x q_dim x length^2 per sequence and forward, its backward twice that
+    config = json.load(open(f"{demo_assets.model_dir}/config.json"))
+    attention = 2 * config["num_hidden_layers"] * config["hidden_size"] * squared  # q_dim = hidden here
+    assert r["flops_per_step"] == pytest.approx((2 * 5 * r["params"] * real + 5 * attention) / 2, rel=1e-9)
     times = r["step_time_s"]
     assert 0 < times["min"] <= times["median"] <= times["max"]
     assert r["tokens_per_s"] == pytest.approx(real / (times["median"] * 2), rel=0.5)  # total time / 2 steps
@@ -73,7 +80,7 @@ def test_sequence_parallel_bench_counts_each_pair_once(demo_assets, tmp_path):
     proc = launch(["-m", "dpo_ds", *bench_args(demo_assets.model_dir, tmp_path, "--sequence_parallel_size", "2")])
     r = report(proc.stdout)
     assert (r["world_size"], r["sequence_parallel_size"], r["attention"]) == (2, 2, "sdpa")
-    real, processed = one_group_tokens(demo_assets.model_dir)
+    real, processed, _ = one_group_tokens(demo_assets.model_dir)
     assert r["token_occupancy"] == pytest.approx(real / processed)
     times = r["step_time_s"]  # two timed steps: their total time is min + max
     assert r["tokens_per_s"] * (times["min"] + times["max"]) == pytest.approx(real, rel=1e-9)

@@ -9,18 +9,18 @@ import sys
 
 import pytest
 
+from dpo_ds.plan import ASSUMED_MFU
 from helpers import REPO
 
 pytestmark = pytest.mark.distributed  # starts the script, which starts ranks and the CLI
 
+BENCHES = ["mfu_2k_live_ref", "mfu_2k_precompute_ref", "mfu_8k_live_ref", "mfu_8k_precompute_ref",
+           "zero3_2k_precompute_ref", "long_32k_pair_tiled_mlp", "zero3_fused_adam_2k_precompute_ref"]
 STEPS = {  # phase -> its steps, in order; each writes one line
     "checks": ["launcher.dist", "gpu_checks"],
-    "train": ["train_live_ref", "train_precompute_ref_padding_free", "train_qlora_nf4", "convert", "eval"],
-    "bench_live_ref_offload": ["dpo-ds_live_ref_offload"], "bench_precompute_ref": ["dpo-ds_precompute_ref"],
-    "bench_logits_path": ["dpo-ds_logits_path+precompute_ref"], "bench_lora_r16": ["dpo-ds_lora_r16"],
-    "bench_lognormal_padding_free": ["dpo-ds_lognormal_padding_free+precompute_ref"],
-    "bench_adamw_torch_fused": ["adamw_torch_fused"], "bench_adamw_deepspeed_fused": ["adamw_deepspeed_fused"],
+    **{f"bench_{name}": [name] for name in BENCHES},
     "trl": ["trl"],
+    "train": ["train_live_ref", "convert", "eval", "train_qlora_nf4", "train_precompute_ref_padding_free"],
 }
 
 
@@ -35,14 +35,26 @@ def test_gpu_sh_dry_run_starts_every_step_and_summarizes_them(tmp_path):
     assert sorted(ran) == sorted((phase, step) for phase, steps in STEPS.items() for step in steps)
     # what the CPU can run, ran and succeeded; gpu_checks needs CUDA, and QLoRA on one CPU rank stops in
     # bitsandbytes' CPU state_dict (its packed-weight assertion): their lines are there, their exit is not checked
-    cpu_steps = [*STEPS["train"][:2], "convert", "eval", "launcher.dist", *[s[0] for p, s in STEPS.items()
-                                                                            if p.startswith("bench_")][:-1]]
+    cpu_steps = ["train_live_ref", "convert", "eval", "train_precompute_ref_padding_free", "launcher.dist",
+                 *BENCHES[:-1]]
     assert [s for (_, s), line in ran.items() if s in cpu_steps and line.get("exit") != 0] == []
     assert "exit" in ran[("checks", "gpu_checks")]
-    assert ran[("bench_adamw_deepspeed_fused", "adamw_deepspeed_fused")]["skipped"].startswith("dry run")
+    assert ran[(f"bench_{BENCHES[-1]}", BENCHES[-1])]["skipped"].startswith("dry run")
     summary = json.loads((out / "summary.json").read_text())
     assert [(s["phase"], s["run"]) for s in summary["steps"]] == list(ran)
     benches = [s for s in summary["steps"] if s["phase"].startswith("bench_") and "exit" in s]
     assert len(benches) == 6 and all(s["result"]["tokens_per_s"] > 0 for s in benches)  # bench's own JSON
+    # each benchmark's measured MFU (against the dry run's nominal 1 TFLOP/s) next to plan's projection for its
+    # shape: plan's FLOPs of the step are the ones bench counted, and the projected time is those FLOPs at the
+    # assumed MFU of that peak
+    for s in benches:
+        result, projected = s["result"], s["projection"]
+        assert result["mfu"] == pytest.approx(result["tflops_per_s"] / result["peak_tflops_per_device"])
+        assert projected["flops_per_step"] == pytest.approx(result["flops_per_step"], rel=1e-9), s["run"]
+        assert projected["step_time_s"] == pytest.approx(
+            result["flops_per_step"] / (result["peak_tflops_per_device"] * 1e12 * ASSUMED_MFU), rel=1e-9)
+        assert projected["measured_step_time_s"] == result["step_time_s"]["median"]
+    assert {s["result"]["lengths"] for s in benches} == {"fixed:64", "fixed:128", "fixed:256"}
+    assert f"plan at {ASSUMED_MFU:.0%} MFU" in proc.stdout
     counts = summary["counts"]
     assert sum(counts.values()) == len(ran) and json.dumps({"steps": counts}) in proc.stdout

@@ -188,11 +188,13 @@ def test_reference_placement_and_flops():
     assert by_mode["gpu"].gpu_bytes > by_mode["offload"].gpu_bytes > by_mode["precomputed"].gpu_bytes
     assert by_mode["offload"].cpu_bytes_per_node == pytest.approx(2 * shape.params)  # bf16 shards of 8 ranks
     assert by_mode["precomputed"].gpu_bytes == by_mode["none"].gpu_bytes
+    # FLOPs: policy 6N + checkpoint recompute 2N, + 2N for a live reference's forward (tests/test_plan_compute.py)
+    flops = {mode: P.setup_flops(shape, setup(1, reference=mode)) for mode in P.REFERENCE_MODES}
     tokens = 2 * 1 * 4096 * 8
-    assert by_mode["gpu"].flops.tokens == tokens
-    assert by_mode["gpu"].flops.dense == 8 * shape.params * tokens
-    assert by_mode["precomputed"].flops.dense == 6 * shape.params * tokens
-    assert by_mode["gpu"].flops.attention == 8 * shape.num_layers * 4096 * shape.q_dim * tokens
+    assert flops["gpu"] == flops["offload"] and flops["precomputed"] == flops["none"]
+    assert flops["gpu"].tokens == tokens
+    assert flops["gpu"].dense == 10 * shape.params * tokens
+    assert flops["precomputed"].dense == 8 * shape.params * tokens
 
 
 def test_smallest_fit_halves_the_micro_batch_last():
@@ -283,8 +285,9 @@ def test_llama_70b_lora_fits_one_node_of_eight_80gb_gpus():
     states = sum(lora.item(n).gpu_bytes for n in (M.POLICY_GRADS, M.POLICY_OPTIMIZER))
     assert states == pytest.approx(14 * shape.lora_params(16) / 8)
     assert not any(item.name.startswith("reference") for item in lora.items)
-    # frozen base: no weight gradients, so 2N forward + 2N backward, + 2N for the reference forward
-    assert lora.flops.dense == 6 * shape.params * lora.flops.tokens
+    # frozen base: no weight gradients, so 2N forward + 2N backward, + 2N recompute, + 2N for the reference forward
+    flops = P.setup_flops(shape, setup(1, lora_r=16))
+    assert flops.dense == 8 * shape.params * flops.tokens
 
 
 def test_llama_70b_qlora_budgets_the_4bit_base_and_fits_one_80gb_gpu():
@@ -300,7 +303,7 @@ def test_llama_70b_qlora_budgets_the_4bit_base_and_fits_one_80gb_gpu():
     eight = P.plan(shape, setup(1, lora_r=16, lora_quantize="nf4"))
     assert eight.item(M.POLICY_PARAMS).gpu_bytes == pytest.approx(one_gpu.item(M.POLICY_PARAMS).gpu_bytes / 8)
     assert eight.item(M.NF4_CONSTANTS).gpu_bytes == pytest.approx(constants)
-    assert eight.flops == P.plan(shape, setup(1, lora_r=16)).flops
+    assert P.setup_flops(shape, eight.setup) == P.setup_flops(shape, setup(1, lora_r=16))
 
 
 def test_cli_qlora(capsys):
@@ -332,7 +335,8 @@ def test_sequence_parallelism_divides_the_activations_and_adds_one_layers_all_to
     assert exchange == 2 * (2 * model.q_dim + 2 * model.kv_dim) * (2 * 65536 // 8) * 2
     assert all(item.name != "Ulysses all-to-all buffers (one layer)" for item in alone.items)
     # a micro-step on all GPUs: 8 data-parallel groups of one pair each, or one group of 8 sharing its pair
-    assert shared.flops.tokens == alone.flops.tokens / 8 and shared.flops.total == alone.flops.total / 8
+    shared_flops, alone_flops = (P.setup_flops(model, result.setup) for result in (shared, alone))
+    assert shared_flops.tokens == alone_flops.tokens / 8 and shared_flops.total == alone_flops.total / 8
 
 
 def test_issue_21_targets_long_responses_fit_with_sequence_parallelism():

@@ -10,26 +10,29 @@ import argparse
 import json
 
 from dpo_ds.console import emit
-from dpo_ds.plan.memory import (
-    DEFAULT_CPU_MEMORY_GB,
-    GIB,
-    HEADROOM,
-    REFERENCE_MODES,
-    SUB_GROUP,
-    Plan,
-    Setup,
-    model_flops,
-    plan,
+from dpo_ds.plan.compute import (
+    ASSUMED_MFU,
+    ASSUMED_MFU_WHY,
+    DEFAULT_GPU,
+    GPUS,
+    Flops,
+    Gpu,
+    Projection,
+    gpu_of_device,
+    setup_flops,
+    step_flops,
 )
+from dpo_ds.plan.memory import DEFAULT_CPU_MEMORY_GB, GIB, HEADROOM, REFERENCE_MODES, SUB_GROUP, Plan, Setup, plan
 from dpo_ds.plan.search import NODE_COUNTS_CAP, longest_seq_len, smallest_fit, train_flags
 from dpo_ds.plan.shapes import PRESETS, ModelShape, load_shape, model_config_and_name, shape_from_config
 
-__all__ = ["DEFAULT_CPU_MEMORY_GB", "GIB", "HEADROOM", "NODE_COUNTS_CAP", "PRESETS", "REFERENCE_MODES", "SUB_GROUP",
-           "ModelShape", "Plan", "Setup", "load_shape", "longest_seq_len", "model_config_and_name", "model_flops",
-           "plan", "shape_from_config", "smallest_fit", "train_flags"]
+__all__ = ["ASSUMED_MFU", "DEFAULT_CPU_MEMORY_GB", "DEFAULT_GPU", "GIB", "GPUS", "HEADROOM", "NODE_COUNTS_CAP",
+           "PRESETS", "REFERENCE_MODES", "SUB_GROUP", "Flops", "Gpu", "ModelShape", "Plan", "Projection", "Setup",
+           "gpu_of_device", "load_shape", "longest_seq_len", "model_config_and_name", "plan", "setup_flops",
+           "shape_from_config", "smallest_fit", "step_flops", "train_flags"]
 
-HELP = """Estimate per-GPU and per-node memory and the FLOPs of one DPO micro-step on DeepSpeed ZeRO-3,
-from a model's config alone (a preset name, a config.json, or a model directory; nothing is downloaded).
+HELP = """Estimate per-GPU and per-node memory, the FLOPs of one DPO optimizer step and its projected time on
+DeepSpeed ZeRO-3, from a model's config alone (a preset name, a config.json, or a model directory; nothing is downloaded).
 Counts the policy's ZeRO-3 model states (bf16 params and grads, fp32 master weights and Adam moments,
 sharded over all GPUs or offloaded to CPU), the ZeRO-3 gather/bucket buffers, the frozen reference model
 (on GPU, offloaded to CPU, or precomputed), gradient-checkpointed activations and the log-probs (inside
@@ -42,8 +45,11 @@ whether that fits in GPU memory and CPU memory per node, keeping 10% of each as 
 setting that fits, on the given machines first (optimizer offload, then parameter offload, then halving the
 micro batch down to 1), then on 2, 4, ... times the nodes up to --max_nodes, and prints the `dpo-ds train`
 flags and ds_configs preset of the answer. The reference defaults to train's: offloaded to CPU.
+Speed: the step's FLOPs (policy forward + backward 6N per token, 4N with LoRA; the gradient-checkpoint recompute 2N;
+a live reference's forward 2N; causal attention) over --gpu's dense bf16 peak times an assumed MFU (--mfu, default
+{mfu:.0%}) give the projected step time and tokens/s (bf16 only); --gpu also sets the GPU's memory.
 Example: dpo-ds plan --model llama-70b --nodes 4 --gpus_per_node 8 --seq_len 4096 --reference offload
-Long context: dpo-ds plan --model llama3-8b --seq_len 65536 --sequence_parallel_size 8"""
+Long context: dpo-ds plan --model llama3-8b --seq_len 65536 --sequence_parallel_size 8""".format(mfu=ASSUMED_MFU)
 
 
 def _positive_int(text: str) -> int:
@@ -53,17 +59,42 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _gpu(text: str) -> Gpu:
+    by_name = {name.lower(): gpu for name, gpu in GPUS.items()}
+    if text.lower() not in by_name:
+        raise argparse.ArgumentTypeError(f"unknown GPU {text!r}: one of {', '.join(GPUS)}")
+    return by_name[text.lower()]
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got {text}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
                         help=f"a config.json, a model directory, or a preset: {', '.join(PRESETS)}")
     parser.add_argument("--nodes", type=_positive_int, default=1)
     parser.add_argument("--gpus_per_node", type=_positive_int, default=8)
-    parser.add_argument("--gpu_memory_gb", type=float, default=80.0, help="memory of one GPU, GiB (default 80)")
+    parser.add_argument("--gpu", type=_gpu, default=GPUS[DEFAULT_GPU],
+                        help=f"the GPU: {', '.join(GPUS)} (default {DEFAULT_GPU}); sets its memory and the dense bf16 "
+                             "peak the projected step time is computed from")
+    parser.add_argument("--gpu_memory_gb", type=float,
+                        help=f"memory of one GPU, GiB (default: --gpu's, {GPUS[DEFAULT_GPU].memory_gb:g} for the "
+                             f"{DEFAULT_GPU})")
     parser.add_argument("--cpu_memory_gb", type=float, default=DEFAULT_CPU_MEMORY_GB,
                         help=f"host memory per node, GiB (default {DEFAULT_CPU_MEMORY_GB}: a DGX H100 / A100-80GB)")
     parser.add_argument("--seq_len", type=_positive_int, default=4096, help="tokens per sequence, prompt + completion")
     parser.add_argument("--micro_batch_size", type=_positive_int, default=1,
                         help="preference pairs per GPU per micro-step (each pair is 2 sequences)")
+    parser.add_argument("--gradient_accumulation_steps", type=_positive_int, default=1,
+                        help="as the train field: micro-steps per optimizer step (counted in the step's FLOPs and time)")
+    parser.add_argument("--mfu", type=_fraction, default=ASSUMED_MFU,
+                        help=f"the FLOPs utilization (MFU, the checkpoint recompute counted) the projected step time "
+                             f"assumes (default {ASSUMED_MFU}: "
+                             f"{ASSUMED_MFU_WHY.replace('%', '%%')})")
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     parser.add_argument("--reference", choices=REFERENCE_MODES, default="offload",
                         help="where the frozen reference model lives: sharded on GPU, offloaded to CPU (default, as "
@@ -94,7 +125,32 @@ def _setting(result: Plan) -> str:
             f"micro batch {s.micro_batch_size}")
 
 
-def render(result: Plan, fit: Plan | None, max_nodes: int, longest: int | None) -> str:
+def _projection_lines(flops: Flops, s: Setup, gpu: Gpu, mfu: float) -> list[str]:
+    """The step's FLOPs, pass by pass, and (bf16) the time and tokens/s they take at the assumed MFU."""
+    groups = s.total_gpus // s.sequence_parallel_size
+    lines = [
+        f"compute   one optimizer step ({s.micro_batch_size} pair(s) x {s.gradient_accumulation_steps} micro-step(s) "
+        f"x {groups} data-parallel group(s)): {flops.tokens:,} tokens x {flops.dense_factor}·N ("
+        + ", ".join(f"{name} {factor}·N" for name, factor in flops.terms) + ")",
+        f"          dense {flops.dense:.3e} + attention {flops.attention:.3e} = {flops.total:.3e} FLOPs "
+        f"({flops.total / s.total_gpus:.3e} per GPU)",
+    ]
+    if s.precision != "bf16":
+        return lines + [f"speed     not projected for {s.precision}: the peak table is dense bf16"]
+    projected = Projection(flops, s.total_gpus, gpu.peak_tflops, mfu)
+    why = ASSUMED_MFU_WHY if mfu == ASSUMED_MFU else "given by --mfu"
+    lines += [
+        f"speed     {gpu.name}, {gpu.peak_tflops:g} TFLOP/s dense bf16 per GPU: projected {projected.step_time_s:.3g} s "
+        f"per optimizer step, {projected.tokens_per_s:,.0f} tokens/s ({projected.tokens_per_s / s.total_gpus:,.0f} "
+        "per GPU)",
+        f"          assumes {mfu:.0%} MFU: {why}",
+    ]
+    if s.offload_optimizer or s.offload_params:
+        lines.append("          (offload: the CPU optimizer step and the PCIe traffic are not in it; expect slower)")
+    return lines
+
+
+def render(result: Plan, fit: Plan | None, max_nodes: int, longest: int | None, gpu: Gpu, mfu: float) -> str:
     m, s, gpn = result.model, result.setup, result.setup.gpus_per_node
     active = f", {m.active_params / 1e9:.2f} B active" if m.active_params != m.params else ""
 
@@ -134,16 +190,16 @@ def render(result: Plan, fit: Plan | None, max_nodes: int, longest: int | None) 
         f"longest   seq_len {longest:,} fits with this setting" if longest else
         "longest   no seq_len fits with this setting",
         "",
-        f"compute   one micro-step on all GPUs: {result.flops.tokens:,} tokens, dense {result.flops.dense:.3e} "
-        f"+ attention {result.flops.attention:.3e} = {result.flops.total:.3e} FLOPs "
-        f"({result.flops.total / s.total_gpus:.3e} per GPU)",
+        *_projection_lines(setup_flops(m, s), s, gpu, mfu),
     ])
 
 
 def run(args: argparse.Namespace) -> int:
     """Print the plan; exit 0 whether or not it fits (`fits` says; a wrong input exits with a message)."""
-    setup = Setup(nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_memory_gb=args.gpu_memory_gb,
+    memory_gb = args.gpu.memory_gb if args.gpu_memory_gb is None else args.gpu_memory_gb
+    setup = Setup(nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_memory_gb=memory_gb,
                   cpu_memory_gb=args.cpu_memory_gb, seq_len=args.seq_len, micro_batch_size=args.micro_batch_size,
+                  gradient_accumulation_steps=args.gradient_accumulation_steps,
                   precision=args.precision, reference=args.reference,
                   offload_optimizer=args.offload_optimizer, offload_params=args.offload_params,
                   fused_lm_head=args.fused_lm_head == "true", lora_r=args.lora_r, lora_quantize=args.lora_quantize,
@@ -161,11 +217,20 @@ def run(args: argparse.Namespace) -> int:
     fit = smallest_fit(model, setup, args.max_nodes)
     longest = longest_seq_len(model, setup)
     if not args.json:
-        emit(render(result, fit, args.max_nodes, longest))
+        emit(render(result, fit, args.max_nodes, longest, args.gpu, args.mfu))
         return 0
     smallest = fit and {"nodes": fit.setup.nodes, "offload_optimizer": fit.setup.offload_optimizer,
                         "offload_params": fit.setup.offload_params, "micro_batch_size": fit.setup.micro_batch_size,
                         "gpu_gib_per_gpu": round(fit.gpu_bytes / GIB, 3),
                         "cpu_gib_per_node": round(fit.cpu_bytes_per_node / GIB, 3), "train_flags": train_flags(fit)}
-    emit(json.dumps({**result.to_dict(), "smallest_fit": smallest, "longest_seq_len": longest}, indent=2))
+    flops = setup_flops(model, setup)
+    projected = (Projection(flops, setup.total_gpus, args.gpu.peak_tflops, args.mfu).to_dict()
+                 if setup.precision == "bf16" else None)
+    emit(json.dumps({**result.to_dict(), "smallest_fit": smallest, "longest_seq_len": longest,
+                     "flops": {"tokens": flops.tokens, "terms": dict(flops.terms), "dense": flops.dense,
+                               "attention": flops.attention, "total": flops.total,
+                               "per_gpu": flops.total / setup.total_gpus},
+                     "projection": projected and {"gpu": args.gpu.name, **projected,
+                                                  "assumption": ASSUMED_MFU_WHY if args.mfu == ASSUMED_MFU else "--mfu"}},
+                    indent=2))
     return 0

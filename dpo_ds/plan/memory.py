@@ -1,5 +1,5 @@
 """The memory model of `dpo-ds plan`: what one GPU and one node's host hold during a DPO run on DeepSpeed ZeRO-3,
-item by item, and the FLOPs of a micro-step.
+item by item (the FLOPs and the projected step time: `compute`).
 
 The model follows DeepSpeed ZeRO-3 as implemented in `deepspeed/runtime/zero/stage3.py` (0.19.x) with its default
 bucket sizes, Hugging Face gradient checkpointing (one checkpoint per decoder layer) and flash/SDPA attention (no
@@ -35,6 +35,7 @@ class Setup:
     cpu_memory_gb: float
     seq_len: int
     micro_batch_size: int  # preference pairs per GPU per micro-step
+    gradient_accumulation_steps: int = 1  # micro-steps per optimizer step (FLOPs and time only, not memory)
     precision: str = "bf16"
     reference: str = "gpu"
     offload_optimizer: bool = False
@@ -69,22 +70,10 @@ class Item:
 
 
 @dataclass(frozen=True)
-class Flops:
-    tokens: int  # all GPUs, one micro-step
-    dense: float
-    attention: float
-
-    @property
-    def total(self) -> float:
-        return self.dense + self.attention
-
-
-@dataclass(frozen=True)
 class Plan:
     model: ModelShape
     setup: Setup
     items: tuple[Item, ...]
-    flops: Flops
 
     @property
     def gpu_bytes(self) -> float:
@@ -156,8 +145,6 @@ class Plan:
             "fits_gpu": self.fits_gpu,
             "fits_cpu": self.fits_cpu,
             "fits": self.fits,
-            "flops": {"tokens": self.flops.tokens, "dense": self.flops.dense, "attention": self.flops.attention,
-                      "total": self.flops.total, "per_gpu": self.flops.total / self.setup.total_gpus},
         }
 
 
@@ -252,7 +239,7 @@ def plan(model: ModelShape, setup: Setup) -> Plan:
                           + 2 * 2 * setup.micro_batch_size * min(LOGPROB_CHUNK, tokens // (2 * setup.micro_batch_size))
                           * model.vocab_size * 4,
                           0.0))
-    return Plan(model, setup, tuple(items), flops(model, setup))
+    return Plan(model, setup, tuple(items))
 
 
 def replicated_bytes(model: ModelShape, setup: Setup, stage: int) -> float:
@@ -269,28 +256,3 @@ def replicated_bytes(model: ModelShape, setup: Setup, stage: int) -> float:
     reference = p * n if setup.reference in ("gpu", "offload") else 0.0
     activations = sum(item.gpu_bytes for item in plan(model, setup).items if item.name not in NOT_ACTIVATIONS)
     return p * n + grads + optimizer + reference + activations
-
-
-def flops(model: ModelShape, setup: Setup) -> Flops:
-    """Model FLOPs of one micro-step over all GPUs (MFU convention: gradient-checkpoint recompute not counted).
-
-    Dense: 2 FLOPs per active parameter per token forward, 4 backward: the policy costs 6N per token and
-    the live reference's forward 2N (8N with a reference, 6N when its log-probs are precomputed). LoRA: the
-    frozen base needs no weight gradients, so the policy's backward is 2N (input gradients; the adapter's own
-    FLOPs are negligible): 6N with the reference forward, 4N precomputed.
-    Attention (the QK^T and AV matmuls the 2N rule misses): 4 * seq * q_dim FLOPs per token per layer
-    forward, halved for the causal mask, so 2 * L * seq * q_dim per token forward, times the same 6 + 2.
-    """
-    tokens = setup.tokens_per_gpu * setup.total_gpus
-    # every sequence is seq_len long: the squared lengths sum to tokens * seq_len
-    return model_flops(model, tokens, tokens * setup.seq_len, lora=bool(setup.lora_r),
-                       live_reference=setup.reference in ("gpu", "offload"))
-
-
-def model_flops(model: ModelShape, tokens: int | float, squared_lengths: int | float, lora: bool,
-                live_reference: bool) -> Flops:
-    """The FLOP model of `flops` for any batch (shared with `dpo-ds bench`): `tokens` tokens in sequences whose
-    squared lengths sum to `squared_lengths`, 2 FLOPs per active parameter per token and pass plus causal
-    attention 2 * layers * q_dim * length^2 per sequence and pass, times 6 + 2 (see `flops`)."""
-    factor = (4 if lora else 6) + (2 if live_reference else 0)
-    return Flops(tokens, factor * model.active_params * tokens, factor * model.num_layers * model.q_dim * squared_lengths)

@@ -58,6 +58,7 @@ def train_flags(result: Plan) -> list[str]:
     s = result.setup
     preset = PRESETS_BY_OFFLOAD.get((s.offload_optimizer, s.offload_params))
     flags = ["--micro_batch_size", str(s.micro_batch_size), "--max_length", str(s.seq_len), "--precision", s.precision]
+    flags += ["--gradient_accumulation_steps", str(s.gradient_accumulation_steps)] if s.gradient_accumulation_steps > 1 else []
     flags += ["--sequence_parallel_size", str(s.sequence_parallel_size)] if s.sequence_parallel_size > 1 else []
     flags += ["--deepspeed_config", preset] if preset else []
     if s.lora_r:  # the reference is the policy's own base: no reference engine to place
