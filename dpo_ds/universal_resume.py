@@ -56,14 +56,16 @@ def checkpoint_client_state(engine) -> dict[str, Any]:
 
 def _group_params(optimizer) -> list[list[torch.nn.Parameter]]:
     """A stage-0 engine's trained parameters per optimizer group, in order: the torch optimizer's own (fp32), or
-    those of DeepSpeed's bf16 wrapper (FP16_Optimizer, whose torch optimizer steps one flat fp32 copy per group)."""
-    if _is_bf16_wrapper(optimizer):
+    those of DeepSpeed's bf16 wrapper, whose torch optimizer steps fp32 master copies (`_is_wrapper`)."""
+    if _is_wrapper(optimizer):
         return optimizer.fp16_groups
     return [group["params"] for group in optimizer.param_groups]
 
 
-def _is_bf16_wrapper(optimizer) -> bool:
-    return hasattr(optimizer, "fp32_groups_flat")
+def _is_wrapper(optimizer) -> bool:
+    """DeepSpeed's bf16 wrapper of a stage-0 engine: FP16_Optimizer (a fused optimizer: one flat master copy per
+    group, `fp32_groups_flat`) or FP16_UnfusedOptimizer (torch's AdamW: one master copy per parameter, `fp32_groups`)."""
+    return hasattr(optimizer, "fp16_groups")
 
 
 def prepare(source: Path, target: Path, source_stage: int, parallel) -> None:
@@ -144,8 +146,8 @@ def _unify(folder: Path) -> None:
 def _whole_to_universal(source: Path, output: Path) -> None:
     """The universal layout of a stage-0 checkpoint: the whole module and its optimizer's state, which is torch
     AdamW's state dict in fp32 (per parameter, keyed by position in the groups) and, in bf16, DeepSpeed's wrapper's
-    (FP16_Optimizer: one flat fp32 master copy per group, and AdamW's state of those flats). A parameter that never
-    had a gradient has no Adam state: it is written with zero moments, as ZeRO's flat state holds it."""
+    (`_is_wrapper`: the fp32 master copies, and the state dict of the torch optimizer that steps them). A parameter
+    that never had a gradient has no Adam state: it is written with zero moments, as ZeRO's flat state holds it."""
     path = source / MODEL_STATES[0]
     meta = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     names = meta.get(PARAM_NAMES)
@@ -153,16 +155,16 @@ def _whole_to_universal(source: Path, output: Path) -> None:
         raise CheckpointError(f"{path}: this ZeRO stage 0 checkpoint does not record its optimizer's parameter names "
                               f"(written before dpo-ds could convert stage 0): resume it with zero_stage: 0")
     module, optimizer = meta["module"], meta["optimizer"]
-    bf16 = "fp32_groups_flat" in optimizer
-    torch_state = optimizer[OPTIMIZER_STATE_DICT] if bf16 else optimizer
+    torch_state = optimizer.get(OPTIMIZER_STATE_DICT, optimizer)  # a bf16 wrapper's, or torch's own state dict
     steps = []
     for group, group_names in enumerate(names):
-        if bf16:
+        if "fp32_groups_flat" in optimizer:
             states = _split_flat(optimizer["fp32_groups_flat"][group], torch_state["state"].get(group, {}),
                                  [module[name].shape for name in group_names])
         else:
-            states = [{"fp32": module[name], **torch_state["state"].get(index, {})}
-                      for name, index in zip(group_names, torch_state["param_groups"][group]["params"], strict=True)]
+            masters = optimizer["fp32_groups"][group] if "fp32_groups" in optimizer else [module[n] for n in group_names]
+            states = [{"fp32": master, **torch_state["state"].get(index, {})}
+                      for master, index in zip(masters, torch_state["param_groups"][group]["params"], strict=True)]
         for name, state in zip(group_names, states):
             if "step" in state:
                 steps.append(float(state["step"]))
@@ -209,21 +211,23 @@ def load_into_whole_engine(engine, folder: Path) -> None:
     meta = torch.load(folder / MODEL_STATES[0], map_location="cpu", weights_only=False)
     names = {id(p): name for name, p in engine.module.named_parameters()}
     optimizer = engine.optimizer
-    bf16 = _is_bf16_wrapper(optimizer)
-    state = {}
+    state = {}  # the torch optimizer's, keyed by position as in its state_dict
     for group, params in enumerate(_group_params(optimizer)):
         saved = [{key: _read(zero / names[id(p)], key) for key in (*TENSORS, "step")} for p in params]
-        if bf16 and params:
-            flat = {key: torch.cat([s[key].flatten() for s in saved]) for key in TENSORS}
-            optimizer.fp32_groups_flat[group].data.copy_(flat["fp32"])
-            optimizer.fp16_groups_flat[group].data.copy_(flat["fp32"])  # the bf16 parameters are views of it
-            state[group] = {"step": saved[0]["step"], "exp_avg": flat["exp_avg"], "exp_avg_sq": flat["exp_avg_sq"]}
-        elif not bf16:
-            for p, s in zip(params, saved):
-                with torch.no_grad():
-                    p.copy_(s["fp32"].view_as(p))
-                state[len(state)] = {"step": s["step"], "exp_avg": s["exp_avg"], "exp_avg_sq": s["exp_avg_sq"]}
-    torch_optimizer = optimizer.optimizer if bf16 else optimizer
+        if hasattr(optimizer, "fp32_groups_flat"):
+            if params:
+                flat = {key: torch.cat([tensors[key].flatten() for tensors in saved]) for key in TENSORS}
+                optimizer.fp32_groups_flat[group].data.copy_(flat["fp32"])
+                optimizer.fp16_groups_flat[group].data.copy_(flat["fp32"])  # the bf16 parameters are views of it
+                state[group] = {"step": saved[0]["step"], "exp_avg": flat["exp_avg"], "exp_avg_sq": flat["exp_avg_sq"]}
+            continue
+        masters = optimizer.fp32_groups[group] if _is_wrapper(optimizer) else params
+        for p, master, tensors in zip(params, masters, saved, strict=True):
+            with torch.no_grad():
+                master.copy_(tensors["fp32"].view_as(master))
+                p.copy_(master)  # the bf16 copy (a no-op in fp32, where the master is the parameter)
+            state[len(state)] = {key: tensors[key] for key in ("step", "exp_avg", "exp_avg_sq")}
+    torch_optimizer = optimizer.optimizer if _is_wrapper(optimizer) else optimizer
     current = torch_optimizer.state_dict()["param_groups"]
     for group, saved_group in zip(current, shared[PARAM_GROUPS], strict=True):
         group.update({key: value for key, value in saved_group.items() if key != "params"})

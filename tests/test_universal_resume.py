@@ -10,6 +10,7 @@ from pathlib import Path
 import deepspeed
 import pytest
 import torch
+from deepspeed.runtime.fp16 import unfused_optimizer
 from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
 
 from helpers import tiny_causal_lm
@@ -23,13 +24,16 @@ from dpo_ds.errors import CheckpointError
 class WholeEngine:
     """The slice of a stage-0 DeepSpeedEngine that universal_resume reads and restores."""
 
-    def __init__(self, seed: int, bf16: bool):
+    def __init__(self, seed: int, kind: str):
         self.module = tiny_causal_lm(seed=seed).train()
-        if bf16:
+        if kind != "fp32":
             self.module.to(torch.bfloat16)
         adamw = torch.optim.AdamW(_optimizer_groups(self.module, weight_decay=0.1), lr=1e-2, betas=(0.9, 0.99))
-        # bf16 at stage 0: DeepSpeed's wrapper, its AdamW stepping one flat fp32 master copy per group
-        self.optimizer = FP16_Optimizer(adamw, low_precision_dtype=torch.bfloat16, verbose=False) if bf16 else adamw
+        # bf16 at stage 0: DeepSpeed's wrapper around torch's AdamW (one fp32 master copy per parameter), or around
+        # a fused optimizer (one flat fp32 master copy per group)
+        wrappers = {"fp32": None, "bf16": unfused_optimizer.FP16_UnfusedOptimizer, "bf16-flat": FP16_Optimizer}
+        wrapper = wrappers[kind]
+        self.optimizer = adamw if wrapper is None else wrapper(adamw, low_precision_dtype=torch.bfloat16, verbose=False)
         self.lr_scheduler = lr_scheduler("cosine", 1, 10)(adamw)
         self.global_steps = self.skipped_steps = self.global_samples = 0
 
@@ -67,9 +71,11 @@ def flat_state(engine: WholeEngine) -> list[torch.Tensor]:
             for value in state.values()] + [p.detach().float() for p in engine.module.parameters()]
 
 
-@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
-def test_stage0_checkpoint_through_universal_layout_continues_exactly(tmp_path: Path, bf16: bool):
-    uninterrupted = WholeEngine(seed=0, bf16=bf16)
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "bf16-flat"])
+def test_stage0_checkpoint_through_universal_layout_continues_exactly(tmp_path: Path, kind: str, monkeypatch):
+    # the unfused wrapper asks DeepSpeed's process group for its rank while it is built: one process, rank 0
+    monkeypatch.setattr(unfused_optimizer.dist, "get_rank", lambda *args, **kwargs: 0)
+    uninterrupted = WholeEngine(seed=0, kind=kind)
     for step in range(3):
         uninterrupted.step(step)
     (tmp_path / "ds").mkdir()
@@ -81,7 +87,7 @@ def test_stage0_checkpoint_through_universal_layout_continues_exactly(tmp_path: 
     saved = torch.load(target / "zero" / name / "exp_avg.pt", weights_only=False)["param"]
     assert saved.dtype == torch.float32 and saved.shape == dict(uninterrupted.module.named_parameters())[name].shape
 
-    resumed = WholeEngine(seed=1, bf16=bf16)  # other initial weights, no optimizer state
+    resumed = WholeEngine(seed=1, kind=kind)  # other initial weights, no optimizer state
     universal_resume.load_into_whole_engine(resumed, target)
     assert (resumed.global_steps, resumed.global_samples) == (3, 12)
     assert resumed.lr_scheduler.get_last_lr() == uninterrupted.lr_scheduler.get_last_lr()
@@ -95,7 +101,7 @@ def test_stage0_checkpoint_through_universal_layout_continues_exactly(tmp_path: 
 
 
 def test_stage0_checkpoint_without_parameter_names_is_refused_in_one_line(tmp_path: Path):
-    engine = WholeEngine(seed=0, bf16=False)
+    engine = WholeEngine(seed=0, kind="fp32")
     engine.step(0)
     states = engine.model_states()
     del states[universal_resume.PARAM_NAMES]
