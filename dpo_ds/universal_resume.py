@@ -79,11 +79,15 @@ def prepare(source: Path, target: Path, source_stage: int, parallel) -> None:
         tmp = target.with_name(target.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         logger.info("converting %s (ZeRO stage %d) to a universal checkpoint", source, source_stage)
-        if source_stage == 0:
-            _whole_to_universal(source, tmp)
-        else:
-            _ds_to_universal(source, tmp)
-            _unify(tmp)
+        try:
+            if source_stage == 0:
+                _whole_to_universal(source, tmp)
+            else:
+                _ds_to_universal(source, tmp)
+                _unify(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         (tmp / COMPLETE).write_text(json.dumps({"source_zero_stage": source_stage}) + "\n")
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
@@ -153,9 +157,13 @@ def _whole_to_universal(source: Path, output: Path) -> None:
     names = meta.get(PARAM_NAMES)
     if names is None:
         raise CheckpointError(f"{path}: this ZeRO stage 0 checkpoint does not record its optimizer's parameter names "
-                              f"(written before dpo-ds could convert stage 0): resume it with zero_stage: 0")
+                              f"(written before dpo-ds could convert stage 0): resume it at ZeRO stage 0")
     module, optimizer = meta["module"], meta["optimizer"]
     torch_state = optimizer.get(OPTIMIZER_STATE_DICT, optimizer)  # a bf16 wrapper's, or torch's own state dict
+    other = {key for state in torch_state["state"].values() for key in state} - {"step", *TENSORS[1:]}
+    if other:
+        raise CheckpointError(f"{path}: the universal checkpoint holds Adam's state only (step, exp_avg, exp_avg_sq), "
+                              f"this optimizer's has {', '.join(sorted(other))}: resume it at ZeRO stage 0")
     steps = []
     for group, group_names in enumerate(names):
         if "fp32_groups_flat" in optimizer:

@@ -100,18 +100,26 @@ def test_stage0_checkpoint_through_universal_layout_continues_exactly(tmp_path: 
         assert torch.equal(got, want)
 
 
-def test_stage0_checkpoint_without_parameter_names_is_refused_in_one_line(tmp_path: Path):
+@pytest.mark.parametrize("damage, refusal", [
+    ("no names", "does not record its optimizer's parameter names"),
+    ("not Adam", "holds Adam's state only (step, exp_avg, exp_avg_sq), this optimizer's has momentum_buffer")])
+def test_stage0_checkpoint_that_cannot_be_converted_is_refused_in_one_line(tmp_path: Path, damage: str, refusal: str):
     engine = WholeEngine(seed=0, kind="fp32")
     engine.step(0)
     states = engine.model_states()
-    del states[universal_resume.PARAM_NAMES]
+    if damage == "no names":
+        del states[universal_resume.PARAM_NAMES]
+    else:
+        for state in states["optimizer"]["state"].values():
+            state["momentum_buffer"] = torch.zeros(1)
     (tmp_path / "ds").mkdir()
     torch.save(states, tmp_path / "ds" / universal_resume.MODEL_STATES[0])
     with pytest.raises(CheckpointError) as refused:
         universal_resume.prepare(tmp_path / "ds", tmp_path / "ds_universal", 0, OneProcess())
     message = str(refused.value)
     assert "\n" not in message and message.startswith(str(tmp_path / "ds" / universal_resume.MODEL_STATES[0]))
-    assert "resume it with zero_stage: 0" in message and not (tmp_path / "ds_universal").exists()
+    assert refusal in message and "resume it at" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # nothing written
 
 
 class ZeroOptimizer:
