@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 from deepspeed.checkpoint.constants import DS_VERSION, OPTIMIZER_STATE_DICT, PARAM, PARAM_GROUPS
+from deepspeed.ops.adam import DeepSpeedCPUAdam
 
 from dpo_ds.errors import CheckpointError
 
@@ -254,7 +255,8 @@ def repair_optimizer_state(zero_optimizer, groups_as_built: list[dict[str, Any]]
       increments `step` in place and DeepSpeed steps one sub-group at a time, so with two sub-groups (our decay
       and no-decay groups) the shared count advances twice per optimizer step and the bias correction of every
       update after the resume is wrong. Every state gets its own step tensor, where torch's AdamW keeps it (on the
-      parameter's device when fused or capturable, else on the CPU; the files are read onto the CPU);
+      parameter's device when fused or capturable, else on the CPU), or an int for DeepSpeed's CPU Adam: a
+      checkpoint of another stage may count in the other type;
     - ZeRO-3 gives every param group param group 0's hyperparameters, so the no-decay group (norms, biases) is
       decayed with weight_decay > 0. The hyperparameters that differ between our groups are set back to the
       values this run built them with (the resume check has verified that the fields they come from did not
@@ -264,7 +266,11 @@ def repair_optimizer_state(zero_optimizer, groups_as_built: list[dict[str, Any]]
     torch_optimizer = zero_optimizer.optimizer
     on_device = bool(torch_optimizer.defaults.get("fused") or torch_optimizer.defaults.get("capturable"))
     for param, state in torch_optimizer.state.items():
-        if "step" in state:
+        if "step" not in state:
+            continue
+        if isinstance(torch_optimizer, DeepSpeedCPUAdam):  # optimizer offload: it counts in a Python int
+            state["step"] = int(state["step"])
+        else:
             step = torch.as_tensor(state["step"], dtype=torch.float32)
             state["step"] = step.to(param.device if on_device else "cpu", copy=True)
     per_group = {key for key in groups_as_built[0] if key != "params"
