@@ -1,5 +1,6 @@
 """Resuming a checkpoint at another world size or another ZeRO stage, through DeepSpeed's universal checkpoint
-layout: `step-N/ds_universal/`, written once by rank 0 (`prepare`), then read by every rank (`load`):
+layout: `step-N/ds_universal/`, written once by rank 0 (`prepare`), then read by every rank's engine
+(checkpoint.load_checkpoint):
 
     zero/<parameter>/fp32.pt, exp_avg.pt, exp_avg_sq.pt   {"param": the whole tensor}: weight and Adam's moments
     zero/<parameter>/step.pt                              Adam's step count
