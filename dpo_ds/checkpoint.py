@@ -3,8 +3,10 @@
 Layout under `<output_dir>/checkpoints/`:
 
     step-00000120/                 one checkpoint, complete or absent
-        ds/                        DeepSpeed ZeRO-3 state of every rank (engine.save_checkpoint); trainable
-                                   parameters only (a LoRA run's frozen base is not saved)
+        ds/                        DeepSpeed state of every rank at the run's ZeRO stage (engine.save_checkpoint);
+                                   trainable parameters only (a LoRA run's frozen base is not saved)
+        ds_universal/              added when a run resumes it at another world size or ZeRO stage
+                                   (universal_resume; not in the manifest)
         hf/                        model config, generation config, tokenizer (+ adapter_config.json for LoRA):
                                    `dpo-ds convert` needs nothing else (LoRA: the base model's directory too)
         rng/rank-00000.safetensors RNG states of each rank (tensors, no pickle)
@@ -28,8 +30,6 @@ import logging
 import os
 import re
 import shutil
-import subprocess
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -38,12 +38,12 @@ import torch
 import xxhash
 from safetensors.torch import load_file, save_file
 
-from dpo_ds.errors import UsageError, describe_error
+from dpo_ds import universal_resume
+from dpo_ds.errors import CheckpointError, describe_error
 from dpo_ds.hf_dir import ConfigOverride, saved_config, write_hf_metadata
 from dpo_ds.losses import OBJECTIVE_FIELDS, PARAMS
 from dpo_ds.lora import save_adapter_config
 from dpo_ds.parallel import Parallel
-from dpo_ds.universal_resume import repair_universal_optimizer_state
 from launcher.dist import all_reduce, gather_objects
 
 logger = logging.getLogger("dpo_ds")
@@ -70,10 +70,6 @@ _RANK_IN_NAME = re.compile(r"rank[_-]0*(\d+)")  # DeepSpeed's zero_pp_rank_R_...
 _verified: set[str] = set()
 
 
-class CheckpointError(UsageError, RuntimeError):
-    pass
-
-
 @dataclass
 class TrainerState:
     step: int                    # optimizer steps completed
@@ -86,11 +82,11 @@ class TrainerState:
     loss_state: dict[str, dict] = field(default_factory=dict)  # losses.Objective.state_dict(): reduced over ranks
     zero_stage: int = 3          # the policy engine's ZeRO stage (checkpoints from before zero_stage: 3)
 
-    def needs_universal(self, world_size: int) -> bool:
-        """Resuming at `world_size` needs the universal format: the world size changed and the saved optimizer
-        state is partitioned over the ranks (every ZeRO stage but fp32 stage 0, where each rank holds it all)."""
-        whole = self.zero_stage == 0 and self.config.get("precision") != "bf16"
-        return self.world_size != world_size and not whole
+    def needs_universal(self, world_size: int, zero_stage: int) -> bool:
+        """Resuming with a ZeRO-`zero_stage` policy engine on `world_size` ranks goes through the universal format
+        (universal_resume): the stage changed, or the world size did and the saved optimizer state is partitioned
+        over the ranks (every stage but 0, where each rank holds it all, in fp32 and bf16 alike)."""
+        return self.zero_stage != zero_stage or (self.world_size != world_size and self.zero_stage != 0)
 
 
 def model_fingerprint(path: str) -> str:
@@ -157,7 +153,8 @@ def save_checkpoint(engine, output_dir: str, state: TrainerState, parallel: Para
     try:
         with _write_errors_recorded(engine, errors):
             # frozen parameters (a LoRA run's base) are rebuilt from their files on resume, never saved
-            engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False, exclude_frozen_parameters=True)
+            engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False, exclude_frozen_parameters=True,
+                                   client_state=universal_resume.checkpoint_client_state(engine))
         if not errors:
             save_file(_rng_state(), str(tmp / "rng" / f"rank-{rank:05d}.safetensors"))  # as _files_of_rank names it
             digests = {rel: file_digest(tmp / rel) for rel in _files_of_rank(tmp, rank, parallel.world_size)}
@@ -418,7 +415,7 @@ def _newest_good(checkpoints: list[Path], skip: Path, parallel: Parallel) -> Pat
 def resume_point(output_dir: str, resume_from: str | None, current: TrainerState, ignore_mismatch: bool,
                  parallel: Parallel) -> tuple[Path | None, TrainerState | None]:
     """(checkpoint dir, its trainer state) to resume from, or (None, None) to start fresh; verified, checked
-    against the current run, and converted to the universal format when the world size changed."""
+    against the current run, and converted to the universal format when the world size or the ZeRO stage changed."""
     ckpt = find_checkpoint(output_dir, resume_from, parallel)
     if ckpt is None:
         return None, None
@@ -427,12 +424,8 @@ def resume_point(output_dir: str, resume_from: str | None, current: TrainerState
     if problems and not ignore_mismatch:
         raise CheckpointError(f"cannot resume from {ckpt}: " + "; ".join(problems)
                               + " (pass --resume_ignore_mismatch true to resume anyway)")
-    if saved.zero_stage != current.zero_stage:
-        raise CheckpointError(f"cannot resume from {ckpt}: it was saved by a ZeRO stage {saved.zero_stage} engine and "
-                              f"this run's policy engine is stage {current.zero_stage}; DeepSpeed loads a checkpoint "
-                              f"into the stage that wrote it only: set zero_stage: {saved.zero_stage} to resume it")
-    if saved.needs_universal(current.world_size):
-        prepare_universal(ckpt, parallel)
+    if saved.needs_universal(current.world_size, current.zero_stage):
+        universal_resume.prepare(ckpt / DS_TAG, ckpt / UNIVERSAL_TAG, saved.zero_stage, parallel)
     return ckpt, saved
 
 
@@ -455,40 +448,23 @@ def check_compatible(saved: TrainerState, current: TrainerState) -> list[str]:
     return problems
 
 
-def prepare_universal(ckpt: Path, parallel: Parallel) -> None:
-    """Convert the ZeRO checkpoint to DeepSpeed's universal format (rank 0, once) for another world size."""
-    target = ckpt / UNIVERSAL_TAG
-
-    def convert() -> None:
-        if target.is_dir():
-            return
-        tmp = ckpt / (UNIVERSAL_TAG + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt / DS_TAG),
-               "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
-        logger.info("converting %s to a universal checkpoint for a new world size", ckpt)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise CheckpointError(f"{ckpt}: universal conversion failed:\n{proc.stderr[-3000:]}")
-        os.replace(tmp, target)
-
-    parallel.on_rank0(f"converting {ckpt} to a universal checkpoint", convert, CheckpointError)
-
-
 def load_checkpoint(engine, ckpt: Path, saved: TrainerState, parallel: Parallel, adapter_only: bool = False) -> None:
-    """Restore DeepSpeed state (universal when the world size changed) and this rank's RNG. `adapter_only`: a
-    LoRA run's checkpoint, which holds the adapter only."""
-    universal = saved.needs_universal(parallel.world_size)
-    tag = UNIVERSAL_TAG if universal else DS_TAG
-    groups_as_built = [dict(group) for group in engine.basic_optimizer.param_groups]
-    # a LoRA checkpoint holds the adapter only: the frozen base is already loaded from its files
-    load_path, _ = engine.load_checkpoint(str(ckpt), tag=tag, load_module_strict=not adapter_only,
-                                          load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
-    if load_path is None:
-        raise CheckpointError(f"{ckpt / tag}: DeepSpeed could not load this checkpoint")
-    if universal and engine.zero_optimization_stage() == 3:
-        repair_universal_optimizer_state(engine.optimizer, groups_as_built)
+    """Restore the policy engine's state (from the universal format when the world size or the ZeRO stage changed)
+    and this rank's RNG. `adapter_only`: a LoRA run's checkpoint, which holds the adapter only."""
+    stage = engine.zero_optimization_stage()
+    universal = saved.needs_universal(parallel.world_size, stage)
+    if universal and stage == 0:  # DeepSpeed loads the universal format into ZeRO stages 1-3 only
+        universal_resume.load_into_whole_engine(engine, ckpt / UNIVERSAL_TAG)
+    else:
+        tag = UNIVERSAL_TAG if universal else DS_TAG
+        groups_as_built = [dict(group) for group in engine.basic_optimizer.param_groups]
+        # a LoRA checkpoint holds the adapter only: the frozen base is already loaded from its files
+        load_path, _ = engine.load_checkpoint(str(ckpt), tag=tag, load_module_strict=not adapter_only,
+                                              load_optimizer_states=True, load_lr_scheduler_states=True)
+        if load_path is None:
+            raise CheckpointError(f"{ckpt / tag}: DeepSpeed could not load this checkpoint")
+        if universal:
+            universal_resume.repair_optimizer_state(engine.optimizer, groups_as_built)
     rng = ckpt / "rng" / f"rank-{parallel.rank:05d}.safetensors"
     if rng.is_file():
         _restore_rng(rng)

@@ -23,5 +23,9 @@ def describe_error(err: BaseException) -> str:
     return str(err)
 
 
+class CheckpointError(UsageError, RuntimeError):
+    """A checkpoint that cannot be written, found, verified, converted or resumed (dpo_ds.checkpoint)."""
+
+
 class Preempted(Exception):
     """A stop signal arrived; the checkpoint is written and the process exits with EXIT_PREEMPTED."""

@@ -79,7 +79,7 @@ def build_step_context(cfg: TrainConfig, parallel: Parallel, total_steps: int, p
                        "mask, quadratic in its total tokens; install flash-attn (attn_implementation auto) for "
                        "varlen attention", kernel or "(model default)")
     ds_config = resolve_policy_config(cfg, parallel.data_parallel_size, hidden)
-    if load_universal:  # resuming a checkpoint saved by another world size
+    if load_universal:  # resuming a checkpoint saved at another world size or ZeRO stage
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
     mpu = sequence_parallel.attention_for_run(cfg, parallel, kernel)
     if uses_lora(cfg):  # the reference is the policy engine itself (adapter off): no second model
