@@ -14,6 +14,12 @@ allocations live at the forward's peak and at its end grouped by (op, module), a
 
 runs `dpo-ds bench ARGS` (DeepSpeed engines, live reference, optimizer step) with every tensor tracked from the
 process's start: each rank writes PREFIX.rankN.json (`bench` below).
+
+    PROBE_OUT=PREFIX python -m torch.distributed.run --nproc_per_node S benchmarks/sp_memory_probe.py rss ARGS
+
+runs `dpo-ds bench ARGS` untracked and writes, per rank, what its resident memory is made of before the first
+step and after the last (`rss` below): file-backed (libraries' code and data) against anonymous (heap, tensors)
+and shared memory, the largest mappings, the threads and the RSS high-water mark.
 """
 import json
 import os
@@ -180,5 +186,51 @@ def bench() -> None:
             json.dump(report, f, indent=1)
 
 
+def memory_map() -> dict:
+    """This process's resident memory now, from /proc/self/smaps: by kind (file-backed, anonymous, shared
+    memory) and the 12 largest mappings by path (anonymous ones as [anon])."""
+    kinds, paths, path = Counter(), Counter(), "[anon]"
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if head and "-" in head[0] and not head[0].endswith(":"):  # a mapping's header line
+                path = head[5] if len(head) > 5 else "[anon]"
+            elif head and head[0] in ("Rss:", "Anonymous:", "RssShmem:", "Shared_Clean:", "Private_Clean:"):
+                kib = int(head[1])
+                if head[0] == "Rss:":
+                    paths[path] += kib
+                    kinds["file" if path.startswith("/") and not path.startswith("/dev/shm") else
+                          "shm" if path.startswith("/dev/shm") else "anon_or_special"] += kib
+    with open("/proc/self/status") as f:
+        threads = next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
+    return dict(rss_mib={k: round(v / 1024, 1) for k, v in kinds.items()},
+                largest_mib={p: round(v / 1024, 1) for p, v in paths.most_common(12)}, threads=threads,
+                torch_threads=torch.get_num_threads(), rss_peak_mib=rss_peak_mib())
+
+
+def rss() -> None:
+    """`dpo-ds bench ARGS` (after `rss`), untracked: each rank writes `memory_map()` before its first training
+    step and after the run to $PROBE_OUT.rankN.json."""
+    import dpo_ds.step
+    from dpo_ds.cli import main as dpo_ds_main
+
+    report = {}
+    train_step = dpo_ds.step.train_step
+
+    def first_step_noted(*args, **kwargs):
+        report.setdefault("before_first_step", memory_map())
+        return train_step(*args, **kwargs)
+
+    dpo_ds.step.train_step = first_step_noted  # bench imports it from dpo_ds.step when it runs
+    sys.argv = ["dpo-ds", "bench", *sys.argv[2:]]
+    try:
+        dpo_ds_main()
+    finally:
+        report["after_run"] = memory_map()
+        report["modules"] = sorted({name.split(".")[0] for name in sys.modules})
+        with open(f"{os.environ['PROBE_OUT']}.rank{os.environ.get('RANK', '0')}.json", "w") as f:
+            json.dump(report, f, indent=1)
+
+
 if __name__ == "__main__":
-    bench() if sys.argv[1] == "bench" else main()
+    {"bench": bench, "rss": rss}.get(sys.argv[1], main)()

@@ -22,8 +22,8 @@ The pieces, in the order a run uses them:
 4. `shard_forward_logps`: the forward on the shard and the per-sequence log-prob sums and token counts summed
    over the group (`sum_over_group`), differentiably: whole-sequence values, equal on every rank of the group.
 5. `BatchScorer`: how the step scores a collated batch with an engine, whole at S = 1, through 3 and 4 at S > 1.
-6. `enable_tiled_mlp`: dense MLPs in sequence tiles (DeepSpeed's TiledMLP), for the longest sequences (no
-   config field yet).
+6. `enable_tiled_mlp`: dense MLPs in sequence tiles (DeepSpeed's TiledMLP), for the longest sequences (the
+   `tiled_mlp` field; engines.models applies it).
 
 How the trainer calls it (the integration contract):
 

@@ -176,6 +176,23 @@ def test_lr_schedule_rates(schedule, warmup):
         assert rates[total] == pytest.approx(0, abs=1e-12)
 
 
+@pytest.mark.parametrize("schedule, name", [("constant", "constant_with_warmup"), ("linear", "linear"),
+                                            ("cosine", "cosine")])
+@pytest.mark.parametrize("warmup, total", [(0, 7), (3, 10), (5, 5)])
+def test_lr_schedules_are_transformers_own(schedule, name, warmup, total):
+    # dpo-ds writes transformers' schedules out (importing them costs every rank peft and bitsandbytes): the
+    # same rates, bit for bit, and the same scheduler state, at every step and past the end
+    from transformers import get_scheduler
+
+    ours, theirs = (torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.3) for _ in range(2))
+    mine = lr_scheduler(schedule, warmup, total)(ours)
+    reference = get_scheduler(name, theirs, num_warmup_steps=warmup, num_training_steps=total)
+    for _ in range(total + 3):
+        assert ours.param_groups[0]["lr"] == theirs.param_groups[0]["lr"]
+        ours.step(), theirs.step(), mine.step(), reference.step()
+    assert mine.state_dict() == reference.state_dict()
+
+
 def test_reference_beside_a_whole_model_policy_is_whole_too():
     cfg = TrainConfig(micro_batch_size=4, precision="fp32", ref_offload=True)
     for stage in (0, 1, 2):

@@ -3,8 +3,10 @@ gradient checkpointing, LoRA adapters) and frozen inference engines, built in th
 hangs when ranks build or run modules in different orders or counts), and released when no longer needed."""
 from __future__ import annotations
 
+import functools
 import gc
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,17 +35,32 @@ def _optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-# lr_scheduler field -> transformers' schedule of the same shape (linear warm-up from 0, then the named decay)
-SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+def schedule_factor(step: int, *, schedule: str, warmup_steps: int, total_steps: int) -> float:
+    """The learning rate at optimizer step `step` over the peak rate: transformers' schedule of the same shape
+    (get_scheduler's constant_with_warmup, linear, and cosine of half a cycle), its formulas as written there, so
+    the rates are the ones a transformers/TRL run of the same settings uses. Not imported from it: importing
+    transformers.optimization imports peft and bitsandbytes (transformers.trainer_utils), 55 MiB more resident
+    memory in every rank of a run without LoRA (BENCHMARKS.md section 13)."""
+    if step < warmup_steps:
+        return float(step) / float(max(1, warmup_steps))
+    if schedule == "constant":
+        return 1.0
+    if schedule == "linear":
+        return max(0.0, float(total_steps - step) / float(max(1, total_steps - warmup_steps)))
+    progress = float(step - warmup_steps) / float(max(1, total_steps - warmup_steps))
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))  # cosine, num_cycles 0.5
+
+
+SCHEDULES = ("constant", "linear", "cosine")  # the lr_scheduler field's values
 
 
 def lr_scheduler(schedule: str, warmup_steps: int, total_steps: int):
-    """The schedule as DeepSpeed takes it (a function of the optimizer): transformers' own, so the rates are the
-    ones a transformers/TRL run of the same settings uses."""
-    from transformers import get_scheduler
-
-    return lambda optimizer: get_scheduler(SCHEDULES[schedule], optimizer, num_warmup_steps=warmup_steps,
-                                           num_training_steps=total_steps)
+    """The schedule as DeepSpeed takes it (a function of the optimizer): a LambdaLR of `schedule_factor`, as
+    transformers builds its own (a partial, so its state dict is the same)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown lr_scheduler {schedule!r}; expected one of {', '.join(SCHEDULES)}")
+    factor = functools.partial(schedule_factor, schedule=schedule, warmup_steps=warmup_steps, total_steps=total_steps)
+    return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 @dataclass
