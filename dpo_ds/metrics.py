@@ -159,6 +159,9 @@ def max_over_ranks(value: float) -> float:
     return float(all_reduce(torch.tensor([value], dtype=torch.float64), "max"))
 
 
+TENSORBOARD_FLUSH_S = 10  # how stale TensorBoard's view of a running job may be
+
+
 class MetricsWriter:
     """metrics.jsonl (one object per logged step, flushed at once) and tensorboard/ under the run folder."""
 
@@ -179,17 +182,22 @@ class MetricsWriter:
             tmp.write_text("".join(line + "\n" for line in kept))
             tmp.replace(path)
         self.jsonl = path.open("a")
-        self.tensorboard = SummaryWriter(str(out / "tensorboard"))
+        # TensorBoard's writer thread flushes every TENSORBOARD_FLUSH_S and at close, not after every step
+        self.tensorboard = SummaryWriter(str(out / "tensorboard"), flush_secs=TENSORBOARD_FLUSH_S)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self.jsonl.flush()
-        for name, value in metrics.items():
-            if isinstance(value, (int, float)):
-                self.tensorboard.add_scalar(name, value, step)
-        self.tensorboard.flush()
+        # one event holding every scalar of the step: an event per scalar cost a queue hand-off to the writer
+        # thread each, ~2% of a small step at logging_steps 1 (BENCHMARKS.md §14)
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        from torch.utils.tensorboard.summary import scalar
+
+        values = [proto for name, value in metrics.items() if isinstance(value, (int, float))
+                  for proto in scalar(name, value).value]
+        self.tensorboard._get_file_writer().add_summary(Summary(value=values), step)
 
     def close(self) -> None:
         if self.enabled:

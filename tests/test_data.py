@@ -796,7 +796,7 @@ def test_identical_completion_ids_are_counted_and_skipped(tmp_path, tok, caplog)
     assert list(pairs.pair_ids) == [f"{path}:1", f"{path}:3"]
     assert pairs.stats["identical_completions"] == 3 and pairs.stats["identical_after_truncation"] == 0
     warning = next(r.getMessage() for r in caplog.records if "same token ids" in r.getMessage())
-    assert f"skipped 3 pairs" in warning and path in warning
+    assert "skipped 3 pairs" in warning and path in warning
 
 
 # ---------------------------------------------------------------------------------- chat template endings
