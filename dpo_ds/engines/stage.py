@@ -32,8 +32,9 @@ def zero_stage_choice(cfg: TrainConfig, data_parallel_size: int) -> StageChoice:
     if cfg.sequence_parallel_size > 1:
         return StageChoice(3, "sequence parallelism runs on ZeRO-3 (zero_stage auto)")
     if on_cpu():
-        # BENCHMARKS.md §14: on a shared 2-core machine stage 0 ran the small shape 1.3x faster than ZeRO-3 at
-        # load 2 but several times slower under contention; auto does not pick it on CPU until that is understood.
+        # BENCHMARKS.md §14: one idle process runs the small shape 1.3-1.7x faster at stage 0, but under contention
+        # (ranks sharing cores) OpenMP's spinning workers made it several times slower; OMP_WAIT_POLICY=PASSIVE
+        # removes that, at a cost on an idle machine not yet measured, so auto keeps 3 on CPU.
         return StageChoice(3, "zero_stage auto on CPU: ZeRO-3 (stage 0 is faster on an idle CPU but degrades "
                               "under contention: BENCHMARKS.md; set zero_stage to choose)")
     return _fitting_stage(cfg.model_name_or_path, cfg.trust_remote_code, cfg.precision, cfg.max_length, cfg.micro_batch_size,
