@@ -197,6 +197,7 @@ class MetricsWriter:
 
         values = [proto for name, value in metrics.items() if isinstance(value, (int, float))
                   for proto in scalar(name, value).value]
+        # SummaryWriter's own add_* methods reach the file writer the same way (it reopens one after close)
         self.tensorboard._get_file_writer().add_summary(Summary(value=values), step)
 
     def close(self) -> None:

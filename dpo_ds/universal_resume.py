@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 from deepspeed.checkpoint.constants import DS_VERSION, OPTIMIZER_STATE_DICT, PARAM, PARAM_GROUPS
-from deepspeed.ops.adam import DeepSpeedCPUAdam
+from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
 
 from dpo_ds.errors import CheckpointError
 
@@ -127,13 +127,20 @@ def _engine_state(model_states: dict[str, Any]) -> dict[str, Any]:
 def _unify(folder: Path) -> None:
     """Complete ds_to_universal's output (either dialect) into the layout of the module docstring, in place."""
     zero = folder / "zero"
-    meta_file = next(folder / name for name in MODEL_STATES if (folder / name).is_file())
+    meta_file = next((folder / name for name in MODEL_STATES if (folder / name).is_file()), None)
+    if meta_file is None:
+        raise CheckpointError(f"{folder}: ds_to_universal wrote no {' or '.join(MODEL_STATES)}")
     meta = torch.load(meta_file, map_location="cpu", mmap=True, weights_only=False)
     shared = torch.load(zero / "optimizer_state.pt", map_location="cpu", weights_only=False)
     torch_state = shared.get(OPTIMIZER_STATE_DICT)  # from stage 3 only: state index = ZeRO-3 sub-group
     step = None
     for sub_group, shapes in enumerate(meta["param_shapes"]):
         for name, shape in shapes.items():
+            missing = [key for key in TENSORS if not (zero / name / f"{key}.pt").is_file()]
+            if missing:  # another optimizer's state (SGD, Lion, ...): the layout carries Adam's only
+                raise CheckpointError(f"{folder.parent}: the universal checkpoint holds Adam's state only (step, "
+                                      f"exp_avg, exp_avg_sq); this optimizer's state has no {', '.join(missing)} "
+                                      f"for {name}: resume it at the ZeRO stage that wrote it")
             for key in TENSORS:
                 value = torch.load(zero / name / f"{key}.pt", map_location="cpu", weights_only=False)
                 if torch.is_tensor(value):  # stage-3 dialect: flat
@@ -269,7 +276,7 @@ def repair_optimizer_state(zero_optimizer, groups_as_built: list[dict[str, Any]]
     for param, state in torch_optimizer.state.items():
         if "step" not in state:
             continue
-        if isinstance(torch_optimizer, DeepSpeedCPUAdam):  # optimizer offload: it counts in a Python int
+        if isinstance(torch_optimizer, (DeepSpeedCPUAdam, FusedAdam)):  # their kernels take the step as an int
             state["step"] = int(state["step"])
         else:
             step = torch.as_tensor(state["step"], dtype=torch.float32)

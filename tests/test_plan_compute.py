@@ -118,7 +118,7 @@ def test_cli_bad_gpu_or_mfu_names_the_flag(capsys, flag, value, message):
 @pytest.mark.parametrize("device,gpu", [("NVIDIA H100 80GB HBM3", "H100"), ("NVIDIA H100 PCIe", "H100-PCIe"),
                                         ("NVIDIA H200", "H200"), ("NVIDIA GH200 480GB", "GH200"),
                                         ("NVIDIA A100-SXM4-80GB", "A100"), ("NVIDIA B200", "B200"),
-                                        ("NVIDIA A10G", None), ("NVIDIA GeForce RTX 4090", None)])
+                                        ("NVIDIA A10G", "A10G"), ("NVIDIA GeForce RTX 4090", None)])
 def test_device_names_find_their_table_entry(device, gpu):
     found = P.gpu_of_device(device)
     assert (found and found.name) == gpu

@@ -122,6 +122,27 @@ def test_stage0_checkpoint_that_cannot_be_converted_is_refused_in_one_line(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # nothing written
 
 
+def test_stage_1_to_3_output_without_adam_state_is_refused_in_one_line(tmp_path: Path):
+    """ds_to_universal's folder of a ZeRO checkpoint whose optimizer is not Adam (its per-parameter files have no
+    exp_avg/exp_avg_sq): one line naming the checkpoint, not a FileNotFoundError halfway through."""
+    folder = tmp_path / "ckpt" / "ds_universal.tmp"
+    (folder / "zero" / "w").mkdir(parents=True)
+    torch.save({"param_shapes": [{"w": torch.Size([2])}], universal_resume.DS_VERSION: deepspeed.__version__},
+               folder / universal_resume.MODEL_STATES[0])
+    torch.save({universal_resume.PARAM_GROUPS: [{"lr": 1e-3}]}, folder / "zero" / "optimizer_state.pt")
+    torch.save({universal_resume.PARAM: torch.zeros(2)}, folder / "zero" / "w" / "fp32.pt")
+    torch.save({universal_resume.PARAM: torch.zeros(2)}, folder / "zero" / "w" / "momentum_buffer.pt")
+    with pytest.raises(CheckpointError) as refused:
+        universal_resume._unify(folder)
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(str(tmp_path / "ckpt"))
+    assert "holds Adam's state only" in message and "exp_avg, exp_avg_sq for w" in message
+    for name in universal_resume.MODEL_STATES:
+        (folder / name).unlink(missing_ok=True)
+    with pytest.raises(CheckpointError, match="ds_to_universal wrote no"):
+        universal_resume._unify(folder)
+
+
 class ZeroOptimizer:
     def __init__(self, optimizer):
         self.optimizer = optimizer

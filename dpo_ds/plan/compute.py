@@ -29,6 +29,7 @@ GPUS = {gpu.name: gpu for gpu in (
     Gpu("B200", 2250.0, 180),      # HGX / DGX B200
     Gpu("GB200", 2500.0, 186),     # one Blackwell GPU of a GB200 (NVL72)
     Gpu("L40S", 362.0, 48),
+    Gpu("A10G", 125.0, 24),        # AWS g5 instances
 )}
 # What plan assumed before it could be told the GPU: 80 GB GPUs in DGX H100 / A100-80GB nodes.
 DEFAULT_GPU = "H100"
@@ -78,7 +79,10 @@ def step_flops(model: ModelShape, tokens: float, squared_lengths: float, *, lora
     Attention (the QK^T and AV matmuls the 2N rule misses): 4 x q_dim x length^2 FLOPs per sequence and layer
     forward, halved by the causal mask; its backward is twice its forward also under LoRA (both operands are
     activations), and the recompute and the reference forward add one forward each. Not counted: norms, RoPE,
-    softmax, the loss, the optimizer step, and the extra MLP forward of tiled_mlp.
+    softmax, the loss, the optimizer step, and the extra MLP forward of tiled_mlp. N counts every parameter, the
+    input embedding of an untied model too (a lookup, no matmul; ~6% of a 1B model, ~6.5% of Llama-3-8B), so MFU
+    reads that much higher than a count of non-embedding parameters would: the convention of `6N` with N the
+    model's size, the same in plan and bench.
     """
     policy = 4 if lora else 6
     terms = (("policy forward + backward", policy),
