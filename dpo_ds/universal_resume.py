@@ -102,8 +102,11 @@ def _ds_to_universal(source: Path, output: Path) -> None:
            "--output_folder", str(output), "--num_extract_workers", "1", "--num_merge_workers", "1",
            "--inject_missing_state"]  # stages 1-2: our checkpoints carry no universal_checkpoint_info (no AutoTP)
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise CheckpointError(f"{source}: universal conversion failed:\n{proc.stderr[-3000:]}")
+    if proc.returncode != 0:  # the whole output to the log, its last line in the one-line error
+        logger.error("ds_to_universal on %s failed (exit %d):\n%s", source, proc.returncode, proc.stderr[-3000:])
+        last = next((line.strip() for line in reversed(proc.stderr.splitlines()) if line.strip()), "no output")
+        raise CheckpointError(f"{source}: universal conversion (deepspeed.checkpoint.ds_to_universal) failed with "
+                              f"exit status {proc.returncode}: {last} (its output is in the log above)")
     (output.parent / "latest_universal").unlink(missing_ok=True)  # its pointer to `output`: we load by path
 
 

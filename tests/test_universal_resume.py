@@ -5,6 +5,7 @@ the universal layout. The stage 1-3 sides (ds_to_universal, DeepSpeed's loaders)
 tests/test_checkpoint.py."""
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import deepspeed
@@ -177,3 +178,16 @@ def state(world_size: int, zero_stage: int) -> TrainerState:
 def test_which_resumes_go_through_the_universal_layout(saved, resumed, universal):
     """A changed stage always; a changed world size unless stage 0, where every rank holds the whole state."""
     assert state(*saved).needs_universal(*resumed) is universal
+
+
+def test_a_failed_ds_to_universal_is_one_line_with_its_last_line(tmp_path: Path, monkeypatch, caplog):
+    def failed(cmd, **_):
+        return subprocess.CompletedProcess(cmd, 1, "", "Traceback (most recent call last):\n  ...\nKeyError: 'x'\n")
+
+    monkeypatch.setattr(universal_resume.subprocess, "run", failed)
+    with pytest.raises(CheckpointError) as refused:
+        universal_resume._ds_to_universal(tmp_path / "ds", tmp_path / "ds_universal.tmp")
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(str(tmp_path / "ds"))
+    assert "exit status 1: KeyError: 'x'" in message
+    assert "Traceback (most recent call last)" in caplog.text  # the whole output goes to the log

@@ -125,6 +125,11 @@ def _setting(result: Plan) -> str:
             f"micro batch {s.micro_batch_size}")
 
 
+def _assumption(mfu: float) -> str:
+    """Where the projection's MFU comes from, for the text and the JSON alike."""
+    return ASSUMED_MFU_WHY if mfu == ASSUMED_MFU else "given by --mfu"
+
+
 def _projection_lines(flops: Flops, s: Setup, gpu: Gpu, mfu: float) -> list[str]:
     """The step's FLOPs, pass by pass, and (bf16) the time and tokens/s they take at the assumed MFU."""
     groups = s.total_gpus // s.sequence_parallel_size
@@ -138,12 +143,11 @@ def _projection_lines(flops: Flops, s: Setup, gpu: Gpu, mfu: float) -> list[str]
     if s.precision != "bf16":
         return lines + [f"speed     not projected for {s.precision}: the peak table is dense bf16"]
     projected = Projection(flops, s.total_gpus, gpu.peak_tflops, mfu)
-    why = ASSUMED_MFU_WHY if mfu == ASSUMED_MFU else "given by --mfu"
     lines += [
         f"speed     {gpu.name}, {gpu.peak_tflops:g} TFLOP/s dense bf16 per GPU: projected {projected.step_time_s:.3g} s "
         f"per optimizer step, {projected.tokens_per_s:,.0f} tokens/s ({projected.tokens_per_s / s.total_gpus:,.0f} "
         "per GPU)",
-        f"          assumes {mfu:.0%} MFU: {why}",
+        f"          assumes {mfu:.0%} MFU: {_assumption(mfu)}",
     ]
     if s.offload_optimizer or s.offload_params:
         lines.append("          (offload: the CPU optimizer step and the PCIe traffic are not in it; expect slower)")
@@ -231,6 +235,6 @@ def run(args: argparse.Namespace) -> int:
                                "attention": flops.attention, "total": flops.total,
                                "per_gpu": flops.total / setup.total_gpus},
                      "projection": projected and {"gpu": args.gpu.name, **projected,
-                                                  "assumption": ASSUMED_MFU_WHY if args.mfu == ASSUMED_MFU else "--mfu"}},
+                                                  "assumption": _assumption(args.mfu)}},
                     indent=2))
     return 0
