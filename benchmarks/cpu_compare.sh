@@ -60,7 +60,7 @@ for lengths in $LIST; do
       >> "$R/commands.txt"
   run "plain_${tag}" $PY benchmarks/plain_dpo.py --model_dir "$MODEL_DIR" --pairs "$R/pairs_$tag.json"
   run "trl_${tag}" "$TRL_PY" benchmarks/trl_dpo.py --model_dir "$MODEL_DIR" --pairs "$R/pairs_$tag.json" --max_length "$MAXLEN"
-  dpods "dpo-ds_${tag}_zero_stage0" "$lengths" --zero_stage 0  # the whole model, no ZeRO partitioning
+  dpods "dpo-ds_${tag}_zero3_recompute" "$lengths" --zero_stage 3 --gradient_checkpointing true  # the defaults before auto sizing
   if [[ $tag == lognormal ]]; then
     dpods "dpo-ds_${tag}_logits_path" "$lengths" --fused_lm_head false
     dpods "dpo-ds_${tag}_group_by_length" "$lengths" --group_by_length true

@@ -171,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
     step_times = torch.tensor(times, dtype=torch.float64)
     live_reference = uses_reference(cfg) and not cfg.precompute_ref
     flops = step_flops(shape, float(totals[0]), float(totals[2]), lora=uses_lora(cfg),  # plan's count
-                       recompute=cfg.gradient_checkpointing, live_reference=live_reference).total
+                       recompute=ctx.gradient_checkpointing, live_reference=live_reference).total
     elapsed = float(step_times.sum())
     achieved = flops / elapsed / 1e12
     peak = _peak_tflops(args.peak_tflops)
@@ -185,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
         "padding_free": cfg.padding_free, "attention": ctx.policy.module.config._attn_implementation,
         "fused_lm_head": ctx.policy_head is not None,
         "lengths": args.lengths, "reference": "live" if live_reference else "cached" if cfg.precompute_ref else "none",
-        "gradient_checkpointing": cfg.gradient_checkpointing, "lora_r": cfg.lora_r,
+        "gradient_checkpointing": ctx.gradient_checkpointing, "lora_r": cfg.lora_r,
         "lora_quantize": cfg.lora_quantize, "warmup_steps": args.warmup, "timed_steps": len(times),
         "step_time_s": {"median": statistics.median(step_times.tolist()), "min": float(step_times.min()),
                         "max": float(step_times.max())},

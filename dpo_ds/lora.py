@@ -128,7 +128,7 @@ def _fresh_config(model: torch.nn.Module, cfg: TrainConfig):
                       bias="none", task_type="CAUSAL_LM")
 
 
-def attach_adapters(model: torch.nn.Module, cfg: TrainConfig) -> Adapters:
+def attach_adapters(model: torch.nn.Module, cfg: TrainConfig, gradient_checkpointing: bool) -> Adapters:
     """Inject LoRA layers into `model` (ZeRO-3 partitioned, frozen) in place; only adapter parameters require
     grad. Returns the peft handle. Call before deepspeed.initialize, which partitions the new adapter parameters: every rank
     must hold the same values, hence the seeded initialisation."""
@@ -159,7 +159,7 @@ def attach_adapters(model: torch.nn.Module, cfg: TrainConfig) -> Adapters:
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError(f"field 'lora_target_modules': {cfg.lora_target_modules!r} matched no module of "
                           f"{cfg.model_name_or_path}", "lora_target_modules")
-    if cfg.gradient_checkpointing and not hasattr(model, "_require_grads_hook"):
+    if gradient_checkpointing and not hasattr(model, "_require_grads_hook"):
         # checkpointed blocks of a frozen base: the embeddings' output must carry grad into the first block
         model.enable_input_require_grads()
     return Adapters(peft_model, cfg.model_name_or_path)

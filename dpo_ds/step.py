@@ -51,16 +51,18 @@ class StepContext:
     policy_head: torch.nn.Linear | None = None  # scoring.scoring_head of the policy, resolved once
     config_overrides: list[ConfigOverride] = field(default_factory=list)  # undone in the configs the run writes
     adapters: Adapters | None = None  # LoRA's peft handle
+    gradient_checkpointing: bool = False  # whether the policy's backward recomputes activations (engines.sizing)
     timer: Callable[[str], AbstractContextManager] = untimed  # metrics.SectionTimer in `dpo-ds bench`
     aux_losses: list = field(default_factory=list)  # router load-balancing losses of training micro-batches since the last log
 
     @classmethod
     def create(cls, cfg: TrainConfig, parallel: Parallel, policy: DeepSpeedEngine, reference: ReferenceSource,
                pad_id: int, config_overrides: list[ConfigOverride] | None = None,
-               adapters: Adapters | None = None) -> StepContext:
+               adapters: Adapters | None = None, gradient_checkpointing: bool = False) -> StepContext:
         """The context for `policy` (trained by `train`, or only scored by `dpo-ds eval`)."""
         return cls(cfg, parallel, policy, reference, Objective.from_config(cfg), pad_id,
-                   scoring.scoring_head(policy.module, cfg.fused_lm_head), config_overrides or [], adapters)
+                   scoring.scoring_head(policy.module, cfg.fused_lm_head), config_overrides or [], adapters,
+                   gradient_checkpointing)
 
 
 def pad_id_of(tokenizer) -> int:
@@ -89,7 +91,7 @@ def build_step_context(cfg: TrainConfig, parallel: Parallel, total_steps: int, p
         reference = build_reference(cfg, hidden, parallel, datasets, cache_dir_of(cfg), pad_id, mpu=mpu)
         policy = build_policy_engine(cfg, ds_config, total_steps, mpu)
     return StepContext.create(cfg, parallel, policy.engine, reference, pad_id, policy.config_overrides,
-                              policy.adapters)
+                              policy.adapters, policy.gradient_checkpointing)
 
 
 def split_pairs(logps: torch.Tensor, tokens: torch.Tensor, ref_logps: torch.Tensor,

@@ -83,6 +83,12 @@ def process_rank() -> int:
     return dist.get_rank() if _grouped() else 0
 
 
+def local_world_size() -> int:
+    """Processes of the job on this node (LOCAL_WORLD_SIZE, which `export` sets from any launcher); 1 without a
+    process group."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if _grouped() else 1
+
+
 def comm_device():
     """The device whose tensors the default process group communicates: CPU when the group has a CPU backend
     (gloo, or no group at all), else this rank's accelerator (NCCL: the GPU init_distributed selected)."""

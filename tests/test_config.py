@@ -163,8 +163,16 @@ def test_bools_from_yaml_and_strings(tmp_path, text, expected):
 
 @pytest.mark.parametrize("text,expected", [("true", True), ("false", False), ("True", True), ("0", False), ("1", True)])
 def test_bools_from_command_line_strings(text, expected):
-    cfg = load_config(None, {**REQUIRED, "gradient_checkpointing": text, "ref_offload": text})
-    assert cfg.gradient_checkpointing is expected and cfg.ref_offload is expected
+    cfg = load_config(None, {**REQUIRED, "shuffle": text, "ref_offload": text})
+    assert cfg.shuffle is expected and cfg.ref_offload is expected
+
+
+@pytest.mark.parametrize("value,want", [(True, "true"), (False, "false"), ("yes", "true"), ("0", "false"),
+                                        ("auto", "auto")])
+def test_gradient_checkpointing_takes_bools_and_auto(value, want):
+    assert load_config(None, {**REQUIRED, "gradient_checkpointing": value}).gradient_checkpointing == want
+    with pytest.raises(ConfigError, match="field 'gradient_checkpointing': 'sometimes' is not one of auto, true, false"):
+        load_config(None, {**REQUIRED, "gradient_checkpointing": "sometimes"})
 
 
 def test_numbers_from_yaml_including_exponent_without_dot(tmp_path):

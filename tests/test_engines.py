@@ -1,6 +1,7 @@
 """dpo_ds/engines: DeepSpeed config filling, model preparation (dropout, expert leaves), the learning-rate schedule."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -211,18 +212,36 @@ def model_dir(tmp_path):
     return str(tmp_path / "model")
 
 
-def test_zero_stage_auto_picks_the_lowest_stage_that_fits_the_gpu(model_dir, monkeypatch):
-    from dpo_ds.engines import stage as stage_module
+@pytest.fixture
+def rank_memory(monkeypatch):
+    """Set what one rank may fill (sizing's budget is this less plan's headroom); plan's answers are cached per size."""
+    from dpo_ds.engines import sizing
+    from dpo_ds.plan.memory import HEADROOM
+
+    def set_budget(budget: float) -> None:
+        monkeypatch.setattr(sizing, "rank_memory_bytes", lambda: (budget / (1 - HEADROOM), "a test device"))
+    yield set_budget
+    sizing._replicated_bytes.cache_clear()
+
+
+def _plan_need(model_dir, world, stage, checkpointing=True):
     from dpo_ds.families import load_model_config
-    from dpo_ds.plan.memory import HEADROOM, Setup, replicated_bytes
+    from dpo_ds.plan.memory import Setup, replicated_bytes
     from dpo_ds.plan.shapes import shape_from_config
+
+    shape = shape_from_config(load_model_config(model_dir), model_dir)
+    setup = Setup(nodes=1, gpus_per_node=world, gpu_memory_gb=1, cpu_memory_gb=0, seq_len=64, micro_batch_size=2,
+                  precision="bf16", reference="gpu", gradient_checkpointing=checkpointing)
+    return shape, replicated_bytes(shape, setup, stage)
+
+
+def test_zero_stage_auto_picks_the_lowest_stage_that_fits(model_dir, rank_memory):
+    from dpo_ds.engines import sizing
 
     cfg = TrainConfig(model_name_or_path=model_dir, precision="bf16", micro_batch_size=2, max_length=64)
     world = 4
-    shape = shape_from_config(load_model_config(model_dir), model_dir)
-    setup = Setup(nodes=1, gpus_per_node=world, gpu_memory_gb=1, cpu_memory_gb=0, seq_len=64, micro_batch_size=2,
-                  precision="bf16", reference="gpu")
-    need = [replicated_bytes(shape, setup, s) for s in (0, 1, 2)]
+    shape, _ = _plan_need(model_dir, world, 0)
+    need = [_plan_need(model_dir, world, s)[1] for s in (0, 1, 2)]
     assert need[0] > need[1] > need[2]  # each stage partitions more
     # by hand: bf16 params (2) + grads (2, /world from stage 2) + fp32 master, Adam m, v, fp32 grads (16, /world
     # from stage 1) + the reference's bf16 copy (2) per parameter; the activations are the same at every stage
@@ -231,16 +250,54 @@ def test_zero_stage_auto_picks_the_lowest_stage_that_fits_the_gpu(model_dir, mon
     assert need[1] - need[2] == pytest.approx(2 * n * (1 - 1 / world))
     activations = need[0] - (2 + 2 + 16 + 2) * n
     assert activations > 0
-    assert resolve_policy_config(cfg, world, HIDDEN)["zero_optimization"]["stage"] == 3  # on CPU (the documented rule)
-    monkeypatch.setattr(stage_module, "on_cpu", lambda: False)
-    for budget_of, want in [(need[0], 0), ((need[0] + need[1]) / 2, 1), ((need[1] + need[2]) / 2, 2), (need[2] / 2, 3)]:
-        stage_module._fitting_stage.cache_clear()
-        monkeypatch.setattr(stage_module, "device_memory_bytes", lambda b=budget_of: (b / (1 - HEADROOM), "a test device"))
+    for budget, want in [(need[0], 0), ((need[0] + need[1]) / 2, 1), ((need[1] + need[2]) / 2, 2), (need[2] / 2, 3)]:
+        rank_memory(budget)
         ds = resolve_policy_config(cfg, world, HIDDEN)
         assert ds["zero_optimization"]["stage"] == want
-        reason = stage_module.stage_reason(cfg, ds)
+        reason = sizing.stage_reason(cfg, ds)
         assert ("stage 2 needs" in reason) if want == 3 else (f"fits one rank at stage {want}" in reason)
-    stage_module._fitting_stage.cache_clear()
+
+
+def test_gradient_checkpointing_auto_is_off_only_where_a_whole_steps_activations_fit(model_dir, rank_memory):
+    from dpo_ds.engines.sizing import checkpointing_choice
+
+    world = 2
+    shape, with_recompute = _plan_need(model_dir, world, 0)
+    _, without = _plan_need(model_dir, world, 0, checkpointing=False)
+    # by hand: without the recompute every layer keeps what it saves for backward (plus one layer's gradients);
+    # with it each layer keeps its input (h values a token) and one layer is recomputed with its gradients
+    tokens, p, layer = 2 * 2 * 64, 2, shape.layer_activation_bytes_per_token(2)
+    assert without - with_recompute == pytest.approx(
+        (shape.num_layers + 1) * tokens * layer - (shape.num_layers * tokens * shape.hidden_size * p + 2 * tokens * layer))
+    assert without > with_recompute
+    cfg = TrainConfig(model_name_or_path=model_dir, precision="bf16", micro_batch_size=2, max_length=64)
+    rank_memory(without)
+    choice = checkpointing_choice(cfg, 0, world)
+    assert not choice.on and "fit without the recompute" in choice.reason
+    rank_memory(without * 0.99)
+    choice = checkpointing_choice(cfg, 0, world)
+    assert choice.on and "without the recompute a step needs" in choice.reason
+    rank_memory(without * 100)
+    assert checkpointing_choice(cfg, 3, world).on  # ZeRO-3: the model is partitioned, keep the recompute
+    for setting, on in [("true", True), ("false", False), (True, True)]:  # explicit (and a bool built in code)
+        choice = checkpointing_choice(dataclasses.replace(cfg, gradient_checkpointing=setting), 0, world)
+        assert choice.on is on and choice.reason == "set by gradient_checkpointing"
+    assert not checkpointing_choice(dataclasses.replace(cfg, gradient_checkpointing="false"), 3, world).on
+
+
+def test_rank_memory_on_cpu_is_its_share_of_the_host_or_cgroup_limit(tmp_path, monkeypatch):
+    from dpo_ds.engines import sizing
+
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    (tmp_path / "unlimited").write_text("max\n")
+    (tmp_path / "job").write_text(f"{physical // 4}\n")
+    monkeypatch.setattr(sizing, "_cgroup_limit_files", lambda: [tmp_path / "unlimited", tmp_path / "gone", tmp_path / "job"])
+    assert sizing.host_memory_bytes() == physical // 4  # a Slurm job's --mem below the host's memory wins
+    monkeypatch.setattr(sizing, "_cgroup_limit_files", lambda: [tmp_path / "unlimited"])
+    assert sizing.host_memory_bytes() == physical
+    monkeypatch.setattr(sizing, "on_cpu", lambda: True)
+    monkeypatch.setattr(sizing.comm, "local_world_size", lambda: 4)
+    assert sizing.rank_memory_bytes() == (physical / 4, "this host's memory, shared by 4 ranks")
 
 
 def test_zero_stage_lora_keeps_3_and_refuses_lower(model_dir):
@@ -250,24 +307,21 @@ def test_zero_stage_lora_keeps_3_and_refuses_lower(model_dir):
         resolve_policy_config(TrainConfig(model_name_or_path=model_dir, lora_r=4, zero_stage="0"), 1, HIDDEN)
 
 
-def test_zero_stage_sequence_parallel_keeps_3_and_refuses_lower(model_dir, monkeypatch):
+def test_zero_stage_sequence_parallel_keeps_3_and_refuses_lower(model_dir, rank_memory):
     """The Ulysses gradient scaling (dpo_ds/sequence_parallel.py, "Gradients") is ZeRO-3's: auto keeps stage 3 even
     where a lower stage would fit the GPU, and a lower explicit stage is refused."""
-    from dpo_ds.engines import stage as stage_module
+    from dpo_ds.engines import sizing
 
-    monkeypatch.setattr(stage_module, "on_cpu", lambda: False)
-    monkeypatch.setattr(stage_module, "device_memory_bytes", lambda: (1e15, "a test device"))
-    stage_module._fitting_stage.cache_clear()
+    rank_memory(1e15)
     plain = TrainConfig(model_name_or_path=model_dir, precision="bf16")
     assert resolve_policy_config(plain, 2, HIDDEN)["zero_optimization"]["stage"] == 0  # it would fit at stage 0
     sp = TrainConfig(model_name_or_path=model_dir, precision="bf16", sequence_parallel_size=2)
     ds = resolve_policy_config(sp, 1, HIDDEN)
-    assert ds["zero_optimization"]["stage"] == 3 and "sequence parallelism" in stage_module.stage_reason(sp, ds)
+    assert ds["zero_optimization"]["stage"] == 3 and "sequence parallelism" in sizing.stage_reason(sp, ds)
     with pytest.raises(ConfigError, match="field 'zero_stage': sequence_parallel_size 2 is built and tested on ZeRO "
                                           "stage 3 only"):
         resolve_policy_config(TrainConfig(model_name_or_path=model_dir, sequence_parallel_size=2, zero_stage="2"),
                               1, HIDDEN)
-    stage_module._fitting_stage.cache_clear()
 
 
 @pytest.mark.parametrize("value,want", [(2, "2"), ("0", "0"), ("auto", "auto")])

@@ -43,6 +43,7 @@ Precision = Literal["auto", "bf16", "fp32"]
 WeightsLoader = Literal["streamed", "transformers"]
 LoraQuantize = Literal["nf4"]
 ZeroStage = Literal["auto", "0", "1", "2", "3"]
+GradientCheckpointing = Literal["auto", "true", "false"]
 AttnImplementation = Literal["auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"]
 
 
@@ -106,8 +107,8 @@ class TrainConfig:
     seed: int = _field(42, "Seed for data order and any randomness in the step.", "optim")
     # --- engine
     precision: Precision = _field("auto", "bf16 (mixed precision) or fp32; auto: bf16 where the device supports it (a CUDA GPU with bf16), fp32 on CPU. run_config.json records the resolved value.", "engine")
-    gradient_checkpointing: bool = _field(True, "Recompute activations in the backward pass (non-reentrant).", "engine")
-    zero_stage: ZeroStage = _field("auto", "DeepSpeed ZeRO stage of the policy engine: 0 (every rank holds the whole model, gradients all-reduced), 1 (optimizer state partitioned), 2 (gradients too) or 3 (parameters too: the model never whole on one rank). auto: on a GPU the lowest stage whose per-rank memory (dpo-ds plan's memory model: weights, gradients, optimizer state, a live reference's weights, activations) fits the GPU's memory less dpo-ds plan's headroom, else 3; on CPU 3 (stage 0 measured faster on an idle CPU but far slower under contention: BENCHMARKS.md); LoRA and QLoRA runs keep 3. The log says which stage and why. Below 3 the reference is an unpartitioned inference engine (ref_offload applies to a ZeRO-3 reference only). A deepspeed_config that sets zero_optimization.stage decides instead of auto.", "engine")
+    gradient_checkpointing: GradientCheckpointing = _field("auto", "Recompute each layer's activations in the backward pass (non-reentrant) instead of keeping them: a third forward pass (about a fifth of a step with a live reference) that saves all but one layer's activations. auto: on at ZeRO stage 3; below it (the whole model on every rank) off when dpo-ds plan's memory model says a step's activations fit without it (the same budget as zero_stage auto), else on. The log says which and why.", "engine")
+    zero_stage: ZeroStage = _field("auto", "DeepSpeed ZeRO stage of the policy engine: 0 (every rank holds the whole model, gradients all-reduced), 1 (optimizer state partitioned), 2 (gradients too) or 3 (parameters too: the model never whole on one rank). auto: the lowest stage whose per-rank memory (dpo-ds plan's memory model: weights, gradients, optimizer state, a live reference's weights, activations) fits what a rank may fill less dpo-ds plan's headroom (its GPU's memory; on CPU the host's memory or its cgroup's limit, shared by the node's ranks), else 3; LoRA, QLoRA and sequence-parallel runs keep 3. The log says which stage and why. Below 3 the reference is an unpartitioned inference engine (ref_offload applies to a ZeRO-3 reference only). A deepspeed_config that sets zero_optimization.stage decides instead of auto.", "engine")
     ref_offload: bool = _field(True, "Keep the reference model's ZeRO-3 parameters on CPU (`offload_param: cpu`).", "engine")
     deepspeed_config: Optional[str] = _field(None, "Policy DeepSpeed JSON (see ds_configs/). Values it leaves out or sets to \"auto\" are filled from this config; default: ds_configs/zero3.json on GPU, ds_configs/zero3_cpu.json on CPU.", "engine")
     ref_deepspeed_config: Optional[str] = _field(None, "Reference DeepSpeed JSON; default ds_configs/reference_zero3.json.", "engine")
@@ -162,6 +163,9 @@ FIELD_TYPES = {name: _field_type(hint) for name, hint in typing.get_type_hints(T
 _LIST_FIELDS = {"loss_type": parse_loss_type, "loss_weights": parse_loss_weights}
 
 
+_BOOL_TEXT = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
 def coerce(name: str, value: Any) -> Any:
     """Convert a YAML/CLI value to the field's type, or raise ConfigError('...') without location."""
     kind, optional, choices = dataclasses.astuple(FIELD_TYPES[name])
@@ -172,8 +176,8 @@ def coerce(name: str, value: Any) -> Any:
     if kind is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
-            return value.lower() in ("true", "yes", "1")
+        if isinstance(value, str) and value.lower() in _BOOL_TEXT:
+            return _BOOL_TEXT[value.lower()]
         raise ConfigError(f"field '{name}': expected true or false, got {value!r}")
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
@@ -199,6 +203,8 @@ def coerce(name: str, value: Any) -> Any:
             raise ConfigError(f"field '{name}': {err}") from None
     if name == "zero_stage" and isinstance(value, int) and not isinstance(value, bool):
         value = str(value)  # YAML `zero_stage: 2`
+    if name == "gradient_checkpointing" and (isinstance(value, bool) or str(value).lower() in _BOOL_TEXT):
+        value = "true" if _BOOL_TEXT[str(value).lower()] else "false"  # YAML `true`, --gradient_checkpointing yes
     if name == "lora_target_modules" and isinstance(value, list) and value and all(isinstance(v, str) for v in value):
         value = ",".join(value)  # a YAML list of module names
     if not isinstance(value, str):

@@ -10,7 +10,7 @@ from typing import Any
 from dpo_ds.compiled_ops import check_compiled_ops
 from dpo_ds.config import ConfigError, TrainConfig, uses_lora
 from dpo_ds.engines.accelerator import on_cpu
-from dpo_ds.engines.stage import zero_stage_choice
+from dpo_ds.engines.sizing import zero_stage_choice
 
 DS_CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "ds_configs"
 
@@ -87,7 +87,7 @@ def _fill_policy_stage(zero: dict, cfg: TrainConfig, world_size: int, source: st
     elif cfg.zero_stage not in ("auto", str(stage)):
         raise ConfigError(f"field 'zero_stage': {cfg.zero_stage} but {source} sets zero_optimization.stage {stage}; "
                           f"set one of them")
-    if zero["stage"] < 3 and cfg.sequence_parallel_size > 1:  # auto never picks it (engines/stage.py)
+    if zero["stage"] < 3 and cfg.sequence_parallel_size > 1:  # auto never picks it (engines/sizing.py)
         raise ConfigError(f"field 'zero_stage': sequence_parallel_size {cfg.sequence_parallel_size} is built and "
                           f"tested on ZeRO stage 3 only (its gradient scaling is ZeRO-3's), got {zero['stage']}")
     if zero["stage"] < 3 and uses_lora(cfg):

@@ -1,4 +1,4 @@
-"""The engines' lifecycle: the ZeRO-3 policy engine (trained: optimizer groups, learning-rate schedule,
+"""The engines' lifecycle: the policy engine (trained: optimizer groups, learning-rate schedule,
 gradient checkpointing, LoRA adapters) and frozen inference engines, built in the same order on every rank (ZeRO-3
 hangs when ranks build or run modules in different orders or counts), and released when no longer needed."""
 from __future__ import annotations
@@ -17,7 +17,7 @@ from deepspeed.accelerator import get_accelerator
 from dpo_ds.compat import enable_activation_checkpointing
 from dpo_ds.config import TrainConfig, uses_lora
 from dpo_ds.engines.accelerator import count_cpu_devices_once
-from dpo_ds.engines.stage import stage_reason
+from dpo_ds.engines.sizing import checkpointing_choice, data_parallel_ranks, stage_reason
 from dpo_ds.engines.models import attention_kernel, load_sharded_model, mark_expert_blocks, model_dtype, prepare_model
 from dpo_ds.hf_dir import ConfigOverride
 from dpo_ds.lora import Adapters, attach_adapters, load_quantized_base
@@ -69,13 +69,17 @@ class PolicyEngine:
     engine: deepspeed.DeepSpeedEngine
     config_overrides: list[ConfigOverride]  # undone in the config files the run writes (hf_dir.saved_config)
     adapters: Adapters | None               # LoRA: the peft handle; None for full fine-tuning
+    gradient_checkpointing: bool            # whether the backward recomputes each layer's activations
 
 
 def build_policy_engine(cfg: TrainConfig, ds_config: dict[str, Any], total_steps: int, mpu=None) -> PolicyEngine:
     """`mpu`: sequence_parallel.setup's groups under sequence parallelism (DeepSpeed then counts data-parallel
     ranks as world / S), else None."""
     count_cpu_devices_once()
-    logger.info("policy engine: ZeRO stage %d (%s)", ds_config["zero_optimization"]["stage"], stage_reason(cfg, ds_config))
+    stage = ds_config["zero_optimization"]["stage"]
+    checkpointing = checkpointing_choice(cfg, stage, data_parallel_ranks(ds_config))
+    logger.info("policy engine: ZeRO stage %d (%s); gradient checkpointing %s (%s)", stage,
+                stage_reason(cfg, ds_config), "on" if checkpointing.on else "off", checkpointing.reason)
     if cfg.lora_quantize is not None:  # QLoRA: the frozen base in 4 bits, partitioned by deepspeed.initialize
         model = load_quantized_base(cfg, model_dtype(cfg), attention_kernel(cfg))
     else:
@@ -83,16 +87,16 @@ def build_policy_engine(cfg: TrainConfig, ds_config: dict[str, Any], total_steps
                                    cfg.weights_loader, attention_kernel(cfg))
     overrides = prepare_model(model, cfg)
     model.train()
-    if cfg.gradient_checkpointing:
+    if checkpointing.on:
         enable_activation_checkpointing(model)
     # LoRA: base frozen, only adapter parameters reach the optimizer
-    adapters = attach_adapters(model, cfg) if uses_lora(cfg) else None
+    adapters = attach_adapters(model, cfg, checkpointing.on) if uses_lora(cfg) else None
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=_optimizer_groups(model, cfg.weight_decay), config=ds_config,
         lr_scheduler=lr_scheduler(cfg.lr_scheduler, cfg.warmup_steps, total_steps), mpu=mpu)
     # NaN/Inf gradients on any rank make the all-reduced gradient norm non-finite; DeepSpeed (>= 0.19.8) then
     # skips the update on every rank in every precision and `was_step_applied()` is False.
-    return PolicyEngine(engine, overrides, adapters)
+    return PolicyEngine(engine, overrides, adapters, checkpointing.on)
 
 
 def build_inference_engine(path: str, ds_config: dict[str, Any], dtype: torch.dtype, trust_remote_code: bool,

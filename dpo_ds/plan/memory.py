@@ -44,6 +44,7 @@ class Setup:
     lora_r: int = 0  # > 0: LoRA adapters of this rank on all-linear, base frozen; the reference is the base itself
     lora_quantize: str | None = None  # "nf4" (with lora_r): QLoRA, the frozen base's Linear weights in 4 bits
     sequence_parallel_size: int = 1  # S GPUs share every sequence (Ulysses): each holds 1/S of its tokens
+    gradient_checkpointing: bool = True  # plan assumes it; train's `auto` asks what a step needs without it
 
     @property
     def total_gpus(self) -> int:
@@ -215,11 +216,16 @@ def plan(model: ModelShape, setup: Setup) -> Plan:
     # The reference forward runs under no_grad before the policy's and frees everything but its log-probs.
     # Under Ulysses (S > 1) everything outside attention is per token (the rank's T); attention sees the whole
     # sequence for 1/S of the heads, as many elements as T tokens of all heads.
+    # Without checkpointing every layer keeps all it saves for backward, and the gradients flowing through one
+    # layer at a time are budgeted as above.
     tokens = setup.tokens_per_gpu
-    items += [
-        Item("activation checkpoints", model.num_layers * tokens * model.hidden_size * p, 0.0),
-        Item("layer recompute + its grads", 2 * tokens * model.layer_activation_bytes_per_token(p), 0.0),
-    ]
+    layer = tokens * model.layer_activation_bytes_per_token(p)
+    if setup.gradient_checkpointing:
+        items += [Item("activation checkpoints", model.num_layers * tokens * model.hidden_size * p, 0.0),
+                  Item("layer recompute + its grads", 2 * layer, 0.0)]
+    else:
+        items += [Item("saved activations (no checkpointing)", model.num_layers * layer, 0.0),
+                  Item("one layer's grads", layer, 0.0)]
     if setup.sequence_parallel_size > 1:
         # DeepSpeed's all-to-all of one attention layer: q, k, v exchanged in and the output back (a copy of each
         # next to the exchanged tensor), in the backward as well: 2 x (2 q_dim + 2 kv_dim) x T elements
