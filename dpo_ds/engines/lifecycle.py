@@ -13,6 +13,7 @@ from typing import Any
 import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.utils import clip_grad_norm_
 
 from dpo_ds.compat import enable_activation_checkpointing
 from dpo_ds.config import TrainConfig, uses_lora
@@ -95,8 +96,39 @@ def build_policy_engine(cfg: TrainConfig, ds_config: dict[str, Any], total_steps
         model=model, model_parameters=_optimizer_groups(model, cfg.weight_decay), config=ds_config,
         lr_scheduler=lr_scheduler(cfg.lr_scheduler, cfg.warmup_steps, total_steps), mpu=mpu)
     # NaN/Inf gradients on any rank make the all-reduced gradient norm non-finite; DeepSpeed (>= 0.19.8) then
-    # skips the update on every rank in every precision and `was_step_applied()` is False.
+    # skips the update on every rank and `was_step_applied()` is False: ZeRO's optimizers and the bf16 wrapper do,
+    # a stage-0 fp32 engine once guarded.
+    if stage == 0 and not engine.bfloat16_enabled():
+        guard_plain_optimizer_step(engine)
     return PolicyEngine(engine, overrides, adapters, checkpointing.on)
+
+
+def guard_plain_optimizer_step(engine: deepspeed.DeepSpeedEngine) -> None:
+    """At ZeRO stage 0 in fp32 DeepSpeed steps the torch optimizer itself: it clips the gradients
+    (`clip_fp32_gradients`) but neither keeps their norm (the `grad_norm` metric) nor skips a step whose norm is
+    NaN/Inf, as ZeRO's optimizers and the bf16 wrapper do. Here the clip keeps the norm it computes (DeepSpeed's
+    own `clip_grad_norm_`; without clipping the step computes it) as the optimizer's `_global_grad_norm`, and a
+    non-finite norm sets its `overflow`, on which DeepSpeed skips the update and the LR step. The gradients are
+    all-reduced before, so every rank decides alike."""
+    optimizer, params = engine.optimizer, list(engine.module.parameters())
+
+    def keep_norm(norm) -> None:
+        optimizer._global_grad_norm = float(norm)
+        optimizer.overflow = not math.isfinite(optimizer._global_grad_norm)
+
+    def clip() -> None:
+        keep_norm(clip_grad_norm_(parameters=params, max_norm=engine.gradient_clipping(), mpu=engine.mpu))
+
+    step = optimizer.step
+
+    def guarded_step(*args, **kwargs):
+        if engine.gradient_clipping() <= 0:  # DeepSpeed did not clip: nothing measured the gradients yet
+            keep_norm(clip_grad_norm_(parameters=params, max_norm=math.inf, mpu=engine.mpu))
+        if not optimizer.overflow:
+            step(*args, **kwargs)
+
+    engine.clip_fp32_gradients = clip
+    optimizer.step = guarded_step
 
 
 def build_inference_engine(path: str, ds_config: dict[str, Any], dtype: torch.dtype, trust_remote_code: bool,
