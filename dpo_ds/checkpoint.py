@@ -39,6 +39,7 @@ import xxhash
 from safetensors.torch import load_file, save_file
 
 from dpo_ds import universal_resume
+from dpo_ds.durable import fsync_tree, write_text_atomic
 from dpo_ds.errors import CheckpointError, describe_error
 from dpo_ds.hf_dir import ConfigOverride, saved_config, write_hf_metadata
 from dpo_ds.losses import OBJECTIVE_FIELDS, PARAMS
@@ -104,18 +105,6 @@ def model_fingerprint(path: str) -> str:
 def any_rank(flag: bool) -> bool:
     """True on every rank when `flag` is true on at least one (a collective: all ranks must call it)."""
     return bool(all_reduce(torch.tensor([1.0 if flag else 0.0]), "max").item())
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            with path.open("rb") as fh:
-                os.fsync(fh.fileno())
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _rng_state() -> dict[str, torch.Tensor]:
@@ -240,18 +229,18 @@ def _publish(engine, tmp: Path, final: Path, root: Path, state: TrainerState, sa
                           getattr(model, "generation_config", None), tokenizer)
         if adapter_config is not None:
             save_adapter_config(adapter_config, tmp / HF_METADATA)
-        _write_text_atomic(tmp / STATE, json.dumps(asdict(state), indent=2))
+        write_text_atomic(tmp / STATE, json.dumps(asdict(state), indent=2))
         files = {}
         for path in sorted(tmp.rglob("*")):
             if path.is_file():
                 rel = str(path.relative_to(tmp))
                 files[rel] = {"size": path.stat().st_size, HASH: digests.get(rel) or file_digest(path)}
-        _fsync_tree(tmp)
-        _write_text_atomic(tmp / MANIFEST, json.dumps({"hash": HASH, "files": files}, indent=2))
+        fsync_tree(tmp)
+        write_text_atomic(tmp / MANIFEST, json.dumps({"hash": HASH, "files": files}, indent=2))
         if final.exists():  # a checkpoint of the same step from an earlier attempt
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _write_text_atomic(root / LATEST, final.name)
+        write_text_atomic(root / LATEST, final.name)
         _prune(root, save_total_limit, keep=final.name)
     except (OSError, RuntimeError) as err:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -264,15 +253,6 @@ def _kept(root: Path) -> str:
     if latest.is_file():
         return f"removed; checkpoints/latest still names {latest.read_text().strip()}"
     return "removed; the run has no earlier checkpoint"
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as fh:
-        fh.write(text + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _fail_together(error: BaseException | None, tmp: Path, final: Path, parallel: Parallel) -> None:
@@ -399,7 +379,7 @@ def find_checkpoint(output_dir: str, resume_from: str | None, parallel: Parallel
         logger.warning("%s; resuming from %s, the newest checkpoint that verifies (%s)", "; ".join(skipped), candidate,
                        "checkpoints/latest now names it" if repair else "train will make checkpoints/latest name it")
         if repair:
-            _write_text_atomic(latest, candidate.name)
+            write_text_atomic(latest, candidate.name)
     _verified.add(candidate.name)
     return candidate
 
