@@ -89,6 +89,12 @@ class TrainerState:
         over the ranks (every stage but 0, where each rank holds it all, in fp32 and bf16 alike)."""
         return self.zero_stage != zero_stage or (self.world_size != world_size and self.zero_stage != 0)
 
+    def deepspeed_loads_universal(self, world_size: int, zero_stage: int) -> bool:
+        """Resuming goes through the universal format and DeepSpeed loads it (the engine's DeepSpeed config sets
+        checkpoint.load_universal): it does into ZeRO stages 1-3 only; a stage-0 engine is restored by
+        universal_resume.load_into_whole_engine."""
+        return self.needs_universal(world_size, zero_stage) and zero_stage > 0
+
 
 def model_fingerprint(path: str) -> str:
     """Digest of a model directory's config and weight files (names and sizes): cheap, and it changes when
@@ -433,7 +439,7 @@ def load_checkpoint(engine, ckpt: Path, saved: TrainerState, parallel: Parallel,
     and this rank's RNG. `adapter_only`: a LoRA run's checkpoint, which holds the adapter only."""
     stage = engine.zero_optimization_stage()
     universal = saved.needs_universal(parallel.world_size, stage)
-    if universal and stage == 0:  # DeepSpeed loads the universal format into ZeRO stages 1-3 only
+    if universal and not saved.deepspeed_loads_universal(parallel.world_size, stage):
         universal_resume.load_into_whole_engine(engine, ckpt / UNIVERSAL_TAG)
     else:
         tag = UNIVERSAL_TAG if universal else DS_TAG

@@ -200,12 +200,15 @@ def state(world_size: int, zero_stage: int) -> TrainerState:
                         model_fingerprint="m", config={}, zero_stage=zero_stage)
 
 
-@pytest.mark.parametrize("saved, resumed, universal", [
-    ((2, 3), (2, 3), False), ((2, 3), (1, 3), True), ((2, 3), (2, 0), True), ((2, 0), (2, 3), True),
-    ((2, 0), (4, 0), False), ((2, 2), (2, 1), True), ((2, 1), (1, 1), True), ((1, 2), (1, 2), False)])
-def test_which_resumes_go_through_the_universal_layout(saved, resumed, universal):
-    """A changed stage always; a changed world size unless stage 0, where every rank holds the whole state."""
+@pytest.mark.parametrize("saved, resumed, universal, by_deepspeed", [
+    ((2, 3), (2, 3), False, False), ((2, 3), (1, 3), True, True), ((2, 3), (2, 0), True, False),
+    ((2, 0), (2, 3), True, True), ((2, 0), (4, 0), False, False), ((2, 2), (2, 1), True, True),
+    ((2, 1), (1, 1), True, True), ((1, 2), (1, 2), False, False), ((1, 1), (4, 0), True, False)])
+def test_which_resumes_go_through_the_universal_layout(saved, resumed, universal, by_deepspeed):
+    """A changed stage always; a changed world size unless stage 0, where every rank holds the whole state.
+    DeepSpeed loads the layout into stages 1-3; dpo-ds into stage 0."""
     assert state(*saved).needs_universal(*resumed) is universal
+    assert state(*saved).deepspeed_loads_universal(*resumed) is by_deepspeed
 
 
 def test_a_failed_ds_to_universal_is_one_line_with_its_last_line(tmp_path: Path, monkeypatch, caplog):
