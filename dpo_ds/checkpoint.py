@@ -39,6 +39,7 @@ import xxhash
 from safetensors.torch import load_file, save_file
 
 from dpo_ds import universal_resume
+from dpo_ds.durable import fsync_tree, write_text_atomic
 from dpo_ds.errors import CheckpointError, describe_error
 from dpo_ds.hf_dir import ConfigOverride, saved_config, write_hf_metadata
 from dpo_ds.losses import OBJECTIVE_FIELDS, PARAMS
@@ -88,6 +89,12 @@ class TrainerState:
         over the ranks (every stage but 0, where each rank holds it all, in fp32 and bf16 alike)."""
         return self.zero_stage != zero_stage or (self.world_size != world_size and self.zero_stage != 0)
 
+    def deepspeed_loads_universal(self, world_size: int, zero_stage: int) -> bool:
+        """Resuming goes through the universal format and DeepSpeed loads it (the engine's DeepSpeed config sets
+        checkpoint.load_universal): it does into ZeRO stages 1-3 only; a stage-0 engine is restored by
+        universal_resume.load_into_whole_engine."""
+        return self.needs_universal(world_size, zero_stage) and zero_stage > 0
+
 
 def model_fingerprint(path: str) -> str:
     """Digest of a model directory's config and weight files (names and sizes): cheap, and it changes when
@@ -104,18 +111,6 @@ def model_fingerprint(path: str) -> str:
 def any_rank(flag: bool) -> bool:
     """True on every rank when `flag` is true on at least one (a collective: all ranks must call it)."""
     return bool(all_reduce(torch.tensor([1.0 if flag else 0.0]), "max").item())
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            with path.open("rb") as fh:
-                os.fsync(fh.fileno())
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _rng_state() -> dict[str, torch.Tensor]:
@@ -240,18 +235,18 @@ def _publish(engine, tmp: Path, final: Path, root: Path, state: TrainerState, sa
                           getattr(model, "generation_config", None), tokenizer)
         if adapter_config is not None:
             save_adapter_config(adapter_config, tmp / HF_METADATA)
-        _write_text_atomic(tmp / STATE, json.dumps(asdict(state), indent=2))
+        write_text_atomic(tmp / STATE, json.dumps(asdict(state), indent=2))
         files = {}
         for path in sorted(tmp.rglob("*")):
             if path.is_file():
                 rel = str(path.relative_to(tmp))
                 files[rel] = {"size": path.stat().st_size, HASH: digests.get(rel) or file_digest(path)}
-        _fsync_tree(tmp)
-        _write_text_atomic(tmp / MANIFEST, json.dumps({"hash": HASH, "files": files}, indent=2))
+        fsync_tree(tmp)
+        write_text_atomic(tmp / MANIFEST, json.dumps({"hash": HASH, "files": files}, indent=2))
         if final.exists():  # a checkpoint of the same step from an earlier attempt
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _write_text_atomic(root / LATEST, final.name)
+        write_text_atomic(root / LATEST, final.name)
         _prune(root, save_total_limit, keep=final.name)
     except (OSError, RuntimeError) as err:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -264,15 +259,6 @@ def _kept(root: Path) -> str:
     if latest.is_file():
         return f"removed; checkpoints/latest still names {latest.read_text().strip()}"
     return "removed; the run has no earlier checkpoint"
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as fh:
-        fh.write(text + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _fail_together(error: BaseException | None, tmp: Path, final: Path, parallel: Parallel) -> None:
@@ -399,7 +385,7 @@ def find_checkpoint(output_dir: str, resume_from: str | None, parallel: Parallel
         logger.warning("%s; resuming from %s, the newest checkpoint that verifies (%s)", "; ".join(skipped), candidate,
                        "checkpoints/latest now names it" if repair else "train will make checkpoints/latest name it")
         if repair:
-            _write_text_atomic(latest, candidate.name)
+            write_text_atomic(latest, candidate.name)
     _verified.add(candidate.name)
     return candidate
 
@@ -453,7 +439,7 @@ def load_checkpoint(engine, ckpt: Path, saved: TrainerState, parallel: Parallel,
     and this rank's RNG. `adapter_only`: a LoRA run's checkpoint, which holds the adapter only."""
     stage = engine.zero_optimization_stage()
     universal = saved.needs_universal(parallel.world_size, stage)
-    if universal and stage == 0:  # DeepSpeed loads the universal format into ZeRO stages 1-3 only
+    if universal and not saved.deepspeed_loads_universal(parallel.world_size, stage):
         universal_resume.load_into_whole_engine(engine, ckpt / UNIVERSAL_TAG)
     else:
         tag = UNIVERSAL_TAG if universal else DS_TAG

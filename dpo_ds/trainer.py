@@ -76,10 +76,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     resume_dir, saved = ckpt.resume_point(cfg.output_dir, cfg.resume_from, current, cfg.resume_ignore_mismatch,
                                           parallel)
     write_run_config(cfg, parallel)  # only once every check has passed: a refused start leaves the folder as it was
-    # DeepSpeed loads the universal format into stages 1-3; a stage-0 engine is restored by universal_resume
-    universal = saved is not None and saved.needs_universal(current.world_size, current.zero_stage)
+    load_universal = saved is not None and saved.deepspeed_loads_universal(current.world_size, current.zero_stage)
     ctx = build_step_context(cfg, parallel, total_steps, pad_id_of(tokenizer), data.datasets,
-                             load_universal=universal and current.zero_stage > 0)
+                             load_universal=load_universal)
     start_step = resume(ctx, resume_dir, saved)
     loop = TrainingLoop(ctx, sampler, data, tokenizer, stop_signal, total_steps, start_step)
     last = loop.train()

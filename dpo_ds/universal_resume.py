@@ -7,7 +7,7 @@ layout: `step-N/ds_universal/`, written once by rank 0 (`prepare`), then read by
     zero/optimizer_state.pt                               optimizer-wide state: the param groups' hyperparameters
     mp_rank_00_model_states.pt                            engine state (lr schedule, step counters; no weights),
     zero_pp_rank_0_mp_rank_00_model_states.pt             the same under the name a ZeRO-3 engine looks for
-    dpo_ds_layout.json                                    written last: the layout is complete
+    dpo_ds_layout.json                                    written last, once the rest is on disk: the layout is complete
 
 DeepSpeed 0.19.8's `deepspeed.checkpoint.ds_to_universal` writes it from a ZeRO stage 1-3 checkpoint in two dialects
 (from stage 3: bare flat tensors, no step.pt, the torch optimizer's state dict in optimizer_state.pt; from stages
@@ -35,6 +35,7 @@ import torch
 from deepspeed.checkpoint.constants import DS_VERSION, OPTIMIZER_STATE_DICT, PARAM, PARAM_GROUPS
 from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
 
+from dpo_ds.durable import fsync_dir, fsync_tree, write_text_atomic
 from dpo_ds.errors import CheckpointError
 
 logger = logging.getLogger("dpo_ds")
@@ -90,9 +91,11 @@ def prepare(source: Path, target: Path, source_stage: int, parallel) -> None:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        (tmp / COMPLETE).write_text(json.dumps({"source_zero_stage": source_stage}) + "\n")
+        fsync_tree(tmp)  # every file on disk before the mark says the layout is complete
+        write_text_atomic(tmp / COMPLETE, json.dumps({"source_zero_stage": source_stage}))
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
+        fsync_dir(target.parent)
 
     parallel.on_rank0(f"converting {source} to a universal checkpoint", convert, CheckpointError)
 

@@ -3,10 +3,10 @@
 Resolves the distributed environment (cheap: no torch import, no rendezvous),
 exports the torchrun-style variables (RANK, LOCAL_RANK, WORLD_SIZE,
 LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) so everything downstream sees one
-uniform environment, then runs the dpo-ds program (`python -m dpo_ds`) in this
-process, as torchrun runs a module: the launcher package never imports dpo-ds,
-which builds on it. The trainer joins the process group through
-`launcher.dist.init_distributed()`.
+uniform environment, adds the launcher.env.RANK_DEFAULTS it does not set, then
+runs the dpo-ds program (`python -m dpo_ds`) in this process, as torchrun runs
+a module: the launcher package never imports dpo-ds, which builds on it. The
+trainer joins the process group through `launcher.dist.init_distributed()`.
 
 Exit status: dpo-ds's; 2 when the environment is unusable (LauncherError).
 """
@@ -17,7 +17,7 @@ import runpy
 import sys
 
 from launcher.dist import exit_process
-from launcher.env import LauncherError, resolve, strip_local_rank
+from launcher.env import LauncherError, rank_defaults, resolve, strip_local_rank
 
 PROGRAM = "dpo_ds"  # the module run with the resolved environment
 
@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"launcher: error: {e}", file=sys.stderr, flush=True)
         return 2
     os.environ.update(env.as_environ())
+    os.environ.update(rank_defaults(os.environ))  # dpo-ds has not imported torch yet
     if env.rank == 0 or os.environ.get("LAUNCHER_VERBOSE"):
         print(f"launcher: {env.describe()}", file=sys.stderr, flush=True)
     sys.argv = [PROGRAM, *argv]

@@ -61,6 +61,18 @@ SLURM_VARS = ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS")
 STEP_LAUNCHER_MARKERS = ("TORCHELASTIC_RUN_ID", "LOCAL_SIZE", SOURCE_VAR)
 
 
+# What every rank the launcher starts (`python -m launcher`, launcher.local) gets unless its environment sets it:
+# torch's C++ log from ERROR up. At torch's default, WARNING, its TCPStore client prints a warning with a C++ stack
+# dump when rank 0 dies during a store request of a rank waiting in launcher.dist.on_rank0, before that rank's one
+# line saying rank 0 was lost. C++ errors still show; TORCH_CPP_LOG_LEVEL=WARNING brings the warnings back.
+RANK_DEFAULTS = {"TORCH_CPP_LOG_LEVEL": "ERROR"}
+
+
+def rank_defaults(environ: Mapping[str, str]) -> dict[str, str]:
+    """The RANK_DEFAULTS that `environ` does not set (torch reads them when it is imported: set them before)."""
+    return {name: value for name, value in RANK_DEFAULTS.items() if name not in environ}
+
+
 class LauncherError(RuntimeError):
     """The environment does not describe a usable distributed job."""
     every_rank = True  # an error only some ranks may see (their environment, their rendezvous): each one says it

@@ -19,15 +19,16 @@ import subprocess
 import time
 from typing import Mapping, Sequence
 
-from launcher.env import SOURCE_VAR, free_port
+from launcher.env import SOURCE_VAR, free_port, rank_defaults
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 FAILURE_GRACE_S = 10.0
 
 
 def rank_environ(environ: Mapping[str, str], rank: int, nproc: int, port: int) -> dict[str, str]:
-    """The environment of local rank `rank` of `nproc`: this one's, with the rank variables of a one-node job."""
-    return {**environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
+    """The environment of local rank `rank` of `nproc`: this one's, with the rank variables of a one-node job and
+    the RANK_DEFAULTS it does not set."""
+    return {**environ, **rank_defaults(environ), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
             "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
             SOURCE_VAR: "local"}
 

@@ -74,23 +74,23 @@ if kill_point == "during_ds_write":
 
     Engine._save_zero_checkpoint = save_zero
 elif kill_point == "before_publish":
-    original_fsync = ckpt._fsync_tree
+    original_fsync = ckpt.fsync_tree
 
     def fsync_tree(root):
         if saving_step(root) == kill_step:
             os.kill(os.getpid(), signal.SIGKILL)
         return original_fsync(root)
 
-    ckpt._fsync_tree = fsync_tree
+    ckpt.fsync_tree = fsync_tree
 elif kill_point == "before_latest":
-    original_write = ckpt._write_text_atomic
+    original_write = ckpt.write_text_atomic
 
     def write_text(path, text):
         if path.name == ckpt.LATEST and saving_step(text) == kill_step:
             os.kill(os.getpid(), signal.SIGKILL)
         return original_write(path, text)
 
-    ckpt._write_text_atomic = write_text
+    ckpt.write_text_atomic = write_text
 
 disk_full_step = int(os.environ.get("FAULT_DISK_FULL_STEP", "0"))
 disk_full_rank = os.environ.get("FAULT_DISK_FULL_RANK")

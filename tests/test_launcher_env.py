@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+import launcher.__main__ as launcher_main
 from launcher.env import strip_local_rank
+from launcher.local import rank_environ
 from launcher.env import (SOURCE_VAR, DistEnv, LauncherError, bind_gpu, detect, expand_hostlist, resolve,
                           slurm_port)
 
@@ -231,6 +233,19 @@ def test_srun_with_pmix_is_slurm():
 def test_expand_hostlist():
     assert expand_hostlist("gpu[07-09,11],cpu1") == ["gpu07", "gpu08", "gpu09", "gpu11", "cpu1"]
     assert expand_hostlist("n1") == ["n1"]
+
+
+@pytest.mark.parametrize("user_level", [None, "INFO"])
+def test_ranks_get_torch_cpp_log_at_error_unless_set(monkeypatch, user_level):
+    """What `python -m launcher` (srun, mpirun, torchrun) and `dpo-ds train --nproc_per_node` give their ranks."""
+    environ = {"PATH": os.environ["PATH"]} | ({} if user_level is None else {"TORCH_CPP_LOG_LEVEL": user_level})
+    expected = user_level or "ERROR"
+    assert rank_environ(environ, 1, 2, 29500)["TORCH_CPP_LOG_LEVEL"] == expected
+    monkeypatch.setattr(os, "environ", dict(environ))
+    seen = {}
+    monkeypatch.setattr(launcher_main.runpy, "run_module", lambda *args, **kwargs: seen.update(os.environ))
+    assert launcher_main.main(["train"]) == 0
+    assert seen["TORCH_CPP_LOG_LEVEL"] == expected and seen["RANK"] == "0"
 
 
 def test_strip_local_rank():

@@ -14,19 +14,21 @@ import pytest
 
 from helpers import REPO, write_config
 
-from launcher.env import free_port
+from launcher.env import free_port, rank_defaults
 
 pytestmark = pytest.mark.distributed
 
 
 def start_ranks(commands: list[list[str]], **extra_env) -> list[subprocess.Popen]:
-    """One process per rank (Python arguments of rank 0, rank 1), joined as srun's tasks would be."""
+    """One process per rank (Python arguments of rank 0, rank 1), joined as srun's tasks would be, with the
+    environment `python -m launcher` gives them (its RANK_DEFAULTS)."""
     port = str(free_port())
     procs = []
     for rank, command in enumerate(commands):
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI", "TORCHELASTIC"))}
         env.update(PYTHONPATH=str(REPO), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **extra_env)
+        env.update(rank_defaults(env))
         procs.append(subprocess.Popen([sys.executable, *command], cwd=REPO, env=env, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     return procs
@@ -78,12 +80,73 @@ def test_rank0_killed_or_frozen_while_preparing_ends_the_wait_with_one_line(demo
         assert "its store has not answered for 15 s" in lines[-1] and "rank 0 is probably frozen" in lines[-1]
     assert [line for line in lines if "error:" in line] == [lines[-1]]
     assert "Traceback (most recent call last)" not in err  # no Python traceback
-    if stop == "SIGSTOP":
-        assert "recvValue failed" not in err
-    # SIGKILL: the plain connection made before each store request avoids torch's C++ warning when rank 0 is gone,
-    # but not when rank 0 dies during the request itself (its sockets close while the kernel tears it down): then
-    # torch's TCPStore client prints "recvValue failed ... Connection reset by peer" with C++ frames before our
-    # line (about 1 run in 3 here, also before session 7). Known; the line above is still the last and only error.
+    assert "recvValue" not in err and "Exception raised from" not in err  # nor torch's C++ warning and frames
+
+
+STORE_HOST = """
+import sys, time, datetime, torch.distributed as dist
+store = dist.TCPStore("127.0.0.1", int(sys.argv[1]), 2, True, datetime.timedelta(seconds=60), wait_for_workers=False)
+print("up", flush=True)
+time.sleep(600)
+"""
+
+DIES_DURING_A_REQUEST = f'''
+import datetime, os, signal, subprocess, sys, threading, time
+import torch.distributed as dist
+import launcher.dist as ld
+from launcher.env import free_port
+
+
+def asked(port):
+    """A request waits unread in a socket of the store's port: it has reached the stopped host."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in open(table).read().splitlines()[1:]:
+            local, queues = line.split()[1], line.split()[4]
+            if int(local.rsplit(":", 1)[1], 16) == port and int(queues.split(":")[1], 16) > 0:
+                return True
+    return False
+
+
+port = free_port()
+host = subprocess.Popen([sys.executable, "-c", {STORE_HOST!r}, str(port)], stdout=subprocess.PIPE, text=True)
+assert host.stdout.readline().strip() == "up"
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+store = dist.TCPStore("127.0.0.1", port, 2, False, datetime.timedelta(seconds=60), wait_for_workers=False)
+os.kill(host.pid, signal.SIGSTOP)  # as while the kernel tears a killed rank 0 down: connections accepted, no answer
+
+
+def kill_once_asked():
+    while not asked(port):
+        time.sleep(0.01)
+    os.kill(host.pid, signal.SIGKILL)  # its unread request makes the kernel reset the connection
+
+
+threading.Thread(target=kill_once_asked, daemon=True).start()
+try:
+    ld._ask_store(store, 60, "working", time.monotonic())
+except ld.Rank0Lost as err:
+    print(err, flush=True)
+finally:
+    host.kill()  # in any case: a host left behind would hold the test's pipes open
+'''
+
+
+@pytest.mark.parametrize("user_level", [None, "WARNING"])
+def test_rank0_dying_during_a_store_request_prints_no_cpp_warning(user_level):
+    """The race test_rank0_killed... meets about 1 run in 3, made certain: rank 0 dies while the waiting rank's store
+    request is in flight. Under the launcher's RANK_DEFAULTS the waiting rank's one line is all; a user's own
+    TORCH_CPP_LOG_LEVEL wins (and shows that the race was met: torch's C++ warning with its frames)."""
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_CPP_LOG_LEVEL"}
+    if user_level is not None:
+        env["TORCH_CPP_LOG_LEVEL"] = user_level
+    env.update(rank_defaults(env), PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-c", DIES_DURING_A_REQUEST], cwd=REPO, env=env, text=True,
+                          capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rank 0 was lost while working: its store at 127.0.0.1:" in done.stdout, done.stdout + done.stderr[-3000:]
+    assert "Connection reset by peer" in done.stdout  # died during the request, not before it
+    warned = "recvValue" in done.stderr and "Exception raised from" in done.stderr
+    assert warned is (user_level == "WARNING"), done.stderr[-3000:]
 
 
 SILENT_RANK0 = r'''

@@ -5,6 +5,7 @@ the universal layout. The stage 1-3 sides (ds_to_universal, DeepSpeed's loaders)
 tests/test_checkpoint.py."""
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -101,6 +102,33 @@ def test_stage0_checkpoint_through_universal_layout_continues_exactly(tmp_path: 
         assert torch.equal(got, want)
 
 
+def test_layout_is_on_disk_before_its_mark_and_its_rename(tmp_path: Path, monkeypatch):
+    """A power loss never leaves a layout that looks complete but is not: every file and directory is fsynced
+    before the completion mark is, and the folder's rename is fsynced after it."""
+    engine = WholeEngine(seed=0, kind="fp32")
+    engine.step(0)
+    (tmp_path / "ds").mkdir()
+    torch.save(engine.model_states(), tmp_path / "ds" / universal_resume.MODEL_STATES[0])
+    events = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda src, dst: (events.append(("replace", str(src), str(dst))), replace(src, dst)))
+    target = tmp_path / "ds_universal"
+    universal_resume.prepare(tmp_path / "ds", target, 0, OneProcess())
+
+    tmp = str(tmp_path / "ds_universal.tmp")
+    mark = str(tmp_path / "ds_universal.tmp" / universal_resume.COMPLETE)
+    marked = events.index(("replace", mark + ".tmp", mark))
+    assert ("fsync", mark + ".tmp") in events[:marked]  # the mark itself, before it is in place
+    written = [tmp + "/" + str(p.relative_to(target)) for p in sorted(target.rglob("*")) if p.name != universal_resume.COMPLETE]
+    assert len(written) > 10 and any(path.endswith("exp_avg.pt") for path in written)
+    before_mark = {event[1] for event in events[:marked] if event[0] == "fsync"}
+    assert [path for path in [tmp, *written] if path not in before_mark] == []  # files and directories alike
+    renamed = events.index(("replace", tmp, str(target)))
+    assert ("fsync", tmp) in events[marked:renamed]  # the mark's entry in the folder, then the rename
+    assert ("fsync", str(tmp_path)) in events[renamed:]  # the rename in the parent directory
+
+
 @pytest.mark.parametrize("damage, refusal", [
     ("no names", "does not record its optimizer's parameter names"),
     ("not Adam", "holds Adam's state only (step, exp_avg, exp_avg_sq), this optimizer's has momentum_buffer")])
@@ -172,12 +200,15 @@ def state(world_size: int, zero_stage: int) -> TrainerState:
                         model_fingerprint="m", config={}, zero_stage=zero_stage)
 
 
-@pytest.mark.parametrize("saved, resumed, universal", [
-    ((2, 3), (2, 3), False), ((2, 3), (1, 3), True), ((2, 3), (2, 0), True), ((2, 0), (2, 3), True),
-    ((2, 0), (4, 0), False), ((2, 2), (2, 1), True), ((2, 1), (1, 1), True), ((1, 2), (1, 2), False)])
-def test_which_resumes_go_through_the_universal_layout(saved, resumed, universal):
-    """A changed stage always; a changed world size unless stage 0, where every rank holds the whole state."""
+@pytest.mark.parametrize("saved, resumed, universal, by_deepspeed", [
+    ((2, 3), (2, 3), False, False), ((2, 3), (1, 3), True, True), ((2, 3), (2, 0), True, False),
+    ((2, 0), (2, 3), True, True), ((2, 0), (4, 0), False, False), ((2, 2), (2, 1), True, True),
+    ((2, 1), (1, 1), True, True), ((1, 2), (1, 2), False, False), ((1, 1), (4, 0), True, False)])
+def test_which_resumes_go_through_the_universal_layout(saved, resumed, universal, by_deepspeed):
+    """A changed stage always; a changed world size unless stage 0, where every rank holds the whole state.
+    DeepSpeed loads the layout into stages 1-3; dpo-ds into stage 0."""
     assert state(*saved).needs_universal(*resumed) is universal
+    assert state(*saved).deepspeed_loads_universal(*resumed) is by_deepspeed
 
 
 def test_a_failed_ds_to_universal_is_one_line_with_its_last_line(tmp_path: Path, monkeypatch, caplog):
