@@ -272,17 +272,31 @@ def test_gradient_checkpointing_auto_is_off_only_where_a_whole_steps_activations
     assert without > with_recompute
     cfg = TrainConfig(model_name_or_path=model_dir, precision="bf16", micro_batch_size=2, max_length=64)
     rank_memory(without)
-    choice = checkpointing_choice(cfg, 0, world)
+    choice = checkpointing_choice(cfg, 0, world, "sdpa")
     assert not choice.on and "fit without the recompute" in choice.reason
     rank_memory(without * 0.99)
-    choice = checkpointing_choice(cfg, 0, world)
+    choice = checkpointing_choice(cfg, 0, world, "sdpa")
     assert choice.on and "without the recompute a step needs" in choice.reason
     rank_memory(without * 100)
-    assert checkpointing_choice(cfg, 3, world).on  # ZeRO-3: the model is partitioned, keep the recompute
+    assert checkpointing_choice(cfg, 3, world, "sdpa").on  # ZeRO-3: the model is partitioned, keep the recompute
     for setting, on in [("true", True), ("false", False), (True, True)]:  # explicit (and a bool built in code)
-        choice = checkpointing_choice(dataclasses.replace(cfg, gradient_checkpointing=setting), 0, world)
+        choice = checkpointing_choice(dataclasses.replace(cfg, gradient_checkpointing=setting), 0, world, "sdpa")
         assert choice.on is on and choice.reason == "set by gradient_checkpointing"
-    assert not checkpointing_choice(dataclasses.replace(cfg, gradient_checkpointing="false"), 3, world).on
+    assert not checkpointing_choice(dataclasses.replace(cfg, gradient_checkpointing="false"), 3, world, "sdpa").on
+    # eager attention keeps [T, T] scores plan does not count: auto keeps the recompute wherever memory would allow
+    choice = checkpointing_choice(cfg, 0, world, "eager")
+    assert choice.on and "eager attention" in choice.reason
+
+
+def test_zero_stage_auto_sizes_an_explicit_no_recompute_with_all_activations(model_dir, rank_memory):
+    """gradient_checkpointing false: the stage auto picks must hold every layer's activations, not one layer's."""
+    world = 2
+    cfg = TrainConfig(model_name_or_path=model_dir, precision="bf16", micro_batch_size=2, max_length=64)
+    with_recompute = [_plan_need(model_dir, world, s)[1] for s in (0, 1, 2)]
+    rank_memory(with_recompute[0])  # stage 0 fits only with the recompute
+    assert resolve_policy_config(cfg, world, HIDDEN)["zero_optimization"]["stage"] == 0
+    no_recompute = dataclasses.replace(cfg, gradient_checkpointing="false")
+    assert resolve_policy_config(no_recompute, world, HIDDEN)["zero_optimization"]["stage"] > 0
 
 
 def test_rank_memory_on_cpu_is_its_share_of_the_host_or_cgroup_limit(tmp_path, monkeypatch):

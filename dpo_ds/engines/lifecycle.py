@@ -77,10 +77,6 @@ def build_policy_engine(cfg: TrainConfig, ds_config: dict[str, Any], total_steps
     """`mpu`: sequence_parallel.setup's groups under sequence parallelism (DeepSpeed then counts data-parallel
     ranks as world / S), else None."""
     count_cpu_devices_once()
-    stage = ds_config["zero_optimization"]["stage"]
-    checkpointing = checkpointing_choice(cfg, stage, data_parallel_ranks(ds_config))
-    logger.info("policy engine: ZeRO stage %d (%s); gradient checkpointing %s (%s)", stage,
-                stage_reason(cfg, ds_config), "on" if checkpointing.on else "off", checkpointing.reason)
     if cfg.lora_quantize is not None:  # QLoRA: the frozen base in 4 bits, partitioned by deepspeed.initialize
         model = load_quantized_base(cfg, model_dtype(cfg), attention_kernel(cfg))
     else:
@@ -88,6 +84,10 @@ def build_policy_engine(cfg: TrainConfig, ds_config: dict[str, Any], total_steps
                                    cfg.weights_loader, attention_kernel(cfg))
     overrides = prepare_model(model, cfg)
     model.train()
+    stage = ds_config["zero_optimization"]["stage"]
+    checkpointing = checkpointing_choice(cfg, stage, data_parallel_ranks(ds_config), model.config._attn_implementation)
+    logger.info("policy engine: ZeRO stage %d (%s); gradient checkpointing %s (%s)", stage,
+                stage_reason(cfg, ds_config), "on" if checkpointing.on else "off", checkpointing.reason)
     if checkpointing.on:
         enable_activation_checkpointing(model)
     # LoRA: base frozen, only adapter parameters reach the optimizer
@@ -98,7 +98,7 @@ def build_policy_engine(cfg: TrainConfig, ds_config: dict[str, Any], total_steps
     # NaN/Inf gradients on any rank make the all-reduced gradient norm non-finite; DeepSpeed (>= 0.19.8) then
     # skips the update on every rank and `was_step_applied()` is False: ZeRO's optimizers and the bf16 wrapper do,
     # a stage-0 fp32 engine once guarded.
-    if stage == 0 and not engine.bfloat16_enabled():
+    if stage == 0 and engine.optimizer is engine.basic_optimizer:  # fp32: no DeepSpeed wrapper around it
         guard_plain_optimizer_step(engine)
     return PolicyEngine(engine, overrides, adapters, checkpointing.on)
 
@@ -121,6 +121,7 @@ def guard_plain_optimizer_step(engine: deepspeed.DeepSpeedEngine) -> None:
 
     step = optimizer.step
 
+    @functools.wraps(step)  # keeps the LR scheduler's mark on the step it wrapped (else torch warns it was replaced)
     def guarded_step(*args, **kwargs):
         if engine.gradient_clipping() <= 0:  # DeepSpeed did not clip: nothing measured the gradients yet
             keep_norm(clip_grad_norm_(parameters=params, max_norm=math.inf, mpu=engine.mpu))

@@ -82,8 +82,9 @@ def zero_stage_choice(cfg: TrainConfig, data_parallel_size: int) -> StageChoice:
         return StageChoice(3, "LoRA/QLoRA runs use ZeRO-3 (zero_stage auto)")
     if cfg.sequence_parallel_size > 1:
         return StageChoice(3, "sequence parallelism runs on ZeRO-3 (zero_stage auto)")
+    checkpointing = str(cfg.gradient_checkpointing).lower() != "false"  # auto decides after the stage, by memory too
     for stage in (0, 1, 2):
-        need, budget, memory = _step_bytes(cfg, data_parallel_size, stage, checkpointing=True)
+        need, budget, memory = _step_bytes(cfg, data_parallel_size, stage, checkpointing)
         if need <= budget:
             return StageChoice(stage, f"zero_stage auto: the whole model fits one rank at stage {stage} "
                                       f"({_fill(need, budget, memory)})")
@@ -91,13 +92,26 @@ def zero_stage_choice(cfg: TrainConfig, data_parallel_size: int) -> StageChoice:
                           f"{_budget(budget, memory)}: ZeRO-3 partitions the model")
 
 
-def checkpointing_choice(cfg: TrainConfig, stage: int, data_parallel_size: int) -> CheckpointingChoice:
-    """Whether the policy recomputes each layer's activations in the backward pass instead of keeping them."""
+# Attention kernels that keep no [T, T] scores for backward: plan's per-layer activations hold for them
+# (measured within 8% for sdpa); eager attention keeps the softmax, which plan does not count.
+MEMORY_LIGHT_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3")
+
+
+def checkpointing_choice(cfg: TrainConfig, stage: int, data_parallel_size: int,
+                         attention: str | None) -> CheckpointingChoice:
+    """Whether the policy recomputes each layer's activations in the backward pass instead of keeping them
+    (`attention`: the loaded model's attention kernel)."""
     setting = str(cfg.gradient_checkpointing).lower()
     if setting != "auto":
         return CheckpointingChoice(setting == "true", "set by gradient_checkpointing")
     if stage == 3:
         return CheckpointingChoice(True, "gradient_checkpointing auto: on at ZeRO stage 3 (the model is partitioned)")
+    if attention not in MEMORY_LIGHT_ATTENTION:
+        return CheckpointingChoice(True, f"gradient_checkpointing auto: on with {attention} attention, whose saved "
+                                         f"scores dpo-ds plan's memory model does not count")
+    if _shape(cfg.model_name_or_path, cfg.trust_remote_code).num_experts > 1:
+        return CheckpointingChoice(True, "gradient_checkpointing auto: on for a mixture of experts, whose routed "
+                                         "copies dpo-ds plan's memory model counts only in part")
     need, budget, memory = _step_bytes(cfg, data_parallel_size, stage, checkpointing=False)
     if need <= budget:
         return CheckpointingChoice(False, f"gradient_checkpointing auto: a step's activations fit without the "
@@ -118,7 +132,7 @@ def _step_bytes(cfg: TrainConfig, data_parallel_size: int, stage: int, checkpoin
     """Bytes one rank needs at ZeRO stage 0-2 (plan's memory model), what it may fill, and what that memory is."""
     total, memory = rank_memory_bytes()
     # A token budget lets a micro-batch carry more pairs than micro_batch_size: count the most it can hold.
-    pairs = (max(1, cfg.max_tokens_per_micro_batch // (2 * cfg.max_length)) if cfg.max_tokens_per_micro_batch
+    pairs = (max(1, -(-cfg.max_tokens_per_micro_batch // (2 * cfg.max_length))) if cfg.max_tokens_per_micro_batch
              else cfg.micro_batch_size)
     need = _replicated_bytes(cfg.model_name_or_path, cfg.trust_remote_code, cfg.precision, cfg.max_length, pairs,
                              uses_reference(cfg) and not cfg.precompute_ref, cfg.fused_lm_head, data_parallel_size,
@@ -126,11 +140,16 @@ def _step_bytes(cfg: TrainConfig, data_parallel_size: int, stage: int, checkpoin
     return need, (1 - HEADROOM) * total, memory
 
 
+@functools.lru_cache(maxsize=8)
+def _shape(model: str, trust_remote_code: bool):
+    return shape_from_config(load_model_config(model, trust_remote_code), model)
+
+
 @functools.lru_cache(maxsize=32)
 def _replicated_bytes(model: str, trust_remote_code: bool, precision: str, max_length: int, micro_batch_size: int,
                       live_reference: bool, fused_lm_head: bool, data_parallel_size: int, memory_bytes: float,
                       stage: int, checkpointing: bool) -> float:
-    shape = shape_from_config(load_model_config(model, trust_remote_code), model)
+    shape = _shape(model, trust_remote_code)
     setup = Setup(nodes=1, gpus_per_node=data_parallel_size, gpu_memory_gb=memory_bytes / GIB, cpu_memory_gb=0,
                   seq_len=max_length, micro_batch_size=micro_batch_size, precision=precision,
                   reference="gpu" if live_reference else "none", fused_lm_head=fused_lm_head,
