@@ -233,22 +233,29 @@ def test_preempted_job_requeues_and_resumes(slurm, tmp_path, demo_assets):
 
 
 CRASHING_RANK = '''"""Test hook on PYTHONPATH (tests/test_slurm.py): in Slurm task 1 of the launcher (`python -m launcher`)
-during the job's first CRASH_STARTS starts, SIGKILL this process once a checkpoint newer than the process is
-published in CRASH_OUTPUT_DIR: a rank that dies mid-run, as on a crashed node."""
+during the job's first CRASH_STARTS starts, SIGKILL this process as soon as its first checkpoint save returns
+(every rank's files written and `latest` published): a rank that dies mid-run, as on a crashed node. Killed
+inside the save's return, not by a watcher polling `latest`, so the run cannot get to a later checkpoint first
+however fast its steps are."""
 import os, signal, sys, threading, time
-from pathlib import Path
 
-latest = Path(os.environ["CRASH_OUTPUT_DIR"]) / "checkpoints" / "latest"
 if os.environ.get("SLURM_PROCID") == "1" and sys.argv[:1] == ["-m"] \
         and int(os.environ.get("SLURM_RESTART_COUNT") or 0) < int(os.environ["CRASH_STARTS"]):
-    before = latest.read_text() if latest.is_file() else None
 
-    def watch():
-        while not latest.is_file() or latest.read_text() == before:
-            time.sleep(0.2)
-        os.kill(os.getpid(), signal.SIGKILL)
+    def kill_after_first_save():
+        # dpo_ds.checkpoint comes in with the trainer, seconds before step 1
+        while getattr(sys.modules.get("dpo_ds.checkpoint"), "save_checkpoint", None) is None:
+            time.sleep(0.005)
+        checkpoint = sys.modules["dpo_ds.checkpoint"]
+        save = checkpoint.save_checkpoint
 
-    threading.Thread(target=watch, daemon=True).start()
+        def save_then_die(*args, **kwargs):
+            save(*args, **kwargs)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        checkpoint.save_checkpoint = save_then_die
+
+    threading.Thread(target=kill_after_first_save, daemon=True).start()
 '''
 
 
