@@ -60,12 +60,15 @@ for lengths in $LIST; do
       >> "$R/commands.txt"
   run "plain_${tag}" $PY benchmarks/plain_dpo.py --model_dir "$MODEL_DIR" --pairs "$R/pairs_$tag.json"
   run "trl_${tag}" "$TRL_PY" benchmarks/trl_dpo.py --model_dir "$MODEL_DIR" --pairs "$R/pairs_$tag.json" --max_length "$MAXLEN"
-  dpods "dpo-ds_${tag}_zero3_recompute" "$lengths" --zero_stage 3 --gradient_checkpointing true  # the defaults before auto sizing
+  dpods "dpo-ds_${tag}_padded" "$lengths" --padding_free false  # the defaults before padding_free auto
+  # the defaults before auto sizing: ZeRO-3, the recompute, padded rows
+  dpods "dpo-ds_${tag}_zero3_recompute" "$lengths" --zero_stage 3 --gradient_checkpointing true --padding_free false
   if [[ $tag == lognormal ]]; then
     dpods "dpo-ds_${tag}_logits_path" "$lengths" --fused_lm_head false
-    dpods "dpo-ds_${tag}_group_by_length" "$lengths" --group_by_length true
-    dpods "dpo-ds_${tag}_token_budget${BUDGET}" "$lengths" --group_by_length true --max_tokens_per_micro_batch "$BUDGET"
-    dpods "dpo-ds_${tag}_padding_free" "$lengths" --padding_free true
+    dpods "dpo-ds_${tag}_group_by_length" "$lengths" --group_by_length true --padding_free false
+    dpods "dpo-ds_${tag}_token_budget${BUDGET}" "$lengths" --group_by_length true --max_tokens_per_micro_batch "$BUDGET" \
+        --padding_free false
+    dpods "dpo-ds_${tag}_packed_mask" "$lengths" --padding_free true --attn_implementation sdpa  # block-diagonal mask
     dpods "dpo-ds_${tag}_precompute_ref" "$lengths" --precompute_ref true
   fi
   dpods "dpo-ds_${tag}_padding_free+precompute_ref" "$lengths" --padding_free true --precompute_ref true

@@ -47,6 +47,11 @@ def check_nccl_helpers() -> dict:
 
 
 def check_no_sync_per_micro_step() -> dict:
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from dpo_ds.packed_attention import per_sequence
     from dpo_ds.scoring import _varlen_attention_kwargs, to_device
     from dpo_ds.logprobs import head_sequence_logps, scored_positions, sequence_logps
     from dpo_ds.losses import LossOutput, PairLogps
@@ -66,6 +71,11 @@ def check_no_sync_per_micro_step() -> dict:
     try:
         ids_d, mask_d, seq_d = (to_device(t, dev) for t in (ids, loss_mask, sequence_ids))
         kwargs = _varlen_attention_kwargs(position_ids, dev)
+        # sdpa_packed (padding_free without flash-attn) with the bounds forward_logps gives it: none read back
+        query = torch.randn(1, 8, position_ids.shape[1], 64, device=dev, dtype=torch.bfloat16)
+        key = torch.randn(1, 2, position_ids.shape[1], 64, device=dev, dtype=torch.bfloat16)
+        attended, _ = per_sequence(sdpa_attention_forward)(SimpleNamespace(num_key_value_groups=4, is_causal=True),
+                                                           query, key, key, None, cu_seq_lens_q=kwargs["cu_seq_lens_q"])
         scored = to_device(scored_positions(loss_mask), dev)
         sums, tokens = head_sequence_logps(hidden, weight, ids_d, mask_d, 256, seq_d, len(lengths), scored=scored)
         sums.sum().backward()
@@ -78,7 +88,8 @@ def check_no_sync_per_micro_step() -> dict:
         stats.add_pairs(lp, out, real_tokens=position_ids.numel(), padded_tokens=position_ids.numel())
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    return {"ok": int(kwargs["max_length_q"]) == max(lengths) and stats.total("pairs") == 2.0}
+    return {"ok": int(kwargs["max_length_q"]) == max(lengths) and stats.total("pairs") == 2.0
+            and attended.shape == (1, position_ids.shape[1], 8, 64)}
 
 
 def check_pinned_memory_release() -> dict:

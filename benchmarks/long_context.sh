@@ -9,8 +9,9 @@
 # far, up to 32 MiB, serves later blocks below it from its heaps and keeps them resident after they are freed,
 # so peak RSS counts freed activation memory; BENCHMARKS.md section 13).
 # MODEL (a preset such as llama-60m, or a config.json) and LENGTHS (tokens per sequence) choose another model and
-# other lengths, MALLOCS="mmap1m" one allocator setting; ZeRO-3 and gradient checkpointing are asked for
-# explicitly (at S = 1 their `auto` defaults would pick stage 0, and maybe no recompute, for a small model).
+# other lengths, MALLOCS="mmap1m" one allocator setting; ZeRO-3, gradient checkpointing and padded rows are asked
+# for explicitly (at S = 1 their `auto` defaults would pick stage 0, maybe no recompute, and packed rows, which
+# S = 2 does not use, for a small model).
 #   [MODEL=llama-60m LENGTHS="64 8192" MALLOCS=mmap1m] benchmarks/long_context.sh [results_dir]
 set -u
 cd "$(dirname "$0")/.."
@@ -23,6 +24,7 @@ run() {
   local cmd=(.venv/bin/python -m torch.distributed.run --nproc_per_node "$ranks" --master_addr 127.0.0.1
              --master_port 29655 -m dpo_ds bench --model "$MODEL"
              --lengths "fixed:$length" --max_length "$length" --precision fp32 --gradient_checkpointing true --zero_stage 3
+             --padding_free false
              --warmup 0 --steps 1 --json --output_dir "/tmp/dpo-ds-bench-$name" --sequence_parallel_size "$ranks")
   local envs=(); [ "$malloc" = mmap1m ] && envs=(MALLOC_MMAP_THRESHOLD_=1048576)
   echo "== $name: ${envs[*]} ${cmd[*]}" | tee -a "$R/commands.txt"

@@ -17,8 +17,8 @@ run() {
   /usr/bin/time -v -o "$R/$name.time" "${cmd[@]}" > "$R/$name.json" 2> "$R/$name.log" || echo "   failed, see $R/$name.log"
   tail -n 1 "$R/$name.json"
 }
-run right_padding
-run group_by_length --group_by_length true
-run token_budget$BUDGET --group_by_length true --max_tokens_per_micro_batch "$BUDGET"
+run right_padding --padding_free false
+run group_by_length --group_by_length true --padding_free false
+run token_budget$BUDGET --group_by_length true --max_tokens_per_micro_batch "$BUDGET" --padding_free false
 run padding_free --padding_free true
 .venv/bin/python benchmarks/summarize.py "$R" | tee "$R/summary.md"

@@ -140,7 +140,8 @@ def _time_steps(ctx, train_step, sampler: PairSampler, pairs: TokenizedPairs, wa
 
 
 def run(args: argparse.Namespace) -> int:
-    from dpo_ds.step import build_step_context, train_step  # heavy (DeepSpeed): imported when the command runs
+    from dpo_ds.engines import resolve_padding_free  # heavy (DeepSpeed): imported when the command runs
+    from dpo_ds.step import build_step_context, train_step
 
     # the model is a preset or a config until _model_dir writes it; the pairs are made here
     cfg = config_from_args(args, fixed={"model_name_or_path": args.model, "train_file": "synthetic"},
@@ -150,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
     parallel.check_shared_dirs({"output_dir": cfg.output_dir, "cache_dir": cache_dir_of(cfg)})
     model_dir, config = _model_dir(args.model, Path(cfg.output_dir), parallel)
     cfg.model_name_or_path, cfg.ref_model_name_or_path = str(model_dir), None
+    resolve_padding_free(cfg)
     if cfg.sequence_parallel_size > 1:
         from dpo_ds.trainer import check_sequence_parallel
 

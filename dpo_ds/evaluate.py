@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     # heavy (transformers, DeepSpeed): imported when the command runs, so `dpo-ds eval --help` stays fast
     from transformers import AutoTokenizer
 
-    from dpo_ds.engines import attention_kernel, build_inference_engine, model_dtype
+    from dpo_ds.engines import attention_kernel, build_inference_engine, model_dtype, resolve_padding_free
     from dpo_ds.reference import build_reference
     from dpo_ds.step import StepContext, evaluate_pairs, pad_id_of
 
@@ -149,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
     output = output_path(args)  # refused before anything loads when it would overwrite
     parallel = Parallel.init(timeout_s=cfg.dist_timeout_s, sequence_parallel_size=cfg.sequence_parallel_size)
     setup_logging(parallel.rank)
+    resolve_padding_free(cfg)  # before the refusals below, which check the attention kernel it decides
     if cfg.sequence_parallel_size > 1:  # train's refusals, before anything loads
         sequence_parallel.check_models(cfg, parallel.world_size)
     cache_dir = args.cache_dir or default_cache_dir(args.model)
@@ -164,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
     # exists), both scored through the same BatchScorer (step.pair_step, reference.LiveReference)
     reference = build_reference(cfg, hidden, parallel, [pairs], cache_dir, pad_id, mpu=mpu)
     model = build_inference_engine(args.model, scored_model_config(cfg, hidden), model_dtype(cfg),
-                                   args.trust_remote_code, attn_implementation=kernel, mpu=mpu)
+                                   args.trust_remote_code, attn_implementation=kernel, cfg=cfg, mpu=mpu)
     # every data-parallel group scores its share; records and metrics hold each pair once (step.evaluate_pairs)
     metrics, records = evaluate_pairs(StepContext.create(cfg, parallel, model, reference, pad_id), pairs)
     if parallel.is_main:

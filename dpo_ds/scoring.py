@@ -10,6 +10,7 @@ import textwrap
 
 import torch
 
+from dpo_ds import packed_attention
 from dpo_ds.logprobs import Scoring, score_hidden, score_logits, scored_positions, scoring_of
 
 logger = logging.getLogger("dpo_ds")
@@ -76,13 +77,15 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
 
 
 def _varlen_attention_kwargs(position_ids: torch.Tensor, device) -> dict:
-    """flash-attention's cumulative sequence lengths of a packed row, from the CPU batch: given to the model,
-    they spare every layer recomputing them from the position ids (a nonzero and a max, each a device sync)."""
+    """The cumulative sequence lengths of a packed row (flash attention's varlen arguments), from the CPU batch:
+    given to the model, they spare every layer recomputing them from the position ids (a nonzero and a max, each
+    a device sync); sdpa_packed gets their host copy (packed_attention.note_bounds)."""
     starts = (position_ids.reshape(-1) == 0).nonzero().squeeze(-1)
     cu = torch.cat([starts, torch.tensor([position_ids.numel()])]).to(torch.int32)
     longest = int(cu.diff().max())
-    cu = to_device(cu, device)
-    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+    on_device = to_device(cu, device)
+    packed_attention.note_bounds(on_device, cu.tolist())
+    return {"cu_seq_lens_q": on_device, "cu_seq_lens_k": on_device, "max_length_q": longest, "max_length_k": longest}
 
 
 def forward_logps(engine, batch: dict[str, torch.Tensor], chunk_size: int, head: torch.nn.Linear | None,
@@ -103,7 +106,7 @@ def forward_logps(engine, batch: dict[str, torch.Tensor], chunk_size: int, head:
         inputs = {"position_ids": to_device(batch["position_ids"], device)}
         scoring = scoring_of(input_ids, loss_mask, to_device(batch["sequence_ids"], device),
                              int(batch["sequence_ids"].max()) + 1, weights, wpo)
-        if str(engine.module.config._attn_implementation).startswith("flash_attention"):
+        if packed_attention.attends_sequences_alone(str(engine.module.config._attn_implementation)):
             inputs.update(_varlen_attention_kwargs(batch["position_ids"], device))
     else:
         inputs = {"attention_mask": to_device(batch["attention_mask"], device)}

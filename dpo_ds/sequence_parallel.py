@@ -82,6 +82,7 @@ from typing import Any
 
 import torch
 
+from dpo_ds import packed_attention
 from dpo_ds.config import ConfigError, TrainConfig, uses_reference
 from dpo_ds.logprobs import Scoring, scoring_of
 from dpo_ds.parallel import Parallel
@@ -163,9 +164,8 @@ def uncovered_reason(text_config: Any, kernel: str, max_length: int) -> str | No
     v_head_dim = getattr(text_config, "v_head_dim", None)
     if v_head_dim is not None and v_head_dim != head_size(text_config):
         return "its value heads are narrower or wider than its query heads; the Ulysses exchange assumes one head size"
-    window = getattr(text_config, "sliding_window", None)
-    sliding = "sliding_attention" in layer_types if layer_types else True  # no layer types: every layer slides
-    if window is not None and sliding and window < max_length and kernel not in FLASH_KERNELS:
+    window = packed_attention.sliding_window_below(text_config, max_length)
+    if window is not None and kernel not in FLASH_KERNELS:
         return (f"its sliding-window attention (window {window} < max_length {max_length}) is a mask under "
                 f"{kernel}, which the Ulysses attention drops; use flash_attention_2/3 (it takes the window as "
                 f"an argument) or max_length <= {window}")
@@ -209,7 +209,7 @@ def setup(parallel: Parallel, model_config: Any, kernel: str):
     text = model_config.get_text_config()
     core = _CORE_KERNELS.setdefault(kernel, ALL_ATTENTION_FUNCTIONS[kernel])
     ulysses = UlyssesSPAttentionHF(
-        attn=_per_sequence_sdpa(core) if kernel == "sdpa" else core, batch_size=1,
+        attn=packed_attention.per_sequence(core) if kernel == "sdpa" else core, batch_size=1,
         attn_head_count=text.num_attention_heads, attn_head_size=head_size(text),
         kv_head_count=text.num_key_value_heads, num_hidden_layers=text.num_hidden_layers,
         process_group=mpu.get_sequence_parallel_group(), seq_length_is_variable=True)
@@ -253,25 +253,6 @@ class _UlyssesAttention:
             u.required_key_value_shape = torch.Size([1, rows, *u.required_key_value_shape[2:]])
             u.required_context_shape = torch.Size([1, rows, *u.required_context_shape[2:]])
         return u(module, query, key, value, None, *args, **kwargs)
-
-
-def _per_sequence_sdpa(sdpa):
-    """sdpa over a gathered packed row (one row, position ids restarting per sequence), causal within each
-    sequence: transformers' sdpa path encodes packing in the mask, which the Ulysses attention drops. Finding
-    the sequences reads the position ids on the host once per layer (a device sync on a GPU, where flash
-    attention is the kernel for packed rows)."""
-    def attend(module, query, key, value, attention_mask, *args, position_ids=None, **kwargs):
-        if query.shape[0] != 1 or position_ids is None:
-            return sdpa(module, query, key, value, attention_mask, *args, **kwargs)
-        # a sequence starts where the position does not continue the previous one (as transformers' packing test)
-        starts = (torch.diff(position_ids[0], prepend=position_ids[0, :1] - 2) != 1).nonzero().squeeze(-1).tolist()
-        bounds = [*starts, position_ids.shape[1]]
-        if len(starts) == 1:
-            return sdpa(module, query, key, value, None, *args, **kwargs)
-        parts = [sdpa(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, *args, **kwargs)[0]
-                 for a, b in zip(bounds, bounds[1:])]
-        return torch.cat(parts, dim=1), None  # sdpa returns [rows, seq, heads, head size]
-    return attend
 
 
 # --------------------------------------------------------------------------- sharding

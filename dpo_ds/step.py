@@ -76,10 +76,6 @@ def build_step_context(cfg: TrainConfig, parallel: Parallel, total_steps: int, p
     also the reference."""
     hidden = load_model_config(cfg.model_name_or_path, cfg.trust_remote_code).hidden_size
     kernel = attention_kernel(cfg)
-    if cfg.padding_free and torch.cuda.is_available() and not (kernel or "").startswith("flash_attention"):
-        logger.warning("padding_free with attention %s: a packed micro-batch is attended through a block-diagonal "
-                       "mask, quadratic in its total tokens; install flash-attn (attn_implementation auto) for "
-                       "varlen attention", kernel or "(model default)")
     ds_config = resolve_policy_config(cfg, parallel.data_parallel_size, hidden)
     if load_universal:  # resuming a checkpoint saved at another world size or ZeRO stage
         ds_config.setdefault("checkpoint", {})["load_universal"] = True

@@ -22,7 +22,8 @@ from dpo_ds.config import TrainConfig, add_config_arguments, config_from_args, t
 from dpo_ds.console import Progress, emit, setup_logging
 from dpo_ds.convert import export_engine, export_merged_from_base
 from dpo_ds.data import DataError, PairSampler, TokenizedPairs
-from dpo_ds.engines import model_dtype, policy_zero_stage, resolve_policy_config, resolve_reference_config
+from dpo_ds.engines import (model_dtype, policy_zero_stage, resolve_padding_free, resolve_policy_config,
+                            resolve_reference_config)
 from dpo_ds.engines.ds_config import default_config_path
 from dpo_ds.errors import Preempted, UsageError
 from dpo_ds.families import check_model_family, load_model_config
@@ -104,10 +105,12 @@ class TrainData:
 def check_before_loading(cfg: TrainConfig, parallel: Parallel, world_size: int) -> None:
     """What can be refused before any model or data is loaded: an output_dir holding a run's outputs, directories
     not shared by every rank, a model that cannot work, a reference that tokenizes differently, settings
-    sequence parallelism cannot run with on `world_size` ranks."""
+    sequence parallelism cannot run with on `world_size` ranks. padding_free auto is settled once the model is
+    known to be one dpo-ds can train, before the checks of the attention kernel it decides."""
     run_dir.check_output_dir(cfg.output_dir, cfg.resume_from, cfg.overwrite)
     parallel.check_shared_dirs({"output_dir": cfg.output_dir, "cache_dir": cache_dir_of(cfg)})
     check_model_family(cfg)
+    resolve_padding_free(cfg)
     if cfg.ref_model_name_or_path and uses_reference(cfg):  # the seed's rule: one tokenization for both models
         check_reference_compatible(cfg.model_name_or_path, cfg.ref_model_name_or_path, cfg.trust_remote_code)
     if cfg.sequence_parallel_size > 1:

@@ -43,7 +43,7 @@ def one_group_tokens(model_dir: str) -> tuple[int, int, int]:
 
 
 def test_single_process_bench_reports_the_padding_it_really_ran(demo_assets, tmp_path):
-    r = report(run_cli(bench_args(demo_assets.model_dir, tmp_path)).stdout)
+    r = report(run_cli(bench_args(demo_assets.model_dir, tmp_path, "--padding_free", "false")).stdout)
     assert (r["world_size"], r["timed_steps"], r["reference"], r["padding_free"]) == (1, 2, "live", False)
     assert r["fused_lm_head"] is True and r["attention"] == "sdpa"
     assert r["active_params"] == r["params"] > 0  # a dense model: every token passes through all of it
@@ -67,10 +67,13 @@ def test_single_process_bench_reports_the_padding_it_really_ran(demo_assets, tmp
 
 
 def test_two_rank_bench_with_cached_reference_and_packing(demo_assets, tmp_path):
-    proc = launch(["-m", "dpo_ds", *bench_args(demo_assets.model_dir, tmp_path, "--padding_free", "true",
-                                              "--precompute_ref", "true", "--peak_tflops", "1")])
+    """padding_free auto: the demo model's attention is sdpa, so rows are packed and each sequence is attended
+    alone (sdpa_packed)."""
+    proc = launch(["-m", "dpo_ds", *bench_args(demo_assets.model_dir, tmp_path, "--precompute_ref", "true",
+                                              "--peak_tflops", "1")])
     r = report(proc.stdout)
     assert (r["world_size"], r["reference"], r["token_occupancy"]) == (2, "cached", 1.0)
+    assert r["padding_free"] is True and r["attention"] == "sdpa_packed"
     split = r["split_s_per_step"]
     assert split["reference_forward"] < split["policy_forward"] / 10  # a cache lookup: no reference engine runs
     assert r["mfu"] == pytest.approx(r["tflops_per_s"] / 2)  # two devices of 1 TFLOP/s each

@@ -74,6 +74,22 @@ def test_packed_forward_takes_sequence_metadata_from_the_cpu_batch():
     assert mine["max_length_q"] == int(max_q) == mine["max_length_k"] == int(max_k) == 5
 
 
+def test_packed_attention_takes_the_sequence_bounds_from_the_cpu_batch():
+    """sdpa_packed, given the cu_seq_lens forward_logps passes, never reads them back from the device."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from dpo_ds.packed_attention import per_sequence
+
+    lengths = [3, 5, 2]
+    kwargs = _varlen_attention_kwargs(torch.tensor([[p for n in lengths for p in range(n)]]), META)
+    query, key = torch.randn(1, 4, 10, 8, device=META), torch.randn(1, 2, 10, 8, device=META)
+    module = SimpleNamespace(num_key_value_groups=2, is_causal=True)
+    out, _ = per_sequence(sdpa_attention_forward)(module, query, key, key, None, cu_seq_lens_q=kwargs["cu_seq_lens_q"])
+    assert out.shape == (1, 10, 4, 8)
+
+
 def test_sequence_logps_on_device_without_sync():
     ids = torch.randint(0, 11, (1, 6)).to(META)
     sums, tokens = sequence_logps(torch.randn(1, 6, 11, device=META), ids, LOSS_MASK[:1].to(META), 4,

@@ -29,7 +29,9 @@ WORLD = 2
 # name -> config fields over SETTINGS. "cached_again" reuses the cache "cached" wrote, so it must come after it.
 RUNS = {"logits": dict(fused_lm_head=False),
         "tied": {},  # model_name_or_path: the tied-embeddings copy the fixture builds
-        "packed_auto": dict(padding_free=True, attn_implementation="auto"),
+        "padded": dict(padding_free=False),
+        "packed_auto": {},  # padding_free and attn_implementation auto: packed rows, sdpa per sequence
+        "packed_sdpa": dict(padding_free=True, attn_implementation="sdpa"),  # through a block-diagonal mask
         "packed_eager": dict(padding_free=True, attn_implementation="eager"),
         "budget": dict(max_tokens_per_micro_batch=160),  # a few demo pairs per micro-batch: sizes differ
         "cached": dict(precompute_ref=True),
@@ -119,15 +121,23 @@ def test_fused_head_with_tied_embeddings_matches_plain_dpo(demo_assets, tied_mod
     assert_matches_plain(run.out, plain_dpo(tied, demo_assets.train_file, SETTINGS, WORLD))
 
 
-@pytest.mark.parametrize("attention", ["auto", "eager"])
+@pytest.mark.parametrize("attention", ["auto", "sdpa", "eager"])
 def test_padding_free_run_matches_plain_dpo(demo_assets, runs, attention):
     run = runs[f"packed_{attention}"]
-    # auto on CPU: the model's default kernel; both policy and reference engines are built with it
-    assert run.probe["attention"] == ["sdpa" if attention == "auto" else attention] * 2
+    # auto on CPU: the model's default kernel, sdpa, called once per packed sequence; both policy and reference
+    # engines are built with it
+    assert run.probe["attention"] == ["sdpa_packed" if attention == "auto" else attention] * 2
     first = read_metrics(run.out)[0]
     assert first["token_occupancy"] == 1.0
     assert_matches_plain(run.out, plain_dpo(demo_assets.model_dir, demo_assets.train_file, SETTINGS, WORLD),
                          loss_tol=1e-5)
+
+
+def test_padded_run_matches_plain_dpo(demo_assets, runs):
+    run = runs["padded"]
+    assert run.probe["attention"] == ["sdpa"] * 2
+    assert read_metrics(run.out)[0]["token_occupancy"] < 1.0  # the demo pairs differ in length
+    assert_matches_plain(run.out, plain_dpo(demo_assets.model_dir, demo_assets.train_file, SETTINGS, WORLD))
 
 
 def test_token_budget_weights_every_pair_equally(demo_assets, runs):

@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dpo_ds import evaluate
 from dpo_ds.config import ConfigError, TrainConfig
+from dpo_ds.engines import resolve_padding_free
 from dpo_ds.lora import peft_model_built
 from dpo_ds.parallel import Parallel
 from dpo_ds.trainer import check_sequence_parallel
@@ -362,7 +363,10 @@ def _micro_batch_lengths(demo_assets, data_file: str, micro_batch_size: int, pai
 
 
 def _config(demo_assets, **fields) -> TrainConfig:
-    return TrainConfig(model_name_or_path=demo_assets.model_dir, train_file=demo_assets.train_file, **fields)
+    """The run's config as train checks it: padding_free auto settled first (trainer.check_before_loading)."""
+    cfg = TrainConfig(model_name_or_path=demo_assets.model_dir, train_file=demo_assets.train_file, **fields)
+    resolve_padding_free(cfg)
+    return cfg
 
 
 BAD_SETTINGS = [

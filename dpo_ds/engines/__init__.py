@@ -17,8 +17,9 @@ from dpo_ds.engines.lifecycle import (
     release_engine,
     release_host_cache,
 )
-from dpo_ds.engines.models import attention_kernel, disable_dropout, load_sharded_model, mark_expert_blocks, model_dtype
+from dpo_ds.engines.models import (attention_kernel, disable_dropout, load_sharded_model, mark_expert_blocks, model_dtype,
+                                   resolve_padding_free)
 
 __all__ = ["PolicyEngine", "attention_kernel", "build_inference_engine", "build_policy_engine", "disable_dropout",
            "load_sharded_model", "mark_expert_blocks", "model_dtype", "policy_zero_stage", "release_engine",
-           "release_host_cache", "resolve_policy_config", "resolve_reference_config"]
+           "release_host_cache", "resolve_padding_free", "resolve_policy_config", "resolve_reference_config"]

@@ -7,7 +7,9 @@ from typing import Any
 
 import torch
 
+from dpo_ds import packed_attention
 from dpo_ds.config import TrainConfig
+from dpo_ds.families import SUPPORTED_FAMILIES, load_model_config
 from dpo_ds.hf_dir import ConfigOverride
 from dpo_ds.loading import load_sharded_pretrained
 from dpo_ds.safetensors_io import has_safetensors
@@ -23,13 +25,69 @@ def model_dtype(cfg: TrainConfig) -> torch.dtype:
 def attention_kernel(cfg: TrainConfig) -> str | None:
     """The `attn_implementation` to build models with; None leaves the model's default (see the field's help).
     Under sequence parallelism never None: the Ulysses attention must know which kernel it wraps."""
+    if not isinstance(cfg.padding_free, bool):  # "auto" would read as on
+        raise ValueError("padding_free is settled (resolve_padding_free) before the attention kernel is chosen")
     if cfg.attn_implementation != "auto":
         return cfg.attn_implementation
-    from transformers.utils import is_flash_attn_2_available
-
-    if cfg.padding_free and cfg.precision == "bf16" and torch.cuda.is_available() and is_flash_attn_2_available():
+    if cfg.padding_free and _flash_varlen_available(cfg):
         return "flash_attention_2"
     return ulysses_kernel(None) if cfg.sequence_parallel_size > 1 else None
+
+
+def _flash_varlen_available(cfg: TrainConfig) -> bool:
+    """Whether flash attention's varlen kernel can attend the policy's packed rows: bf16 on a GPU, the flash_attn
+    package, and a model class transformers runs with it."""
+    from transformers.utils import is_flash_attn_2_available
+
+    if not (cfg.precision == "bf16" and torch.cuda.is_available() and is_flash_attn_2_available()):
+        return False
+    model_class = _causal_lm_class(load_model_config(cfg.model_name_or_path, cfg.trust_remote_code))
+    return bool(model_class and model_class._supports_flash_attn)
+
+
+def resolve_padding_free(cfg: TrainConfig) -> None:
+    """Set `cfg.padding_free` to the bool the run uses, once its model is known and before anything checks or
+    builds with the attention kernel; auto's choice is logged with its reason."""
+    setting = str(cfg.padding_free).lower()
+    if setting != "auto":
+        cfg.padding_free = setting == "true"
+        return
+    cfg.padding_free, why = _padding_free_auto(cfg)
+    logger.info("padding_free %s (padding_free auto: %s)", "on" if cfg.padding_free else "off", why)
+
+
+def _padding_free_auto(cfg: TrainConfig) -> tuple[bool, str]:
+    """Packed rows where each packed sequence is attended alone (costing what it would in a row of its own), for
+    the families dpo-ds tests (tests/test_families.py trains them with this default), from the policy's
+    config.json and the attention kernel it will get (attention_kernel, packed_attention.adopt)."""
+    if cfg.sequence_parallel_size > 1:
+        return False, f"sequence_parallel_size {cfg.sequence_parallel_size} keeps padded rows"
+    config = load_model_config(cfg.model_name_or_path, cfg.trust_remote_code)
+    if config.model_type not in SUPPORTED_FAMILIES:  # hybrid and recurrent layers mix a packed row's sequences
+        return False, f"model type {config.model_type} is not among the families dpo-ds tests packed rows with"
+    if cfg.attn_implementation in ("flash_attention_2", "flash_attention_3") or (
+            cfg.attn_implementation == "auto" and _flash_varlen_available(cfg)):
+        return True, "flash attention's varlen kernel attends each packed sequence alone"
+    model_class = _causal_lm_class(config)
+    kernel = cfg.attn_implementation if cfg.attn_implementation != "auto" else \
+        "sdpa" if model_class and model_class._supports_sdpa else "eager"
+    if kernel != "sdpa" or cfg.attn_implementation != "auto":
+        return False, f"attention {kernel} would attend a packed row through a block-diagonal mask, quadratic in " \
+                      f"its total tokens"
+    dropped = packed_attention.dropped_feature(config.get_text_config(), cfg.max_length)
+    if dropped is not None:
+        return False, f"its {dropped} would be dropped by attending each packed sequence alone"
+    return True, f"sdpa attends each packed sequence alone (attention {packed_attention.KERNEL})"
+
+
+def _causal_lm_class(config) -> type | None:
+    """The class transformers builds `config`'s causal LM with; None for one it does not list (remote code)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError:
+        return None
 
 
 def load_sharded_model(path: str, ds_config: dict[str, Any], dtype: torch.dtype, trust_remote_code: bool,
@@ -113,6 +171,8 @@ def prepare_model(model: torch.nn.Module, cfg: TrainConfig) -> list[ConfigOverri
     the config values it changed."""
     overrides = disable_dropout(model) if cfg.disable_dropout else []
     mark_expert_blocks(model)
+    if packed_attention.adopt(model, cfg):
+        logger.info("padding_free: each packed sequence attended alone (attention %s)", packed_attention.KERNEL)
     if cfg.tiled_mlp:
         logger.info("tiled_mlp: %d MLP blocks computed in sequence tiles", enable_tiled_mlp(model))
     return overrides

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from dpo_ds import packed_attention
 from dpo_ds.config import TrainConfig, uses_lora, uses_reference
 from dpo_ds.engines.accelerator import on_cpu
 from dpo_ds.families import load_model_config
@@ -94,7 +95,7 @@ def zero_stage_choice(cfg: TrainConfig, data_parallel_size: int) -> StageChoice:
 
 # Attention kernels that keep no [T, T] scores for backward: plan's per-layer activations hold for them
 # (measured within 8% for sdpa); eager attention keeps the softmax, which plan does not count.
-MEMORY_LIGHT_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3")
+MEMORY_LIGHT_ATTENTION = ("sdpa", packed_attention.KERNEL, "flash_attention_2", "flash_attention_3")
 
 
 def checkpointing_choice(cfg: TrainConfig, stage: int, data_parallel_size: int,
