@@ -248,6 +248,14 @@ def test_ranks_get_torch_cpp_log_at_error_unless_set(monkeypatch, user_level):
     assert seen["TORCH_CPP_LOG_LEVEL"] == expected and seen["RANK"] == "0"
 
 
+def test_local_ranks_share_the_cores(monkeypatch):
+    """`dpo-ds train --nproc_per_node N`: each rank gets cores / N threads (at least 1) unless OMP_NUM_THREADS is
+    set; one thread a core per rank would oversubscribe the machine N times."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert [rank_environ({}, 0, n, 29500)["OMP_NUM_THREADS"] for n in (1, 2, 3, 16, 32)] == ["16", "8", "5", "1", "1"]
+    assert rank_environ({"OMP_NUM_THREADS": "4"}, 1, 2, 29500)["OMP_NUM_THREADS"] == "4"
+
+
 def test_strip_local_rank():
     assert strip_local_rank(["train", "--local_rank=3", "--x", "1"]) == (["train", "--x", "1"], "3")
     assert strip_local_rank(["train", "--local-rank", "2"]) == (["train"], "2")
