@@ -38,6 +38,18 @@ def dropped_feature(text_config: Any, max_length: int) -> str | None:
     return f"attention logit soft-capping ({softcap})" if softcap else None
 
 
+def mask_reason(requested: str, kernel: str | None, text_config: Any, max_length: int) -> str | None:
+    """Why a packed row of a model whose attention is `kernel` (`requested`: the run's attn_implementation) goes
+    through transformers' block-diagonal mask instead of KERNEL, or None where KERNEL computes what the model's own
+    attention would. Asked by `adopt` on the loaded model and by padding_free auto before it is loaded."""
+    if requested != "auto":
+        return f"attn_implementation {requested} was asked for"
+    if kernel != "sdpa":
+        return f"its attention is {kernel}"
+    dropped = dropped_feature(text_config, max_length)
+    return f"its {dropped} would be dropped" if dropped is not None else None
+
+
 def sliding_window_below(text_config: Any, max_length: int) -> int | None:
     """The sliding window of `text_config`'s attention where a sequence of `max_length` tokens is longer than it
     (transformers then applies it as a mask, which a kernel called without one drops), else None."""
@@ -111,16 +123,14 @@ def adopt(model: torch.nn.Module, cfg) -> bool:
     """Switch a freshly loaded model of a padding_free run to KERNEL where that computes what its own attention
     would: its kernel is sdpa as transformers chose it (`attn_implementation: auto`), one rank holds whole
     sequences (sequence parallelism wraps the kernel itself), and nothing of its attention would be dropped
-    (`dropped_feature`). Returns whether it switched; a packed run left with transformers' block-diagonal mask gets
+    (`mask_reason`). Returns whether it switched; a packed run left with transformers' block-diagonal mask gets
     a warning saying why."""
     config = model.config
     kernel = config._attn_implementation
     if not cfg.padding_free or cfg.sequence_parallel_size > 1 or attends_sequences_alone(kernel):
         return False
-    dropped = dropped_feature(config.get_text_config(), cfg.max_length)
-    if cfg.attn_implementation != "auto" or kernel != "sdpa" or dropped is not None:
-        why = (f"attn_implementation {cfg.attn_implementation} was asked for" if cfg.attn_implementation != "auto"
-               else f"its attention is {kernel}" if kernel != "sdpa" else f"its {dropped} would be dropped")
+    why = mask_reason(cfg.attn_implementation, kernel, config.get_text_config(), cfg.max_length)
+    if why is not None:
         _warn_once(f"padding_free: {type(model).__name__} attends each packed row through transformers' "
                    f"block-diagonal mask, quadratic in the row's total tokens ({why})")
         return False

@@ -5,8 +5,8 @@ traceback and summary to the program's one error line.
     status = run_local_ranks(2, [sys.executable, "-m", "dpo_ds", "train", "--config", "run.yaml"])
 
 Each rank gets the torchrun-style variables (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR
-127.0.0.1, a free MASTER_PORT) with DPO_DS_DIST_SOURCE=local, and its share of the cores (OMP_NUM_THREADS). SIGINT, SIGTERM and SIGUSR1 sent to this process
-are passed on to every rank (a dpo-ds rank takes a SIGINT within 2 s of the terminal's own for the same Ctrl-C).
+127.0.0.1, a free MASTER_PORT) with DPO_DS_DIST_SOURCE=local, and its share of the cores (OMP_NUM_THREADS).
+SIGINT, SIGTERM and SIGUSR1 sent to this process are passed on to every rank (a dpo-ds rank takes a SIGINT within 2 s of the terminal's own for the same Ctrl-C).
 The status is the first failed rank's (0 when all succeed); once a rank has failed, the others get
 FAILURE_GRACE_S to end on their own (bad input: every rank stops with the same status), then SIGKILL (a rank
 that crashed leaves the others nothing to checkpoint together).

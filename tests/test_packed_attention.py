@@ -114,8 +114,9 @@ def test_padding_free_auto_packs_where_each_sequence_is_attended_alone(tmp_path,
     on, why = resolved("llama")
     assert on is True and "padding_free on (padding_free auto: sdpa attends each packed sequence alone" in why
     on, why = resolved("gemma2", model={"head_dim": 8})  # eager (transformers 5.24), or sdpa without the cap
-    assert on is False and ("attention eager would attend a packed row through a block-diagonal mask" in why
-                            or "attention logit soft-capping (50.0) would be dropped" in why)
+    assert on is False and ("a packed row would go through a block-diagonal mask, quadratic in its total tokens "
+                            "(its attention is eager)" in why
+                            or "(its attention logit soft-capping (50.0) would be dropped)" in why)
     on, why = resolved("mistral", model={"sliding_window": 8})
     assert on is False and "sliding window (8 tokens < max_length 64) would be dropped" in why
     on, why = resolved("gpt_neox")  # sdpa, but not a family dpo-ds tests packed rows with
@@ -123,7 +124,8 @@ def test_padding_free_auto_packs_where_each_sequence_is_attended_alone(tmp_path,
     assert resolved("mistral", model={"sliding_window": 64})[0] is True
     on, why = resolved("llama", sequence_parallel_size=2)
     assert on is False and "sequence_parallel_size 2 keeps padded rows" in why
-    assert resolved("llama", attn_implementation="sdpa")[0] is False
+    on, why = resolved("llama", attn_implementation="sdpa")
+    assert on is False and "(attn_implementation sdpa was asked for)" in why
     assert resolved("llama", attn_implementation="flash_attention_2")[0] is True
     for setting, want in (("true", True), ("false", False), (True, True), (False, False)):
         on, why = resolved("gemma2", padding_free=setting, model={"head_dim": 8})

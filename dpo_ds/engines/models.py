@@ -69,14 +69,10 @@ def _padding_free_auto(cfg: TrainConfig) -> tuple[bool, str]:
             cfg.attn_implementation == "auto" and _flash_varlen_available(cfg)):
         return True, "flash attention's varlen kernel attends each packed sequence alone"
     model_class = _causal_lm_class(config)
-    kernel = cfg.attn_implementation if cfg.attn_implementation != "auto" else \
-        "sdpa" if model_class and model_class._supports_sdpa else "eager"
-    if kernel != "sdpa" or cfg.attn_implementation != "auto":
-        return False, f"attention {kernel} would attend a packed row through a block-diagonal mask, quadratic in " \
-                      f"its total tokens"
-    dropped = packed_attention.dropped_feature(config.get_text_config(), cfg.max_length)
-    if dropped is not None:
-        return False, f"its {dropped} would be dropped by attending each packed sequence alone"
+    kernel = "sdpa" if model_class and model_class._supports_sdpa else "eager"  # transformers' default
+    why = packed_attention.mask_reason(cfg.attn_implementation, kernel, config.get_text_config(), cfg.max_length)
+    if why is not None:
+        return False, f"a packed row would go through a block-diagonal mask, quadratic in its total tokens ({why})"
     return True, f"sdpa attends each packed sequence alone (attention {packed_attention.KERNEL})"
 
 
